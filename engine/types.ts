@@ -1,0 +1,83 @@
+// Contracts between the HTTP face, the serving engine and the GPU step runner.
+import type { ModelConfig } from '../model/config.ts';
+import type { Tokenizer } from '../model/tokenizer.ts';
+
+/** One sequence's share of a forward step: a prompt chunk or one decode token. */
+export interface StepSequence {
+  /** New token ids this step. */
+  tokens: number[];
+  /** Position of tokens[0] = tokens already in this sequence's KV cache. */
+  startPos: number;
+  /** Physical block ids covering positions [0, startPos + tokens.length), in order. */
+  blockTable: number[];
+  /** Which rows' logits come back: none, the chunk's last token, or every token (perplexity). */
+  logits: 'none' | 'last' | 'all';
+}
+
+/** Runs forward steps of one model on the GPU over its paged KV pool. */
+export interface ModelRunner {
+  readonly config: ModelConfig;
+  readonly blockSize: number;
+  readonly numBlocks: number;
+  /** KV cache bytes one token takes across all layers. */
+  readonly kvBytesPerToken: number;
+  readonly adapterName: string;
+  /** One batched forward step; logits rows [rows requested, vocab] in sequence order. */
+  step(seqs: StepSequence[]): Promise<Float32Array>;
+  /** Copies whole blocks' KV contents (copy-on-write of shared partial blocks). */
+  copyBlocks(pairs: Array<[src: number, dst: number]>): void;
+  destroy(): void;
+}
+
+export interface SamplingParams {
+  maxTokens: number;
+  temperature: number; // 0 = greedy
+  topP: number; // (0, 1]
+  topK: number; // -1 or 0 = off
+  minP: number; // 0 = off
+  presencePenalty: number;
+  frequencyPenalty: number;
+  repetitionPenalty: number; // 1 = off
+  logitBias: Map<number, number>;
+  seed?: number;
+  stop: string[];
+  stopTokenIds: number[];
+  ignoreEos: boolean;
+  /** Top-N logprobs per generated token; null = none. */
+  logprobs: number | null;
+}
+
+export interface GenerationRequest {
+  requestId: string;
+  promptTokens: number[];
+  params: SamplingParams;
+  signal?: AbortSignal;
+}
+
+export type FinishReason = 'stop' | 'length' | 'abort';
+
+export interface TokenLogprob {
+  token: string;
+  tokenId: number;
+  logprob: number;
+  top: Array<{ token: string; tokenId: number; logprob: number }>;
+}
+
+/** Streamed from the engine for one request. `text` is the detokenized delta (never half a UTF-8 char). */
+export type GenerationEvent =
+  | { type: 'token'; tokenIds: number[]; text: string; logprobs?: TokenLogprob[] }
+  | {
+      type: 'finish';
+      finishReason: FinishReason;
+      promptTokens: number;
+      completionTokens: number;
+      cachedPromptTokens: number;
+    };
+
+export interface ModelInfo {
+  name: string;
+  config: ModelConfig;
+  tokenizer: Tokenizer;
+  maxModelLen: number;
+  chatTemplate?: string;
+}
