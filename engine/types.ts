@@ -72,6 +72,7 @@ export type GenerationEvent =
       promptTokens: number;
       completionTokens: number;
       cachedPromptTokens: number;
+      queueSeconds: number;
     };
 
 export interface ModelInfo {
@@ -80,4 +81,58 @@ export interface ModelInfo {
   tokenizer: Tokenizer;
   maxModelLen: number;
   chatTemplate?: string;
+}
+
+/** KV pool figures for /metrics and the start-up banner. */
+export interface KvStats {
+  blockSize: number;
+  numBlocks: number;
+  freeBlocks: number;
+  usedBlocks: number;
+  /** Free blocks that still hold a reusable cached prefix. */
+  cachedBlocks: number;
+  bytesPerToken: number;
+  capacityBytes: number;
+  usedBytes: number;
+  cacheDtype: string;
+}
+
+export interface EngineStats {
+  running: number;
+  waiting: number;
+  kv: KvStats;
+  preemptions: number;
+  prefixCacheQueries: number; // tokens looked up
+  prefixCacheHits: number; // tokens found
+  promptTokens: number;
+  generationTokens: number;
+  steps: number;
+}
+
+export interface StepObservation {
+  seconds: number;
+  batchSize: number; // sequences in the step
+  tokens: number; // rows in the step
+}
+
+/** One hosted model's serving engine: continuous batching over its own KV pool. */
+export interface ServingEngine {
+  readonly info: ModelInfo;
+  /** Streams a request's events; throws QueueFullError when the waiting queue is full. */
+  generate(req: GenerationRequest): AsyncIterable<GenerationEvent>;
+  stats(): EngineStats;
+  onStep(listener: (o: StepObservation) => void): void;
+  /** False after a GPU device loss or a fatal step error. */
+  healthy(): boolean;
+  /** Stop admitting; finish (or, past the deadline, abort) running requests; free the GPU. */
+  shutdown(deadlineMs?: number): Promise<void>;
+}
+
+export class QueueFullError extends Error {
+  constructor(
+    readonly waiting: number,
+    readonly limit: number,
+  ) {
+    super(`the waiting queue is full (${waiting} of ${limit} requests); retry later`);
+  }
 }
