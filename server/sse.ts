@@ -30,10 +30,18 @@ export function parseSseBody(body: string): unknown[] {
   return out;
 }
 
-/** A byte stream of SSE events from an async generator of chunks; Fastify pipes it to the socket. */
-export function sseStream(chunks: AsyncGenerator<unknown>): Readable {
+/**
+ * A byte stream of SSE events from an async generator of chunks; Fastify pipes it to the socket.
+ * The status line is long gone when something fails mid-stream, so the failure becomes one last
+ * event (`errorChunk(err)`, an OpenAI error object) before `[DONE]`, as vLLM does.
+ */
+export function sseStream(chunks: AsyncGenerator<unknown>, errorChunk: (err: unknown) => unknown): Readable {
   async function* frames(): AsyncGenerator<string> {
-    for await (const c of chunks) yield sseEvent(c);
+    try {
+      for await (const c of chunks) yield sseEvent(c);
+    } catch (err) {
+      yield sseEvent(errorChunk(err));
+    }
     yield SSE_DONE;
   }
   return Readable.from(frames(), { objectMode: false });
