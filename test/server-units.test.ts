@@ -6,6 +6,7 @@ import type { EngineStats } from '../engine/types.ts';
 import { ApiError, mapError } from '../server/errors.ts';
 import { kvBlockStates, kvUsageFraction } from '../server/metrics.ts';
 import { chatSchema, completionSchema, parseBody } from '../server/schemas.ts';
+import { parseByteSize, parseServeArgs, planKvBudget } from '../server/serve-options.ts';
 import { parseSseBody, SSE_DONE, sseEvent, sseStream } from '../server/sse.ts';
 
 const completion = completionSchema({ maxN: 8, maxLogprobs: 5 });
@@ -134,4 +135,25 @@ test('KV metrics arithmetic: usage counts only blocks held by running sequences;
   };
   assert.equal(kvUsageFraction(stats), 0.3);
   assert.deepEqual(kvBlockStates(stats), { free: 58, used: 30, cached: 12 });
+});
+
+test('serve options: sizes, defaults, and the KV budget split evenly in bytes, rounded down to whole blocks', () => {
+  assert.equal(parseByteSize('2GiB'), 2 * 2 ** 30);
+  assert.equal(parseByteSize('1.5GB'), 1.5e9);
+  assert.equal(parseByteSize('512 MiB'), 512 * 2 ** 20);
+  assert.equal(parseByteSize('4096'), 4096);
+  assert.throws(() => parseByteSize('lots'), /not a size; write e.g. 2GiB/);
+
+  const o = parseServeArgs(['--model', 'a', '--model', 'b', '--name', 'A', '--port', '9000', '--kv-cache-memory', '64MiB', '--max-model-len', '256']);
+  assert.ok(o !== 'help');
+  assert.deepEqual([o.models, o.names, o.host, o.port, o.kvCacheMemory, o.blockSize, o.maxNumSeqs, o.maxModelLen, o.maxQueue], [['a', 'b'], ['A'], '127.0.0.1', 9000, 64 * 2 ** 20, 16, 64, 256, 256]);
+  assert.throws(() => parseServeArgs(['--block-size', '0']), /--block-size must be an integer >= 1; got "0"/);
+  assert.throws(() => parseServeArgs(['--bogus']), /Unknown option '--bogus'/);
+  assert.equal(parseServeArgs(['--help']), 'help');
+
+  // stories260K: 5 layers × 2·4·8 values × 2 bytes = 640 B/token (GQA); an MLA conversion with 16+4 latent values: 200 B/token.
+  const plan = planKvBudget(1_000_000, [{ name: 'gqa', kvBytesPerToken: 640 }, { name: 'mla', kvBytesPerToken: 200 }], 16);
+  assert.deepEqual(plan[0], { bytes: 48 * 16 * 640, numBlocks: 48, tokens: 768 }); // 500000 / 10240 = 48.8
+  assert.deepEqual(plan[1], { bytes: 156 * 16 * 200, numBlocks: 156, tokens: 2496 }); // 500000 / 3200 = 156.25
+  assert.throws(() => planKvBudget(10_000, [{ name: 'gqa', kvBytesPerToken: 640 }], 16), /gives gqa 10000 bytes, less than one block \(16 tokens × 640 bytes = 10240 bytes\)/);
 });
