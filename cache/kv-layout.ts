@@ -1,0 +1,99 @@
+// KV cache layouts: what one token stores per layer and how a kernel finds token t of a sequence in the paged pool.
+import type { GqaConfig, ModelConfig } from '../model/config.ts';
+import { kvValuesPerToken } from '../model/config.ts';
+
+export type CacheDtype = 'f16' | 'f32';
+
+/**
+ * A paged cache layout. Each layer has its own buffer laid out [block][token in block][row]; a row holds
+ * `rowValues` values of `dtype`. Token t of a sequence lives in block `blockTable[⌊t / blockSize⌋]` at slot
+ * `t mod blockSize`: row index `block · blockSize + slot` in its layer buffer.
+ * The MLA latent layout implements the same interface with rows of kvLoraRank + qkRopeHeadDim values.
+ */
+export interface KvLayout {
+  readonly kind: 'gqa' | 'mla';
+  readonly nLayers: number;
+  /** Values per token per layer. */
+  readonly rowValues: number;
+  readonly dtype: CacheDtype;
+  readonly blockSize: number;
+  readonly bytesPerValue: number;
+  /** Bytes of one token's row in one layer. */
+  readonly rowBytes: number;
+  /** Bytes one token takes across all layers (metrics, sizing). */
+  readonly bytesPerToken: number;
+  /** Bytes of one block in one layer buffer. */
+  readonly blockBytesPerLayer: number;
+  /** Row index of token t within a layer buffer, through the sequence's block table. */
+  rowIndex(blockTable: ArrayLike<number>, t: number): number;
+  /**
+   * WGSL `fn cacheRow(blockTableOffset: u32, t: u32) -> u32`: the same lookup on the GPU, reading block ids
+   * from the step metadata array `stepMeta` (kernels/step-meta.ts) starting at blockTableOffset.
+   */
+  wgslRowIndex(): string;
+}
+
+abstract class PagedLayout implements KvLayout {
+  abstract readonly kind: 'gqa' | 'mla';
+  readonly bytesPerValue: number;
+  readonly rowBytes: number;
+  readonly bytesPerToken: number;
+  readonly blockBytesPerLayer: number;
+
+  constructor(
+    readonly nLayers: number,
+    readonly rowValues: number,
+    readonly dtype: CacheDtype,
+    readonly blockSize: number,
+  ) {
+    if (!Number.isInteger(blockSize) || blockSize < 1) throw new Error(`KV block size must be a positive integer, got ${blockSize}`);
+    if (dtype === 'f16' && rowValues % 2 !== 0) throw new Error(`an f16 KV row packs values in pairs; ${rowValues} values per row is odd`);
+    this.bytesPerValue = dtype === 'f16' ? 2 : 4;
+    this.rowBytes = rowValues * this.bytesPerValue;
+    this.bytesPerToken = nLayers * this.rowBytes;
+    this.blockBytesPerLayer = blockSize * this.rowBytes;
+  }
+
+  rowIndex(blockTable: ArrayLike<number>, t: number): number {
+    const b = Math.floor(t / this.blockSize);
+    if (b >= blockTable.length) throw new Error(`token ${t} lies in block ${b}, the block table has ${blockTable.length} entries`);
+    return blockTable[b] * this.blockSize + (t % this.blockSize);
+  }
+
+  wgslRowIndex(): string {
+    return /* wgsl */ `
+fn cacheRow(blockTableOffset: u32, t: u32) -> u32 {
+  return stepMeta[blockTableOffset + t / ${this.blockSize}u] * ${this.blockSize}u + t % ${this.blockSize}u;
+}
+`;
+  }
+}
+
+/** GQA: row = [K heads | V heads], 2 · nKvHeads · headDim values; K of head h at h·headDim, V at (nKvHeads + h)·headDim. */
+export class GqaKvLayout extends PagedLayout {
+  readonly kind = 'gqa' as const;
+  readonly nKvHeads: number;
+  readonly headDim: number;
+
+  constructor(config: GqaConfig, blockSize: number, dtype: CacheDtype) {
+    super(config.nLayers, kvValuesPerToken(config), dtype, blockSize);
+    this.nKvHeads = config.nKvHeads;
+    this.headDim = config.headDim;
+  }
+
+  kOffset(head: number): number {
+    return head * this.headDim;
+  }
+
+  vOffset(head: number): number {
+    return (this.nKvHeads + head) * this.headDim;
+  }
+}
+
+/** The layout a model's attention type calls for; MLA configs are served by the MLA layout (kernels/mla*). */
+export function gqaLayoutFor(config: ModelConfig, blockSize: number, dtype: CacheDtype): GqaKvLayout {
+  if (config.attention !== 'gqa') {
+    throw new Error(`a GQA KV layout was asked for a ${config.attention} model (${config.arch}); MLA models use the latent layout`);
+  }
+  return new GqaKvLayout(config, blockSize, dtype);
+}

@@ -1,0 +1,121 @@
+// Matmul kernels (GEMV and tiled GEMM; f32 and packed-f16 weights; bias, fused residual, split pieces) vs the float64 reference.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { MatmulOp, type MatmulTuning } from '../kernels/matmul.ts';
+import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray, uploadMatrix, type WeightDtype } from '../kernels/tensors.ts';
+import { matvec } from '../model/reference/ops.ts';
+import { tensor } from '../model/weights.ts';
+import { freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+
+let gpuPromise: Promise<GpuContext> | undefined;
+const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
+after(async () => {
+  if (gpuPromise) (await gpuPromise).destroy();
+  releaseGpu();
+});
+
+interface Case {
+  M: number;
+  N: number;
+  K: number;
+  dtype: WeightDtype;
+  bias?: boolean;
+  accumulate?: boolean;
+  /** Force the weight into pieces of at most this many rows (binding split). */
+  pieceRows?: number;
+  tuning?: Partial<MatmulTuning>;
+  yOffset?: number;
+}
+
+async function runCase(c: Case): Promise<number> {
+  const g = await gpu();
+  const seed = freshSeed();
+  const w = randomArray(c.N * c.K, seed, 0.5);
+  const x = randomArray(c.M * c.K, seed + 1);
+  const b = randomArray(c.N, seed + 2);
+  const y0 = randomArray(c.M * c.N, seed + 3);
+  const xStride = pad8(c.K);
+  const yOff = c.yOffset ?? 0;
+  const yStride = pad8(c.N + yOff) + 8;
+  const maxBinding = c.pieceRows ? c.pieceRows * pad8(c.K) * (c.dtype === 'f16' ? 2 : 4) : undefined;
+  const weight = uploadMatrix(g, 'test W', w, c.N, c.K, c.dtype, maxBinding);
+  if (c.pieceRows) assert.ok(weight.pieces.length > 1, 'weight should be split into pieces');
+  const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(c.M, 0, 1));
+  const xBuf = uploadArray(g, 'x', strided(x, c.M, c.K, xStride));
+  const yBuf = storageBuffer(g, 'y', c.M * yStride * 4);
+  if (c.accumulate) {
+    const init = new Float32Array(c.M * yStride).fill(NaN);
+    for (let m = 0; m < c.M; m++) init.set(y0.subarray(m * c.N, (m + 1) * c.N), m * yStride + yOff);
+    g.device.queue.writeBuffer(yBuf, 0, init);
+  } else {
+    poisonBuffer(g, yBuf);
+  }
+  const biasBuf = c.bias ? uploadArray(g, 'bias', b) : undefined;
+  const op = new MatmulOp(g, weight, { meta, rowsSlot: 0, x: xBuf, xStride, y: yBuf, yStride, yOffset: yOff, bias: biasBuf, accumulate: c.accumulate }, c.tuning);
+  const enc = g.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  op.encode(pass, c.M);
+  pass.end();
+  g.device.queue.submit([enc.finish()]);
+  const got = unstride(await readF32(g, yBuf, c.M * yStride), c.M, c.N, yStride, yOff);
+  g.checkErrors();
+  const W = tensor([c.N, c.K], w);
+  const want = new Float64Array(c.M * c.N);
+  for (let m = 0; m < c.M; m++) {
+    const r = matvec(W, x.subarray(m * c.K, (m + 1) * c.K), c.bias ? tensor([c.N], b) : undefined);
+    for (let n = 0; n < c.N; n++) want[m * c.N + n] = r[n] + (c.accumulate ? y0[m * c.N + n] : 0);
+  }
+  for (const p of weight.pieces) p.buffer.destroy();
+  for (const buf of [meta, xBuf, yBuf, biasBuf]) buf?.destroy();
+  return relError(got, want);
+}
+
+const shapes: Array<[M: number, N: number, K: number]> = [
+  [1, 37, 19],
+  [1, 130, 64],
+  [2, 67, 173],
+  [3, 96, 300],
+  [5, 41, 72],
+  [8, 64, 129],
+  [9, 70, 33],
+  [17, 129, 90],
+  [40, 65, 200],
+  [67, 33, 47],
+];
+
+for (const dtype of ['f32', 'f16'] as const) {
+  const bar = dtype === 'f32' ? 1e-4 : 1e-2;
+  test(`matmul ${dtype}: GEMV and GEMM shapes, odd sizes`, async () => {
+    for (const [M, N, K] of shapes) {
+      const e = await runCase({ M, N, K, dtype });
+      assert.ok(e <= bar, `${dtype} M=${M} N=${N} K=${K}: relative error ${e} > ${bar}`);
+    }
+  });
+  test(`matmul ${dtype}: bias, fused residual add, column offset, split weight pieces`, async () => {
+    for (const [M, N, K] of [
+      [1, 45, 40],
+      [4, 45, 40],
+      [20, 45, 40],
+    ] as const) {
+      const e = await runCase({ M, N, K, dtype, bias: true, accumulate: true, pieceRows: 16, yOffset: 5 });
+      assert.ok(e <= bar, `${dtype} M=${M}: relative error ${e} > ${bar}`);
+    }
+  });
+}
+
+test('matmul GEMV reduction without subgroups and with other thread counts', async () => {
+  for (const tuning of [
+    { useSubgroups: false, gemvThreadsPerRow: 32, gemvRowsPerWorkgroup: 4 },
+    { useSubgroups: true, gemvThreadsPerRow: 64, gemvRowsPerWorkgroup: 2 },
+    { useSubgroups: false, gemvThreadsPerRow: 8, gemvRowsPerWorkgroup: 16 },
+  ]) {
+    for (const [M, N, K] of [
+      [1, 50, 300],
+      [3, 33, 77],
+    ] as const) {
+      const e = await runCase({ M, N, K, dtype: 'f32', tuning, bias: true });
+      assert.ok(e <= 1e-4, `${JSON.stringify(tuning)} M=${M}: relative error ${e}`);
+    }
+  }
+});
