@@ -1,0 +1,463 @@
+// The serving engine of one model: a step loop that batches every running request into one runner step, samples, streams events.
+import { BlockPool } from '../cache/block-pool.ts';
+import { KvCacheManager } from '../cache/kv-manager.ts';
+import { IncrementalDetokenizer } from '../model/detokenize.ts';
+import type { Tokenizer } from '../model/tokenizer.ts';
+import { newSamplingState, recordOutputToken, sampleNext, type SequenceSamplingState } from './sampler.ts';
+import { Scheduler, type SchedRequest, type StepPlan } from './scheduler.ts';
+import { isStopToken, StopStringMatcher } from './stop.ts';
+import type {
+  EngineStats,
+  FinishReason,
+  GenerationEvent,
+  GenerationRequest,
+  ModelInfo,
+  ModelRunner,
+  ServingEngine,
+  StepObservation,
+  StepSequence,
+  TokenLogprob,
+} from './types.ts';
+
+/** A request the engine refuses before queueing it (bad ids, too long for the context or the KV pool). */
+export class InvalidRequestError extends Error {
+  constructor(
+    message: string,
+    readonly param: string | null = null,
+  ) {
+    super(message);
+  }
+}
+
+/** Turns generated ids into text deltas that never end inside a UTF-8 character. */
+export interface TextDeltaStream {
+  push(ids: number[]): string;
+  flush(): string;
+}
+
+export interface EngineOptions {
+  runner: ModelRunner;
+  info: ModelInfo;
+  /** Most sequences in one step (default 256). */
+  maxNumSeqs?: number;
+  /** Most requests waiting for admission before QueueFullError (default 1024). */
+  maxQueue?: number;
+  /** Most token rows in one step: decode tokens plus prompt chunks (default 2048). */
+  maxBatchedTokens?: number;
+  /** KV cache element type, for stats (default: the runner's `cacheDtype` if it has one, else 'f16'). */
+  cacheDtype?: string;
+  /** Text delta stream per request, given the prompt as context (default: model/detokenize.ts IncrementalDetokenizer). */
+  detokenizer?: (tokenizer: Tokenizer, promptTokens: number[]) => TextDeltaStream;
+}
+
+/** The engine's extra figures beyond ServingEngine (tests and the CLI read them). */
+export interface Engine extends ServingEngine {
+  readonly runner: ModelRunner;
+  /** Blocks held by live requests right now (0 once everything finished: no leaks). */
+  heldBlocks(): number;
+}
+
+/** One request inside the engine. */
+interface EngineRequest extends SchedRequest {
+  tokens: number[];
+  params: GenerationRequest['params'];
+  sampling: SequenceSamplingState;
+  detok: TextDeltaStream;
+  stopMatcher: StopStringMatcher;
+  events: EventChannel<GenerationEvent>;
+  arrivalMs: number;
+  queueSeconds: number | null;
+  completionTokens: number;
+  done: boolean;
+  abortRequested: boolean;
+  detachSignal: () => void;
+}
+
+export function createEngine(opts: EngineOptions): Engine {
+  return new BatchingEngine(opts);
+}
+
+class BatchingEngine implements Engine {
+  readonly info: ModelInfo;
+  readonly runner: ModelRunner;
+  private readonly pool: BlockPool;
+  private readonly kv: KvCacheManager;
+  private readonly scheduler: Scheduler<EngineRequest>;
+  private readonly listeners: Array<(o: StepObservation) => void> = [];
+  private readonly makeDetok: (t: Tokenizer, promptTokens: number[]) => TextDeltaStream;
+  private readonly cacheDtype: string;
+  private readonly live = new Map<string, EngineRequest>();
+  private counters = { prefixCacheQueries: 0, prefixCacheHits: 0, promptTokens: 0, generationTokens: 0, steps: 0 };
+  private stepping = false;
+  private loopRunning = false;
+  private accepting = true;
+  private fatal: Error | null = null;
+  private wake: (() => void) | null = null;
+  private loopDone: Promise<void> = Promise.resolve();
+
+  constructor(opts: EngineOptions) {
+    this.info = opts.info;
+    this.runner = opts.runner;
+    this.pool = new BlockPool(opts.runner.numBlocks);
+    this.kv = new KvCacheManager(this.pool, opts.runner.blockSize);
+    this.scheduler = new Scheduler<EngineRequest>(this.kv, {
+      maxNumSeqs: opts.maxNumSeqs ?? 256,
+      maxBatchedTokens: opts.maxBatchedTokens ?? 2048,
+      maxQueue: opts.maxQueue ?? 1024,
+    });
+    this.makeDetok = opts.detokenizer ?? ((t, prompt) => new IncrementalDetokenizer(t, prompt));
+    this.cacheDtype = opts.cacheDtype ?? (opts.runner as { cacheDtype?: string }).cacheDtype ?? 'f16';
+  }
+
+  generate(req: GenerationRequest): AsyncIterable<GenerationEvent> {
+    if (this.fatal) throw new Error(`model ${this.info.name} is unavailable after an engine failure: ${this.fatal.message}`);
+    if (!this.accepting) throw new Error(`model ${this.info.name} is shutting down and takes no new requests`);
+    this.validate(req);
+    if (this.live.has(req.requestId)) throw new InvalidRequestError(`request id ${req.requestId} is already in use`);
+
+    const events = new EventChannel<GenerationEvent>(() => this.abort(r));
+    const r: EngineRequest = {
+      requestId: req.requestId,
+      tokens: req.promptTokens.slice(),
+      blockHashes: [],
+      numComputed: 0,
+      cachedPromptTokens: null,
+      promptLength: req.promptTokens.length,
+      preemptions: 0,
+      params: req.params,
+      sampling: newSamplingState(req.params, req.promptTokens),
+      detok: this.makeDetok(this.info.tokenizer, req.promptTokens),
+      stopMatcher: new StopStringMatcher(req.params.stop),
+      events,
+      arrivalMs: performance.now(),
+      queueSeconds: null,
+      completionTokens: 0,
+      done: false,
+      abortRequested: false,
+      detachSignal: () => {},
+    };
+    this.scheduler.add(r); // throws QueueFullError before anything is registered
+    this.live.set(r.requestId, r);
+    if (req.signal) {
+      const signal = req.signal;
+      const onAbort = () => this.abort(r);
+      if (signal.aborted) queueMicrotask(onAbort);
+      else {
+        signal.addEventListener('abort', onAbort, { once: true });
+        r.detachSignal = () => signal.removeEventListener('abort', onAbort);
+      }
+    }
+    this.kick();
+    return events;
+  }
+
+  stats(): EngineStats {
+    const c = this.pool.counts();
+    const bytesPerToken = this.runner.kvBytesPerToken;
+    const blockBytes = this.runner.blockSize * bytesPerToken;
+    return {
+      running: this.scheduler.running.length,
+      waiting: this.scheduler.waiting.length,
+      kv: {
+        blockSize: this.runner.blockSize,
+        numBlocks: c.numBlocks,
+        freeBlocks: c.free,
+        usedBlocks: c.used,
+        cachedBlocks: c.cached,
+        bytesPerToken,
+        capacityBytes: c.numBlocks * blockBytes,
+        usedBytes: c.used * blockBytes,
+        cacheDtype: this.cacheDtype,
+      },
+      preemptions: this.scheduler.preemptions,
+      ...this.counters,
+    };
+  }
+
+  onStep(listener: (o: StepObservation) => void): void {
+    this.listeners.push(listener);
+  }
+
+  healthy(): boolean {
+    return this.fatal === null;
+  }
+
+  heldBlocks(): number {
+    return this.pool.counts().used;
+  }
+
+  async shutdown(deadlineMs = 30_000): Promise<void> {
+    this.accepting = false;
+    const until = performance.now() + deadlineMs;
+    while (this.live.size > 0 && performance.now() < until && !this.fatal) {
+      await new Promise((r) => setTimeout(r, Math.min(20, Math.max(1, until - performance.now()))));
+    }
+    for (const r of [...this.live.values()]) this.abort(r);
+    this.kick();
+    await this.loopDone;
+    this.runner.destroy();
+  }
+
+  private validate(req: GenerationRequest): void {
+    const { promptTokens, params } = req;
+    const vocab = this.info.config.vocabSize;
+    const blockSize = this.runner.blockSize;
+    if (promptTokens.length === 0) throw new InvalidRequestError('the prompt is empty; give at least one token', 'prompt');
+    for (const id of promptTokens) {
+      if (!Number.isInteger(id) || id < 0 || id >= vocab) throw new InvalidRequestError(`prompt token id ${id} is outside the vocabulary (0..${vocab - 1})`, 'prompt');
+    }
+    for (const id of params.logitBias.keys()) {
+      if (!Number.isInteger(id) || id < 0 || id >= vocab) throw new InvalidRequestError(`logit_bias token id ${id} is outside the vocabulary (0..${vocab - 1})`, 'logit_bias');
+    }
+    if (!Number.isInteger(params.maxTokens) || params.maxTokens < 1) throw new InvalidRequestError(`max_tokens must be a positive integer, got ${params.maxTokens}`, 'max_tokens');
+    const total = promptTokens.length + params.maxTokens;
+    if (total > this.info.maxModelLen) {
+      throw new InvalidRequestError(
+        `prompt (${promptTokens.length} tokens) + max_tokens (${params.maxTokens}) = ${total} exceeds the model's context of ${this.info.maxModelLen} tokens`,
+        'max_tokens',
+      );
+    }
+    // A sequence that could outgrow the whole pool would preempt itself forever: refuse it up front.
+    const capacity = this.runner.numBlocks * blockSize;
+    if (total > capacity) {
+      throw new InvalidRequestError(
+        `prompt (${promptTokens.length} tokens) + max_tokens (${params.maxTokens}) = ${total} tokens do not fit in the KV cache of ${this.runner.numBlocks} blocks × ${blockSize} = ${capacity} tokens; lower max_tokens or give the model more KV memory`,
+        'max_tokens',
+      );
+    }
+  }
+
+  /** Cancels a request (client gone, iterator closed, shutdown); its blocks are freed at once, or right after the step in flight. */
+  private abort(r: EngineRequest): void {
+    if (r.done) return;
+    r.abortRequested = true;
+    if (!this.stepping) this.finish(r, 'abort');
+  }
+
+  private kick(): void {
+    if (this.wake) {
+      const w = this.wake;
+      this.wake = null;
+      w();
+    }
+    if (!this.loopRunning && !this.fatal) {
+      this.loopRunning = true;
+      this.loopDone = this.loop().finally(() => {
+        this.loopRunning = false;
+      });
+    }
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.fatal) {
+      if (!this.scheduler.hasWork()) {
+        if (!this.accepting) return;
+        await new Promise<void>((resolve) => {
+          this.wake = resolve;
+        });
+        continue;
+      }
+      try {
+        await this.step();
+      } catch (err) {
+        this.fail(err instanceof Error ? err : new Error(String(err)));
+        return;
+      }
+      // Let HTTP handlers, aborts and new submissions in between steps.
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+  }
+
+  private async step(): Promise<void> {
+    const plan = this.scheduler.schedule();
+    if (plan.chunks.length === 0) {
+      if (plan.preempted.length > 0 || this.scheduler.running.length > 0) return;
+      // Nothing runs and the head of the queue still cannot be admitted: fail it rather than spin.
+      const head = this.scheduler.waiting[0];
+      if (head) this.finishWithError(head, new Error(`request ${head.requestId} (${head.tokens.length} tokens) cannot be admitted: the KV pool has ${this.pool.numFree} free blocks of ${this.runner.blockSize} tokens and nothing running to wait for`));
+      return;
+    }
+    this.account(plan);
+    const seqs: StepSequence[] = plan.chunks.map((c) => ({
+      tokens: c.req.tokens.slice(c.startPos, c.startPos + c.numNewTokens),
+      startPos: c.startPos,
+      blockTable: this.kv.blockTable(c.req.requestId),
+      logits: c.samples ? 'last' : 'none',
+    }));
+    const t0 = performance.now();
+    this.stepping = true;
+    let logits: Float32Array;
+    try {
+      logits = await this.runner.step(seqs);
+    } finally {
+      this.stepping = false;
+    }
+    const seconds = (performance.now() - t0) / 1000;
+    this.scheduler.completeStep(plan);
+    this.counters.steps++;
+
+    const vocab = this.info.config.vocabSize;
+    const sampling = plan.chunks.filter((c) => c.samples);
+    if (logits.length < sampling.length * vocab) {
+      throw new Error(`the runner returned ${logits.length / vocab} logits rows for ${sampling.length} sequences that needed one`);
+    }
+    sampling.forEach((c, row) => {
+      if (c.req.done || c.req.abortRequested) return;
+      this.emitToken(c.req, logits.subarray(row * vocab, (row + 1) * vocab));
+    });
+    // Cancellations that arrived during the step free their blocks now, before the next plan.
+    for (const r of [...this.live.values()]) if (r.abortRequested && !r.done) this.finish(r, 'abort');
+
+    const obs: StepObservation = { seconds, batchSize: seqs.length, tokens: seqs.reduce((n, s) => n + s.tokens.length, 0) };
+    for (const l of this.listeners) l(obs);
+  }
+
+  private account(plan: StepPlan<EngineRequest>): void {
+    this.counters.prefixCacheQueries += plan.prefixQueries;
+    this.counters.prefixCacheHits += plan.prefixHits;
+    for (const r of plan.admitted) {
+      if (r.queueSeconds === null) {
+        r.queueSeconds = (performance.now() - r.arrivalMs) / 1000;
+        this.counters.promptTokens += r.promptLength;
+      }
+    }
+  }
+
+  /** Samples a request's next token from its logits row, streams it, and ends the request when a stop condition holds. */
+  private emitToken(r: EngineRequest, row: Float32Array): void {
+    const { tokenId, logprobs } = sampleNext(row, r.params, r.sampling);
+    recordOutputToken(r.sampling, tokenId);
+    r.tokens.push(tokenId);
+    r.completionTokens++;
+    this.counters.generationTokens++;
+
+    let text = '';
+    let finish: FinishReason | null = null;
+    if (isStopToken(tokenId, r.params, this.info.tokenizer.eosId ?? this.info.config.eosId)) {
+      // Like vLLM: the stop token counts as generated but its text is not shown.
+      finish = 'stop';
+      text = r.stopMatcher.push(r.detok.flush()).text + r.stopMatcher.flush();
+    } else {
+      const m = r.stopMatcher.push(r.detok.push([tokenId]));
+      text = m.text;
+      if (m.stopped) finish = 'stop';
+      else if (r.completionTokens >= r.params.maxTokens || r.tokens.length >= this.info.maxModelLen) {
+        const tail = r.stopMatcher.push(r.detok.flush());
+        text += tail.text;
+        if (tail.stopped) finish = 'stop';
+        else {
+          text += r.stopMatcher.flush();
+          finish = 'length';
+        }
+      }
+    }
+    const event: GenerationEvent = { type: 'token', tokenIds: [tokenId], text };
+    if (logprobs) event.logprobs = [this.tokenLogprob(tokenId, logprobs.logprob, logprobs.top)];
+    r.events.push(event);
+    if (finish) this.finish(r, finish);
+  }
+
+  private tokenLogprob(tokenId: number, logprob: number, top: Array<{ tokenId: number; logprob: number }>): TokenLogprob {
+    const tok = this.info.tokenizer;
+    return {
+      token: tok.idToToken(tokenId),
+      tokenId,
+      logprob,
+      top: top.map((t) => ({ token: tok.idToToken(t.tokenId), tokenId: t.tokenId, logprob: t.logprob })),
+    };
+  }
+
+  private finish(r: EngineRequest, reason: FinishReason): void {
+    if (r.done) return;
+    r.done = true;
+    this.scheduler.remove(r);
+    this.live.delete(r.requestId);
+    r.detachSignal();
+    r.events.push({
+      type: 'finish',
+      finishReason: reason,
+      promptTokens: r.promptLength,
+      completionTokens: r.completionTokens,
+      cachedPromptTokens: r.cachedPromptTokens ?? 0,
+      queueSeconds: r.queueSeconds ?? (performance.now() - r.arrivalMs) / 1000,
+    });
+    r.events.end();
+  }
+
+  private finishWithError(r: EngineRequest, err: Error): void {
+    if (r.done) return;
+    r.done = true;
+    this.scheduler.remove(r);
+    this.live.delete(r.requestId);
+    r.detachSignal();
+    r.events.fail(err);
+  }
+
+  /** A step threw: the engine is unhealthy and every request in flight fails with the error. */
+  private fail(err: Error): void {
+    this.fatal = err;
+    const wrapped = new Error(`model ${this.info.name}: engine step failed: ${err.message}`, { cause: err });
+    for (const r of [...this.live.values()]) this.finishWithError(r, wrapped);
+  }
+}
+
+/**
+ * An async-iterable queue of one request's events. Closing the iterator early (break, return) calls
+ * onCancel so that the engine stops working for a consumer that left.
+ */
+class EventChannel<T> implements AsyncIterable<T> {
+  private readonly buffer: T[] = [];
+  private closed = false;
+  private error: Error | null = null;
+  private waiter: { resolve: (r: IteratorResult<T>) => void; reject: (e: Error) => void } | null = null;
+
+  constructor(private readonly onCancel: () => void) {}
+
+  push(value: T): void {
+    if (this.closed) return;
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = null;
+      w.resolve({ value, done: false });
+    } else this.buffer.push(value);
+  }
+
+  end(): void {
+    this.closed = true;
+    this.settleWaiter();
+  }
+
+  fail(err: Error): void {
+    this.error = err;
+    this.closed = true;
+    this.settleWaiter();
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<T> {
+    return {
+      next: () => {
+        if (this.buffer.length > 0) return Promise.resolve({ value: this.buffer.shift()!, done: false });
+        if (this.error) return Promise.reject(this.error);
+        if (this.closed) return Promise.resolve({ value: undefined, done: true });
+        return new Promise((resolve, reject) => {
+          this.waiter = { resolve, reject };
+        });
+      },
+      return: () => {
+        if (!this.closed) this.onCancel();
+        this.buffer.length = 0;
+        this.closed = true;
+        return Promise.resolve({ value: undefined, done: true });
+      },
+    };
+  }
+
+  private settleWaiter(): void {
+    if (!this.waiter) return;
+    const w = this.waiter;
+    this.waiter = null;
+    if (this.buffer.length > 0) w.resolve({ value: this.buffer.shift()!, done: false });
+    else if (this.error) w.reject(this.error);
+    else w.resolve({ value: undefined, done: true });
+  }
+}

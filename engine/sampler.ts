@@ -1,0 +1,248 @@
+// Token sampling with vLLM's semantics: logit_bias → penalties → greedy, or temperature → min_p → top_k → top_p → seeded draw; raw logprobs.
+import { Rng } from './rng.ts';
+import type { SamplingParams } from './types.ts';
+
+/** vLLM treats temperatures below this as greedy. */
+export const GREEDY_TEMPERATURE = 1e-5;
+
+/** What the sampler remembers about one sequence between its tokens. */
+export interface SequenceSamplingState {
+  rng: Rng;
+  /** Tokens of the prompt (repetition penalty looks at prompt and output). */
+  promptTokens: Set<number>;
+  /** Generated tokens and how often each came (frequency/presence penalties count output only). */
+  outputCounts: Map<number, number>;
+}
+
+export function newSamplingState(params: SamplingParams, promptTokens: readonly number[]): SequenceSamplingState {
+  return {
+    rng: new Rng(params.seed ?? Rng.randomSeed()),
+    promptTokens: new Set(promptTokens),
+    outputCounts: new Map(),
+  };
+}
+
+export function recordOutputToken(state: SequenceSamplingState, tokenId: number): void {
+  state.outputCounts.set(tokenId, (state.outputCounts.get(tokenId) ?? 0) + 1);
+}
+
+export interface SampledLogprobs {
+  /** Log-probability of the chosen token under the raw model distribution. */
+  logprob: number;
+  /** The N most likely tokens under the raw distribution, most likely first. */
+  top: Array<{ tokenId: number; logprob: number }>;
+}
+
+export interface SampleResult {
+  tokenId: number;
+  logprobs?: SampledLogprobs;
+}
+
+/**
+ * Picks the next token from one row of logits. Logprobs are the log-softmax of the RAW logits (before
+ * bias, penalties, temperature and truncation): vLLM v1's default `logprobs_mode = raw_logprobs`.
+ */
+export function sampleNext(raw: Float32Array, params: SamplingParams, state: SequenceSamplingState): SampleResult {
+  const logits = Float64Array.from(raw);
+  applyLogitBias(logits, params.logitBias);
+  applyPenalties(logits, params, state.promptTokens, state.outputCounts);
+  let tokenId: number;
+  if (params.temperature < GREEDY_TEMPERATURE) {
+    tokenId = argmax(logits);
+  } else {
+    const inv = 1 / params.temperature;
+    for (let i = 0; i < logits.length; i++) logits[i] *= inv;
+    applyMinP(logits, params.minP);
+    applyTopK(logits, params.topK);
+    applyTopP(logits, params.topP);
+    tokenId = drawFromLogits(logits, state.rng.nextFloat());
+  }
+  const result: SampleResult = { tokenId };
+  if (params.logprobs !== null) {
+    const lp = logSoftmax(raw);
+    result.logprobs = { logprob: lp[tokenId], top: topN(lp, params.logprobs).map((i) => ({ tokenId: i, logprob: lp[i] })) };
+  }
+  return result;
+}
+
+export function applyLogitBias(logits: Float64Array, bias: ReadonlyMap<number, number>): void {
+  for (const [id, b] of bias) {
+    if (id >= 0 && id < logits.length) logits[id] += b;
+  }
+}
+
+/**
+ * vLLM's penalties: repetition (prompt and output tokens: positive logits divided by it, negative
+ * multiplied), then frequency (× output count) and presence (once if in the output) subtracted.
+ */
+export function applyPenalties(
+  logits: Float64Array,
+  p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>,
+  promptTokens: ReadonlySet<number>,
+  outputCounts: ReadonlyMap<number, number>,
+): void {
+  if (p.repetitionPenalty !== 1) {
+    const r = p.repetitionPenalty;
+    const penalize = (id: number) => {
+      logits[id] = logits[id] > 0 ? logits[id] / r : logits[id] * r;
+    };
+    for (const id of promptTokens) penalize(id);
+    for (const id of outputCounts.keys()) if (!promptTokens.has(id)) penalize(id);
+  }
+  if (p.frequencyPenalty !== 0 || p.presencePenalty !== 0) {
+    for (const [id, count] of outputCounts) logits[id] -= p.frequencyPenalty * count + p.presencePenalty;
+  }
+}
+
+/** First index of the largest value (ties go to the lower token id). */
+export function argmax(v: ArrayLike<number>): number {
+  let best = 0;
+  for (let i = 1; i < v.length; i++) if (v[i] > v[best]) best = i;
+  return best;
+}
+
+/** Softmax probabilities (float64; masked −∞ entries get 0). */
+export function softmax(logits: ArrayLike<number>): Float64Array {
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
+  const p = new Float64Array(logits.length);
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) {
+    const e = Math.exp(logits[i] - max);
+    p[i] = e;
+    sum += e;
+  }
+  for (let i = 0; i < p.length; i++) p[i] /= sum;
+  return p;
+}
+
+export function logSoftmax(logits: ArrayLike<number>): Float64Array {
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i] - max);
+  const lse = max + Math.log(sum);
+  const out = new Float64Array(logits.length);
+  for (let i = 0; i < logits.length; i++) out[i] = logits[i] - lse;
+  return out;
+}
+
+/** Masks tokens whose probability is below minP × the top token's probability. */
+export function applyMinP(logits: Float64Array, minP: number): void {
+  if (!(minP > 0)) return;
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
+  // p_i < minP · p_max  ⇔  logit_i < logit_max + ln(minP)
+  const cut = max + Math.log(minP);
+  for (let i = 0; i < logits.length; i++) if (logits[i] < cut) logits[i] = -Infinity;
+}
+
+/** Keeps the k largest logits (and any tied with the k-th); k ≤ 0 or ≥ vocab is off. */
+export function applyTopK(logits: Float64Array, k: number): void {
+  if (k <= 0 || k >= logits.length) return;
+  const kth = kthLargest(logits, k);
+  for (let i = 0; i < logits.length; i++) if (logits[i] < kth) logits[i] = -Infinity;
+}
+
+/**
+ * Nucleus: keeps the most likely tokens, in order, while the probability of those before them is < p
+ * (vLLM: sorted ascending, masks where the cumulative sum ≤ 1 − p; the top token always stays).
+ */
+export function applyTopP(logits: Float64Array, p: number): void {
+  if (p >= 1) return;
+  const probs = softmax(logits);
+  // The nucleus lies inside {i : prob_i ≥ t} as soon as that set holds ≥ p of the mass, so only it is sorted.
+  let t = 0;
+  for (let i = 0; i < probs.length; i++) if (probs[i] > t) t = probs[i];
+  for (;;) {
+    let mass = 0;
+    for (let i = 0; i < probs.length; i++) if (probs[i] >= t) mass += probs[i];
+    if (mass >= p || t === 0) break;
+    t = t < 1e-300 ? 0 : t / 16;
+  }
+  const candidates: number[] = [];
+  for (let i = 0; i < probs.length; i++) if (probs[i] >= t && probs[i] > 0) candidates.push(i);
+  candidates.sort((a, b) => probs[b] - probs[a] || a - b);
+  const keep = new Uint8Array(logits.length);
+  let before = 0;
+  for (const i of candidates) {
+    if (before >= p) break;
+    keep[i] = 1;
+    before += probs[i];
+  }
+  for (let i = 0; i < logits.length; i++) if (!keep[i]) logits[i] = -Infinity;
+}
+
+/** Inverse-CDF draw over softmax(logits) with a uniform u ∈ [0, 1). */
+export function drawFromLogits(logits: Float64Array, u: number): number {
+  const probs = softmax(logits);
+  const target = u; // probs sum to 1 up to rounding
+  let cum = 0;
+  let last = -1;
+  for (let i = 0; i < probs.length; i++) {
+    if (probs[i] <= 0) continue;
+    cum += probs[i];
+    last = i;
+    if (cum > target) return i;
+  }
+  if (last < 0) throw new Error('every token is masked; nothing to sample');
+  return last;
+}
+
+/** Indices of the n largest values, largest first (ties: lower index first). */
+export function topN(values: ArrayLike<number>, n: number): number[] {
+  const k = Math.min(n, values.length);
+  if (k <= 0) return [];
+  const out: number[] = [];
+  for (let i = 0; i < values.length; i++) {
+    if (out.length < k) out.push(i);
+    else if (values[i] > values[out[k - 1]]) out[k - 1] = i;
+    else continue;
+    // Bubble into place in a short sorted list: n is small (OpenAI caps logprobs at 20).
+    for (let j = out.length - 1; j > 0 && values[out[j]] > values[out[j - 1]]; j--) {
+      const tmp = out[j];
+      out[j] = out[j - 1];
+      out[j - 1] = tmp;
+    }
+  }
+  return out;
+}
+
+/** The k-th largest value (1-based) through a size-k min-heap. */
+function kthLargest(values: Float64Array, k: number): number {
+  const heap = new Float64Array(k);
+  let size = 0;
+  const siftDown = (i: number) => {
+    for (;;) {
+      const l = 2 * i + 1;
+      const r = l + 1;
+      let m = i;
+      if (l < size && heap[l] < heap[m]) m = l;
+      if (r < size && heap[r] < heap[m]) m = r;
+      if (m === i) return;
+      const tmp = heap[i];
+      heap[i] = heap[m];
+      heap[m] = tmp;
+      i = m;
+    }
+  };
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (size < k) {
+      let c = size++;
+      heap[c] = v;
+      while (c > 0) {
+        const parent = (c - 1) >> 1;
+        if (heap[parent] <= heap[c]) break;
+        const tmp = heap[parent];
+        heap[parent] = heap[c];
+        heap[c] = tmp;
+        c = parent;
+      }
+    } else if (v > heap[0]) {
+      heap[0] = v;
+      siftDown(0);
+    }
+  }
+  return heap[0];
+}
