@@ -1,6 +1,6 @@
 // buildApp(opts): the Fastify app of the OpenAI-compatible server over a list of serving engines (one per hosted model).
 import { randomBytes } from 'node:crypto';
-import Fastify, { type FastifyInstance, type FastifyRequest, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyInstance, LogController, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import type { ServingEngine } from '../engine/types.ts';
 import { ChatFormatter } from './chat.ts';
 import { ApiError, errorBody, mapError } from './errors.ts';
@@ -46,9 +46,8 @@ export function buildApp(opts: AppOptions): FastifyInstance {
       const given = req.headers['x-request-id'];
       return typeof given === 'string' && /^[\w.:-]{1,128}$/.test(given) ? given : randomBytes(12).toString('hex');
     },
-    requestIdLogLabel: 'requestId',
     // Request logs are written in onResponse below, minus the 50 ms /metrics scrapes.
-    disableRequestLogging: true,
+    logController: new LogController({ requestIdLogLabel: 'requestId', disableRequestLogging: true }),
     // Our onRequest hook answers during the drain, with an OpenAI error body and Retry-After.
     return503OnClosing: false,
   });

@@ -1,4 +1,5 @@
 // OpenAI-style error objects: one ApiError class and the mapping from any thrown value to {status, body}.
+import { InvalidRequestError } from '../engine/engine.ts';
 import { QueueFullError } from '../engine/types.ts';
 
 /** The body OpenAI clients expect; `code` is the HTTP status as an integer (vLLM's convention). */
@@ -65,6 +66,10 @@ function fastifyMessage(code: string, err: Error & { statusCode?: number }, body
 export function mapError(err: unknown, bodyLimit: number): MappedError {
   if (err instanceof ApiError) {
     return { status: err.status, body: errorBody(err.status, err.message, err.param), retryAfterSeconds: err.retryAfterSeconds, serverFault: err.status >= 500 };
+  }
+  // The engine's own admission checks (token ids, context, a request larger than the whole KV pool).
+  if (err instanceof InvalidRequestError) {
+    return { status: 400, body: errorBody(400, err.message, err.param), retryAfterSeconds: null, serverFault: false };
   }
   if (err instanceof QueueFullError) {
     return { status: 429, body: errorBody(429, err.message), retryAfterSeconds: 1, serverFault: false };

@@ -1,6 +1,7 @@
 // Server pieces that need no engine: body schemas and their 400 messages, error mapping, SSE framing, KV metric arithmetic.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import { InvalidRequestError } from '../engine/engine.ts';
 import { QueueFullError } from '../engine/types.ts';
 import type { EngineStats } from '../engine/types.ts';
 import { ApiError, mapError } from '../server/errors.ts';
@@ -156,4 +157,10 @@ test('serve options: sizes, defaults, and the KV budget split evenly in bytes, r
   assert.deepEqual(plan[0], { bytes: 48 * 16 * 640, numBlocks: 48, tokens: 768 }); // 500000 / 10240 = 48.8
   assert.deepEqual(plan[1], { bytes: 156 * 16 * 200, numBlocks: 156, tokens: 2496 }); // 500000 / 3200 = 156.25
   assert.throws(() => planKvBudget(10_000, [{ name: 'gqa', kvBytesPerToken: 640 }], 16), /gives gqa 10000 bytes, less than one block \(16 tokens × 640 bytes = 10240 bytes\)/);
+});
+
+test("the engine's own request checks come back as 400 with their parameter", () => {
+  const m = mapError(new InvalidRequestError('prompt (300 tokens) + max_tokens (10) = 310 tokens do not fit in the KV cache of 16 blocks × 16 = 256 tokens', 'max_tokens'), 1000);
+  assert.equal(m.status, 400);
+  assert.deepEqual(m.body.error, { message: 'prompt (300 tokens) + max_tokens (10) = 310 tokens do not fit in the KV cache of 16 blocks × 16 = 256 tokens', type: 'invalid_request_error', param: 'max_tokens', code: 400 });
 });

@@ -135,6 +135,7 @@ export class ChoiceRun {
 
   async start(): Promise<void> {
     if (this.ctx.draining()) throw new ApiError(503, 'the server is shutting down and takes no new requests; retry on another replica', null, 1);
+    if (!this.model.engine.healthy()) throw new ApiError(503, `the engine of ${this.model.name} failed (GPU device lost or a step error) and serves no requests; see /health and the server log`);
     try {
       for (const c of this.choices) {
         const it = this.model.engine
