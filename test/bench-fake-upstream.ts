@@ -18,6 +18,10 @@ export interface FakeOptions {
   outputTokens?: (maxTokens: number) => number;
   /** Preemption counter increase per completed request. */
   preemptionsPerRequest?: number;
+  /** Token ids 0..vocabSize-1 are valid (default 512); others get a 400 as from the real server. */
+  vocabSize?: number;
+  /** Whether GET /v1/models lists vocab_size (default true); false makes the bench probe /detokenize. */
+  reportVocabSize?: boolean;
 }
 
 export interface ReceivedRequest {
@@ -38,6 +42,7 @@ export interface FakeUpstream {
   servedKvUsage: Map<string, number[]>;
   preemptions: Map<string, number>;
   metricsScrapes(): number;
+  detokenizeCalls(): number;
   close(): Promise<void>;
 }
 
@@ -71,6 +76,8 @@ export async function startFakeUpstream(opts: FakeOptions): Promise<FakeUpstream
   const preemptions = new Map<string, number>(opts.models.map((m) => [m.name, 0]));
   const timers = new Set<NodeJS.Timeout>();
   const epoch = performance.now();
+  const vocabSize = opts.vocabSize ?? 512;
+  let detokenizeCalls = 0;
 
   const at = (ms: number, fn: () => void): void => {
     const t = setTimeout(() => {
@@ -121,6 +128,10 @@ export async function startFakeUpstream(opts: FakeOptions): Promise<FakeUpstream
       ignore_eos?: boolean;
       stream_options?: { include_usage?: boolean };
     };
+    if (Array.isArray(body.prompt)) {
+      const bad = (body.prompt as number[]).findIndex((id) => !(id >= 0 && id < vocabSize));
+      if (bad >= 0) throw new Error(`prompt[${bad}] = ${(body.prompt as number[])[bad]} is not a token id (vocabulary 0..${vocabSize - 1})`);
+    }
     const index = requests.length;
     const arrivedMs = performance.now();
     requests.push({
@@ -206,9 +217,17 @@ export async function startFakeUpstream(opts: FakeOptions): Promise<FakeUpstream
       res.end(
         JSON.stringify({
           object: 'list',
-          data: opts.models.map((m) => ({ id: m.name, object: 'model', owned_by: 'fake', max_model_len: 512, vocab_size: 512, attention: m.attention })),
+          data: opts.models.map((m) => ({ id: m.name, object: 'model', owned_by: 'fake', max_model_len: 512, ...(opts.reportVocabSize === false ? {} : { vocab_size: vocabSize }), attention: m.attention })),
         }),
       );
+    } else if (route === 'POST /detokenize') {
+      detokenizeCalls++;
+      readBody(req).then((text) => {
+        const { tokens } = JSON.parse(text) as { tokens: number[] };
+        const ok = tokens.every((id) => id >= 0 && id < vocabSize);
+        res.writeHead(ok ? 200 : 400, { 'content-type': 'application/json' });
+        res.end(JSON.stringify(ok ? { prompt: tokens.map((t) => ` t${t}`).join('') } : { error: { message: 'bad token id', type: 'invalid_request_error', param: 'tokens', code: 400 } }));
+      }, () => res.destroy());
     } else if (route === 'POST /tokenize') {
       readBody(req).then((text) => {
         const { prompt } = JSON.parse(text) as { prompt: string };
@@ -230,6 +249,7 @@ export async function startFakeUpstream(opts: FakeOptions): Promise<FakeUpstream
     servedKvUsage,
     preemptions,
     metricsScrapes: () => scrapes,
+    detokenizeCalls: () => detokenizeCalls,
     close: async () => {
       for (const t of timers) clearTimeout(t);
       timers.clear();
