@@ -242,7 +242,8 @@ class BatchingEngine implements Engine {
     }
     if (!this.loopRunning && !this.fatal) {
       this.loopRunning = true;
-      this.loopDone = this.loop().finally(() => {
+      // Start on the next turn of the event loop: requests submitted in the same tick join the first step.
+      this.loopDone = new Promise((resolve) => setImmediate(resolve)).then(() => this.loop()).finally(() => {
         this.loopRunning = false;
       });
     }

@@ -1,0 +1,221 @@
+// The engine over the paged CPU runner (float64 reference ops): batching, preemption, prefix cache, aborts, seeds, stops, failures.
+import { test, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { CpuRunner } from '../engine/cpu-runner.ts';
+import { createEngine, InvalidRequestError, type Engine } from '../engine/engine.ts';
+import { QueueFullError, type ModelInfo, type StepObservation } from '../engine/types.ts';
+import { loadModel, type LoadedModel } from '../model/load.ts';
+import { ReferenceGqa } from '../model/reference/gqa.ts';
+import type { GqaConfig } from '../model/config.ts';
+import { argmax } from '../engine/sampler.ts';
+import { collect, samplingParams, STORIES_GGUF, STORY_STARTS, type Outcome } from './engine-helpers.ts';
+
+let model: LoadedModel;
+let info: ModelInfo;
+
+before(async () => {
+  model = await loadModel(STORIES_GGUF, { maxSeqLen: 512 });
+  info = { name: 'stories260K', config: model.config, tokenizer: model.tokenizer, maxModelLen: 512 };
+});
+
+function engineWith(numBlocks: number, opts: { maxBatchedTokens?: number; maxQueue?: number; maxNumSeqs?: number } = {}): Engine {
+  const runner = new CpuRunner(model, { blockSize: 16, numBlocks });
+  return createEngine({ runner, info, ...opts });
+}
+
+const prompt = (text: string) => [model.tokenizer.bosId!, ...model.tokenizer.encode(text)];
+
+function stepCounter(engine: Engine): StepObservation[] {
+  const seen: StepObservation[] = [];
+  engine.onStep((o) => seen.push(o));
+  return seen;
+}
+
+test('greedy through the engine equals the float64 reference, token for token', async () => {
+  const engine = engineWith(64);
+  const ids = prompt(STORY_STARTS[0]);
+  const out = await collect(engine, { requestId: 'r', promptTokens: ids, params: samplingParams({ maxTokens: 40, ignoreEos: true }) });
+  const ref = new ReferenceGqa(model.config as GqaConfig, model.weights);
+  let logits = ref.forward(ids, { logits: 'last' })[0];
+  const want: number[] = [];
+  for (let i = 0; i < 40; i++) {
+    want.push(argmax(logits));
+    logits = ref.forward([want[i]])[0];
+  }
+  assert.deepEqual(out.tokenIds, want);
+  assert.equal(out.text, model.tokenizer.decode([...ids, ...want]).slice(model.tokenizer.decode(ids).length));
+  assert.equal(out.finish.finishReason, 'length');
+  assert.equal(out.finish.completionTokens, 40);
+  assert.equal(engine.heldBlocks(), 0);
+  await engine.shutdown();
+});
+
+test('16 concurrent greedy requests: same texts as one by one, in fewer steps', async () => {
+  const reqs = STORY_STARTS.map((s, i) => ({ requestId: `r${i}`, promptTokens: prompt(s), params: samplingParams({ maxTokens: 24 }) }));
+  const solo = engineWith(64);
+  const soloSteps = stepCounter(solo);
+  const alone: Outcome[] = [];
+  for (const r of reqs) alone.push(await collect(solo, r));
+  await solo.shutdown();
+
+  const batched = engineWith(64);
+  const steps = stepCounter(batched);
+  const together = await Promise.all(reqs.map((r) => collect(batched, r)));
+  assert.deepEqual(together.map((o) => o.text), alone.map((o) => o.text));
+  assert.deepEqual(together.map((o) => o.tokenIds), alone.map((o) => o.tokenIds));
+  assert.ok(steps.length < soloSteps.length / 4, `${steps.length} batched steps vs ${soloSteps.length} one by one`);
+  assert.equal(Math.max(...steps.map((s) => s.batchSize)), 16);
+  assert.equal(batched.stats().steps, steps.length);
+  assert.equal(batched.heldBlocks(), 0);
+  await batched.shutdown();
+});
+
+test('a KV pool too small for all requests preempts, and every request still completes with the same text', async () => {
+  const reqs = STORY_STARTS.slice(0, 8).map((s, i) => ({ requestId: `p${i}`, promptTokens: prompt(s), params: samplingParams({ maxTokens: 40, ignoreEos: true }) }));
+  const roomy = engineWith(64);
+  const want = await Promise.all(reqs.map((r) => collect(roomy, r)));
+  await roomy.shutdown();
+  // 8 sequences of ~50 tokens want ~32 blocks of 16; give them 12.
+  const tight = engineWith(12);
+  const got = await Promise.all(reqs.map((r) => collect(tight, r)));
+  assert.deepEqual(got.map((o) => o.tokenIds), want.map((o) => o.tokenIds));
+  assert.deepEqual(got.map((o) => o.text), want.map((o) => o.text));
+  assert.ok(tight.stats().preemptions > 0, 'preemptions happened');
+  assert.equal(tight.heldBlocks(), 0);
+  await tight.shutdown();
+});
+
+test('prefix caching: a second request with the same ~200-token prefix hits the cache and runs fewer prefill rows', async () => {
+  const engine = engineWith(64);
+  const steps = stepCounter(engine);
+  const story =
+    'Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends. One day, she saw a big tree with a swing. She ran to the swing and started to swing very high. Her friend Tom came to play too. They laughed and played all day. When the sun went down, Lily went home to her mom. Her mom gave her a big hug and a warm cup of milk. Lily was very happy.';
+  const prefix = prompt(story);
+  assert.ok(prefix.length >= 90, `prefix has ${prefix.length} tokens`);
+  const a = await collect(engine, { requestId: 'a', promptTokens: [...prefix, ...model.tokenizer.encode(' The end.')], params: samplingParams({ maxTokens: 4 }) });
+  const rowsA = steps.reduce((n, s) => n + s.tokens, 0);
+  const firstStepA = steps[0].tokens;
+  steps.length = 0;
+  const bPrompt = [...prefix, ...model.tokenizer.encode(' Then she slept.')];
+  const b = await collect(engine, { requestId: 'b', promptTokens: bPrompt, params: samplingParams({ maxTokens: 4 }) });
+  const firstStepB = steps[0].tokens;
+  const full = Math.floor(prefix.length / 16) * 16;
+  assert.equal(a.finish.cachedPromptTokens, 0);
+  assert.equal(b.finish.cachedPromptTokens, full, 'every full block of the shared prefix hit');
+  assert.equal(firstStepB, bPrompt.length - full);
+  assert.ok(firstStepB < firstStepA, `${firstStepB} prefill rows vs ${firstStepA}`);
+  assert.ok(engine.stats().prefixCacheHits >= full);
+  // The cached prefix must give the same continuation as computing it from scratch.
+  const fresh = engineWith(64);
+  const c = await collect(fresh, { requestId: 'c', promptTokens: bPrompt, params: samplingParams({ maxTokens: 4 }) });
+  assert.deepEqual(b.tokenIds, c.tokenIds);
+  assert.ok(rowsA > 0);
+  await engine.shutdown();
+  await fresh.shutdown();
+});
+
+test('64 concurrent requests with a third aborted mid-way: the rest finish and every block comes back', async () => {
+  const engine = engineWith(256, { maxNumSeqs: 64 });
+  const controllers = Array.from({ length: 64 }, () => new AbortController());
+  const runs = controllers.map((ac, i) =>
+    collect(
+      engine,
+      { requestId: `q${i}`, promptTokens: prompt(STORY_STARTS[i % 16]), params: samplingParams({ maxTokens: 12, ignoreEos: true }), signal: ac.signal },
+      (n) => {
+        if (i % 3 === 0 && n === 4) ac.abort();
+      },
+    ),
+  );
+  const outs = await Promise.all(runs);
+  for (const [i, o] of outs.entries()) {
+    if (i % 3 === 0) {
+      assert.equal(o.finish.finishReason, 'abort', `q${i}`);
+      assert.ok(o.tokenIds.length >= 4 && o.tokenIds.length < 12, `q${i} stopped early with ${o.tokenIds.length} tokens`);
+    } else {
+      assert.equal(o.finish.finishReason, 'length', `q${i}`);
+      assert.equal(o.tokenIds.length, 12);
+    }
+  }
+  // Requests with the same prompt give the same text whether neighbours were aborted or not.
+  assert.deepEqual(outs[1].tokenIds, outs[17].tokenIds);
+  const s = engine.stats();
+  assert.equal(s.kv.usedBlocks, 0);
+  assert.equal(s.running + s.waiting, 0);
+  await engine.shutdown();
+});
+
+test('seeded sampling: the same seed gives the same text alone and in a batch; another seed differs', async () => {
+  const params = (seed: number) => samplingParams({ temperature: 1, topP: 0.9, maxTokens: 24, seed, ignoreEos: true });
+  const engine = engineWith(64);
+  const ids = prompt(STORY_STARTS[3]);
+  const alone = await collect(engine, { requestId: 's0', promptTokens: ids, params: params(7) });
+  const crowd = await Promise.all([
+    collect(engine, { requestId: 's1', promptTokens: prompt(STORY_STARTS[5]), params: params(1) }),
+    collect(engine, { requestId: 's2', promptTokens: ids, params: params(7) }),
+    collect(engine, { requestId: 's3', promptTokens: ids, params: params(8) }),
+  ]);
+  assert.equal(crowd[1].text, alone.text);
+  assert.notDeepEqual(crowd[2].tokenIds, alone.tokenIds);
+  await engine.shutdown();
+});
+
+test('stop strings end the request and are not emitted; logprobs come with each token', async () => {
+  const engine = engineWith(64);
+  const ids = prompt(STORY_STARTS[0]);
+  const free = await collect(engine, { requestId: 'f', promptTokens: ids, params: samplingParams({ maxTokens: 40, ignoreEos: true }) });
+  // A stop string that straddles tokens: the 3 characters around the 10th generated character.
+  const stop = free.text.slice(9, 12);
+  const cut = free.text.indexOf(stop);
+  const stopped = await collect(engine, { requestId: 's', promptTokens: ids, params: samplingParams({ maxTokens: 40, ignoreEos: true, stop: [stop], logprobs: 3 }) });
+  assert.equal(stopped.finish.finishReason, 'stop');
+  assert.equal(stopped.text, free.text.slice(0, cut));
+  const tokens = stopped.events.filter((e) => e.type === 'token');
+  for (const e of tokens) {
+    assert.ok(e.type === 'token' && e.logprobs && e.logprobs.length === 1);
+    const lp = e.logprobs[0];
+    assert.equal(lp.top.length, 3);
+    assert.equal(lp.top[0].tokenId, lp.tokenId, 'greedy picks the most likely raw token');
+    assert.ok(Math.abs(lp.top[0].logprob - lp.logprob) < 1e-12);
+  }
+  // Stop token ids: stop at the first generated id, which counts as a completion token but shows no text.
+  const first = free.tokenIds[0];
+  const byId = await collect(engine, { requestId: 'i', promptTokens: ids, params: samplingParams({ maxTokens: 40, stopTokenIds: [first] }) });
+  assert.deepEqual(byId.tokenIds, [first]);
+  assert.equal(byId.text, '');
+  assert.equal(byId.finish.finishReason, 'stop');
+  await engine.shutdown();
+});
+
+test('refusals: queue full, too long for the pool or context, bad ids', async () => {
+  const engine = engineWith(4, { maxQueue: 2 });
+  const p = samplingParams({ maxTokens: 8 });
+  assert.throws(() => engine.generate({ requestId: 'big', promptTokens: prompt('Once'), params: samplingParams({ maxTokens: 70 }) }), (e: unknown) => e instanceof InvalidRequestError && /4 blocks × 16 = 64 tokens/.test(e.message));
+  assert.throws(() => engine.generate({ requestId: 'ctx', promptTokens: prompt('Once'), params: samplingParams({ maxTokens: 600 }) }), /context of 512/);
+  assert.throws(() => engine.generate({ requestId: 'id', promptTokens: [1, 9999], params: p }), /outside the vocabulary/);
+  // Fill the waiting queue synchronously (the loop has not run yet).
+  const a = collect(engine, { requestId: 'a', promptTokens: prompt('Once'), params: p });
+  const b = collect(engine, { requestId: 'b', promptTokens: prompt('Once'), params: p });
+  assert.throws(() => engine.generate({ requestId: 'c', promptTokens: prompt('Once'), params: p }), QueueFullError);
+  await Promise.all([a, b]);
+  await engine.shutdown();
+});
+
+test('a failing step makes the engine unhealthy and fails every request in flight', async () => {
+  const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 32 });
+  const engine = createEngine({ runner, info });
+  let calls = 0;
+  const realStep = runner.step.bind(runner);
+  runner.step = async (seqs) => {
+    if (++calls === 3) throw new Error('device lost (test)');
+    return realStep(seqs);
+  };
+  const runs = [0, 1].map((i) => collect(engine, { requestId: `x${i}`, promptTokens: prompt(STORY_STARTS[i]), params: samplingParams({ maxTokens: 20 }) }));
+  const results = await Promise.allSettled(runs);
+  for (const r of results) {
+    assert.equal(r.status, 'rejected');
+    assert.match(String((r as PromiseRejectedResult).reason), /device lost \(test\)/);
+  }
+  assert.equal(engine.healthy(), false);
+  assert.throws(() => engine.generate({ requestId: 'y', promptTokens: [1], params: samplingParams() }), /unavailable after an engine failure/);
+  await engine.shutdown(0);
+});
