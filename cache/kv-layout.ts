@@ -1,6 +1,7 @@
 // KV cache layouts: what one token stores per layer and how a kernel finds token t of a sequence in the paged pool.
 import type { GqaConfig, ModelConfig } from '../model/config.ts';
 import { kvValuesPerToken } from '../model/config.ts';
+import { cacheRowWgsl } from '../kernels/step-meta.ts';
 
 export type CacheDtype = 'f16' | 'f32';
 
@@ -61,11 +62,7 @@ abstract class PagedLayout implements KvLayout {
   }
 
   wgslRowIndex(): string {
-    return /* wgsl */ `
-fn cacheRow(blockTableOffset: u32, t: u32) -> u32 {
-  return stepMeta[blockTableOffset + t / ${this.blockSize}u] * ${this.blockSize}u + t % ${this.blockSize}u;
-}
-`;
+    return cacheRowWgsl(this.blockSize);
   }
 }
 

@@ -151,3 +151,15 @@ fn seqBlockTable(s: u32) -> u32 { return stepMeta[stepMeta[${META_OFF_SEQS}] + 4
 fn logitRow(i: u32) -> u32 { return stepMeta[stepMeta[${META_OFF_LOGIT_ROWS}] + i]; }
 `;
 }
+
+/**
+ * WGSL `fn cacheRow(blockTableOffset: u32, t: u32) -> u32`: row index of token t of a sequence in a paged layer
+ * buffer ([block][token in block][row]), reading block ids from stepMeta at blockTableOffset.
+ */
+export function cacheRowWgsl(blockSize: number): string {
+  return /* wgsl */ `
+fn cacheRow(blockTableOffset: u32, t: u32) -> u32 {
+  return stepMeta[blockTableOffset + t / ${blockSize}u] * ${blockSize}u + t % ${blockSize}u;
+}
+`;
+}

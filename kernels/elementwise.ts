@@ -1,0 +1,233 @@
+// Row-wise kernels of a decoder step: embedding gather, RMSNorm (optionally gathering logit rows), SiLU·mul, RoPE.
+import type { GpuContext } from './device.ts';
+import { metaWgsl, META_LOGIT_ROWS, META_ROWS } from './step-meta.ts';
+import { bindBuffers, gridFor, uploadArray, wgslF32, type GpuMatrix } from './tensors.ts';
+import type { RopeLayout } from '../model/config.ts';
+
+const WG = 64;
+
+/** Linear thread id over a 2-D grid of WG-sized workgroups (grids wider than 65535 wrap into y). */
+const linearId = `(wid.x + wid.y * nwg.x) * ${WG}u + lid`;
+const builtins = '@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>';
+
+function dispatchThreads(gpu: GpuContext, pass: GPUComputePassEncoder, threads: number): void {
+  const [x, y] = gridFor(gpu, Math.ceil(threads / WG));
+  pass.dispatchWorkgroups(x, y);
+}
+
+interface Dispatch {
+  pipeline: GPUComputePipeline;
+  bindGroup: GPUBindGroup;
+}
+
+function record(pass: GPUComputePassEncoder, d: Dispatch): void {
+  pass.setPipeline(d.pipeline);
+  pass.setBindGroup(0, d.bindGroup);
+}
+
+/** x[r, :] = table[token(r), :] for every row of the step; one dispatch per table piece (rows outside it are skipped). */
+export class EmbeddingGather {
+  private dispatches: Dispatch[] = [];
+  private half: number;
+
+  constructor(
+    private gpu: GpuContext,
+    table: GpuMatrix,
+    out: { meta: GPUBuffer; x: GPUBuffer; xStride: number },
+  ) {
+    const dim = table.cols;
+    if (dim % 2 !== 0) throw new Error(`embedding gather handles an even model dim; ${dim} is odd`);
+    this.half = dim / 2;
+    for (const piece of table.pieces) {
+      const f16 = table.dtype === 'f16';
+      const code = /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> table: array<${f16 ? 'u32' : 'f32'}>;
+@group(0) @binding(2) var<storage, read_write> x: array<f32>;
+@compute @workgroup_size(${WG})
+fn main(${builtins}) {
+  let id = ${linearId};
+  let r = id / ${this.half}u;
+  let p = id % ${this.half}u;
+  if (r >= metaRows()) { return; }
+  let tok = rowToken(r);
+  if (tok < ${piece.rowStart}u || tok >= ${piece.rowStart + piece.rows}u) { return; }
+  let row = tok - ${piece.rowStart}u;
+  ${
+    f16
+      ? `let v = unpack2x16float(table[row * ${table.stride / 2}u + p]);`
+      : `let v = vec2<f32>(table[row * ${table.stride}u + 2u * p], table[row * ${table.stride}u + 2u * p + 1u]);`
+  }
+  x[r * ${out.xStride}u + 2u * p] = v.x;
+  x[r * ${out.xStride}u + 2u * p + 1u] = v.y;
+}`;
+      const pipeline = gpu.pipeline(`embedding ${table.dtype}`, code);
+      this.dispatches.push({ pipeline, bindGroup: bindBuffers(gpu, pipeline, `${table.label} gather`, [out.meta, piece.buffer, out.x]) });
+    }
+  }
+
+  encode(pass: GPUComputePassEncoder, rows: number): void {
+    for (const d of this.dispatches) {
+      record(pass, d);
+      dispatchThreads(this.gpu, pass, rows * this.half);
+    }
+  }
+}
+
+/**
+ * out[i, :] = x[src(i), :] / rms(x[src(i), :]) · weight. src(i) = i over the step's rows, or (gatherLogitRows)
+ * the i-th row whose logits were asked for, so the final norm runs only on those rows.
+ */
+export class RmsNorm {
+  private d: Dispatch;
+
+  constructor(
+    private gpu: GpuContext,
+    b: { meta: GPUBuffer; x: GPUBuffer; xStride: number; weight: GPUBuffer; out: GPUBuffer; outStride: number },
+    readonly dim: number,
+    eps: number,
+    readonly gatherLogitRows = false,
+  ) {
+    const rowsSlot = gatherLogitRows ? META_LOGIT_ROWS : META_ROWS;
+    const code = /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+var<workgroup> red: array<f32, ${WG}>;
+@compute @workgroup_size(${WG})
+fn main(${builtins}) {
+  let rows = stepMeta[${rowsSlot}];
+  let r = wid.x + wid.y * nwg.x;
+  let rc = min(r, max(rows, 1u) - 1u);
+  let src = ${gatherLogitRows ? 'logitRow(rc)' : 'rc'} * ${b.xStride}u;
+  var ss = 0.0;
+  for (var c = lid; c < ${dim}u; c += ${WG}u) {
+    let v = x[src + c];
+    ss += v * v;
+  }
+  red[lid] = ss;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) { red[lid] += red[lid + s]; }
+    workgroupBarrier();
+  }
+  let inv = inverseSqrt(red[0] / ${dim}.0 + ${wgslF32(eps)});
+  if (r < rows) {
+    for (var c = lid; c < ${dim}u; c += ${WG}u) {
+      out[r * ${b.outStride}u + c] = x[src + c] * inv * weight[c];
+    }
+  }
+}`;
+    const pipeline = gpu.pipeline(`rmsnorm${gatherLogitRows ? ' gather' : ''}`, code);
+    this.d = { pipeline, bindGroup: bindBuffers(gpu, pipeline, 'rmsnorm', [b.meta, b.x, b.weight, b.out]) };
+  }
+
+  encode(pass: GPUComputePassEncoder, rows: number): void {
+    if (rows <= 0) return;
+    record(pass, this.d);
+    const [x, y] = gridFor(this.gpu, rows);
+    pass.dispatchWorkgroups(x, y);
+  }
+}
+
+/** h[r, i] = silu(gu[r, i]) · gu[r, hidden + i]: gate and up come from one fused matmul. */
+export class SiluMul {
+  private d: Dispatch;
+
+  constructor(
+    private gpu: GpuContext,
+    b: { meta: GPUBuffer; gateUp: GPUBuffer; gateUpStride: number; out: GPUBuffer; outStride: number },
+    readonly hidden: number,
+  ) {
+    const code = /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> gu: array<f32>;
+@group(0) @binding(2) var<storage, read_write> h: array<f32>;
+@compute @workgroup_size(${WG})
+fn main(${builtins}) {
+  let id = ${linearId};
+  let r = id / ${hidden}u;
+  let i = id % ${hidden}u;
+  if (r >= metaRows()) { return; }
+  let g = gu[r * ${b.gateUpStride}u + i];
+  let u = gu[r * ${b.gateUpStride}u + ${hidden}u + i];
+  h[r * ${b.outStride}u + i] = g / (1.0 + exp(-g)) * u;
+}`;
+    const pipeline = gpu.pipeline('silu-mul', code);
+    this.d = { pipeline, bindGroup: bindBuffers(gpu, pipeline, 'silu-mul', [b.meta, b.gateUp, b.out]) };
+  }
+
+  encode(pass: GPUComputePassEncoder, rows: number): void {
+    record(pass, this.d);
+    dispatchThreads(this.gpu, pass, rows * this.hidden);
+  }
+}
+
+/** cos/sin of pos · θ^(−2j/dims) for pos < maxPos, j < dims/2, computed in float64: [pos][j] → (cos, sin). */
+export function ropeTable(gpu: GpuContext, dims: number, theta: number, maxPos: number): GPUBuffer {
+  const half = dims / 2;
+  const data = new Float32Array(maxPos * half * 2);
+  for (let j = 0; j < half; j++) {
+    const freq = Math.pow(theta, (-2 * j) / dims);
+    for (let p = 0; p < maxPos; p++) {
+      data[(p * half + j) * 2] = Math.cos(p * freq);
+      data[(p * half + j) * 2 + 1] = Math.sin(p * freq);
+    }
+  }
+  return uploadArray(gpu, `rope table ${dims}×${maxPos}`, data);
+}
+
+export interface RopeSpan {
+  /** Heads rotated, consecutive in the row: head h starts at colOffset + h · headStride. */
+  nHeads: number;
+  colOffset: number;
+  headStride: number;
+  /** The rotated part of each head: values [ropeOffset, ropeOffset + dims). */
+  ropeOffset: number;
+  dims: number;
+  layout: RopeLayout;
+}
+
+/** Rotates heads of each row in place by the row's position (table from ropeTable). */
+export class Rope {
+  private d: Dispatch;
+  private perRow: number;
+
+  constructor(
+    private gpu: GpuContext,
+    b: { meta: GPUBuffer; table: GPUBuffer; x: GPUBuffer; xStride: number },
+    span: RopeSpan,
+  ) {
+    if (span.dims % 2 !== 0) throw new Error(`RoPE rotates pairs; ${span.dims} dims is odd`);
+    const half = span.dims / 2;
+    this.perRow = span.nHeads * half;
+    const [a, bIdx] = span.layout === 'interleaved' ? ['2u * j', '2u * j + 1u'] : ['j', `j + ${half}u`];
+    const code = /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> table: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read_write> x: array<f32>;
+@compute @workgroup_size(${WG})
+fn main(${builtins}) {
+  let id = ${linearId};
+  let r = id / ${this.perRow}u;
+  let k = id % ${this.perRow}u;
+  if (r >= metaRows()) { return; }
+  let h = k / ${half}u;
+  let j = k % ${half}u;
+  let cs = table[rowPos(r) * ${half}u + j];
+  let base = r * ${b.xStride}u + ${span.colOffset}u + h * ${span.headStride}u + ${span.ropeOffset}u;
+  let x0 = x[base + ${a}];
+  let x1 = x[base + ${bIdx}];
+  x[base + ${a}] = x0 * cs.x - x1 * cs.y;
+  x[base + ${bIdx}] = x0 * cs.y + x1 * cs.x;
+}`;
+    const pipeline = gpu.pipeline(`rope ${span.layout}`, code);
+    this.d = { pipeline, bindGroup: bindBuffers(gpu, pipeline, 'rope', [b.meta, b.table, b.x]) };
+  }
+
+  encode(pass: GPUComputePassEncoder, rows: number): void {
+    record(pass, this.d);
+    dispatchThreads(this.gpu, pass, rows * this.perRow);
+  }
+}

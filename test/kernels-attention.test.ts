@@ -1,0 +1,148 @@
+// Paged KV write + split-K GQA attention vs the float64 reference: mixed prefill/decode rows, shuffled block tables,
+// contexts crossing block and chunk boundaries, f32 and f16 caches.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { GqaAttention, type GqaShape } from '../kernels/attention.ts';
+import { KvWrite } from '../kernels/kv-write.ts';
+import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
+import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
+import { attendGqa } from '../model/reference/ops.ts';
+import { freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+
+let gpuPromise: Promise<GpuContext> | undefined;
+const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
+after(async () => {
+  if (gpuPromise) (await gpuPromise).destroy();
+  releaseGpu();
+});
+
+interface Case {
+  shape: GqaShape;
+  dtype: 'f32' | 'f16';
+  blockSize: number;
+  /** Per sequence: tokens already cached, tokens this step. */
+  seqs: Array<[cached: number, fresh: number]>;
+  chunkSize?: number;
+}
+
+/** Runs one step with the given rows; returns the attention output rows and the reference. */
+async function runCase(c: Case): Promise<{ err: number; chunk: number; maxChunks: number }> {
+  const g = await gpu();
+  const seed = freshSeed();
+  const { nHeads, nKvHeads, headDim: D } = c.shape;
+  const rowValues = 2 * nKvHeads * D;
+  const qkvCols = (nHeads + 2 * nKvHeads) * D;
+  const qkvStride = pad8(qkvCols);
+  const outStride = pad8(nHeads * D);
+  const layout = { rowValues, blockSize: c.blockSize, dtype: c.dtype };
+  const totalBlocks = c.seqs.reduce((a, [k, n]) => a + Math.ceil((k + n) / c.blockSize), 0) + 3;
+  // Shuffled block ids so that sequences' blocks interleave in the pool.
+  const ids = [...Array(totalBlocks).keys()];
+  const rnd = randomArray(totalBlocks, seed + 7);
+  ids.sort((a, b) => rnd[a] - rnd[b]);
+  let next = 0;
+  const tables = c.seqs.map(([k, n]) => ids.slice(next, (next += Math.ceil((k + n) / c.blockSize))));
+  // Every token's K (roped or not, it does not matter here) and V, and the step rows' q.
+  const kv = c.seqs.map(([k, n], i) => randomArray((k + n) * rowValues, seed + 100 + i));
+  const cacheBuf = storageBuffer(g, 'cache', totalBlocks * c.blockSize * rowValues * (c.dtype === 'f16' ? 2 : 4));
+  const metaOpts = { blockSize: c.blockSize, numBlocks: totalBlocks, nKvHeads, maxChunkSize: 512, chunkSize: c.chunkSize };
+
+  // Step 1: write the cached prefixes (as if earlier steps had), through the same kernel.
+  const prefixSeqs: StepSeqInput[] = [];
+  const prefixRows: Float32Array[] = [];
+  c.seqs.forEach(([k], i) => {
+    if (k === 0) return;
+    prefixSeqs.push({ tokens: new Array(k).fill(0), startPos: 0, blockTable: tables[i], logits: 'none' });
+    prefixRows.push(kv[i].subarray(0, k * rowValues));
+  });
+  const meta = storageBuffer(g, 'meta', 1 << 16);
+  const qkv = storageBuffer(g, 'qkv', 4 * qkvStride * Math.max(64, c.seqs.reduce((a, [k, n]) => a + Math.max(k, n), 0)));
+  const out = storageBuffer(g, 'out', 4 * outStride * c.seqs.reduce((a, [, n]) => a + n, 0));
+  const writer = new KvWrite(g, layout, { meta, src: qkv, srcStride: qkvStride, srcOffset: nHeads * D, layerCaches: [cacheBuf] });
+  const run = async (seqs: StepSeqInput[], rows: Float32Array, attention?: GqaAttention) => {
+    const m = buildStepMeta(seqs, { ...metaOpts, maxChunkSize: attention?.chunkMax ?? 512 });
+    g.device.queue.writeBuffer(meta, 0, m.data);
+    g.device.queue.writeBuffer(qkv, 0, strided(rows, m.nRows, qkvCols, qkvStride));
+    attention?.prepare(m.nRows, m.maxChunks);
+    const enc = g.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    writer.encode(pass, 0, m.nRows);
+    attention?.encode(pass, 0, m.nRows, m.maxChunks);
+    pass.end();
+    g.device.queue.submit([enc.finish()]);
+    await g.device.queue.onSubmittedWorkDone();
+    g.checkErrors();
+    return m;
+  };
+  if (prefixSeqs.length) {
+    const rows = new Float32Array(prefixRows.reduce((a, r) => a + r.length / rowValues, 0) * qkvCols);
+    let r = 0;
+    for (const pr of prefixRows) {
+      for (let t = 0; t < pr.length / rowValues; t++, r++) rows.set(pr.subarray(t * rowValues, (t + 1) * rowValues), r * qkvCols + nHeads * D);
+    }
+    await run(prefixSeqs, rows);
+  }
+
+  // Step 2: the new rows (prefill chunks and decode tokens mixed) write their K/V and attend.
+  const stepSeqs: StepSeqInput[] = c.seqs.map(([k, n], i) => ({ tokens: new Array(n).fill(0), startPos: k, blockTable: tables[i], logits: 'none' }));
+  const nRows = c.seqs.reduce((a, [, n]) => a + n, 0);
+  const q = randomArray(nRows * nHeads * D, seed + 3);
+  const rows = new Float32Array(nRows * qkvCols);
+  let r = 0;
+  c.seqs.forEach(([k, n], i) => {
+    for (let t = 0; t < n; t++, r++) {
+      rows.set(q.subarray(r * nHeads * D, (r + 1) * nHeads * D), r * qkvCols);
+      rows.set(kv[i].subarray((k + t) * rowValues, (k + t + 1) * rowValues), r * qkvCols + nHeads * D);
+    }
+  });
+  const attention = new GqaAttention(g, c.shape, layout, { meta, qkv, qkvStride, out, outStride, layerCaches: [cacheBuf] });
+  poisonBuffer(g, out);
+  const m = await run(stepSeqs, rows, attention);
+  const got = unstride(await readF32(g, out, nRows * outStride), nRows, nHeads * D, outStride);
+
+  const want = new Float64Array(nRows * nHeads * D);
+  r = 0;
+  c.seqs.forEach(([k, n], i) => {
+    const toVec = (t: number, off: number) => Float64Array.from(kv[i].subarray(t * rowValues + off, t * rowValues + off + nKvHeads * D));
+    for (let t = 0; t < n; t++, r++) {
+      const ctx = k + t + 1;
+      const keys = Array.from({ length: ctx }, (_, j) => toVec(j, 0));
+      const values = Array.from({ length: ctx }, (_, j) => toVec(j, nKvHeads * D));
+      want.set(attendGqa(Float64Array.from(q.subarray(r * nHeads * D, (r + 1) * nHeads * D)), keys, values, nHeads, nKvHeads, D), r * nHeads * D);
+    }
+  });
+  attention.destroy();
+  for (const b of [cacheBuf, meta, qkv, out]) b.destroy();
+  return { err: relError(got, want), chunk: m.chunkSize, maxChunks: m.maxChunks };
+}
+
+const mixed: Array<[number, number]> = [
+  [0, 13], // fresh prefill chunk
+  [37, 1], // decode after an odd prefix
+  [5, 20], // prefill chunk after a prefix (crosses blocks)
+  [64, 1], // decode at a block boundary
+  [0, 1], // first token alone
+];
+
+for (const dtype of ['f32', 'f16'] as const) {
+  const bar = dtype === 'f32' ? 1e-4 : 1e-2;
+  test(`gqa attention ${dtype}: mixed prefill/decode batch, small chunks crossing blocks`, async () => {
+    for (const shape of [
+      { nHeads: 4, nKvHeads: 2, headDim: 8 },
+      { nHeads: 6, nKvHeads: 2, headDim: 6 },
+      { nHeads: 7, nKvHeads: 1, headDim: 16 },
+    ]) {
+      for (const chunkSize of [16, 32]) {
+        const { err, maxChunks } = await runCase({ shape, dtype, blockSize: 4, seqs: mixed, chunkSize });
+        assert.ok(maxChunks > 1, 'the case should split contexts into several chunks');
+        assert.ok(err <= bar, `${JSON.stringify(shape)} chunk ${chunkSize}: relative error ${err} > ${bar}`);
+      }
+    }
+  });
+}
+
+test('gqa attention: long context (300 tokens) with the default chunk policy, block size 16', async () => {
+  const { err } = await runCase({ shape: { nHeads: 8, nKvHeads: 4, headDim: 8 }, dtype: 'f32', blockSize: 16, seqs: [[299, 1], [250, 9], [3, 2]] });
+  assert.ok(err <= 1e-4, `relative error ${err}`);
+});
