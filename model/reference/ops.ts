@@ -4,6 +4,12 @@ import type { Tensor } from '../weights.ts';
 
 export type Vec = Float64Array;
 
+/** A row-major matrix [out, in] in f32 (checkpoint weights) or f64 (converter intermediates kept exact). */
+export interface DenseMatrix {
+  shape: number[];
+  data: Float32Array | Float64Array;
+}
+
 export function rmsnorm(x: ArrayLike<number>, weight: ArrayLike<number>, eps: number): Vec {
   const n = x.length;
   let ss = 0;
@@ -15,7 +21,7 @@ export function rmsnorm(x: ArrayLike<number>, weight: ArrayLike<number>, eps: nu
 }
 
 /** y = W x (+ b) for W stored [out, in]. */
-export function matvec(w: Tensor, x: ArrayLike<number>, bias?: Tensor): Vec {
+export function matvec(w: Tensor | DenseMatrix, x: ArrayLike<number>, bias?: Tensor | DenseMatrix): Vec {
   const [rows, cols] = w.shape;
   if (x.length !== cols) throw new Error(`matvec: input has ${x.length} values, matrix [${rows}, ${cols}] wants ${cols}`);
   const out = new Float64Array(rows);
