@@ -40,7 +40,10 @@ export interface MlaConfig extends BaseConfig {
   vHeadDim: number;
   /** q_proj / kv_a_proj_with_mqa carry biases (converted Qwen2). */
   attentionBias: boolean;
-  /** Apply kv_a_layernorm to the latent c (stock DeepSeek: true; TransMLA output: false). */
+  /**
+   * Apply kv_a_layernorm to the latent c, and q_a_layernorm to the query latent when qLoraRank is set (TransMLA's
+   * `qk_latent_layernorm` governs both; stock DeepSeek: true; TransMLA output: false).
+   */
   qkLatentLayernorm: boolean;
   /** MLA rope part is interleaved (DeepSeek, `rope_interleave: true`). */
   ropeLayout: RopeLayout;

@@ -300,7 +300,11 @@ export function loadHfWeights(dir: string, config: ModelConfig): ModelWeights {
           if (st.has(p + 'self_attn.q_proj.bias')) layer.qProjBias = st.read(p + 'self_attn.q_proj.bias', [qRows]);
         } else {
           layer.qAProj = st.read(p + 'self_attn.q_a_proj.weight', [c.qLoraRank, dim]);
-          layer.qANorm = st.read(p + 'self_attn.q_a_layernorm.weight', [c.qLoraRank]);
+          // TransMLA's qk_latent_layernorm: false drops q_a_layernorm as well as kv_a_layernorm.
+          if (st.has(p + 'self_attn.q_a_layernorm.weight')) layer.qANorm = st.read(p + 'self_attn.q_a_layernorm.weight', [c.qLoraRank]);
+          else if (c.qkLatentLayernorm) {
+            throw new Error(`${dir}: ${p}self_attn.q_a_layernorm.weight is missing; config.json needs "qk_latent_layernorm": false for a checkpoint without it`);
+          }
           layer.qBProj = st.read(p + 'self_attn.q_b_proj.weight', [qRows, c.qLoraRank]);
         }
         if (st.has(p + 'self_attn.kv_a_proj_with_mqa.bias')) {

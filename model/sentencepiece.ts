@@ -243,6 +243,20 @@ export class SentencePieceTokenizer implements Tokenizer {
   pieceType(id: number): PieceType {
     return this.types[id];
   }
+
+  /** The vocabulary as loaded (a copy), e.g. for the converter to write it back as tokenizer.model. */
+  vocabulary(): SentencePieceVocab {
+    return {
+      pieces: [...this.pieces],
+      scores: Float64Array.from(this.scores),
+      types: [...this.types],
+      bosId: this.bosId,
+      eosId: this.eosId,
+      unkId: this.unkId,
+      addDummyPrefix: this.addDummyPrefix,
+      removeExtraWhitespaces: this.removeExtraWhitespaces,
+    };
+  }
 }
 
 /** Length of the longest prefix of bytes that does not end inside an unfinished UTF-8 sequence. */
