@@ -1,6 +1,9 @@
 // Tokenizers against real vocabularies: SentencePiece BPE (GGUF, tok512.bin, tokenizer.model), GPT-2 tokenizer.json, incremental detokenization.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { GgufFile, ggufTokenizer } from '../model/gguf.ts';
 import { HfTokenizer } from '../model/hf-tokenizer.ts';
 import { IncrementalDetokenizer } from '../model/detokenize.ts';
@@ -146,4 +149,61 @@ test('incremental detokenization: an emoji split over byte tokens is emitted who
   const long = ('Once upon a time, 😀 there was a girl. ').repeat(60);
   const longIds = t.encode(long);
   assert.equal(stream(t, longIds).join(''), long);
+});
+
+/**
+ * A Llama-style tokenizer.json (Prepend/Replace normalizer, BPE with byte_fallback, ByteFallback/Fuse/Strip decoder)
+ * from a SentencePiece vocabulary, the way Hugging Face's converter derives it: every split of a piece into two pieces
+ * is a merge, ranked by the merged piece's score order (ids here), then by the left piece.
+ */
+function llamaTokenizerJson(sp: SentencePieceTokenizer): object {
+  const vocab: Record<string, number> = {};
+  for (let i = 0; i < sp.vocabSize; i++) vocab[sp.idToToken(i)] = i;
+  const merges: [number, string, string][] = [];
+  for (let i = 0; i < sp.vocabSize; i++) {
+    if (sp.pieceType(i) !== 'normal') continue;
+    const chars = [...sp.idToToken(i)];
+    for (let k = 1; k < chars.length; k++) {
+      const l = chars.slice(0, k).join('');
+      const r = chars.slice(k).join('');
+      if (l in vocab && r in vocab) merges.push([i, l, r]);
+    }
+  }
+  merges.sort((a, b) => a[0] - b[0] || vocab[a[1]] - vocab[b[1]]);
+  return {
+    version: '1.0',
+    added_tokens: [0, 1, 2].map((id) => ({ id, content: sp.idToToken(id), single_word: false, lstrip: false, rstrip: false, normalized: false, special: true })),
+    normalizer: { type: 'Sequence', normalizers: [{ type: 'Prepend', prepend: '\u2581' }, { type: 'Replace', pattern: { String: ' ' }, content: '\u2581' }] },
+    pre_tokenizer: null,
+    post_processor: null,
+    decoder: {
+      type: 'Sequence',
+      decoders: [{ type: 'Replace', pattern: { String: '\u2581' }, content: ' ' }, { type: 'ByteFallback' }, { type: 'Fuse' }, { type: 'Strip', content: ' ', start: 1, stop: 0 }],
+    },
+    model: { type: 'BPE', dropout: null, unk_token: '<unk>', fuse_unk: true, byte_fallback: true, vocab, merges: merges.map(([, l, r]) => `${l} ${r}`) },
+  };
+}
+
+test('a Llama-style tokenizer.json through @huggingface/tokenizers matches the SentencePiece encoder on real text', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'mla-tok-'));
+  try {
+    const spm = sp[1][1];
+    writeFileSync(join(dir, 'tokenizer.json'), JSON.stringify(llamaTokenizerJson(spm)));
+    writeFileSync(join(dir, 'tokenizer_config.json'), JSON.stringify({ bos_token: '<s>', eos_token: '</s>', chat_template: '{{ messages }}' }));
+    const hf = HfTokenizer.fromFile(join(dir, 'tokenizer.json'));
+    assert.deepEqual([hf.vocabSize, hf.bosId, hf.eosId, hf.chatTemplate], [512, 1, 2, '{{ messages }}']);
+    assert.deepEqual(hf.encode(LILY), LILY_IDS);
+    const paragraphs = readFileSync('../shared/data/tinystories_valid_a.txt', 'utf8').split('\n\n').slice(0, 150);
+    paragraphs.push('héllo 😀 世界', ' two  spaces ', 'tabs\tnew\nlines');
+    let tokens = 0;
+    for (const text of paragraphs) {
+      const ids = spm.encode(text);
+      assert.deepEqual(hf.encode(text), ids, JSON.stringify(text.slice(0, 80)));
+      assert.equal(hf.decode(ids), text);
+      tokens += ids.length;
+    }
+    assert.ok(tokens > 10000, `compared ${tokens} tokens`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
