@@ -6,7 +6,7 @@ import cliProgress from 'cli-progress';
 import { randomTokenPrompts, readDatasetParagraphs, tokenizeParagraphs } from './dataset.ts';
 import { runLoad } from './load.ts';
 import { sendCompletion } from './client.ts';
-import { buildBenchReport, formatTable, levelTitle, runsByLevel, summarizeRun, type BenchConfig, type BenchReport, type RunReport } from './report.ts';
+import { buildBenchReport, formatTable, levelTitle, runsByLevel, summarizeRun, type BenchConfig, type BenchReport, type RunReport, type Slos } from './report.ts';
 import { renderHtmlReport } from './html.ts';
 import { describeModel, probeVocabSize } from './server-info.ts';
 
@@ -31,6 +31,8 @@ of each later model to the first.
   --vocab-size N          token ids of random prompts are drawn from [0, N) (default: vocab_size from
                           GET /v1/models when the server reports it)
   --seed N                seed of prompts and arrival times (default 0)
+  --goodput KEY:MS        SLOs for goodput, KEY one of ttft, tpot, e2el; repeat or comma-separate
+                          (e.g. --goodput ttft:200,tpot:50): requests/s that met all of them
   --timeout S             per-request limit in seconds (default 300)
   --warmups N             untimed requests per model before its first run (default 1)
   --scrape-interval MS    /metrics polling period (default 250)
@@ -52,6 +54,8 @@ export interface BenchOptions {
   dataset?: string;
   vocabSize?: number;
   seed: number;
+  /** Goodput SLOs in ms; empty = no goodput figure. */
+  slos: Slos;
   timeoutS: number;
   warmups: number;
   scrapeIntervalMs: number;
@@ -103,6 +107,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions | 'help' {
       'vocab-size': { type: 'string' },
       seed: { type: 'string' },
       timeout: { type: 'string' },
+      goodput: { type: 'string', multiple: true },
       warmups: { type: 'string' },
       'scrape-interval': { type: 'string' },
       out: { type: 'string' },
@@ -141,9 +146,17 @@ export function parseBenchArgs(argv: string[]): BenchOptions | 'help' {
   const timeoutS = values.timeout === undefined ? 300 : Number(values.timeout);
   if (!(timeoutS > 0)) throw new UsageError(`--timeout must be a positive number of seconds, got '${values.timeout}'`);
 
+  const slos: Slos = {};
+  for (const item of (values.goodput ?? []).flatMap((g) => g.split(/[,\s]+/)).filter(Boolean)) {
+    const m = /^(ttft|tpot|e2el):(\d+(?:\.\d+)?)$/.exec(item);
+    if (!m) throw new UsageError(`--goodput '${item}' is not KEY:MS with KEY one of ttft, tpot, e2el (e.g. ttft:200)`);
+    slos[m[1] as keyof Slos] = Number(m[2]);
+  }
+
   return {
     urls,
     models,
+    slos,
     numPrompts: positiveInt('num-prompts', values['num-prompts'], 200),
     requestRate,
     concurrencyLevels,
@@ -243,7 +256,7 @@ export async function benchmark(opts: BenchOptions, log: (line: string) => void 
           },
         });
         bar?.stop();
-        const run = summarizeRun(result);
+        const run = summarizeRun(result, opts.slos);
         runs.push(run);
         if (run.failed > 0) log(failureSummary(run));
         if (result.kv.scrapeErrors > 0) log(`${model}: ${result.kv.scrapeErrors} of ${result.kv.scrapeErrors + result.kv.scrapes} /metrics scrapes failed (last: ${result.kv.lastScrapeError})`);
@@ -260,6 +273,7 @@ export async function benchmark(opts: BenchOptions, log: (line: string) => void 
       ignore_eos: opts.ignoreEos,
       dataset: opts.dataset ?? null,
       concurrency_levels: opts.concurrencyLevels.map((c) => c ?? null),
+      goodput_slos_ms: Object.keys(opts.slos).length > 0 ? opts.slos : null,
       timeout_s: opts.timeoutS,
     };
     return buildBenchReport(config, runs);

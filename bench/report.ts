@@ -27,6 +27,8 @@ export interface RunReport extends LatencyFigures {
   total_input_tokens: number;
   total_output_tokens: number;
   request_throughput: number;
+  /** Requests/s that met every --goodput SLO (null without SLOs), as vLLM's request_goodput. */
+  request_goodput: number | null;
   output_throughput: number;
   total_token_throughput: number;
   /** Highest output tokens/s over one-second windows. */
@@ -55,7 +57,10 @@ export interface RunReport extends LatencyFigures {
   kv_usage_timeline: Array<{ t: number; kv_cache_usage_perc: number | null; num_requests_running: number | null; num_requests_waiting: number | null }>;
 }
 
-export function summarizeRun(run: LoadResult): RunReport {
+/** Service-level objectives in ms for goodput (vLLM's --goodput ttft:… tpot:… e2el:…). */
+export type Slos = Partial<Record<'ttft' | 'tpot' | 'e2el', number>>;
+
+export function summarizeRun(run: LoadResult, slos?: Slos): RunReport {
   const ok = run.outcomes.filter((o) => o.ok);
   const duration = run.durationS;
   const totalInput = ok.reduce((s, o) => s + o.promptTokens, 0);
@@ -69,6 +74,15 @@ export function summarizeRun(run: LoadResult): RunReport {
     e2el: ms(ok.map((o) => o.e2elS)),
   };
   const timeline = throughputTimeline(run);
+  let goodput: number | null = null;
+  if (slos && Object.keys(slos).length > 0) {
+    // A single-token request has no TPOT; it counts as 0 against the SLO, as in vLLM.
+    const good = ok.filter((o) => {
+      const tpotMs = o.outputTokens > 1 ? ((o.e2elS - o.ttftS) / (o.outputTokens - 1)) * 1000 : 0;
+      return (slos.ttft === undefined || o.ttftS * 1000 <= slos.ttft) && (slos.tpot === undefined || tpotMs <= slos.tpot) && (slos.e2el === undefined || o.e2elS * 1000 <= slos.e2el);
+    }).length;
+    goodput = duration > 0 ? good / duration : 0;
+  }
   const report = {
     backend: 'mla-serve',
     model_id: run.model,
@@ -83,6 +97,7 @@ export function summarizeRun(run: LoadResult): RunReport {
     total_input_tokens: totalInput,
     total_output_tokens: totalOutput,
     request_throughput: duration > 0 ? ok.length / duration : 0,
+    request_goodput: goodput,
     output_throughput: duration > 0 ? totalOutput / duration : 0,
     total_token_throughput: duration > 0 ? (totalInput + totalOutput) / duration : 0,
     max_output_tokens_per_s: maxPerSecond(run),
@@ -157,6 +172,8 @@ export interface TableRow {
   label: string;
   value: (r: RunReport) => number | null;
   digits: number;
+  /** Left out of the table when no run has a value (goodput without SLOs). */
+  onlyWhenSet?: boolean;
 }
 
 const latencyRows = (name: Latency, label: string): TableRow[] => [
@@ -170,6 +187,7 @@ export const TABLE_ROWS: TableRow[] = [
   { label: 'requests failed', value: (r) => r.failed, digits: 0 },
   { label: 'duration (s)', value: (r) => r.duration, digits: 2 },
   { label: 'request throughput (req/s)', value: (r) => r.request_throughput, digits: 2 },
+  { label: 'request goodput (req/s)', value: (r) => r.request_goodput, digits: 2, onlyWhenSet: true },
   { label: 'output throughput (tok/s)', value: (r) => r.output_throughput, digits: 2 },
   { label: 'total token throughput (tok/s)', value: (r) => r.total_token_throughput, digits: 2 },
   ...latencyRows('ttft', 'TTFT'),
@@ -209,7 +227,7 @@ export function ratioTitles(runs: RunReport[]): string[] {
 /** The cells of the table: one row per figure, a column per model, then ratios of each later model to the first. */
 export function tableCells(runs: RunReport[]): { header: string[]; rows: string[][] } {
   const header = ['', ...runs.map(columnTitle), ...ratioTitles(runs)];
-  const rows = TABLE_ROWS.map((row) => {
+  const rows = TABLE_ROWS.filter((row) => !row.onlyWhenSet || runs.some((r) => row.value(r) !== null)).map((row) => {
     const values = runs.map(row.value);
     const ratios = runs.slice(1).map((_, k) => ratio(values[k + 1], values[0]));
     return [row.label, ...values.map((v) => formatValue(v, row.digits)), ...ratios.map((q) => (q === null ? '–' : `${q.toFixed(3)}x`))];
@@ -258,6 +276,8 @@ export interface BenchConfig {
   dataset: string | null;
   /** Concurrency caps run in turn (null = no cap). */
   concurrency_levels: Array<number | null>;
+  /** --goodput SLOs in ms, null when none were given. */
+  goodput_slos_ms: Slos | null;
   timeout_s: number;
 }
 
