@@ -9,11 +9,11 @@ import { loadLlama2cModel } from '../model/llama2c.ts';
 import { loadModel } from '../model/load.ts';
 import { interleavedToRotateHalfRows } from '../model/hf.ts';
 import { resolveModelPath } from '../model/hub.ts';
-import { f16BitsToF32, f32ToBf16Bits, f32ToF16Bits, readSafetensors, SafetensorsFile, writeSafetensors, writeSafetensorsShards } from '../model/safetensors.ts';
+import { f16BitsToF32, f32ToBf16Bits, f32ToF16Bits, readSafetensors, SafetensorsFile, writeSafetensors } from '../model/safetensors.ts';
 import { ReferenceGqa } from '../model/reference/gqa.ts';
 import type { GqaConfig, MlaConfig } from '../model/config.ts';
 import type { GqaLayerWeights, MlaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts';
-import { f16Bytes, ggufFromModel, q8Bytes, STORIES, writeGguf, writeHfLlamaDir, type MetaValue } from './loaders-fixtures.ts';
+import { ggufFromModel, STORIES, writeGguf, writeHfLlamaDir, type MetaValue } from './loaders-fixtures.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'mla-loaders-'));
 process.on('exit', () => rmSync(tmp, { recursive: true, force: true }));
@@ -261,6 +261,17 @@ test('safetensors: f32/f16/bf16 write → read round trip with round-to-nearest-
 async function storiesGguf(): Promise<{ config: GqaConfig; weights: ModelWeights }> {
   const m = await loadModel(GGUF, { maxSeqLen: 512 });
   return { config: m.config as GqaConfig, weights: m.weights };
+}
+
+/** The HF Llama copy of stories260K in tmp (written once; tests that only need a valid directory share it). */
+let hfLlamaDir: string | null = null;
+async function hfLlama(): Promise<string> {
+  if (!hfLlamaDir) {
+    const { config, weights } = await storiesGguf();
+    hfLlamaDir = join(tmp, 'hf-llama-shared');
+    writeHfLlamaDir(hfLlamaDir, config, weights);
+  }
+  return hfLlamaDir;
 }
 
 test('HF Llama directory from stories260K: rotate_half layout, permuted weights, same logits as the GGUF', async () => {
@@ -550,10 +561,11 @@ test('bad paths, corrupt and truncated files fail with the file and the problem 
   assert.throws(() => SafetensorsFile.open(ints), /tensor "w" has dtype I64, which this loader does not read \(supported: F32, F16, BF16\)/);
 
   // HF directory problems.
+  const hfDir = await hfLlama();
   const noWeights = join(tmp, 'hf-pt');
   mkdirSync(noWeights);
-  copyFileSync(join(tmp, 'hf-llama', 'config.json'), join(noWeights, 'config.json'));
-  copyFileSync(join(tmp, 'hf-llama', 'tokenizer.model'), join(noWeights, 'tokenizer.model'));
+  copyFileSync(join(hfDir, 'config.json'), join(noWeights, 'config.json'));
+  copyFileSync(join(hfDir, 'tokenizer.model'), join(noWeights, 'tokenizer.model'));
   writeFileSync(join(noWeights, 'pytorch_model.bin'), 'x');
   await assert.rejects(loadModel(noWeights), /no \*\.safetensors weights \(found pytorch_model\.bin: only safetensors/);
   const noConfig = join(tmp, 'empty-dir');
@@ -561,17 +573,17 @@ test('bad paths, corrupt and truncated files fail with the file and the problem 
   await assert.rejects(loadModel(noConfig), /needs config\.json/);
   const missingTensor = join(tmp, 'hf-missing');
   mkdirSync(missingTensor);
-  for (const f of ['config.json', 'tokenizer.model']) copyFileSync(join(tmp, 'hf-llama', f), join(missingTensor, f));
-  const full = readSafetensors(join(tmp, 'hf-llama', 'model.safetensors')).tensors;
+  for (const f of ['config.json', 'tokenizer.model']) copyFileSync(join(hfDir, f), join(missingTensor, f));
+  const full = readSafetensors(join(hfDir, 'model.safetensors')).tensors;
   full.delete('model.layers.3.mlp.up_proj.weight');
   writeSafetensors(join(missingTensor, 'model.safetensors'), Object.fromEntries(full), 'f32');
   await assert.rejects(loadModel(missingTensor), /tensor "model\.layers\.3\.mlp\.up_proj\.weight" is missing/);
   const wrongShape = join(tmp, 'hf-shape');
   mkdirSync(wrongShape);
-  copyFileSync(join(tmp, 'hf-llama', 'tokenizer.model'), join(wrongShape, 'tokenizer.model'));
-  const cfg = JSON.parse(readFileSync(join(tmp, 'hf-llama', 'config.json'), 'utf8'));
+  copyFileSync(join(hfDir, 'tokenizer.model'), join(wrongShape, 'tokenizer.model'));
+  const cfg = JSON.parse(readFileSync(join(hfDir, 'config.json'), 'utf8'));
   writeFileSync(join(wrongShape, 'config.json'), JSON.stringify({ ...cfg, intermediate_size: 170 }));
-  copyFileSync(join(tmp, 'hf-llama', 'model.safetensors'), join(wrongShape, 'model.safetensors'));
+  copyFileSync(join(hfDir, 'model.safetensors'), join(wrongShape, 'model.safetensors'));
   await assert.rejects(loadModel(wrongShape), /model\.safetensors: tensor "model\.layers\.0\.mlp\.gate_proj\.weight" has shape \[172,64\], config\.json implies \[170,64\]/);
 });
 
