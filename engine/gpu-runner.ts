@@ -1,0 +1,484 @@
+// The GPU step runner: turns one batch of sequences (prefill chunks and decode tokens mixed) into one compute pass.
+import type { GpuContext } from '../kernels/device.ts';
+import { GqaAttention, maxAttentionChunk } from '../kernels/attention.ts';
+import { EmbeddingGather, RmsNorm, Rope, ropeTable, SiluMul } from '../kernels/elementwise.ts';
+import { KvWrite } from '../kernels/kv-write.ts';
+import { MatmulOp, type MatmulTuning } from '../kernels/matmul.ts';
+import { buildStepMeta, HEADER_WORDS, META_LOGIT_ROWS, META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
+import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadMatrix, type GpuMatrix, type WeightDtype } from '../kernels/tensors.ts';
+import { GpuKvPool } from '../cache/gpu-pool.ts';
+import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
+import type { GqaConfig, ModelConfig } from '../model/config.ts';
+import type { GqaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts';
+import type { ModelRunner, StepSequence } from './types.ts';
+
+export interface GpuRunnerOptions {
+  /** Tokens per KV block (default 16). */
+  blockSize?: number;
+  /** Blocks in the pool; or give kvCacheBytes. Default: room for 4 full-length sequences, at most 1 GiB. */
+  numBlocks?: number;
+  kvCacheBytes?: number;
+  /** Weights on the GPU: f16 packed two per u32 (default) or f32 (exact tests). */
+  weightDtype?: WeightDtype;
+  /** KV cache values: f16 (default) or f32. */
+  cacheDtype?: CacheDtype;
+  /** Rows (tokens) per step the buffers are first sized for; they grow when a step needs more. */
+  maxRowsPerStep?: number;
+  matmulTuning?: Partial<MatmulTuning>;
+  /** The per-layer attention for MLA models (kernels/mla*); GQA models use the built-in block. */
+  attentionBlock?: AttentionBlockFactory;
+}
+
+/** Activation buffers an attention block reads and writes; re-sent whenever they are reallocated. */
+export interface AttentionBindings {
+  meta: GPUBuffer;
+  /** Normed layer input [maxRows, xnStride]. */
+  xn: GPUBuffer;
+  xnStride: number;
+  /** Attention output, the o_proj input [maxRows, outStride]. */
+  out: GPUBuffer;
+  outStride: number;
+  maxRows: number;
+  /** The KV pool's buffer of each layer. */
+  layerCaches: GPUBuffer[];
+}
+
+/**
+ * The attention part of every layer (from the normed input to the o_proj input, KV cache writes included):
+ * the one piece that differs between GQA and MLA models.
+ */
+export interface AttentionBlock {
+  readonly layout: KvLayout;
+  /** Values per row written to the attention output (nHeads · head dim of V). */
+  readonly outWidth: number;
+  /** Largest context chunk (tokens) of the split-K attention; the step's chunk size is chosen ≤ this. */
+  readonly maxChunk: number;
+  /** Independent heads per row the split-K attention runs (kv heads for GQA), to size the split. */
+  readonly parallelHeads: number;
+  bind(b: AttentionBindings): void;
+  /** Before the step's pass is encoded (grows scratch buffers). */
+  prepare(meta: StepMeta): void;
+  encodeLayer(pass: GPUComputePassEncoder, layer: number, meta: StepMeta): void;
+  destroy(): void;
+}
+
+export interface AttentionBlockContext {
+  gpu: GpuContext;
+  config: ModelConfig;
+  weights: ModelWeights;
+  weightDtype: WeightDtype;
+  cacheDtype: CacheDtype;
+  blockSize: number;
+  matmulTuning?: Partial<MatmulTuning>;
+  /** cos/sin table [maxSeqLen][dims/2] built on demand (kernels/elementwise.ts ropeTable). */
+  ropeTable(dims: number): GPUBuffer;
+}
+
+export type AttentionBlockFactory = (ctx: AttentionBlockContext) => AttentionBlock;
+
+function concatRows(label: string, parts: Array<Tensor | undefined>, rowsOf: number[], cols: number): Float32Array {
+  const out = new Float32Array(rowsOf.reduce((a, b) => a + b, 0) * cols);
+  let off = 0;
+  parts.forEach((t, i) => {
+    const n = rowsOf[i] * cols;
+    if (t) {
+      if (t.data.length !== n) throw new Error(`${label}: part ${i} has ${t.data.length} values, ${n} expected`);
+      out.set(t.data, off);
+    }
+    off += n;
+  });
+  return out;
+}
+
+/** GQA attention: fused q/k/v projection (+bias), RoPE on q and k, paged K/V write, split-K attention. */
+class GqaBlock implements AttentionBlock {
+  readonly layout: KvLayout;
+  readonly outWidth: number;
+  readonly maxChunk: number;
+  readonly parallelHeads: number;
+  private wqkv: GpuMatrix[];
+  private bqkv: GPUBuffer[];
+  private qkvCols: number;
+  private qkvStride: number;
+  private qkv: GPUBuffer | undefined;
+  private qkvOps: MatmulOp[] = [];
+  private rope: Rope | undefined;
+  private kvWrite: KvWrite | undefined;
+  private attention: GqaAttention | undefined;
+
+  constructor(private ctx: AttentionBlockContext) {
+    const c = ctx.config as GqaConfig;
+    this.layout = gqaLayoutFor(c, ctx.blockSize, ctx.cacheDtype);
+    const qRows = c.nHeads * c.headDim;
+    const kvRows = c.nKvHeads * c.headDim;
+    this.outWidth = qRows;
+    this.parallelHeads = c.nKvHeads;
+    this.qkvCols = qRows + 2 * kvRows;
+    this.qkvStride = pad8(this.qkvCols);
+    this.wqkv = [];
+    this.bqkv = [];
+    ctx.weights.layers.forEach((lw, l) => {
+      if (lw.kind !== 'gqa') throw new Error(`layer ${l} is ${lw.kind}; a GQA model needs GQA layers`);
+      const w = lw as GqaLayerWeights;
+      const fused = concatRows(`layer ${l} wqkv`, [w.wq, w.wk, w.wv], [qRows, kvRows, kvRows], c.dim);
+      this.wqkv.push(uploadMatrix(ctx.gpu, `layer ${l} wqkv`, fused, this.qkvCols, c.dim, ctx.weightDtype));
+      if (c.attentionBias) {
+        this.bqkv.push(uploadArray(ctx.gpu, `layer ${l} bqkv`, concatRows(`layer ${l} bqkv`, [w.bq, w.bk, w.bv], [qRows, kvRows, kvRows], 1)));
+      }
+    });
+    this.maxChunk = maxAttentionChunk({ nHeads: c.nHeads, nKvHeads: c.nKvHeads, headDim: c.headDim });
+  }
+
+  bind(b: AttentionBindings): void {
+    const { gpu, config } = this.ctx;
+    const c = config as GqaConfig;
+    this.destroyActivations();
+    this.qkv = storageBuffer(gpu, 'qkv rows', b.maxRows * this.qkvStride * 4);
+    this.qkvOps = this.wqkv.map(
+      (w, l) =>
+        new MatmulOp(
+          gpu,
+          w,
+          { meta: b.meta, rowsSlot: META_ROWS, x: b.xn, xStride: b.xnStride, y: this.qkv!, yStride: this.qkvStride, bias: this.bqkv[l] },
+          this.ctx.matmulTuning,
+        ),
+    );
+    this.rope = new Rope(
+      gpu,
+      { meta: b.meta, table: this.ctx.ropeTable(c.headDim), x: this.qkv, xStride: this.qkvStride },
+      { nHeads: c.nHeads + c.nKvHeads, colOffset: 0, headStride: c.headDim, ropeOffset: 0, dims: c.headDim, layout: c.ropeLayout },
+    );
+    this.kvWrite = new KvWrite(gpu, this.layout, {
+      meta: b.meta,
+      src: this.qkv,
+      srcStride: this.qkvStride,
+      srcOffset: c.nHeads * c.headDim,
+      layerCaches: b.layerCaches,
+    });
+    this.attention = new GqaAttention(gpu, { nHeads: c.nHeads, nKvHeads: c.nKvHeads, headDim: c.headDim }, this.layout, {
+      meta: b.meta,
+      qkv: this.qkv,
+      qkvStride: this.qkvStride,
+      out: b.out,
+      outStride: b.outStride,
+      layerCaches: b.layerCaches,
+    });
+  }
+
+  prepare(meta: StepMeta): void {
+    this.attention!.prepare(meta.nRows, meta.maxChunks);
+  }
+
+  encodeLayer(pass: GPUComputePassEncoder, layer: number, meta: StepMeta): void {
+    this.qkvOps[layer].encode(pass, meta.nRows);
+    this.rope!.encode(pass, meta.nRows);
+    this.kvWrite!.encode(pass, layer, meta.nRows);
+    this.attention!.encode(pass, layer, meta.nRows, meta.maxChunks);
+  }
+
+  private destroyActivations(): void {
+    this.qkv?.destroy();
+    this.attention?.destroy();
+  }
+
+  destroy(): void {
+    this.destroyActivations();
+    for (const w of this.wqkv) destroyMatrix(w);
+    for (const b of this.bqkv) b.destroy();
+  }
+}
+
+interface LayerGpu {
+  attnNorm: GPUBuffer;
+  ffnNorm: GPUBuffer;
+  wo: GpuMatrix;
+  wGateUp: GpuMatrix;
+  wDown: GpuMatrix;
+}
+
+interface StepOps {
+  embed: EmbeddingGather;
+  attnNorm: RmsNorm[];
+  ffnNorm: RmsNorm[];
+  oProj: MatmulOp[];
+  gateUp: MatmulOp[];
+  siluMul: SiluMul;
+  down: MatmulOp[];
+  finalNorm: RmsNorm;
+  lmHead: MatmulOp;
+}
+
+class GpuRunner implements ModelRunner {
+  readonly blockSize: number;
+  readonly numBlocks: number;
+  readonly kvBytesPerToken: number;
+  readonly adapterName: string;
+  private pool: GpuKvPool;
+  private layers: LayerGpu[];
+  private embedding: GpuMatrix;
+  private lmHead: GpuMatrix;
+  private finalNorm: GPUBuffer;
+  private dimStride: number;
+  private hiddenStride: number;
+  private gateUpStride: number;
+  private attnStride: number;
+  // Sized for capacity.rows / capacity.logitRows / capacity.metaWords; grown on demand.
+  private capacity = { rows: 0, logitRows: 0, metaWords: 0 };
+  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback', GPUBuffer> | undefined;
+  private ops: StepOps | undefined;
+  private busy = false;
+
+  constructor(
+    private gpu: GpuContext,
+    readonly config: ModelConfig,
+    weights: ModelWeights,
+    private block: AttentionBlock,
+    private opts: GpuRunnerOptions,
+    weightDtype: WeightDtype,
+    /** RoPE tables the attention block asked for; destroyed with the runner. */
+    private ropeTables: Map<number, GPUBuffer>,
+  ) {
+    const c = config;
+    this.adapterName = gpu.adapterName;
+    this.blockSize = block.layout.blockSize;
+    this.kvBytesPerToken = block.layout.bytesPerToken;
+    const tokensPerSeqBlocks = Math.ceil(c.maxSeqLen / this.blockSize);
+    const defaultBlocks = Math.max(tokensPerSeqBlocks, Math.min(4 * tokensPerSeqBlocks, Math.floor(2 ** 30 / (this.blockSize * this.kvBytesPerToken))));
+    this.pool = new GpuKvPool(gpu, block.layout, { numBlocks: opts.numBlocks, kvCacheBytes: opts.kvCacheBytes }, defaultBlocks);
+    this.numBlocks = this.pool.numBlocks;
+    this.dimStride = pad8(c.dim);
+    this.hiddenStride = pad8(c.hiddenDim);
+    this.gateUpStride = pad8(2 * c.hiddenDim);
+    this.attnStride = pad8(block.outWidth);
+    this.layers = weights.layers.map((lw, l) => ({
+      attnNorm: uploadArray(gpu, `layer ${l} attn_norm`, lw.attnNorm.data),
+      ffnNorm: uploadArray(gpu, `layer ${l} ffn_norm`, lw.ffnNorm.data),
+      wo: uploadMatrix(gpu, `layer ${l} wo`, lw.wo.data, c.dim, block.outWidth, weightDtype),
+      wGateUp: uploadMatrix(gpu, `layer ${l} w_gate_up`, concatRows(`layer ${l} w_gate_up`, [lw.wGate, lw.wUp], [c.hiddenDim, c.hiddenDim], c.dim), 2 * c.hiddenDim, c.dim, weightDtype),
+      wDown: uploadMatrix(gpu, `layer ${l} w_down`, lw.wDown.data, c.dim, c.hiddenDim, weightDtype),
+    }));
+    this.embedding = uploadMatrix(gpu, 'token_embd', weights.tokenEmbedding.data, c.vocabSize, c.dim, weightDtype);
+    this.lmHead =
+      weights.output === weights.tokenEmbedding || weights.output.data === weights.tokenEmbedding.data
+        ? this.embedding
+        : uploadMatrix(gpu, 'output', weights.output.data, c.vocabSize, c.dim, weightDtype);
+    this.finalNorm = uploadArray(gpu, 'output_norm', weights.finalNorm.data);
+    this.allocate(Math.max(1, opts.maxRowsPerStep ?? 64), 8, 4096);
+  }
+
+  /** (Re)allocates activation buffers and rebuilds the bind groups that point at them. */
+  private allocate(rows: number, logitRows: number, metaWords: number): void {
+    const g = this.gpu;
+    const c = this.config;
+    if (this.act) for (const b of Object.values(this.act)) b.destroy();
+    const f = 4;
+    this.act = {
+      meta: storageBuffer(g, 'step metadata', metaWords * 4),
+      x: storageBuffer(g, 'residual rows', rows * this.dimStride * f),
+      xn: storageBuffer(g, 'normed rows', rows * this.dimStride * f),
+      attn: storageBuffer(g, 'attention rows', rows * this.attnStride * f),
+      gateUp: storageBuffer(g, 'gate/up rows', rows * this.gateUpStride * f),
+      h: storageBuffer(g, 'mlp hidden rows', rows * this.hiddenStride * f),
+      xLogit: storageBuffer(g, 'logit rows (normed)', logitRows * this.dimStride * f),
+      logits: storageBuffer(g, 'logits', logitRows * c.vocabSize * f),
+      readback: g.device.createBuffer({ label: 'logits readback', size: Math.max(16, logitRows * c.vocabSize * f), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+    };
+    this.capacity = { rows, logitRows, metaWords };
+    const a = this.act;
+    const t = this.opts.matmulTuning;
+    this.block.bind({ meta: a.meta, xn: a.xn, xnStride: this.dimStride, out: a.attn, outStride: this.attnStride, maxRows: rows, layerCaches: this.pool.layerBuffers });
+    const norm = (w: GPUBuffer, gather = false) =>
+      new RmsNorm(
+        g,
+        { meta: a.meta, x: a.x, xStride: this.dimStride, weight: w, out: gather ? a.xLogit : a.xn, outStride: this.dimStride },
+        c.dim,
+        c.rmsEps,
+        gather,
+      );
+    this.ops = {
+      embed: new EmbeddingGather(g, this.embedding, { meta: a.meta, x: a.x, xStride: this.dimStride }),
+      attnNorm: this.layers.map((l) => norm(l.attnNorm)),
+      ffnNorm: this.layers.map((l) => norm(l.ffnNorm)),
+      oProj: this.layers.map(
+        (l) => new MatmulOp(g, l.wo, { meta: a.meta, rowsSlot: META_ROWS, x: a.attn, xStride: this.attnStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
+      ),
+      gateUp: this.layers.map(
+        (l) => new MatmulOp(g, l.wGateUp, { meta: a.meta, rowsSlot: META_ROWS, x: a.xn, xStride: this.dimStride, y: a.gateUp, yStride: this.gateUpStride }, t),
+      ),
+      siluMul: new SiluMul(g, { meta: a.meta, gateUp: a.gateUp, gateUpStride: this.gateUpStride, out: a.h, outStride: this.hiddenStride }, c.hiddenDim),
+      down: this.layers.map(
+        (l) => new MatmulOp(g, l.wDown, { meta: a.meta, rowsSlot: META_ROWS, x: a.h, xStride: this.hiddenStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
+      ),
+      finalNorm: norm(this.finalNorm, true),
+      lmHead: new MatmulOp(g, this.lmHead, { meta: a.meta, rowsSlot: META_LOGIT_ROWS, x: a.xLogit, xStride: this.dimStride, y: a.logits, yStride: c.vocabSize }, t),
+    };
+  }
+
+  private validate(seqs: StepSequence[]): void {
+    const c = this.config;
+    seqs.forEach((s, i) => {
+      const end = s.startPos + s.tokens.length;
+      if (!Number.isInteger(s.startPos) || s.startPos < 0) throw new Error(`step: sequence ${i} starts at position ${s.startPos}`);
+      if (end > c.maxSeqLen) {
+        throw new Error(`step: sequence ${i} reaches position ${end - 1}, past the model's context of ${c.maxSeqLen} tokens`);
+      }
+      for (const t of s.tokens) {
+        if (!Number.isInteger(t) || t < 0 || t >= c.vocabSize) throw new Error(`step: sequence ${i} has token id ${t}, outside the vocabulary of ${c.vocabSize}`);
+      }
+    });
+  }
+
+  async step(seqs: StepSequence[]): Promise<Float32Array> {
+    if (this.busy) throw new Error('step: the previous step of this runner has not finished; steps run one at a time');
+    this.validate(seqs);
+    const meta = buildStepMeta(seqs, {
+      blockSize: this.blockSize,
+      numBlocks: this.numBlocks,
+      nKvHeads: this.block.parallelHeads,
+      maxChunkSize: this.block.maxChunk,
+    });
+    const vocab = this.config.vocabSize;
+    if (meta.nRows === 0) return new Float32Array(0);
+    if (meta.nRows > this.capacity.rows || meta.nLogitRows > this.capacity.logitRows || meta.data.length > this.capacity.metaWords) {
+      const grow = (need: number, have: number) => (need > have ? Math.max(need, Math.ceil(have * 1.5)) : have);
+      this.allocate(
+        grow(meta.nRows, this.capacity.rows),
+        grow(meta.nLogitRows, this.capacity.logitRows),
+        grow(meta.data.length + HEADER_WORDS, this.capacity.metaWords),
+      );
+    }
+    this.busy = true;
+    try {
+      const g = this.gpu;
+      const a = this.act!;
+      const ops = this.ops!;
+      g.device.queue.writeBuffer(a.meta, 0, meta.data);
+      this.block.prepare(meta);
+      const enc = g.device.createCommandEncoder({ label: 'decoder step' });
+      const pass = enc.beginComputePass({ label: 'decoder step' });
+      const rows = meta.nRows;
+      ops.embed.encode(pass, rows);
+      for (let l = 0; l < this.layers.length; l++) {
+        ops.attnNorm[l].encode(pass, rows);
+        this.block.encodeLayer(pass, l, meta);
+        ops.oProj[l].encode(pass, rows);
+        ops.ffnNorm[l].encode(pass, rows);
+        ops.gateUp[l].encode(pass, rows);
+        ops.siluMul.encode(pass, rows);
+        ops.down[l].encode(pass, rows);
+      }
+      const nLogit = meta.nLogitRows;
+      if (nLogit > 0) {
+        ops.finalNorm.encode(pass, nLogit);
+        ops.lmHead.encode(pass, nLogit);
+      }
+      pass.end();
+      const bytes = nLogit * vocab * 4;
+      if (bytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, bytes);
+      g.device.queue.submit([enc.finish()]);
+      if (bytes === 0) {
+        await g.device.queue.onSubmittedWorkDone();
+        g.checkErrors();
+        return new Float32Array(0);
+      }
+      await a.readback.mapAsync(GPUMapMode.READ, 0, bytes);
+      const out = new Float32Array(a.readback.getMappedRange(0, bytes).slice(0));
+      a.readback.unmap();
+      g.checkErrors();
+      return out;
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  copyBlocks(pairs: Array<[src: number, dst: number]>): void {
+    this.pool.copyBlocks(pairs);
+  }
+
+  destroy(): void {
+    if (this.act) for (const b of Object.values(this.act)) b.destroy();
+    this.act = undefined;
+    this.block.destroy();
+    this.pool.destroy();
+    for (const l of this.layers) {
+      l.attnNorm.destroy();
+      l.ffnNorm.destroy();
+      destroyMatrix(l.wo);
+      destroyMatrix(l.wGateUp);
+      destroyMatrix(l.wDown);
+    }
+    if (this.lmHead !== this.embedding) destroyMatrix(this.lmHead);
+    destroyMatrix(this.embedding);
+    this.finalNorm.destroy();
+    for (const t of this.ropeTables.values()) t.destroy();
+  }
+}
+
+/**
+ * Uploads a model's weights once and returns its step runner over a paged KV pool. GQA models use the built-in
+ * attention block; MLA models need `opts.attentionBlock` (the MLA block from kernels/mla*).
+ */
+export async function createGpuRunner(
+  gpu: GpuContext,
+  model: { config: ModelConfig; weights: ModelWeights },
+  opts: GpuRunnerOptions = {},
+): Promise<ModelRunner> {
+  const { config, weights } = model;
+  const weightDtype = opts.weightDtype ?? 'f16';
+  const cacheDtype = opts.cacheDtype ?? 'f16';
+  const blockSize = opts.blockSize ?? 16;
+  if (weights.layers.length !== config.nLayers) {
+    throw new Error(`model has ${weights.layers.length} layers of weights, its config says ${config.nLayers}`);
+  }
+  let factory = opts.attentionBlock;
+  if (!factory) {
+    if (config.attention !== 'gqa') {
+      throw new Error(
+        `the GPU runner has no attention block for ${config.attention} models (${config.arch}) yet; ` +
+          'pass opts.attentionBlock (the MLA block), or serve the GQA original',
+      );
+    }
+    factory = (ctx) => new GqaBlock(ctx);
+  }
+  // The rope table belongs to the runner; blocks ask for it through the context before the runner exists.
+  const tables = new Map<number, GPUBuffer>();
+  const ctx: AttentionBlockContext = {
+    gpu,
+    config,
+    weights,
+    weightDtype,
+    cacheDtype,
+    blockSize,
+    matmulTuning: opts.matmulTuning,
+    ropeTable(dims) {
+      let t = tables.get(dims);
+      if (!t) tables.set(dims, (t = ropeTable(gpu, dims, config.ropeTheta, config.maxSeqLen)));
+      return t;
+    },
+  };
+  gpu.device.pushErrorScope('validation');
+  gpu.device.pushErrorScope('out-of-memory');
+  let runner: GpuRunner | undefined;
+  let failure: unknown;
+  let block: AttentionBlock | undefined;
+  try {
+    block = factory(ctx);
+    runner = new GpuRunner(gpu, config, weights, block, opts, weightDtype, tables);
+  } catch (e) {
+    failure = e;
+  }
+  const oom = await gpu.device.popErrorScope();
+  const invalid = await gpu.device.popErrorScope();
+  if (failure || oom || invalid) {
+    if (runner) runner.destroy();
+    else {
+      block?.destroy();
+      for (const t of tables.values()) t.destroy();
+    }
+    if (failure) throw failure;
+    throw new Error(`uploading ${config.arch} weights and the KV pool to the GPU failed: ${(oom ?? invalid)!.message}`);
+  }
+  await gpu.device.queue.onSubmittedWorkDone();
+  gpu.checkErrors();
+  return runner!;
+}

@@ -1,0 +1,139 @@
+// The whole stories260K model on the GPU step runner (f32 weights, f32 cache) vs the float64 reference forward.
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { createGpuRunner } from '../engine/gpu-runner.ts';
+import type { ModelRunner, StepSequence } from '../engine/types.ts';
+import { loadModel, type LoadedModel } from '../model/load.ts';
+import { ReferenceGqa } from '../model/reference/gqa.ts';
+import type { GqaConfig } from '../model/config.ts';
+import { relError } from './kernels-helpers.ts';
+
+const MODEL = '../shared/models/stories260K/stories260K.bin';
+let gpu: GpuContext;
+let model: LoadedModel;
+let runner: ModelRunner;
+
+before(async () => {
+  gpu = await openGpu({ log: () => {} });
+  model = await loadModel(MODEL);
+  runner = await createGpuRunner(gpu, model, { weightDtype: 'f32', cacheDtype: 'f32', blockSize: 16, numBlocks: 96, maxRowsPerStep: 8 });
+});
+after(() => {
+  runner?.destroy();
+  gpu?.destroy();
+  releaseGpu();
+});
+
+function argmax(v: ArrayLike<number>, offset = 0, n = v.length - offset): number {
+  let best = 0;
+  for (let i = 1; i < n; i++) if (v[offset + i] > v[offset + best]) best = i;
+  return best;
+}
+
+/** Blocks [first, first + n). */
+const blocks = (first: number, n: number) => Array.from({ length: n }, (_, i) => first + i);
+
+test('stories260K: GPU logits of a 32-token prompt match the float64 reference (≤ 1e-4 relative, every row)', async () => {
+  const c = model.config as GqaConfig;
+  const tokens = [c.bosId, ...model.tokenizer.encode('Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog.')].slice(0, 32);
+  assert.equal(tokens.length, 32);
+  // Blocks out of order, to exercise the block table.
+  const got = await runner.step([{ tokens, startPos: 0, blockTable: [7, 3], logits: 'all' }]);
+  const want = new ReferenceGqa(c, model.weights).forward(tokens);
+  assert.equal(got.length, 32 * c.vocabSize);
+  for (let t = 0; t < 32; t++) {
+    const err = relError(got.subarray(t * c.vocabSize, (t + 1) * c.vocabSize), want[t]);
+    assert.ok(err <= 1e-4, `token ${t}: relative error ${err}`);
+  }
+});
+
+test('stories260K: greedy decoding of 100 tokens from BOS gives the same ids on GPU and reference', async () => {
+  const c = model.config as GqaConfig;
+  const ref = new ReferenceGqa(c, model.weights);
+  const table = blocks(20, 7);
+  const gpuIds: number[] = [];
+  const refIds: number[] = [];
+  let gpuTok = c.bosId;
+  let refTok = c.bosId;
+  for (let pos = 0; pos < 100; pos++) {
+    const logits = await runner.step([{ tokens: [gpuTok], startPos: pos, blockTable: table, logits: 'last' }]);
+    gpuTok = argmax(logits);
+    gpuIds.push(gpuTok);
+    refTok = argmax(ref.forward([refTok])[0]);
+    refIds.push(refTok);
+  }
+  assert.deepEqual(gpuIds, refIds);
+  assert.ok(new Set(gpuIds).size > 10, 'the story should not be one repeated token');
+});
+
+test('stories260K: a batched step (prefill chunks + decodes of 3 sequences) equals running them one by one', async () => {
+  const c = model.config as GqaConfig;
+  const V = c.vocabSize;
+  const text = model.tokenizer.encode('The cat sat on the mat. It was a sunny day and the birds were singing in the trees.');
+  const seqA = [c.bosId, ...text.slice(0, 20)];
+  const seqB = [c.bosId, ...text.slice(5, 14)];
+  const seqC = [c.bosId, ...text.slice(2, 9)];
+  // Batched: step 1 prefills A[0..17) and B[0..5); step 2 decodes A[17], prefills B[5..10) and C[0..8) (logits 'all' for C).
+  const tA = blocks(40, 2);
+  const tB = blocks(42, 1);
+  const tC = blocks(43, 1);
+  const step1 = await runner.step([
+    { tokens: seqA.slice(0, 17), startPos: 0, blockTable: tA, logits: 'last' },
+    { tokens: seqB.slice(0, 5), startPos: 0, blockTable: tB, logits: 'none' },
+  ]);
+  assert.equal(step1.length, V);
+  const step2Seqs: StepSequence[] = [
+    { tokens: seqA.slice(17, 18), startPos: 17, blockTable: tA, logits: 'last' },
+    { tokens: seqB.slice(5, 10), startPos: 5, blockTable: tB, logits: 'last' },
+    { tokens: seqC, startPos: 0, blockTable: tC, logits: 'all' },
+  ];
+  const step2 = await runner.step(step2Seqs);
+  assert.equal(step2.length, (2 + seqC.length) * V);
+
+  // One by one, each sequence alone in its own blocks.
+  const alone = async (tokens: number[], first: number) => {
+    const table = blocks(first, 2);
+    const out: Float32Array[] = [];
+    for (let p = 0; p < tokens.length; p++) out.push(await runner.step([{ tokens: [tokens[p]], startPos: p, blockTable: table, logits: 'last' }]));
+    return out;
+  };
+  const aAlone = await alone(seqA.slice(0, 18), 60);
+  const bAlone = await alone(seqB.slice(0, 10), 62);
+  const cAlone = await alone(seqC, 64);
+  const check = (got: Float32Array, want: Float32Array, what: string) => {
+    const err = relError(got, want);
+    assert.ok(err <= 1e-4, `${what}: relative error ${err} between batched and one-by-one`);
+  };
+  check(step1, aAlone[16], 'A after prefill');
+  check(step2.subarray(0, V), aAlone[17], 'A decode');
+  check(step2.subarray(V, 2 * V), bAlone[9], 'B chunk');
+  for (let t = 0; t < seqC.length; t++) check(step2.subarray((2 + t) * V, (3 + t) * V), cAlone[t], `C row ${t}`);
+  // And against the reference for the decode row.
+  const ref = new ReferenceGqa(c, model.weights).forward(seqA.slice(0, 18), { logits: 'last' })[0];
+  assert.ok(relError(step2.subarray(0, V), ref) <= 1e-4);
+});
+
+test('stories260K: f16 weights and f16 cache stay within 1e-2 of the reference', async () => {
+  const c = model.config as GqaConfig;
+  const r16 = await createGpuRunner(gpu, model, { blockSize: 16, numBlocks: 8 });
+  try {
+    const tokens = [c.bosId, ...model.tokenizer.encode('Once upon a time, there was a big red ball.')];
+    const got = await r16.step([{ tokens, startPos: 0, blockTable: [1, 0], logits: 'all' }]);
+    const want = new ReferenceGqa(c, model.weights).forward(tokens);
+    for (let t = 0; t < tokens.length; t++) {
+      const err = relError(got.subarray(t * c.vocabSize, (t + 1) * c.vocabSize), want[t]);
+      assert.ok(err <= 1e-2, `token ${t}: relative error ${err}`);
+    }
+  } finally {
+    r16.destroy();
+  }
+});
+
+test('runner rejects bad steps with readable errors and MLA configs until the MLA block plugs in', async () => {
+  await assert.rejects(runner.step([{ tokens: [600], startPos: 0, blockTable: [0], logits: 'last' }]), /outside the vocabulary of 512/);
+  await assert.rejects(runner.step([{ tokens: [1, 2], startPos: 15, blockTable: [0], logits: 'last' }]), /needs 2 blocks of 16/);
+  await assert.rejects(runner.step([{ tokens: [1], startPos: 0, blockTable: [500], logits: 'last' }]), /block table entry 0 is 500/);
+  const mla = { ...model.config, attention: 'mla' } as unknown as LoadedModel['config'];
+  await assert.rejects(createGpuRunner(gpu, { config: mla, weights: model.weights }), /no attention block for mla models/);
+});
