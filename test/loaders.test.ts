@@ -662,3 +662,77 @@ test('llama2.c reader: header fields and classifier sharing', () => {
   const bytes = readFileSync(BIN);
   assert.equal(weights.finalNorm.data[63], bytes.readFloatLE(bytes.length - 4 * 512 * 8 - 4));
 });
+
+test('hub download: files fetched over HTTP (HF_ENDPOINT) into blobs + snapshot links + refs, then served from the cache', async () => {
+  const { createServer } = await import('node:http');
+  const { createHash } = await import('node:crypto');
+  const { lstatSync, readlinkSync } = await import('node:fs');
+  const src = await hfLlama();
+  const commit = 'c'.repeat(40);
+  // Repo contents: an HF model directory and a llama2.c checkpoint with its tokenizer in a sub-folder.
+  const files = new Map<string, Buffer>();
+  for (const f of ['config.json', 'model.safetensors', 'tokenizer.model']) files.set(`owner/dl-model/${f}`, readFileSync(join(src, f)));
+  files.set('owner/dl-model/sub/stories260K.bin', readFileSync(BIN));
+  files.set('owner/dl-model/sub/tok512.bin', readFileSync(`${STORIES}/tok512.bin`));
+  const blobs = new Map<string, Buffer>();
+  const requests: string[] = [];
+  const server = createServer((req, res) => {
+    requests.push(req.url!);
+    const resolveMatch = /^\/(\w+\/[\w-]+)\/resolve\/main\/(.+)$/.exec(req.url!);
+    if (resolveMatch) {
+      const body = files.get(`${resolveMatch[1]}/${decodeURIComponent(resolveMatch[2])}`);
+      if (!body) {
+        res.writeHead(404, { 'x-repo-commit': commit, 'x-error-code': 'EntryNotFound' }).end('Entry not found');
+        return;
+      }
+      const sha = createHash('sha256').update(body).digest('hex');
+      blobs.set(sha, body);
+      // Like the hub: a redirect carrying the commit and the content hash, then the bytes from the "CDN".
+      res.writeHead(302, { location: `/cdn/${sha}`, 'x-repo-commit': commit, 'x-linked-etag': `"${sha}"` }).end();
+      return;
+    }
+    const cdn = /^\/cdn\/(\w+)$/.exec(req.url!);
+    if (cdn && blobs.has(cdn[1])) {
+      res.writeHead(200, { 'content-length': blobs.get(cdn[1])!.length }).end(blobs.get(cdn[1]));
+      return;
+    }
+    res.writeHead(404).end();
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const port = (server.address() as { port: number }).port;
+  const saved = { HF_HOME: process.env.HF_HOME, HF_HUB_OFFLINE: process.env.HF_HUB_OFFLINE, HF_HUB_CACHE: process.env.HF_HUB_CACHE, HF_ENDPOINT: process.env.HF_ENDPOINT };
+  const home = join(tmp, 'hf-home-download');
+  process.env.HF_HOME = home;
+  process.env.HF_ENDPOINT = `http://127.0.0.1:${port}`;
+  delete process.env.HF_HUB_OFFLINE;
+  delete process.env.HF_HUB_CACHE;
+  try {
+    const path = await resolveModelPath('owner/dl-model');
+    const snap = join(home, 'hub', 'models--owner--dl-model', 'snapshots', commit);
+    assert.equal(path, snap);
+    assert.equal(readFileSync(join(home, 'hub', 'models--owner--dl-model', 'refs', 'main'), 'utf8'), commit);
+    const link = join(snap, 'model.safetensors');
+    assert.ok(lstatSync(link).isSymbolicLink());
+    assert.match(readlinkSync(link), /^\.\.\/\.\.\/blobs\/[0-9a-f]{64}$/);
+    assert.ok(readFileSync(link).equals(files.get('owner/dl-model/model.safetensors')!));
+    const m = await loadModel('owner/dl-model');
+    assert.equal(m.format, 'hf');
+    assert.deepEqual(m.tokenizer.encode('Once upon a time'), [403, 407, 261, 378]);
+    // Cached now: no more requests.
+    const before = requests.length;
+    await resolveModelPath('owner/dl-model');
+    assert.equal(requests.length, before);
+    // A llama2.c file in a sub-folder brings its tok<vocab>.bin along.
+    const bin = await resolveModelPath('owner/dl-model/sub/stories260K.bin');
+    assert.equal(bin, join(snap, 'sub', 'stories260K.bin'));
+    assert.equal((await loadModel(bin)).tokenizer.encode('Once')[0], 403);
+    // A file the repo does not have: the HTTP status is in the message.
+    await assert.rejects(resolveModelPath('owner/dl-model/missing.gguf'), /downloading missing\.gguf got HTTP 404/);
+  } finally {
+    server.close();
+    for (const [k, v] of Object.entries(saved)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  }
+});
