@@ -28,10 +28,10 @@ export interface RequestOutcome {
   ttftS: number;
   /** Send → last chunk (the usage chunk when it comes last). */
   e2elS: number;
-  /** Gaps between successive chunks with non-empty choices. */
+  /** Gaps between successive chunks with content: from the first chunk with choices, then chunks with non-empty text. */
   itlS: number[];
   sentAtS: number;
-  /** Arrival of each chunk with choices, for throughput over time. */
+  /** Arrival of the first chunk and of each later chunk with text, for throughput over time. */
   contentTimesS: number[];
   generatedText: string;
 }
@@ -134,12 +134,18 @@ export async function sendCompletion(spec: CompletionSpec, epochMs: number): Pro
         lastChunkMs = nowMs;
         const choices = chunk.choices;
         if (Array.isArray(choices) && choices.length > 0) {
-          if (firstContentMs === undefined) firstContentMs = nowMs;
-          else outcome.itlS.push((nowMs - lastContentMs) / 1000);
-          lastContentMs = nowMs;
-          outcome.contentTimesS.push((nowMs - epochMs) / 1000);
-          const first = choices[0];
-          if (isObject(first) && typeof first.text === 'string') outcome.generatedText += first.text;
+          const text = choices.map((c) => (isObject(c) && typeof c.text === 'string' ? c.text : '')).join('');
+          if (firstContentMs === undefined) {
+            firstContentMs = nowMs;
+            lastContentMs = nowMs;
+            outcome.contentTimesS.push((nowMs - epochMs) / 1000);
+          } else if (text !== '') {
+            // A chunk that only carries finish_reason (empty text) is no token: counting it would add a ~0 ms gap.
+            outcome.itlS.push((nowMs - lastContentMs) / 1000);
+            lastContentMs = nowMs;
+            outcome.contentTimesS.push((nowMs - epochMs) / 1000);
+          }
+          outcome.generatedText += text;
         }
         const usage = chunk.usage;
         if (isObject(usage)) {

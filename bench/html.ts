@@ -135,7 +135,7 @@ tbody th { text-align: left; font-weight: normal; }
 <body>
 <h1>mla-serve bench: ${escapeXml(models.join(' vs '))}</h1>
 <p>${escapeXml(report.date)} · ${escapeXml(setup)}</p>
-<p class="note">TTFT: send → first chunk with choices. ITL: gaps between chunks with choices. E2EL: send → last chunk. TPOT: (E2EL − TTFT) / (output tokens − 1), output tokens from usage.completion_tokens. Ratio columns: later model / first model.</p>
+<p class="note">TTFT: send → first chunk with choices. ITL: gaps between successive chunks with content (a finish-only chunk with empty text is no token and makes no gap). E2EL: send → last chunk (the usage chunk). TPOT: (E2EL − TTFT) / (output tokens − 1), output tokens from usage.completion_tokens. Ratio columns: later model / first model.</p>
 ${sweepCharts(report)}
 ${sections.join('\n')}
 </body>

@@ -22,6 +22,8 @@ export interface FakeOptions {
   vocabSize?: number;
   /** Whether GET /v1/models lists vocab_size (default true); false makes the bench probe /detokenize. */
   reportVocabSize?: boolean;
+  /** finish_reason on the last token's chunk (vLLM) or on an extra empty-text chunk after it (mla-serve). */
+  finishChunk?: 'with-last-token' | 'separate';
   /** Whether POST /tokenize exists (default true). */
   serveTokenize?: boolean;
 }
@@ -168,14 +170,10 @@ export async function startFakeUpstream(opts: FakeOptions): Promise<FakeUpstream
     const n = opts.outputTokens?.(body.max_tokens) ?? body.max_tokens;
     const promptTokens = Array.isArray(body.prompt) ? body.prompt.length : String(body.prompt).split(/\s+/).length;
     const id = `cmpl-fake-${index}`;
-    const chunk = (k: number): string =>
-      `data: ${JSON.stringify({
-        id,
-        object: 'text_completion',
-        created: 0,
-        model,
-        choices: [{ index: 0, text: ` t${k}`, logprobs: null, finish_reason: k === n - 1 ? 'length' : null }],
-      })}\n\n`;
+    const separateFinish = opts.finishChunk === 'separate';
+    const sse = (text: string, finish: string | null): string =>
+      `data: ${JSON.stringify({ id, object: 'text_completion', created: 0, model, choices: [{ index: 0, text, logprobs: null, finish_reason: finish }] })}\n\n`;
+    const chunk = (k: number): string => sse(` t${k}`, k === n - 1 && !separateFinish ? 'length' : null) + (k === n - 1 && separateFinish ? sse('', 'length') : '');
     for (let k = 0; k < n; k++) {
       at(arrivedMs + opts.firstChunkMs + k * opts.chunkGapMs, () => {
         if (res.destroyed) return;
