@@ -1,0 +1,438 @@
+// Absorbed MLA attention over the paged latent cache, split-K (flash-decoding): partial softmax per (row, chunk), then a merge.
+//
+// Inputs per step row r and head h: qLatent[r, h, 0..R+r) = scale · [q̃_h | RoPE(q_pe,h)] (from the absorption),
+// the cache rows [c | RoPE(k_pe)] of the row's sequence at positions 0..pos (written earlier in the same pass).
+// score_hj = qLatent[r, h] · row_j; ô_h = Σ_j softmax(score)_hj c_j. Output ô[r, h, 0..R).
+//
+// One workgroup takes (chunk of context, head split, row) with ALL heads of the row together (head splits only
+// past 32 heads), so each latent row is fetched from memory once per workgroup and used by every head. Inside,
+// it walks the chunk in tiles of T tokens:
+//   scores:  thread = (head group, b tokens); each keeps A·b accumulators over the whole 576-wide dot product;
+//            latent values come straight from the cache into registers, the query is a warp-uniform load;
+//   softmax: online, per head, over the tile (max/sum through workgroup memory), rescale factor α per head;
+//   ô:       thread = (latent pair, heads), heads × 2 accumulators in registers, P[j][h] broadcast as vec4.
+// The merge pass combines the chunks' (max, sum, ô) into ô per head.
+// Workgroup memory: P (T × heads f32) + row indices + reductions: ~31 KiB at 28 heads, T = 256.
+import type { GpuContext } from './device.ts';
+import type { PagedRows } from './kv-write.ts';
+import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
+import { bindBuffers, storageBuffer } from './tensors.ts';
+
+export interface MlaAttentionShape {
+  nHeads: number;
+  kvLoraRank: number;
+  qkRopeHeadDim: number;
+}
+
+export interface MlaAttentionTuning {
+  /** Threads per workgroup. */
+  workgroupSize: number;
+  /** Tokens each thread scores per tile (tile = workgroupSize / headGroups · tokensPerThread). */
+  tokensPerThread: number;
+  /** Most heads one thread scores (more heads → more head groups). */
+  maxHeadsPerThread: number;
+  /** Most heads one workgroup holds; past it the heads split over workgroups. */
+  maxHeadsPerWorkgroup: number;
+}
+
+export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
+  workgroupSize: 256,
+  tokensPerThread: 2,
+  maxHeadsPerThread: 16,
+  maxHeadsPerWorkgroup: 32,
+};
+
+const MERGE_WG = 64;
+const NEG_BIG = '-3.0e38';
+
+/** How a shape and tuning map onto threads; exported for the benchmark's report and for tests' coverage checks. */
+export interface MlaAttentionPlan {
+  /** Workgroups per row along heads, and heads in each. */
+  headSplits: number;
+  headsPerWorkgroup: number;
+  /** Score phase: head groups, heads per group, threads per group, tokens per tile. */
+  scoreGroups: number;
+  headsPerScoreThread: number;
+  threadsPerScoreGroup: number;
+  tileTokens: number;
+  /** ô phase: head groups, heads per thread (multiple of 4), latent pairs per thread. */
+  outGroups: number;
+  headsPerOutThread: number;
+  pairsPerThread: number;
+  /** Heads per P row (P is [tile token][head]). */
+  pStride: number;
+  /** Row values and whether rows load as 8-value groups (row length a multiple of 8). */
+  rowValues: number;
+  aligned: boolean;
+  workgroupBytes: number;
+}
+
+export function planMlaAttention(shape: MlaAttentionShape, tuning: MlaAttentionTuning): MlaAttentionPlan {
+  const { nHeads, kvLoraRank: R, qkRopeHeadDim: r } = shape;
+  const WG = tuning.workgroupSize;
+  if (R % 2 !== 0 || r % 2 !== 0) throw new Error(`MLA attention reads values in pairs; kv_lora_rank ${R} and rope dim ${r} must be even`);
+  const headSplits = Math.ceil(nHeads / tuning.maxHeadsPerWorkgroup);
+  const HW = Math.ceil(nHeads / headSplits);
+  const scoreGroups = Math.ceil(HW / tuning.maxHeadsPerThread);
+  const headsPerScoreThread = Math.ceil(HW / scoreGroups);
+  if (WG < HW || WG < scoreGroups) throw new Error(`MLA attention: a workgroup of ${WG} threads cannot hold ${HW} heads; raise workgroupSize`);
+  const threadsPerScoreGroup = Math.floor(WG / scoreGroups);
+  const tileTokens = threadsPerScoreGroup * tuning.tokensPerThread;
+  const pairs = R / 2;
+  const outGroups = pairs >= WG ? 1 : Math.max(1, Math.min(Math.floor(WG / pairs), Math.ceil(HW / 4)));
+  const headsPerOutThread = Math.ceil(Math.ceil(HW / outGroups) / 4) * 4;
+  const pairsPerThread = Math.ceil(pairs / Math.floor(WG / outGroups));
+  const pStride = outGroups * headsPerOutThread;
+  const rowValues = R + r;
+  const parts = Math.floor(WG / HW);
+  const workgroupBytes = 4 * (tileTokens * pStride + tileTokens + 2 * HW * parts + 3 * HW + 4);
+  return {
+    headSplits,
+    headsPerWorkgroup: HW,
+    scoreGroups,
+    headsPerScoreThread,
+    threadsPerScoreGroup,
+    tileTokens,
+    outGroups,
+    headsPerOutThread,
+    pairsPerThread,
+    pStride,
+    rowValues,
+    aligned: rowValues % 8 === 0,
+    workgroupBytes,
+  };
+}
+
+function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTuning, p: MlaAttentionPlan): string {
+  const WG = t.workgroupSize;
+  const nH = s.nHeads;
+  const R = s.kvLoraRank;
+  const RV = p.rowValues;
+  const HW = p.headsPerWorkgroup;
+  const T = p.tileTokens;
+  const A = p.headsPerScoreThread;
+  const B = t.tokensPerThread;
+  const TPG = p.threadsPerScoreGroup;
+  const Av = p.headsPerOutThread;
+  const PPT = p.pairsPerThread;
+  const HP = p.pStride;
+  const parts = Math.floor(WG / HW);
+  const f16 = layout.dtype === 'f16';
+  const as = [...Array(A).keys()];
+  const bs = [...Array(B).keys()];
+  const avs = [...Array(Av).keys()];
+  const a4s = [...Array(Av / 4).keys()];
+  const ps = [...Array(PPT).keys()];
+  const pairsPerGroup = Math.floor(WG / p.outGroups);
+
+  // Score view of the cache: 8-value groups when rows allow, else pairs.
+  const scoreCacheDecl = p.aligned
+    ? `array<${f16 ? 'vec4<u32>' : 'vec4<f32>'}>`
+    : `array<${f16 ? 'u32' : 'vec2<f32>'}>`;
+  const groupsPerRow = p.aligned ? RV / 8 : RV / 2;
+  const loadGroup = (i: number) =>
+    p.aligned
+      ? f16
+        ? `let w${i} = cacheS[rb${i} + g];
+      let ca${i} = vec4<f32>(unpack2x16float(w${i}.x), unpack2x16float(w${i}.y));
+      let cb${i} = vec4<f32>(unpack2x16float(w${i}.z), unpack2x16float(w${i}.w));`
+        : `let ca${i} = cacheS[rb${i} + 2u * g];
+      let cb${i} = cacheS[rb${i} + 2u * g + 1u];`
+      : f16
+        ? `let cp${i} = unpack2x16float(cacheS[rb${i} + g]);`
+        : `let cp${i} = cacheS[rb${i} + g];`;
+  const rowBase = (row: string) => (p.aligned ? (f16 ? `${row} * ${RV / 8}u` : `${row} * ${RV / 4}u`) : `${row} * ${RV / 2}u`);
+  const scoreFma = (a: number, i: number) =>
+    p.aligned
+      ? `s${a}_${i} += dot(q${a}a, ca${i}) + dot(q${a}b, cb${i});`
+      : `s${a}_${i} += dot(q${a}, cp${i});`;
+  const loadQ = (a: number) =>
+    p.aligned
+      ? `let q${a}a = qLatent[qb${a} + 2u * g];
+      let q${a}b = qLatent[qb${a} + 2u * g + 1u];`
+      : `let q${a} = qLatent[qb${a} + g];`;
+  const qUnit = p.aligned ? 4 : 2;
+
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> qLatent: array<vec${qUnit}<f32>>;
+@group(0) @binding(2) var<storage, read> cacheS: ${scoreCacheDecl};
+@group(0) @binding(3) var<storage, read> cacheP: array<${f16 ? 'u32' : 'vec2<f32>'}>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+${cacheRowWgsl(layout.blockSize)}
+var<workgroup> P: array<vec4<f32>, ${(T * HP) / 4}>;
+var<workgroup> tileRows: array<u32, ${T}>;
+var<workgroup> redMax: array<f32, ${HW * parts}>;
+var<workgroup> redSum: array<f32, ${HW * parts}>;
+var<workgroup> mRun: array<f32, ${HW}>;
+var<workgroup> lRun: array<f32, ${HW}>;
+var<workgroup> alpha: array<f32, ${HW}>;
+var<workgroup> bounds: vec2<u32>;
+
+fn setP(j: u32, h: u32, v: f32) {
+  let i = j * ${HP}u + h;
+  P[i / 4u][i % 4u] = v;
+}
+fn getP(j: u32, h: u32) -> f32 {
+  let i = j * ${HP}u + h;
+  return P[i / 4u][i % 4u];
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let c = wid.x;
+  let hBase = wid.y * ${HW}u;
+  let r = wid.z;
+  let chunk = stepMeta[${META_CHUNK}];
+  if (lid == 0u) {
+    let ctx = rowPos(r) + 1u;
+    let start = c * chunk;
+    bounds = vec2<u32>(start, select(start, min(start + chunk, ctx), start < ctx));
+  }
+  let bnd = workgroupUniformLoad(&bounds);
+  if (bnd.y <= bnd.x) { return; }
+  let bt = seqBlockTable(rowSeq(r));
+  if (lid < ${HW}u) {
+    mRun[lid] = ${NEG_BIG};
+    lRun[lid] = 0.0;
+  }
+
+  // Score-phase roles: head group sg, token slot tt.
+  let sg = lid / ${TPG}u;
+  let tt = lid % ${TPG}u;
+  let scoring = sg < ${p.scoreGroups}u;
+  ${as.map((a) => `let hs${a} = min(sg * ${A}u + ${a}u, ${HW - 1}u);`).join('\n  ')}
+  ${as.map((a) => `let qb${a} = ((r * ${nH}u + min(hBase + hs${a}, ${nH - 1}u)) * ${RV}u) / ${qUnit}u;`).join('\n  ')}
+  // Softmax roles: head hm, part pm.
+  let hm = lid / ${parts}u;
+  let pm = lid % ${parts}u;
+  // Output roles: head group og (heads og·Av ..), latent pairs pp.
+  let og = lid / ${pairsPerGroup}u;
+  let pl = lid % ${pairsPerGroup}u;
+  let outActive = og < ${p.outGroups}u;
+  let hv0 = min(og, ${p.outGroups - 1}u) * ${Av}u;
+  ${ps.map((i) => `let pp${i} = pl + ${i * pairsPerGroup}u;`).join('\n  ')}
+  ${ps.map((i) => avs.map((a) => `var o${i}_${a} = vec2<f32>(0.0);`).join(' ')).join('\n  ')}
+
+  for (var t0 = bnd.x; t0 < bnd.y; t0 += ${T}u) {
+    let n = min(${T}u, bnd.y - t0);
+    for (var j = lid; j < n; j += ${WG}u) { tileRows[j] = cacheRow(bt, t0 + j); }
+    workgroupBarrier();
+
+    // Scores of this thread's tokens for its heads (whole dot product in registers).
+    if (scoring) {
+      ${bs.map((i) => `let j${i} = tt + ${i * TPG}u;`).join('\n      ')}
+      ${bs.map((i) => `let rb${i} = ${rowBase(`tileRows[min(j${i}, n - 1u)]`)};`).join('\n      ')}
+      ${as.map((a) => bs.map((i) => `var s${a}_${i} = 0.0;`).join(' ')).join('\n      ')}
+      for (var g = 0u; g < ${groupsPerRow}u; g++) {
+        ${bs.map(loadGroup).join('\n        ')}
+        ${as.map((a) => `${loadQ(a)}\n        ${bs.map((i) => scoreFma(a, i)).join(' ')}`).join('\n        ')}
+      }
+      ${bs
+        .map(
+          (i) => `if (j${i} < n) {
+        ${as.map((a) => `if (sg * ${A}u + ${a}u < ${HW}u) { setP(j${i}, sg * ${A}u + ${a}u, s${a}_${i}); }`).join('\n        ')}
+      }`,
+        )
+        .join('\n      ')}
+    }
+    workgroupBarrier();
+
+    // Online softmax over the tile, per head.
+    var mNew = ${NEG_BIG};
+    if (hm < ${HW}u) {
+      var mx = ${NEG_BIG};
+      for (var j = pm; j < n; j += ${parts}u) { mx = max(mx, getP(j, hm)); }
+      redMax[hm * ${parts}u + pm] = mx;
+    }
+    workgroupBarrier();
+    if (hm < ${HW}u) {
+      var tmax = ${NEG_BIG};
+      for (var q = 0u; q < ${parts}u; q++) { tmax = max(tmax, redMax[hm * ${parts}u + q]); }
+      mNew = max(mRun[hm], tmax);
+      var sum = 0.0;
+      for (var j = pm; j < n; j += ${parts}u) {
+        let e = exp(getP(j, hm) - mNew);
+        setP(j, hm, e);
+        sum += e;
+      }
+      redSum[hm * ${parts}u + pm] = sum;
+    }
+    workgroupBarrier();
+    if (hm < ${HW}u && pm == 0u) {
+      var tsum = 0.0;
+      for (var q = 0u; q < ${parts}u; q++) { tsum += redSum[hm * ${parts}u + q]; }
+      let a = exp(mRun[hm] - mNew);
+      alpha[hm] = a;
+      lRun[hm] = lRun[hm] * a + tsum;
+      mRun[hm] = mNew;
+    }
+    workgroupBarrier();
+
+    // ô += P · c over the tile: this thread's latent pairs for its heads.
+    if (outActive) {
+      ${avs.map((a) => `let al${a} = alpha[min(hv0 + ${a}u, ${HW - 1}u)];`).join('\n      ')}
+      ${ps.map((i) => avs.map((a) => `o${i}_${a} *= al${a};`).join(' ')).join('\n      ')}
+      for (var j = 0u; j < n; j++) {
+        let cw = tileRows[j] * ${RV / 2}u;
+        ${ps.map((i) => `let c${i} = ${f16 ? `unpack2x16float(cacheP[cw + min(pp${i}, ${R / 2 - 1}u)])` : `cacheP[cw + min(pp${i}, ${R / 2 - 1}u)]`};`).join('\n        ')}
+        let pb = (j * ${HP}u + hv0) / 4u;
+        ${a4s
+          .map(
+            (q) => `{
+          let pv = P[pb + ${q}u];
+          ${ps.map((i) => [0, 1, 2, 3].map((e) => `o${i}_${4 * q + e} += pv[${e}] * c${i};`).join(' ')).join('\n          ')}
+        }`,
+          )
+          .join('\n        ')}
+      }
+    }
+    workgroupBarrier();
+  }
+
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  if (outActive) {
+    ${ps
+      .map((i) =>
+        avs
+          .map(
+            (a) => `if (hv0 + ${a}u < ${HW}u && hBase + hv0 + ${a}u < ${nH}u && pp${i} < ${R / 2}u) {
+      let base = ((r * ${nH}u + hBase + hv0 + ${a}u) * maxChunks + c) * ${R + 2}u + 2u + 2u * pp${i};
+      partials[base] = o${i}_${a}.x;
+      partials[base + 1u] = o${i}_${a}.y;
+    }`,
+          )
+          .join('\n    '),
+      )
+      .join('\n    ')}
+  }
+  if (lid < ${HW}u && hBase + lid < ${nH}u) {
+    let base = ((r * ${nH}u + hBase + lid) * maxChunks + c) * ${R + 2}u;
+    partials[base] = mRun[lid];
+    partials[base + 1u] = lRun[lid];
+  }
+}`;
+}
+
+function mergeWgsl(s: MlaAttentionShape, outStride: number): string {
+  const R = s.kvLoraRank;
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> partials: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(${MERGE_WG})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let h = wid.x;
+  let r = wid.y;
+  let chunk = stepMeta[${META_CHUNK}];
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  let nc = (rowPos(r) + chunk) / chunk;
+  let base0 = (r * ${s.nHeads}u + h) * maxChunks * ${R + 2}u;
+  var m = ${NEG_BIG};
+  for (var c = 0u; c < nc; c++) { m = max(m, partials[base0 + c * ${R + 2}u]); }
+  var l = 0.0;
+  for (var c = 0u; c < nc; c++) {
+    let b = base0 + c * ${R + 2}u;
+    l += exp(partials[b] - m) * partials[b + 1u];
+  }
+  let inv = 1.0 / l;
+  for (var d = lid; d < ${R}u; d += ${MERGE_WG}u) {
+    var o = 0.0;
+    for (var c = 0u; c < nc; c++) {
+      let b = base0 + c * ${R + 2}u;
+      o += exp(partials[b] - m) * partials[b + 2u + d];
+    }
+    out[r * ${outStride}u + h * ${R}u + d] = o * inv;
+  }
+}`;
+}
+
+/** Context tokens per split for the MLA kernel: about `targetWorkgroups` workgroups, at least one tile, a power of two. */
+export function mlaChunkSize(sumCtx: number, plan: MlaAttentionPlan, targetWorkgroups = 528, maxChunk = 1 << 16): number {
+  const want = Math.ceil((sumCtx * plan.headSplits) / targetWorkgroups);
+  let c = 16;
+  while (c < plan.tileTokens) c *= 2;
+  while (c < want && c < maxChunk) c *= 2;
+  return c;
+}
+
+/**
+ * Absorbed attention of every step row over one layer's latent cache. Reads qLatent[r, h, 0..R+r) (already scaled,
+ * q_pe roped), the cache (rows [c | k_pe]), writes ô to out[r, h·R .. (h+1)·R) (row stride outStride).
+ */
+export class MlaAttention {
+  readonly plan: MlaAttentionPlan;
+  readonly tuning: MlaAttentionTuning;
+  private partialPipe: GPUComputePipeline;
+  private mergePipe: GPUComputePipeline;
+  private partials: GPUBuffer | undefined;
+  private partialGroups: GPUBindGroup[] = [];
+  private mergeGroup: GPUBindGroup | undefined;
+  private capacity = 0;
+
+  constructor(
+    private gpu: GpuContext,
+    readonly shape: MlaAttentionShape,
+    layout: PagedRows,
+    private b: { meta: GPUBuffer; qLatent: GPUBuffer; out: GPUBuffer; outStride: number; layerCaches: GPUBuffer[] },
+    tuning: Partial<MlaAttentionTuning> = {},
+  ) {
+    this.tuning = { ...DEFAULT_MLA_TUNING, ...tuning };
+    const R = shape.kvLoraRank;
+    if (layout.rowValues !== R + shape.qkRopeHeadDim) {
+      throw new Error(`MLA cache rows hold ${layout.rowValues} values; kv_lora_rank ${R} + rope dim ${shape.qkRopeHeadDim} expected`);
+    }
+    if (b.outStride < shape.nHeads * R) throw new Error(`MLA attention output stride ${b.outStride} < ${shape.nHeads} heads × ${R}`);
+    this.plan = planMlaAttention(shape, this.tuning);
+    const limit = gpu.limits.maxComputeWorkgroupStorageSize;
+    if (this.plan.workgroupBytes > limit) {
+      throw new Error(
+        `MLA attention needs ${this.plan.workgroupBytes} B of workgroup memory (tile of ${this.plan.tileTokens} tokens × ${this.plan.pStride} heads), ` +
+          `the device allows ${limit} B; lower tokensPerThread or workgroupSize`,
+      );
+    }
+    if (this.tuning.workgroupSize > gpu.limits.maxComputeInvocationsPerWorkgroup) {
+      throw new Error(`MLA attention workgroup of ${this.tuning.workgroupSize} threads exceeds the device's ${gpu.limits.maxComputeInvocationsPerWorkgroup}`);
+    }
+    const key = `${layout.dtype} ${shape.nHeads}h ${R}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${JSON.stringify(this.tuning)}`;
+    this.partialPipe = gpu.pipeline(`mla-attention partial ${key}`, partialWgsl(shape, layout, this.tuning, this.plan));
+    this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, mergeWgsl(shape, b.outStride));
+  }
+
+  /** Context tokens per split this kernel wants for a step whose rows' contexts sum to sumCtx. */
+  chunkSizeFor(sumCtx: number, targetWorkgroups?: number): number {
+    return mlaChunkSize(sumCtx, this.plan, targetWorkgroups);
+  }
+
+  /** Makes room for a step's partial results (call before encoding the step; grows, never shrinks). */
+  prepare(rows: number, maxChunks: number): void {
+    const need = rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2);
+    if (this.partials && need <= this.capacity) return;
+    this.partials?.destroy();
+    this.capacity = Math.max(need, Math.ceil(this.capacity * 1.5));
+    this.partials = storageBuffer(this.gpu, 'mla attention partials', this.capacity * 4);
+    const { meta, qLatent, out, layerCaches } = this.b;
+    this.partialGroups = layerCaches.map((cache, l) =>
+      bindBuffers(this.gpu, this.partialPipe, `mla attention partial layer ${l}`, [meta, qLatent, cache, cache, this.partials!]),
+    );
+    this.mergeGroup = bindBuffers(this.gpu, this.mergePipe, 'mla attention merge', [meta, this.partials, out]);
+  }
+
+  encode(pass: GPUComputePassEncoder, layer: number, rows: number, maxChunks: number): void {
+    if (!this.partials || rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2) > this.capacity) {
+      throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
+    }
+    if (rows <= 0) return;
+    pass.setPipeline(this.partialPipe);
+    pass.setBindGroup(0, this.partialGroups[layer]);
+    pass.dispatchWorkgroups(maxChunks, this.plan.headSplits, rows);
+    pass.setPipeline(this.mergePipe);
+    pass.setBindGroup(0, this.mergeGroup!);
+    pass.dispatchWorkgroups(this.shape.nHeads, rows);
+  }
+
+  destroy(): void {
+    this.partials?.destroy();
+  }
+}

@@ -1,0 +1,135 @@
+// Per-head batched matmul of MLA: y[row, h, n] = scale · Σ_k W_h[k, n] · x[row, h, k] — the absorption q̃ = W_UKᵀ q_nope and ô → W_UV.
+//
+// The per-head weights are stored k-major (W_h[k][n], a GpuMatrix [nHeads·K, N]) so that the threads of a
+// workgroup, one output pair each, read consecutive words for every k while x[row, h, k] is the same address for
+// all of them (a broadcast). Optional pass-through columns copy x's values after the K inputs of each head into
+// y after the N outputs (scaled): the absorption uses them to place scale · q_pe next to scale · q̃.
+import type { GpuContext } from './device.ts';
+import { META_ROWS, metaWgsl } from './step-meta.ts';
+import { bindBuffers, uploadMatrix, wgslF32, type GpuMatrix, type WeightDtype } from './tensors.ts';
+
+const WG = 64;
+const MAX_ROWS_PER_THREAD = 8;
+
+export interface HeadMatmulSpec {
+  nHeads: number;
+  /** Inputs per head. */
+  K: number;
+  /** Outputs per head. */
+  N: number;
+  /** Input row stride, offset of head 0's inputs, distance between heads' inputs (values). */
+  xStride: number;
+  xOffset: number;
+  xHeadStride: number;
+  /** Output row stride, offset of head 0's outputs, distance between heads' outputs (values). */
+  yStride: number;
+  yOffset: number;
+  yHeadStride: number;
+  /** Multiplies every output (and the pass-through copies). */
+  scale: number;
+  /** y[row, h, N + i] = scale · x[row, h, K + i] for i < passCols. */
+  passCols?: number;
+}
+
+/**
+ * Uploads per-head matrices W_h[k][n] (k < K, n < N) as one k-major GpuMatrix [nHeads·K, N].
+ * `value(h, k, n)` reads the checkpoint's element.
+ */
+export function uploadHeadMatrices(
+  gpu: GpuContext,
+  label: string,
+  nHeads: number,
+  K: number,
+  N: number,
+  dtype: WeightDtype,
+  value: (h: number, k: number, n: number) => number,
+): GpuMatrix {
+  const data = new Float32Array(nHeads * K * N);
+  for (let h = 0; h < nHeads; h++) {
+    for (let k = 0; k < K; k++) {
+      const base = (h * K + k) * N;
+      for (let n = 0; n < N; n++) data[base + n] = value(h, k, n);
+    }
+  }
+  const m = uploadMatrix(gpu, label, data, nHeads * K, N, dtype);
+  if (m.pieces.length !== 1) {
+    throw new Error(`${label}: per-head matrices of ${m.bytes} B exceed one storage binding (${gpu.limits.maxStorageBufferBindingSize} B)`);
+  }
+  return m;
+}
+
+function headMatmulWgsl(s: HeadMatmulSpec, w: GpuMatrix, mr: number): string {
+  const f16 = w.dtype === 'f16';
+  const NP = Math.ceil(s.N / 2);
+  const pass = s.passCols ?? 0;
+  const ms = [...Array(mr).keys()];
+  const wRow = w.stride / 2; // words (f16) or pairs (f32) per k
+  const loadW = f16 ? `unpack2x16float(w[(h * ${s.K}u + k) * ${wRow}u + p])` : `w[(h * ${s.K}u + k) * ${wRow}u + p]`;
+  const sc = wgslF32(s.scale);
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<${f16 ? 'u32' : 'vec2<f32>'}>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let M = stepMeta[${META_ROWS}];
+  let p = wid.x * ${WG}u + lid;
+  let h = wid.y;
+  let row0 = wid.z * ${mr}u;
+  let mLast = max(M, 1u) - 1u;
+  ${ms.map((m) => `let xb${m} = min(row0 + ${m}u, mLast) * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u;`).join('\n  ')}
+  ${ms.map((m) => `let yb${m} = (row0 + ${m}u) * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u;`).join('\n  ')}
+  if (p < ${NP}u) {
+    ${ms.map((m) => `var acc${m} = vec2<f32>(0.0);`).join('\n    ')}
+    for (var k = 0u; k < ${s.K}u; k++) {
+      let wk = ${loadW};
+      ${ms.map((m) => `acc${m} += x[xb${m} + k] * wk;`).join('\n      ')}
+    }
+    ${ms
+      .map(
+        (m) => `if (row0 + ${m}u < M) {
+      y[yb${m} + 2u * p] = acc${m}.x * ${sc};
+      ${s.N % 2 === 1 ? `if (2u * p + 1u < ${s.N}u) { y[yb${m} + 2u * p + 1u] = acc${m}.y * ${sc}; }` : `y[yb${m} + 2u * p + 1u] = acc${m}.y * ${sc};`}
+    }`,
+      )
+      .join('\n    ')}
+  } else if (p < ${NP + pass}u) {
+    let i = p - ${NP}u;
+    ${ms.map((m) => `if (row0 + ${m}u < M) { y[yb${m} + ${s.N}u + i] = x[xb${m} + ${s.K}u + i] * ${sc}; }`).join('\n    ')}
+  }
+}`;
+}
+
+/** One per-head matmul site: weights and bindings fixed, rows chosen per dispatch (read from stepMeta's row count). */
+export class HeadMatmul {
+  private variants = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
+
+  constructor(
+    private gpu: GpuContext,
+    readonly spec: HeadMatmulSpec,
+    readonly weight: GpuMatrix,
+    private b: { meta: GPUBuffer; x: GPUBuffer; y: GPUBuffer },
+  ) {
+    if (weight.rows !== spec.nHeads * spec.K || weight.cols !== spec.N) {
+      throw new Error(`${weight.label}: per-head weights are [${weight.rows}, ${weight.cols}], expected [${spec.nHeads}·${spec.K}, ${spec.N}]`);
+    }
+  }
+
+  encode(pass: GPUComputePassEncoder, rows: number): void {
+    if (rows <= 0) return;
+    let mr = 1;
+    while (mr < rows && mr < MAX_ROWS_PER_THREAD) mr *= 2;
+    let v = this.variants.get(mr);
+    if (!v) {
+      const pipeline = this.gpu.pipeline(`mla head-matmul ${this.weight.label} mr${mr}`, headMatmulWgsl(this.spec, this.weight, mr));
+      v = { pipeline, bindGroup: bindBuffers(this.gpu, pipeline, this.weight.label, [this.b.meta, this.b.x, this.weight.pieces[0].buffer, this.b.y]) };
+      this.variants.set(mr, v);
+    }
+    pass.setPipeline(v.pipeline);
+    pass.setBindGroup(0, v.bindGroup);
+    const threads = Math.ceil(this.spec.N / 2) + (this.spec.passCols ?? 0);
+    pass.dispatchWorkgroups(Math.ceil(threads / WG), this.spec.nHeads, Math.ceil(rows / mr));
+  }
+}
