@@ -11,6 +11,8 @@ export interface MatmulTuning {
   gemvRowsPerWorkgroup: number;
   /** Reduce with subgroupAdd when the device has subgroups (else a workgroup-memory tree). */
   useSubgroups: boolean;
+  /** Weight words (8 values each) a GEMV thread loads before using them: more loads in flight per thread. */
+  gemvUnroll: number;
 }
 
 export function defaultMatmulTuning(gpu: GpuContext, cols: number): MatmulTuning {
@@ -20,6 +22,7 @@ export function defaultMatmulTuning(gpu: GpuContext, cols: number): MatmulTuning
     gemvThreadsPerRow: tpr,
     gemvRowsPerWorkgroup: 256 / tpr,
     useSubgroups: gpu.features.has('subgroups'),
+    gemvUnroll: 2,
   };
 }
 
@@ -35,6 +38,7 @@ interface GemvParams {
   mr: number;
   tpr: number;
   rpw: number;
+  unroll: number;
   rowsSlot: number;
   bias: boolean;
   accumulate: boolean;
@@ -51,12 +55,15 @@ export function gemvWgsl(p: GemvParams): string {
   const f16 = p.dtype === 'f16';
   const wDecl = f16 ? 'array<vec4<u32>>' : 'array<vec4<f32>>';
   const wRowVec4 = f16 ? p.stride / 8 : p.stride / 4;
-  const loadW = f16
-    ? `let wv = w[wBase + c];
-    let wa = vec4<f32>(unpack2x16float(wv.x), unpack2x16float(wv.y));
-    let wb = vec4<f32>(unpack2x16float(wv.z), unpack2x16float(wv.w));`
-    : `let wa = w[wBase + 2u * c];
-    let wb = w[wBase + 2u * c + 1u];`;
+  // Word u of an unrolled iteration: raw loads first (all in flight), then unpack and multiply.
+  const rawW = (u: number, c: string) => (f16 ? `let wv${u} = w[wBase + ${c}];` : `let wa${u} = w[wBase + 2u * (${c})];\n    let wb${u} = w[wBase + 2u * (${c}) + 1u];`);
+  const useW = (u: number, c: string) =>
+    (f16
+      ? `let wa${u} = vec4<f32>(unpack2x16float(wv${u}.x), unpack2x16float(wv${u}.y));
+    let wb${u} = vec4<f32>(unpack2x16float(wv${u}.z), unpack2x16float(wv${u}.w));\n    `
+      : '') + ms.map((m) => `acc${m} += dot(wa${u}, x[xb${m} + 2u * (${c})]) + dot(wb${u}, x[xb${m} + 2u * (${c}) + 1u]);`).join('\n    ');
+  const us = [...Array(p.unroll).keys()];
+  const cOf = (u: number) => (u === 0 ? 'c' : `c + ${u * p.tpr}u`);
   const tailW = f16 ? `unpack2x16float(w[wBase + k / 8u][(k % 8u) / 2u])[k % 2u]` : `w[wBase + k / 4u][k % 4u]`;
   const slots = Math.max(1, p.tpr / p.sgMin);
   const bindings = [
@@ -110,9 +117,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let wBase = min(n, ${p.N - 1}u) * ${wRowVec4}u;
   ${ms.map((m) => `let xb${m} = min(${m}u, mLast) * ${p.xStride / 4}u;`).join('\n  ')}
   ${ms.map((m) => `var acc${m} = 0.0;`).join('\n  ')}
-  for (var c = lane; c < ${k8}u; c += ${p.tpr}u) {
-    ${loadW}
-    ${ms.map((m) => `acc${m} += dot(wa, x[xb${m} + 2u * c]) + dot(wb, x[xb${m} + 2u * c + 1u]);`).join('\n    ')}
+  var c = lane;
+  for (; c + ${(p.unroll - 1) * p.tpr}u < ${k8}u; c += ${p.unroll * p.tpr}u) {
+    ${us.map((u) => rawW(u, cOf(u))).join('\n    ')}
+    ${us.map((u) => useW(u, cOf(u))).join('\n    ')}
+  }
+  for (; c < ${k8}u; c += ${p.tpr}u) {
+    ${rawW(0, 'c')}
+    ${useW(0, 'c')}
   }
   ${
     tail > 0
@@ -315,7 +327,7 @@ export class MatmulOp {
         accumulate: !!b.accumulate,
       };
       const code = v.gemv
-        ? gemvWgsl({ ...common, mr: v.size, tpr: t.gemvThreadsPerRow, rpw: t.gemvRowsPerWorkgroup, subgroups: useSg, sgMin })
+        ? gemvWgsl({ ...common, mr: v.size, tpr: t.gemvThreadsPerRow, rpw: t.gemvRowsPerWorkgroup, unroll: t.gemvUnroll, subgroups: useSg, sgMin })
         : gemmWgsl({ ...common, bm: v.size });
       const pipeline = gpu.pipeline(`matmul ${v.key} ${w.dtype} ${w.rows}x${w.cols}`, code);
       const bufs = [b.meta, b.x, piece.buffer, b.y];

@@ -108,7 +108,8 @@ test('matmul GEMV reduction without subgroups and with other thread counts', asy
   for (const tuning of [
     { useSubgroups: false, gemvThreadsPerRow: 32, gemvRowsPerWorkgroup: 4 },
     { useSubgroups: true, gemvThreadsPerRow: 64, gemvRowsPerWorkgroup: 2 },
-    { useSubgroups: false, gemvThreadsPerRow: 8, gemvRowsPerWorkgroup: 16 },
+    { useSubgroups: false, gemvThreadsPerRow: 8, gemvRowsPerWorkgroup: 16, gemvUnroll: 4 },
+    { useSubgroups: true, gemvThreadsPerRow: 32, gemvRowsPerWorkgroup: 4, gemvUnroll: 1 },
   ]) {
     for (const [M, N, K] of [
       [1, 50, 300],
