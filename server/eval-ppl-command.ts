@@ -1,0 +1,201 @@
+// `mla-serve eval-ppl`: nats/token and perplexity of a model over a text file (BOS-prefixed paragraph chunks), batched runner steps.
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import cliProgress from 'cli-progress';
+import { PerplexityAccumulator, textChunks } from '../engine/perplexity.ts';
+import type { ModelRunner, StepSequence } from '../engine/types.ts';
+import { dtypeOption, intOption, loadLocalModel, openLocalRunner, UsageError, type CacheDtype, type WeightDtype } from './local-runner.ts';
+
+export const EVAL_PPL_USAGE = `usage: mla-serve eval-ppl --model PATH --text FILE [options]
+
+Scores a text file: each paragraph (split on blank lines) becomes a chunk [BOS, tokens...] truncated
+to --max-len tokens; prints nats per predicted token, averaged over all of them, and perplexity = exp(that).
+
+  --model PATH            .gguf, llama2.c .bin, Hugging Face directory or repo id
+  --tokenizer PATH        tokenizer for a llama2.c .bin (default: tok<vocab>.bin beside it)
+  --text FILE             UTF-8 text
+  --max-len N             tokens per chunk at most, BOS included (default: 512, or the model's context if smaller)
+  --limit N               score only the first N chunks
+  --batch-tokens N        token rows per runner step (default 2048)
+  --weight-dtype f32|f16  GPU weight format (default f16)
+  --cache-dtype f32|f16   KV cache format (default f16)
+  --cpu                   run on the CPU with the float64 reference ops instead of the GPU
+  --json                  print the figures as one JSON object
+`;
+
+export interface PerplexityFigures {
+  model: string;
+  text: string;
+  natsPerToken: number;
+  perplexity: number;
+  predictedTokens: number;
+  chunks: number;
+  maxLen: number;
+  seconds: number;
+  tokensPerSecond: number;
+  adapter: string;
+  attention: string;
+  weightDtype: string;
+  cacheDtype: string;
+}
+
+/** Most sequences in one step (each may leave one block partly empty). */
+const MAX_SEQS_PER_STEP = 64;
+
+export async function runEvalPpl(argv: string[]): Promise<number> {
+  let v;
+  try {
+    v = parseArgs({
+      args: argv,
+      allowPositionals: false,
+      options: {
+        model: { type: 'string' },
+        tokenizer: { type: 'string' },
+        text: { type: 'string' },
+        'max-len': { type: 'string' },
+        limit: { type: 'string' },
+        'batch-tokens': { type: 'string' },
+        'weight-dtype': { type: 'string' },
+        'cache-dtype': { type: 'string' },
+        cpu: { type: 'boolean' },
+        json: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    }).values;
+  } catch (err) {
+    process.stderr.write(`mla-serve eval-ppl: ${(err as Error).message}\n\n${EVAL_PPL_USAGE}`);
+    return 2;
+  }
+  if (v.help) {
+    process.stdout.write(EVAL_PPL_USAGE);
+    return 0;
+  }
+  let opts;
+  try {
+    if (!v.model) throw new UsageError('--model is required');
+    if (!v.text) throw new UsageError('--text is required');
+    opts = {
+      model: v.model,
+      text: v.text,
+      maxLen: v['max-len'] === undefined ? undefined : intOption(v['max-len'], '--max-len', 512, 2),
+      limit: v.limit === undefined ? Infinity : intOption(v.limit, '--limit', 1),
+      batchTokens: intOption(v['batch-tokens'], '--batch-tokens', 2048),
+      weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16']),
+      cacheDtype: dtypeOption<CacheDtype>(v['cache-dtype'], '--cache-dtype', 'f16', ['f32', 'f16']),
+    };
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    process.stderr.write(`mla-serve eval-ppl: ${err.message}\n\n${EVAL_PPL_USAGE}`);
+    return 2;
+  }
+
+  let text: string;
+  try {
+    text = readFileSync(opts.text, 'utf8');
+  } catch (err) {
+    throw new Error(`cannot read the text file ${opts.text}: ${(err as Error).message}`);
+  }
+  const model = await loadLocalModel(opts.model, { tokenizer: v.tokenizer });
+  const maxLen = opts.maxLen ?? Math.min(512, model.config.maxSeqLen);
+  if (maxLen > model.config.maxSeqLen) throw new Error(`--max-len ${maxLen} is longer than the model's context of ${model.config.maxSeqLen} tokens`);
+  const chunks = textChunks(text, model.tokenizer, maxLen, model.tokenizer.bosId ?? model.config.bosId).slice(0, opts.limit);
+  if (chunks.length === 0) throw new Error(`${opts.text} has no paragraph with a token to predict`);
+
+  // Logits of every row come back: keep a step's readback near 256 MiB whatever the vocabulary.
+  const rowBudget = Math.max(maxLen, Math.min(opts.batchTokens, Math.floor(2 ** 28 / (4 * model.config.vocabSize))));
+  const blockSize = 16;
+  const local = await openLocalRunner(model, {
+    blockSize,
+    numBlocks: Math.ceil(rowBudget / blockSize) + MAX_SEQS_PER_STEP,
+    weightDtype: opts.weightDtype,
+    cacheDtype: opts.cacheDtype,
+    cpu: v.cpu ?? false,
+    log: v.json ? () => {} : undefined,
+  });
+  const bar = new cliProgress.SingleBar(
+    { format: 'eval-ppl [{bar}] {value}/{total} chunks | {nats} nats/token | {eta_formatted} left', stream: process.stderr, hideCursor: true },
+    cliProgress.Presets.shades_classic,
+  );
+  try {
+    const t0 = performance.now();
+    bar.start(chunks.length, 0, { nats: '-' });
+    const acc = await scoreWithRunner(local.runner, chunks, rowBudget, (a) => bar.update(a.chunks, { nats: a.natsPerToken.toFixed(4) }));
+    bar.stop();
+    const seconds = (performance.now() - t0) / 1000;
+    const figures: PerplexityFigures = {
+      model: opts.model,
+      text: opts.text,
+      natsPerToken: acc.natsPerToken,
+      perplexity: acc.perplexity,
+      predictedTokens: acc.predicted,
+      chunks: acc.chunks,
+      maxLen,
+      seconds,
+      tokensPerSecond: chunks.reduce((n, c) => n + c.length, 0) / seconds,
+      adapter: local.runner.adapterName,
+      attention: model.config.attention,
+      weightDtype: v.cpu ? 'f64' : opts.weightDtype,
+      cacheDtype: v.cpu ? 'f64' : opts.cacheDtype,
+    };
+    if (v.json) process.stdout.write(JSON.stringify(figures) + '\n');
+    else {
+      const f = figures;
+      process.stdout.write(
+        `${f.natsPerToken.toFixed(4)} nats/token, perplexity ${f.perplexity.toFixed(3)} over ${f.predictedTokens} predicted tokens in ${f.chunks} chunks ` +
+          `(max ${f.maxLen} tokens each); ${f.seconds.toFixed(1)} s, ${f.tokensPerSecond.toFixed(0)} tok/s; adapter ${f.adapter}, ${f.attention}, weights ${f.weightDtype}, KV ${f.cacheDtype}\n`,
+      );
+    }
+    return 0;
+  } finally {
+    bar.stop();
+    await local.close();
+  }
+}
+
+/**
+ * Packs chunks into runner steps of at most rowBudget tokens, each chunk a sequence with its own
+ * blocks and logits for every row, and accumulates nats. Blocks are reused step after step.
+ */
+export async function scoreWithRunner(
+  runner: ModelRunner,
+  chunks: readonly number[][],
+  rowBudget: number,
+  onProgress?: (acc: PerplexityAccumulator) => void,
+): Promise<PerplexityAccumulator> {
+  const acc = new PerplexityAccumulator();
+  const vocab = runner.config.vocabSize;
+  const bs = runner.blockSize;
+  let next = 0;
+  while (next < chunks.length) {
+    const batch: number[][] = [];
+    let rows = 0;
+    let blocks = 0;
+    while (next < chunks.length && batch.length < MAX_SEQS_PER_STEP) {
+      const c = chunks[next];
+      const need = Math.ceil(c.length / bs);
+      if (batch.length > 0 && (rows + c.length > rowBudget || blocks + need > runner.numBlocks)) break;
+      if (need > runner.numBlocks) throw new Error(`a chunk of ${c.length} tokens needs ${need} KV blocks; the runner has ${runner.numBlocks}`);
+      batch.push(c);
+      rows += c.length;
+      blocks += need;
+      next++;
+    }
+    let firstBlock = 0;
+    const seqs: StepSequence[] = batch.map((c) => {
+      const n = Math.ceil(c.length / bs);
+      const blockTable = Array.from({ length: n }, (_, i) => firstBlock + i);
+      firstBlock += n;
+      return { tokens: c, startPos: 0, blockTable, logits: 'all' };
+    });
+    const logits = await runner.step(seqs);
+    if (logits.length !== rows * vocab) throw new Error(`the runner returned ${logits.length / vocab} logits rows for ${rows} tokens`);
+    let row = 0;
+    for (const c of batch) {
+      const view = Array.from({ length: c.length }, (_, i) => logits.subarray((row + i) * vocab, (row + i + 1) * vocab));
+      acc.add(c, view);
+      row += c.length;
+    }
+    onProgress?.(acc);
+  }
+  return acc;
+}

@@ -1,0 +1,185 @@
+// `mla-serve generate`: one prompt through the serving engine, the story streamed to stdout, then a line of figures (or --json).
+import { parseArgs } from 'node:util';
+import { createEngine } from '../engine/engine.ts';
+import type { SamplingParams } from '../engine/types.ts';
+import { dtypeOption, intOption, loadLocalModel, numberOption, openLocalRunner, UsageError, type CacheDtype, type WeightDtype } from './local-runner.ts';
+
+export const GENERATE_USAGE = `usage: mla-serve generate --model PATH [options]
+
+Generates text from a prompt and streams it to stdout, then prints a line of figures.
+
+  --model PATH            .gguf, llama2.c .bin, Hugging Face directory or repo id
+  --tokenizer PATH        tokenizer for a llama2.c .bin (default: tok<vocab>.bin beside it)
+  --prompt TEXT           text to continue (default: empty, the story starts from BOS)
+  --max-tokens N          tokens to generate at most (default 256)
+  --temperature T         0 = greedy (default 1)
+  --top-k K               keep the K most likely tokens (default off)
+  --top-p P               nucleus sampling, 0 < P <= 1 (default 1)
+  --min-p P               drop tokens below P x the top probability (default 0)
+  --seed N                seed of the sampler (same seed, same text)
+  --ignore-eos            keep going past the end-of-sequence token
+  --weight-dtype f32|f16  GPU weight format (default f16)
+  --cache-dtype f32|f16   KV cache format (default f16)
+  --max-model-len N       context length (default: the model's)
+  --cpu                   run on the CPU with the float64 reference ops instead of the GPU
+  --json                  print the text and figures as one JSON object instead
+`;
+
+export interface GenerateFigures {
+  model: string;
+  prompt: string;
+  text: string;
+  promptTokens: number;
+  generatedTokens: number;
+  finishReason: string;
+  /** Prompt tokens / time to the first generated token (includes sampling that token). */
+  prefillTokensPerSecond: number;
+  /** Generated tokens after the first / time from the first to the last. */
+  decodeTokensPerSecond: number;
+  seconds: number;
+  engineSteps: number;
+  adapter: string;
+  attention: string;
+  kvBytesPerToken: number;
+  weightDtype: string;
+  cacheDtype: string;
+}
+
+export async function runGenerate(argv: string[]): Promise<number> {
+  let v;
+  try {
+    v = parseArgs({
+      args: argv,
+      allowPositionals: false,
+      options: {
+        model: { type: 'string' },
+        tokenizer: { type: 'string' },
+        prompt: { type: 'string' },
+        'max-tokens': { type: 'string' },
+        temperature: { type: 'string' },
+        'top-k': { type: 'string' },
+        'top-p': { type: 'string' },
+        'min-p': { type: 'string' },
+        seed: { type: 'string' },
+        'ignore-eos': { type: 'boolean' },
+        'weight-dtype': { type: 'string' },
+        'cache-dtype': { type: 'string' },
+        'max-model-len': { type: 'string' },
+        cpu: { type: 'boolean' },
+        json: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    }).values;
+  } catch (err) {
+    process.stderr.write(`mla-serve generate: ${(err as Error).message}\n\n${GENERATE_USAGE}`);
+    return 2;
+  }
+  if (v.help) {
+    process.stdout.write(GENERATE_USAGE);
+    return 0;
+  }
+  let opts;
+  try {
+    if (!v.model) throw new UsageError('--model is required');
+    opts = {
+      model: v.model,
+      prompt: v.prompt ?? '',
+      maxTokens: intOption(v['max-tokens'], '--max-tokens', 256),
+      temperature: numberOption(v.temperature, '--temperature', 1, (x) => x >= 0, '>= 0'),
+      topK: intOption(v['top-k'], '--top-k', -1, -1),
+      topP: numberOption(v['top-p'], '--top-p', 1, (x) => x > 0 && x <= 1, 'in (0, 1]'),
+      minP: numberOption(v['min-p'], '--min-p', 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
+      seed: v.seed === undefined ? undefined : intOption(v.seed, '--seed', 0, Number.MIN_SAFE_INTEGER),
+      weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16']),
+      cacheDtype: dtypeOption<CacheDtype>(v['cache-dtype'], '--cache-dtype', 'f16', ['f32', 'f16']),
+      maxModelLen: v['max-model-len'] === undefined ? undefined : intOption(v['max-model-len'], '--max-model-len', 0),
+    };
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    process.stderr.write(`mla-serve generate: ${err.message}\n\n${GENERATE_USAGE}`);
+    return 2;
+  }
+
+  const model = await loadLocalModel(opts.model, { tokenizer: v.tokenizer, maxSeqLen: opts.maxModelLen });
+  const tok = model.tokenizer;
+  const bos = tok.bosId ?? model.config.bosId;
+  const promptTokens = [bos, ...tok.encode(opts.prompt)];
+  const maxModelLen = model.config.maxSeqLen;
+  const maxTokens = Math.min(opts.maxTokens, maxModelLen - promptTokens.length);
+  if (maxTokens < 1) throw new Error(`the prompt has ${promptTokens.length} tokens; the model's context of ${maxModelLen} leaves no room to generate`);
+  const blockSize = 16;
+  const local = await openLocalRunner(model, {
+    blockSize,
+    numBlocks: Math.ceil((promptTokens.length + maxTokens) / blockSize) + 1,
+    weightDtype: opts.weightDtype,
+    cacheDtype: opts.cacheDtype,
+    cpu: v.cpu ?? false,
+    log: v.json ? () => {} : undefined,
+  });
+  const runner = local.runner;
+  const engine = createEngine({ runner, info: { name: opts.model, config: model.config, tokenizer: tok, maxModelLen }, cacheDtype: v.cpu ? 'f64' : opts.cacheDtype });
+  const params: SamplingParams = {
+    maxTokens,
+    temperature: opts.temperature,
+    topP: opts.topP,
+    topK: opts.topK,
+    minP: opts.minP,
+    presencePenalty: 0,
+    frequencyPenalty: 0,
+    repetitionPenalty: 1,
+    logitBias: new Map(),
+    seed: opts.seed,
+    stop: [],
+    stopTokenIds: [],
+    ignoreEos: v['ignore-eos'] ?? false,
+    logprobs: null,
+  };
+
+  try {
+    if (!v.json) process.stdout.write(opts.prompt);
+    const t0 = performance.now();
+    let tFirst = 0;
+    let text = '';
+    let generated = 0;
+    let finishReason = 'length';
+    for await (const ev of engine.generate({ requestId: 'generate', promptTokens, params })) {
+      if (ev.type === 'token') {
+        if (generated === 0) tFirst = performance.now();
+        generated += ev.tokenIds.length;
+        text += ev.text;
+        if (!v.json && ev.text) process.stdout.write(ev.text);
+      } else finishReason = ev.finishReason;
+    }
+    const tEnd = performance.now();
+    const figures: GenerateFigures = {
+      model: opts.model,
+      prompt: opts.prompt,
+      text,
+      promptTokens: promptTokens.length,
+      generatedTokens: generated,
+      finishReason,
+      prefillTokensPerSecond: promptTokens.length / ((tFirst - t0) / 1000),
+      decodeTokensPerSecond: generated > 1 ? (generated - 1) / ((tEnd - tFirst) / 1000) : NaN,
+      seconds: (tEnd - t0) / 1000,
+      engineSteps: engine.stats().steps,
+      adapter: runner.adapterName,
+      attention: model.config.attention,
+      kvBytesPerToken: runner.kvBytesPerToken,
+      weightDtype: v.cpu ? 'f64' : opts.weightDtype,
+      cacheDtype: v.cpu ? 'f64' : opts.cacheDtype,
+    };
+    if (v.json) process.stdout.write(JSON.stringify(figures) + '\n');
+    else {
+      const f = figures;
+      process.stdout.write(
+        `\n\n${f.promptTokens} prompt tokens, ${f.generatedTokens} generated (${f.finishReason}); ` +
+          `prefill ${f.prefillTokensPerSecond.toFixed(1)} tok/s, decode ${f.decodeTokensPerSecond.toFixed(1)} tok/s; ` +
+          `adapter ${f.adapter}; ${f.attention} attention, KV ${f.kvBytesPerToken} bytes/token (${f.cacheDtype}), weights ${f.weightDtype}\n`,
+      );
+    }
+    return 0;
+  } finally {
+    await engine.shutdown(0).catch(() => {});
+    await local.close();
+  }
+}

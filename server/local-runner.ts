@@ -1,0 +1,91 @@
+// What `generate` and `eval-ppl` share: option parsing helpers, loading a model, and opening its runner (GPU, or the CPU reference).
+import { CpuRunner } from '../engine/cpu-runner.ts';
+import type { ModelRunner } from '../engine/types.ts';
+import { loadModel, type LoadedModel } from '../model/load.ts';
+
+export class UsageError extends Error {}
+
+export type WeightDtype = 'f32' | 'f16';
+export type CacheDtype = 'f32' | 'f16';
+
+export function intOption(text: string | undefined, flag: string, fallback: number, min = 1): number {
+  if (text === undefined) return fallback;
+  const v = Number(text);
+  if (!Number.isInteger(v) || v < min) throw new UsageError(`${flag} must be an integer >= ${min}; got ${JSON.stringify(text)}`);
+  return v;
+}
+
+export function numberOption(text: string | undefined, flag: string, fallback: number, ok: (v: number) => boolean, range: string): number {
+  if (text === undefined) return fallback;
+  const v = Number(text);
+  if (text.trim() === '' || !Number.isFinite(v) || !ok(v)) throw new UsageError(`${flag} must be a number ${range}; got ${JSON.stringify(text)}`);
+  return v;
+}
+
+export function dtypeOption<T extends string>(text: string | undefined, flag: string, fallback: T, allowed: readonly T[]): T {
+  if (text === undefined) return fallback;
+  if (!(allowed as readonly string[]).includes(text)) throw new UsageError(`${flag} must be one of ${allowed.join(', ')}; got ${JSON.stringify(text)}`);
+  return text as T;
+}
+
+export interface LocalRunnerOptions {
+  blockSize: number;
+  numBlocks: number;
+  weightDtype: WeightDtype;
+  cacheDtype: CacheDtype;
+  /** Run on the CPU with the float64 reference ops instead of the GPU (slow; for checks). */
+  cpu: boolean;
+  log?: (msg: string) => void;
+}
+
+export interface LocalRunner {
+  runner: ModelRunner;
+  /** Destroys the runner and releases the GPU. */
+  close(): Promise<void>;
+}
+
+export async function loadLocalModel(path: string, opts: { tokenizer?: string; maxSeqLen?: number } = {}): Promise<LoadedModel> {
+  return loadModel(path, { tokenizerPath: opts.tokenizer, maxSeqLen: opts.maxSeqLen });
+}
+
+/** The engine's shutdown destroys its runner too; whoever comes second must not free the GPU buffers twice. */
+function destroyOnce(runner: ModelRunner): ModelRunner {
+  const destroy = runner.destroy.bind(runner);
+  let destroyed = false;
+  runner.destroy = () => {
+    if (destroyed) return;
+    destroyed = true;
+    destroy();
+  };
+  return runner;
+}
+
+export async function openLocalRunner(model: LoadedModel, opts: LocalRunnerOptions): Promise<LocalRunner> {
+  if (opts.cpu) {
+    const runner = destroyOnce(new CpuRunner(model, { blockSize: opts.blockSize, numBlocks: opts.numBlocks }));
+    return { runner, close: async () => runner.destroy() };
+  }
+  const { openGpu, releaseGpu } = await import('../kernels/device.ts');
+  const { createGpuRunner } = await import('../engine/gpu-runner.ts');
+  const gpu = await openGpu({ log: opts.log });
+  try {
+    const runner = destroyOnce(await createGpuRunner(gpu, model, {
+      blockSize: opts.blockSize,
+      numBlocks: opts.numBlocks,
+      weightDtype: opts.weightDtype,
+      cacheDtype: opts.cacheDtype,
+    }));
+    return {
+      runner,
+      close: async () => {
+        runner.destroy();
+        gpu.destroy();
+        releaseGpu();
+      },
+    };
+  } catch (err) {
+    gpu.destroy();
+    releaseGpu();
+    throw err;
+  }
+}
