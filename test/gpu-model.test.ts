@@ -114,6 +114,19 @@ test('stories260K: a batched step (prefill chunks + decodes of 3 sequences) equa
   assert.ok(relError(step2.subarray(0, V), ref) <= 1e-4);
 });
 
+test('stories260K: copyBlocks copies whole blocks in every layer (decode from the copy = decode from the original)', async () => {
+  const c = model.config as GqaConfig;
+  const tokens = [c.bosId, ...model.tokenizer.encode('A little dog ran to the park and found a stick.')].slice(0, 20);
+  await runner.step([{ tokens, startPos: 0, blockTable: [80, 81], logits: 'none' }]);
+  runner.copyBlocks([
+    [80, 90],
+    [81, 91],
+  ]);
+  const fromCopy = await runner.step([{ tokens: [5], startPos: 20, blockTable: [90, 91], logits: 'last' }]);
+  const want = new ReferenceGqa(c, model.weights).forward([...tokens, 5], { logits: 'last' })[0];
+  assert.ok(relError(fromCopy, want) <= 1e-4, `relative error ${relError(fromCopy, want)}`);
+});
+
 test('stories260K: f16 weights and f16 cache stay within 1e-2 of the reference', async () => {
   const c = model.config as GqaConfig;
   const r16 = await createGpuRunner(gpu, model, { blockSize: 16, numBlocks: 8 });
