@@ -9,6 +9,10 @@ import { loadModel } from '../model/load.ts';
 import { ReferenceMla } from '../model/reference/mla.ts';
 import { readSafetensors } from '../model/safetensors.ts';
 import { mlaWeightsToF32 } from '../model/transmla/convert.ts';
+import { syntheticSource } from '../model/synthetic.ts';
+import { writeSafetensors } from '../model/safetensors.ts';
+import type { GqaConfig } from '../model/config.ts';
+import { copyFileSync } from 'node:fs';
 import { convertCheckpoint, parseConvertArgs, type ConvertCommandOptions } from '../server/convert-command.ts';
 
 const tmp = mkdtempSync(join(tmpdir(), 'transmla-'));
@@ -72,6 +76,43 @@ for (const [name, extra] of [['full q_proj', []], ['low-rank query', ['--q-lora-
   });
 }
 
+test('a Hugging Face Qwen2-style directory (rotate_half RoPE, q/k/v biases, tokenizer.json) converts and loads back bit-identically', async () => {
+  // A small random Qwen2 checkpoint on disk, with GPT-2's real tokenizer.json (vocabulary 50257).
+  const dir = join(tmp, 'qwen2-src');
+  mkdirSync(dir, { recursive: true });
+  const config: GqaConfig = {
+    arch: 'qwen2', attention: 'gqa', dim: 32, hiddenDim: 48, nLayers: 2, nHeads: 4, nKvHeads: 2, headDim: 8, vocabSize: 50257,
+    maxSeqLen: 256, ropeTheta: 1e6, rmsEps: 1e-6, tiedEmbeddings: false, bosId: 50256, eosId: 50256, ropeLayout: 'rotate_half', attentionBias: true,
+  };
+  const src = syntheticSource(config, { seed: 3, std: 0.2 });
+  writeSafetensors(join(dir, 'model.safetensors'), Object.fromEntries(src.tensors.map((t) => [t.name, { shape: t.shape, data: src.f32(t.name) }])), 'f32');
+  writeFileSync(
+    join(dir, 'config.json'),
+    JSON.stringify({
+      model_type: 'qwen2', hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
+      vocab_size: 50257, max_position_embeddings: 256, rope_theta: 1e6, rms_norm_eps: 1e-6, tie_word_embeddings: false,
+      bos_token_id: 50256, eos_token_id: 50256, hidden_act: 'silu',
+    }),
+  );
+  copyFileSync('../shared/models/gpt2-tokenizer/tokenizer.json', join(dir, 'tokenizer.json'));
+
+  const out = join(tmp, 'qwen2-mla');
+  const { result, files } = await convertCheckpoint({ ...options(out, ['--dtype', 'f32', '--kv-lora-rank', '20']), model: dir, maxSeqLen: undefined });
+  assert.deepEqual(files.sort(), ['config.json', 'model.safetensors', 'tokenizer.json']);
+  const cfg = JSON.parse(readFileSync(join(out, 'config.json'), 'utf8'));
+  assert.equal(cfg.attention_bias, true);
+  assert.equal(cfg.transmla.source_rope_layout, 'rotate_half');
+  const names = [...readSafetensors(join(out, 'model.safetensors')).tensors.keys()];
+  assert.ok(names.includes('model.layers.1.self_attn.q_proj.bias') && names.includes('model.layers.1.self_attn.kv_a_proj_with_mqa.bias'));
+  assert.ok(names.includes('lm_head.weight'));
+  const loaded = await loadModel(out);
+  assert.deepEqual(loaded.config, result.config);
+  const toks = [50256, ...loaded.tokenizer.encode('The quick brown fox jumps over the lazy dog.')];
+  const inMemory = new ReferenceMla(result.config, mlaWeightsToF32(result.weights)).forward(toks);
+  const fromDisk = new ReferenceMla(result.config, loaded.weights).forward(toks);
+  for (let t = 0; t < toks.length; t++) assert.deepEqual(fromDisk[t], inMemory[t], `logits of token ${t} differ`);
+});
+
 test('converting twice with the same seed gives identical files; another seed changes the weights', async () => {
   const a = join(tmp, 'seed-a');
   const b = join(tmp, 'seed-b');
@@ -114,7 +155,7 @@ test('refusals name the numbers', async () => {
   await assert.rejects(run(hf('qwen3', { model_type: 'qwen3' })), /qwen3.*q_norm\/k_norm/);
   await assert.rejects(run(hf('mixtral', { model_type: 'mixtral' })), /mixture-of-experts/);
   await assert.rejects(run(hf('mistral-swa', { model_type: 'mistral', sliding_window: 4096 })), /sliding_window 4096 < max_position_embeddings 32768/);
-  // An MLA checkpoint is already converted.
+  // An MLA checkpoint is already converted (rt-0 is the first round-trip test's output; tests in a file run in order).
   const mla = join(tmp, 'rt-0');
   await assert.rejects(run(mla), /already MLA/);
 });
