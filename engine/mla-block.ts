@@ -1,0 +1,268 @@
+// The MLA attention block of the GPU runner: q and latent projections, RoPE, latent cache write, absorbed attention, W_UV.
+//
+// Per layer, for every row of the step (R = kvLoraRank, r = qkRopeHeadDim, dn/dv = nope/v head dims):
+//   q      = q_proj xn (+b)  or  q_b_proj(q_a_layernorm?(q_a_proj xn))           → q[row, h, 0..dn+r)
+//   latent = kv_a_proj_with_mqa xn (+b); c ← kv_a_layernorm(c) when the config asks → [c | k_pe]
+//   RoPE on q_pe (every head) and k_pe; the row [c | k_pe] goes into the paged latent cache
+//   qLatent[row, h] = scale · [W_UK,hᵀ q_nope,h | q_pe,h]   (absorption, one per-head matmul for all rows)
+//   ô[row, h]       = Σ_j softmax(qLatent·row_j) c_j         (kernels/mla-attention.ts)
+//   out[row, h]     = W_UV,h ô[row, h]                        → the runner's o_proj input
+// Prefill rows take the same absorbed path as decode rows: each row attends to its own prefix (causal).
+import { RmsNorm, Rope } from '../kernels/elementwise.ts';
+import { KvWrite } from '../kernels/kv-write.ts';
+import { MatmulOp } from '../kernels/matmul.ts';
+import { MlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { HeadMatmul, uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
+import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
+import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadMatrix, type GpuMatrix } from '../kernels/tensors.ts';
+import { MlaKvLayout } from '../cache/mla-layout.ts';
+import type { MlaConfig } from '../model/config.ts';
+import type { MlaLayerWeights, Tensor } from '../model/weights.ts';
+import type { AttentionBindings, AttentionBlock, AttentionBlockContext } from './gpu-runner.ts';
+
+/** One layer's MLA weights on the GPU. */
+interface MlaLayerGpu {
+  /** q_proj, or q_a_proj + q_b_proj (+ q_a_layernorm weight). */
+  qProj?: GpuMatrix;
+  qProjBias?: GPUBuffer;
+  qAProj?: GpuMatrix;
+  qANorm?: GPUBuffer;
+  qBProj?: GpuMatrix;
+  /** Without kv_a_layernorm: all R + r rows in one matrix; with it, the c rows and the k_pe rows apart. */
+  kvAProj?: GpuMatrix;
+  kvAProjBias?: GPUBuffer;
+  kvACProj?: GpuMatrix;
+  kvACBias?: GPUBuffer;
+  kvAPeProj?: GpuMatrix;
+  kvAPeBias?: GPUBuffer;
+  kvANorm?: GPUBuffer;
+  /** W_UK per head, k-major [nHeads·dn, R]; W_UV per head, k-major [nHeads·R, dv]. */
+  wUk: GpuMatrix;
+  wUv: GpuMatrix;
+}
+
+interface MlaLayerOps {
+  q: Array<MatmulOp | RmsNorm>;
+  kv: Array<MatmulOp | RmsNorm>;
+  absorb: HeadMatmul;
+  wUv: HeadMatmul;
+}
+
+function rowsOf(t: Tensor, r0: number, n: number): Float32Array {
+  const cols = t.shape[1];
+  return t.data.subarray(r0 * cols, (r0 + n) * cols);
+}
+
+export interface MlaBlockOptions {
+  attentionTuning?: Partial<MlaAttentionTuning>;
+}
+
+export class MlaBlock implements AttentionBlock {
+  readonly layout: MlaKvLayout;
+  readonly outWidth: number;
+  readonly maxChunk = 1 << 16;
+  readonly parallelHeads: number;
+  private readonly config: MlaConfig;
+  private readonly layers: MlaLayerGpu[];
+  private readonly qCols: number;
+  private readonly qStride: number;
+  private readonly latentStride: number;
+  private act: Record<string, GPUBuffer> = {};
+  private ops: MlaLayerOps[] = [];
+  private ropeQ: Rope | undefined;
+  private ropeK: Rope | undefined;
+  private kvWrite: KvWrite | undefined;
+  private attention: MlaAttention | undefined;
+
+  constructor(
+    private ctx: AttentionBlockContext,
+    private opts: MlaBlockOptions = {},
+  ) {
+    if (ctx.config.attention !== 'mla') throw new Error(`the MLA block serves MLA models; this one is ${ctx.config.attention} (${ctx.config.arch})`);
+    const c = ctx.config;
+    this.config = c;
+    const R = c.kvLoraRank;
+    const r = c.qkRopeHeadDim;
+    const dn = c.qkNopeHeadDim;
+    const dv = c.vHeadDim;
+    this.layout = new MlaKvLayout(c, ctx.blockSize, ctx.cacheDtype);
+    this.outWidth = c.nHeads * dv;
+    this.qCols = c.nHeads * (dn + r);
+    this.qStride = pad8(this.qCols);
+    this.latentStride = pad8(R + r);
+    this.parallelHeads = Math.ceil(c.nHeads / 32);
+    const g = ctx.gpu;
+    const dt = ctx.weightDtype;
+    this.layers = ctx.weights.layers.map((lw, l) => {
+      if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
+      const w = lw as MlaLayerWeights;
+      const shape = (t: Tensor | undefined, name: string, want: number[]) => {
+        if (!t || t.shape.length !== want.length || t.shape.some((v, i) => v !== want[i])) {
+          throw new Error(`layer ${l} ${name} is ${t ? `[${t.shape}]` : 'missing'}, the config wants [${want}]`);
+        }
+        return t;
+      };
+      const out: Partial<MlaLayerGpu> = {};
+      if (c.qLoraRank === null) {
+        out.qProj = uploadMatrix(g, `layer ${l} q_proj`, shape(w.qProj, 'q_proj', [this.qCols, c.dim]).data, this.qCols, c.dim, dt);
+        if (w.qProjBias) out.qProjBias = uploadArray(g, `layer ${l} q_proj bias`, w.qProjBias.data);
+      } else {
+        const qr = c.qLoraRank;
+        out.qAProj = uploadMatrix(g, `layer ${l} q_a_proj`, shape(w.qAProj, 'q_a_proj', [qr, c.dim]).data, qr, c.dim, dt);
+        out.qBProj = uploadMatrix(g, `layer ${l} q_b_proj`, shape(w.qBProj, 'q_b_proj', [this.qCols, qr]).data, this.qCols, qr, dt);
+        if (c.qkLatentLayernorm) out.qANorm = uploadArray(g, `layer ${l} q_a_layernorm`, shape(w.qANorm, 'q_a_layernorm', [qr]).data);
+      }
+      const kva = shape(w.kvAProj, 'kv_a_proj_with_mqa', [R + r, c.dim]);
+      if (c.qkLatentLayernorm) {
+        out.kvACProj = uploadMatrix(g, `layer ${l} kv_a_proj (latent rows)`, rowsOf(kva, 0, R), R, c.dim, dt);
+        out.kvAPeProj = uploadMatrix(g, `layer ${l} kv_a_proj (rope rows)`, rowsOf(kva, R, r), r, c.dim, dt);
+        if (w.kvAProjBias) {
+          out.kvACBias = uploadArray(g, `layer ${l} kv_a_proj bias (latent)`, w.kvAProjBias.data.subarray(0, R));
+          out.kvAPeBias = uploadArray(g, `layer ${l} kv_a_proj bias (rope)`, w.kvAProjBias.data.subarray(R, R + r));
+        }
+        out.kvANorm = uploadArray(g, `layer ${l} kv_a_layernorm`, shape(w.kvANorm, 'kv_a_layernorm', [R]).data);
+      } else {
+        out.kvAProj = uploadMatrix(g, `layer ${l} kv_a_proj_with_mqa`, kva.data, R + r, c.dim, dt);
+        if (w.kvAProjBias) out.kvAProjBias = uploadArray(g, `layer ${l} kv_a_proj bias`, w.kvAProjBias.data);
+      }
+      const kvb = shape(w.kvBProj, 'kv_b_proj', [c.nHeads * (dn + dv), R]).data;
+      const headRow = (h: number) => h * (dn + dv);
+      out.wUk = uploadHeadMatrices(g, `layer ${l} W_UK`, c.nHeads, dn, R, dt, (h, k, n) => kvb[(headRow(h) + k) * R + n]);
+      out.wUv = uploadHeadMatrices(g, `layer ${l} W_UV`, c.nHeads, R, dv, dt, (h, k, n) => kvb[(headRow(h) + dn + n) * R + k]);
+      return out as MlaLayerGpu;
+    });
+  }
+
+  bind(b: AttentionBindings): void {
+    const g = this.ctx.gpu;
+    const c = this.config;
+    const R = c.kvLoraRank;
+    const r = c.qkRopeHeadDim;
+    const dn = c.qkNopeHeadDim;
+    const dv = c.vHeadDim;
+    const rows = b.maxRows;
+    this.destroyActivations();
+    const f = 4;
+    const a: Record<string, GPUBuffer> = {
+      q: storageBuffer(g, 'mla q rows', rows * this.qStride * f),
+      latent: storageBuffer(g, 'mla latent rows [c | k_pe]', rows * this.latentStride * f),
+      qLatent: storageBuffer(g, 'mla absorbed queries', rows * c.nHeads * (R + r) * f),
+      oHat: storageBuffer(g, 'mla latent outputs', rows * c.nHeads * R * f),
+    };
+    const qaStride = c.qLoraRank === null ? 0 : pad8(c.qLoraRank);
+    if (c.qLoraRank !== null) {
+      a.qa = storageBuffer(g, 'mla q_a rows', rows * qaStride * f);
+      if (c.qkLatentLayernorm) a.qaNormed = storageBuffer(g, 'mla q_a rows (normed)', rows * qaStride * f);
+    }
+    if (c.qkLatentLayernorm) a.cRaw = storageBuffer(g, 'mla latent rows before kv_a_layernorm', rows * pad8(R) * f);
+    this.act = a;
+    const t = this.ctx.matmulTuning;
+    const mm = (w: GpuMatrix, x: GPUBuffer, xStride: number, y: GPUBuffer, yStride: number, bias?: GPUBuffer, yOffset = 0) =>
+      new MatmulOp(g, w, { meta: b.meta, rowsSlot: META_ROWS, x, xStride, y, yStride, yOffset, bias }, t);
+    const norm = (x: GPUBuffer, xStride: number, weight: GPUBuffer, out: GPUBuffer, outStride: number, dim: number) =>
+      new RmsNorm(g, { meta: b.meta, x, xStride, weight, out, outStride }, dim, c.rmsEps);
+
+    this.ops = this.layers.map((lg) => {
+      const q: Array<MatmulOp | RmsNorm> = [];
+      if (lg.qProj) {
+        q.push(mm(lg.qProj, b.xn, b.xnStride, a.q, this.qStride, lg.qProjBias));
+      } else {
+        q.push(mm(lg.qAProj!, b.xn, b.xnStride, a.qa, qaStride));
+        let qIn = a.qa;
+        if (lg.qANorm) {
+          q.push(norm(a.qa, qaStride, lg.qANorm, a.qaNormed, qaStride, c.qLoraRank!));
+          qIn = a.qaNormed;
+        }
+        q.push(mm(lg.qBProj!, qIn, qaStride, a.q, this.qStride));
+      }
+      const kv: Array<MatmulOp | RmsNorm> = [];
+      if (lg.kvAProj) {
+        kv.push(mm(lg.kvAProj, b.xn, b.xnStride, a.latent, this.latentStride, lg.kvAProjBias));
+      } else {
+        kv.push(mm(lg.kvACProj!, b.xn, b.xnStride, a.cRaw, pad8(R), lg.kvACBias));
+        kv.push(norm(a.cRaw, pad8(R), lg.kvANorm!, a.latent, this.latentStride, R));
+        kv.push(mm(lg.kvAPeProj!, b.xn, b.xnStride, a.latent, this.latentStride, lg.kvAPeBias, R));
+      }
+      const absorb = new HeadMatmul(
+        g,
+        {
+          nHeads: c.nHeads,
+          K: dn,
+          N: R,
+          xStride: this.qStride,
+          xOffset: 0,
+          xHeadStride: dn + r,
+          yStride: c.nHeads * (R + r),
+          yOffset: 0,
+          yHeadStride: R + r,
+          scale: c.softmaxScale,
+          passCols: r,
+        },
+        lg.wUk,
+        { meta: b.meta, x: a.q, y: a.qLatent },
+      );
+      const wUv = new HeadMatmul(
+        g,
+        { nHeads: c.nHeads, K: R, N: dv, xStride: c.nHeads * R, xOffset: 0, xHeadStride: R, yStride: b.outStride, yOffset: 0, yHeadStride: dv, scale: 1 },
+        lg.wUv,
+        { meta: b.meta, x: a.oHat, y: b.out },
+      );
+      return { q, kv, absorb, wUv };
+    });
+    const table = this.ctx.ropeTable(r);
+    this.ropeQ = new Rope(
+      g,
+      { meta: b.meta, table, x: a.q, xStride: this.qStride },
+      { nHeads: c.nHeads, colOffset: 0, headStride: dn + r, ropeOffset: dn, dims: r, layout: c.ropeLayout },
+    );
+    this.ropeK = new Rope(
+      g,
+      { meta: b.meta, table, x: a.latent, xStride: this.latentStride },
+      { nHeads: 1, colOffset: R, headStride: r, ropeOffset: 0, dims: r, layout: c.ropeLayout },
+    );
+    this.kvWrite = new KvWrite(g, this.layout, { meta: b.meta, src: a.latent, srcStride: this.latentStride, srcOffset: 0, layerCaches: b.layerCaches });
+    this.attention = new MlaAttention(
+      g,
+      { nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r },
+      this.layout,
+      { meta: b.meta, qLatent: a.qLatent, out: a.oHat, outStride: c.nHeads * R, layerCaches: b.layerCaches },
+      this.opts.attentionTuning,
+    );
+  }
+
+  prepare(meta: StepMeta): void {
+    this.attention!.prepare(meta.nRows, meta.maxChunks);
+  }
+
+  encodeLayer(pass: GPUComputePassEncoder, layer: number, meta: StepMeta): void {
+    const rows = meta.nRows;
+    const ops = this.ops[layer];
+    for (const op of ops.q) op.encode(pass, rows);
+    for (const op of ops.kv) op.encode(pass, rows);
+    this.ropeQ!.encode(pass, rows);
+    this.ropeK!.encode(pass, rows);
+    this.kvWrite!.encode(pass, layer, rows);
+    ops.absorb.encode(pass, rows);
+    this.attention!.encode(pass, layer, rows, meta.maxChunks);
+    ops.wUv.encode(pass, rows);
+  }
+
+  private destroyActivations(): void {
+    for (const buf of Object.values(this.act)) buf.destroy();
+    this.act = {};
+    this.attention?.destroy();
+  }
+
+  destroy(): void {
+    this.destroyActivations();
+    for (const l of this.layers) {
+      for (const m of [l.qProj, l.qAProj, l.qBProj, l.kvAProj, l.kvACProj, l.kvAPeProj, l.wUk, l.wUv]) if (m) destroyMatrix(m);
+      for (const buf of [l.qProjBias, l.qANorm, l.kvAProjBias, l.kvACBias, l.kvAPeBias, l.kvANorm]) buf?.destroy();
+    }
+  }
+}
+
+/** The runner's factory for MLA models (engine/gpu-runner.ts AttentionBlockFactory). */
+export function mlaBlockFactory(opts: MlaBlockOptions = {}): (ctx: AttentionBlockContext) => MlaBlock {
+  return (ctx) => new MlaBlock(ctx, opts);
+}
