@@ -11,6 +11,7 @@ import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout
 import type { GqaConfig, ModelConfig } from '../model/config.ts';
 import type { GqaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts';
 import type { ModelRunner, StepSequence } from './types.ts';
+import { MlaBlock } from './mla-block.ts';
 
 export interface GpuRunnerOptions {
   /** Tokens per KV block (default 16). */
@@ -25,7 +26,7 @@ export interface GpuRunnerOptions {
   /** Rows (tokens) per step the buffers are first sized for; they grow when a step needs more. */
   maxRowsPerStep?: number;
   matmulTuning?: Partial<MatmulTuning>;
-  /** The per-layer attention for MLA models (kernels/mla*); GQA models use the built-in block. */
+  /** Replaces the per-layer attention block picked from the config (GQA built in, MLA from engine/mla-block.ts). */
   attentionBlock?: AttentionBlockFactory;
 }
 
@@ -416,7 +417,7 @@ class GpuRunner implements ModelRunner {
 
 /**
  * Uploads a model's weights once and returns its step runner over a paged KV pool. GQA models use the built-in
- * attention block; MLA models need `opts.attentionBlock` (the MLA block from kernels/mla*).
+ * attention block, MLA models the latent-cache block (engine/mla-block.ts); `opts.attentionBlock` overrides.
  */
 export async function createGpuRunner(
   gpu: GpuContext,
@@ -430,16 +431,9 @@ export async function createGpuRunner(
   if (weights.layers.length !== config.nLayers) {
     throw new Error(`model has ${weights.layers.length} layers of weights, its config says ${config.nLayers}`);
   }
-  let factory = opts.attentionBlock;
-  if (!factory) {
-    if (config.attention !== 'gqa') {
-      throw new Error(
-        `the GPU runner has no attention block for ${config.attention} models (${config.arch}) yet; ` +
-          'pass opts.attentionBlock (the MLA block), or serve the GQA original',
-      );
-    }
-    factory = (ctx) => new GqaBlock(ctx);
-  }
+  // The layer type comes from the config: MLA models get the latent-cache block (engine/mla-block.ts).
+  const factory: AttentionBlockFactory =
+    opts.attentionBlock ?? (config.attention === 'mla' ? (ctx) => new MlaBlock(ctx) : (ctx) => new GqaBlock(ctx));
   // The rope table belongs to the runner; blocks ask for it through the context before the runner exists.
   const tables = new Map<number, GPUBuffer>();
   const ctx: AttentionBlockContext = {

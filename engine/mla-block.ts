@@ -80,6 +80,9 @@ export class MlaBlock implements AttentionBlock {
   ) {
     if (ctx.config.attention !== 'mla') throw new Error(`the MLA block serves MLA models; this one is ${ctx.config.attention} (${ctx.config.arch})`);
     const c = ctx.config;
+    ctx.weights.layers.forEach((lw, l) => {
+      if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
+    });
     this.config = c;
     const R = c.kvLoraRank;
     const r = c.qkRopeHeadDim;

@@ -143,10 +143,10 @@ test('stories260K: f16 weights and f16 cache stay within 1e-2 of the reference',
   }
 });
 
-test('runner rejects bad steps with readable errors and MLA configs until the MLA block plugs in', async () => {
+test('runner rejects bad steps with readable errors, and MLA configs over GQA weights', async () => {
   await assert.rejects(runner.step([{ tokens: [600], startPos: 0, blockTable: [0], logits: 'last' }]), /outside the vocabulary of 512/);
   await assert.rejects(runner.step([{ tokens: [1, 2], startPos: 15, blockTable: [0], logits: 'last' }]), /needs 2 blocks of 16/);
   await assert.rejects(runner.step([{ tokens: [1], startPos: 0, blockTable: [500], logits: 'last' }]), /block table entry 0 is 500/);
   const mla = { ...model.config, attention: 'mla' } as unknown as LoadedModel['config'];
-  await assert.rejects(createGpuRunner(gpu, { config: mla, weights: model.weights }), /no attention block for mla models/);
+  await assert.rejects(createGpuRunner(gpu, { config: mla, weights: model.weights }), /layer 0 is gqa; an MLA model/);
 });
