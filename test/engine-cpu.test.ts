@@ -219,3 +219,15 @@ test('a failing step makes the engine unhealthy and fails every request in fligh
   assert.throws(() => engine.generate({ requestId: 'y', promptTokens: [1], params: samplingParams() }), /unavailable after an engine failure/);
   await engine.shutdown(0);
 });
+
+test('n > 1 as n identical requests: the first computes the prompt, the others share its full blocks', async () => {
+  const engine = engineWith(64);
+  const ids = prompt('Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends.');
+  assert.ok(ids.length > 32, `${ids.length} prompt tokens`);
+  const outs = await Promise.all([0, 1, 2, 3].map((i) => collect(engine, { requestId: `n${i}`, promptTokens: ids, params: samplingParams({ maxTokens: 8 }) })));
+  const full = Math.floor((ids.length - 1) / 16) * 16;
+  assert.deepEqual(outs.map((o) => o.finish.cachedPromptTokens), [0, full, full, full]);
+  for (const o of outs) assert.deepEqual(o.tokenIds, outs[0].tokenIds);
+  assert.equal(engine.heldBlocks(), 0);
+  await engine.shutdown();
+});
