@@ -168,7 +168,10 @@ export async function convertToMla(config: GqaConfig, weights: ModelWeights, opt
   } else {
     fold = foldOpt;
   }
-  const stage1Weights = stage1(config, weights, keyGramMatrices, r, fold, rotationOpts);
+  const stage1Weights = stage1(config, weights, keyGramMatrices, r, fold, {
+    ...rotationOpts,
+    onLayer: (done) => progress({ stage: `stage 1 RoRoPE f=${fold}`, done, total: config.nLayers, unit: 'layer' }),
+  });
 
   // Stage 2 calibration on the Stage-1 model (RoPE removal upstream changes later layers' inputs).
   const kvGrams = Array.from({ length: config.nLayers }, () => new GramAccumulator(2 * L));

@@ -237,7 +237,7 @@ export function stage1(
   keyGrams: Float64Array[],
   ropeDim: number,
   fold: number,
-  opts: { identity?: boolean; fullRope?: boolean } = {},
+  opts: { identity?: boolean; fullRope?: boolean; onLayer?: (done: number) => void } = {},
 ): LatentModelWeights {
   const spec: FoldSpec = { nKvHeads: config.nKvHeads, headDim: config.headDim, ropeDim, fold, layout: config.ropeLayout };
   checkFoldSpec(spec);
@@ -247,7 +247,11 @@ export function stage1(
   const pairs = opts.fullRope
     ? stage1FullRopePairs(config.nKvHeads, config.headDim, config.ropeTheta)
     : stage1RopePairs(ropeDim, config.ropeTheta);
-  const rotations = keyGrams.map((g) => roropeRotation(g, spec, { identity: opts.identity }));
+  const rotations = keyGrams.map((g, i) => {
+    const p = roropeRotation(g, spec, { identity: opts.identity });
+    opts.onLayer?.(i + 1);
+    return p;
+  });
   const layers = gqaLayers(weights).map((_, i) => rotatedLatentModel(config, { ...weights, layers: [weights.layers[i]] }, rotations[i], pairs).layers[0]);
   return { tokenEmbedding: weights.tokenEmbedding, layers, finalNorm: weights.finalNorm, output: weights.output, ropePairs: pairs };
 }
