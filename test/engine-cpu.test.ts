@@ -231,3 +231,17 @@ test('n > 1 as n identical requests: the first computes the prompt, the others s
   assert.equal(engine.heldBlocks(), 0);
   await engine.shutdown();
 });
+
+test('shutdown: stops admitting, lets short requests finish, aborts what outlives the deadline', async () => {
+  const engine = engineWith(64);
+  const short = collect(engine, { requestId: 'short', promptTokens: prompt('Once'), params: samplingParams({ maxTokens: 2, ignoreEos: true }) });
+  const long = collect(engine, { requestId: 'long', promptTokens: prompt('Once'), params: samplingParams({ maxTokens: 500, ignoreEos: true }) });
+  const done = engine.shutdown(50);
+  assert.throws(() => engine.generate({ requestId: 'late', promptTokens: [1], params: samplingParams() }), /shutting down/);
+  await done;
+  const [s, l] = await Promise.all([short, long]);
+  assert.equal(s.finish.finishReason, 'length');
+  assert.equal(l.finish.finishReason, 'abort');
+  assert.ok(l.tokenIds.length > 0 && l.tokenIds.length < 500);
+  assert.equal(engine.heldBlocks(), 0);
+});
