@@ -246,7 +246,7 @@ export class MlaBlock implements AttentionBlock {
     this.ropeK!.encode(pass, rows);
     this.kvWrite!.encode(pass, layer, rows);
     ops.absorb.encode(pass, rows);
-    this.attention!.encode(pass, layer, rows, meta.maxChunks);
+    this.attention!.encode(pass, layer, rows, meta.maxChunks, meta.chunkSize);
     ops.wUv.encode(pass, rows);
   }
 

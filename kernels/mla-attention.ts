@@ -357,19 +357,33 @@ export function mlaChunkSize(sumCtx: number, plan: MlaAttentionPlan, targetWorkg
   return c;
 }
 
+/** One compiled workgroup size of the partial kernel, with its bind groups (an 'auto' layout is per pipeline). */
+interface PartialVariant {
+  tuning: MlaAttentionTuning;
+  plan: MlaAttentionPlan;
+  /** Compiled on first use (SwiftShader takes seconds per variant; most steps need one size). */
+  pipeline?: GPUComputePipeline;
+  groups: GPUBindGroup[];
+}
+
 /**
  * Absorbed attention of every step row over one layer's latent cache. Reads qLatent[r, h, 0..R+r) (already scaled,
  * q_pe roped), the cache (rows [c | k_pe]), writes ô to out[r, h·R .. (h+1)·R) (row stride outStride).
+ *
+ * The partial kernel comes in workgroup sizes tuning.workgroupSize, /2, /4 (not below 32 threads or the heads):
+ * a step uses the smallest whose tile still covers its context chunk, so short contexts (prefill of short prompts,
+ * small batches) do not leave most threads of a 512-token tile idle.
  */
 export class MlaAttention {
+  /** The plan of the largest workgroup (what long-context decode runs). */
   readonly plan: MlaAttentionPlan;
   readonly tuning: MlaAttentionTuning;
-  private partialPipe: GPUComputePipeline;
+  private variants: PartialVariant[] = [];
   private mergePipe: GPUComputePipeline;
   private partials: GPUBuffer | undefined;
-  private partialGroups: GPUBindGroup[] = [];
   private mergeGroup: GPUBindGroup | undefined;
   private capacity = 0;
+  private readonly layout: PagedRows;
 
   constructor(
     private gpu: GpuContext,
@@ -384,25 +398,57 @@ export class MlaAttention {
       throw new Error(`MLA cache rows hold ${layout.rowValues} values; kv_lora_rank ${R} + rope dim ${shape.qkRopeHeadDim} expected`);
     }
     if (b.outStride < shape.nHeads * R) throw new Error(`MLA attention output stride ${b.outStride} < ${shape.nHeads} heads × ${R}`);
-    this.plan = planMlaAttention(shape, this.tuning);
-    const limit = gpu.limits.maxComputeWorkgroupStorageSize;
-    if (this.plan.workgroupBytes > limit) {
-      throw new Error(
-        `MLA attention needs ${this.plan.workgroupBytes} B of workgroup memory (tile of ${this.plan.tileTokens} tokens × ${this.plan.pStride} heads), ` +
-          `the device allows ${limit} B; lower tokensPerThread or workgroupSize`,
-      );
-    }
     if (this.tuning.workgroupSize > gpu.limits.maxComputeInvocationsPerWorkgroup) {
       throw new Error(`MLA attention workgroup of ${this.tuning.workgroupSize} threads exceeds the device's ${gpu.limits.maxComputeInvocationsPerWorkgroup}`);
     }
-    const key = `${layout.dtype} ${shape.nHeads}h ${R}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${JSON.stringify(this.tuning)}`;
-    this.partialPipe = gpu.pipeline(`mla-attention partial ${key}`, partialWgsl(shape, layout, this.tuning, this.plan));
+    const minWg = Math.min(this.tuning.workgroupSize, Math.max(32, planMlaAttention(shape, this.tuning).headsPerWorkgroup));
+    for (let wg = this.tuning.workgroupSize; wg >= minWg && this.variants.length < 3; wg = Math.floor(wg / 2)) {
+      const t = { ...this.tuning, workgroupSize: wg };
+      const plan = planMlaAttention(shape, t);
+      const limit = gpu.limits.maxComputeWorkgroupStorageSize;
+      if (plan.workgroupBytes > limit) {
+        throw new Error(
+          `MLA attention needs ${plan.workgroupBytes} B of workgroup memory (tile of ${plan.tileTokens} tokens × ${plan.pStride} heads), ` +
+            `the device allows ${limit} B; lower tokensPerThread or workgroupSize`,
+        );
+      }
+      this.variants.push({ tuning: t, plan, groups: [] });
+    }
+    this.layout = layout;
+    this.plan = this.variants[0].plan;
     this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, mergeWgsl(shape, b.outStride));
   }
 
   /** Context tokens per split this kernel wants for a step whose rows' contexts sum to sumCtx. */
   chunkSizeFor(sumCtx: number, targetWorkgroups?: number): number {
     return mlaChunkSize(sumCtx, this.plan, targetWorkgroups);
+  }
+
+  /** The workgroup size a step with this context chunk runs. */
+  variantFor(chunkSize: number): { tuning: MlaAttentionTuning; plan: MlaAttentionPlan } {
+    return this.pick(chunkSize);
+  }
+
+  private pick(chunkSize: number | undefined): PartialVariant {
+    let best = this.variants[0];
+    if (chunkSize !== undefined) for (const v of this.variants) if (v.plan.tileTokens >= chunkSize) best = v;
+    return best;
+  }
+
+  /** Compiles a variant and binds it to the current partials buffer, if not done yet. */
+  private ready(v: PartialVariant): Required<PartialVariant> {
+    const { shape, layout } = this;
+    if (!v.pipeline) {
+      const key = `${layout.dtype} ${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${JSON.stringify(v.tuning)}`;
+      v.pipeline = this.gpu.pipeline(`mla-attention partial ${key}`, partialWgsl(shape, layout, v.tuning, v.plan));
+    }
+    if (v.groups.length === 0 && this.partials) {
+      const { meta, qLatent, layerCaches } = this.b;
+      v.groups = layerCaches.map((cache, l) =>
+        bindBuffers(this.gpu, v.pipeline!, `mla attention partial layer ${l} wg ${v.tuning.workgroupSize}`, [meta, qLatent, cache, cache, this.partials!]),
+      );
+    }
+    return v as Required<PartialVariant>;
   }
 
   /** Makes room for a step's partial results (call before encoding the step; grows, never shrinks). */
@@ -412,21 +458,23 @@ export class MlaAttention {
     this.partials?.destroy();
     this.capacity = Math.max(need, Math.ceil(this.capacity * 1.5));
     this.partials = storageBuffer(this.gpu, 'mla attention partials', this.capacity * 4);
-    const { meta, qLatent, out, layerCaches } = this.b;
-    this.partialGroups = layerCaches.map((cache, l) =>
-      bindBuffers(this.gpu, this.partialPipe, `mla attention partial layer ${l}`, [meta, qLatent, cache, cache, this.partials!]),
-    );
-    this.mergeGroup = bindBuffers(this.gpu, this.mergePipe, 'mla attention merge', [meta, this.partials, out]);
+    for (const v of this.variants) {
+      v.groups = [];
+      if (v.pipeline) this.ready(v);
+    }
+    this.mergeGroup = bindBuffers(this.gpu, this.mergePipe, 'mla attention merge', [this.b.meta, this.partials, this.b.out]);
   }
 
-  encode(pass: GPUComputePassEncoder, layer: number, rows: number, maxChunks: number): void {
+  /** Records the partial and merge passes; chunkSize (the step's META_CHUNK) picks the workgroup size. */
+  encode(pass: GPUComputePassEncoder, layer: number, rows: number, maxChunks: number, chunkSize?: number): void {
     if (!this.partials || rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2) > this.capacity) {
       throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
     }
     if (rows <= 0) return;
-    pass.setPipeline(this.partialPipe);
-    pass.setBindGroup(0, this.partialGroups[layer]);
-    pass.dispatchWorkgroups(maxChunks, this.plan.headSplits, rows);
+    const v = this.ready(this.pick(chunkSize));
+    pass.setPipeline(v.pipeline);
+    pass.setBindGroup(0, v.groups[layer]);
+    pass.dispatchWorkgroups(maxChunks, v.plan.headSplits, rows);
     pass.setPipeline(this.mergePipe);
     pass.setBindGroup(0, this.mergeGroup!);
     pass.dispatchWorkgroups(this.shape.nHeads, rows);

@@ -123,7 +123,9 @@ export class HeadMatmul {
     while (mr < rows && mr < MAX_ROWS_PER_THREAD) mr *= 2;
     let v = this.variants.get(mr);
     if (!v) {
-      const pipeline = this.gpu.pipeline(`mla head-matmul ${this.weight.label} mr${mr}`, headMatmulWgsl(this.spec, this.weight, mr));
+      // Labelled by shape, not by layer: every layer's site shares one compiled pipeline.
+      const { nHeads, K, N } = this.spec;
+      const pipeline = this.gpu.pipeline(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} mr${mr}`, headMatmulWgsl(this.spec, this.weight, mr));
       v = { pipeline, bindGroup: bindBuffers(this.gpu, pipeline, this.weight.label, [this.b.meta, this.b.x, this.weight.pieces[0].buffer, this.b.y]) };
       this.variants.set(mr, v);
     }

@@ -49,7 +49,7 @@ function referenceAbsorbed(q: Float32Array, rows: Float32Array, ctx: number, s: 
   return out;
 }
 
-async function runCase(c: Case): Promise<{ err: number; maxChunks: number; seed: number }> {
+async function runCase(c: Case): Promise<{ err: number; maxChunks: number; seed: number; workgroupSize: number }> {
   const g = await gpu();
   const seed = freshSeed();
   const { nHeads, kvLoraRank: R, qkRopeHeadDim: r } = c.shape;
@@ -86,7 +86,7 @@ async function runCase(c: Case): Promise<{ err: number; maxChunks: number; seed:
     const enc = g.device.createCommandEncoder();
     const pass = enc.beginComputePass();
     writer.encode(pass, 0, m.nRows);
-    if (attend) attention.encode(pass, 0, m.nRows, m.maxChunks);
+    if (attend) attention.encode(pass, 0, m.nRows, m.maxChunks, m.chunkSize);
     pass.end();
     g.device.queue.submit([enc.finish()]);
     await g.device.queue.onSubmittedWorkDone();
@@ -116,6 +116,7 @@ async function runCase(c: Case): Promise<{ err: number; maxChunks: number; seed:
   });
   poisonBuffer(g, out);
   const m = await run(stepSeqs, rows, true);
+  const workgroupSize = attention.variantFor(m.chunkSize).tuning.workgroupSize;
   const got = await readF32(g, out, nRows * outStride);
 
   const want = new Float64Array(nRows * outStride);
@@ -128,7 +129,7 @@ async function runCase(c: Case): Promise<{ err: number; maxChunks: number; seed:
   });
   attention.destroy();
   for (const b of [cacheBuf, src, meta, qLatent, out]) b.destroy();
-  return { err: relError(got, want), maxChunks: m.maxChunks, seed };
+  return { err: relError(got, want), maxChunks: m.maxChunks, seed, workgroupSize };
 }
 
 const mixed: Array<[number, number]> = [
@@ -163,7 +164,7 @@ for (const dtype of ['f32', 'f16'] as const) {
   });
 }
 
-test('mla attention: long contexts across 256-token tiles with the default chunk policy, block size 16', async () => {
+test('mla attention: long contexts with the default chunk policy and tile, block size 16', async () => {
   const shape = { nHeads: 8, kvLoraRank: 32, qkRopeHeadDim: 8 };
   const { err, seed } = await runCase({ shape, dtype: 'f16', blockSize: 16, seqs: [[299, 1], [250, 9], [3, 2]] });
   assert.ok(err <= 1e-4, `relative error ${err} (seed ${seed})`);
@@ -175,4 +176,15 @@ test('mla attention: 33 heads split over two workgroups, 512-token tiles, odd ch
   assert.equal(plan.headSplits, 2);
   const { err, seed } = await runCase({ shape, dtype: 'f32', blockSize: 16, seqs: [[40, 1], [0, 7]], chunkSize: 16 });
   assert.ok(err <= 1e-4, `relative error ${err} (seed ${seed})`);
+});
+
+test('mla attention: each workgroup size (picked by chunk size) on a 450-token context, f16 cache', async () => {
+  const shape = { nHeads: 8, kvLoraRank: 24, qkRopeHeadDim: 8 };
+  const seen = new Set<number>();
+  for (const chunkSize of [64, 200, 400]) {
+    const { err, seed, workgroupSize } = await runCase({ shape, dtype: 'f16', blockSize: 16, seqs: [[449, 1], [120, 3]], chunkSize });
+    seen.add(workgroupSize);
+    assert.ok(err <= 1e-4, `chunk ${chunkSize} (workgroup ${workgroupSize}): relative error ${err} (seed ${seed})`);
+  }
+  assert.deepEqual([...seen].sort((a, b) => a - b), [64, 128, 256]);
 });

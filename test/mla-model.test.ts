@@ -1,10 +1,9 @@
-// Whole random MLA models on the GPU runner with the MLA block vs the float64 MLA reference: q_proj and q_a/q_b
+// Whole random MLA models on the GPU runner (which picks the MLA block from the config) vs the float64 MLA reference: q_proj and q_a/q_b
 // (+ q_a_layernorm), kv_a_layernorm, biases, both RoPE layouts, batches of prefill chunks and decode rows.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
-import { mlaBlockFactory } from '../engine/mla-block.ts';
 import type { ModelRunner, StepSequence } from '../engine/types.ts';
 import type { MlaConfig } from '../model/config.ts';
 import type { ModelWeights } from '../model/weights.ts';
@@ -78,7 +77,6 @@ async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16';
     blockSize: 4,
     numBlocks: 64,
     maxRowsPerStep: 4,
-    attentionBlock: mlaBlockFactory(),
   });
   try {
     const V = config.vocabSize;
