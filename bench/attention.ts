@@ -1,0 +1,465 @@
+// Attention micro-benchmark at Qwen2.5-7B shapes: GQA decode (28 q / 4 kv heads, d 128) vs absorbed MLA decode (28 heads,
+// 512 + 64) over f16 paged caches, time per layer-step, GB/s over the cache bytes and FLOP/s against the H200 ceilings.
+//
+//   npm run bench:attention                         # batch 1/8/32/64 × context 1K/4K/16K (real GPU; ~3.3 GB of cache)
+//   npm run bench:attention -- --quick              # tiny contexts, checks that it runs (SwiftShader)
+//   npm run bench:attention -- --json out.json      # also write every measurement as JSON
+//   options: --batches 1,8,32,64  --contexts 1024,4096,16384  --ceiling-gbs 4300  --ceiling-tflops 67
+//            --target-ms 150 (GPU time per measurement)  --variants all|default (MLA workgroup/tile variants)
+//
+// Synthetic data: cache values are a hash of their index (f16 in ±[1/16, 1)), generated on the GPU; block tables are
+// a fixed shuffle of the pool (pages scattered as a running server leaves them). Each measurement records many
+// layer-steps (partial + merge dispatches) in one compute pass, one submit; timestamps when the adapter has them.
+// Row 0 of each shape is checked against a float64 CPU computation from the same hash (max relative error column).
+import { writeFileSync } from 'node:fs';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { GqaAttention, maxAttentionChunk } from '../kernels/attention.ts';
+import { MlaAttention, DEFAULT_MLA_TUNING, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { buildStepMeta, type StepMeta } from '../kernels/step-meta.ts';
+import { bindBuffers, f16BitsToF32, gridFor, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
+
+const N_HEADS = 28;
+const N_KV = 4;
+const HEAD_DIM = 128;
+const R = 512;
+const ROPE = 64;
+const BLOCK = 16;
+
+interface Args {
+  quick: boolean;
+  json?: string;
+  batches: number[];
+  contexts: number[];
+  ceilingGBs: number;
+  ceilingTflops: number;
+  targetMs: number;
+  variants: 'all' | 'default';
+}
+
+function parseArgs(argv: string[]): Args {
+  const a: Args = { quick: false, batches: [1, 8, 32, 64], contexts: [1024, 4096, 16384], ceilingGBs: 4300, ceilingTflops: 67, targetMs: 150, variants: 'all' };
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i];
+    const val = () => {
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`${k} needs a value`);
+      return v;
+    };
+    const list = () => val().split(',').map((s) => {
+      const n = Number(s);
+      if (!Number.isInteger(n) || n < 1) throw new Error(`${k}: "${s}" is not a positive integer`);
+      return n;
+    });
+    if (k === '--quick') a.quick = true;
+    else if (k === '--json') a.json = val();
+    else if (k === '--batches') a.batches = list();
+    else if (k === '--contexts') a.contexts = list();
+    else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
+    else if (k === '--ceiling-tflops') a.ceilingTflops = Number(val());
+    else if (k === '--target-ms') a.targetMs = Number(val());
+    else if (k === '--variants') {
+      const v = val();
+      if (v !== 'all' && v !== 'default') throw new Error(`--variants takes all or default, not ${v}`);
+      a.variants = v;
+    } else throw new Error(`unknown option ${k}; see the top of bench/attention.ts`);
+  }
+  if (a.quick) {
+    if (!argv.includes('--batches')) a.batches = [1, 3];
+    if (!argv.includes('--contexts')) a.contexts = [40, 300];
+    a.targetMs = Math.min(a.targetMs, 5);
+    if (!argv.includes('--variants')) a.variants = 'default';
+  }
+  return a;
+}
+
+/** MLA kernel variants the benchmark tries (the default first); the table shows the fastest. */
+const MLA_VARIANTS: Array<{ name: string; tuning: Partial<MlaAttentionTuning>; chunkScale: number }> = [
+  { name: 'wg256 b2', tuning: {}, chunkScale: 1 },
+  { name: 'wg256 b2 chunk×2', tuning: {}, chunkScale: 2 },
+  { name: 'wg256 b1', tuning: { tokensPerThread: 1 }, chunkScale: 1 },
+  { name: 'wg128 b2', tuning: { workgroupSize: 128 }, chunkScale: 1 },
+  { name: 'wg256 b2 14h', tuning: { maxHeadsPerThread: 14 }, chunkScale: 1 },
+];
+
+// ---- synthetic cache values: the same hash on the GPU (fill kernel) and on the CPU (check) ----
+
+const HASH_WGSL = /* wgsl */ `
+fn hashWord(i: u32, seed: u32) -> u32 {
+  var x = i * 747796405u + seed;
+  x = ((x >> ((x >> 28u) + 4u)) ^ x) * 277803737u;
+  return (x >> 22u) ^ x;
+}
+fn halfBits(r: u32) -> u32 { return ((r & 1u) << 15u) | ((11u + ((r >> 1u) & 3u)) << 10u) | ((r >> 3u) & 0x3ffu); }
+`;
+
+function hashWord(i: number, seed: number): number {
+  let x = (Math.imul(i, 747796405) + seed) >>> 0;
+  x = Math.imul(((x >>> ((x >>> 28) + 4)) ^ x) >>> 0, 277803737) >>> 0;
+  return ((x >>> 22) ^ x) >>> 0;
+}
+const halfBits = (r: number) => ((r & 1) << 15) | ((11 + ((r >>> 1) & 3)) << 10) | ((r >>> 3) & 0x3ff);
+
+/** f16 value pair of word i (low half first), as the fill kernel writes it. */
+function wordValues(i: number, seed: number): [number, number] {
+  const r = hashWord(i, seed);
+  return [f16BitsToF32(halfBits(r & 0xffff)), f16BitsToF32(halfBits(r >>> 16))];
+}
+
+function fillCache(gpu: GpuContext, buf: GPUBuffer, seed: number): void {
+  const WG = 256;
+  const code = /* wgsl */ `
+${HASH_WGSL}
+@group(0) @binding(0) var<storage, read_write> cache: array<u32>;
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = id.x + id.y * nwg.x * ${WG}u;
+  if (i >= arrayLength(&cache)) { return; }
+  let r = hashWord(i, ${seed >>> 0}u);
+  cache[i] = halfBits(r & 0xffffu) | (halfBits(r >> 16u) << 16u);
+}`;
+  const pipeline = gpu.pipeline('bench fill cache', code);
+  const enc = gpu.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  pass.setPipeline(pipeline);
+  pass.setBindGroup(0, bindBuffers(gpu, pipeline, 'fill', [buf]));
+  const [x, y] = gridFor(gpu, Math.ceil(buf.size / 4 / WG));
+  pass.dispatchWorkgroups(x, y);
+  pass.end();
+  gpu.device.queue.submit([enc.finish()]);
+}
+
+function randomF32(n: number, seed: number, scale: number): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = ((hashWord(i, seed) / 4294967296) * 2 - 1) * scale;
+  return out;
+}
+
+// ---- timing ----
+
+async function timePass(gpu: GpuContext, iterations: number, encodeOne: (pass: GPUComputePassEncoder) => void): Promise<{ ns: number; timestamps: boolean }> {
+  const dev = gpu.device;
+  const hasTs = gpu.features.has('timestamp-query');
+  const qs = hasTs ? dev.createQuerySet({ type: 'timestamp', count: 2 }) : undefined;
+  const resolve = hasTs ? dev.createBuffer({ size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC }) : undefined;
+  const read = hasTs ? dev.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }) : undefined;
+  const enc = dev.createCommandEncoder();
+  const pass = enc.beginComputePass(qs ? { timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {});
+  for (let i = 0; i < iterations; i++) encodeOne(pass);
+  pass.end();
+  if (qs && resolve && read) {
+    enc.resolveQuerySet(qs, 0, 2, resolve, 0);
+    enc.copyBufferToBuffer(resolve, 0, read, 0, 16);
+  }
+  const t0 = performance.now();
+  dev.queue.submit([enc.finish()]);
+  await dev.queue.onSubmittedWorkDone();
+  const wallNs = (performance.now() - t0) * 1e6;
+  let ns = wallNs;
+  let timestamps = false;
+  if (read) {
+    await read.mapAsync(GPUMapMode.READ);
+    const t = new BigUint64Array(read.getMappedRange().slice(0));
+    read.unmap();
+    const d = Number(t[1] - t[0]);
+    if (d > 0 && d < wallNs * 1.5) {
+      ns = d;
+      timestamps = true;
+    }
+  }
+  qs?.destroy();
+  resolve?.destroy();
+  read?.destroy();
+  gpu.checkErrors();
+  return { ns, timestamps };
+}
+
+/** Runs a few iterations (compiles, warms), then enough for ~targetMs of GPU time; µs per iteration. */
+async function measure(gpu: GpuContext, args: Args, encodeOne: (pass: GPUComputePassEncoder) => void): Promise<{ us: number; iterations: number; timestamps: boolean }> {
+  const warm = await timePass(gpu, 3, encodeOne);
+  const per = warm.ns / 3;
+  const iterations = Math.max(3, Math.min(5000, Math.ceil((args.targetMs * 1e6) / Math.max(per, 1))));
+  const r = await timePass(gpu, iterations, encodeOne);
+  return { us: r.ns / iterations / 1e3, iterations, timestamps: r.timestamps };
+}
+
+// ---- one shape ----
+
+interface Measurement {
+  kernel: 'gqa' | 'mla';
+  variant: string;
+  batch: number;
+  context: number;
+  chunk: number;
+  usPerLayerStep: number;
+  iterations: number;
+  timestamps: boolean;
+  cacheBytes: number;
+  flops: number;
+  gbPerS: number;
+  bandwidthRatio: number;
+  tflops: number;
+  flopRatio: number;
+  /** Row 0 vs float64 (NaN when not checked). */
+  maxRelError: number;
+  aliasedBlocks: boolean;
+}
+
+interface Pool {
+  buffer: GPUBuffer;
+  blocks: number;
+  rowValues: number;
+  seed: number;
+}
+
+function makePool(gpu: GpuContext, label: string, rowValues: number, wantBlocks: number, seed: number): Pool {
+  const blockBytes = BLOCK * rowValues * 2;
+  const blocks = Math.max(1, Math.min(wantBlocks, Math.floor(gpu.limits.maxStorageBufferBindingSize / blockBytes)));
+  const buffer = storageBuffer(gpu, `${label} cache (${blocks} blocks)`, blocks * blockBytes);
+  fillCache(gpu, buffer, seed);
+  return { buffer, blocks, rowValues, seed };
+}
+
+/** Block tables of `batch` sequences of `context` tokens: a fixed shuffle of the pool, wrapping when it is too small. */
+function blockTables(batch: number, context: number, poolBlocks: number): { tables: number[][]; aliased: boolean } {
+  const perSeq = Math.ceil(context / BLOCK);
+  const order = Array.from({ length: poolBlocks }, (_, i) => i);
+  for (let i = poolBlocks - 1; i > 0; i--) {
+    const j = hashWord(i, 99) % (i + 1);
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  const tables = Array.from({ length: batch }, (_, s) => Array.from({ length: perSeq }, (_, b) => order[(s * perSeq + b) % poolBlocks]));
+  return { tables, aliased: batch * perSeq > poolBlocks };
+}
+
+/** Cache value (token t of a sequence, value v) through the block table, as the fill kernel wrote it. */
+function cacheValue(pool: Pool, table: number[], t: number, v: number): number {
+  const row = table[Math.floor(t / BLOCK)] * BLOCK + (t % BLOCK);
+  const idx = row * pool.rowValues + v;
+  return wordValues(idx >>> 1, pool.seed)[idx & 1];
+}
+
+function softmaxWeights(scores: Float64Array): Float64Array {
+  let mx = -Infinity;
+  for (const s of scores) mx = Math.max(mx, s);
+  let sum = 0;
+  const p = scores.map((s) => Math.exp(s - mx));
+  for (const x of p) sum += x;
+  return p.map((x) => x / sum);
+}
+
+function relErr(got: Float32Array, want: Float64Array): number {
+  let d = 0;
+  let m = 0;
+  for (let i = 0; i < want.length; i++) {
+    if (!Number.isFinite(got[i])) return Infinity;
+    d = Math.max(d, Math.abs(got[i] - want[i]));
+    m = Math.max(m, Math.abs(want[i]));
+  }
+  return d / Math.max(m, 1e-30);
+}
+
+function metaFor(tables: number[][], context: number, poolBlocks: number, parallelHeads: number, maxChunk: number, chunkScale = 1): StepMeta {
+  const seqs = tables.map((blockTable) => ({ tokens: [0], startPos: context - 1, blockTable, logits: 'none' as const }));
+  const m = buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk });
+  if (chunkScale === 1) return m;
+  return buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, chunkSize: Math.min(maxChunk, m.chunkSize * chunkScale) });
+}
+
+function figures(args: Args, us: number, cacheBytes: number, flops: number) {
+  const gbPerS = cacheBytes / (us * 1e-6) / 1e9;
+  const tflops = flops / (us * 1e-6) / 1e12;
+  return { gbPerS, bandwidthRatio: gbPerS / args.ceilingGBs, tflops, flopRatio: tflops / args.ceilingTflops };
+}
+
+async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number): Promise<Measurement> {
+  const D = HEAD_DIM;
+  const qkvStride = (N_HEADS + 2 * N_KV) * D;
+  const outStride = N_HEADS * D;
+  const { tables, aliased } = blockTables(batch, context, pool.blocks);
+  const shape = { nHeads: N_HEADS, nKvHeads: N_KV, headDim: D };
+  const chunkMax = maxAttentionChunk(shape);
+  const m = metaFor(tables, context, pool.blocks, N_KV, chunkMax);
+  const meta = uploadArray(gpu, 'meta', m.data);
+  // q of every row; the k/v columns of qkv are not read by the attention kernel.
+  const qkvData = new Float32Array(batch * qkvStride);
+  const q = randomF32(batch * N_HEADS * D, 7, 1);
+  for (let b = 0; b < batch; b++) qkvData.set(q.subarray(b * N_HEADS * D, (b + 1) * N_HEADS * D), b * qkvStride);
+  const qkv = uploadArray(gpu, 'qkv', qkvData);
+  const out = storageBuffer(gpu, 'gqa out', batch * outStride * 4);
+  const att = new GqaAttention(gpu, shape, { rowValues: pool.rowValues, blockSize: BLOCK, dtype: 'f16' }, { meta, qkv, qkvStride, out, outStride, layerCaches: [pool.buffer] });
+  att.prepare(m.nRows, m.maxChunks);
+  const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks));
+  let maxRelError = NaN;
+  if (context <= 4096) {
+    const got = await readF32(gpu, out, outStride);
+    const want = new Float64Array(outStride);
+    const scale = 1 / Math.sqrt(D);
+    for (let h = 0; h < N_HEADS; h++) {
+      const kv = Math.floor(h / (N_HEADS / N_KV));
+      const s = new Float64Array(context);
+      for (let t = 0; t < context; t++) {
+        let d = 0;
+        for (let i = 0; i < D; i++) d += Math.fround(q[h * D + i]) * cacheValue(pool, tables[0], t, kv * D + i);
+        s[t] = d * scale;
+      }
+      const p = softmaxWeights(s);
+      for (let t = 0; t < context; t++) for (let i = 0; i < D; i++) want[h * D + i] += p[t] * cacheValue(pool, tables[0], t, (N_KV + kv) * D + i);
+    }
+    maxRelError = relErr(got, want);
+  }
+  att.destroy();
+  for (const b of [meta, qkv, out]) b.destroy();
+  const cacheBytes = batch * context * pool.rowValues * 2;
+  const flops = batch * context * N_HEADS * 4 * D;
+  return { kernel: 'gqa', variant: 'kernels/attention.ts', batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps, cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased };
+}
+
+async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number): Promise<Measurement[]> {
+  const RV = R + ROPE;
+  const outStride = N_HEADS * R;
+  const { tables, aliased } = blockTables(batch, context, pool.blocks);
+  const qLatentData = randomF32(batch * N_HEADS * RV, 11, 1 / Math.sqrt(RV));
+  const qLatent = uploadArray(gpu, 'qLatent', qLatentData);
+  const out = storageBuffer(gpu, 'mla out', batch * outStride * 4);
+  const variants = args.variants === 'all' ? MLA_VARIANTS : MLA_VARIANTS.slice(0, 1);
+  const results: Measurement[] = [];
+  let want: Float64Array | undefined;
+  for (const v of variants) {
+    const shape = { nHeads: N_HEADS, kvLoraRank: R, qkRopeHeadDim: ROPE };
+    // The runner's chunk policy (engine/gpu-runner.ts → buildStepMeta), optionally scaled.
+    const headSplits = planMlaAttention(shape, { ...DEFAULT_MLA_TUNING, ...v.tuning }).headSplits;
+    const m = metaFor(tables, context, pool.blocks, headSplits, 1 << 16, v.chunkScale);
+    const meta = uploadArray(gpu, 'meta', m.data);
+    let att: MlaAttention;
+    try {
+      att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'f16' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, v.tuning);
+    } catch (e) {
+      process.stderr.write(`mla ${v.name}: ${(e as Error).message}\n`);
+      meta.destroy();
+      continue;
+    }
+    att.prepare(m.nRows, m.maxChunks);
+    const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks, m.chunkSize));
+    let maxRelError = NaN;
+    if (context <= 4096) {
+      const got = await readF32(gpu, out, outStride);
+      if (!want) {
+        want = new Float64Array(outStride);
+        const rows = new Float64Array(context * RV);
+        for (let t = 0; t < context; t++) for (let k = 0; k < RV; k++) rows[t * RV + k] = cacheValue(pool, tables[0], t, k);
+        for (let h = 0; h < N_HEADS; h++) {
+          const s = new Float64Array(context);
+          for (let t = 0; t < context; t++) {
+            let d = 0;
+            for (let k = 0; k < RV; k++) d += qLatentData[h * RV + k] * rows[t * RV + k];
+            s[t] = d;
+          }
+          const p = softmaxWeights(s);
+          for (let t = 0; t < context; t++) for (let k = 0; k < R; k++) want[h * R + k] += p[t] * rows[t * RV + k];
+        }
+      }
+      maxRelError = relErr(got, want);
+    }
+    const picked = att.variantFor(m.chunkSize);
+    att.destroy();
+    meta.destroy();
+    const cacheBytes = batch * context * RV * 2;
+    const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
+    results.push({
+      kernel: 'mla',
+      variant: `${v.name} (ran wg${picked.tuning.workgroupSize}, tile ${picked.plan.tileTokens})`,
+      batch,
+      context,
+      chunk: m.chunkSize,
+      usPerLayerStep: r.us,
+      iterations: r.iterations,
+      timestamps: r.timestamps,
+      cacheBytes,
+      flops,
+      ...figures(args, r.us, cacheBytes, flops),
+      maxRelError,
+      aliasedBlocks: aliased,
+    });
+  }
+  qLatent.destroy();
+  out.destroy();
+  return results;
+}
+
+function table(rows: string[][]): string {
+  const w = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
+  return rows.map((r) => r.map((s, c) => (c === 0 ? s.padEnd(w[c]) : s.padStart(w[c]))).join('  ')).join('\n');
+}
+
+const fmt = (v: number, d = 1) => (Number.isFinite(v) ? v.toFixed(d) : '—');
+const pct = (v: number) => `${(100 * v).toFixed(0)}%`;
+const errText = (v: number) => (Number.isNaN(v) ? '—' : v.toExponential(1));
+
+async function main(): Promise<void> {
+  const args = parseArgs(process.argv.slice(2));
+  const gpu = await openGpu();
+  const all: Measurement[] = [];
+  try {
+    const maxBatch = Math.max(...args.batches);
+    const maxCtx = Math.max(...args.contexts);
+    const wantBlocks = maxBatch * Math.ceil(maxCtx / BLOCK);
+    const gqaPool = makePool(gpu, 'gqa', 2 * N_KV * HEAD_DIM, wantBlocks, 1234);
+    const mlaPool = makePool(gpu, 'mla', R + ROPE, wantBlocks, 4321);
+    process.stderr.write(
+      `${gpu.adapterName}${gpu.isSoftware ? ' (software: timings meaningless)' : ''}; pools: GQA ${gqaPool.blocks} blocks (${((gqaPool.blocks * BLOCK * 2048) / 2 ** 30).toFixed(2)} GiB), ` +
+        `MLA ${mlaPool.blocks} blocks (${((mlaPool.blocks * BLOCK * 1152) / 2 ** 30).toFixed(2)} GiB)\n`,
+    );
+    for (const context of args.contexts) {
+      for (const batch of args.batches) {
+        const g = await benchGqa(gpu, args, gqaPool, batch, context);
+        const ms = await benchMla(gpu, args, mlaPool, batch, context);
+        all.push(g, ...ms);
+        for (const m of [g, ...ms]) {
+          process.stderr.write(
+            `${m.kernel} ${m.variant} b${batch} ctx${context} chunk ${m.chunk}: ${fmt(m.usPerLayerStep)} µs, ${fmt(m.gbPerS, 0)} GB/s, ` +
+              `${fmt(m.tflops, 2)} TFLOP/s, err ${errText(m.maxRelError)}${m.aliasedBlocks ? ' (blocks shared between sequences)' : ''}\n`,
+          );
+        }
+      }
+    }
+    gqaPool.buffer.destroy();
+    mlaPool.buffer.destroy();
+    if (args.json) {
+      writeFileSync(
+        args.json,
+        JSON.stringify({ adapter: gpu.adapterName, software: gpu.isSoftware, ceilingGBs: args.ceilingGBs, ceilingTflops: args.ceilingTflops, quick: args.quick, defaultMlaTuning: DEFAULT_MLA_TUNING, measurements: all }, null, 2),
+      );
+    }
+  } finally {
+    gpu.destroy();
+    releaseGpu();
+  }
+  // The short table, last: per shape, GQA vs the fastest MLA variant.
+  const rows = [['batch×ctx', 'GQA µs', 'GQA GB/s', 'MLA µs', 'MLA/GQA', 'MLA GB/s', 'MLA TFLOP/s', 'MLA variant', 'max err']];
+  for (const context of args.contexts) {
+    for (const batch of args.batches) {
+      const g = all.find((m) => m.kernel === 'gqa' && m.batch === batch && m.context === context);
+      const mla = all.filter((m) => m.kernel === 'mla' && m.batch === batch && m.context === context).sort((a, b) => a.usPerLayerStep - b.usPerLayerStep)[0];
+      if (!g || !mla) continue;
+      rows.push([
+        `${batch}×${context}${g.aliasedBlocks ? '*' : ''}`,
+        fmt(g.usPerLayerStep),
+        `${fmt(g.gbPerS, 0)} (${pct(g.bandwidthRatio)})`,
+        fmt(mla.usPerLayerStep),
+        fmt(mla.usPerLayerStep / g.usPerLayerStep, 2),
+        `${fmt(mla.gbPerS, 0)} (${pct(mla.bandwidthRatio)})`,
+        `${fmt(mla.tflops, 1)} (${pct(mla.flopRatio)})`,
+        mla.variant.split(' (')[0],
+        errText(Math.max(g.maxRelError, mla.maxRelError)),
+      ]);
+    }
+  }
+  console.log(
+    `\nattention per layer-step, f16 caches, Qwen2.5-7B shapes (GQA 28q/4kv d128: 2048 B/token; MLA 28h 512+64: 1152 B/token = 56%)\n` +
+      `ceilings: ${args.ceilingGBs} GB/s HBM, ${args.ceilingTflops} TFLOP/s f32; GB/s counts cache bytes only; FLOP: GQA 4·d, MLA 2·(R+r)+2·R per head per token` +
+      `${rows.some((r) => r[0].endsWith('*')) ? '\n* pool smaller than batch×ctx: sequences share blocks (cache hits possible)' : ''}\n`,
+  );
+  console.log(table(rows));
+}
+
+await main();
