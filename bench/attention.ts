@@ -79,6 +79,9 @@ const MLA_VARIANTS: Array<{ name: string; tuning: Partial<MlaAttentionTuning>; c
   { name: 'wg256 b1', tuning: { tokensPerThread: 1 }, chunkScale: 1 },
   { name: 'wg128 b2', tuning: { workgroupSize: 128 }, chunkScale: 1 },
   { name: 'wg256 b2 14h', tuning: { maxHeadsPerThread: 14 }, chunkScale: 1 },
+  { name: 'wg256 b2 q64', tuning: { qSliceValues: 64 }, chunkScale: 1 },
+  { name: 'wg256 b2 q128', tuning: { qSliceValues: 128 }, chunkScale: 1 },
+  { name: 'wg256 b2 q64 chunk×2', tuning: { qSliceValues: 64 }, chunkScale: 2 },
 ];
 
 // ---- synthetic cache values: the same hash on the GPU (fill kernel) and on the CPU (check) ----
@@ -434,6 +437,15 @@ async function main(): Promise<void> {
     gpu.destroy();
     releaseGpu();
   }
+  // Every MLA variant at the goal shape (batch 32 × 4K, or the largest measured), then the short table, last.
+  const goalBatch = args.batches.includes(32) ? 32 : Math.max(...args.batches);
+  const goalCtx = args.contexts.includes(4096) ? 4096 : Math.max(...args.contexts);
+  const goalGqa = all.find((m) => m.kernel === 'gqa' && m.batch === goalBatch && m.context === goalCtx);
+  const variantRows = [['MLA variant @ ' + `${goalBatch}×${goalCtx}`, 'chunk', 'µs', 'vs GQA', 'TFLOP/s', 'GB/s']];
+  for (const m of all.filter((m) => m.kernel === 'mla' && m.batch === goalBatch && m.context === goalCtx)) {
+    variantRows.push([m.variant, String(m.chunk), fmt(m.usPerLayerStep), goalGqa ? fmt(m.usPerLayerStep / goalGqa.usPerLayerStep, 2) : '—', fmt(m.tflops, 1), fmt(m.gbPerS, 0)]);
+  }
+  if (variantRows.length > 2) console.log('\n' + table(variantRows));
   // The short table, last: per shape, GQA vs the fastest MLA variant.
   const rows = [['batch×ctx', 'GQA µs', 'GQA GB/s', 'MLA µs', 'MLA/GQA', 'MLA GB/s', 'MLA TFLOP/s', 'MLA variant', 'max err']];
   for (const context of args.contexts) {

@@ -33,6 +33,11 @@ export interface MlaAttentionTuning {
   maxHeadsPerThread: number;
   /** Most heads one workgroup holds; past it the heads split over workgroups. */
   maxHeadsPerWorkgroup: number;
+  /**
+   * 0: every thread loads the query from memory (warp-uniform loads, L1-cached). n > 0: the score loop walks the
+   * row in slices of n values (a multiple of 8) and stages each slice of every head's query in workgroup memory.
+   */
+  qSliceValues: number;
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
@@ -40,6 +45,7 @@ export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
   tokensPerThread: 2,
   maxHeadsPerThread: 16,
   maxHeadsPerWorkgroup: 32,
+  qSliceValues: 0,
 };
 
 const MERGE_WG = 64;
@@ -64,6 +70,8 @@ export interface MlaAttentionPlan {
   /** Row values and whether rows load as 8-value groups (row length a multiple of 8). */
   rowValues: number;
   aligned: boolean;
+  /** 8-value groups per staged query slice (0: query read from memory). */
+  qSliceGroups: number;
   workgroupBytes: number;
 }
 
@@ -85,7 +93,10 @@ export function planMlaAttention(shape: MlaAttentionShape, tuning: MlaAttentionT
   const pStride = outGroups * headsPerOutThread;
   const rowValues = R + r;
   const parts = Math.floor(WG / HW);
-  const workgroupBytes = 4 * (tileTokens * pStride + tileTokens + 2 * HW * parts + 3 * HW + 4);
+  if (tuning.qSliceValues % 8 !== 0) throw new Error(`MLA attention: qSliceValues ${tuning.qSliceValues} is not a multiple of 8`);
+  const aligned = rowValues % 8 === 0;
+  const qSliceGroups = aligned ? Math.min(tuning.qSliceValues, rowValues) / 8 : 0;
+  const workgroupBytes = 4 * (tileTokens * pStride + tileTokens + 2 * HW * parts + 3 * HW + 4 + HW * 8 * qSliceGroups);
   return {
     headSplits,
     headsPerWorkgroup: HW,
@@ -98,7 +109,8 @@ export function planMlaAttention(shape: MlaAttentionShape, tuning: MlaAttentionT
     pairsPerThread,
     pStride,
     rowValues,
-    aligned: rowValues % 8 === 0,
+    aligned,
+    qSliceGroups,
     workgroupBytes,
   };
 }
@@ -152,6 +164,9 @@ function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTun
       let q${a}b = qLatent[qb${a} + 2u * g + 1u];`
       : `let q${a} = qLatent[qb${a} + g];`;
   const qUnit = p.aligned ? 4 : 2;
+  // Query slices staged in workgroup memory (8-value groups per slice), only on the 8-value path.
+  const stage = p.qSliceGroups > 0;
+  const SG = p.qSliceGroups;
 
   return /* wgsl */ `
 ${metaWgsl(0)}
@@ -168,6 +183,7 @@ var<workgroup> mRun: array<f32, ${HW}>;
 var<workgroup> lRun: array<f32, ${HW}>;
 var<workgroup> alpha: array<f32, ${HW}>;
 var<workgroup> bounds: vec2<u32>;
+${stage ? `var<workgroup> qs: array<vec4<f32>, ${HW * 2 * SG}>;` : ''}
 
 fn setP(j: u32, h: u32, v: f32) {
   let i = j * ${HP}u + h;
@@ -220,14 +236,43 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     workgroupBarrier();
 
     // Scores of this thread's tokens for its heads (whole dot product in registers).
-    if (scoring) {
-      ${bs.map((i) => `let j${i} = tt + ${i * TPG}u;`).join('\n      ')}
-      ${bs.map((i) => `let rb${i} = ${rowBase(`tileRows[min(j${i}, n - 1u)]`)};`).join('\n      ')}
-      ${as.map((a) => bs.map((i) => `var s${a}_${i} = 0.0;`).join(' ')).join('\n      ')}
+    ${bs.map((i) => `let j${i} = tt + ${i * TPG}u;`).join('\n    ')}
+    ${bs.map((i) => `let rb${i} = ${rowBase(`tileRows[min(j${i}, n - 1u)]`)};`).join('\n    ')}
+    ${as.map((a) => bs.map((i) => `var s${a}_${i} = 0.0;`).join(' ')).join('\n    ')}
+    ${
+      stage
+        ? `for (var s0 = 0u; s0 < ${groupsPerRow}u; s0 += ${SG}u) {
+      // The query slice [8·s0, 8·(s0 + gl)) of every head into workgroup memory, read back as broadcasts.
+      let gl = min(${SG}u, ${groupsPerRow}u - s0);
+      for (var idx = lid; idx < ${HW}u * 2u * gl; idx += ${WG}u) {
+        let h = idx / (2u * gl);
+        let c4 = idx % (2u * gl);
+        qs[h * ${2 * SG}u + c4] = qLatent[((r * ${nH}u + min(hBase + h, ${nH - 1}u)) * ${RV}u) / 4u + 2u * s0 + c4];
+      }
+      workgroupBarrier();
+      if (scoring) {
+        for (var gg = 0u; gg < gl; gg++) {
+          let g = s0 + gg;
+          ${bs.map(loadGroup).join('\n          ')}
+          ${as
+            .map(
+              (a) => `let q${a}a = qs[hs${a} * ${2 * SG}u + 2u * gg];
+          let q${a}b = qs[hs${a} * ${2 * SG}u + 2u * gg + 1u];
+          ${bs.map((i) => scoreFma(a, i)).join(' ')}`,
+            )
+            .join('\n          ')}
+        }
+      }
+      workgroupBarrier();
+    }`
+        : `if (scoring) {
       for (var g = 0u; g < ${groupsPerRow}u; g++) {
         ${bs.map(loadGroup).join('\n        ')}
         ${as.map((a) => `${loadQ(a)}\n        ${bs.map((i) => scoreFma(a, i)).join(' ')}`).join('\n        ')}
       }
+    }`
+    }
+    if (scoring) {
       ${bs
         .map(
           (i) => `if (j${i} < n) {
@@ -403,9 +448,14 @@ export class MlaAttention {
     }
     const minWg = Math.min(this.tuning.workgroupSize, Math.max(32, planMlaAttention(shape, this.tuning).headsPerWorkgroup));
     for (let wg = this.tuning.workgroupSize; wg >= minWg && this.variants.length < 3; wg = Math.floor(wg / 2)) {
-      const t = { ...this.tuning, workgroupSize: wg };
-      const plan = planMlaAttention(shape, t);
+      let t = { ...this.tuning, workgroupSize: wg };
+      let plan = planMlaAttention(shape, t);
       const limit = gpu.limits.maxComputeWorkgroupStorageSize;
+      // Many heads on a device with little workgroup memory (SwiftShader: 32 KiB): halve the tile before giving up.
+      while (plan.workgroupBytes > limit && t.tokensPerThread > 1) {
+        t = { ...t, tokensPerThread: t.tokensPerThread / 2 };
+        plan = planMlaAttention(shape, t);
+      }
       if (plan.workgroupBytes > limit) {
         throw new Error(
           `MLA attention needs ${plan.workgroupBytes} B of workgroup memory (tile of ${plan.tileTokens} tokens × ${plan.pStride} heads), ` +

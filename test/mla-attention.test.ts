@@ -188,3 +188,16 @@ test('mla attention: each workgroup size (picked by chunk size) on a 450-token c
   }
   assert.deepEqual([...seen].sort((a, b) => a - b), [64, 128, 256]);
 });
+
+test('mla attention: query slices staged in workgroup memory (partial last slice), f32 and f16', async () => {
+  for (const [shape, tuning, chunkSize] of [
+    [{ nHeads: 7, kvLoraRank: 24, qkRopeHeadDim: 8 }, { ...smallTiles, qSliceValues: 24 }, 16],
+    [{ nHeads: 2, kvLoraRank: 512, qkRopeHeadDim: 64 }, { qSliceValues: 64 }, 32],
+  ] as const) {
+    assert.ok(planMlaAttention(shape, { ...DEFAULT_MLA_TUNING, ...tuning }).qSliceGroups > 0);
+    for (const dtype of ['f32', 'f16'] as const) {
+      const { err, seed } = await runCase({ shape, dtype, blockSize: 4, seqs: mixed, chunkSize, tuning });
+      assert.ok(err <= 1e-4, `${dtype} ${JSON.stringify(shape)} ${JSON.stringify(tuning)}: relative error ${err} (seed ${seed})`);
+    }
+  }
+});
