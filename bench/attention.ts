@@ -6,6 +6,7 @@
 //   npm run bench:attention -- --json out.json      # also write every measurement as JSON
 //   options: --batches 1,8,32,64  --contexts 1024,4096,16384  --ceiling-gbs 4300  --ceiling-tflops 67
 //            --target-ms 150 (GPU time per measurement)  --variants all|default (MLA workgroup/tile variants)
+//            --prefill 512,2048|none (one prompt, every position a row: the absorbed form's prefill cost vs GQA)
 //
 // Synthetic data: cache values are a hash of their index (f16 in ±[1/16, 1)), generated on the GPU; block tables are
 // a fixed shuffle of the pool (pages scattered as a running server leaves them). Each measurement records many
@@ -34,10 +35,12 @@ interface Args {
   ceilingTflops: number;
   targetMs: number;
   variants: 'all' | 'default';
+  /** Prompt lengths for the prefill comparison (one sequence, every position a row). */
+  prefill: number[];
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, batches: [1, 8, 32, 64], contexts: [1024, 4096, 16384], ceilingGBs: 4300, ceilingTflops: 67, targetMs: 150, variants: 'all' };
+  const a: Args = { quick: false, batches: [1, 8, 32, 64], contexts: [1024, 4096, 16384], ceilingGBs: 4300, ceilingTflops: 67, targetMs: 150, variants: 'all', prefill: [512, 2048] };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const val = () => {
@@ -54,6 +57,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--json') a.json = val();
     else if (k === '--batches') a.batches = list();
     else if (k === '--contexts') a.contexts = list();
+    else if (k === '--prefill') a.prefill = val() === 'none' ? [] : list();
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
     else if (k === '--ceiling-tflops') a.ceilingTflops = Number(val());
     else if (k === '--target-ms') a.targetMs = Number(val());
@@ -66,6 +70,7 @@ function parseArgs(argv: string[]): Args {
   if (a.quick) {
     if (!argv.includes('--batches')) a.batches = [1, 3];
     if (!argv.includes('--contexts')) a.contexts = [40, 300];
+    if (!argv.includes('--prefill')) a.prefill = [37];
     a.targetMs = Math.min(a.targetMs, 5);
     if (!argv.includes('--variants')) a.variants = 'default';
   }
@@ -189,6 +194,8 @@ async function measure(gpu: GpuContext, args: Args, encodeOne: (pass: GPUCompute
 
 interface Measurement {
   kernel: 'gqa' | 'mla';
+  /** decode: one row per sequence; prefill: one sequence's every position (context rows, causal). */
+  mode: 'decode' | 'prefill';
   variant: string;
   batch: number;
   context: number;
@@ -261,8 +268,13 @@ function relErr(got: Float32Array, want: Float64Array): number {
   return d / Math.max(m, 1e-30);
 }
 
-function metaFor(tables: number[][], context: number, poolBlocks: number, parallelHeads: number, maxChunk: number, chunkScale = 1): StepMeta {
-  const seqs = tables.map((blockTable) => ({ tokens: [0], startPos: context - 1, blockTable, logits: 'none' as const }));
+/** Decode: one row per sequence at position context − 1. Prefill: every position 0..context − 1 of each sequence. */
+function metaFor(tables: number[][], context: number, poolBlocks: number, parallelHeads: number, maxChunk: number, chunkScale = 1, prefill = false): StepMeta {
+  const seqs = tables.map((blockTable) =>
+    prefill
+      ? { tokens: new Array<number>(context).fill(0), startPos: 0, blockTable, logits: 'none' as const }
+      : { tokens: [0], startPos: context - 1, blockTable, logits: 'none' as const },
+  );
   const m = buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk });
   if (chunkScale === 1) return m;
   return buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, chunkSize: Math.min(maxChunk, m.chunkSize * chunkScale) });
@@ -274,26 +286,26 @@ function figures(args: Args, us: number, cacheBytes: number, flops: number) {
   return { gbPerS, bandwidthRatio: gbPerS / args.ceilingGBs, tflops, flopRatio: tflops / args.ceilingTflops };
 }
 
-async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number): Promise<Measurement> {
+async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number, prefill = false): Promise<Measurement> {
   const D = HEAD_DIM;
   const qkvStride = (N_HEADS + 2 * N_KV) * D;
   const outStride = N_HEADS * D;
   const { tables, aliased } = blockTables(batch, context, pool.blocks);
   const shape = { nHeads: N_HEADS, nKvHeads: N_KV, headDim: D };
   const chunkMax = maxAttentionChunk(shape);
-  const m = metaFor(tables, context, pool.blocks, N_KV, chunkMax);
+  const m = metaFor(tables, context, pool.blocks, N_KV, chunkMax, 1, prefill);
   const meta = uploadArray(gpu, 'meta', m.data);
   // q of every row; the k/v columns of qkv are not read by the attention kernel.
-  const qkvData = new Float32Array(batch * qkvStride);
-  const q = randomF32(batch * N_HEADS * D, 7, 1);
-  for (let b = 0; b < batch; b++) qkvData.set(q.subarray(b * N_HEADS * D, (b + 1) * N_HEADS * D), b * qkvStride);
+  const qkvData = new Float32Array(m.nRows * qkvStride);
+  const q = randomF32(m.nRows * N_HEADS * D, 7, 1);
+  for (let b = 0; b < m.nRows; b++) qkvData.set(q.subarray(b * N_HEADS * D, (b + 1) * N_HEADS * D), b * qkvStride);
   const qkv = uploadArray(gpu, 'qkv', qkvData);
-  const out = storageBuffer(gpu, 'gqa out', batch * outStride * 4);
+  const out = storageBuffer(gpu, 'gqa out', m.nRows * outStride * 4);
   const att = new GqaAttention(gpu, shape, { rowValues: pool.rowValues, blockSize: BLOCK, dtype: 'f16' }, { meta, qkv, qkvStride, out, outStride, layerCaches: [pool.buffer] });
   att.prepare(m.nRows, m.maxChunks);
   const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks));
   let maxRelError = NaN;
-  if (context <= 4096) {
+  if (context <= 4096 && !prefill) {
     const got = await readF32(gpu, out, outStride);
     const want = new Float64Array(outStride);
     const scale = 1 / Math.sqrt(D);
@@ -312,26 +324,28 @@ async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
   }
   att.destroy();
   for (const b of [meta, qkv, out]) b.destroy();
-  const cacheBytes = batch * context * pool.rowValues * 2;
-  const flops = batch * context * N_HEADS * 4 * D;
-  return { kernel: 'gqa', variant: 'kernels/attention.ts', batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps, cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased };
+  const tokensRead = prefill ? (batch * context * (context + 1)) / 2 : batch * context;
+  const cacheBytes = tokensRead * pool.rowValues * 2;
+  const flops = tokensRead * N_HEADS * 4 * D;
+  return { kernel: 'gqa', mode: prefill ? 'prefill' : 'decode', variant: 'kernels/attention.ts', batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps, cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased };
 }
 
-async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number): Promise<Measurement[]> {
+async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number, prefill = false): Promise<Measurement[]> {
   const RV = R + ROPE;
   const outStride = N_HEADS * R;
   const { tables, aliased } = blockTables(batch, context, pool.blocks);
-  const qLatentData = randomF32(batch * N_HEADS * RV, 11, 1 / Math.sqrt(RV));
+  const rows = prefill ? batch * context : batch;
+  const qLatentData = randomF32(rows * N_HEADS * RV, 11, 1 / Math.sqrt(RV));
   const qLatent = uploadArray(gpu, 'qLatent', qLatentData);
-  const out = storageBuffer(gpu, 'mla out', batch * outStride * 4);
-  const variants = args.variants === 'all' ? MLA_VARIANTS : MLA_VARIANTS.slice(0, 1);
+  const out = storageBuffer(gpu, 'mla out', rows * outStride * 4);
+  const variants = args.variants === 'all' && !prefill ? MLA_VARIANTS : MLA_VARIANTS.slice(0, 1);
   const results: Measurement[] = [];
   let want: Float64Array | undefined;
   for (const v of variants) {
     const shape = { nHeads: N_HEADS, kvLoraRank: R, qkRopeHeadDim: ROPE };
     // The runner's chunk policy (engine/gpu-runner.ts → buildStepMeta), optionally scaled.
     const headSplits = planMlaAttention(shape, { ...DEFAULT_MLA_TUNING, ...v.tuning }).headSplits;
-    const m = metaFor(tables, context, pool.blocks, headSplits, 1 << 16, v.chunkScale);
+    const m = metaFor(tables, context, pool.blocks, headSplits, 1 << 16, v.chunkScale, prefill);
     const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
@@ -344,7 +358,7 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
     att.prepare(m.nRows, m.maxChunks);
     const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks, m.chunkSize));
     let maxRelError = NaN;
-    if (context <= 4096) {
+    if (context <= 4096 && !prefill) {
       const got = await readF32(gpu, out, outStride);
       if (!want) {
         want = new Float64Array(outStride);
@@ -366,10 +380,12 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
     const picked = att.variantFor(m.chunkSize);
     att.destroy();
     meta.destroy();
-    const cacheBytes = batch * context * RV * 2;
-    const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
+    const tokensRead = prefill ? (batch * context * (context + 1)) / 2 : batch * context;
+    const cacheBytes = tokensRead * RV * 2;
+    const flops = tokensRead * N_HEADS * (2 * RV + 2 * R);
     results.push({
       kernel: 'mla',
+      mode: prefill ? 'prefill' : 'decode',
       variant: `${v.name} (ran wg${picked.tuning.workgroupSize}, tile ${picked.plan.tileTokens})`,
       batch,
       context,
@@ -425,6 +441,14 @@ async function main(): Promise<void> {
         }
       }
     }
+    for (const context of args.prefill) {
+      const g = await benchGqa(gpu, args, gqaPool, 1, context, true);
+      const ms = await benchMla(gpu, args, mlaPool, 1, context, true);
+      all.push(g, ...ms);
+      for (const m of [g, ...ms]) {
+        process.stderr.write(`${m.kernel} prefill ${context} chunk ${m.chunk}: ${fmt(m.usPerLayerStep)} µs, ${fmt(m.tflops, 2)} TFLOP/s\n`);
+      }
+    }
     gqaPool.buffer.destroy();
     mlaPool.buffer.destroy();
     if (args.json) {
@@ -440,18 +464,31 @@ async function main(): Promise<void> {
   // Every MLA variant at the goal shape (batch 32 × 4K, or the largest measured), then the short table, last.
   const goalBatch = args.batches.includes(32) ? 32 : Math.max(...args.batches);
   const goalCtx = args.contexts.includes(4096) ? 4096 : Math.max(...args.contexts);
-  const goalGqa = all.find((m) => m.kernel === 'gqa' && m.batch === goalBatch && m.context === goalCtx);
+  const decode = all.filter((m) => m.mode === 'decode');
+  const goalGqa = decode.find((m) => m.kernel === 'gqa' && m.batch === goalBatch && m.context === goalCtx);
   const variantRows = [['MLA variant @ ' + `${goalBatch}×${goalCtx}`, 'chunk', 'µs', 'vs GQA', 'TFLOP/s', 'GB/s']];
-  for (const m of all.filter((m) => m.kernel === 'mla' && m.batch === goalBatch && m.context === goalCtx)) {
+  for (const m of decode.filter((m) => m.kernel === 'mla' && m.batch === goalBatch && m.context === goalCtx)) {
     variantRows.push([m.variant, String(m.chunk), fmt(m.usPerLayerStep), goalGqa ? fmt(m.usPerLayerStep / goalGqa.usPerLayerStep, 2) : '—', fmt(m.tflops, 1), fmt(m.gbPerS, 0)]);
   }
   if (variantRows.length > 2) console.log('\n' + table(variantRows));
+  // Prefill: the absorbed form does 2(R+r)+2R = 2176 FLOP per head per (row, token); the expanded form would do
+  // 2(dn+r)+2dv = 640 plus 2·R·(dn+dv) per head per prompt token to expand K/V from the latent.
+  const prefillRows = [['prefill (1 prompt)', 'GQA µs', 'MLA absorbed µs', 'MLA/GQA', 'MLA TFLOP/s', 'expanded/absorbed FLOP']];
+  for (const P of args.prefill) {
+    const g = all.find((m) => m.mode === 'prefill' && m.kernel === 'gqa' && m.context === P);
+    const mla = all.find((m) => m.mode === 'prefill' && m.kernel === 'mla' && m.context === P);
+    if (!g || !mla) continue;
+    const pairs = (P * (P + 1)) / 2;
+    const expanded = N_HEADS * (pairs * (2 * (HEAD_DIM + ROPE) + 2 * HEAD_DIM) + P * 2 * R * (2 * HEAD_DIM));
+    prefillRows.push([String(P), fmt(g.usPerLayerStep), fmt(mla.usPerLayerStep), fmt(mla.usPerLayerStep / g.usPerLayerStep, 2), `${fmt(mla.tflops, 1)} (${pct(mla.flopRatio)})`, fmt(expanded / mla.flops, 2)]);
+  }
+  if (prefillRows.length > 1) console.log('\n' + table(prefillRows));
   // The short table, last: per shape, GQA vs the fastest MLA variant.
   const rows = [['batch×ctx', 'GQA µs', 'GQA GB/s', 'MLA µs', 'MLA/GQA', 'MLA GB/s', 'MLA TFLOP/s', 'MLA variant', 'max err']];
   for (const context of args.contexts) {
     for (const batch of args.batches) {
-      const g = all.find((m) => m.kernel === 'gqa' && m.batch === batch && m.context === context);
-      const mla = all.filter((m) => m.kernel === 'mla' && m.batch === batch && m.context === context).sort((a, b) => a.usPerLayerStep - b.usPerLayerStep)[0];
+      const g = decode.find((m) => m.kernel === 'gqa' && m.batch === batch && m.context === context);
+      const mla = decode.filter((m) => m.kernel === 'mla' && m.batch === batch && m.context === context).sort((a, b) => a.usPerLayerStep - b.usPerLayerStep)[0];
       if (!g || !mla) continue;
       rows.push([
         `${batch}×${context}${g.aliasedBlocks ? '*' : ''}`,
