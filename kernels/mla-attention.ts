@@ -5,10 +5,12 @@
 // score_hj = qLatent[r, h] · row_j; ô_h = Σ_j softmax(score)_hj c_j. Output ô[r, h, 0..R).
 //
 // One workgroup takes (chunk of context, head split, row) with ALL heads of the row together (head splits only
-// past 32 heads), so each latent row is fetched from memory once per workgroup and used by every head. Inside,
-// it walks the chunk in tiles of T tokens:
+// past 32 heads, or in the smaller workgroups picked for short chunks, where ô would not fit the registers), so each
+// latent row is fetched from memory once per workgroup and used by every head. Inside, it walks the chunk in
+// tiles of T tokens:
 //   scores:  thread = (head group, b tokens); each keeps A·b accumulators over the whole 576-wide dot product;
-//            latent values come straight from the cache into registers, the query is a warp-uniform load;
+//            latent values come straight from the cache into registers; the query is a warp-uniform load, or
+//            (qSliceValues) staged slice by slice in workgroup memory;
 //   softmax: online, per head, over the tile (max/sum through workgroup memory), rescale factor α per head;
 //   ô:       thread = (latent pair, heads), heads × 2 accumulators in registers, P[j][h] broadcast as vec4.
 // The merge pass combines the chunks' (max, sum, ô) into ô per head.
@@ -79,7 +81,11 @@ export function planMlaAttention(shape: MlaAttentionShape, tuning: MlaAttentionT
   const { nHeads, kvLoraRank: R, qkRopeHeadDim: r } = shape;
   const WG = tuning.workgroupSize;
   if (R % 2 !== 0 || r % 2 !== 0) throw new Error(`MLA attention reads values in pairs; kv_lora_rank ${R} and rope dim ${r} must be even`);
-  const headSplits = Math.ceil(nHeads / tuning.maxHeadsPerWorkgroup);
+  // ô lives in registers: heads × latent pairs per thread × 2. Keep it ≤ 64 floats (a thread of a small workgroup
+  // covers more latent pairs, so its workgroup holds fewer heads and the row's heads split over more workgroups).
+  const pairsPerThreadMax = Math.ceil(R / 2 / WG);
+  const headCap = Math.max(4, Math.floor(32 / pairsPerThreadMax));
+  const headSplits = Math.ceil(nHeads / Math.min(tuning.maxHeadsPerWorkgroup, headCap));
   const HW = Math.ceil(nHeads / headSplits);
   const scoreGroups = Math.ceil(HW / tuning.maxHeadsPerThread);
   const headsPerScoreThread = Math.ceil(HW / scoreGroups);
@@ -446,7 +452,7 @@ export class MlaAttention {
     if (this.tuning.workgroupSize > gpu.limits.maxComputeInvocationsPerWorkgroup) {
       throw new Error(`MLA attention workgroup of ${this.tuning.workgroupSize} threads exceeds the device's ${gpu.limits.maxComputeInvocationsPerWorkgroup}`);
     }
-    const minWg = Math.min(this.tuning.workgroupSize, Math.max(32, planMlaAttention(shape, this.tuning).headsPerWorkgroup));
+    const minWg = Math.min(this.tuning.workgroupSize, 32);
     for (let wg = this.tuning.workgroupSize; wg >= minWg && this.variants.length < 3; wg = Math.floor(wg / 2)) {
       let t = { ...this.tuning, workgroupSize: wg };
       let plan = planMlaAttention(shape, t);

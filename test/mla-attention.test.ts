@@ -201,3 +201,14 @@ test('mla attention: query slices staged in workgroup memory (partial last slice
     }
   }
 });
+
+test('mla attention: 28 heads at 512 + 64, each workgroup size (smaller ones split the heads), f16 cache', async () => {
+  const shape = { nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 };
+  const seen = new Map<number, number>();
+  for (const chunkSize of [64, 200, 300]) {
+    const { err, seed, workgroupSize } = await runCase({ shape, dtype: 'f16', blockSize: 16, seqs: [[309, 1], [20, 2]], chunkSize });
+    seen.set(workgroupSize, planMlaAttention(shape, { ...DEFAULT_MLA_TUNING, workgroupSize }).headSplits);
+    assert.ok(err <= 1e-4, `chunk ${chunkSize} (workgroup ${workgroupSize}): relative error ${err} (seed ${seed})`);
+  }
+  assert.deepEqual([...seen].sort((a, b) => a[0] - b[0]), [[64, 4], [128, 2], [256, 1]]);
+});
