@@ -87,6 +87,12 @@ export function buildApp(opts: AppOptions): FastifyInstance {
     request.log.info({ method: request.method, url: request.url, model: modelOf.get(request), statusCode: reply.statusCode, ms: Math.round(reply.elapsedTime) }, 'request done');
   });
 
+  // Attribute a request to its model as soon as the body names a served one, so even its schema errors count per model.
+  app.addHook('preValidation', async (request) => {
+    const named = (request.body as { model?: unknown } | null | undefined)?.model;
+    if (typeof named === 'string' && models.some((m) => m.name === named)) modelOf.set(request, named);
+  });
+
   app.setErrorHandler((err, request, reply) => {
     const mapped = mapError(err, bodyLimit);
     if (mapped.serverFault) request.log.error({ err }, 'request failed');

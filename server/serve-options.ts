@@ -104,31 +104,6 @@ export function parseServeArgs(argv: string[]): ServeOptions | 'help' {
   };
 }
 
-/** One model's share of the KV budget in bytes, whole blocks and tokens. */
-export interface KvPlan {
-  bytes: number;
-  numBlocks: number;
-  tokens: number;
-}
-
-/**
- * Splits the budget evenly in bytes (so an MLA model, with fewer bytes per token, holds more tokens
- * than its GQA original in the same memory: the comparison users come for) and rounds down to blocks.
- */
-export function planKvBudget(totalBytes: number, models: Array<{ name: string; kvBytesPerToken: number }>, blockSize: number): KvPlan[] {
-  const share = Math.floor(totalBytes / models.length);
-  return models.map((m) => {
-    const blockBytes = blockSize * m.kvBytesPerToken;
-    const numBlocks = Math.floor(share / blockBytes);
-    if (numBlocks < 1) {
-      throw new UsageError(
-        `--kv-cache-memory ${totalBytes} bytes gives ${m.name} ${share} bytes, less than one block (${blockSize} tokens × ${m.kvBytesPerToken} bytes = ${blockBytes} bytes); raise --kv-cache-memory`,
-      );
-    }
-    return { bytes: numBlocks * blockBytes, numBlocks, tokens: numBlocks * blockSize };
-  });
-}
-
 export function formatBytes(n: number): string {
   const steps: Array<[number, string]> = [
     [2 ** 30, 'GiB'],

@@ -7,7 +7,7 @@ import type { EngineStats } from '../engine/types.ts';
 import { ApiError, mapError } from '../server/errors.ts';
 import { kvBlockStates, kvUsageFraction } from '../server/metrics.ts';
 import { chatSchema, completionSchema, parseBody } from '../server/schemas.ts';
-import { parseByteSize, parseServeArgs, planKvBudget } from '../server/serve-options.ts';
+import { parseByteSize, parseServeArgs } from '../server/serve-options.ts';
 import { parseSseBody, SSE_DONE, sseEvent, sseStream } from '../server/sse.ts';
 
 const completion = completionSchema({ maxN: 8, maxLogprobs: 5 });
@@ -138,7 +138,7 @@ test('KV metrics arithmetic: usage counts only blocks held by running sequences;
   assert.deepEqual(kvBlockStates(stats), { free: 58, used: 30, cached: 12 });
 });
 
-test('serve options: sizes, defaults, and the KV budget split evenly in bytes, rounded down to whole blocks', () => {
+test('serve options: sizes and defaults', () => {
   assert.equal(parseByteSize('2GiB'), 2 * 2 ** 30);
   assert.equal(parseByteSize('1.5GB'), 1.5e9);
   assert.equal(parseByteSize('512 MiB'), 512 * 2 ** 20);
@@ -151,12 +151,6 @@ test('serve options: sizes, defaults, and the KV budget split evenly in bytes, r
   assert.throws(() => parseServeArgs(['--block-size', '0']), /--block-size must be an integer >= 1; got "0"/);
   assert.throws(() => parseServeArgs(['--bogus']), /Unknown option '--bogus'/);
   assert.equal(parseServeArgs(['--help']), 'help');
-
-  // stories260K: 5 layers × 2·4·8 values × 2 bytes = 640 B/token (GQA); an MLA conversion with 16+4 latent values: 200 B/token.
-  const plan = planKvBudget(1_000_000, [{ name: 'gqa', kvBytesPerToken: 640 }, { name: 'mla', kvBytesPerToken: 200 }], 16);
-  assert.deepEqual(plan[0], { bytes: 48 * 16 * 640, numBlocks: 48, tokens: 768 }); // 500000 / 10240 = 48.8
-  assert.deepEqual(plan[1], { bytes: 156 * 16 * 200, numBlocks: 156, tokens: 2496 }); // 500000 / 3200 = 156.25
-  assert.throws(() => planKvBudget(10_000, [{ name: 'gqa', kvBytesPerToken: 640 }], 16), /gives gqa 10000 bytes, less than one block \(16 tokens × 640 bytes = 10240 bytes\)/);
 });
 
 test("the engine's own request checks come back as 400 with their parameter", () => {
