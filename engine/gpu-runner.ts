@@ -5,7 +5,7 @@ import { EmbeddingGather, RmsNorm, Rope, ropeTable, SiluMul } from '../kernels/e
 import { KvWrite } from '../kernels/kv-write.ts';
 import { MatmulOp, type MatmulTuning } from '../kernels/matmul.ts';
 import { buildStepMeta, HEADER_WORDS, META_LOGIT_ROWS, META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
-import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadMatrix, type GpuMatrix, type WeightDtype } from '../kernels/tensors.ts';
+import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadWeight, type GpuMatrix, type WeightDtype } from '../kernels/tensors.ts';
 import { GpuKvPool } from '../cache/gpu-pool.ts';
 import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
 import type { GqaConfig, ModelConfig } from '../model/config.ts';
@@ -121,8 +121,8 @@ class GqaBlock implements AttentionBlock {
     ctx.weights.layers.forEach((lw, l) => {
       if (lw.kind !== 'gqa') throw new Error(`layer ${l} is ${lw.kind}; a GQA model needs GQA layers`);
       const w = lw as GqaLayerWeights;
-      const fused = concatRows(`layer ${l} wqkv`, [w.wq, w.wk, w.wv], [qRows, kvRows, kvRows], c.dim);
-      this.wqkv.push(uploadMatrix(ctx.gpu, `layer ${l} wqkv`, fused, this.qkvCols, c.dim, ctx.weightDtype));
+      // uploadWeight stacks the rows (and takes pre-packed f16 as is, see Tensor.f16).
+      this.wqkv.push(uploadWeight(ctx.gpu, `layer ${l} wqkv`, [w.wq, w.wk, w.wv], this.qkvCols, c.dim, ctx.weightDtype));
       if (c.attentionBias) {
         this.bqkv.push(uploadArray(ctx.gpu, `layer ${l} bqkv`, concatRows(`layer ${l} bqkv`, [w.bq, w.bk, w.bv], [qRows, kvRows, kvRows], 1)));
       }
@@ -254,15 +254,17 @@ class GpuRunner implements ModelRunner {
     this.layers = weights.layers.map((lw, l) => ({
       attnNorm: uploadArray(gpu, `layer ${l} attn_norm`, lw.attnNorm.data),
       ffnNorm: uploadArray(gpu, `layer ${l} ffn_norm`, lw.ffnNorm.data),
-      wo: uploadMatrix(gpu, `layer ${l} wo`, lw.wo.data, c.dim, block.outWidth, weightDtype),
-      wGateUp: uploadMatrix(gpu, `layer ${l} w_gate_up`, concatRows(`layer ${l} w_gate_up`, [lw.wGate, lw.wUp], [c.hiddenDim, c.hiddenDim], c.dim), 2 * c.hiddenDim, c.dim, weightDtype),
-      wDown: uploadMatrix(gpu, `layer ${l} w_down`, lw.wDown.data, c.dim, c.hiddenDim, weightDtype),
+      wo: uploadWeight(gpu, `layer ${l} wo`, [lw.wo], c.dim, block.outWidth, weightDtype),
+      wGateUp: uploadWeight(gpu, `layer ${l} w_gate_up`, [lw.wGate, lw.wUp], 2 * c.hiddenDim, c.dim, weightDtype),
+      wDown: uploadWeight(gpu, `layer ${l} w_down`, [lw.wDown], c.dim, c.hiddenDim, weightDtype),
     }));
-    this.embedding = uploadMatrix(gpu, 'token_embd', weights.tokenEmbedding.data, c.vocabSize, c.dim, weightDtype);
-    this.lmHead =
-      weights.output === weights.tokenEmbedding || weights.output.data === weights.tokenEmbedding.data
-        ? this.embedding
-        : uploadMatrix(gpu, 'output', weights.output.data, c.vocabSize, c.dim, weightDtype);
+    this.embedding = uploadWeight(gpu, 'token_embd', [weights.tokenEmbedding], c.vocabSize, c.dim, weightDtype);
+    // Tied when the tensors (or their storage) are one; pre-packed tensors are compared by their f16 words so that a
+    // lazy f32 `data` is not built just for this test.
+    const out = weights.output;
+    const emb = weights.tokenEmbedding;
+    const tied = out === emb || (out.f16 !== undefined || emb.f16 !== undefined ? out.f16 === emb.f16 : out.data === emb.data);
+    this.lmHead = tied ? this.embedding : uploadWeight(gpu, 'output', [out], c.vocabSize, c.dim, weightDtype);
     this.finalNorm = uploadArray(gpu, 'output_norm', weights.finalNorm.data);
     this.allocate(Math.max(1, opts.maxRowsPerStep ?? 64), 8, 4096);
   }

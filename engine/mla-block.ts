@@ -14,7 +14,7 @@ import { MatmulOp } from '../kernels/matmul.ts';
 import { MlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { HeadMatmul, uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
-import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadMatrix, type GpuMatrix } from '../kernels/tensors.ts';
+import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadMatrix, uploadWeight, type GpuMatrix } from '../kernels/tensors.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
 import type { MlaConfig } from '../model/config.ts';
 import type { MlaLayerWeights, Tensor } from '../model/weights.ts';
@@ -107,12 +107,12 @@ export class MlaBlock implements AttentionBlock {
       };
       const out: Partial<MlaLayerGpu> = {};
       if (c.qLoraRank === null) {
-        out.qProj = uploadMatrix(g, `layer ${l} q_proj`, shape(w.qProj, 'q_proj', [this.qCols, c.dim]).data, this.qCols, c.dim, dt);
+        out.qProj = uploadWeight(g, `layer ${l} q_proj`, [shape(w.qProj, 'q_proj', [this.qCols, c.dim])], this.qCols, c.dim, dt);
         if (w.qProjBias) out.qProjBias = uploadArray(g, `layer ${l} q_proj bias`, w.qProjBias.data);
       } else {
         const qr = c.qLoraRank;
-        out.qAProj = uploadMatrix(g, `layer ${l} q_a_proj`, shape(w.qAProj, 'q_a_proj', [qr, c.dim]).data, qr, c.dim, dt);
-        out.qBProj = uploadMatrix(g, `layer ${l} q_b_proj`, shape(w.qBProj, 'q_b_proj', [this.qCols, qr]).data, this.qCols, qr, dt);
+        out.qAProj = uploadWeight(g, `layer ${l} q_a_proj`, [shape(w.qAProj, 'q_a_proj', [qr, c.dim])], qr, c.dim, dt);
+        out.qBProj = uploadWeight(g, `layer ${l} q_b_proj`, [shape(w.qBProj, 'q_b_proj', [this.qCols, qr])], this.qCols, qr, dt);
         if (c.qkLatentLayernorm) out.qANorm = uploadArray(g, `layer ${l} q_a_layernorm`, shape(w.qANorm, 'q_a_layernorm', [qr]).data);
       }
       const kva = shape(w.kvAProj, 'kv_a_proj_with_mqa', [R + r, c.dim]);
@@ -125,7 +125,7 @@ export class MlaBlock implements AttentionBlock {
         }
         out.kvANorm = uploadArray(g, `layer ${l} kv_a_layernorm`, shape(w.kvANorm, 'kv_a_layernorm', [R]).data);
       } else {
-        out.kvAProj = uploadMatrix(g, `layer ${l} kv_a_proj_with_mqa`, kva.data, R + r, c.dim, dt);
+        out.kvAProj = uploadWeight(g, `layer ${l} kv_a_proj_with_mqa`, [kva], R + r, c.dim, dt);
         if (w.kvAProjBias) out.kvAProjBias = uploadArray(g, `layer ${l} kv_a_proj bias`, w.kvAProjBias.data);
       }
       const kvb = shape(w.kvBProj, 'kv_b_proj', [c.nHeads * (dn + dv), R]).data;

@@ -138,6 +138,69 @@ export function uploadMatrix(
   return { label, rows, cols, dtype, stride, pieces, bytes };
 }
 
+/**
+ * Uploads matrices stacked by rows into one GpuMatrix [Σ rows, cols] (fused projections such as q|k|v or gate|up);
+ * `rows` is the total the caller expects. With dtype f16 and every part carrying packed f16 words (Tensor.f16), those
+ * words go up as they are, piece by piece, without touching `data` (which may be a lazy getter); otherwise the f32
+ * data is stacked and packed as uploadMatrix does.
+ */
+export function uploadWeight(
+  gpu: GpuContext,
+  label: string,
+  parts: Tensor[],
+  rows: number,
+  cols: number,
+  dtype: WeightDtype,
+  maxBinding = gpu.limits.maxStorageBufferBindingSize,
+): GpuMatrix {
+  let total = 0;
+  parts.forEach((t, i) => {
+    if (t.shape.length !== 2 || t.shape[1] !== cols) throw new Error(`${label}: part ${i} has shape [${t.shape}], [rows, ${cols}] expected`);
+    total += t.shape[0];
+  });
+  if (total !== rows) throw new Error(`${label}: parts hold ${total} rows, ${rows} expected`);
+  if (dtype !== 'f16' || !parts.every((t) => t.f16)) {
+    if (parts.length === 1) return uploadMatrix(gpu, label, parts[0].data, rows, cols, dtype, maxBinding);
+    const data = new Float32Array(rows * cols);
+    let off = 0;
+    for (const t of parts) {
+      if (t.data.length !== t.shape[0] * cols) throw new Error(`${label}: a part of shape [${t.shape}] has ${t.data.length} values`);
+      data.set(t.data, off);
+      off += t.data.length;
+    }
+    return uploadMatrix(gpu, label, data, rows, cols, dtype, maxBinding);
+  }
+  const stride = pad8(cols);
+  const rowWords = stride / 2;
+  parts.forEach((t, i) => {
+    if (t.f16!.length !== t.shape[0] * rowWords) {
+      throw new Error(`${label}: part ${i} has ${t.f16!.length} packed f16 words, [${t.shape}] padded to rows of ${stride} values needs ${t.shape[0] * rowWords}`);
+    }
+  });
+  const per = rowsPerPiece(cols, dtype, maxBinding, label);
+  const pieces: GpuMatrix['pieces'] = [];
+  for (let r0 = 0; r0 < rows; r0 += per) {
+    const n = Math.min(per, rows - r0);
+    const buffer = gpu.device.createBuffer({ label: `${label}[${r0}..${r0 + n})`, size: n * rowWords * 4, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST });
+    // Copy the rows of every part that falls into this piece.
+    let partStart = 0;
+    for (const t of parts) {
+      const partEnd = partStart + t.shape[0];
+      const from = Math.max(r0, partStart);
+      const to = Math.min(r0 + n, partEnd);
+      if (from < to) {
+        const src = t.f16!.subarray((from - partStart) * rowWords, (to - partStart) * rowWords);
+        gpu.device.queue.writeBuffer(buffer, (from - r0) * rowWords * 4, src.buffer, src.byteOffset, src.byteLength);
+      }
+      partStart = partEnd;
+    }
+    pieces.push({ buffer, rowStart: r0, rows: n });
+  }
+  // Hand the staged copies to the GPU now: a 7B model is ~15 GB of them, better not held until the first real submit.
+  gpu.device.queue.submit([]);
+  return { label, rows, cols, dtype, stride, pieces, bytes: rows * rowWords * 4 };
+}
+
 export function uploadTensor(gpu: GpuContext, label: string, t: Tensor, dtype: WeightDtype): GpuMatrix {
   if (t.shape.length !== 2) throw new Error(`${label}: expected a matrix, got shape [${t.shape}]`);
   return uploadMatrix(gpu, label, t.data, t.shape[0], t.shape[1], dtype);

@@ -8,6 +8,10 @@
 //   syntheticModel(..., { shareLayers: true })   ModelWeights whose layers all share layer 0's tensors: host memory of
 //                          one layer plus embeddings; every layer computes the same function (fine for speed, not
 //                          for anything that needs distinct layers).
+//   syntheticF16Model(...) real size for GPU runs: matrices generated straight into packed f16 (Tensor.f16, uploaded as
+//                          is; ~200 M words/s), one layer's tensors shared by all layers on the host (the runner still
+//                          gives each layer its own GPU buffers), f32 `data` built only if read. Different values from
+//                          the two above (another generator), same distribution.
 //   syntheticModel(...)    every tensor distinct and materialized; refused above `maxHostBytes` (default 8 GiB) with
 //                          a message naming the options above; use `layers` for small versions in tests.
 // Values: uniform with the requested standard deviation (cheaper than Gaussian and just as good for timing);
@@ -16,9 +20,24 @@ import type { GqaConfig, MlaConfig, ModelConfig } from './config.ts';
 import type { LayerWeights, ModelWeights, Tensor } from './weights.ts';
 import { f32ToF16Bits } from './safetensors.ts';
 
-export type SyntheticModelName = 'qwen2.5-7b' | 'qwen2.5-7b-mla' | 'llama-3-8b' | 'llama-2-7b' | 'deepseek-v2-lite-attn';
+export type SyntheticModelName =
+  | 'qwen2.5-7b'
+  | 'qwen2.5-7b-mla'
+  | 'llama-3-8b'
+  | 'llama-2-7b'
+  | 'deepseek-v2-lite-attn'
+  | 'tiny-qwen2'
+  | 'tiny-qwen2-mla';
 
-export const SYNTHETIC_MODELS: readonly SyntheticModelName[] = ['qwen2.5-7b', 'qwen2.5-7b-mla', 'llama-3-8b', 'llama-2-7b', 'deepseek-v2-lite-attn'];
+export const SYNTHETIC_MODELS: readonly SyntheticModelName[] = [
+  'qwen2.5-7b',
+  'qwen2.5-7b-mla',
+  'llama-3-8b',
+  'llama-2-7b',
+  'deepseek-v2-lite-attn',
+  'tiny-qwen2',
+  'tiny-qwen2-mla',
+];
 
 const QWEN25_7B: GqaConfig = {
   arch: 'qwen2',
@@ -70,6 +89,24 @@ const LLAMA2_7B: GqaConfig = {
   vocabSize: 32000,
   maxSeqLen: 4096,
   ropeTheta: 10000,
+  bosId: 1,
+  eosId: 2,
+};
+
+/**
+ * A Qwen2-style pair small enough for software Vulkan (SwiftShader) in tests and `--quick` runs: the same code paths as
+ * Qwen2.5-7B (biases, rotate_half RoPE, GQA 2:1) at dim 256; its MLA shape is rope 32 + latent 128.
+ */
+const TINY_QWEN2: GqaConfig = {
+  ...QWEN25_7B,
+  dim: 256,
+  hiddenDim: 704,
+  nLayers: 2,
+  nHeads: 4,
+  nKvHeads: 2,
+  headDim: 64,
+  vocabSize: 512,
+  maxSeqLen: 2048,
   bosId: 1,
   eosId: 2,
 };
@@ -153,6 +190,8 @@ export function syntheticConfig(name: SyntheticModelName | ModelConfig, opts: Sy
   else if (name === 'llama-3-8b') base = LLAMA3_8B;
   else if (name === 'llama-2-7b') base = LLAMA2_7B;
   else if (name === 'deepseek-v2-lite-attn') base = DEEPSEEK_V2_LITE_ATTN;
+  else if (name === 'tiny-qwen2') base = TINY_QWEN2;
+  else if (name === 'tiny-qwen2-mla') base = mlaShapeOf(TINY_QWEN2, 32, 128);
   else throw new Error(`unknown synthetic model "${name as string}"; known: ${SYNTHETIC_MODELS.join(', ')}`);
   const out = { ...base };
   if (opts.layers !== undefined) {
@@ -357,7 +396,7 @@ export function syntheticModel(
     throw new Error(
       `synthetic ${typeof name === 'string' ? name : c.arch} needs ${(bytes / 1024 ** 3).toFixed(1)} GiB of f32 weights on the host, ` +
         `over the ${(maxBytes / 1024 ** 3).toFixed(1)} GiB limit: pass { shareLayers: true } (one layer's tensors reused), ` +
-        `{ layers: n } for a smaller model, or use syntheticSource() to generate tensors one at a time (f32 or packed f16)`,
+        `{ layers: n } for a smaller model, use syntheticSource() to generate tensors one at a time (f32 or packed f16), or syntheticF16Model() for GPU runs at real size`,
     );
   }
   const cache = new Map<string, Tensor>();
@@ -370,6 +409,12 @@ export function syntheticModel(
     }
     return out;
   };
+  return assembleWeights(src, get);
+}
+
+/** ModelWeights of a synthetic source, each tensor from `get` (which decides how it is generated and shared). */
+function assembleWeights(src: SyntheticSource, get: (name: string) => Tensor): { config: ModelConfig; weights: ModelWeights } {
+  const c = src.config;
   const has = (n: string) => src.tensors.some((t) => t.name === n);
   const layers: LayerWeights[] = [];
   for (let i = 0; i < c.nLayers; i++) {
@@ -420,4 +465,116 @@ export function syntheticModel(
       output: c.tiedEmbeddings ? tokenEmbedding : get('lm_head.weight'),
     },
   };
+}
+
+// ---- real-size models for GPU runs: matrices generated directly as packed f16 ----
+
+/** f16 bits of the 65536 quantiles of uniform[−half, half]: one random u32 picks two values through this table. */
+function uniformF16Table(half: number): Uint16Array {
+  const table = new Uint16Array(65536);
+  for (let j = 0; j < 65536; j++) table[j] = f32ToF16Bits(((j + 0.5) / 65536) * 2 * half - half);
+  return table;
+}
+
+let f16ToF32Table: Float32Array | undefined;
+
+/** f32 value of every f16 bit pattern (for the lazy f32 view of a packed tensor). */
+function f16Values(): Float32Array {
+  if (!f16ToF32Table) {
+    f16ToF32Table = new Float32Array(65536);
+    for (let h = 0; h < 65536; h++) {
+      const sign = h & 0x8000 ? -1 : 1;
+      const exp = (h >>> 10) & 0x1f;
+      const mant = h & 0x3ff;
+      f16ToF32Table[h] = exp === 0 ? sign * mant * 2 ** -24 : exp === 0x1f ? (mant ? NaN : sign * Infinity) : sign * (1 + mant / 1024) * 2 ** (exp - 15);
+    }
+  }
+  return f16ToF32Table;
+}
+
+/**
+ * A [rows, cols] matrix of uniform values with this std, packed f16 with rows padded to a multiple of 8 values.
+ * xorshift32 per word and a 64K-entry quantile table: ~200 M words/s in V8 (the Stream path plus f32→f16 rounding
+ * runs ~30 M values/s, minutes for a 7B model).
+ */
+function randomPackedF16(rows: number, cols: number, std: number, seed: number): Uint32Array {
+  const table = uniformF16Table(Math.sqrt(3) * std);
+  const rowWords = Math.ceil(cols / 8) * 4;
+  const out = new Uint32Array(rows * rowWords);
+  let x = seed | 0 || 0x2545f491;
+  const n = out.length;
+  for (let i = 0; i < n; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out[i] = table[x & 0xffff] | (table[x >>> 16] << 16);
+  }
+  if (rowWords * 2 !== cols) {
+    // Zero the padding (the kernels read whole padded rows).
+    for (let r = 0; r < rows; r++) {
+      const base = r * rowWords;
+      if (cols & 1) out[base + (cols >> 1)] &= 0xffff;
+      out.fill(0, base + Math.ceil(cols / 2), base + rowWords);
+    }
+  }
+  return out;
+}
+
+/** A Tensor holding packed f16 words whose `data` (unpadded f32 of the same values) is built on first read. */
+function packedTensor(shape: number[], f16: Uint32Array): Tensor {
+  let data: Float32Array | undefined;
+  const [rows, cols] = shape;
+  const rowWords = Math.ceil(cols / 8) * 4;
+  const t = { shape, f16 } as Tensor;
+  Object.defineProperty(t, 'data', {
+    enumerable: true,
+    get(): Float32Array {
+      if (!data) {
+        const v = f16Values();
+        data = new Float32Array(rows * cols);
+        for (let r = 0; r < rows; r++) {
+          for (let c = 0; c < cols; c++) {
+            const w = f16[r * rowWords + (c >> 1)];
+            data[r * cols + c] = v[c & 1 ? w >>> 16 : w & 0xffff];
+          }
+        }
+      }
+      return data;
+    },
+  });
+  return t;
+}
+
+/**
+ * Synthetic ModelWeights at real size for GPU runs: every matrix is generated directly as packed f16 (Tensor.f16, the
+ * form a GPU runner uploads as is), with `data` a lazy f32 view built only if something reads it; norms and biases are
+ * plain f32 as in syntheticSource. The values are NOT those of syntheticSource/syntheticModel (a faster generator
+ * draws them, same distribution); they are deterministic in (seed, tensor name).
+ *
+ * shareLayers (default TRUE here): host memory holds one layer (Qwen2.5-7B: 233 M values, 466 MB of f16) and every
+ * layer's tensors are those objects; a GPU runner still uploads each layer into its own buffers, so a decode step
+ * streams all 28 layers from GPU memory as with real weights (each layer's 466 MB is far over the H200's 50 MB L2; only
+ * the numbers are the same in every layer, which timing does not see). shareLayers false generates every layer
+ * (Qwen2.5-7B: ~15 GB of host memory, ~28× the generation time).
+ */
+export function syntheticF16Model(name: SyntheticModelName | ModelConfig, opts: SyntheticOptions = {}): { config: ModelConfig; weights: ModelWeights } {
+  const shareLayers = opts.shareLayers ?? true;
+  const src = syntheticSource(name, { ...opts, shareLayers });
+  const seed = opts.seed ?? 0;
+  const cache = new Map<string, Tensor>();
+  const get = (n: string): Tensor => {
+    const t = src.spec(n);
+    let out = cache.get(t.streamName);
+    if (!out) {
+      if (t.shape.length === 2 && t.init === 'random') {
+        const wordSeed = hashString(t.streamName) ^ Math.imul(seed + 1, 0x9e3779b1);
+        out = packedTensor(t.shape, randomPackedF16(t.shape[0], t.shape[1], t.std, wordSeed));
+      } else {
+        out = { shape: t.shape, data: src.f32(n) };
+      }
+      cache.set(t.streamName, out);
+    }
+    return out;
+  };
+  return assembleWeights(src, get);
 }

@@ -3,6 +3,13 @@
 export interface Tensor {
   shape: number[];
   data: Float32Array;
+  /**
+   * Optional: the same matrix [rows, cols] already as f16, packed two per u32 (element 2i in the low half), rows padded
+   * to a multiple of 8 values (zeros). A GPU runner uploading f16 weights takes these words as they are instead of
+   * converting `data`; sources that generate or read f16 directly (synthetic models at real size) set it, and may make
+   * `data` a lazy getter so the f32 copy is only built if something reads it.
+   */
+  f16?: Uint32Array;
 }
 
 export interface MlpWeights {
