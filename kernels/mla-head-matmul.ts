@@ -2,7 +2,8 @@
 //
 // The per-head weights are stored k-major (W_h[k][n], a GpuMatrix [nHeads·K, N]) so that the threads of a
 // workgroup, one output pair each, read consecutive words for every k while x[row, h, k] is the same address for
-// all of them (a broadcast). Optional pass-through columns copy x's values after the K inputs of each head into
+// all of them (a broadcast). Long K (W_UV: K = R = 512) splits each pair's k loop over up to 8 threads, summed in
+// workgroup memory, so that a decode step has enough workgroups (28 heads × 64 pairs alone would be 28 × 1). Optional pass-through columns copy x's values after the K inputs of each head into
 // y after the N outputs (scaled): the absorption uses them to place scale · q_pe next to scale · q̃.
 import type { GpuContext } from './device.ts';
 import { META_ROWS, metaWgsl } from './step-meta.ts';
@@ -58,44 +59,68 @@ export function uploadHeadMatrices(
   return m;
 }
 
+/** Threads that split one output pair's k loop (their partial sums meet in workgroup memory): long K, more threads. */
+export function headMatmulKSplit(K: number): number {
+  let ks = 1;
+  while (ks < 8 && K / (2 * ks) >= 64) ks *= 2;
+  return ks;
+}
+
 function headMatmulWgsl(s: HeadMatmulSpec, w: GpuMatrix, mr: number): string {
   const f16 = w.dtype === 'f16';
   const NP = Math.ceil(s.N / 2);
   const pass = s.passCols ?? 0;
+  const KS = headMatmulKSplit(s.K);
+  const PPW = WG / KS; // output pairs per workgroup
   const ms = [...Array(mr).keys()];
   const wRow = w.stride / 2; // words (f16) or pairs (f32) per k
   const loadW = f16 ? `unpack2x16float(w[(h * ${s.K}u + k) * ${wRow}u + p])` : `w[(h * ${s.K}u + k) * ${wRow}u + p]`;
   const sc = wgslF32(s.scale);
+  const store = (m: number, v: string) => `if (row0 + ${m}u < M) {
+      let o${m} = ${v} * ${sc};
+      y[yb${m} + 2u * p] = o${m}.x;
+      ${s.N % 2 === 1 ? `if (2u * p + 1u < ${s.N}u) { y[yb${m} + 2u * p + 1u] = o${m}.y; }` : `y[yb${m} + 2u * p + 1u] = o${m}.y;`}
+    }`;
   return /* wgsl */ `
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<${f16 ? 'u32' : 'vec2<f32>'}>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
+${KS > 1 ? `var<workgroup> red: array<vec2<f32>, ${WG * mr}>;` : ''}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let M = stepMeta[${META_ROWS}];
-  let p = wid.x * ${WG}u + lid;
+  let pl = lid % ${PPW}u;
+  let ks = lid / ${PPW}u;
+  let p = wid.x * ${PPW}u + pl;
   let h = wid.y;
   let row0 = wid.z * ${mr}u;
   let mLast = max(M, 1u) - 1u;
   ${ms.map((m) => `let xb${m} = min(row0 + ${m}u, mLast) * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u;`).join('\n  ')}
   ${ms.map((m) => `let yb${m} = (row0 + ${m}u) * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u;`).join('\n  ')}
+  ${ms.map((m) => `var acc${m} = vec2<f32>(0.0);`).join('\n  ')}
   if (p < ${NP}u) {
-    ${ms.map((m) => `var acc${m} = vec2<f32>(0.0);`).join('\n    ')}
-    for (var k = 0u; k < ${s.K}u; k++) {
+    for (var k = ks; k < ${s.K}u; k += ${KS}u) {
       let wk = ${loadW};
       ${ms.map((m) => `acc${m} += x[xb${m} + k] * wk;`).join('\n      ')}
     }
-    ${ms
-      .map(
-        (m) => `if (row0 + ${m}u < M) {
-      y[yb${m} + 2u * p] = acc${m}.x * ${sc};
-      ${s.N % 2 === 1 ? `if (2u * p + 1u < ${s.N}u) { y[yb${m} + 2u * p + 1u] = acc${m}.y * ${sc}; }` : `y[yb${m} + 2u * p + 1u] = acc${m}.y * ${sc};`}
-    }`,
-      )
-      .join('\n    ')}
-  } else if (p < ${NP + pass}u) {
+  }
+  ${
+    KS > 1
+      ? `${ms.map((m) => `red[lid * ${mr}u + ${m}u] = acc${m};`).join('\n  ')}
+  workgroupBarrier();
+  if (ks == 0u && p < ${NP}u) {
+    for (var q = 1u; q < ${KS}u; q++) {
+      ${ms.map((m) => `acc${m} += red[(q * ${PPW}u + pl) * ${mr}u + ${m}u];`).join('\n      ')}
+    }
+    ${ms.map((m) => store(m, `acc${m}`)).join('\n    ')}
+  }`
+      : `if (p < ${NP}u) {
+    ${ms.map((m) => store(m, `acc${m}`)).join('\n    ')}
+  }`
+  }
+  if (ks == 0u && p >= ${NP}u && p < ${NP + pass}u) {
     let i = p - ${NP}u;
     ${ms.map((m) => `if (row0 + ${m}u < M) { y[yb${m} + ${s.N}u + i] = x[xb${m} + ${s.K}u + i] * ${sc}; }`).join('\n    ')}
   }
@@ -131,7 +156,7 @@ export class HeadMatmul {
     }
     pass.setPipeline(v.pipeline);
     pass.setBindGroup(0, v.bindGroup);
-    const threads = Math.ceil(this.spec.N / 2) + (this.spec.passCols ?? 0);
-    pass.dispatchWorkgroups(Math.ceil(threads / WG), this.spec.nHeads, Math.ceil(rows / mr));
+    const slots = Math.ceil(this.spec.N / 2) + (this.spec.passCols ?? 0);
+    pass.dispatchWorkgroups(Math.ceil(slots / (WG / headMatmulKSplit(this.spec.K))), this.spec.nHeads, Math.ceil(rows / mr));
   }
 }

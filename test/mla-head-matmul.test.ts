@@ -1,0 +1,78 @@
+// Per-head batched matmul (MLA absorption and W_UV) vs float64: row counts across the rows-per-thread variants, K with
+// and without the k split, odd N, pass-through columns, f32 and f16 weights, NaN-poisoned outputs.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { HeadMatmul, headMatmulKSplit, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
+import { buildStepMeta } from '../kernels/step-meta.ts';
+import { destroyMatrix, poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
+import { freshSeed, randomArray, relError } from './kernels-helpers.ts';
+
+let gpuPromise: Promise<GpuContext> | undefined;
+const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
+after(async () => {
+  if (gpuPromise) (await gpuPromise).destroy();
+  releaseGpu();
+});
+
+async function runCase(nHeads: number, K: number, N: number, passCols: number, rows: number, dtype: 'f32' | 'f16'): Promise<number> {
+  const g = await gpu();
+  const seed = freshSeed();
+  const xHeadStride = K + passCols + 3; // gaps between heads' inputs
+  const xStride = nHeads * xHeadStride + 5;
+  const yHeadStride = N + passCols;
+  const yStride = nHeads * yHeadStride + 2;
+  const spec: HeadMatmulSpec = { nHeads, K, N, xStride, xOffset: 1, xHeadStride, yStride, yOffset: 2, yHeadStride, scale: 0.37, passCols };
+  let wData = randomArray(nHeads * K * N, seed);
+  if (dtype === 'f16') wData = roundToF16(wData);
+  const weight = uploadHeadMatrices(g, 'w', nHeads, K, N, dtype, (h, k, n) => wData[(h * K + k) * N + n]);
+  const xData = randomArray(rows * xStride, seed + 1);
+  const x = uploadArray(g, 'x', xData);
+  const y = storageBuffer(g, 'y', rows * yStride * 4);
+  const meta = uploadArray(g, 'meta', buildStepMeta([{ tokens: new Array(rows).fill(0), startPos: 0, blockTable: [0], logits: 'none' }], { blockSize: 4096, numBlocks: 1, nKvHeads: 1, maxChunkSize: 16 }).data);
+  const op = new HeadMatmul(g, spec, weight, { meta, x, y });
+  poisonBuffer(g, y);
+  const enc = g.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  op.encode(pass, rows);
+  pass.end();
+  g.device.queue.submit([enc.finish()]);
+  const got = await readF32(g, y, rows * yStride);
+  const gotOut: number[] = [];
+  const want: number[] = [];
+  for (let r = 0; r < rows; r++) {
+    for (let h = 0; h < nHeads; h++) {
+      const xb = r * xStride + 1 + h * xHeadStride;
+      const yb = r * yStride + 2 + h * yHeadStride;
+      for (let n = 0; n < N; n++) {
+        let acc = 0;
+        for (let k = 0; k < K; k++) acc += wData[(h * K + k) * N + n] * xData[xb + k];
+        want.push(acc * 0.37);
+        gotOut.push(got[yb + n]);
+      }
+      for (let i = 0; i < passCols; i++) {
+        want.push(xData[xb + K + i] * 0.37);
+        gotOut.push(got[yb + N + i]);
+      }
+    }
+  }
+  destroyMatrix(weight);
+  for (const b of [x, y, meta]) b.destroy();
+  return relError(gotOut, want);
+}
+
+test('head matmul: absorption and W_UV shapes, every rows-per-thread variant, f32 and f16 weights', async () => {
+  assert.equal(headMatmulKSplit(512), 4 * headMatmulKSplit(128));
+  for (const dtype of ['f32', 'f16'] as const) {
+    for (const [nHeads, K, N, passCols] of [
+      [3, 16, 24, 4], // absorption: K = nope dims, N = R, q_pe passed through
+      [2, 128, 40, 6], // k split in two
+      [2, 512, 7, 0], // W_UV: K = R, odd N, k split in eight
+    ] as const) {
+      for (const rows of [1, 3, 8, 13]) {
+        const err = await runCase(nHeads, K, N, passCols, rows, dtype);
+        assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}: relative error ${err}`);
+      }
+    }
+  }
+});
