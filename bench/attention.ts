@@ -309,16 +309,19 @@ async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
     const got = await readF32(gpu, out, outStride);
     const want = new Float64Array(outStride);
     const scale = 1 / Math.sqrt(D);
+    const RV = pool.rowValues;
+    const rows = new Float64Array(context * RV);
+    for (let t = 0; t < context; t++) for (let v = 0; v < RV; v++) rows[t * RV + v] = cacheValue(pool, tables[0], t, v);
     for (let h = 0; h < N_HEADS; h++) {
       const kv = Math.floor(h / (N_HEADS / N_KV));
       const s = new Float64Array(context);
       for (let t = 0; t < context; t++) {
         let d = 0;
-        for (let i = 0; i < D; i++) d += Math.fround(q[h * D + i]) * cacheValue(pool, tables[0], t, kv * D + i);
+        for (let i = 0; i < D; i++) d += q[h * D + i] * rows[t * RV + kv * D + i];
         s[t] = d * scale;
       }
       const p = softmaxWeights(s);
-      for (let t = 0; t < context; t++) for (let i = 0; i < D; i++) want[h * D + i] += p[t] * cacheValue(pool, tables[0], t, (N_KV + kv) * D + i);
+      for (let t = 0; t < context; t++) for (let i = 0; i < D; i++) want[h * D + i] += p[t] * rows[t * RV + (N_KV + kv) * D + i];
     }
     maxRelError = relErr(got, want);
   }
