@@ -1,0 +1,367 @@
+// End-to-end decode benchmark: synthetic Qwen2.5-7B (GQA) and its MLA shape through the GPU step runner, batch 1/32/64 at
+// context 512 and 4K; ms/step, tok/s, weight bytes per step against the HBM ceiling, and the H200 peers.
+//
+//   npm run bench:decode                          # real sizes (needs a real GPU: ~15 GB of weights + KV per model)
+//   npm run bench:decode -- --quick               # tiny-qwen2 pair, context 32, batch 1 and 4: checks that it runs (SwiftShader, < 60 s)
+//   npm run bench:decode -- --json decode.json    # also write every measurement as JSON
+//   options: --models qwen2.5-7b,qwen2.5-7b-mla  --batches 1,32,64  --contexts 512,4096  --steps 32  --warmup 2
+//            --prefill-chunk 512  --kv-budget 16GiB (capacity line only)  --ceiling-gbs 4300  --seed 0
+//
+// How a configuration (B sequences, context C) is measured:
+//   1. One template sequence is prefilled once per model to the largest context, in chunks (untimed; its rate is shown).
+//   2. Each of the B sequences gets its own copy of the template's first C/blockSize KV blocks (copyBlocks, GPU side):
+//      distinct memory per sequence, so attention reads B·C tokens of KV from HBM as a real batch would.
+//   3. `warmup` decode steps (pipelines compile for this row count), then `steps` timed decode steps: every sequence one
+//      token, logits of every row read back ([B, vocab] f32 — part of the runner's step as the engine uses it). Tokens
+//      are fixed pseudo-random ids, not sampled: host sampling is not part of the figure.
+// Weights: syntheticF16Model (model/synthetic.ts): generated straight into packed f16, one layer's values shared on the
+// host, but every layer uploaded into its own GPU buffers (14.1 GB for Qwen2.5-7B), so each step streams all of them.
+import { writeFileSync } from 'node:fs';
+import { createGpuRunner } from '../engine/gpu-runner.ts';
+import type { ModelRunner, StepSequence } from '../engine/types.ts';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
+import { SYNTHETIC_MODELS, syntheticF16Model, type SyntheticModelName } from '../model/synthetic.ts';
+import type { ModelWeights, Tensor } from '../model/weights.ts';
+
+interface Args {
+  quick: boolean;
+  json?: string;
+  models: SyntheticModelName[];
+  batches: number[];
+  contexts: number[];
+  steps: number;
+  warmup: number;
+  prefillChunk: number;
+  kvBudget: number;
+  ceilingGBs: number;
+  seed: number;
+  blockSize: number;
+}
+
+const USAGE = 'see the top of bench/decode.ts';
+
+const UNITS: Record<string, number> = { '': 1, b: 1, kb: 1e3, mb: 1e6, gb: 1e9, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30 };
+
+/** "16GiB" → 17179869184, "8e9" → 8000000000. */
+function parseSize(text: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([a-zA-Z]*)\s*$/.exec(text);
+  const unit = m ? UNITS[m[2].toLowerCase()] : undefined;
+  if (!m || unit === undefined) throw new Error(`--kv-budget ${JSON.stringify(text)} is not a size; write e.g. 16GiB or 8e9`);
+  return Math.floor(Number(m[1]) * unit);
+}
+
+function intList(text: string, flag: string): number[] {
+  const v = text.split(',').map(Number);
+  if (v.some((x) => !Number.isInteger(x) || x < 1)) throw new Error(`${flag} wants positive integers separated by commas; got ${JSON.stringify(text)}`);
+  return v;
+}
+
+function parseArgs(argv: string[]): Args {
+  const a: Args = {
+    quick: false,
+    models: ['qwen2.5-7b', 'qwen2.5-7b-mla'],
+    batches: [1, 32, 64],
+    contexts: [512, 4096],
+    steps: 32,
+    warmup: 2,
+    prefillChunk: 512,
+    kvBudget: 16 * 2 ** 30,
+    ceilingGBs: 4300,
+    seed: 0,
+    blockSize: 16,
+  };
+  const given = new Set<string>();
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i];
+    given.add(k);
+    const val = () => {
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`${k} needs a value; ${USAGE}`);
+      return v;
+    };
+    if (k === '--quick') a.quick = true;
+    else if (k === '--json') a.json = val();
+    else if (k === '--models') {
+      a.models = val().split(',') as SyntheticModelName[];
+      const bad = a.models.find((m) => !SYNTHETIC_MODELS.includes(m));
+      if (bad) throw new Error(`--models: unknown synthetic model ${JSON.stringify(bad)}; known: ${SYNTHETIC_MODELS.join(', ')}`);
+    } else if (k === '--batches') a.batches = intList(val(), k);
+    else if (k === '--contexts') a.contexts = intList(val(), k);
+    else if (k === '--steps') a.steps = intList(val(), k)[0];
+    else if (k === '--warmup') a.warmup = Number(val());
+    else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
+    else if (k === '--kv-budget') a.kvBudget = parseSize(val());
+    else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
+    else if (k === '--seed') a.seed = Number(val());
+    else if (k === '--block-size') a.blockSize = intList(val(), k)[0];
+    else throw new Error(`unknown option ${k}; ${USAGE}`);
+  }
+  if (a.quick) {
+    if (!given.has('--models')) a.models = ['tiny-qwen2', 'tiny-qwen2-mla'];
+    // SwiftShader takes ~1 s a step and compiles every new pipeline slowly: few steps, and prefill chunks of ≤ 8 rows so
+    // they reuse the decode GEMV pipelines (~45 s in all on a loaded 2-core machine).
+    if (!given.has('--batches')) a.batches = [1, 4];
+    if (!given.has('--contexts')) a.contexts = [32];
+    if (!given.has('--steps')) a.steps = 2;
+    if (!given.has('--warmup')) a.warmup = 1;
+    if (!given.has('--prefill-chunk')) a.prefillChunk = 8;
+  }
+  a.batches.sort((x, y) => x - y);
+  a.contexts.sort((x, y) => x - y);
+  for (const c of a.contexts) {
+    if (c % a.blockSize) throw new Error(`--contexts: ${c} is not a multiple of the block size ${a.blockSize} (whole blocks are copied per sequence)`);
+  }
+  return a;
+}
+
+/** The published peers on the H200 (../shared/gpu/README.md), Qwen2.5-7B shapes, random weights. */
+const PEERS = {
+  pytorch: { name: 'PyTorch bf16 + CUDA graph', batch1: 213, b32ctx512: 6370, b32ctx4k: 4964 },
+  llamacpp: { name: 'llama.cpp Vulkan', batch1: 160, b32: 286 },
+};
+
+function peerFor(model: string, batch: number, ctx: number): { pytorch?: number; llamacpp?: number } {
+  if (!model.startsWith('qwen2.5-7b')) return {};
+  if (batch === 1) return { pytorch: PEERS.pytorch.batch1, llamacpp: PEERS.llamacpp.batch1 };
+  if (batch === 32 && ctx === 512) return { pytorch: PEERS.pytorch.b32ctx512, llamacpp: PEERS.llamacpp.b32 };
+  if (batch === 32 && ctx === 4096) return { pytorch: PEERS.pytorch.b32ctx4k, llamacpp: PEERS.llamacpp.b32 };
+  return {};
+}
+
+/** Bytes of weights one decode step reads: every matrix as padded f16 rows, the LM head included, the embedding not (B rows gathered). */
+function weightBytesPerStep(w: ModelWeights): number {
+  let bytes = 0;
+  const add = (t: Tensor | undefined) => {
+    if (!t || t.shape.length !== 2) return;
+    bytes += t.shape[0] * Math.ceil(t.shape[1] / 8) * 8 * 2;
+  };
+  // Shared layers are still distinct GPU buffers: count every layer (no dedup across layers).
+  for (const l of w.layers) for (const v of Object.values(l)) if (v && typeof v === 'object' && 'shape' in v) add(v as Tensor);
+  add(w.output);
+  return bytes;
+}
+
+/** Deterministic token id for (sequence, position): a hash, so rows differ and nothing depends on sampling. */
+function tokenAt(seq: number, pos: number, vocab: number, seed: number): number {
+  let h = Math.imul(seq + 1, 0x9e3779b1) ^ Math.imul(pos + 7, 0x85ebca6b) ^ seed;
+  h = Math.imul(h ^ (h >>> 15), 0x2c1b3c6d);
+  h ^= h >>> 12;
+  return (h >>> 0) % vocab;
+}
+
+interface ConfigResult {
+  model: string;
+  attention: string;
+  batch: number;
+  context: number;
+  steps: number;
+  msPerStep: number;
+  tokPerS: number;
+  weightBytes: number;
+  kvBytesRead: number;
+  /** Weight bytes per step / step time. */
+  weightGBs: number;
+  /** (weights + KV read) / step time. */
+  totalGBs: number;
+  ceilingFraction: number;
+  peers: { pytorch?: number; llamacpp?: number };
+}
+
+interface ModelResult {
+  model: string;
+  attention: string;
+  config: ModelConfig;
+  generateS: number;
+  uploadS: number;
+  weightBytes: number;
+  kvBytesPerToken: number;
+  kvValuesPerTokenPerLayer: number;
+  prefillTokens: number;
+  prefillS: number;
+  kvBudgetBytes: number;
+  kvBudgetTokens: number;
+  configs: ConfigResult[];
+}
+
+const fmt = (v: number, d = 1) => (Number.isFinite(v) ? v.toFixed(d) : '—');
+const GB = 1e9;
+
+async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, log: (s: string) => void): Promise<ModelResult> {
+  const t0 = performance.now();
+  const m = syntheticF16Model(name, { seed: a.seed });
+  const c = m.config;
+  const generateS = (performance.now() - t0) / 1000;
+  const maxCtx = a.contexts[a.contexts.length - 1];
+  const maxB = a.batches[a.batches.length - 1];
+  if (maxCtx + a.warmup + a.steps > c.maxSeqLen) throw new Error(`${name}: context ${maxCtx} + ${a.warmup + a.steps} steps passes its ${c.maxSeqLen}-token context`);
+  const bs = a.blockSize;
+  const templateBlocks = maxCtx / bs;
+  const perSeq = Math.ceil((maxCtx + a.warmup + a.steps) / bs);
+  const numBlocks = templateBlocks + maxB * perSeq;
+  const weightBytes = weightBytesPerStep(m.weights);
+  log(`${name}: weights generated in ${fmt(generateS)} s (${fmt(weightBytes / GB, 2)} GB of f16 read per step); uploading, KV pool ${numBlocks} blocks × ${bs} tokens`);
+
+  const t1 = performance.now();
+  const runner: ModelRunner = await createGpuRunner(gpu, m, {
+    blockSize: bs,
+    numBlocks,
+    weightDtype: 'f16',
+    cacheDtype: 'f16',
+    maxRowsPerStep: Math.max(a.prefillChunk, maxB),
+  });
+  const uploadS = (performance.now() - t1) / 1000;
+  try {
+    // 1. The template: one sequence prefilled to the largest context, in chunks.
+    const template = Array.from({ length: templateBlocks }, (_, i) => i);
+    const t2 = performance.now();
+    for (let pos = 0; pos < maxCtx; pos += a.prefillChunk) {
+      const n = Math.min(a.prefillChunk, maxCtx - pos);
+      const tokens = Array.from({ length: n }, (_, i) => tokenAt(0, pos + i, c.vocabSize, a.seed));
+      await runner.step([{ tokens, startPos: pos, blockTable: template, logits: pos + n === maxCtx ? 'last' : 'none' }]);
+    }
+    const prefillS = (performance.now() - t2) / 1000;
+    log(`${name}: uploaded in ${fmt(uploadS)} s; template prefilled (${maxCtx} tokens in chunks of ${a.prefillChunk}) in ${fmt(prefillS)} s = ${fmt(maxCtx / prefillS, 0)} tok/s`);
+
+    const configs: ConfigResult[] = [];
+    const seqBlocks = (i: number) => Array.from({ length: perSeq }, (_, j) => templateBlocks + i * perSeq + j);
+    for (const ctx of a.contexts) {
+      let copied = 0; // sequences holding the template's first ctx/bs blocks (decode only writes past them)
+      for (const batch of a.batches) {
+        const pairs: Array<[number, number]> = [];
+        for (let i = copied; i < batch; i++) {
+          const dst = seqBlocks(i);
+          for (let j = 0; j < ctx / bs; j++) pairs.push([template[j], dst[j]]);
+        }
+        runner.copyBlocks(pairs);
+        copied = batch;
+        const step = (s: number) =>
+          runner.step(
+            Array.from({ length: batch }, (_, i): StepSequence => ({
+              tokens: [tokenAt(i + 1, ctx + s, c.vocabSize, a.seed)],
+              startPos: ctx + s,
+              blockTable: seqBlocks(i),
+              logits: 'last',
+            })),
+          );
+        for (let s = 0; s < a.warmup; s++) await step(s);
+        const t = performance.now();
+        for (let s = a.warmup; s < a.warmup + a.steps; s++) await step(s);
+        const ms = (performance.now() - t) / a.steps;
+        // KV read per step: each sequence's cached tokens (ctx plus what warmup and the timed steps add, on average).
+        const kvBytesRead = batch * (ctx + a.warmup + a.steps / 2) * runner.kvBytesPerToken;
+        const r: ConfigResult = {
+          model: name,
+          attention: c.attention,
+          batch,
+          context: ctx,
+          steps: a.steps,
+          msPerStep: ms,
+          tokPerS: (batch * 1000) / ms,
+          weightBytes,
+          kvBytesRead,
+          weightGBs: weightBytes / (ms / 1000) / GB,
+          totalGBs: (weightBytes + kvBytesRead) / (ms / 1000) / GB,
+          ceilingFraction: (weightBytes + kvBytesRead) / (ms / 1000) / GB / a.ceilingGBs,
+          peers: peerFor(name, batch, ctx),
+        };
+        configs.push(r);
+        log(`${name}: batch ${batch} ctx ${ctx}: ${fmt(ms, 2)} ms/step, ${fmt(r.tokPerS, 0)} tok/s, ${fmt(r.totalGBs, 0)} GB/s (weights + KV)`);
+      }
+    }
+    const kvBudgetTokens = Math.floor(a.kvBudget / (bs * runner.kvBytesPerToken)) * bs;
+    return {
+      model: name,
+      attention: c.attention,
+      config: c,
+      generateS,
+      uploadS,
+      weightBytes,
+      kvBytesPerToken: runner.kvBytesPerToken,
+      kvValuesPerTokenPerLayer: kvValuesPerToken(c),
+      prefillTokens: maxCtx,
+      prefillS,
+      kvBudgetBytes: a.kvBudget,
+      kvBudgetTokens,
+      configs,
+    };
+  } finally {
+    runner.destroy();
+  }
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => r.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  ')).join('\n');
+}
+
+async function main(): Promise<void> {
+  const a = parseArgs(process.argv.slice(2));
+  const log = (s: string) => process.stderr.write(`${s}\n`);
+  const gpu = await openGpu({ log });
+  const started = performance.now();
+  const results: ModelResult[] = [];
+  try {
+    log(`adapter: ${gpu.adapterName}${gpu.isSoftware ? ' (software: timings are not meaningful)' : ''}`);
+    for (const name of a.models) {
+      results.push(await benchModel(gpu, name, a, log));
+      // Let the destroyed runner's memory go before the next model uploads.
+      await gpu.device.queue.onSubmittedWorkDone();
+    }
+  } finally {
+    gpu.destroy();
+    releaseGpu();
+  }
+  const totalS = (performance.now() - started) / 1000;
+
+  if (a.json) {
+    writeFileSync(
+      a.json,
+      JSON.stringify({ adapter: gpu.adapterName, software: gpu.isSoftware, args: a, ceilingGBs: a.ceilingGBs, peers: PEERS, totalSeconds: totalS, models: results }, null, 2),
+    );
+    log(`wrote ${a.json}`);
+  }
+
+  // Capacity at one KV budget, then the table last (the device tool shows the end of the output).
+  const budgetGiB = a.kvBudget / 2 ** 30;
+  const base = results.find((r) => r.attention === 'gqa');
+  const lines: string[] = [];
+  lines.push(`KV capacity at ${fmt(budgetGiB, budgetGiB % 1 ? 2 : 0)} GiB (f16 cache, blocks of ${a.blockSize}):`);
+  for (const r of results) {
+    const ratio = base && r !== base ? `  = ${fmt(r.kvBudgetTokens / base.kvBudgetTokens, 2)}× ${base.model}` : '';
+    lines.push(`  ${r.model.padEnd(16)} ${r.attention}  ${r.kvValuesPerTokenPerLayer} values/token/layer, ${r.kvBytesPerToken} B/token → ${r.kvBudgetTokens} tokens${ratio}`);
+  }
+  lines.push('');
+  const header = ['model', 'attn', 'batch', 'ctx', 'ms/step', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
+  const rows = [header];
+  for (const r of results) {
+    for (const c of r.configs) {
+      rows.push([
+        r.model,
+        r.attention,
+        String(c.batch),
+        String(c.context),
+        fmt(c.msPerStep, 2),
+        fmt(c.tokPerS, 0),
+        fmt(c.weightGBs, 0),
+        fmt(c.totalGBs, 0),
+        `${fmt(100 * c.ceilingFraction, 0)}%`,
+        c.peers.pytorch ? `${fmt(c.tokPerS / c.peers.pytorch, 2)}× (${c.peers.pytorch})` : '—',
+        c.peers.llamacpp ? `${fmt(c.tokPerS / c.peers.llamacpp, 2)}× (${c.peers.llamacpp})` : '—',
+      ]);
+    }
+  }
+  lines.push(`decode through the GPU runner on ${gpu.adapterName}: ${a.steps} timed steps after ${a.warmup} warm-up, logits [batch, vocab] read back every step`);
+  lines.push(table(rows));
+  lines.push(
+    `peers (../shared/gpu/README.md, H200, Qwen2.5-7B): PyTorch ${PEERS.pytorch.batch1} tok/s batch 1, ${PEERS.pytorch.b32ctx512} at 32 seqs ctx 512, ` +
+      `${PEERS.pytorch.b32ctx4k} at ctx 4K; llama.cpp Vulkan ${PEERS.llamacpp.batch1} / ${PEERS.llamacpp.b32}. Total ${fmt(totalS, 0)} s.`,
+  );
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+main().catch((err) => {
+  process.stderr.write(`bench:decode: ${(err as Error).message}\n`);
+  if (process.env.MLA_SERVE_DEBUG) process.stderr.write(`${(err as Error).stack}\n`);
+  process.exitCode = 1;
+});
