@@ -1,6 +1,8 @@
 // `mla-serve serve`: load the models, give each its share of the KV budget on one GPU, start the HTTP app, drain on SIGTERM.
-import { existsSync } from 'node:fs';
-import { basename, extname, resolve } from 'node:path';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { basename, extname, join, resolve } from 'node:path';
 import { createEngine, type Engine } from '../engine/engine.ts';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import type { ModelRunner } from '../engine/types.ts';
@@ -8,6 +10,7 @@ import { type GpuContext, openGpu, releaseGpu } from '../kernels/device.ts';
 import { resolveModelPath } from '../model/hub.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
 import { buildApp } from './app.ts';
+import { convertCheckpoint, parseConvertArgs } from './convert-command.ts';
 import { formatBytes, parseServeArgs, SERVE_USAGE, type ServeOptions, UsageError } from './serve-options.ts';
 
 /** Where the default model is looked for first: the project's shared fixtures. */
@@ -15,10 +18,59 @@ export const SHARED_STORIES = '../shared/models/stories260K/stories260K.bin';
 /** Else the Hugging Face cache, else a download (the tokenizer tok512.bin comes along). */
 export const HUB_STORIES = 'karpathy/tinyllamas/stories260K/stories260K.bin';
 
+/** Calibration text for the default MLA conversion. */
+export const SHARED_CALIB_TEXT = '../shared/data/tinystories_valid_a.txt';
+
 /** A model to serve: where it is and its served name. */
 export interface ModelSpec {
   source: string;
   name: string;
+}
+
+/** Where converted checkpoints are kept between starts: $MLA_SERVE_CACHE, else $XDG_CACHE_HOME/mla-serve, else ~/.cache/mla-serve. */
+export function conversionCacheDir(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.MLA_SERVE_CACHE) return env.MLA_SERVE_CACHE;
+  return join(env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'mla-serve');
+}
+
+/**
+ * The MLA conversion of the default GQA checkpoint: from the cache when it was made before, else made now with
+ * the converter's defaults (minus its held-out perplexity table, which only reports and would triple the time)
+ * and cached. The cache key is the source's content hash, so a changed source is converted again.
+ * Returns null, with the reason logged, when no calibration text is at hand.
+ */
+export async function defaultMlaConversion(gqaPath: string, log: (msg: string) => void, calibText = SHARED_CALIB_TEXT): Promise<string | null> {
+  const key = createHash('sha256').update(readFileSync(gqaPath)).digest('hex').slice(0, 12);
+  const dir = join(conversionCacheDir(), `${defaultModelName(gqaPath)}-mla-${key}`);
+  if (existsSync(join(dir, 'config.json')) && existsSync(join(dir, 'model.safetensors'))) return dir;
+  if (!existsSync(calibText)) {
+    log(`mla-serve: no calibration text at ${calibText}, so the MLA conversion of ${gqaPath} cannot be made; serving the GQA model only (run 'mla-serve convert' and pass its output with --model)`);
+    return null;
+  }
+  log(`mla-serve: converting ${gqaPath} to MLA (TransMLA, calibrated on ${calibText}); once, cached in ${dir}`);
+  const t0 = performance.now();
+  // Built in a private folder and renamed into place, so a second server starting at the same time never reads half a checkpoint.
+  const tmp = `${dir}.tmp-${process.pid}`;
+  mkdirSync(conversionCacheDir(), { recursive: true });
+  const opts = parseConvertArgs(['--model', gqaPath, '--out', tmp, '--force', '--calib-text', calibText, '--eval-chunks', '0']);
+  if (opts === 'help') throw new Error('unreachable: convert options without --help');
+  try {
+    const { result } = await convertCheckpoint(opts);
+    const r = result.report;
+    try {
+      renameSync(tmp, dir);
+    } catch (err) {
+      // Another process finished first: keep its copy.
+      if (!existsSync(join(dir, 'config.json'))) throw err;
+    }
+    log(
+      `mla-serve: converted in ${((performance.now() - t0) / 1000).toFixed(1)} s: KV values per token per layer ${r.kvValuesBefore} → ${r.kvValuesAfter} ` +
+        `(kv_lora_rank ${r.kvLoraRank} + rope ${r.ropeDim}, freqfold ${r.freqFold})`,
+    );
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+  return dir;
 }
 
 /** Served name of a --model without --name: a file's stem, a directory's name, a repo id as given. */
@@ -30,11 +82,14 @@ export function defaultModelName(source: string): string {
   return source;
 }
 
-export function modelSpecs(opts: ServeOptions): ModelSpec[] {
-  if (opts.models.length === 0) {
-    return [{ source: existsSync(SHARED_STORIES) ? SHARED_STORIES : HUB_STORIES, name: opts.names[0] ?? 'stories260K' }];
-  }
-  return opts.models.map((source, i) => ({ source, name: opts.names[i] ?? defaultModelName(source) }));
+/** What to serve: the --model list, or the default pair (stories260K and its MLA conversion, made on first start). */
+export async function modelSpecs(opts: ServeOptions, log: (msg: string) => void): Promise<ModelSpec[]> {
+  if (opts.models.length > 0) return opts.models.map((source, i) => ({ source, name: opts.names[i] ?? defaultModelName(source) }));
+  const gqa = existsSync(SHARED_STORIES) ? SHARED_STORIES : await resolveModelPath(HUB_STORIES);
+  const specs = [{ source: gqa, name: opts.names[0] ?? 'stories260K' }];
+  const mla = await defaultMlaConversion(gqa, log);
+  if (mla) specs.push({ source: mla, name: opts.names[1] ?? 'stories260K-mla' });
+  return specs;
 }
 
 /** One model up and serving: its engine and the figures the banner prints. */
@@ -53,13 +108,10 @@ export interface ServedEngines {
 
 /** Loads every model, splits the KV budget evenly in bytes, and starts one engine per model on one GPU. */
 export async function openServedEngines(opts: ServeOptions, log: (msg: string) => void): Promise<ServedEngines> {
-  const specs = modelSpecs(opts);
+  const specs = await modelSpecs(opts, log);
   const names = specs.map((s) => s.name);
   const dup = names.find((n, i) => names.indexOf(n) !== i);
   if (dup) throw new UsageError(`two models would be served as '${dup}'; give each --model its own --name`);
-  if (opts.models.length === 0) {
-    log('mla-serve: the MLA conversion of stories260K is not served yet (the TransMLA converter is not wired into serve); serving the GQA original only');
-  }
 
   const loaded: LoadedModel[] = [];
   for (const spec of specs) {
