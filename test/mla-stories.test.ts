@@ -2,7 +2,9 @@
 // greedy text at full rank vs the Stage-1 reference, and eval-ppl on GPU vs the float64 reference to 3 decimals.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { scoreChunks } from '../engine/perplexity.ts';
@@ -11,6 +13,7 @@ import type { GqaConfig, MlaConfig } from '../model/config.ts';
 import { loadModel } from '../model/load.ts';
 import { ReferenceMla } from '../model/reference/mla.ts';
 import { ReferenceLatent } from '../model/reference/stage1.ts';
+import { writeMlaCheckpoint } from '../model/transmla/checkpoint.ts';
 import { convertToMla, mlaWeightsToF32, type ConversionResult } from '../model/transmla/convert.ts';
 import { maxKvLoraRank } from '../model/transmla/stage2.ts';
 import { calibrationSplit } from '../server/convert-command.ts';
@@ -110,4 +113,39 @@ test('converted stories260K at R = 16: eval-ppl on the GPU equals the float64 ML
     assert.ok(gpuAcc.predicted > 180, `only ${gpuAcc.predicted} tokens scored`);
     assert.equal(gpuAcc.perplexity.toFixed(3), refAcc.perplexity.toFixed(3), `GPU ${gpuAcc.perplexity}, reference ${refAcc.perplexity}`);
   });
+});
+
+test('converted stories260K at R = 16 written as a DeepSeek checkpoint, loaded back: GPU logits within 1e-4 (f32 cache) and 1e-2 (f16 cache)', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'mla-stories-'));
+  try {
+    writeMlaCheckpoint(dir, r16.config, r16.weights, {
+      dtype: 'f32',
+      source: { config: gqa, format: source.format, path: source.path, tokenizer: source.tokenizer },
+    });
+    const loaded = await loadModel(dir);
+    assert.equal(loaded.config.attention, 'mla');
+    const c = loaded.config as MlaConfig;
+    assert.equal(c.kvLoraRank, 16);
+    const tokens = [c.bosId, ...loaded.tokenizer.encode('The cat sat on the mat and looked at the sun.')].slice(0, 16);
+    const want = new ReferenceMla(c, loaded.weights).forward(tokens);
+    for (const cacheDtype of ['f32', 'f16'] as const) {
+      const runner = await createGpuRunner(gpu, loaded, { weightDtype: 'f32', cacheDtype, blockSize: 16, numBlocks: 8 });
+      try {
+        assert.equal(runner.kvBytesPerToken, c.nLayers * 20 * (cacheDtype === 'f16' ? 2 : 4));
+        const V = c.vocabSize;
+        for (let t0 = 0; t0 < tokens.length; t0 += 8) {
+          const got = await runner.step([{ tokens: tokens.slice(t0, t0 + 8), startPos: t0, blockTable: [3], logits: 'all' }]);
+          for (let t = 0; t < 8; t++) {
+            const err = relError(got.subarray(t * V, (t + 1) * V), want[t0 + t]);
+            const bar = cacheDtype === 'f32' ? 1e-4 : 1e-2;
+            assert.ok(err <= bar, `${cacheDtype} cache, token ${t0 + t}: relative error ${err} > ${bar}`);
+          }
+        }
+      } finally {
+        runner.destroy();
+      }
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
