@@ -11,7 +11,7 @@
 import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { MatmulOp } from '../kernels/matmul.ts';
-import { MlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { DEFAULT_MLA_TUNING, MlaAttention, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { HeadMatmul, uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadMatrix, uploadWeight, type GpuMatrix } from '../kernels/tensors.ts';
@@ -93,7 +93,8 @@ export class MlaBlock implements AttentionBlock {
     this.qCols = c.nHeads * (dn + r);
     this.qStride = pad8(this.qCols);
     this.latentStride = pad8(R + r);
-    this.parallelHeads = Math.ceil(c.nHeads / 32);
+    // Workgroups per row along heads in the widest attention variant (what long-context decode runs): sizes the split.
+    this.parallelHeads = planMlaAttention({ nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r }, { ...DEFAULT_MLA_TUNING, ...opts.attentionTuning }).headSplits;
     const g = ctx.gpu;
     const dt = ctx.weightDtype;
     this.layers = ctx.weights.layers.map((lw, l) => {
