@@ -1,5 +1,6 @@
-// Whole random MLA models on the GPU runner (which picks the MLA block from the config) vs the float64 MLA reference: q_proj and q_a/q_b
-// (+ q_a_layernorm), kv_a_layernorm, biases, both RoPE layouts, batches of prefill chunks and decode rows.
+// Whole random MLA models on the GPU runner (which picks the MLA block from the config) vs the float64 MLA reference in
+// both forms (absorbed and naive): q_proj and q_a/q_b (+ q_a_layernorm), kv_a_layernorm, biases, both RoPE layouts,
+// batches of prefill chunks and decode rows.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
@@ -105,11 +106,14 @@ async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16';
     }
     let worst = 0;
     prompts.forEach((p, i) => {
-      const want = new ReferenceMla(config, model.weights).forward(p);
-      for (let t = 0; t < p.length; t++) {
-        const err = relError(got[i][t], want[t]);
-        worst = Math.max(worst, err);
-        assert.ok(err <= opts.bar, `prompt ${i} token ${t}: relative error ${err} > ${opts.bar} (seed ${seed}, ${JSON.stringify(config)})`);
+      // Absorbed on the GPU must equal both reference forms: absorbed, and naive (K/V expanded per head).
+      for (const form of ['absorbed', 'naive'] as const) {
+        const want = new ReferenceMla(config, model.weights, { form }).forward(p);
+        for (let t = 0; t < p.length; t++) {
+          const err = relError(got[i][t], want[t]);
+          worst = Math.max(worst, err);
+          assert.ok(err <= opts.bar, `prompt ${i} token ${t} vs ${form} reference: relative error ${err} > ${opts.bar} (seed ${seed}, ${JSON.stringify(config)})`);
+        }
       }
     });
     assert.equal(runner.kvBytesPerToken, config.nLayers * (config.kvLoraRank + config.qkRopeHeadDim) * (opts.cacheDtype === 'f16' ? 2 : 4));
