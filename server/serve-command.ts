@@ -8,10 +8,11 @@ import { createGpuRunner } from '../engine/gpu-runner.ts';
 import type { ModelRunner } from '../engine/types.ts';
 import { type GpuContext, openGpu, releaseGpu } from '../kernels/device.ts';
 import { resolveModelPath } from '../model/hub.ts';
-import { loadModel, type LoadedModel } from '../model/load.ts';
+import { loadModel } from '../model/load.ts';
 import { buildApp } from './app.ts';
 import { convertCheckpoint, parseConvertArgs } from './convert-command.ts';
 import { formatBytes, parseServeArgs, SERVE_USAGE, type ServeOptions, UsageError } from './serve-options.ts';
+import { checkSyntheticName, loadSyntheticModel, SYNTHETIC_PREFIX, type ServableModel } from './synthetic-models.ts';
 
 /** Where the default model is looked for first: the project's shared fixtures. */
 export const SHARED_STORIES = '../shared/models/stories260K/stories260K.bin';
@@ -84,7 +85,10 @@ export function defaultModelName(source: string): string {
 
 /** What to serve: the --model list, or the default pair (stories260K and its MLA conversion, made on first start). */
 export async function modelSpecs(opts: ServeOptions, log: (msg: string) => void): Promise<ModelSpec[]> {
-  if (opts.models.length > 0) return opts.models.map((source, i) => ({ source, name: opts.names[i] ?? defaultModelName(source) }));
+  const synthetic = (opts.synthetic ?? []).map((n) => ({ source: SYNTHETIC_PREFIX + checkSyntheticName(n), name: n }));
+  if (opts.models.length > 0 || synthetic.length > 0) {
+    return [...opts.models.map((source, i) => ({ source, name: opts.names[i] ?? defaultModelName(source) })), ...synthetic];
+  }
   const gqa = existsSync(SHARED_STORIES) ? SHARED_STORIES : await resolveModelPath(HUB_STORIES);
   const specs = [{ source: gqa, name: opts.names[0] ?? 'stories260K' }];
   const mla = await defaultMlaConversion(gqa, log);
@@ -113,8 +117,12 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
   const dup = names.find((n, i) => names.indexOf(n) !== i);
   if (dup) throw new UsageError(`two models would be served as '${dup}'; give each --model its own --name`);
 
-  const loaded: LoadedModel[] = [];
+  const loaded: ServableModel[] = [];
   for (const spec of specs) {
+    if (spec.source.startsWith(SYNTHETIC_PREFIX)) {
+      loaded.push(loadSyntheticModel(spec.source.slice(SYNTHETIC_PREFIX.length), opts.maxModelLen === null ? {} : { maxSeqLen: opts.maxModelLen }));
+      continue;
+    }
     const path = existsSync(spec.source) ? spec.source : await resolveModelPath(spec.source);
     loaded.push(await loadModel(path, opts.maxModelLen === null ? {} : { maxSeqLen: opts.maxModelLen }));
   }

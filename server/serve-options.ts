@@ -6,6 +6,8 @@ export interface ServeOptions {
   models: string[];
   /** Served names, paired with `models` in order; missing ones come from the path. */
   names: string[];
+  /** Synthetic models (model/synthetic.ts names) served under their own names, after `models`. */
+  synthetic?: string[];
   host: string;
   port: number;
   /** Total KV-cache bytes, split evenly between the models. */
@@ -27,6 +29,9 @@ Serves models over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/comp
   --model PATH_OR_HF_ID   model to serve; repeat for several (default: stories260K and its
                           MLA conversion stories260K-mla)
   --name NAME             served name of the --model at the same position (default: its directory name)
+  --synthetic NAME        also serve a random-weight model with a real configuration under NAME, with a byte-level
+                          tokenizer; repeat for several (qwen2.5-7b, qwen2.5-7b-mla, llama-3-8b, llama-2-7b,
+                          deepseek-v2-lite-attn, tiny-qwen2, tiny-qwen2-mla); for load tests at real size
   --host HOST             address to listen on (default 127.0.0.1; 0.0.0.0 in containers)
   --port PORT             (default 8000)
   --kv-cache-memory SIZE  KV-cache memory for all models together, e.g. 2GiB, 512MiB (default 2GiB);
@@ -68,6 +73,7 @@ export function parseServeArgs(argv: string[]): ServeOptions | 'help' {
       options: {
         model: { type: 'string', multiple: true },
         name: { type: 'string', multiple: true },
+        synthetic: { type: 'string', multiple: true },
         host: { type: 'string' },
         port: { type: 'string' },
         'kv-cache-memory': { type: 'string' },
@@ -93,6 +99,7 @@ export function parseServeArgs(argv: string[]): ServeOptions | 'help' {
   return {
     models,
     names,
+    synthetic: v.synthetic ?? [],
     host: v.host ?? '127.0.0.1',
     port,
     kvCacheMemory: v['kv-cache-memory'] === undefined ? 2 * 2 ** 30 : parseByteSize(v['kv-cache-memory']),
