@@ -13,9 +13,12 @@
 # CPU-only hosts (slow, for trying it out): build with `--build-arg SWIFTSHADER=1`; Debian's chromium
 # package carries SwiftShader's Vulkan driver, which the server falls back to by itself.
 #
-# Models: the default (stories260K and its MLA conversion) is downloaded into HF_HOME=/data/huggingface
-# on first start when online; or mount a checkpoint and pass `serve --model /models/x` (arguments after
-# the image name replace CMD, so keep `--host 0.0.0.0`).
+# Models: the default stories260K is read from /shared/models/stories260K when mounted there
+# (`-v /path/to/shared:/shared:ro`; the server looks in ../shared from /app), else downloaded into
+# HF_HOME=/data/huggingface on first start when online. Its MLA conversion is made on first start from
+# the calibration text /shared/data/tinystories_valid_a.txt and cached in MLA_SERVE_CACHE=/data/mla-serve;
+# without that text only the GQA model is served. Other models: mount a checkpoint and pass
+# `serve --model /models/x --host 0.0.0.0` (arguments after the image name replace CMD).
 
 FROM node:20-slim AS deps
 WORKDIR /app
@@ -30,7 +33,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 ENV NODE_ENV=production \
-    HF_HOME=/data/huggingface
+    HF_HOME=/data/huggingface \
+    MLA_SERVE_CACHE=/data/mla-serve
 COPY --from=deps /app/node_modules ./node_modules
 # The sources run through tsx (a production dependency): no build step.
 COPY package.json tsconfig.json ./
