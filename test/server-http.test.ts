@@ -405,6 +405,33 @@ test('a client that disconnects mid-stream cancels its request: KV usage rises d
   assert.ok(generated < 200, `the cancelled request still generated ${generated} of its 200 tokens`);
 });
 
+test('a client that gives up on a non-streamed request cancels it too: blocks freed, counted as 499', async () => {
+  const errors499 = (t: string) => metricValue(t, 'mla_serve_request_errors_total', { model_name: GQA, code: '499' }) || 0;
+  const before = await metricsText();
+  const ctl = new AbortController();
+  const pending = fetch(`${base}/v1/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model: GQA, prompt: 'Once upon a time', max_tokens: 200, temperature: 0, ignore_eos: true }),
+    signal: ctl.signal,
+  }).catch((e: Error) => e);
+  const deadline = performance.now() + 20_000;
+  const waitFor = async (what: string, ok: (m: string) => boolean): Promise<string> => {
+    for (;;) {
+      const m = await metricsText();
+      if (ok(m)) return m;
+      assert.ok(performance.now() < deadline, `timed out waiting until ${what}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  };
+  await waitFor('the request runs', (m) => metricValue(m, 'vllm:num_requests_running', { model_name: GQA }) === 1);
+  ctl.abort();
+  assert.equal(((await pending) as Error).name, 'AbortError');
+  const m = await waitFor('its blocks are free', (t) => metricValue(t, 'mla_serve_kv_cache_blocks', { model_name: GQA, state: 'used' }) === 0 && errors499(t) > errors499(before));
+  assert.equal(errors499(m), errors499(before) + 1);
+  assert.equal(metricValue(m, 'vllm:num_requests_running', { model_name: GQA }), 0);
+});
+
 test('a full queue answers 429 with Retry-After; shutdown lets a running stream finish, answers 503, then closes', async () => {
   // Its own engine with one running slot and one waiting slot; the app owns it, so app.close() drains and frees it.
   const small = await testEngines({ maxQueue: 1, maxNumSeqs: 1, gqaOnly: true });

@@ -61,7 +61,7 @@ export function registerChat(app: FastifyInstance, ctx: ServerContext, limits: R
           } else {
             if (event.finishReason === 'abort') {
               if (run.signal.aborted) return;
-              throw abortedError(ctx);
+              throw abortedError(ctx, run);
             }
             finishes.push(event);
             yield { ...base, choices: [{ index, delta: {}, logprobs: null, finish_reason: openAiFinishReason(event.finishReason) }], ...extra };
@@ -81,12 +81,12 @@ export function registerChat(app: FastifyInstance, ctx: ServerContext, limits: R
         texts[index] += event.text;
         if (event.logprobs) logprobs[index]?.push(...chatLogprobs(event.logprobs));
       } else {
-        if (event.finishReason === 'abort') throw abortedError(ctx);
+        if (event.finishReason === 'abort') throw abortedError(ctx, run);
         finishes[index] = event;
       }
     }
     const done = finishes.filter((f): f is FinishEvent => f !== null);
-    if (done.length !== choices.length) throw abortedError(ctx);
+    if (done.length !== choices.length) throw abortedError(ctx, run);
     return {
       id,
       object: 'chat.completion',

@@ -89,7 +89,7 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext, li
           } else {
             if (event.finishReason === 'abort') {
               if (run.signal.aborted) return; // the client left: nobody to tell
-              throw abortedError(ctx);
+              throw abortedError(ctx, run);
             }
             finishes.push(event);
             if (index % n === 0) cached += event.cachedPromptTokens;
@@ -112,12 +112,12 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext, li
         const lp = logprobs[index];
         if (lp) offsets[index] = appendLegacyLogprobs(lp, event.logprobs ?? [], offsets[index]);
       } else {
-        if (event.finishReason === 'abort') throw abortedError(ctx);
+        if (event.finishReason === 'abort') throw abortedError(ctx, run);
         finishes[index] = event;
       }
     }
     const done = finishes.filter((f): f is FinishEvent => f !== null);
-    if (done.length !== choices.length) throw abortedError(ctx);
+    if (done.length !== choices.length) throw abortedError(ctx, run);
     const cached = done.filter((_, i) => i % n === 0).reduce((a, f) => a + f.cachedPromptTokens, 0);
     return {
       id,

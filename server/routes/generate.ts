@@ -93,6 +93,9 @@ export function samplingParams(model: HostedModel, body: SamplingBody, maxTokens
   };
 }
 
+/** nginx's status for "client closed request": never sent (nobody is listening), only logged and counted. */
+export const CLIENT_CLOSED = 499;
+
 /** One choice to generate: its index in the response, its prompt and parameters. */
 export interface ChoiceSpec {
   index: number;
@@ -204,8 +207,9 @@ export class ChoiceRun {
   }
 }
 
-/** A finish the client should hear about as an error rather than a normal end. */
-export function abortedError(ctx: ServerContext): ApiError {
+/** A finish the client should hear about as an error rather than a normal end (or, when the client itself left, 499 for the logs and metrics). */
+export function abortedError(ctx: ServerContext, run: ChoiceRun): ApiError {
+  if (run.signal.aborted) return new ApiError(CLIENT_CLOSED, 'the client closed the connection before the response was complete');
   return ctx.draining()
     ? new ApiError(503, 'the server shut down before this request finished; retry it', null, 1)
     : new ApiError(500, 'the engine aborted this request before it finished');
