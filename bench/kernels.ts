@@ -4,10 +4,11 @@
 //   npm run bench:kernels -- --quick            # small shapes, checks that it runs (SwiftShader)
 //   npm run bench:kernels -- --json out.json    # also write every measurement as JSON
 //   options: --ceiling-gbs 4300  --target-bytes 8e9  --rows 1,8,32,64  --all (print every variant, not just the best)
+//            --only default,t32 (variant names containing these)  --dawn-flag enable-dawn-features=… (repeatable)
 import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { MatmulOp, defaultMatmulTuning, type MatmulTuning } from '../kernels/matmul.ts';
-import { f16BitsToF32, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
+import { bindBuffers, f16BitsToF32, gridFor, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
 
 interface Args {
   quick: boolean;
@@ -16,10 +17,14 @@ interface Args {
   targetBytes: number;
   rows: number[];
   all: boolean;
+  /** Only variants whose name contains one of these (the stream controls always run). */
+  only: string[];
+  /** Dawn toggles for create(), e.g. enable-dawn-features=allow_unsafe_apis,disable_robustness (an A/B of Dawn's checks). */
+  dawnFlags: string[];
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, ceilingGBs: 4300, targetBytes: 8e9, rows: [1, 8, 32, 64], all: false };
+  const a: Args = { quick: false, ceilingGBs: 4300, targetBytes: 8e9, rows: [1, 8, 32, 64], all: false, only: [], dawnFlags: [] };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const val = () => {
@@ -33,6 +38,8 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--target-bytes') a.targetBytes = Number(val());
     else if (k === '--rows') a.rows = val().split(',').map(Number);
     else if (k === '--all') a.all = true;
+    else if (k === '--only') a.only = val().split(',');
+    else if (k === '--dawn-flag') a.dawnFlags.push(val());
     else throw new Error(`unknown option ${k}; see the top of bench/kernels.ts`);
   }
   if (a.quick) {
@@ -89,31 +96,139 @@ interface Variant {
   tuning: Partial<MatmulTuning>;
 }
 
-function variantsFor(gpu: GpuContext, rows: number, cols: number, quick: boolean): Variant[] {
-  const def = defaultMatmulTuning(gpu, cols);
+/** A GEMV layout: threads per row group, rows per thread, row groups per workgroup, unroll, grid-stride workgroups (0 = none). */
+type GemvLayout = [tpr: number, rpt: number, rpw: number, unroll: number, workgroups: number];
+/** A GEMM tiling: tile M, tile N, tile K, rows per thread, features per thread, split-K (0 = automatic). */
+type GemmLayout = [bm: number, bn: number, bk: number, tm: number, tn: number, split: number];
+
+const GEMV_SWEEP: GemvLayout[] = [
+  [32, 1, 8, 2, 0], // the first version's default layout (one subgroup per row, 8 rows per workgroup)
+  [32, 4, 4, 1, 0],
+  [32, 4, 4, 2, 0],
+  [32, 4, 2, 2, 0],
+  [32, 4, 4, 1, 1056],
+  [32, 4, 4, 2, 1056],
+  [32, 4, 8, 1, 1056],
+  [32, 2, 8, 2, 1056],
+  [64, 4, 4, 1, 0],
+  [64, 4, 4, 2, 0],
+  [64, 4, 2, 2, 0],
+  [128, 4, 2, 1, 0],
+  [128, 4, 2, 2, 0],
+  [128, 2, 2, 2, 0],
+  [128, 4, 1, 1, 0],
+  [256, 4, 1, 1, 0],
+];
+
+const GEMM_SWEEP: GemmLayout[] = [
+  [64, 256, 16, 8, 8, 0],
+  [64, 256, 16, 8, 8, 1],
+  [64, 256, 16, 8, 8, 4],
+  [64, 256, 16, 8, 8, 16],
+  [64, 256, 8, 8, 8, 0],
+  [64, 128, 16, 8, 8, 0],
+  [64, 128, 16, 4, 8, 0],
+  [64, 128, 32, 4, 8, 0],
+  [32, 64, 32, 4, 4, 0],
+];
+
+const gemvName = ([tpr, rpt, rpw, u, g]: GemvLayout) => `gemv t${tpr} r${rpt}×${rpw} u${u}${g ? ` g${g}` : ''}`;
+const gemmName = ([bm, bn, bk, tm, tn, s]: GemmLayout) => `gemm ${bm}×${bn}×${bk} ${tm}×${tn}${s === 1 ? ' nosplit' : s > 1 ? ` split${s}` : ''}`;
+
+function variantsFor(gpu: GpuContext, args: Args, rows: number, cols: number, outFeatures: number): Variant[] {
+  const quick = args.quick;
+  const def = defaultMatmulTuning(gpu, cols, outFeatures, rows);
   const list: Variant[] = [{ name: 'default', tuning: {} }];
   const maxWg = gpu.limits.maxComputeInvocationsPerWorkgroup;
-  if (rows <= 8) {
-    for (const [tpr, rpw, unroll] of [
-      [32, 8, 1],
-      [32, 8, 2],
-      [32, 8, 4],
-      [64, 4, 2],
-      [64, 4, 4],
-      [128, 2, 2],
-      [128, 2, 4],
-      [256, 1, 4],
-      [32, 16, 2],
-      [64, 8, 4],
-    ]) {
+  if (rows <= def.gemvMaxRows) {
+    for (const l of quick ? ([[32, 1, 8, 2, 0], [4, 2, 8, 2, 0], [32, 1, 8, 4, 1056], [64, 2, 4, 2, 0]] as GemvLayout[]) : GEMV_SWEEP) {
+      const [tpr, rpt, rpw, unroll, wgs] = l;
       if (tpr * rpw > maxWg) continue;
-      if (tpr === def.gemvThreadsPerRow && rpw === def.gemvRowsPerWorkgroup && unroll === def.gemvUnroll) continue;
-      list.push({ name: `gemv t${tpr}×r${rpw} u${unroll}`, tuning: { gemvThreadsPerRow: tpr, gemvRowsPerWorkgroup: rpw, gemvUnroll: unroll, gemvMaxRows: 8 } });
+      const same = tpr === def.gemvThreadsPerRow && rpt === def.gemvRowsPerThread && rpw === def.gemvRowsPerWorkgroup && unroll === def.gemvUnroll && wgs === def.gemvWorkgroups;
+      if (same) continue;
+      list.push({
+        name: gemvName(l),
+        tuning: { gemvThreadsPerRow: tpr, gemvRowsPerThread: rpt, gemvRowsPerWorkgroup: rpw, gemvUnroll: unroll, gemvWorkgroups: wgs },
+      });
     }
-    if (rows > 1) list.push({ name: 'gemm (tiled)', tuning: { gemvMaxRows: 0 } });
+    if (rows > 1) list.push({ name: 'gemm (tiled, default tiles)', tuning: { gemvMaxRows: 0 } });
+  } else {
+    for (const l of quick ? [GEMM_SWEEP[2], GEMM_SWEEP[8]] : GEMM_SWEEP) {
+      const [bm, bn, bk, tm, tn, split] = l;
+      if (bm === def.gemmTileM && bn === def.gemmTileN && bk === def.gemmTileK && tm === def.gemmThreadM && tn === def.gemmThreadN && split === def.gemmSplitK) continue;
+      list.push({ name: gemmName(l), tuning: { gemmTileM: bm, gemmTileN: bn, gemmTileK: bk, gemmThreadM: tm, gemmThreadN: tn, gemmSplitK: split } });
+    }
   }
-  // --quick only proves each kernel kind runs: the default, one other GEMV, the tiled GEMM.
-  return quick ? list.filter((v, i) => i < 2 || v.name.startsWith('gemm')) : list;
+  return args.only.length ? list.filter((v) => args.only.some((o) => v.name.includes(o))) : list;
+}
+
+/**
+ * Control: a pure streaming read of the same weight buffer (each thread XORs vec4<u32> words, `unroll` in flight),
+ * the ceiling this machine reaches through Dawn for these bytes.
+ */
+function streamWgsl(words: number, unroll: number, gridStride: boolean): string {
+  const us = [...Array(unroll).keys()];
+  return /* wgsl */ `
+@group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> sink: array<u32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let threads = nwg.x * nwg.y * 256u;
+  let t = (wid.x + wid.y * nwg.x) * 256u + lid;
+  var acc = vec4<u32>(0u);
+  ${
+    gridStride
+      ? `for (var i = t; i + ${unroll - 1}u * threads < ${words}u; i += ${unroll}u * threads) {
+    ${us.map((u) => `let v${u} = w[i + ${u}u * threads];`).join('\n    ')}
+    acc ^= ${us.map((u) => `v${u}`).join(' ^ ')};
+  }`
+      : `let base = (t / 256u) * ${256 * unroll}u + t % 256u;
+  ${us.map((u) => `let v${u} = w[min(base + ${u * 256}u, ${words - 1}u)];`).join('\n  ')}
+  acc ^= ${us.map((u) => `v${u}`).join(' ^ ')};`
+  }
+  let r = acc.x ^ acc.y ^ acc.z ^ acc.w;
+  if (r == 0x9e3779b9u) { sink[0] = r; }
+}
+`;
+}
+
+async function benchStream(gpu: GpuContext, args: Args, w: GpuMatrix, shape: string): Promise<Measurement[]> {
+  const sink = storageBuffer(gpu, 'stream sink', 16);
+  const out: Measurement[] = [];
+  for (const [unroll, gridStride] of [
+    [4, false],
+    [8, false],
+    [4, true],
+  ] as const) {
+    const setups = w.pieces.map((p) => {
+      const words = (p.rows * w.stride) / 8;
+      const pipeline = gpu.pipeline(`stream ${words} u${unroll} ${gridStride}`, streamWgsl(words, unroll, gridStride));
+      const groups = gridStride ? Math.min(132 * 8, Math.ceil(words / 256)) : Math.ceil(words / (256 * unroll));
+      return { pipeline, bind: bindBuffers(gpu, pipeline, 'stream', [p.buffer, sink]), grid: gridFor(gpu, groups) };
+    });
+    const encode = (pass: GPUComputePassEncoder) => {
+      for (const s of setups) {
+        pass.setPipeline(s.pipeline);
+        pass.setBindGroup(0, s.bind);
+        pass.dispatchWorkgroups(s.grid[0], s.grid[1]);
+      }
+    };
+    const iterations = Math.max(args.quick ? 2 : 3, Math.min(2000, Math.ceil(args.targetBytes / w.bytes)));
+    await gpuTimeNs(gpu, encode);
+    if (!args.quick) await spinUp(gpu, (p) => { for (let i = 0; i < iterations; i++) encode(p); });
+    const t = await gpuTimeNs(gpu, (p) => { for (let i = 0; i < iterations; i++) encode(p); });
+    const sec = (t.tsNs ?? t.wallNs) / 1e9 / iterations;
+    const gbPerS = w.bytes / sec / 1e9;
+    out.push({
+      shape, n: w.rows, k: w.cols, rows: 0, variant: `control: stream read u${unroll}${gridStride ? ' grid-stride' : ''}`, iterations,
+      usPerIter: sec * 1e6, wallUsPerIter: t.wallNs / 1e3 / iterations, timing: t.tsNs !== null ? 'timestamp' : 'wall',
+      bytesPerIter: w.bytes, gbPerS, ceilingRatio: gbPerS / args.ceilingGBs, gflops: 0, maxRelError: 0,
+    });
+    process.stderr.write(`    control stream u${unroll}${gridStride ? ' grid-stride' : ''}: ${(sec * 1e6).toFixed(1)} µs, ${gbPerS.toFixed(0)} GB/s\n`);
+  }
+  sink.destroy();
+  return out;
 }
 
 interface Measurement {
@@ -124,6 +239,8 @@ interface Measurement {
   variant: string;
   iterations: number;
   usPerIter: number;
+  /** Wall clock over the same submit (includes the ~45 µs submit round trip, spread over the iterations). */
+  wallUsPerIter: number;
   timing: 'timestamp' | 'wall';
   bytesPerIter: number;
   gbPerS: number;
@@ -165,6 +282,16 @@ async function gpuTimeNs(gpu: GpuContext, encodeAll: (pass: GPUComputePassEncode
   return { wallNs, tsNs };
 }
 
+/**
+ * Keeps the GPU busy for ~60 ms right before a timed pass. The H200 idles at 345 MHz between measurements
+ * (nvidia-smi, 2026-11-28) and each timed pass lasts only ~5 ms; a pass that starts on idle clocks reads slow.
+ */
+async function spinUp(gpu: GpuContext, encodeAll: (pass: GPUComputePassEncoder) => void, ms = 60): Promise<void> {
+  const t0 = performance.now();
+  do await gpuTimeNs(gpu, encodeAll);
+  while (performance.now() - t0 < ms);
+}
+
 async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, seed: number): Promise<Measurement[]> {
   const shape = `${k}→${n}`;
   process.stderr.write(`  ${shape}: generating ${((n * pad8(k) * 2) / 1e9).toFixed(2)} GB of random f16 weights…\n`);
@@ -175,15 +302,17 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
   const xBuf = uploadArray(gpu, 'x', x);
   const yBuf = storageBuffer(gpu, 'y', maxRows * n * 4, 0);
   const meta = storageBuffer(gpu, 'meta', 64);
-  const out: Measurement[] = [];
+  const out: Measurement[] = await benchStream(gpu, args, w.gpu, shape);
   for (const rows of args.rows) {
     gpu.device.queue.writeBuffer(meta, 0, new Uint32Array(16).fill(rows, 0, 1));
-    for (const v of variantsFor(gpu, rows, k, args.quick)) {
+    for (const v of variantsFor(gpu, args, rows, k, n)) {
       const op = new MatmulOp(gpu, w.gpu, { meta, rowsSlot: 0, x: xBuf, xStride: pad8(k), y: yBuf, yStride: n }, v.tuning);
+      // Poison y so that an output a variant fails to write shows up (the previous variant's results would pass).
+      gpu.device.queue.writeBuffer(yBuf, 0, new Float32Array(maxRows * n).fill(NaN));
       const bytesPerIter = w.gpu.bytes + rows * k * 4 + rows * n * 4;
       const iterations = Math.max(args.quick ? 2 : 3, Math.min(2000, Math.ceil(args.targetBytes / bytesPerIter)));
       await gpuTimeNs(gpu, (p) => op.encode(p, rows)); // compile + warm
-      if (!args.quick) await gpuTimeNs(gpu, (p) => { for (let i = 0; i < Math.min(iterations, 10); i++) op.encode(p, rows); });
+      if (!args.quick) await spinUp(gpu, (p) => { for (let i = 0; i < iterations; i++) op.encode(p, rows); });
       const t = await gpuTimeNs(gpu, (p) => { for (let i = 0; i < iterations; i++) op.encode(p, rows); });
       const ns = t.tsNs ?? t.wallNs;
       const sec = ns / 1e9 / iterations;
@@ -191,9 +320,10 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
       const y = new Float32Array(await readBack(gpu, yBuf, rows * n * 4));
       let maxErr = 0;
       let maxRef = 0;
-      for (let c = 0; c < 8; c++) {
-        const m = (c * 7) % rows;
-        const row = (c * 104729 + 13) % n;
+      for (let c = 0; c < 40; c++) {
+        // Spread over rows and features, plus the last feature and the last input row (block and tail edges).
+        const m = c === 0 ? rows - 1 : (c * 7) % rows;
+        const row = c === 1 ? n - 1 : (c * 104729 + 13) % n;
         let acc = 0;
         const base = (row * pad8(k)) / 2;
         for (let kk = 0; kk < k; kk += 2) {
@@ -201,7 +331,8 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
           acc += f16BitsToF32(word & 0xffff) * x[m * pad8(k) + kk];
           if (kk + 1 < k) acc += f16BitsToF32(word >>> 16) * x[m * pad8(k) + kk + 1];
         }
-        maxErr = Math.max(maxErr, Math.abs(y[m * n + row] - acc));
+        const got = y[m * n + row];
+        maxErr = Number.isFinite(got) ? Math.max(maxErr, Math.abs(got - acc)) : Infinity;
         maxRef = Math.max(maxRef, Math.abs(acc));
       }
       const gbPerS = bytesPerIter / sec / 1e9;
@@ -213,6 +344,7 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
         variant: v.name,
         iterations,
         usPerIter: sec * 1e6,
+        wallUsPerIter: t.wallNs / 1e3 / iterations,
         timing: t.tsNs !== null ? 'timestamp' : 'wall',
         bytesPerIter,
         gbPerS,
@@ -242,6 +374,30 @@ async function readBack(gpu: GpuContext, src: GPUBuffer, bytes: number): Promise
   return out;
 }
 
+/** Every variant's time relative to the best per (shape, rows), averaged: which layout is best across shapes. */
+function rankTable(all: Measurement[]): string {
+  const byKey = new Map<string, Measurement[]>();
+  for (const m of all) if (m.rows > 0) byKey.set(`${m.shape}|${m.rows}`, [...(byKey.get(`${m.shape}|${m.rows}`) ?? []), m]);
+  const score = new Map<string, { sum: number; n: number; worst: number; rows: Set<number> }>();
+  for (const ms of byKey.values()) {
+    const best = Math.min(...ms.map((m) => m.usPerIter));
+    for (const m of ms) {
+      const s = score.get(m.variant) ?? { sum: 0, n: 0, worst: 0, rows: new Set<number>() };
+      const r = m.usPerIter / best;
+      s.sum += r;
+      s.n++;
+      s.worst = Math.max(s.worst, r);
+      s.rows.add(m.rows);
+      score.set(m.variant, s);
+    }
+  }
+  const lines = [['variant', 'rows', 'mean time / best', 'worst']];
+  for (const [v, s] of [...score.entries()].sort((a, b) => a[1].sum / a[1].n - b[1].sum / b[1].n)) {
+    lines.push([v, [...s.rows].join(','), (s.sum / s.n).toFixed(2), s.worst.toFixed(2)]);
+  }
+  return '\nvariants ranked (time over the best variant for the same shape and rows):\n' + table(lines) + '\n';
+}
+
 function table(rows: string[][]): string {
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
   return rows.map((r) => r.map((c, i) => (i < 3 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ')).join('\n');
@@ -249,7 +405,7 @@ function table(rows: string[][]): string {
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const gpu = await openGpu();
+  const gpu = await openGpu({ dawnFlags: args.dawnFlags });
   try {
     const shapes: Array<[n: number, k: number]> = args.quick
       ? [
@@ -260,6 +416,7 @@ async function main(): Promise<void> {
           [18944, 3584],
           [3584, 18944],
           [152064, 3584],
+          [4608, 3584],
         ];
     process.stderr.write(`bench:kernels on ${gpu.adapterName}${gpu.isSoftware ? ' (software: figures say nothing about a GPU)' : ''}\n`);
     const all: Measurement[] = [];
@@ -272,20 +429,21 @@ async function main(): Promise<void> {
       );
     }
     // Best variant per (shape, rows), plus the default, in a short table printed last.
-    const header = ['shape (K→N)', 'rows', 'variant', 'µs', 'GB/s', `% of ${args.ceilingGBs} GB/s`, 'GFLOP/s', 'rel err'];
+    const header = ['shape (K→N)', 'rows', 'variant', 'µs', 'wall µs', 'GB/s', `% of ${args.ceilingGBs} GB/s`, 'GFLOP/s', 'rel err'];
     const lines: string[][] = [header];
     const keys = [...new Set(all.map((m) => `${m.shape}|${m.rows}`))];
     for (const key of keys) {
       const ms = all.filter((m) => `${m.shape}|${m.rows}` === key);
       const best = ms.reduce((a, b) => (b.usPerIter < a.usPerIter ? b : a));
-      const def = ms.find((m) => m.variant === 'default')!;
+      const def = ms.find((m) => m.variant === 'default') ?? best;
       const shown = args.all ? ms : best === def ? [best] : [best, def];
       for (const m of shown) {
         lines.push([
           m.shape,
-          String(m.rows),
+          m.rows === 0 ? '-' : String(m.rows),
           m.variant + (m === best && shown.length > 1 ? ' (best)' : ''),
           m.usPerIter.toFixed(1),
+          m.wallUsPerIter.toFixed(1),
           m.gbPerS.toFixed(0),
           (100 * m.ceilingRatio).toFixed(1) + '%',
           m.gflops.toFixed(0),
@@ -294,6 +452,7 @@ async function main(): Promise<void> {
       }
     }
     const oneRowLarge = all.filter((m) => m.rows === 1 && !args.quick);
+    const ranked = args.all ? '' : rankTable(all);
     const summary = oneRowLarge.length
       ? `one-row best vs the 70 % target: ${[...new Set(oneRowLarge.map((m) => m.shape))]
           .map((s) => {
@@ -303,7 +462,8 @@ async function main(): Promise<void> {
           .join(', ')}`
       : '';
     process.stdout.write(
-      `\nf16 matmul (weights packed in u32), ${gpu.adapterName}, timing: ${all[0]?.timing}; ceiling ${args.ceilingGBs} GB/s (HBM read)\n` +
+      ranked +
+        `\nf16 matmul (weights packed in u32), ${gpu.adapterName}${args.dawnFlags.length ? ` [${args.dawnFlags.join(' ')}]` : ''}, timing: ${all[0]?.timing}; ceiling ${args.ceilingGBs} GB/s (HBM read)\n` +
         table(lines) +
         '\n' +
         (summary ? summary + '\n' : '') +

@@ -120,3 +120,29 @@ test('matmul GEMV reduction without subgroups and with other thread counts', asy
     }
   }
 });
+
+test('matmul GEMV layouts: rows per thread, grid-stride workgroups, shuffle / subgroup / tree / no reduction', async () => {
+  for (const tuning of [
+    { gemvThreadsPerRow: 4, gemvRowsPerThread: 3, gemvRowsPerWorkgroup: 8, gemvUnroll: 2 },
+    { gemvThreadsPerRow: 1, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 32, gemvUnroll: 1 },
+    // Grid stride with the subgroup + workgroup reduction (4 rows per thread here makes SwiftShader's compiler stall at M=8).
+    { gemvThreadsPerRow: 16, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2, gemvUnroll: 2, gemvWorkgroups: 3 },
+    { useSubgroups: false, gemvThreadsPerRow: 8, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 4, gemvWorkgroups: 2 },
+  ]) {
+    for (const M of [1, 3, 8]) {
+      const e = await runCase({ M, N: 45, K: 77, dtype: 'f16', tuning, bias: true, accumulate: true, yOffset: 3 });
+      assert.ok(e <= 1e-2, `${JSON.stringify(tuning)} M=${M}: relative error ${e}`);
+    }
+  }
+});
+
+test('matmul GEMM tilings and split-K (explicit, automatic, none) with bias and fused residual', async () => {
+  for (const [tuning, M, dtype] of [
+    [{ gemmSplitK: 3 }, 9, 'f16'],
+    [{ gemmSplitK: 1, gemmTileN: 64, gemmTileK: 32, gemmThreadM: 4, gemmThreadN: 4 }, 40, 'f32'],
+    [{ gemmTileM: 64, gemmTileN: 256, gemmTileK: 8, gemmThreadM: 8, gemmThreadN: 8, gemmTargetWorkgroups: 64 }, 70, 'f16'],
+  ] as const) {
+    const e = await runCase({ M, N: 70, K: 101, dtype, tuning, bias: true, accumulate: true, pieceRows: 48 });
+    assert.ok(e <= (dtype === 'f16' ? 1e-2 : 1e-4), `${JSON.stringify(tuning)} ${dtype} M=${M}: relative error ${e}`);
+  }
+});
