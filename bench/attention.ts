@@ -87,6 +87,8 @@ const MLA_VARIANTS: Array<{ name: string; tuning: Partial<MlaAttentionTuning>; c
   { name: 'wg256 b2 q64', tuning: { qSliceValues: 64 }, chunkScale: 1 },
   { name: 'wg256 b2 q128', tuning: { qSliceValues: 128 }, chunkScale: 1 },
   { name: 'wg256 b2 q64 chunk×2', tuning: { qSliceValues: 64 }, chunkScale: 2 },
+  // 7 heads × 4 tokens per thread: half the query loads per FMA, each latent row read by 4 head groups.
+  { name: 'wg256 b4 7h', tuning: { tokensPerThread: 4, maxHeadsPerThread: 7 }, chunkScale: 1 },
 ];
 
 // ---- synthetic cache values: the same hash on the GPU (fill kernel) and on the CPU (check) ----

@@ -212,3 +212,11 @@ test('mla attention: 28 heads at 512 + 64, each workgroup size (smaller ones spl
   }
   assert.deepEqual([...seen].sort((a, b) => a[0] - b[0]), [[64, 4], [128, 2], [256, 1]]);
 });
+
+test('mla attention: 4 tokens × 3 heads per thread (padded head groups), f16 cache', async () => {
+  const shape = { nHeads: 7, kvLoraRank: 24, qkRopeHeadDim: 8 };
+  const tuning = { workgroupSize: 32, tokensPerThread: 4, maxHeadsPerThread: 3 };
+  assert.equal(planMlaAttention(shape, { ...DEFAULT_MLA_TUNING, ...tuning }).scoreGroups, 3);
+  const { err, seed } = await runCase({ shape, dtype: 'f16', blockSize: 4, seqs: mixed, chunkSize: 16, tuning });
+  assert.ok(err <= 1e-4, `relative error ${err} (seed ${seed})`);
+});
