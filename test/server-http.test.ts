@@ -137,19 +137,19 @@ test('completions through the openai client: greedy text equal to the generate C
 
 test('raw SSE framing: data lines, one id, a finish chunk, then a usage chunk with empty choices, then [DONE]', async () => {
   const [r, promptTokens] = await Promise.all([
-    post('/v1/completions', { model: GQA, prompt: 'Lily', max_tokens: 4, temperature: 0, stream: true, stream_options: { include_usage: true }, ignore_eos: true }),
+    post('/v1/completions', { model: GQA, prompt: 'Lily', max_tokens: 4, temperature: 0, stream: true, stream_options: { include_usage: true }, ignore_eos: true }, { 'x-request-id': 'gateway-req-42' }),
     tokenCount(GQA, 'Lily'),
   ]);
   assert.equal(r.status, 200);
   assert.match(r.headers.get('content-type') ?? '', /^text\/event-stream/);
-  assert.ok(r.headers.get('x-request-id'), 'no x-request-id header');
+  assert.equal(r.headers.get('x-request-id'), 'gateway-req-42', 'the caller\'s x-request-id is not echoed');
   assert.ok(r.text.endsWith('data: [DONE]\n\n'), 'the stream does not end with [DONE]');
   assert.ok(r.text.split('\n\n').every((block) => block === '' || block.startsWith('data: ')), 'an event is not a data: line');
   const events = parseSseBody(r.text) as Array<Record<string, unknown> | string>;
   assert.equal(events.at(-1), '[DONE]');
   const chunks = events.slice(0, -1) as Array<{ id: string; object: string; choices: Array<{ index: number; text: string; finish_reason: string | null }>; usage: unknown }>;
   assert.equal(new Set(chunks.map((c) => c.id)).size, 1);
-  assert.equal(chunks[0].id, `cmpl-${r.headers.get('x-request-id')}`);
+  assert.equal(chunks[0].id, 'cmpl-gateway-req-42');
   assert.ok(chunks.every((c) => c.object === 'text_completion'), 'a chunk is not a text_completion');
   const usageChunk = chunks.at(-1)!;
   assert.deepEqual(usageChunk.choices, []);
@@ -307,6 +307,7 @@ test('bad input: each gets its status and an OpenAI error body, and the server s
     assert.deepEqual(Object.keys(body), ['error'], c.name);
     assert.deepEqual(Object.keys(body.error).sort(), ['code', 'message', 'param', 'type'], c.name);
     assert.equal(body.error.code, c.status, c.name);
+    assert.match(r.headers.get('x-request-id') ?? '', /^[0-9a-f]{24}$/, `${c.name}: no generated x-request-id`);
     assert.equal(typeof body.error.type, 'string', c.name);
     assert.match(body.error.message, c.message, c.name);
     if (c.param !== undefined) assert.equal(body.error.param, c.param, c.name);

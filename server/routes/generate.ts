@@ -96,6 +96,8 @@ export function samplingParams(model: HostedModel, body: SamplingBody, maxTokens
 /** nginx's status for "client closed request": never sent (nobody is listening), only logged and counted. */
 export const CLIENT_CLOSED = 499;
 
+let runSerial = 0;
+
 /** One choice to generate: its index in the response, its prompt and parameters. */
 export interface ChoiceSpec {
   index: number;
@@ -117,6 +119,8 @@ export class ChoiceRun {
   private pending: Array<Promise<IteratorResult<GenerationEvent>> | null> = [];
   private readonly arrival: number;
   private readonly lastTokenAt: number[] = [];
+  // Client request ids (x-request-id) may repeat; the engine's must not.
+  private readonly serial = ++runSerial;
 
   constructor(
     private readonly ctx: ServerContext,
@@ -142,7 +146,7 @@ export class ChoiceRun {
     try {
       for (const c of this.choices) {
         const it = this.model.engine
-          .generate({ requestId: `${this.requestId}-${c.index}`, promptTokens: c.promptTokens, params: c.params, signal: this.abort.signal })
+          .generate({ requestId: `${this.requestId}-${this.serial}-${c.index}`, promptTokens: c.promptTokens, params: c.params, signal: this.abort.signal })
           [Symbol.asyncIterator]();
         this.iterators.push(it);
         this.pending.push(it.next());
