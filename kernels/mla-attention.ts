@@ -166,13 +166,17 @@ function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTun
       : `s${a}_${i} += dot(q${a}, cp${i});`;
   const loadQ = (a: number) =>
     p.aligned
-      ? `let q${a}a = qLatent[qb${a} + 2u * g];
-      let q${a}b = qLatent[qb${a} + 2u * g + 1u];`
-      : `let q${a} = qLatent[qb${a} + g];`;
+      ? `let q${a}a = qLatent[${qBase(a)} + 2u * g];
+      let q${a}b = qLatent[${qBase(a)} + 2u * g + 1u];`
+      : `let q${a} = qLatent[${qBase(a)} + g];`;
   const qUnit = p.aligned ? 4 : 2;
+  // Every score thread's A heads exist (no padded group, no partial head split): address heads as base + constant.
+  const exactHeads = HW % A === 0 && HW / A === p.scoreGroups && nH % HW === 0;
+  const qBase = (a: number) => (exactHeads ? `qb0 + ${(a * RV) / qUnit}u` : `qb${a}`);
   // Query slices staged in workgroup memory (8-value groups per slice), only on the 8-value path.
   const stage = p.qSliceGroups > 0;
   const SG = p.qSliceGroups;
+  const sBase = (a: number) => (exactHeads ? `(hs0 + ${a}u) * ${2 * SG}u` : `hs${a} * ${2 * SG}u`);
 
   return /* wgsl */ `
 ${metaWgsl(0)}
@@ -223,8 +227,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let sg = lid / ${TPG}u;
   let tt = lid % ${TPG}u;
   let scoring = sg < ${p.scoreGroups}u;
-  ${as.map((a) => `let hs${a} = min(sg * ${A}u + ${a}u, ${HW - 1}u);`).join('\n  ')}
-  ${as.map((a) => `let qb${a} = ((r * ${nH}u + min(hBase + hs${a}, ${nH - 1}u)) * ${RV}u) / ${qUnit}u;`).join('\n  ')}
+  ${
+    exactHeads
+      ? `// Head groups tile the heads exactly: one base, constant offsets per head (fewer live registers).
+  let hs0 = min(sg, ${p.scoreGroups - 1}u) * ${A}u;
+  let qb0 = ((r * ${nH}u + hBase + hs0) * ${RV}u) / ${qUnit}u;`
+      : `${as.map((a) => `let hs${a} = min(sg * ${A}u + ${a}u, ${HW - 1}u);`).join('\n  ')}
+  ${as.map((a) => `let qb${a} = ((r * ${nH}u + min(hBase + hs${a}, ${nH - 1}u)) * ${RV}u) / ${qUnit}u;`).join('\n  ')}`
+  }
   // Softmax roles: head hm, part pm.
   let hm = lid / ${parts}u;
   let pm = lid % ${parts}u;
@@ -262,8 +272,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
           ${bs.map(loadGroup).join('\n          ')}
           ${as
             .map(
-              (a) => `let q${a}a = qs[hs${a} * ${2 * SG}u + 2u * gg];
-          let q${a}b = qs[hs${a} * ${2 * SG}u + 2u * gg + 1u];
+              (a) => `let q${a}a = qs[${sBase(a)} + 2u * gg];
+          let q${a}b = qs[${sBase(a)} + 2u * gg + 1u];
           ${bs.map((i) => scoreFma(a, i)).join(' ')}`,
             )
             .join('\n          ')}
