@@ -15,7 +15,7 @@ function find(dir) {
 
 const only = process.argv.slice(2);
 const files = (only.length ? only : find('test')).sort();
-const concurrency = process.env.TEST_CONCURRENCY ?? '2';
+const concurrency = process.env.TEST_CONCURRENCY ?? '1';
 const r = spawnSync(
   process.execPath,
   ['--import', 'tsx', '--test', `--test-concurrency=${concurrency}`, '--test-reporter=spec', ...files],

@@ -67,7 +67,7 @@ async function generationTokens(url: string): Promise<number> {
 // The serve command is another engineer's; until server/serve-command.ts is in the tree there is no server to start.
 const serveMissing = existsSync(new URL('../server/serve-command.ts', import.meta.url)) ? false : 'server/serve-command.ts (mla-serve serve) is not in this checkout yet';
 
-test('bench against mla-serve serve: no failures, usage-consistent tokens, TTFT ≤ E2EL, throughput = tokens / duration', { timeout: 120_000, skip: serveMissing }, async () => {
+test('bench against mla-serve serve: no failures, usage-consistent tokens, TTFT ≤ E2EL, throughput = tokens / duration', { timeout: 600_000, skip: serveMissing }, async () => {
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
   let stderr = '';
