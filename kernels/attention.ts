@@ -16,7 +16,6 @@ export interface GqaShape {
   headDim: number;
 }
 
-const WG = 128;
 const MERGE_WG = 64;
 const NEG_BIG = '-3.0e38';
 
@@ -28,14 +27,71 @@ export function maxAttentionChunk(shape: GqaShape): number {
   return c;
 }
 
-function partialWgsl(s: GqaShape, layout: PagedRows, qkvStride: number, chunkMax: number): string {
+/** Knobs of the partial kernel (tests force the fallbacks; defaults come from the shape and the device). */
+export interface GqaAttentionTuning {
+  /** Threads per workgroup (a power of two ≥ 32). */
+  workgroupSize: number;
+  /** Reduce K-row dot products across lanes with subgroup shuffles (needs the `subgroups` feature). */
+  useSubgroups: boolean;
+  /** Largest number of lanes sharing one K row (a power of two; capped by the smallest subgroup size). */
+  maxLanesPerRow: number;
+  /** Rows each thread loads before using them (memory requests in flight). */
+  unroll: number;
+}
+
+/**
+ * How the partial kernel lays threads over a chunk. A "piece" is one 16-byte load (8 f16 or 4 f32 values) when the head
+ * dim allows it, else a pair of values. Score phase: `lanes` neighbouring threads share a K row (each reads its pieces,
+ * consecutive lanes consecutive pieces, so a subgroup reads whole rows in order), dot products for the g query heads
+ * of the group summed over the lanes by a shuffle butterfly. Value phase: thread = (piece of the V row, token group),
+ * consecutive threads consecutive pieces; each keeps g × piece accumulators, summed over token groups at the end.
+ */
+export interface GqaAttentionPlan {
+  workgroupSize: number;
+  piece: number;
+  piecesPerRow: number;
+  lanes: number;
+  tokenGroups: number;
+  unroll: number;
+}
+
+export function planGqaAttention(shape: GqaShape, dtype: 'f32' | 'f16', tuning: GqaAttentionTuning, subgroupMin: number): GqaAttentionPlan {
+  const D = shape.headDim;
+  const wide = dtype === 'f16' ? 8 : 4;
+  const piece = D % wide === 0 ? wide : 2;
+  const piecesPerRow = D / piece;
+  let lanes = 1;
+  if (tuning.useSubgroups) {
+    const cap = Math.min(tuning.maxLanesPerRow, Math.max(1, subgroupMin));
+    while (lanes * 2 <= cap && piecesPerRow % (lanes * 2) === 0) lanes *= 2;
+  }
+  let workgroupSize = tuning.workgroupSize;
+  while (workgroupSize < piecesPerRow) workgroupSize *= 2;
+  return { workgroupSize, piece, piecesPerRow, lanes, tokenGroups: Math.floor(workgroupSize / piecesPerRow), unroll: tuning.unroll };
+}
+
+export function defaultGqaTuning(gpu: GpuContext, shape: GqaShape): GqaAttentionTuning {
+  return { workgroupSize: shape.headDim >= 64 ? 256 : 64, useSubgroups: gpu.features.has('subgroups'), maxLanesPerRow: 16, unroll: 2 };
+}
+
+function partialWgsl(s: GqaShape, layout: PagedRows, qkvStride: number, chunkMax: number, plan: GqaAttentionPlan): string {
   const G = s.nHeads / s.nKvHeads;
   const D = s.headDim;
   const RV = layout.rowValues;
   const f16 = layout.dtype === 'f16';
+  const { workgroupSize: WG, piece: P, piecesPerRow: NP, lanes: L, tokenGroups: TG, unroll: U } = plan;
+  const PPL = NP / L;
+  const P2 = P / 2;
   const gs = [...Array(G).keys()];
-  const loadPair = (base: string, d2: string) =>
-    f16 ? `unpack2x16float(cache[(${base}) / 2u + ${d2}])` : `vec2<f32>(cache[${base} + 2u * ${d2}], cache[${base} + 2u * ${d2} + 1u])`;
+  const us = [...Array(U).keys()];
+  const pps = [...Array(PPL).keys()];
+  const k2s = [...Array(P2).keys()];
+  const cacheType = f16 ? (P === 8 ? 'vec4<u32>' : 'u32') : P === 4 ? 'vec4<f32>' : 'vec2<f32>';
+  // The piece's values as P/2 vec2<f32> expressions.
+  const pairs = (w: string): string[] => {
+    if (f16) return P === 8 ? ['x', 'y', 'z', 'w'].map((c) => `unpack2x16float(${w}.${c})`) : [`unpack2x16float(${w})`];
+    return P === 4 ? [`${w}.xy`, `${w}.zw`] : [w];
+  };
   const tree = (op: (a: string, b: string) => string) => `
   for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
     if (lid < s) {
@@ -43,16 +99,51 @@ function partialWgsl(s: GqaShape, layout: PagedRows, qkvStride: number, chunkMax
     }
     workgroupBarrier();
   }`;
-  return /* wgsl */ `
+  const rowsPerIter = (WG / L) * U;
+  const scale = wgslF32(1 / Math.sqrt(D));
+  // Lane reduction of the g dot products as a reduce-scatter: at each butterfly step a lane keeps half of its list
+  // (upper half when its lane bit is set) and adds the partner's copy of that half, so g heads (padded to a power of
+  // two) cost g/2 + g/4 + ... + 1 shuffles instead of g per step. A lane ends with the heads hBase + i; steps left once
+  // the list is down to one value are plain butterflies, and only lanes with those bits clear write.
+  const m = L > 1 ? 2 ** Math.ceil(Math.log2(G)) : G;
+  let len = m;
+  const reduce: string[] = [];
+  const baseTerms: string[] = [];
+  let plainMask = 0;
+  const lists = us.map((u) => [...gs.map((g) => `d${u}_${g}`), ...Array(m - G).fill('0.0')]);
+  let step = 0;
+  for (let o = L / 2; o >= 1; o /= 2, step++) {
+    if (len > 1) {
+      const half = len / 2;
+      baseTerms.push(`select(0u, ${half}u, (lane & ${o}u) != 0u)`);
+      reduce.push(`let hi${step} = (lane & ${o}u) != 0u;`);
+      for (const u of us) {
+        const l = lists[u];
+        const next: string[] = [];
+        for (let i = 0; i < half; i++) {
+          const name = `r${u}_${step}_${i}`;
+          reduce.push(`var ${name} = select(${l[i]}, ${l[half + i]}, hi${step}) + subgroupShuffleXor(select(${l[half + i]}, ${l[i]}, hi${step}), ${o}u);`);
+          next.push(name);
+        }
+        lists[u] = next;
+      }
+      len = half;
+    } else {
+      plainMask |= o;
+      for (const u of us) for (const v of lists[u]) reduce.push(`${v} += subgroupShuffleXor(${v}, ${o}u);`);
+    }
+  }
+  const finals = [...Array(len).keys()];
+  const redSize = Math.max(G * WG, TG * D);
+  return /* wgsl */ `${L > 1 ? 'enable subgroups;\n' : ''}
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> qkv: array<f32>;
-@group(0) @binding(2) var<storage, read> cache: array<${f16 ? 'u32' : 'f32'}>;
+@group(0) @binding(2) var<storage, read> cache: array<${cacheType}>;
 @group(0) @binding(3) var<storage, read_write> partials: array<f32>;
 ${cacheRowWgsl(layout.blockSize)}
-var<workgroup> qs: array<f32, ${G * D}>;
 var<workgroup> scores: array<f32, ${G * chunkMax}>;
 var<workgroup> cacheRows: array<u32, ${chunkMax}>;
-var<workgroup> red: array<f32, ${G * WG}>;
+var<workgroup> red: array<f32, ${redSize}>;
 var<workgroup> stats: array<f32, ${2 * G}>;
 var<workgroup> nShared: u32;
 
@@ -72,28 +163,36 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let n = workgroupUniformLoad(&nShared);
   if (n == 0u) { return; }
   let bt = seqBlockTable(rowSeq(r));
-  for (var i = lid; i < ${G * D}u; i += ${WG}u) {
-    qs[i] = qkv[r * ${qkvStride}u + kh * ${G * D}u + i] * ${wgslF32(1 / Math.sqrt(D))};
-  }
   for (var j = lid; j < n; j += ${WG}u) { cacheRows[j] = cacheRow(bt, start + j); }
+
+  // This lane's slice of the g query heads (pieces lane, lane + ${L}, ...), pre-scaled, in registers.
+  let lane = lid % ${L}u;
+  let slot = lid / ${L}u;
+  let qBase = r * ${qkvStride}u + kh * ${G * D}u + lane * ${P}u;
+  ${gs.flatMap((g) => pps.flatMap((pp) => k2s.map((k2) => {
+    const o = g * D + pp * L * P + 2 * k2;
+    return `let q${g}_${pp}_${k2} = vec2<f32>(qkv[qBase + ${o}u], qkv[qBase + ${o + 1}u]) * ${scale};`;
+  }))).join('\n  ')}
+  let hBase = ${baseTerms.length ? baseTerms.join(' + ') : '0u'};
+  let writer = (lane & ${plainMask}u) == 0u;
+  ${finals.map((i) => `var mx${i} = ${NEG_BIG};`).join('\n  ')}
   workgroupBarrier();
 
-  for (var j = lid; j < n; j += ${WG}u) {
-    let kBase = cacheRows[j] * ${RV}u + kh * ${D}u;
-    ${gs.map((g) => `var dot${g} = 0.0;`).join('\n    ')}
-    for (var d2 = 0u; d2 < ${D / 2}u; d2++) {
-      let k = ${loadPair('kBase', 'd2')};
-      ${gs.map((g) => `dot${g} += qs[${g * D}u + 2u * d2] * k.x + qs[${g * D}u + 2u * d2 + 1u] * k.y;`).join('\n      ')}
-    }
-    ${gs.map((g) => `scores[${g * chunkMax}u + j] = dot${g};`).join('\n    ')}
+  // Scores: ${WG / L} rows at a time${U > 1 ? `, ${U} such sets loaded before use` : ''}; the loop count is uniform (shuffles need every lane).
+  let kOff = kh * ${D / P}u + lane;
+  let nIter = (n + ${rowsPerIter - 1}u) / ${rowsPerIter}u;
+  for (var it = 0u; it < nIter; it++) {
+    ${us.map((u) => `let j${u} = it * ${rowsPerIter}u + ${u * (WG / L)}u + slot;
+    let kb${u} = cacheRows[min(j${u}, n - 1u)] * ${RV / P}u + kOff;
+    ${pps.map((pp) => `let w${u}_${pp} = cache[kb${u} + ${pp * L}u];`).join('\n    ')}`).join('\n    ')}
+    ${us.map((u) => gs.map((g) => `var d${u}_${g} = ${pps.flatMap((pp) => pairs(`w${u}_${pp}`).map((v, k2) => `dot(q${g}_${pp}_${k2}, ${v})`)).join(' + ')};`).join('\n    ')).join('\n    ')}
+    ${reduce.join('\n    ')}
+    ${us.map((u) => `if (writer && j${u} < n) {
+      ${finals.map((i) => `${m > G ? `if (hBase + ${i}u < ${G}u) ` : ''}{ scores[(hBase + ${i}u) * ${chunkMax}u + j${u}] = ${lists[u][i]}; mx${i} = max(mx${i}, ${lists[u][i]}); }`).join('\n      ')}
+    }`).join('\n    ')}
   }
-  workgroupBarrier();
-
-  ${gs.map((g) => `var mx${g} = ${NEG_BIG};`).join('\n  ')}
-  for (var j = lid; j < n; j += ${WG}u) {
-    ${gs.map((g) => `mx${g} = max(mx${g}, scores[${g * chunkMax}u + j]);`).join('\n    ')}
-  }
-  ${gs.map((g) => `red[${g * WG}u + lid] = mx${g};`).join('\n  ')}
+  ${gs.map((g) => `red[${g * WG}u + lid] = ${NEG_BIG};`).join('\n  ')}
+  ${finals.map((i) => `${m > G ? `if (hBase + ${i}u < ${G}u) ` : ''}{ red[(hBase + ${i}u) * ${WG}u + lid] = mx${i}; }`).join('\n  ')}
   workgroupBarrier();
   ${tree((a, b) => `max(${a}, ${b})`)}
   if (lid < ${G}u) { stats[lid] = red[lid * ${WG}u]; }
@@ -111,19 +210,38 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   if (lid < ${G}u) { stats[${G}u + lid] = red[lid * ${WG}u]; }
   workgroupBarrier();
 
-  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
-  for (var idx = lid; idx < ${(G * D) / 2}u; idx += ${WG}u) {
-    let g = idx / ${D / 2}u;
-    let d2 = idx % ${D / 2}u;
-    var acc = vec2<f32>(0.0, 0.0);
-    for (var j = 0u; j < n; j++) {
-      let vBase = cacheRows[j] * ${RV}u + ${s.nKvHeads * D}u + kh * ${D}u;
-      acc += scores[g * ${chunkMax}u + j] * ${loadPair('vBase', 'd2')};
-    }
-    let base = ((r * ${s.nHeads}u + kh * ${G}u + g) * maxChunks + c) * ${D + 2}u;
-    partials[base + 2u + 2u * d2] = acc.x;
-    partials[base + 3u + 2u * d2] = acc.y;
+  // Values: thread = (piece pc of the V row, token group tg); consecutive threads read consecutive pieces.
+  let pc = lid % ${NP}u;
+  let tg = lid / ${NP}u;
+  let vOff = ${(s.nKvHeads * D) / P}u + kh * ${D / P}u + pc;
+  ${gs.flatMap((g) => k2s.map((k2) => `var a${g}_${k2} = vec2<f32>(0.0, 0.0);`)).join('\n  ')}
+  var j = select(n, tg, tg < ${TG}u);
+  for (; j + ${(U - 1) * TG}u < n; j += ${U * TG}u) {
+    ${us.map((u) => `let v${u} = cache[cacheRows[j + ${u * TG}u] * ${RV / P}u + vOff];`).join('\n    ')}
+    ${us.map((u) => `{
+      ${pairs(`v${u}`).map((v, k2) => `let x${k2} = ${v};`).join(' ')}
+      ${gs.map((g) => `{ let p = scores[${g * chunkMax}u + j + ${u * TG}u]; ${k2s.map((k2) => `a${g}_${k2} += p * x${k2};`).join(' ')} }`).join('\n      ')}
+    }`).join('\n    ')}
   }
+  for (; j < n; j += ${TG}u) {
+    let v0 = cache[cacheRows[j] * ${RV / P}u + vOff];
+    ${pairs('v0').map((v, k2) => `let x${k2} = ${v};`).join(' ')}
+    ${gs.map((g) => `{ let p = scores[${g * chunkMax}u + j]; ${k2s.map((k2) => `a${g}_${k2} += p * x${k2};`).join(' ')} }`).join('\n    ')}
+  }
+
+  // Sum the token groups' accumulators one head at a time through workgroup memory, then write the partial.
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  let inGroup = tg < ${TG}u;
+  ${gs.map((g) => `if (inGroup) {
+    ${k2s.map((k2) => `red[tg * ${D}u + pc * ${P}u + ${2 * k2}u] = a${g}_${k2}.x; red[tg * ${D}u + pc * ${P}u + ${2 * k2 + 1}u] = a${g}_${k2}.y;`).join('\n    ')}
+  }
+  workgroupBarrier();
+  for (var d = lid; d < ${D}u; d += ${WG}u) {
+    var o = 0.0;
+    for (var t = 0u; t < ${TG}u; t++) { o += red[t * ${D}u + d]; }
+    partials[((r * ${s.nHeads}u + kh * ${G}u + ${g}u) * maxChunks + c) * ${D + 2}u + 2u + d] = o;
+  }
+  workgroupBarrier();`).join('\n  ')}
   if (lid < ${G}u) {
     let base = ((r * ${s.nHeads}u + kh * ${G}u + lid) * maxChunks + c) * ${D + 2}u;
     partials[base] = stats[lid];
@@ -171,6 +289,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
  */
 export class GqaAttention {
   readonly chunkMax: number;
+  readonly plan: GqaAttentionPlan;
   private partialPipe: GPUComputePipeline;
   private mergePipe: GPUComputePipeline;
   private partials: GPUBuffer | undefined;
@@ -183,6 +302,7 @@ export class GqaAttention {
     readonly shape: GqaShape,
     layout: PagedRows,
     private b: { meta: GPUBuffer; qkv: GPUBuffer; qkvStride: number; out: GPUBuffer; outStride: number; layerCaches: GPUBuffer[] },
+    tuning: Partial<GqaAttentionTuning> = {},
   ) {
     const { nHeads, nKvHeads, headDim } = shape;
     if (nHeads % nKvHeads !== 0) throw new Error(`GQA needs query heads (${nHeads}) to be a multiple of KV heads (${nKvHeads})`);
@@ -191,7 +311,14 @@ export class GqaAttention {
       throw new Error(`GQA cache rows hold ${layout.rowValues} values; 2 · ${nKvHeads} heads · ${headDim} = ${2 * nKvHeads * headDim} expected`);
     }
     this.chunkMax = maxAttentionChunk(shape);
-    this.partialPipe = gpu.pipeline(`gqa-attention partial ${layout.dtype}`, partialWgsl(shape, layout, b.qkvStride, this.chunkMax));
+    const t = { ...defaultGqaTuning(gpu, shape), ...tuning };
+    if (t.useSubgroups && !gpu.features.has('subgroups')) t.useSubgroups = false;
+    this.plan = planGqaAttention(shape, layout.dtype, t, gpu.subgroupSize);
+    const p = this.plan;
+    this.partialPipe = gpu.pipeline(
+      `gqa-attention partial ${layout.dtype} wg${p.workgroupSize} piece${p.piece} lanes${p.lanes} u${p.unroll}`,
+      partialWgsl(shape, layout, b.qkvStride, this.chunkMax, p),
+    );
     this.mergePipe = gpu.pipeline('gqa-attention merge', mergeWgsl(shape, b.outStride));
   }
 

@@ -3,7 +3,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
-import { GqaAttention, type GqaShape } from '../kernels/attention.ts';
+import { GqaAttention, type GqaAttentionPlan, type GqaAttentionTuning, type GqaShape } from '../kernels/attention.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
@@ -24,10 +24,11 @@ interface Case {
   /** Per sequence: tokens already cached, tokens this step. */
   seqs: Array<[cached: number, fresh: number]>;
   chunkSize?: number;
+  tuning?: Partial<GqaAttentionTuning>;
 }
 
 /** Runs one step with the given rows; returns the attention output rows and the reference. */
-async function runCase(c: Case): Promise<{ err: number; chunk: number; maxChunks: number }> {
+async function runCase(c: Case): Promise<{ err: number; chunk: number; maxChunks: number; plan: GqaAttentionPlan }> {
   const g = await gpu();
   const seed = freshSeed();
   const { nHeads, nKvHeads, headDim: D } = c.shape;
@@ -96,7 +97,7 @@ async function runCase(c: Case): Promise<{ err: number; chunk: number; maxChunks
       rows.set(kv[i].subarray((k + t) * rowValues, (k + t + 1) * rowValues), r * qkvCols + nHeads * D);
     }
   });
-  const attention = new GqaAttention(g, c.shape, layout, { meta, qkv, qkvStride, out, outStride, layerCaches: [cacheBuf] });
+  const attention = new GqaAttention(g, c.shape, layout, { meta, qkv, qkvStride, out, outStride, layerCaches: [cacheBuf] }, c.tuning);
   poisonBuffer(g, out);
   const m = await run(stepSeqs, rows, attention);
   const got = unstride(await readF32(g, out, nRows * outStride), nRows, nHeads * D, outStride);
@@ -114,7 +115,7 @@ async function runCase(c: Case): Promise<{ err: number; chunk: number; maxChunks
   });
   attention.destroy();
   for (const b of [cacheBuf, meta, qkv, out]) b.destroy();
-  return { err: relError(got, want), chunk: m.chunkSize, maxChunks: m.maxChunks };
+  return { err: relError(got, want), chunk: m.chunkSize, maxChunks: m.maxChunks, plan: attention.plan };
 }
 
 const mixed: Array<[number, number]> = [
@@ -125,22 +126,48 @@ const mixed: Array<[number, number]> = [
   [0, 1], // first token alone
 ];
 
+// Default tuning (subgroup butterfly where the device has subgroups), the workgroup-memory-only fallback, and a small
+// workgroup with one row per load set (more iterations of the score loop per chunk).
+const tunings: Array<[string, Partial<GqaAttentionTuning>]> = [
+  ['default', {}],
+  ['no subgroups', { useSubgroups: false }],
+  ['wg32 unroll1', { workgroupSize: 32, unroll: 1 }],
+];
+
 for (const dtype of ['f32', 'f16'] as const) {
   const bar = dtype === 'f32' ? 1e-4 : 1e-2;
   test(`gqa attention ${dtype}: mixed prefill/decode batch, small chunks crossing blocks`, async () => {
+    const lanesSeen = new Set<number>();
     for (const shape of [
       { nHeads: 4, nKvHeads: 2, headDim: 8 },
       { nHeads: 6, nKvHeads: 2, headDim: 6 },
       { nHeads: 7, nKvHeads: 1, headDim: 16 },
+      // g = 2 and g = 1 over up to 4 lanes: the reduce-scatter ends early and finishes with plain butterfly steps.
+      { nHeads: 4, nKvHeads: 2, headDim: 16 },
+      { nHeads: 2, nKvHeads: 2, headDim: 16 },
     ]) {
-      for (const chunkSize of [16, 32]) {
-        const { err, maxChunks } = await runCase({ shape, dtype, blockSize: 4, seqs: mixed, chunkSize });
-        assert.ok(maxChunks > 1, 'the case should split contexts into several chunks');
-        assert.ok(err <= bar, `${JSON.stringify(shape)} chunk ${chunkSize}: relative error ${err} > ${bar}`);
+      for (const [name, tuning] of tunings) {
+        for (const chunkSize of name === 'default' ? [16, 32] : [32]) {
+          const { err, maxChunks, plan } = await runCase({ shape, dtype, blockSize: 4, seqs: mixed, chunkSize, tuning });
+          lanesSeen.add(plan.lanes);
+          assert.ok(maxChunks > 1, 'the case should split contexts into several chunks');
+          assert.ok(err <= bar, `${JSON.stringify(shape)} ${name} ${JSON.stringify(plan)} chunk ${chunkSize}: relative error ${err} > ${bar}`);
+        }
       }
     }
+    assert.ok(lanesSeen.has(1), 'some case should read whole rows per thread');
   });
 }
+
+test('gqa attention f16 at Qwen2.5-7B head shape (28 q / 4 kv, d 128): full 512-token chunks and short ones', async () => {
+  const shape = { nHeads: 28, nKvHeads: 4, headDim: 128 };
+  for (const chunkSize of [512, 64]) {
+    const { err, maxChunks, plan } = await runCase({ shape, dtype: 'f16', blockSize: 16, seqs: [[700, 1], [0, 3], [130, 1]], chunkSize });
+    assert.ok(maxChunks >= 2, 'the 700-token context should span two chunks');
+    assert.equal(plan.piece, 8, '128-wide f16 rows load in 16-byte pieces');
+    assert.ok(err <= 1e-2, `chunk ${chunkSize} ${JSON.stringify(plan)}: relative error ${err}`);
+  }
+});
 
 test('gqa attention: long context (300 tokens) with the default chunk policy, block size 16', async () => {
   const { err } = await runCase({ shape: { nHeads: 8, nKvHeads: 4, headDim: 8 }, dtype: 'f32', blockSize: 16, seqs: [[299, 1], [250, 9], [3, 2]] });
