@@ -130,3 +130,26 @@ export function modelValue(samples: PromSample[], name: string, model: string): 
 export function modelLabels(samples: PromSample[], name: string, model: string): Record<string, string> | undefined {
   return selectSamples(samples, name, { model_name: model })[0]?.labels;
 }
+
+const METRIC_TYPES = new Set(['counter', 'gauge', 'histogram', 'summary', 'untyped', 'gaugehistogram', 'info', 'stateset', 'unknown']);
+
+/**
+ * The `# TYPE name type` lines of `text`, by metric family name. Throws on a malformed TYPE line, an
+ * unknown type, or a family typed twice (each is invalid exposition text).
+ */
+export function parsePromTypes(text: string): Map<string, string> {
+  const types = new Map<string, string>();
+  const lines = text.split('\n');
+  for (let lineNo = 0; lineNo < lines.length; lineNo++) {
+    const line = lines[lineNo].replace(/\r$/, '').trim();
+    if (!line.startsWith('# TYPE')) continue;
+    const parts = line.split(/\s+/);
+    const [, , name, type] = parts;
+    const bad = (why: string) => new PromTextError(`metrics text line ${lineNo + 1}: ${why}: ${JSON.stringify(line.slice(0, 200))}`);
+    if (parts.length !== 4 || !NAME_START.test(name[0]) || ![...name].every((c) => NAME_CHAR.test(c))) throw bad('expected "# TYPE <name> <type>"');
+    if (!METRIC_TYPES.has(type)) throw bad(`unknown metric type ${type}`);
+    if (types.has(name)) throw bad(`a second TYPE line for ${name}`);
+    types.set(name, type);
+  }
+  return types;
+}

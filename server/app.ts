@@ -1,5 +1,5 @@
 // buildApp(opts): the Fastify app of the OpenAI-compatible server over a list of serving engines (one per hosted model).
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import Fastify, { type FastifyInstance, LogController, type FastifyRequest, type FastifyServerOptions } from 'fastify';
 import type { ServingEngine } from '../engine/types.ts';
 import { ChatFormatter } from './chat.ts';
@@ -7,7 +7,7 @@ import { ApiError, errorBody, mapError } from './errors.ts';
 import { ServerMetrics } from './metrics.ts';
 import { registerChat } from './routes/chat.ts';
 import { registerCompletions } from './routes/completions.ts';
-import type { HostedModel, ServerContext } from './routes/generate.ts';
+import type { HostedModel, RequestTally, ServerContext } from './routes/generate.ts';
 import { registerModels, registerOps } from './routes/models.ts';
 import { defaultLimits, type RequestLimits } from './schemas.ts';
 
@@ -23,6 +23,31 @@ export interface AppOptions {
   shutdownDeadlineMs?: number;
   /** app.close() shuts the engines down (and frees their GPU memory); false when the caller reuses them. */
   ownsEngines?: boolean;
+  /** When set, every request except GET /health and GET /metrics needs `Authorization: Bearer <apiKey>`, else 401. */
+  apiKey?: string | null;
+}
+
+/** Paths that answer without the API key: probes (kubelet) and scrapers (Prometheus, the gateway's endpoint picker) carry no key. */
+export const AUTH_EXEMPT_PATHS: readonly string[] = ['/health', '/metrics'];
+
+/**
+ * A checker of `Authorization: Bearer <key>` headers in constant time: both sides are hashed to 32 bytes
+ * first, so neither the key's length nor a matching prefix shows in the comparison time.
+ */
+export function bearerChecker(apiKey: string): (authorization: string | undefined) => boolean {
+  const want = createHash('sha256').update(apiKey, 'utf8').digest();
+  return (authorization) => {
+    const m = /^Bearer[ ]+(.+)$/i.exec(authorization ?? '');
+    const got = createHash('sha256').update(m ? m[1].trim() : '', 'utf8').digest();
+    return timingSafeEqual(got, want) && m !== null;
+  };
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The app's metrics (its own registry): what GET /metrics renders; tests time its collection in-process. */
+    serverMetrics: ServerMetrics;
+  }
 }
 
 /** 4 MiB: a full 128k-token prompt as token ids is under 1 MiB. */
@@ -54,10 +79,19 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 
   const models: HostedModel[] = opts.engines.map((engine) => ({ name: engine.info.name, engine, chat: new ChatFormatter(engine.info.tokenizer, engine.info.chatTemplate) }));
   const metrics = new ServerMetrics(opts.engines);
+  app.decorate('serverMetrics', metrics);
   let draining = false;
   const ctx: ServerContext = { models, metrics, draining: () => draining };
   const modelOf = new WeakMap<FastifyRequest, string>();
   const onModel = (req: FastifyRequest, name: string) => modelOf.set(req, name);
+  // Tokens and finish reasons of a generation request, filled by its ChoiceRun, for the one log line at its end.
+  const tallies = new WeakMap<FastifyRequest, RequestTally>();
+  ctx.tally = (req) => {
+    let t = tallies.get(req);
+    if (!t) tallies.set(req, (t = { promptTokens: 0, completionTokens: 0, finishReasons: [] }));
+    return t;
+  };
+  const keyMatches = opts.apiKey ? bearerChecker(opts.apiKey) : null;
 
   // JSON bodies: strict UTF-8 (Node would silently turn bad bytes into U+FFFD), then Fastify's
   // prototype-poisoning-safe parser. Any content type is read as JSON, as OpenAI's API does, so
@@ -80,11 +114,32 @@ export function buildApp(opts: AppOptions): FastifyInstance {
 
   app.addHook('onRequest', async (request, reply) => {
     reply.header('x-request-id', request.id);
+    if (keyMatches) {
+      const path = request.url.split('?', 1)[0];
+      const exempt = (request.method === 'GET' || request.method === 'HEAD') && AUTH_EXEMPT_PATHS.includes(path);
+      if (!exempt && !keyMatches(request.headers.authorization)) {
+        // RFC 6750: a 401 names the scheme it wants.
+        reply.header('www-authenticate', 'Bearer');
+        const given = request.headers.authorization !== undefined;
+        throw new ApiError(
+          401,
+          given
+            ? 'Incorrect API key provided in the Authorization header; send the key this server was started with (--api-key / MLA_SERVE_API_KEY) as "Authorization: Bearer <key>".'
+            : "You didn't provide an API key. Send it in an Authorization header using Bearer auth (\"Authorization: Bearer <key>\"), the key this server was started with (--api-key / MLA_SERVE_API_KEY).",
+        );
+      }
+    }
     if (draining && request.method === 'POST') throw new ApiError(503, 'the server is shutting down and takes no new requests; retry on another replica', null, 1);
   });
+  // One line per finished request (for a stream: when its last byte went out), with its tokens and
+  // finish reasons when it generated; the request id is in `requestId` (pino's child binding).
   app.addHook('onResponse', async (request, reply) => {
     if (request.url === '/metrics' || request.url === '/health') return;
-    request.log.info({ method: request.method, url: request.url, model: modelOf.get(request), statusCode: reply.statusCode, ms: Math.round(reply.elapsedTime) }, 'request done');
+    const t = tallies.get(request);
+    const usage = t
+      ? { promptTokens: t.promptTokens, completionTokens: t.completionTokens, finishReason: t.finishReasons.length === 1 ? t.finishReasons[0] : t.finishReasons.join(',') || null }
+      : {};
+    request.log.info({ method: request.method, url: request.url, model: modelOf.get(request), statusCode: reply.statusCode, ...usage, ms: Math.round(reply.elapsedTime) }, 'request done');
   });
 
   // Attribute a request to its model as soon as the body names a served one, so even its schema errors count per model.

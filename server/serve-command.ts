@@ -11,7 +11,7 @@ import { resolveModelPath } from '../model/hub.ts';
 import { loadModel } from '../model/load.ts';
 import { buildApp } from './app.ts';
 import { convertCheckpoint, parseConvertArgs } from './convert-command.ts';
-import { formatBytes, parseServeArgs, SERVE_USAGE, type ServeOptions, UsageError } from './serve-options.ts';
+import { describeConfig, formatBytes, resolveServeConfig, SERVE_USAGE, type ServeOptions, UsageError } from './serve-options.ts';
 import { checkSyntheticName, loadSyntheticModel, SYNTHETIC_PREFIX, type ServableModel } from './synthetic-models.ts';
 
 /** Where the default model is looked for first: the project's shared fixtures. */
@@ -183,13 +183,16 @@ export function banner(url: string, served: ServedEngines): string[] {
 
 export async function runServe(argv: string[]): Promise<number> {
   let opts: ServeOptions;
+  const log = (msg: string) => process.stderr.write(`${msg}\n`);
   try {
-    const parsed = parseServeArgs(argv);
-    if (parsed === 'help') {
+    // Flags, then MLA_SERVE_* variables, then --config / MLA_SERVE_CONFIG, then defaults.
+    const resolved = resolveServeConfig(argv, process.env);
+    if (resolved === 'help') {
       process.stdout.write(SERVE_USAGE);
       return 0;
     }
-    opts = parsed;
+    opts = resolved.options;
+    log(describeConfig(resolved).join('\n'));
   } catch (err) {
     if (err instanceof UsageError) {
       process.stderr.write(`mla-serve serve: ${err.message}\n\n${SERVE_USAGE}`);
@@ -198,12 +201,12 @@ export async function runServe(argv: string[]): Promise<number> {
     throw err;
   }
 
-  const log = (msg: string) => process.stderr.write(`${msg}\n`);
   const served = await openServedEngines(opts, log);
   const app = buildApp({
     engines: served.models.map((m) => m.engine),
-    logger: { level: process.env.LOG_LEVEL ?? 'info' },
+    logger: { level: opts.logLevel ?? 'info' },
     shutdownDeadlineMs: opts.shutdownTimeout * 1000,
+    apiKey: opts.apiKey ?? null,
   });
   let url: string;
   try {
@@ -213,7 +216,8 @@ export async function runServe(argv: string[]): Promise<number> {
     await served.close();
     throw new Error(`cannot listen on ${opts.host}:${opts.port}: ${(err as Error).message}`);
   }
-  process.stdout.write(banner(url, served).join('\n') + '\n');
+  const auth = opts.apiKey ? '  auth: Bearer API key on every route but GET /health and GET /metrics' : '  auth: none (no --api-key)';
+  process.stdout.write([...banner(url, served), auth].join('\n') + '\n');
 
   // A GPU device loss makes an engine unhealthy; /health says 503 and the process exits non-zero so a supervisor restarts it.
   const watchdog = setInterval(() => {

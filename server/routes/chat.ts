@@ -39,7 +39,7 @@ export function registerChat(app: FastifyInstance, ctx: ServerContext, limits: R
 
     const id = `chatcmpl-${request.id}`;
     const created = unixSeconds();
-    const run = new ChoiceRun(ctx, model, request.id, choices);
+    const run = new ChoiceRun(ctx, model, request.id, choices, ctx.tally?.(request) ?? null);
     reply.raw.on('close', () => {
       if (!reply.raw.writableFinished) run.cancel();
     });

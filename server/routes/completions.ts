@@ -52,7 +52,7 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext, li
 
     const id = `cmpl-${request.id}`;
     const created = unixSeconds();
-    const run = new ChoiceRun(ctx, model, request.id, choices);
+    const run = new ChoiceRun(ctx, model, request.id, choices, ctx.tally?.(request) ?? null);
     reply.raw.on('close', () => {
       if (!reply.raw.writableFinished) run.cancel();
     });

@@ -19,6 +19,17 @@ export interface ServerContext {
   metrics: ServerMetrics;
   /** True once shutdown began: new generation requests get 503. */
   draining(): boolean;
+  /** The token tally of a request, for its log line (buildApp sets it; absent: nothing is tallied). */
+  tally?(request: FastifyRequest): RequestTally;
+}
+
+/** What a generation request used, summed over its choices: for the request log. */
+export interface RequestTally {
+  /** Each distinct prompt once (n > 1 shares one), as usage counts it. */
+  promptTokens: number;
+  completionTokens: number;
+  /** One per finished choice, in finishing order ('stop' | 'length' | 'abort'). */
+  finishReasons: string[];
 }
 
 export function resolveModel(ctx: ServerContext, name: string | null | undefined): HostedModel {
@@ -127,8 +138,12 @@ export class ChoiceRun {
     private readonly model: HostedModel,
     private readonly requestId: string,
     private readonly choices: ChoiceSpec[],
+    /** Where this run adds its tokens and finish reasons (the request's log line). */
+    private readonly tally: RequestTally | null = null,
   ) {
     this.arrival = performance.now();
+    // The n choices of one prompt share its token array: count each array once.
+    if (tally) for (const p of new Set(choices.map((c) => c.promptTokens))) tally.promptTokens += p.length;
   }
 
   get signal(): AbortSignal {
@@ -207,6 +222,10 @@ export class ChoiceRun {
       m.observeE2e(name, (now - this.arrival) / 1000);
       m.observeQueue(name, ev.queueSeconds);
       m.finished(name, ev.finishReason);
+      if (this.tally) {
+        this.tally.completionTokens += ev.completionTokens;
+        this.tally.finishReasons.push(ev.finishReason);
+      }
     }
   }
 }
