@@ -14,7 +14,7 @@
 // Row 0 of each shape is checked against a float64 CPU computation from the same hash (max relative error column).
 import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
-import { GqaAttention, maxAttentionChunk } from '../kernels/attention.ts';
+import { GqaAttention, maxAttentionChunk, type GqaAttentionTuning } from '../kernels/attention.ts';
 import { MlaAttention, DEFAULT_MLA_TUNING, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { buildStepMeta, type StepMeta } from '../kernels/step-meta.ts';
 import { bindBuffers, f16BitsToF32, gridFor, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
@@ -57,7 +57,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--json') a.json = val();
     else if (k === '--batches') a.batches = list();
     else if (k === '--contexts') a.contexts = list();
-    else if (k === '--prefill') a.prefill = val() === 'none' ? [] : list();
+    else if (k === '--prefill') a.prefill = argv[i + 1] === 'none' ? (i++, []) : list();
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
     else if (k === '--ceiling-tflops') a.ceilingTflops = Number(val());
     else if (k === '--target-ms') a.targetMs = Number(val());
@@ -279,7 +279,7 @@ function metaFor(tables: number[][], context: number, poolBlocks: number, parall
   );
   const m = buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk });
   if (chunkScale === 1) return m;
-  return buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, chunkSize: Math.min(maxChunk, m.chunkSize * chunkScale) });
+  return buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, chunkSize: Math.max(16, Math.min(maxChunk, m.chunkSize * chunkScale)) });
 }
 
 function figures(args: Args, us: number, cacheBytes: number, flops: number) {
@@ -288,51 +288,89 @@ function figures(args: Args, us: number, cacheBytes: number, flops: number) {
   return { gbPerS, bandwidthRatio: gbPerS / args.ceilingGBs, tflops, flopRatio: tflops / args.ceilingTflops };
 }
 
-async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number, prefill = false): Promise<Measurement> {
+/** GQA kernel variants the benchmark tries (the default first); the table shows the fastest, the variant table all. */
+const GQA_VARIANTS: Array<{ name: string; tuning: Partial<GqaAttentionTuning>; chunkScale: number }> = [
+  { name: 'wg256 u2', tuning: {}, chunkScale: 1 },
+  { name: 'wg256 u4', tuning: { unroll: 4 }, chunkScale: 1 },
+  { name: 'wg128 u2', tuning: { workgroupSize: 128 }, chunkScale: 1 },
+  { name: 'wg256 u2 chunk×2', tuning: {}, chunkScale: 2 },
+  { name: 'wg256 u2 chunk÷2', tuning: {}, chunkScale: 0.5 },
+  { name: 'wg256 u2 no subgroups', tuning: { useSubgroups: false }, chunkScale: 1 },
+];
+
+async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number, prefill = false): Promise<Measurement[]> {
   const D = HEAD_DIM;
   const qkvStride = (N_HEADS + 2 * N_KV) * D;
   const outStride = N_HEADS * D;
   const { tables, aliased } = blockTables(batch, context, pool.blocks);
   const shape = { nHeads: N_HEADS, nKvHeads: N_KV, headDim: D };
   const chunkMax = maxAttentionChunk(shape);
-  const m = metaFor(tables, context, pool.blocks, N_KV, chunkMax, 1, prefill);
-  const meta = uploadArray(gpu, 'meta', m.data);
+  const rows = prefill ? batch * context : batch;
   // q of every row; the k/v columns of qkv are not read by the attention kernel.
-  const qkvData = new Float32Array(m.nRows * qkvStride);
-  const q = randomF32(m.nRows * N_HEADS * D, 7, 1);
-  for (let b = 0; b < m.nRows; b++) qkvData.set(q.subarray(b * N_HEADS * D, (b + 1) * N_HEADS * D), b * qkvStride);
+  const qkvData = new Float32Array(rows * qkvStride);
+  const q = randomF32(rows * N_HEADS * D, 7, 1);
+  for (let b = 0; b < rows; b++) qkvData.set(q.subarray(b * N_HEADS * D, (b + 1) * N_HEADS * D), b * qkvStride);
   const qkv = uploadArray(gpu, 'qkv', qkvData);
-  const out = storageBuffer(gpu, 'gqa out', m.nRows * outStride * 4);
-  const att = new GqaAttention(gpu, shape, { rowValues: pool.rowValues, blockSize: BLOCK, dtype: 'f16' }, { meta, qkv, qkvStride, out, outStride, layerCaches: [pool.buffer] });
-  att.prepare(m.nRows, m.maxChunks);
-  const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks));
-  let maxRelError = NaN;
-  if (context <= 4096 && !prefill) {
-    const got = await readF32(gpu, out, outStride);
-    const want = new Float64Array(outStride);
-    const scale = 1 / Math.sqrt(D);
-    const RV = pool.rowValues;
-    const rows = new Float64Array(context * RV);
-    for (let t = 0; t < context; t++) for (let v = 0; v < RV; v++) rows[t * RV + v] = cacheValue(pool, tables[0], t, v);
-    for (let h = 0; h < N_HEADS; h++) {
-      const kv = Math.floor(h / (N_HEADS / N_KV));
-      const s = new Float64Array(context);
-      for (let t = 0; t < context; t++) {
-        let d = 0;
-        for (let i = 0; i < D; i++) d += q[h * D + i] * rows[t * RV + kv * D + i];
-        s[t] = d * scale;
+  const out = storageBuffer(gpu, 'gqa out', rows * outStride * 4);
+  const variants = args.variants === 'all' && !prefill ? GQA_VARIANTS : GQA_VARIANTS.slice(0, 1);
+  const results: Measurement[] = [];
+  let want: Float64Array | undefined;
+  for (const v of variants) {
+    const m = metaFor(tables, context, pool.blocks, N_KV, chunkMax, v.chunkScale, prefill);
+    if (v.chunkScale !== 1 && results.some((x) => x.chunk === m.chunkSize && x.variant.startsWith(v.name.split(' chunk')[0] + ' ('))) continue;
+    const meta = uploadArray(gpu, 'meta', m.data);
+    const att = new GqaAttention(gpu, shape, { rowValues: pool.rowValues, blockSize: BLOCK, dtype: 'f16' }, { meta, qkv, qkvStride, out, outStride, layerCaches: [pool.buffer] }, v.tuning);
+    att.prepare(m.nRows, m.maxChunks);
+    const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks));
+    let maxRelError = NaN;
+    if (context <= 4096 && !prefill) {
+      const got = await readF32(gpu, out, outStride);
+      if (!want) {
+        want = new Float64Array(outStride);
+        const scale = 1 / Math.sqrt(D);
+        const RV = pool.rowValues;
+        const cached = new Float64Array(context * RV);
+        for (let t = 0; t < context; t++) for (let k = 0; k < RV; k++) cached[t * RV + k] = cacheValue(pool, tables[0], t, k);
+        for (let h = 0; h < N_HEADS; h++) {
+          const kv = Math.floor(h / (N_HEADS / N_KV));
+          const sc = new Float64Array(context);
+          for (let t = 0; t < context; t++) {
+            let d = 0;
+            for (let i = 0; i < D; i++) d += q[h * D + i] * cached[t * RV + kv * D + i];
+            sc[t] = d * scale;
+          }
+          const p = softmaxWeights(sc);
+          for (let t = 0; t < context; t++) for (let i = 0; i < D; i++) want[h * D + i] += p[t] * cached[t * RV + (N_KV + kv) * D + i];
+        }
       }
-      const p = softmaxWeights(s);
-      for (let t = 0; t < context; t++) for (let i = 0; i < D; i++) want[h * D + i] += p[t] * rows[t * RV + (N_KV + kv) * D + i];
+      maxRelError = relErr(got, want);
     }
-    maxRelError = relErr(got, want);
+    const plan = att.plan;
+    att.destroy();
+    meta.destroy();
+    const tokensRead = prefill ? (batch * context * (context + 1)) / 2 : batch * context;
+    const cacheBytes = tokensRead * pool.rowValues * 2;
+    const flops = tokensRead * N_HEADS * 4 * D;
+    results.push({
+      kernel: 'gqa',
+      mode: prefill ? 'prefill' : 'decode',
+      variant: `${v.name} (ran wg${plan.workgroupSize}, ${plan.lanes} lanes/row, u${plan.unroll})`,
+      batch,
+      context,
+      chunk: m.chunkSize,
+      usPerLayerStep: r.us,
+      iterations: r.iterations,
+      timestamps: r.timestamps,
+      cacheBytes,
+      flops,
+      ...figures(args, r.us, cacheBytes, flops),
+      maxRelError,
+      aliasedBlocks: aliased,
+    });
   }
-  att.destroy();
-  for (const b of [meta, qkv, out]) b.destroy();
-  const tokensRead = prefill ? (batch * context * (context + 1)) / 2 : batch * context;
-  const cacheBytes = tokensRead * pool.rowValues * 2;
-  const flops = tokensRead * N_HEADS * 4 * D;
-  return { kernel: 'gqa', mode: prefill ? 'prefill' : 'decode', variant: 'kernels/attention.ts', batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps, cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased };
+  qkv.destroy();
+  out.destroy();
+  return results;
 }
 
 async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number, prefill = false): Promise<Measurement[]> {
@@ -435,10 +473,10 @@ async function main(): Promise<void> {
     );
     for (const context of args.contexts) {
       for (const batch of args.batches) {
-        const g = await benchGqa(gpu, args, gqaPool, batch, context);
+        const gs = await benchGqa(gpu, args, gqaPool, batch, context);
         const ms = await benchMla(gpu, args, mlaPool, batch, context);
-        all.push(g, ...ms);
-        for (const m of [g, ...ms]) {
+        all.push(...gs, ...ms);
+        for (const m of [...gs, ...ms]) {
           process.stderr.write(
             `${m.kernel} ${m.variant} b${batch} ctx${context} chunk ${m.chunk}: ${fmt(m.usPerLayerStep)} µs, ${fmt(m.gbPerS, 0)} GB/s, ` +
               `${fmt(m.tflops, 2)} TFLOP/s, err ${errText(m.maxRelError)}${m.aliasedBlocks ? ' (blocks shared between sequences)' : ''}\n`,
@@ -447,10 +485,10 @@ async function main(): Promise<void> {
       }
     }
     for (const context of args.prefill) {
-      const g = await benchGqa(gpu, args, gqaPool, 1, context, true);
+      const gs = await benchGqa(gpu, args, gqaPool, 1, context, true);
       const ms = await benchMla(gpu, args, mlaPool, 1, context, true);
-      all.push(g, ...ms);
-      for (const m of [g, ...ms]) {
+      all.push(...gs, ...ms);
+      for (const m of [...gs, ...ms]) {
         process.stderr.write(`${m.kernel} prefill ${context} chunk ${m.chunk}: ${fmt(m.usPerLayerStep)} µs, ${fmt(m.tflops, 2)} TFLOP/s\n`);
       }
     }
@@ -470,7 +508,14 @@ async function main(): Promise<void> {
   const goalBatch = args.batches.includes(32) ? 32 : Math.max(...args.batches);
   const goalCtx = args.contexts.includes(4096) ? 4096 : Math.max(...args.contexts);
   const decode = all.filter((m) => m.mode === 'decode');
-  const goalGqa = decode.find((m) => m.kernel === 'gqa' && m.batch === goalBatch && m.context === goalCtx);
+  const fastest = (kernel: 'gqa' | 'mla', batch: number, context: number, mode: 'decode' | 'prefill' = 'decode') =>
+    all.filter((m) => m.kernel === kernel && m.mode === mode && m.batch === batch && m.context === context).sort((a, b) => a.usPerLayerStep - b.usPerLayerStep)[0];
+  const goalGqa = fastest('gqa', goalBatch, goalCtx);
+  const gqaRows = [['GQA variant @ ' + `${goalBatch}×${goalCtx}`, 'chunk', 'µs', 'GB/s', 'max err']];
+  for (const m of decode.filter((m) => m.kernel === 'gqa' && m.batch === goalBatch && m.context === goalCtx)) {
+    gqaRows.push([m.variant, String(m.chunk), fmt(m.usPerLayerStep), `${fmt(m.gbPerS, 0)} (${pct(m.bandwidthRatio)})`, errText(m.maxRelError)]);
+  }
+  if (gqaRows.length > 2) console.log('\n' + table(gqaRows));
   const variantRows = [['MLA variant @ ' + `${goalBatch}×${goalCtx}`, 'chunk', 'µs', 'vs GQA', 'TFLOP/s', 'GB/s']];
   for (const m of decode.filter((m) => m.kernel === 'mla' && m.batch === goalBatch && m.context === goalCtx)) {
     variantRows.push([m.variant, String(m.chunk), fmt(m.usPerLayerStep), goalGqa ? fmt(m.usPerLayerStep / goalGqa.usPerLayerStep, 2) : '—', fmt(m.tflops, 1), fmt(m.gbPerS, 0)]);
@@ -480,7 +525,7 @@ async function main(): Promise<void> {
   // 2(dn+r)+2dv = 640 plus 2·R·(dn+dv) per head per prompt token to expand K/V from the latent.
   const prefillRows = [['prefill (1 prompt)', 'GQA µs', 'MLA absorbed µs', 'MLA/GQA', 'MLA TFLOP/s', 'expanded/absorbed FLOP']];
   for (const P of args.prefill) {
-    const g = all.find((m) => m.mode === 'prefill' && m.kernel === 'gqa' && m.context === P);
+    const g = fastest('gqa', 1, P, 'prefill');
     const mla = all.find((m) => m.mode === 'prefill' && m.kernel === 'mla' && m.context === P);
     if (!g || !mla) continue;
     const pairs = (P * (P + 1)) / 2;
@@ -488,23 +533,26 @@ async function main(): Promise<void> {
     prefillRows.push([String(P), fmt(g.usPerLayerStep), fmt(mla.usPerLayerStep), fmt(mla.usPerLayerStep / g.usPerLayerStep, 2), `${fmt(mla.tflops, 1)} (${pct(mla.flopRatio)})`, fmt(expanded / mla.flops, 2)]);
   }
   if (prefillRows.length > 1) console.log('\n' + table(prefillRows));
-  // The short table, last: per shape, GQA vs the fastest MLA variant.
-  const rows = [['batch×ctx', 'GQA µs', 'GQA GB/s', 'MLA µs', 'MLA/GQA', 'MLA GB/s', 'MLA TFLOP/s', 'MLA variant', 'max err']];
+  // The short table, last: per shape, the fastest GQA variant vs the fastest MLA variant (the default GQA variant's
+  // time in brackets when another was faster).
+  const rows = [['batch×ctx', 'GQA µs (default)', 'GQA GB/s', 'GQA variant', 'MLA µs', 'MLA/GQA', 'MLA GB/s', 'MLA TFLOP/s', 'MLA variant', 'max err']];
   for (const context of args.contexts) {
     for (const batch of args.batches) {
-      const g = decode.find((m) => m.kernel === 'gqa' && m.batch === batch && m.context === context);
-      const mla = decode.filter((m) => m.kernel === 'mla' && m.batch === batch && m.context === context).sort((a, b) => a.usPerLayerStep - b.usPerLayerStep)[0];
+      const g = fastest('gqa', batch, context);
+      const gDefault = decode.find((m) => m.kernel === 'gqa' && m.batch === batch && m.context === context);
+      const mla = fastest('mla', batch, context);
       if (!g || !mla) continue;
       rows.push([
         `${batch}×${context}${g.aliasedBlocks ? '*' : ''}`,
-        fmt(g.usPerLayerStep),
+        `${fmt(g.usPerLayerStep)}${gDefault && gDefault !== g ? ` (${fmt(gDefault.usPerLayerStep)})` : ''}`,
         `${fmt(g.gbPerS, 0)} (${pct(g.bandwidthRatio)})`,
+        g.variant.split(' (')[0],
         fmt(mla.usPerLayerStep),
         fmt(mla.usPerLayerStep / g.usPerLayerStep, 2),
         `${fmt(mla.gbPerS, 0)} (${pct(mla.bandwidthRatio)})`,
         `${fmt(mla.tflops, 1)} (${pct(mla.flopRatio)})`,
         mla.variant.split(' (')[0],
-        errText(Math.max(g.maxRelError, mla.maxRelError)),
+        errText(Math.max(g.maxRelError, gDefault?.maxRelError ?? NaN, mla.maxRelError)),
       ]);
     }
   }
