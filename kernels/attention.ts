@@ -71,7 +71,7 @@ export function planGqaAttention(shape: GqaShape, dtype: 'f32' | 'f16', tuning: 
 }
 
 export function defaultGqaTuning(gpu: GpuContext, shape: GqaShape): GqaAttentionTuning {
-  return { workgroupSize: shape.headDim >= 64 ? 256 : 64, useSubgroups: gpu.features.has('subgroups'), maxLanesPerRow: 16, unroll: 2 };
+  return { workgroupSize: shape.headDim >= 64 ? 256 : 64, useSubgroups: gpu.features.has('subgroups'), maxLanesPerRow: 16, unroll: 4 };
 }
 
 function partialWgsl(s: GqaShape, layout: PagedRows, qkvStride: number, chunkMax: number, plan: GqaAttentionPlan): string {
