@@ -209,7 +209,18 @@ interface StepOps {
   lmHead: MatmulOp;
 }
 
-class GpuRunner implements ModelRunner {
+/** What stepCapture returns: the step's logits and, per layer, xn rows [rows, dim] (f32, row-major, step row order). */
+export interface CaptureStep {
+  logits: Float32Array;
+  attnInputs: Float32Array[];
+}
+
+/** The GPU runner: the serving contract plus the calibration step. */
+export interface GpuModelRunner extends ModelRunner {
+  stepCapture(seqs: StepSequence[]): Promise<CaptureStep>;
+}
+
+class GpuRunner implements GpuModelRunner {
   readonly blockSize: number;
   readonly numBlocks: number;
   readonly kvBytesPerToken: number;
@@ -227,6 +238,8 @@ class GpuRunner implements ModelRunner {
   private capacity = { rows: 0, logitRows: 0, metaWords: 0 };
   private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback', GPUBuffer> | undefined;
   private ops: StepOps | undefined;
+  /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
+  private captureReadback: GPUBuffer | undefined;
   private busy = false;
 
   constructor(
@@ -331,7 +344,20 @@ class GpuRunner implements ModelRunner {
     });
   }
 
-  async step(seqs: StepSequence[]): Promise<Float32Array> {
+  step(seqs: StepSequence[]): Promise<Float32Array> {
+    return this.run(seqs, false).then((r) => r.logits);
+  }
+
+  /**
+   * A step that also returns every layer's attention input after RMSNorm (xn) for every row: the calibration
+   * activations of TransMLA. The copies are made in the step's own command encoder (the pass is split after each
+   * attention norm); plain `step` encodes none of this.
+   */
+  stepCapture(seqs: StepSequence[]): Promise<CaptureStep> {
+    return this.run(seqs, true);
+  }
+
+  private async run(seqs: StepSequence[], capture: boolean): Promise<CaptureStep> {
     if (this.busy) throw new Error('step: the previous step of this runner has not finished; steps run one at a time');
     this.validate(seqs);
     const meta = buildStepMeta(seqs, {
@@ -341,7 +367,8 @@ class GpuRunner implements ModelRunner {
       maxChunkSize: this.block.maxChunk,
     });
     const vocab = this.config.vocabSize;
-    if (meta.nRows === 0) return new Float32Array(0);
+    const nLayers = this.layers.length;
+    if (meta.nRows === 0) return { logits: new Float32Array(0), attnInputs: capture ? this.layers.map(() => new Float32Array(0)) : [] };
     if (meta.nRows > this.capacity.rows || meta.nLogitRows > this.capacity.logitRows || meta.data.length > this.capacity.metaWords) {
       const grow = (need: number, have: number) => (need > have ? Math.max(need, Math.ceil(have * 1.5)) : have);
       this.allocate(
@@ -349,6 +376,20 @@ class GpuRunner implements ModelRunner {
         grow(meta.nLogitRows, this.capacity.logitRows),
         grow(meta.data.length + HEADER_WORDS, this.capacity.metaWords),
       );
+    }
+    const rows = meta.nRows;
+    // One layer's xn rows as the runner holds them (row stride dimStride), copied back to back per layer.
+    const layerBytes = rows * this.dimStride * 4;
+    if (capture && (!this.captureReadback || this.captureReadback.size < nLayers * layerBytes)) {
+      this.captureReadback?.destroy();
+      const size = nLayers * layerBytes;
+      if (size > this.gpu.limits.maxBufferSize) {
+        throw new Error(
+          `stepCapture: ${rows} rows × ${nLayers} layers × ${this.config.dim} values need ${size} B of readback, more than this GPU's ` +
+            `max buffer size of ${this.gpu.limits.maxBufferSize} B; capture fewer rows per step`,
+        );
+      }
+      this.captureReadback = this.gpu.device.createBuffer({ label: 'attention inputs readback', size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
     }
     this.busy = true;
     try {
@@ -358,11 +399,16 @@ class GpuRunner implements ModelRunner {
       g.device.queue.writeBuffer(a.meta, 0, meta.data);
       this.block.prepare(meta);
       const enc = g.device.createCommandEncoder({ label: 'decoder step' });
-      const pass = enc.beginComputePass({ label: 'decoder step' });
-      const rows = meta.nRows;
+      let pass = enc.beginComputePass({ label: 'decoder step' });
       ops.embed.encode(pass, rows);
-      for (let l = 0; l < this.layers.length; l++) {
+      for (let l = 0; l < nLayers; l++) {
         ops.attnNorm[l].encode(pass, rows);
+        if (capture) {
+          // Buffer copies cannot sit inside a compute pass: end it, copy xn, go on in a fresh pass.
+          pass.end();
+          enc.copyBufferToBuffer(a.xn, 0, this.captureReadback!, l * layerBytes, layerBytes);
+          pass = enc.beginComputePass({ label: `decoder step after layer ${l} capture` });
+        }
         this.block.encodeLayer(pass, l, meta);
         ops.oProj[l].encode(pass, rows);
         ops.ffnNorm[l].encode(pass, rows);
@@ -379,16 +425,31 @@ class GpuRunner implements ModelRunner {
       const bytes = nLogit * vocab * 4;
       if (bytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, bytes);
       g.device.queue.submit([enc.finish()]);
+      let logits = new Float32Array(0);
       if (bytes === 0) {
         await g.device.queue.onSubmittedWorkDone();
-        g.checkErrors();
-        return new Float32Array(0);
+      } else {
+        await a.readback.mapAsync(GPUMapMode.READ, 0, bytes);
+        logits = new Float32Array(a.readback.getMappedRange(0, bytes).slice(0));
+        a.readback.unmap();
       }
-      await a.readback.mapAsync(GPUMapMode.READ, 0, bytes);
-      const out = new Float32Array(a.readback.getMappedRange(0, bytes).slice(0));
-      a.readback.unmap();
+      const attnInputs: Float32Array[] = [];
+      if (capture) {
+        const rb = this.captureReadback!;
+        await rb.mapAsync(GPUMapMode.READ, 0, nLayers * layerBytes);
+        const all = new Float32Array(rb.getMappedRange(0, nLayers * layerBytes));
+        const dim = this.config.dim;
+        const ds = this.dimStride;
+        for (let l = 0; l < nLayers; l++) {
+          const xn = new Float32Array(rows * dim);
+          const base = l * rows * ds;
+          for (let r = 0; r < rows; r++) xn.set(all.subarray(base + r * ds, base + r * ds + dim), r * dim);
+          attnInputs.push(xn);
+        }
+        rb.unmap();
+      }
       g.checkErrors();
-      return out;
+      return { logits, attnInputs };
     } finally {
       this.busy = false;
     }
@@ -401,6 +462,8 @@ class GpuRunner implements ModelRunner {
   destroy(): void {
     if (this.act) for (const b of Object.values(this.act)) b.destroy();
     this.act = undefined;
+    this.captureReadback?.destroy();
+    this.captureReadback = undefined;
     this.block.destroy();
     this.pool.destroy();
     for (const l of this.layers) {
@@ -425,7 +488,7 @@ export async function createGpuRunner(
   gpu: GpuContext,
   model: { config: ModelConfig; weights: ModelWeights },
   opts: GpuRunnerOptions = {},
-): Promise<ModelRunner> {
+): Promise<GpuModelRunner> {
   const { config, weights } = model;
   const weightDtype = opts.weightDtype ?? 'f16';
   const cacheDtype = opts.cacheDtype ?? 'f16';

@@ -1,5 +1,9 @@
 // Perplexity over text, model-agnostic: BOS-prefixed paragraph chunks and nats/token accumulation from any logits source.
 import type { Tokenizer } from '../model/tokenizer.ts';
+import type { ModelRunner, StepSequence } from './types.ts';
+
+/** Sequences per runner step when scoring (eval-ppl's default too). */
+export const MAX_SEQS_PER_STEP = 64;
 
 /** Paragraphs of `text` (split on blank lines, trimmed, empty ones dropped). */
 export function paragraphs(text: string): string[] {
@@ -73,6 +77,55 @@ export async function scoreChunks(
   for (const chunk of chunks) {
     acc.add(chunk, await logitsFor(chunk));
     onChunk?.(acc.chunks, acc);
+  }
+  return acc;
+}
+
+/**
+ * Packs chunks into runner steps of at most rowBudget tokens, each chunk a sequence with its own
+ * blocks and logits for every row, and accumulates nats. Blocks are reused step after step.
+ */
+export async function scoreWithRunner(
+  runner: ModelRunner,
+  chunks: readonly number[][],
+  rowBudget: number,
+  onProgress?: (acc: PerplexityAccumulator) => void,
+  maxSeqsPerStep = MAX_SEQS_PER_STEP,
+): Promise<PerplexityAccumulator> {
+  const acc = new PerplexityAccumulator();
+  const vocab = runner.config.vocabSize;
+  const bs = runner.blockSize;
+  let next = 0;
+  while (next < chunks.length) {
+    const batch: number[][] = [];
+    let rows = 0;
+    let blocks = 0;
+    while (next < chunks.length && batch.length < maxSeqsPerStep) {
+      const c = chunks[next];
+      const need = Math.ceil(c.length / bs);
+      if (batch.length > 0 && (rows + c.length > rowBudget || blocks + need > runner.numBlocks)) break;
+      if (need > runner.numBlocks) throw new Error(`a chunk of ${c.length} tokens needs ${need} KV blocks; the runner has ${runner.numBlocks}`);
+      batch.push(c);
+      rows += c.length;
+      blocks += need;
+      next++;
+    }
+    let firstBlock = 0;
+    const seqs: StepSequence[] = batch.map((c) => {
+      const n = Math.ceil(c.length / bs);
+      const blockTable = Array.from({ length: n }, (_, i) => firstBlock + i);
+      firstBlock += n;
+      return { tokens: c, startPos: 0, blockTable, logits: 'all' };
+    });
+    const logits = await runner.step(seqs);
+    if (logits.length !== rows * vocab) throw new Error(`the runner returned ${logits.length / vocab} logits rows for ${rows} tokens`);
+    let row = 0;
+    for (const c of batch) {
+      const view = Array.from({ length: c.length }, (_, i) => logits.subarray((row + i) * vocab, (row + i + 1) * vocab));
+      acc.add(c, view);
+      row += c.length;
+    }
+    onProgress?.(acc);
   }
   return acc;
 }

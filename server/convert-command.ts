@@ -4,14 +4,16 @@ import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import cliProgress from 'cli-progress';
+import { gpuCalibration } from '../engine/calibration.ts';
 import { scoreChunks, textChunks } from '../engine/perplexity.ts';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { Rng } from '../engine/rng.ts';
 import type { GqaConfig } from '../model/config.ts';
 import { readHfConfig } from '../model/hf.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
 import type { WriteDtype } from '../model/safetensors.ts';
 import { writeMlaCheckpoint } from '../model/transmla/checkpoint.ts';
-import { checkConvertible, convertToMla, type ConversionReport, type ConversionResult, type PerplexityScorer, type ProgressEvent } from '../model/transmla/convert.ts';
+import { checkConvertible, convertToMla, parameterCount, type ConversionReport, type ConversionResult, type PerplexityScorer, type ProgressEvent } from '../model/transmla/convert.ts';
 import type { Tokenizer } from '../model/tokenizer.ts';
 import { dtypeOption, intOption, UsageError } from './local-runner.ts';
 
@@ -19,7 +21,7 @@ export const CONVERT_USAGE = `usage: mla-serve convert --model PATH --out DIR --
 
 Converts a GQA/MHA checkpoint to MLA with TransMLA (RoRoPE + FreqFold, then balanced joint K/V PCA) and
 writes a Hugging Face directory in DeepSeek-V3 layout (config.json + safetensors + tokenizer). Calibration
-runs the CPU float64 reference, so this is for models the CPU can run (e.g. stories260K).
+(and the perplexity table) runs the model forward on the GPU or on the CPU float64 reference (--device).
 
   --model PATH            .gguf (llama arch), llama2.c .bin, or Hugging Face Llama/Qwen2/Mistral directory
   --tokenizer PATH        tokenizer for a llama2.c .bin (default: tok<vocab>.bin beside it)
@@ -42,8 +44,15 @@ runs the CPU float64 reference, so this is for models the CPU can run (e.g. stor
   --dtype f32|f16|bf16    dtype of the written weights (default f32)
   --rotation pca|identity identity skips the RoRoPE PCA (RoPE kept on the first r latent dims unrotated): the
                           naive baseline the method is measured against (default pca)
+  --device auto|gpu|cpu   where calibration and perplexity forward passes run (default auto: gpu when the
+                          source has more than 50M parameters, where the CPU reference would take hours; cpu
+                          otherwise, bit-reproducible and quick for tiny models). The GPU runs f32 weights and
+                          KV cache; K/V and their covariances are still formed in float64 on the CPU
   --json                  print the report as one JSON object instead of the table
 `;
+
+/** Above this many source parameters `--device auto` calibrates on the GPU. */
+export const GPU_CALIBRATION_PARAMS = 50e6;
 
 export interface ConvertCommandOptions {
   model: string;
@@ -63,6 +72,8 @@ export interface ConvertCommandOptions {
   seed: number;
   dtype: WriteDtype;
   rotation: 'pca' | 'identity';
+  /** Where calibration runs (auto: gpu above GPU_CALIBRATION_PARAMS source parameters). */
+  device: 'auto' | 'gpu' | 'cpu';
   json: boolean;
 }
 
@@ -90,6 +101,7 @@ export function parseConvertArgs(argv: string[]): ConvertCommandOptions | 'help'
         seed: { type: 'string' },
         dtype: { type: 'string' },
         rotation: { type: 'string' },
+        device: { type: 'string' },
         json: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
@@ -110,6 +122,8 @@ export function parseConvertArgs(argv: string[]): ConvertCommandOptions | 'help'
   if (!Number.isInteger(seed)) throw new UsageError(`--seed must be an integer; got ${JSON.stringify(v.seed)}`);
   const rotation = v.rotation ?? 'pca';
   if (rotation !== 'pca' && rotation !== 'identity') throw new UsageError(`--rotation must be pca or identity; got ${JSON.stringify(rotation)}`);
+  const device = v.device ?? 'auto';
+  if (device !== 'auto' && device !== 'gpu' && device !== 'cpu') throw new UsageError(`--device must be auto, gpu or cpu; got ${JSON.stringify(device)}`);
   return {
     model: v.model,
     tokenizer: v.tokenizer,
@@ -128,6 +142,7 @@ export function parseConvertArgs(argv: string[]): ConvertCommandOptions | 'help'
     seed,
     dtype: dtypeOption<WriteDtype>(v.dtype, '--dtype', 'f32', ['f32', 'f16', 'bf16']),
     rotation,
+    device,
     json: v.json ?? false,
   };
 }
@@ -182,11 +197,15 @@ export function checkHfSource(dir: string): void {
   }
 }
 
-/** Loads, converts, writes. Exposed for tests; the CLI wraps it with argument parsing and printing. */
+/**
+ * Loads, converts, writes. Exposed for tests; the CLI wraps it with argument parsing and printing. With the GPU device,
+ * `gpu` is used when given (and left open), else a device is opened for the conversion and closed after it.
+ */
 export async function convertCheckpoint(
   opts: ConvertCommandOptions,
   onProgress?: (e: ProgressEvent) => void,
-): Promise<{ result: ConversionResult; files: string[]; source: LoadedModel }> {
+  gpu?: GpuContext,
+): Promise<{ result: ConversionResult; files: string[]; source: LoadedModel; device: 'gpu' | 'cpu'; adapter?: string }> {
   if (existsSync(opts.out) && readdirSync(opts.out).length > 0 && !opts.force) {
     throw new Error(`${opts.out} exists and is not empty; choose another --out or pass --force to write into it`);
   }
@@ -207,24 +226,37 @@ export async function convertCheckpoint(
     evalChunks: opts.evalChunks,
     seed: opts.seed,
   });
-  const result = await convertToMla(config, source.weights, {
-    ropeDim: opts.ropeDim,
-    kvLoraRank: opts.kvLoraRank,
-    freqFold: opts.freqFold,
-    qLoraRank: opts.qLoraRank,
-    calibChunks: split.calib,
-    evalChunks: opts.evalChunks > 0 ? split.heldOut : undefined,
-    foldSearchChunks: opts.foldSearchChunks,
-    scorePerplexity: referenceScorer,
-    rotation: opts.rotation,
-    onProgress,
-  });
+  const device = opts.device === 'auto' || opts.device === undefined ? (parameterCount(source.weights) > GPU_CALIBRATION_PARAMS ? 'gpu' : 'cpu') : opts.device;
+  const ownGpu = device === 'gpu' && !gpu;
+  const context = device === 'gpu' ? (gpu ?? (await openGpu())) : undefined;
+  const longest = Math.max(...split.calib.map((c) => c.length), ...split.heldOut.map((c) => c.length));
+  let result: ConversionResult;
+  try {
+    result = await convertToMla(config, source.weights, {
+      ropeDim: opts.ropeDim,
+      kvLoraRank: opts.kvLoraRank,
+      freqFold: opts.freqFold,
+      qLoraRank: opts.qLoraRank,
+      calibChunks: split.calib,
+      evalChunks: opts.evalChunks > 0 ? split.heldOut : undefined,
+      foldSearchChunks: opts.foldSearchChunks,
+      scorePerplexity: referenceScorer,
+      device: context ? gpuCalibration(context, { maxChunkLen: longest }) : undefined,
+      rotation: opts.rotation,
+      onProgress,
+    });
+  } finally {
+    if (ownGpu && context) {
+      context.destroy();
+      releaseGpu();
+    }
+  }
   const files = writeMlaCheckpoint(opts.out, result.config, result.weights, {
     dtype: opts.dtype,
     source: { config, format: source.format, path: source.path, tokenizer: source.tokenizer },
     report: result.report,
   });
-  return { result, files, source };
+  return { result, files, source, device, adapter: context?.adapterName };
 }
 
 function pct(before: number, after: number): string {
@@ -323,11 +355,12 @@ export async function runConvert(argv: string[]): Promise<number> {
   } finally {
     bars.stop();
   }
-  const { result, files, source } = done;
+  const { result, files, source, device, adapter } = done;
   if (opts.json) {
-    process.stdout.write(JSON.stringify({ out: opts.out, files, source: source.path, ...result.report }) + '\n');
+    process.stdout.write(JSON.stringify({ out: opts.out, files, source: source.path, device, adapter, ...result.report }) + '\n');
   } else {
     process.stdout.write(formatReport(result.report, { path: source.path, config: source.config as GqaConfig }, opts.out));
+    process.stdout.write(`\ncalibrated on the ${device === 'gpu' ? `GPU (${adapter})` : 'CPU float64 reference'}`);
     process.stdout.write(`\nwrote ${files.map((f) => join(opts.out, f)).join(', ')} (${opts.dtype})\n`);
   }
   return 0;

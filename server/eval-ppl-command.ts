@@ -2,8 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import cliProgress from 'cli-progress';
-import { PerplexityAccumulator, textChunks } from '../engine/perplexity.ts';
-import type { ModelRunner, StepSequence } from '../engine/types.ts';
+import { MAX_SEQS_PER_STEP, scoreWithRunner, textChunks } from '../engine/perplexity.ts';
 import { dtypeOption, intOption, loadLocalModel, openLocalRunner, UsageError, type CacheDtype, type WeightDtype } from './local-runner.ts';
 
 export const EVAL_PPL_USAGE = `usage: mla-serve eval-ppl --model PATH --text FILE [options]
@@ -38,9 +37,6 @@ export interface PerplexityFigures {
   weightDtype: string;
   cacheDtype: string;
 }
-
-/** Most sequences in one step (each may leave one block partly empty). */
-const MAX_SEQS_PER_STEP = 64;
 
 export async function runEvalPpl(argv: string[]): Promise<number> {
   let v;
@@ -152,50 +148,5 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
   }
 }
 
-/**
- * Packs chunks into runner steps of at most rowBudget tokens, each chunk a sequence with its own
- * blocks and logits for every row, and accumulates nats. Blocks are reused step after step.
- */
-export async function scoreWithRunner(
-  runner: ModelRunner,
-  chunks: readonly number[][],
-  rowBudget: number,
-  onProgress?: (acc: PerplexityAccumulator) => void,
-): Promise<PerplexityAccumulator> {
-  const acc = new PerplexityAccumulator();
-  const vocab = runner.config.vocabSize;
-  const bs = runner.blockSize;
-  let next = 0;
-  while (next < chunks.length) {
-    const batch: number[][] = [];
-    let rows = 0;
-    let blocks = 0;
-    while (next < chunks.length && batch.length < MAX_SEQS_PER_STEP) {
-      const c = chunks[next];
-      const need = Math.ceil(c.length / bs);
-      if (batch.length > 0 && (rows + c.length > rowBudget || blocks + need > runner.numBlocks)) break;
-      if (need > runner.numBlocks) throw new Error(`a chunk of ${c.length} tokens needs ${need} KV blocks; the runner has ${runner.numBlocks}`);
-      batch.push(c);
-      rows += c.length;
-      blocks += need;
-      next++;
-    }
-    let firstBlock = 0;
-    const seqs: StepSequence[] = batch.map((c) => {
-      const n = Math.ceil(c.length / bs);
-      const blockTable = Array.from({ length: n }, (_, i) => firstBlock + i);
-      firstBlock += n;
-      return { tokens: c, startPos: 0, blockTable, logits: 'all' };
-    });
-    const logits = await runner.step(seqs);
-    if (logits.length !== rows * vocab) throw new Error(`the runner returned ${logits.length / vocab} logits rows for ${rows} tokens`);
-    let row = 0;
-    for (const c of batch) {
-      const view = Array.from({ length: c.length }, (_, i) => logits.subarray((row + i) * vocab, (row + i + 1) * vocab));
-      acc.add(c, view);
-      row += c.length;
-    }
-    onProgress?.(acc);
-  }
-  return acc;
-}
+// scoreWithRunner moved to engine/perplexity.ts (the converter's GPU calibration scores with it too).
+export { scoreWithRunner } from '../engine/perplexity.ts';

@@ -282,3 +282,18 @@ function lowRankQuery(qProj: DenseMatrix, inputGram: Float64Array, rank: number)
   }
   return { qAProj: qA, qBProj: qB };
 }
+
+/**
+ * The Stage-1 model written as the full-rank MLA model (R = 2L − r): exact, because at full rank any orthogonal joint
+ * rotation reproduces Stage 1. Identity "Grams" give α = 1 and R_kv = I (no PCA, no calibration), so this is how the
+ * Stage-1 model runs on the GPU's MLA path (Stage-2 calibration, freqfold search, perplexity).
+ */
+export function stage1AsFullRankMla(config: GqaConfig, stage1: LatentModelWeights, ropeDim: number): Stage2Result {
+  const L = config.nKvHeads * config.headDim;
+  const identity = () => {
+    const g = new Float64Array(4 * L * L);
+    for (let i = 0; i < 2 * L; i++) g[i * 2 * L + i] = 1;
+    return g;
+  };
+  return buildMla(config, stage1, stage1.layers.map(identity), { ropeDim, kvLoraRank: maxKvLoraRank(config, ropeDim), qLoraRank: null });
+}
