@@ -1,0 +1,104 @@
+// Int8 weights with one scale per output channel: symmetric quantization at load, packing four per u32, GPU upload.
+import type { GpuContext } from './device.ts';
+
+/** Rounds up to a multiple of 16 values: int8 row strides (one vec4<u32> = 16 values per load). */
+export function pad16(n: number): number {
+  return Math.ceil(n / 16) * 16;
+}
+
+/**
+ * A [rows, cols] matrix quantized per row (output channel): w[r, c] ≈ q[r, c] · scales[r], q in [-127, 127].
+ * `packed` holds rows of `stride / 4` u32 words; value c of a row sits in byte c % 4 of word c / 4 (low byte first,
+ * the order WGSL's unpack4xI8 and dot4I8Packed read); the padding up to `stride` is zero.
+ */
+export interface Int8Rows {
+  rows: number;
+  cols: number;
+  /** Row stride in values (a multiple of 16). */
+  stride: number;
+  packed: Uint32Array;
+  /** Per-row scale max|w_row| / 127 (rounded to f32, the value the GPU multiplies by); 0 for an all-zero row. */
+  scales: Float32Array;
+}
+
+/**
+ * Symmetric int8 quantization per row: scale = max|w_row| / 127, q = round(w / scale).
+ * Every value comes back within scale / 2 of the original (|w / scale| ≤ 127 up to f32 rounding of the scale).
+ */
+export function quantizeInt8Rows(data: ArrayLike<number>, rows: number, cols: number, label = 'matrix'): Int8Rows {
+  if (data.length !== rows * cols) throw new Error(`${label}: ${data.length} values, shape [${rows}, ${cols}] needs ${rows * cols}`);
+  const stride = pad16(cols);
+  const words = stride / 4;
+  const packed = new Uint32Array(rows * words);
+  const scales = new Float32Array(rows);
+  for (let r = 0; r < rows; r++) {
+    const base = r * cols;
+    let absMax = 0;
+    for (let c = 0; c < cols; c++) {
+      const v = data[base + c];
+      if (!Number.isFinite(v)) {
+        throw new Error(`${label}: value at [${r}, ${c}] is ${v}; int8 quantization needs finite weights (load this model with --weight-dtype f32 or f16)`);
+      }
+      absMax = Math.max(absMax, Math.abs(v));
+    }
+    const scale = Math.fround(absMax / 127);
+    scales[r] = scale;
+    if (scale === 0) continue;
+    const wb = r * words;
+    for (let c = 0; c < cols; c++) {
+      const q = Math.max(-127, Math.min(127, Math.round(data[base + c] / scale)));
+      packed[wb + (c >> 2)] |= (q & 0xff) << (8 * (c & 3));
+    }
+  }
+  return { rows, cols, stride, packed, scales };
+}
+
+/** The signed int8 value c of row r. */
+export function int8At(q: Int8Rows, r: number, c: number): number {
+  const byte = (q.packed[r * (q.stride / 4) + (c >> 2)] >>> (8 * (c & 3))) & 0xff;
+  return byte >= 128 ? byte - 256 : byte;
+}
+
+/** The values the GPU computes with: q · scale per element, row-major [rows, cols] (float64). */
+export function dequantizeInt8Rows(q: Int8Rows): Float64Array {
+  const out = new Float64Array(q.rows * q.cols);
+  for (let r = 0; r < q.rows; r++) {
+    for (let c = 0; c < q.cols; c++) out[r * q.cols + c] = int8At(q, r, c) * q.scales[r];
+  }
+  return out;
+}
+
+/** An int8 weight matrix on the GPU: packed rows (stride / 4 words each) and the per-row scales (f32). */
+export interface GpuInt8Matrix {
+  label: string;
+  rows: number;
+  cols: number;
+  dtype: 'int8';
+  /** Row stride in values (a multiple of 16). */
+  stride: number;
+  buffer: GPUBuffer;
+  scales: GPUBuffer;
+  /** Bytes of the packed values (the scales add 4 per row). */
+  bytes: number;
+}
+
+/** Quantizes a row-major [rows, cols] f32 matrix per row and uploads values and scales. */
+export function uploadInt8Matrix(gpu: GpuContext, label: string, data: ArrayLike<number>, rows: number, cols: number): GpuInt8Matrix {
+  const q = quantizeInt8Rows(data, rows, cols, label);
+  const maxBinding = gpu.limits.maxStorageBufferBindingSize;
+  if (q.packed.byteLength > maxBinding) {
+    // Unlike f32/f16 weights, int8 matrices are not split into pieces yet; a quarter of the f32 bytes rarely reaches the limit.
+    throw new Error(`${label}: ${q.packed.byteLength} B of int8 weights exceed this GPU's storage binding limit of ${maxBinding} B; use --weight-dtype f16 for this model`);
+  }
+  const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST;
+  const buffer = gpu.device.createBuffer({ label: `${label} int8`, size: Math.max(16, q.packed.byteLength), usage });
+  gpu.device.queue.writeBuffer(buffer, 0, q.packed.buffer, q.packed.byteOffset, q.packed.byteLength);
+  const scales = gpu.device.createBuffer({ label: `${label} scales`, size: Math.max(16, Math.ceil(rows / 4) * 16), usage });
+  gpu.device.queue.writeBuffer(scales, 0, q.scales.buffer, q.scales.byteOffset, q.scales.byteLength);
+  return { label, rows, cols, dtype: 'int8', stride: q.stride, buffer, scales, bytes: q.packed.byteLength };
+}
+
+export function destroyInt8Matrix(m: GpuInt8Matrix): void {
+  m.buffer.destroy();
+  m.scales.destroy();
+}

@@ -1,0 +1,346 @@
+// Matmul with int8 weights (per-output-channel scales): an f32-activation GEMV for few rows, W8A8 (dot4I8Packed, i32 sums) for many.
+import type { GpuContext } from './device.ts';
+import type { GpuInt8Matrix } from './int8.ts';
+import type { MatmulBindings } from './matmul.ts';
+import { bindBuffers, gridFor } from './tensors.ts';
+
+export interface Int8MatmulTuning {
+  /** Rows up to this go through the weights-only GEMV (f32 activations); above it, W8A8. */
+  gemvMaxRows: number;
+  /** Threads sharing one group of output features along K (a power of two). */
+  gemvThreadsPerRow: number;
+  /** Output features per GEMV thread (each x load feeds that many weight rows). */
+  gemvRowsPerThread: number;
+  /** Row groups per GEMV workgroup. */
+  gemvRowsPerWorkgroup: number;
+}
+
+/** First-slice defaults (not yet tuned on the H200): 32 threads along K, 2 features per thread, 64-thread workgroups. */
+export function defaultInt8MatmulTuning(): Int8MatmulTuning {
+  return { gemvMaxRows: 8, gemvThreadsPerRow: 32, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2 };
+}
+
+const range = (n: number) => [...Array(n).keys()];
+
+interface Common {
+  K: number;
+  N: number;
+  /** Weight row stride in values (a multiple of 16). */
+  stride: number;
+  xStride: number;
+  yStride: number;
+  colOffset: number;
+  rowsSlot: number;
+  bias: boolean;
+  accumulate: boolean;
+}
+
+function storeExpr(p: Common, idx: string, v: string): string {
+  return p.accumulate ? `y[${idx}] += ${v};` : `y[${idx}] = ${v};`;
+}
+
+/**
+ * Weights-only int8 GEMV: TPR threads share RPT output features and walk K in blocks of 16 values
+ * (one vec4<u32> of int8 per feature, unpacked with unpack4xI8), f32 sums reduced in workgroup memory,
+ * then times the feature's scale (Σ x·q·s = s·Σ x·q).
+ */
+export function gemvInt8Wgsl(p: Common & { mr: number; tpr: number; rpt: number; rpw: number }): string {
+  const { mr, tpr, rpt: R, rpw } = p;
+  const wg = tpr * rpw;
+  const k16 = Math.floor(p.K / 16);
+  const rowVec = p.stride / 16;
+  const xs4 = p.xStride / 4;
+  const ms = range(mr);
+  const rs = range(R);
+  const accs = ms.flatMap((m) => rs.map((r) => `a${m}_${r}`));
+  const block = [
+    ...ms.flatMap((m) => range(4).map((i) => `let x${m}_${i} = x[xb${m} + 4u * c + ${i}u];`)),
+    ...rs.map((r) => `let w${r} = w[wb${r} + c];`),
+    ...rs.flatMap((r) => range(4).map((i) => `let w${r}_${i} = vec4<f32>(unpack4xI8(w${r}[${i}]));`)),
+    ...ms.flatMap((m) => rs.map((r) => `a${m}_${r} += ${range(4).map((i) => `dot(w${r}_${i}, x${m}_${i})`).join(' + ')};`)),
+  ];
+  const tail = [
+    ...rs.map((r) => `let wt${r} = f32(unpack4xI8(w[wb${r} + k / 16u][(k % 16u) / 4u])[k % 4u]);`),
+    ...ms.flatMap((m) => rs.map((r) => `a${m}_${r} += wt${r} * x[xb${m} + k / 4u][k % 4u];`)),
+  ];
+  const bindings = [
+    '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
+    '@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;',
+    '@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;',
+    '@group(0) @binding(3) var<storage, read> wScale: array<f32>;',
+    '@group(0) @binding(4) var<storage, read_write> y: array<f32>;',
+  ];
+  if (p.bias) bindings.push('@group(0) @binding(5) var<storage, read> bias: array<f32>;');
+  const store = (m: number, r: number, i: number) => {
+    const v = `red[${i}u * ${wg}u + lid] * s${r}${p.bias ? ` + bias[n${r}]` : ''}`;
+    return `if (${m}u < M && n${r} < ${p.N}u) { ${storeExpr(p, `${m}u * ${p.yStride}u + ${p.colOffset}u + n${r}`, v)} }`;
+  };
+  return /* wgsl */ `
+${bindings.join('\n')}
+var<workgroup> red: array<f32, ${wg * accs.length}>;
+
+@compute @workgroup_size(${wg})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let M = stepMeta[${p.rowsSlot}];
+  let mLast = max(M, 1u) - 1u;
+  let slot = lid / ${tpr}u;
+  let lane = lid % ${tpr}u;
+  let blk = wid.x + wid.y * nwg.x;
+  let nBase = (blk * ${rpw}u + slot) * ${R}u;
+  ${ms.map((m) => `let xb${m} = min(${m}u, mLast) * ${xs4}u;`).join('\n  ')}
+  ${rs.map((r) => `let n${r} = nBase + ${r}u;\n  let wb${r} = min(n${r}, ${p.N - 1}u) * ${rowVec}u;`).join('\n  ')}
+  ${accs.map((a) => `var ${a} = 0.0;`).join('\n  ')}
+  for (var c = lane; c < ${k16}u; c += ${tpr}u) {
+    ${block.join('\n    ')}
+  }
+  for (var k = ${k16 * 16}u + lane; k < ${p.K}u; k += ${tpr}u) {
+    ${tail.join('\n    ')}
+  }
+  ${accs.map((a, i) => `red[${i}u * ${wg}u + lid] = ${a};`).join('\n  ')}
+  workgroupBarrier();
+  for (var s = ${Math.floor(tpr / 2)}u; s > 0u; s >>= 1u) {
+    if (lane < s) {
+      ${accs.map((_, i) => `red[${i}u * ${wg}u + lid] += red[${i}u * ${wg}u + lid + s];`).join('\n      ')}
+    }
+    workgroupBarrier();
+  }
+  if (lane == 0u) {
+    ${rs.map((r) => `let s${r} = wScale[min(n${r}, ${p.N - 1}u)];`).join('\n    ')}
+    ${ms.flatMap((m) => rs.map((r) => store(m, r, m * R + r))).join('\n    ')}
+  }
+}
+`;
+}
+
+/**
+ * Per-row activation quantization for W8A8: one workgroup per row finds absmax, scale t = absmax / 127,
+ * writes p = round(x / t) packed four per u32 (zero past K, up to `words` words) and t.
+ */
+export function quantizeRowsWgsl(p: { K: number; xStride: number; words: number; rowsSlot: number }): string {
+  return /* wgsl */ `
+@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> xq: array<u32>;
+@group(0) @binding(3) var<storage, read_write> xScale: array<f32>;
+var<workgroup> red: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let M = stepMeta[${p.rowsSlot}];
+  let m = wid.x;
+  let live = m < M;
+  let xb = min(m, max(M, 1u) - 1u) * ${p.xStride}u;
+  var a = 0.0;
+  for (var k = lid; k < ${p.K}u; k += 64u) { a = max(a, abs(x[xb + k])); }
+  red[lid] = a;
+  workgroupBarrier();
+  for (var s = 32u; s > 0u; s >>= 1u) {
+    if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+    workgroupBarrier();
+  }
+  let absMax = red[0];
+  let inv = select(0.0, 127.0 / absMax, absMax > 0.0);
+  if (live) {
+    for (var j = lid; j < ${p.words}u; j += 64u) {
+      var v = vec4<f32>(0.0);
+      for (var i = 0u; i < 4u; i++) {
+        let k = 4u * j + i;
+        if (k < ${p.K}u) { v[i] = x[xb + k]; }
+      }
+      xq[m * ${p.words}u + j] = pack4xI8(vec4<i32>(clamp(round(v * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
+    }
+    if (lid == 0u) { xScale[m] = absMax / 127.0; }
+  }
+}
+`;
+}
+
+/** W8A8 tile: 16 rows per workgroup, one output feature per thread (64), K staged 16 words (64 values) at a time. */
+export const W8A8_TILE_M = 16;
+const W8A8_TILE_N = 64;
+const W8A8_TILE_KW = 16;
+
+/**
+ * W8A8 GEMM: i32 sums of dot4I8Packed(activation word, weight word) per (row, feature), then
+ * y = f32(sum) · (row scale · feature scale) (+ bias). The activation tile sits in workgroup memory.
+ */
+export function gemmW8A8Wgsl(p: Common): string {
+  const words = p.stride / 4;
+  const BM = W8A8_TILE_M;
+  const BKW = W8A8_TILE_KW;
+  const ms = range(BM);
+  const bindings = [
+    '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
+    '@group(0) @binding(1) var<storage, read> xq: array<u32>;',
+    '@group(0) @binding(2) var<storage, read> xScale: array<f32>;',
+    '@group(0) @binding(3) var<storage, read> w: array<vec4<u32>>;',
+    '@group(0) @binding(4) var<storage, read> wScale: array<f32>;',
+    '@group(0) @binding(5) var<storage, read_write> y: array<f32>;',
+  ];
+  if (p.bias) bindings.push('@group(0) @binding(6) var<storage, read> bias: array<f32>;');
+  const loads = (BM * BKW) / W8A8_TILE_N;
+  return /* wgsl */ `
+${bindings.join('\n')}
+var<workgroup> xs: array<u32, ${BM * BKW}>;
+
+@compute @workgroup_size(${W8A8_TILE_N})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let M = stepMeta[${p.rowsSlot}];
+  let mLast = max(M, 1u) - 1u;
+  let tileN = wid.x * ${W8A8_TILE_N}u;
+  let tileM = wid.y * ${BM}u;
+  let n = tileN + lid;
+  let wb = min(n, ${p.N - 1}u) * ${words / 4}u;
+  ${ms.map((m) => `var acc${m} = 0i;`).join('\n  ')}
+  for (var kw0 = 0u; kw0 < ${words}u; kw0 += ${BKW}u) {
+    workgroupBarrier();
+    ${range(loads)
+      .map(
+        (e) => `{
+      let idx = lid + ${e * W8A8_TILE_N}u;
+      let gm = tileM + idx / ${BKW}u;
+      let kw = kw0 + idx % ${BKW}u;
+      var v = 0u;
+      if (gm < M && kw < ${words}u) { v = xq[min(gm, mLast) * ${words}u + kw]; }
+      xs[idx] = v;
+    }`,
+      )
+      .join('\n    ')}
+    workgroupBarrier();
+    for (var v = 0u; v < ${BKW / 4}u; v++) {
+      if (kw0 + 4u * v < ${words}u) {
+        let wq = w[wb + kw0 / 4u + v];
+        for (var i = 0u; i < 4u; i++) {
+          let ww = wq[i];
+          let j = 4u * v + i;
+          ${ms.map((m) => `acc${m} += dot4I8Packed(xs[${m * BKW}u + j], ww);`).join('\n          ')}
+        }
+      }
+    }
+  }
+  if (n < ${p.N}u) {
+    let s = wScale[n];
+    ${ms
+      .map((m) => {
+        const v = `f32(acc${m}) * (xScale[gm] * s)${p.bias ? ' + bias[n]' : ''}`;
+        return `{
+      let gm = tileM + ${m}u;
+      if (gm < M) { ${storeExpr(p, `gm * ${p.yStride}u + ${p.colOffset}u + n`, v)} }
+    }`;
+      })
+      .join('\n    ')}
+  }
+}
+`;
+}
+
+interface Dispatch {
+  pipeline: GPUComputePipeline;
+  bindGroup: GPUBindGroup;
+  grid: [number, number, number];
+}
+
+/** One matmul site with an int8 weight: the same bindings and encode() contract as MatmulOp. */
+export class Int8MatmulOp {
+  readonly tuning: Int8MatmulTuning;
+  private groups = new Map<string, Dispatch[]>();
+  private xq: GPUBuffer | undefined;
+  private xScale: GPUBuffer | undefined;
+
+  constructor(
+    private gpu: GpuContext,
+    readonly weight: GpuInt8Matrix,
+    private b: MatmulBindings,
+    tuning: Partial<Int8MatmulTuning> = {},
+  ) {
+    this.tuning = { ...defaultInt8MatmulTuning(), ...tuning };
+    const t = this.tuning;
+    const label = weight.label;
+    if (b.xStride % 4 !== 0 || b.xStride < weight.cols) {
+      throw new Error(`${label}: input row stride ${b.xStride} must be a multiple of 4 and ≥ ${weight.cols} columns`);
+    }
+    const tpr = t.gemvThreadsPerRow;
+    if (tpr < 1 || (tpr & (tpr - 1)) !== 0) throw new Error(`${label}: gemvThreadsPerRow ${tpr} must be a power of two`);
+    if (tpr * t.gemvRowsPerWorkgroup > gpu.limits.maxComputeInvocationsPerWorkgroup) {
+      throw new Error(`${label}: int8 GEMV workgroup of ${tpr}×${t.gemvRowsPerWorkgroup} exceeds the device limit`);
+    }
+    if (t.gemvMaxRows < 0 || t.gemvMaxRows > 8) throw new Error(`${label}: int8 gemvMaxRows ${t.gemvMaxRows} must be 0..8`);
+  }
+
+  /** Which kernels serve `rows` input rows: 'gemv' (weights-only int8) or 'w8a8'. */
+  path(rows: number): 'gemv' | 'w8a8' {
+    return rows <= this.tuning.gemvMaxRows ? 'gemv' : 'w8a8';
+  }
+
+  private common() {
+    const { weight: w, b } = this;
+    return {
+      K: w.cols,
+      N: w.rows,
+      stride: w.stride,
+      xStride: b.xStride,
+      yStride: b.yStride,
+      colOffset: b.yOffset ?? 0,
+      rowsSlot: b.rowsSlot,
+      bias: !!b.bias,
+      accumulate: !!b.accumulate,
+    };
+  }
+
+  private buildGemv(mr: number): Dispatch[] {
+    const { gpu, weight: w, b, tuning: t } = this;
+    const code = gemvInt8Wgsl({ ...this.common(), mr, tpr: t.gemvThreadsPerRow, rpt: t.gemvRowsPerThread, rpw: t.gemvRowsPerWorkgroup });
+    const pipeline = gpu.pipeline(`matmul int8 gemv${mr} ${w.rows}x${w.cols}`, code);
+    const bufs = [b.meta, b.x, w.buffer, w.scales, b.y];
+    if (b.bias) bufs.push(b.bias);
+    const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / (t.gemvRowsPerThread * t.gemvRowsPerWorkgroup)));
+    return [{ pipeline, bindGroup: bindBuffers(gpu, pipeline, `${w.label} int8 gemv${mr}`, bufs), grid: [gx, gy, 1] }];
+  }
+
+  private buildW8A8(rowTiles: number): Dispatch[] {
+    const { gpu, weight: w, b } = this;
+    const cap = rowTiles * W8A8_TILE_M;
+    const words = w.stride / 4;
+    if (!this.xq || this.xq.size < cap * words * 4) {
+      // Older, smaller scratch buffers stay alive: bind groups built earlier still point at them.
+      const usage = GPUBufferUsage.STORAGE;
+      this.xq = gpu.device.createBuffer({ label: `${w.label} quantized activations`, size: Math.max(16, cap * words * 4), usage });
+      this.xScale = gpu.device.createBuffer({ label: `${w.label} activation scales`, size: Math.max(16, cap * 4), usage });
+    }
+    const qp = gpu.pipeline(`quantize rows int8 K${w.cols}`, quantizeRowsWgsl({ K: w.cols, xStride: b.xStride, words, rowsSlot: b.rowsSlot }));
+    const gp = gpu.pipeline(`matmul int8 w8a8 ${w.rows}x${w.cols}`, gemmW8A8Wgsl(this.common()));
+    const gbufs = [b.meta, this.xq, this.xScale!, w.buffer, w.scales, b.y];
+    if (b.bias) gbufs.push(b.bias);
+    return [
+      { pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, this.xq, this.xScale!]), grid: [cap, 1, 1] },
+      { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8`, gbufs), grid: [Math.ceil(w.rows / W8A8_TILE_N), rowTiles, 1] },
+    ];
+  }
+
+  /** Records the dispatches for `rows` input rows (the value the kernels read at stepMeta[rowsSlot]). */
+  encode(pass: GPUComputePassEncoder, rows: number): void {
+    if (rows <= 0) return;
+    let key: string;
+    let make: () => Dispatch[];
+    if (this.path(rows) === 'gemv') {
+      let mr = 1;
+      while (mr < rows) mr *= 2;
+      key = `gemv${mr}`;
+      make = () => this.buildGemv(mr);
+    } else {
+      const rowTiles = Math.ceil(rows / W8A8_TILE_M);
+      key = `w8a8x${rowTiles}`;
+      make = () => this.buildW8A8(rowTiles);
+    }
+    let list = this.groups.get(key);
+    if (!list) {
+      list = make();
+      this.groups.set(key, list);
+    }
+    for (const g of list) {
+      pass.setPipeline(g.pipeline);
+      pass.setBindGroup(0, g.bindGroup);
+      pass.dispatchWorkgroups(g.grid[0], g.grid[1], g.grid[2]);
+    }
+  }
+}

@@ -1,0 +1,239 @@
+// Int8 weights: per-row quantization round trip, the weights-only int8 GEMV and the W8A8 path vs float64, within derived bounds.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { destroyInt8Matrix, int8At, quantizeInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
+import { Int8MatmulOp, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
+import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
+import { freshSeed, randomArray, strided, unstride } from './kernels-helpers.ts';
+
+let gpuPromise: Promise<GpuContext> | undefined;
+const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
+after(async () => {
+  if (gpuPromise) (await gpuPromise).destroy();
+  releaseGpu();
+});
+
+const U = 2 ** -24; // f32 unit roundoff
+
+test('int8 quantization per row: |w − q·s| ≤ s/2, q in [-127, 127], max |q| = 127, zero rows and padding', () => {
+  const seed = freshSeed();
+  for (const [rows, cols] of [
+    [37, 53],
+    [5, 16],
+    [3, 1],
+    [64, 129],
+  ] as const) {
+    const w = randomArray(rows * cols, seed + cols, 0.7);
+    w.fill(0, 0, cols); // an all-zero row → scale 0
+    if (rows > 2) w[cols * 2 + (cols >> 1)] = 40; // one outlier dominates its row's scale
+    const q = quantizeInt8Rows(w, rows, cols);
+    assert.equal(q.stride % 16, 0);
+    assert.equal(q.scales[0], 0, 'all-zero row has scale 0');
+    for (let r = 0; r < rows; r++) {
+      const s = q.scales[r];
+      let maxQ = 0;
+      for (let c = 0; c < cols; c++) {
+        const v = int8At(q, r, c);
+        assert.ok(v >= -127 && v <= 127, `q[${r},${c}] = ${v}`);
+        maxQ = Math.max(maxQ, Math.abs(v));
+        const err = Math.abs(w[r * cols + c] - v * s);
+        assert.ok(err <= s / 2 + 1e-12, `seed ${seed} [${rows},${cols}] row ${r} col ${c}: |w − q·s| = ${err} > s/2 = ${s / 2}`);
+      }
+      if (r > 0) assert.equal(maxQ, 127, `row ${r}: the largest value maps to ±127`);
+      for (let c = cols; c < q.stride; c++) assert.equal(int8At(q, r, c), 0, `padding [${r},${c}] is zero`);
+    }
+  }
+  assert.throws(() => quantizeInt8Rows([1, NaN, 2, 3], 2, 2, 'wq'), /wq: value at \[0, 1\] is NaN/);
+});
+
+interface Case {
+  M: number;
+  N: number;
+  K: number;
+  bias?: boolean;
+  accumulate?: boolean;
+  yOffset?: number;
+  tuning?: Partial<Int8MatmulTuning>;
+  /** Multiply the uploaded weight scales by this (a deliberately broken kernel input). */
+  scaleFactor?: number;
+}
+
+interface Outcome {
+  path: 'gemv' | 'w8a8';
+  /** max over outputs of |got − exact| / bound (≤ 1 passes). */
+  boundRatio: number;
+  /** Largest |got − exact| and the bound at that output. */
+  maxErr: number;
+  /** Largest |got − exact| / max|exact|. */
+  relErr: number;
+  /** GEMV only: max |got − Σ x·(q·s)| / its f32 rounding bound (the kernel computes exactly the dequantized product). */
+  dequantRatio: number;
+}
+
+/**
+ * Runs one int8 matmul against the float64 product of the ORIGINAL (unquantized) weights and activations.
+ * Bounds per output (row m, feature n), with s = the feature's scale and t = the row's activation scale:
+ *   weights-only (GEMV):  |Σ x_k (w_k − q_k s)| ≤ s/2 · Σ|x_k|
+ *   W8A8:                 x_k = p_k t + δ_k, w_k = q_k s + ε_k, |δ| ≤ t/2, |ε| ≤ s/2, so
+ *                         |Σ x_k w_k − s t Σ p_k q_k| = |Σ (δ_k w_k + x_k ε_k − δ_k ε_k)| ≤ t/2 · Σ|w_k| + s/2 · Σ|x_k| + K · t s / 4
+ * plus f32 rounding: the GEMV's f32 sum of K products costs at most (K + 8) u · Σ|x_k| (|w_k| + s/2); the W8A8 i32 sum
+ * is exact and its conversion and two scale products cost 4 u · |result|; the activation scale 127/absmax computed in f32
+ * moves p_k t by at most 256 u · t; bias and residual add 2 u · (|b| + |y0| + |result|).
+ */
+async function runCase(c: Case): Promise<Outcome> {
+  const g = await gpu();
+  const seed = freshSeed();
+  const w = randomArray(c.N * c.K, seed, 0.5);
+  const x = randomArray(c.M * c.K, seed + 1);
+  const b = randomArray(c.N, seed + 2);
+  const y0 = randomArray(c.M * c.N, seed + 3);
+  const xStride = pad8(c.K);
+  const yOff = c.yOffset ?? 0;
+  const yStride = pad8(c.N + yOff) + 8;
+  const weight = uploadInt8Matrix(g, 'test Wq', w, c.N, c.K);
+  const q = quantizeInt8Rows(w, c.N, c.K);
+  if (c.scaleFactor !== undefined) g.device.queue.writeBuffer(weight.scales, 0, q.scales.map((s) => s * c.scaleFactor!));
+  const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(c.M, 0, 1));
+  const xBuf = uploadArray(g, 'x', strided(x, c.M, c.K, xStride)); // NaN in the row padding: reading past K shows up
+  const yBuf = storageBuffer(g, 'y', c.M * yStride * 4);
+  if (c.accumulate) {
+    const init = new Float32Array(c.M * yStride).fill(NaN);
+    for (let m = 0; m < c.M; m++) init.set(y0.subarray(m * c.N, (m + 1) * c.N), m * yStride + yOff);
+    g.device.queue.writeBuffer(yBuf, 0, init);
+  } else {
+    poisonBuffer(g, yBuf);
+  }
+  const biasBuf = c.bias ? uploadArray(g, 'bias', b) : undefined;
+  const op = new Int8MatmulOp(g, weight, { meta, rowsSlot: 0, x: xBuf, xStride, y: yBuf, yStride, yOffset: yOff, bias: biasBuf, accumulate: c.accumulate }, c.tuning);
+  const path = op.path(c.M);
+  const enc = g.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  op.encode(pass, c.M);
+  pass.end();
+  g.device.queue.submit([enc.finish()]);
+  const got = unstride(await readF32(g, yBuf, c.M * yStride), c.M, c.N, yStride, yOff);
+  g.checkErrors();
+  destroyInt8Matrix(weight);
+  for (const buf of [meta, xBuf, yBuf, biasBuf]) buf?.destroy();
+
+  let boundRatio = 0;
+  let dequantRatio = 0;
+  let maxErr = 0;
+  let maxRef = 0;
+  for (let m = 0; m < c.M; m++) {
+    const xr = x.subarray(m * c.K, (m + 1) * c.K);
+    let sumAbsX = 0;
+    let absMax = 0;
+    for (const v of xr) {
+      sumAbsX += Math.abs(v);
+      absMax = Math.max(absMax, Math.abs(v));
+    }
+    const t = Math.fround(absMax / 127);
+    for (let n = 0; n < c.N; n++) {
+      const s = q.scales[n];
+      let exact = 0;
+      let dequant = 0;
+      let sumAbsW = 0;
+      let sumAbsXW = 0;
+      for (let k = 0; k < c.K; k++) {
+        const wk = w[n * c.K + k];
+        exact += xr[k] * wk;
+        dequant += xr[k] * int8At(q, n, k) * s;
+        sumAbsW += Math.abs(wk);
+        sumAbsXW += Math.abs(xr[k] * wk);
+      }
+      const extra = (c.bias ? b[n] : 0) + (c.accumulate ? y0[m * c.N + n] : 0);
+      const want = exact + extra;
+      let bound: number;
+      if (path === 'gemv') {
+        bound = (s / 2) * sumAbsX + (c.K + 8) * U * (sumAbsXW + (s / 2) * sumAbsX);
+      } else {
+        bound = (t / 2 + 256 * U * t) * sumAbsW + (s / 2) * sumAbsX + (c.K * t * s) / 4 + 4 * U * (Math.abs(exact) + sumAbsXW);
+      }
+      bound += 2 * U * (Math.abs(b[n]) + Math.abs(y0[m * c.N + n]) + Math.abs(want));
+      const gv = got[m * c.N + n];
+      const err = Number.isFinite(gv) ? Math.abs(gv - want) : Infinity;
+      boundRatio = Math.max(boundRatio, err / bound);
+      if (path === 'gemv') {
+        const roundBound = (c.K + 8) * U * (sumAbsXW + (s / 2) * sumAbsX) + 2 * U * (Math.abs(b[n]) + Math.abs(y0[m * c.N + n]) + Math.abs(want));
+        dequantRatio = Math.max(dequantRatio, Number.isFinite(gv) ? Math.abs(gv - dequant - extra) / roundBound : Infinity);
+      }
+      maxErr = Math.max(maxErr, err);
+      maxRef = Math.max(maxRef, Math.abs(want));
+    }
+  }
+  return { path, boundRatio, maxErr, relErr: maxErr / maxRef, dequantRatio };
+}
+
+const report = (c: Case, o: Outcome) =>
+  `${o.path} M=${c.M} N=${c.N} K=${c.K}${c.tuning ? ' ' + JSON.stringify(c.tuning) : ''}: max error ${o.maxErr.toExponential(3)} ` +
+  `(${(o.relErr * 100).toFixed(3)} % of max |y|), ${(o.boundRatio * 100).toFixed(1)} % of the derived bound`;
+
+test('int8 weights-only GEMV (1–8 rows) vs float64: within s/2·Σ|x| on odd shapes, NaN-poisoned outputs', async () => {
+  for (const [M, N, K] of [
+    [1, 37, 19],
+    [1, 130, 64],
+    [2, 67, 173],
+    [3, 96, 300],
+    [5, 41, 72],
+    [8, 64, 129],
+    [7, 33, 16],
+  ] as const) {
+    const c = { M, N, K };
+    const o = await runCase(c);
+    assert.equal(o.path, 'gemv');
+    assert.ok(o.boundRatio <= 1, report(c, o));
+    assert.ok(o.dequantRatio <= 1, `${report(c, o)}; vs Σ x·q·s: ${o.dequantRatio} of the f32 rounding bound`);
+    console.log(report(c, o));
+  }
+});
+
+test('int8 W8A8 (> 8 rows) vs float64: within t/2·Σ|w| + s/2·Σ|x| + K·t·s/4 on odd shapes', async () => {
+  for (const [M, N, K] of [
+    [9, 70, 33],
+    [17, 129, 90],
+    [40, 65, 200],
+    [67, 33, 47],
+    [16, 64, 64],
+  ] as const) {
+    const c = { M, N, K };
+    const o = await runCase(c);
+    assert.equal(o.path, 'w8a8');
+    assert.ok(o.boundRatio <= 1, report(c, o));
+    console.log(report(c, o));
+  }
+});
+
+test('int8 matmuls: bias, fused residual add, column offset; W8A8 forced at few rows; other GEMV layouts', async () => {
+  const cases: Case[] = [
+    { M: 1, N: 45, K: 40, bias: true, accumulate: true, yOffset: 5 },
+    { M: 4, N: 45, K: 77, bias: true, accumulate: true, yOffset: 3 },
+    { M: 20, N: 45, K: 77, bias: true, accumulate: true, yOffset: 5 },
+    { M: 1, N: 50, K: 100, bias: true, tuning: { gemvMaxRows: 0 } },
+    { M: 3, N: 50, K: 33, accumulate: true, tuning: { gemvMaxRows: 0 } },
+    { M: 3, N: 45, K: 77, bias: true, tuning: { gemvThreadsPerRow: 1, gemvRowsPerThread: 3, gemvRowsPerWorkgroup: 16 } },
+    { M: 8, N: 45, K: 300, tuning: { gemvThreadsPerRow: 64, gemvRowsPerThread: 1, gemvRowsPerWorkgroup: 4 } },
+    { M: 2, N: 45, K: 77, accumulate: true, tuning: { gemvThreadsPerRow: 4, gemvRowsPerThread: 4, gemvRowsPerWorkgroup: 8 } },
+  ];
+  for (const c of cases) {
+    const o = await runCase(c);
+    assert.ok(o.boundRatio <= 1, report(c, o));
+    assert.ok(o.dequantRatio <= 1, `${report(c, o)}; vs Σ x·q·s: ${o.dequantRatio} of the f32 rounding bound`);
+  }
+});
+
+test('int8 bounds are tight enough to catch a wrong weight scale (×1.2, or /255 instead of /127)', async () => {
+  for (const [M, N, K] of [
+    [1, 200, 300],
+    [4, 200, 300],
+    [20, 200, 300],
+  ] as const) {
+    for (const scaleFactor of [1.2, 127 / 255]) {
+      const c = { M, N, K, scaleFactor };
+      const o = await runCase(c);
+      assert.ok(Number.isFinite(o.boundRatio), `broken scale ×${scaleFactor}: outputs must still be written (${report(c, o)})`);
+      assert.ok(o.boundRatio > 1, `a broken scale ×${scaleFactor.toFixed(3)} passed: ${report(c, o)}`);
+    }
+  }
+});
