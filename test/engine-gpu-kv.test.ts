@@ -1,58 +1,11 @@
 // The engine over the GPU runner (SwiftShader here, f32), KV memory: preemption under a tight pool, prefix-cache hits.
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createEngine, type Engine } from '../engine/engine.ts';
-import { createGpuRunner } from '../engine/gpu-runner.ts';
-import { argmax } from '../engine/sampler.ts';
-import type { ModelInfo, StepObservation } from '../engine/types.ts';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
-import type { GqaConfig } from '../model/config.ts';
-import { loadModel, type LoadedModel } from '../model/load.ts';
-import { ReferenceGqa } from '../model/reference/gqa.ts';
-import { collect, samplingParams, STORIES_GGUF, STORY_STARTS } from './engine-helpers.ts';
+import { collect, samplingParams, STORY_STARTS } from './engine-helpers.ts';
+import { useGpuEngineFixture } from './engine-gpu-fixture.ts';
 
 // SwiftShader runs these kernels in software: requests are kept short so the file stays near a minute.
-let gpu: GpuContext;
-let model: LoadedModel;
-let info: ModelInfo;
-
-before(async () => {
-  gpu = await openGpu({ log: () => {} });
-  model = await loadModel(STORIES_GGUF, { maxSeqLen: 512 });
-  info = { name: 'stories260K', config: model.config, tokenizer: model.tokenizer, maxModelLen: 512 };
-});
-
-after(() => {
-  gpu.destroy();
-  releaseGpu();
-});
-
-async function engineWith(numBlocks: number, opts: { maxNumSeqs?: number } = {}): Promise<Engine> {
-  const runner = await createGpuRunner(gpu, model, { blockSize: 16, numBlocks, weightDtype: 'f32', cacheDtype: 'f32' });
-  return createEngine({ runner, info, ...opts });
-}
-
-const prompt = (text: string) => [model.tokenizer.bosId!, ...model.tokenizer.encode(text)];
-
-/** Greedy ids of the float64 reference, each request on its own: the one-by-one truth. */
-function referenceGreedy(ids: number[], n: number, stopAtEos = true): number[] {
-  const ref = new ReferenceGqa(model.config as GqaConfig, model.weights);
-  let logits = ref.forward(ids, { logits: 'last' })[0];
-  const out: number[] = [];
-  for (let i = 0; i < n; i++) {
-    const t = argmax(logits);
-    out.push(t);
-    if (stopAtEos && t === model.config.eosId) break;
-    logits = ref.forward([t])[0];
-  }
-  return out;
-}
-
-function stepLog(engine: Engine): StepObservation[] {
-  const seen: StepObservation[] = [];
-  engine.onStep((o) => seen.push(o));
-  return seen;
-}
+const { engineWith, prompt, encode, referenceGreedy, stepLog } = useGpuEngineFixture();
 
 test('GPU: a KV pool too small forces preemptions; every request completes with the unconstrained text', async () => {
   // Three sequences of ~27 tokens need 2 blocks of 16 each at the end; the pool has 4.
@@ -73,10 +26,10 @@ test('GPU: the second request with the same ~200-token prefix hits the prefix ca
     'The next day, Tom had a red ball. He threw the ball to Lily and she caught it. They played catch until it was time for lunch. Mom made them sandwiches and they ate them under the tree.';
   const prefix = prompt(story);
   assert.ok(prefix.length >= 180, `prefix has ${prefix.length} tokens`);
-  const a = await collect(engine, { requestId: 'a', promptTokens: [...prefix, ...model.tokenizer.encode(' The end.')], params: samplingParams({ maxTokens: 2 }) });
+  const a = await collect(engine, { requestId: 'a', promptTokens: [...prefix, ...encode(' The end.')], params: samplingParams({ maxTokens: 2 }) });
   const prefillA = seen[0].tokens;
   seen.length = 0;
-  const bPrompt = [...prefix, ...model.tokenizer.encode(' Then they slept.')];
+  const bPrompt = [...prefix, ...encode(' Then they slept.')];
   const b = await collect(engine, { requestId: 'b', promptTokens: bPrompt, params: samplingParams({ maxTokens: 3 }) });
   const full = Math.floor(prefix.length / 16) * 16;
   assert.equal(a.finish.cachedPromptTokens, 0);
