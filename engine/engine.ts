@@ -1,9 +1,9 @@
 // The serving engine of one model: a step loop that batches every running request into one runner step, samples, streams events.
 import { BlockPool } from '../cache/block-pool.ts';
 import { KvCacheManager } from '../cache/kv-manager.ts';
-import { IncrementalDetokenizer } from '../model/detokenize.ts';
+import { IncrementalDetokenizer, tokenTextInContext } from '../model/detokenize.ts';
 import type { Tokenizer } from '../model/tokenizer.ts';
-import { newSamplingState, recordOutputToken, sampleNext, type SequenceSamplingState } from './sampler.ts';
+import { logSoftmax, newSamplingState, recordOutputToken, sampleNext, topN, type SequenceSamplingState } from './sampler.ts';
 import { Scheduler, type SchedRequest, type StepPlan } from './scheduler.ts';
 import { isStopToken, StopStringMatcher } from './stop.ts';
 import type {
@@ -13,10 +13,10 @@ import type {
   GenerationRequest,
   ModelInfo,
   ModelRunner,
+  PromptTokenLogprob,
   ServingEngine,
   StepObservation,
   StepSequence,
-  TokenLogprob,
 } from './types.ts';
 
 /** A request the engine refuses before queueing it (bad ids, too long for the context or the KV pool). */
@@ -71,6 +71,10 @@ interface EngineRequest extends SchedRequest {
   done: boolean;
   abortRequested: boolean;
   detachSignal: () => void;
+  /** Top-N of prompt logprobs (echo + logprobs), null = none. */
+  promptLogprobsN: number | null;
+  /** Prompt logprobs by position, filled as prefill chunks run; sent (and dropped) with the first token. */
+  promptLogprobs: PromptTokenLogprob[] | null;
 }
 
 export function createEngine(opts: EngineOptions): Engine {
@@ -135,6 +139,9 @@ class BatchingEngine implements Engine {
       done: false,
       abortRequested: false,
       detachSignal: () => {},
+      promptLogprobsN: req.promptLogprobs ?? null,
+      promptLogprobs: null,
+      bypassPrefixCache: req.promptLogprobs != null,
     };
     this.scheduler.add(r); // throws QueueFullError before anything is registered
     this.live.set(r.requestId, r);
@@ -209,6 +216,9 @@ class BatchingEngine implements Engine {
     for (const id of params.logitBias.keys()) {
       if (!Number.isInteger(id) || id < 0 || id >= vocab) throw new InvalidRequestError(`logit_bias token id ${id} is outside the vocabulary (0..${vocab - 1})`, 'logit_bias');
     }
+    if (req.promptLogprobs != null && (!Number.isInteger(req.promptLogprobs) || req.promptLogprobs < 0)) {
+      throw new InvalidRequestError(`prompt logprobs must be a whole number >= 0, got ${req.promptLogprobs}`, 'logprobs');
+    }
     if (!Number.isInteger(params.maxTokens) || params.maxTokens < 1) throw new InvalidRequestError(`max_tokens must be a positive integer, got ${params.maxTokens}`, 'max_tokens');
     const total = promptTokens.length + params.maxTokens;
     if (total > this.info.maxModelLen) {
@@ -279,11 +289,13 @@ class BatchingEngine implements Engine {
       return;
     }
     this.account(plan);
-    const seqs: StepSequence[] = plan.chunks.map((c) => ({
+    // A chunk with rows that predict prompt tokens of a prompt-logprobs request returns every row; others the last or none.
+    const allRows = plan.chunks.map((c) => c.req.bypassPrefixCache === true && c.req.promptLogprobsN !== null && c.startPos < c.req.promptLength - 1);
+    const seqs: StepSequence[] = plan.chunks.map((c, i) => ({
       tokens: c.req.tokens.slice(c.startPos, c.startPos + c.numNewTokens),
       startPos: c.startPos,
       blockTable: this.kv.blockTable(c.req.requestId),
-      logits: c.samples ? 'last' : 'none',
+      logits: allRows[i] ? 'all' : c.samples ? 'last' : 'none',
     }));
     const t0 = performance.now();
     this.stepping = true;
@@ -298,13 +310,17 @@ class BatchingEngine implements Engine {
     this.counters.steps++;
 
     const vocab = this.info.config.vocabSize;
-    const sampling = plan.chunks.filter((c) => c.samples);
-    if (logits.length < sampling.length * vocab) {
-      throw new Error(`the runner returned ${logits.length / vocab} logits rows for ${sampling.length} sequences that needed one`);
+    const rowsWanted = plan.chunks.reduce((n, c, i) => n + (allRows[i] ? c.numNewTokens : c.samples ? 1 : 0), 0);
+    if (logits.length < rowsWanted * vocab) {
+      throw new Error(`the runner returned ${logits.length / vocab} logits rows where the step asked for ${rowsWanted}`);
     }
-    sampling.forEach((c, row) => {
+    let row = 0;
+    plan.chunks.forEach((c, i) => {
+      const first = row;
+      row += allRows[i] ? c.numNewTokens : c.samples ? 1 : 0;
       if (c.req.done || c.req.abortRequested) return;
-      this.emitToken(c.req, logits.subarray(row * vocab, (row + 1) * vocab));
+      if (allRows[i]) this.recordPromptLogprobs(c.req, c.startPos, logits.subarray(first * vocab, row * vocab));
+      if (c.samples) this.emitToken(c.req, logits.subarray((row - 1) * vocab, row * vocab));
     });
     // Cancellations that arrived during the step free their blocks now, before the next plan.
     for (const r of [...this.live.values()]) if (r.abortRequested && !r.done) this.finish(r, 'abort');
@@ -324,26 +340,67 @@ class BatchingEngine implements Engine {
     }
   }
 
+  /**
+   * Keeps the logprobs of the prompt tokens that rows [startPos, startPos + rows) predict: row p's log-softmax
+   * scores prompt token p + 1. Raw logits (no bias, penalties or temperature), as vLLM's prompt_logprobs.
+   */
+  private recordPromptLogprobs(r: EngineRequest, startPos: number, rows: Float32Array): void {
+    const n = r.promptLogprobsN ?? 0;
+    const vocab = this.info.config.vocabSize;
+    const prompt = r.tokens.slice(0, r.promptLength);
+    r.promptLogprobs ??= this.promptEntries(prompt);
+    const numRows = rows.length / vocab;
+    for (let k = 0; k < numRows; k++) {
+      const target = startPos + k + 1;
+      if (target >= r.promptLength) break;
+      const lp = logSoftmax(rows.subarray(k * vocab, (k + 1) * vocab));
+      const entry = r.promptLogprobs[target];
+      entry.logprob = lp[entry.tokenId];
+      const context = prompt.slice(Math.max(0, target - 6), target);
+      entry.top = topN(lp, n).map((id) => ({ token: id === entry.tokenId ? entry.token : this.alternativeText(context, id), tokenId: id, logprob: lp[id] }));
+    }
+  }
+
+  /** Prompt entries before any row ran: each token with the text it adds to the decoded prompt (their concatenation is decode(prompt)). */
+  private promptEntries(prompt: number[]): PromptTokenLogprob[] {
+    const detok = new IncrementalDetokenizer(this.info.tokenizer);
+    const texts = prompt.map((id) => detok.push([id]));
+    texts[texts.length - 1] += detok.flush();
+    return texts.map((token, p) => ({ token, tokenId: prompt[p], logprob: null, top: null }));
+  }
+
+  /** A top-logprob alternative's display text: what it would add after `context`, or its piece when it adds none ("</s>"). */
+  private alternativeText(context: readonly number[], id: number): string {
+    return tokenTextInContext(this.info.tokenizer, context, id) || this.info.tokenizer.idToToken(id);
+  }
+
   /** Samples a request's next token from its logits row, streams it, and ends the request when a stop condition holds. */
   private emitToken(r: EngineRequest, row: Float32Array): void {
     const { tokenId, logprobs } = sampleNext(row, r.params, r.sampling);
+    const context = r.tokens.slice(-6);
     recordOutputToken(r.sampling, tokenId);
     r.tokens.push(tokenId);
     r.completionTokens++;
     this.counters.generationTokens++;
 
     let text = '';
+    // The text this token adds to the output, for its logprob entry (held-back bytes go to the token that completes them).
+    let tokenText = '';
     let finish: FinishReason | null = null;
     if (isStopToken(tokenId, r.params, this.info.tokenizer.eosId ?? this.info.config.eosId)) {
       // Like vLLM: the stop token counts as generated but its text is not shown.
       finish = 'stop';
-      text = r.stopMatcher.push(r.detok.flush()).text + r.stopMatcher.flush();
+      tokenText = r.detok.flush();
+      text = r.stopMatcher.push(tokenText).text + r.stopMatcher.flush();
     } else {
-      const m = r.stopMatcher.push(r.detok.push([tokenId]));
+      tokenText = r.detok.push([tokenId]);
+      const m = r.stopMatcher.push(tokenText);
       text = m.text;
       if (m.stopped) finish = 'stop';
       else if (r.completionTokens >= r.params.maxTokens || r.tokens.length >= this.info.maxModelLen) {
-        const tail = r.stopMatcher.push(r.detok.flush());
+        const flushed = r.detok.flush();
+        tokenText += flushed;
+        const tail = r.stopMatcher.push(flushed);
         text += tail.text;
         if (tail.stopped) finish = 'stop';
         else {
@@ -353,19 +410,25 @@ class BatchingEngine implements Engine {
       }
     }
     const event: GenerationEvent = { type: 'token', tokenIds: [tokenId], text };
-    if (logprobs) event.logprobs = [this.tokenLogprob(tokenId, logprobs.logprob, logprobs.top)];
+    if (logprobs) {
+      event.logprobs = [
+        {
+          token: tokenText,
+          tokenId,
+          logprob: logprobs.logprob,
+          top: logprobs.top.map((t) => ({ token: t.tokenId === tokenId ? tokenText : this.alternativeText(context, t.tokenId), tokenId: t.tokenId, logprob: t.logprob })),
+        },
+      ];
+    }
+    if (r.promptLogprobsN !== null && r.bypassPrefixCache) {
+      // A one-token prompt has no rows to score: its entry alone, logprob null.
+      event.promptLogprobs = r.promptLogprobs ?? this.promptEntries(r.tokens.slice(0, r.promptLength));
+      r.promptLogprobs = null;
+      // Prompt rows are done: a recompute after a preemption may reuse cached blocks again.
+      r.bypassPrefixCache = false;
+    }
     r.events.push(event);
     if (finish) this.finish(r, finish);
-  }
-
-  private tokenLogprob(tokenId: number, logprob: number, top: Array<{ tokenId: number; logprob: number }>): TokenLogprob {
-    const tok = this.info.tokenizer;
-    return {
-      token: tok.idToToken(tokenId),
-      tokenId,
-      logprob,
-      top: top.map((t) => ({ token: tok.idToToken(t.tokenId), tokenId: t.tokenId, logprob: t.logprob })),
-    };
   }
 
   private finish(r: EngineRequest, reason: FinishReason): void {

@@ -11,6 +11,8 @@ export interface SchedRequest extends KvRequest {
   promptLength: number;
   /** Times this request lost its blocks to a preemption. */
   preemptions: number;
+  /** True while every prompt row must be computed (prompt logprobs): admission takes no prefix-cache hits. */
+  bypassPrefixCache?: boolean;
 }
 
 export interface ScheduledChunk<R extends SchedRequest = SchedRequest> {
@@ -104,15 +106,17 @@ export class Scheduler<R extends SchedRequest = SchedRequest> {
     if (plan.preempted.length === 0) {
       while (this.waiting.length > 0 && budget > 0 && this.running.length < this.opts.maxNumSeqs) {
         const req = this.waiting[0];
-        const prefix = this.kv.findCachedPrefix(req);
+        const prefix = req.bypassPrefixCache ? { blocks: [], numTokens: 0, nextBlockPending: false } : this.kv.findCachedPrefix(req);
         if (prefix.nextBlockPending) break;
         const numNew = Math.min(req.tokens.length - prefix.numTokens, budget);
         if (!this.kv.allocate(req, prefix.numTokens, numNew, prefix.blocks)) break;
         this.waiting.shift();
         req.numComputed = prefix.numTokens;
         if (req.cachedPromptTokens === null) req.cachedPromptTokens = Math.min(prefix.numTokens, req.promptLength);
-        plan.prefixQueries += req.tokens.length;
-        plan.prefixHits += prefix.numTokens;
+        if (!req.bypassPrefixCache) {
+          plan.prefixQueries += req.tokens.length;
+          plan.prefixHits += prefix.numTokens;
+        }
         this.running.push(req);
         plan.admitted.push(req);
         plan.chunks.push(this.chunk(req, numNew));

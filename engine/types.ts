@@ -52,6 +52,11 @@ export interface GenerationRequest {
   promptTokens: number[];
   params: SamplingParams;
   signal?: AbortSignal;
+  /**
+   * Top-N logprobs of every prompt token (echo with logprobs); null/absent = none, and the request costs nothing extra.
+   * Such a request computes its whole prompt (no prefix-cache reuse) so that every row's logits exist.
+   */
+  promptLogprobs?: number | null;
 }
 
 export type FinishReason = 'stop' | 'length' | 'abort';
@@ -63,9 +68,22 @@ export interface TokenLogprob {
   top: Array<{ token: string; tokenId: number; logprob: number }>;
 }
 
-/** Streamed from the engine for one request. `text` is the detokenized delta (never half a UTF-8 char). */
+/** One prompt token's logprob: null (and top null) for the first prompt token, which nothing predicts. */
+export interface PromptTokenLogprob {
+  token: string;
+  tokenId: number;
+  logprob: number | null;
+  top: Array<{ token: string; tokenId: number; logprob: number }> | null;
+}
+
+/**
+ * Streamed from the engine for one request. `text` is the detokenized delta (never half a UTF-8 char).
+ * Logprob `token` strings are the text each token adds (their concatenation is the text; '' for control tokens and
+ * for the leading bytes of a character split over byte-fallback tokens); top alternatives show the text they would add.
+ * `promptLogprobs` (requests with promptLogprobs only) comes once, on the first token event, one entry per prompt token.
+ */
 export type GenerationEvent =
-  | { type: 'token'; tokenIds: number[]; text: string; logprobs?: TokenLogprob[] }
+  | { type: 'token'; tokenIds: number[]; text: string; logprobs?: TokenLogprob[]; promptLogprobs?: PromptTokenLogprob[] }
   | {
       type: 'finish';
       finishReason: FinishReason;

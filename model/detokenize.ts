@@ -69,3 +69,21 @@ export class IncrementalDetokenizer {
     this.prefixOffset = 0;
   }
 }
+
+/**
+ * The text token `id` would add after `context` (the sequence's last tokens), for showing logprob alternatives the
+ * way they would read in the output: SentencePiece spacing as in context (" there", not "▁there"); a byte-fallback
+ * byte that leaves a character unfinished shows as U+FFFD. '' for tokens without surface text (control tokens).
+ */
+export function tokenTextInContext(tokenizer: Tokenizer, context: readonly number[], id: number): string {
+  const decode = hasStreamingDecode(tokenizer) ? (ids: number[]) => tokenizer.decodeForStreaming(ids) : (ids: number[]) => tokenizer.decode(ids);
+  const window = context.slice(-6);
+  const before = decode(window);
+  const after = decode([...window, id]);
+  // An unfinished character at the end of `before` (U+FFFD) may be completed by id: its text then belongs to id.
+  const base = before.endsWith('\uFFFD') ? before.slice(0, -1) : before;
+  if (after.startsWith(base)) return after.slice(base.length);
+  let common = 0;
+  while (common < base.length && common < after.length && base.charCodeAt(common) === after.charCodeAt(common)) common++;
+  return after.slice(common);
+}

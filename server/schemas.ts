@@ -84,20 +84,15 @@ function samplingFields(limits: RequestLimits) {
 }
 
 export function completionSchema(limits: RequestLimits = defaultLimits) {
-  return z
-    .object({
-      ...samplingFields(limits),
-      prompt: z.unknown().transform(normalizePrompt),
-      max_tokens: z.int().min(1).nullish(),
-      logprobs: z.int().min(0).max(limits.maxLogprobs).nullish(),
-      echo: z.boolean().nullish(),
-      suffix: z.string().max(0, { error: 'suffix is not supported' }).nullish(),
-    })
-    .superRefine((body, ctx) => {
-      if (body.echo && body.logprobs != null) {
-        ctx.addIssue({ code: 'custom', path: ['echo'], message: 'echo together with logprobs is not supported (prompt logprobs are not computed); drop one of them', input: true });
-      }
-    });
+  // echo with logprobs returns the prompt tokens' logprobs too (the engine computes every prompt row for it).
+  return z.object({
+    ...samplingFields(limits),
+    prompt: z.unknown().transform(normalizePrompt),
+    max_tokens: z.int().min(1).nullish(),
+    logprobs: z.int().min(0).max(limits.maxLogprobs).nullish(),
+    echo: z.boolean().nullish(),
+    suffix: z.string().max(0, { error: 'suffix is not supported' }).nullish(),
+  });
 }
 
 const textPart = z.object({ type: z.string(), text: z.string().nullish() }).superRefine((part, ctx) => {

@@ -53,13 +53,18 @@ test('bad completion bodies: 400 naming the parameter and the offending value', 
     [{ prompt: 'x', logit_bias: { '7': 500 } }, 'logit_bias', /logit_bias.7 must be <= 100; got 500/],
     [{ prompt: 'x', stop: 7 }, 'stop', /stop must be a string or an array; got number 7/],
     [{ prompt: 'x', stream: 'yes' }, 'stream', /stream must be a boolean.*got string "yes"/],
-    [{ prompt: 'x', echo: true, logprobs: 2 }, 'echo', /echo together with logprobs is not supported/],
   ];
   for (const [body, param, message] of cases) {
     const err = rejects(completion, body);
     assert.match(err.message, message, JSON.stringify(body));
     if (param !== null) assert.equal(err.param, param, JSON.stringify(body));
   }
+});
+
+test('echo with logprobs is accepted (prompt logprobs are computed), as vLLM does', () => {
+  const b = parseBody(completion, { prompt: 'x', echo: true, logprobs: 2 });
+  assert.equal(b.echo, true);
+  assert.equal(b.logprobs, 2);
 });
 
 test('non-object bodies are a 400, not a crash', () => {

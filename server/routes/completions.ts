@@ -46,7 +46,13 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext, li
     prompts.forEach((p, pi) => {
       const maxTokens = resolveMaxTokens(model, p.tokens.length, body.max_tokens, DEFAULT_COMPLETION_TOKENS);
       for (let j = 0; j < n; j++) {
-        choices.push({ index: pi * n + j, promptTokens: p.tokens, params: samplingParams(model, body, maxTokens, body.logprobs ?? null, j) });
+        choices.push({
+          index: pi * n + j,
+          promptTokens: p.tokens,
+          params: samplingParams(model, body, maxTokens, body.logprobs ?? null, j),
+          // Like vLLM: echo with logprobs scores the prompt tokens too.
+          promptLogprobs: body.echo && body.logprobs != null ? body.logprobs : null,
+        });
       }
     });
 
@@ -70,7 +76,8 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext, li
       async function* chunks(): AsyncGenerator<unknown> {
         const finishes: FinishEvent[] = [];
         let cached = 0;
-        if (echo) {
+        // With logprobs the echo waits for the prompt logprobs, which come with a choice's first token.
+        if (echo && !wantLogprobs) {
           for (const c of choices) {
             const text = promptOf(c.index).text;
             offsets.set(c.index, text.length);
@@ -79,6 +86,14 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext, li
         }
         for await (const { index, event } of run.events()) {
           if (event.type === 'token') {
+            if (echo && wantLogprobs && event.promptLogprobs) {
+              const text = promptOf(index).text;
+              const logprobs: LegacyLogprobs = { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+              appendLegacyLogprobs(logprobs, event.promptLogprobs, 0);
+              // Generated offsets continue after the echoed text as sent.
+              offsets.set(index, text.length);
+              yield { ...base, choices: [{ index, text, logprobs, finish_reason: null }], ...extra };
+            }
             if (!event.text && !(wantLogprobs && event.logprobs?.length)) continue;
             let logprobs: LegacyLogprobs | null = null;
             if (wantLogprobs) {
@@ -110,6 +125,10 @@ export function registerCompletions(app: FastifyInstance, ctx: ServerContext, li
       if (event.type === 'token') {
         texts[index] += event.text;
         const lp = logprobs[index];
+        if (lp && event.promptLogprobs) {
+          appendLegacyLogprobs(lp, event.promptLogprobs, 0);
+          offsets[index] = promptOf(index).text.length;
+        }
         if (lp) offsets[index] = appendLegacyLogprobs(lp, event.logprobs ?? [], offsets[index]);
       } else {
         if (event.finishReason === 'abort') throw abortedError(ctx, run);

@@ -1,5 +1,5 @@
 // What completions and chat share: model lookup, context checks, sampling params, and running a request's choices on an engine.
-import type { FinishReason, GenerationEvent, SamplingParams, ServingEngine, TokenLogprob } from '../../engine/types.ts';
+import type { FinishReason, GenerationEvent, PromptTokenLogprob, SamplingParams, ServingEngine, TokenLogprob } from '../../engine/types.ts';
 import { ChatFormatter } from '../chat.ts';
 import type { FastifyRequest } from 'fastify';
 import { ApiError, mapError } from '../errors.ts';
@@ -114,6 +114,8 @@ export interface ChoiceSpec {
   index: number;
   promptTokens: number[];
   params: SamplingParams;
+  /** Top-N logprobs of the prompt tokens too (completions' echo + logprobs); absent = none. */
+  promptLogprobs?: number | null;
 }
 
 export type FinishEvent = Extract<GenerationEvent, { type: 'finish' }>;
@@ -161,7 +163,7 @@ export class ChoiceRun {
     try {
       for (const c of this.choices) {
         const it = this.model.engine
-          .generate({ requestId: `${this.requestId}-${this.serial}-${c.index}`, promptTokens: c.promptTokens, params: c.params, signal: this.abort.signal })
+          .generate({ requestId: `${this.requestId}-${this.serial}-${c.index}`, promptTokens: c.promptTokens, params: c.params, promptLogprobs: c.promptLogprobs ?? null, signal: this.abort.signal })
           [Symbol.asyncIterator]();
         this.iterators.push(it);
         this.pending.push(it.next());
@@ -242,21 +244,30 @@ export function openAiFinishReason(r: FinishReason): 'stop' | 'length' {
   return r === 'length' ? 'length' : 'stop';
 }
 
-/** Completions' legacy logprobs: {tokens, token_logprobs, top_logprobs, text_offset}. */
+/** Completions' legacy logprobs: {tokens, token_logprobs, top_logprobs, text_offset}; null for the first echoed prompt token. */
 export interface LegacyLogprobs {
   tokens: string[];
-  token_logprobs: number[];
-  top_logprobs: Array<Record<string, number>>;
+  token_logprobs: Array<number | null>;
+  top_logprobs: Array<Record<string, number> | null>;
   text_offset: number[];
 }
 
-/** Appends one event's token logprobs; text_offset counts characters of the choice's text, as vLLM does. */
-export function appendLegacyLogprobs(out: LegacyLogprobs, lps: TokenLogprob[], offset: number): number {
+/**
+ * Appends token logprobs (generated, or echoed prompt ones); returns the offset after them. Token strings are the text
+ * each token adds, so text_offset is each token's character offset in the choice's text, as vLLM counts it.
+ */
+export function appendLegacyLogprobs(out: LegacyLogprobs, lps: Array<TokenLogprob | PromptTokenLogprob>, offset: number): number {
   for (const lp of lps) {
     out.tokens.push(lp.token);
     out.token_logprobs.push(lp.logprob);
-    const top: Record<string, number> = {};
-    for (const t of lp.top) top[t.token] = t.logprob;
+    let top: Record<string, number> | null = null;
+    if (lp.top) {
+      // Two alternatives may read the same: the likelier one (listed first) keeps the key. fromEntries makes
+      // own properties even of keys like "__proto__".
+      const byText = new Map<string, number>();
+      for (const t of lp.top) if (!byText.has(t.token)) byText.set(t.token, t.logprob);
+      top = Object.fromEntries(byText);
+    }
     out.top_logprobs.push(top);
     out.text_offset.push(offset);
     offset += lp.token.length;
