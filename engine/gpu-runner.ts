@@ -3,9 +3,10 @@ import type { GpuContext } from '../kernels/device.ts';
 import { GqaAttention, maxAttentionChunk } from '../kernels/attention.ts';
 import { EmbeddingGather, RmsNorm, Rope, ropeTable, SiluMul } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
-import { MatmulOp, type MatmulTuning } from '../kernels/matmul.ts';
+import type { MatmulTuning } from '../kernels/matmul.ts';
 import { buildStepMeta, HEADER_WORDS, META_LOGIT_ROWS, META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadWeight, type GpuMatrix, type WeightDtype } from '../kernels/tensors.ts';
+import { denseDtypeFor, destroyLinear, linearOp, uploadLinear, type LinearDtype, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
 import { GpuKvPool } from '../cache/gpu-pool.ts';
 import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
 import type { GqaConfig, ModelConfig } from '../model/config.ts';
@@ -19,8 +20,11 @@ export interface GpuRunnerOptions {
   /** Blocks in the pool; or give kvCacheBytes. Default: room for 4 full-length sequences, at most 1 GiB. */
   numBlocks?: number;
   kvCacheBytes?: number;
-  /** Weights on the GPU: f16 packed two per u32 (default) or f32 (exact tests). */
-  weightDtype?: WeightDtype;
+  /**
+   * Weights on the GPU: f16 packed two per u32 (default), f32 (exact tests), or int8 per output channel for the
+   * projections (GQA q|k|v, o, gate|up, down, lm_head; the embedding and the MLA block's matrices stay f16).
+   */
+  weightDtype?: LinearDtype;
   /** KV cache values: f16 (default) or f32. */
   cacheDtype?: CacheDtype;
   /** Rows (tokens) per step the buffers are first sized for; they grow when a step needs more. */
@@ -68,6 +72,8 @@ export interface AttentionBlockContext {
   config: ModelConfig;
   weights: ModelWeights;
   weightDtype: WeightDtype;
+  /** Dtype of the block's projection weights when it differs from weightDtype (int8); blocks that ignore it keep weightDtype. */
+  linearDtype?: LinearDtype;
   cacheDtype: CacheDtype;
   blockSize: number;
   matmulTuning?: Partial<MatmulTuning>;
@@ -97,12 +103,12 @@ class GqaBlock implements AttentionBlock {
   readonly outWidth: number;
   readonly maxChunk: number;
   readonly parallelHeads: number;
-  private wqkv: GpuMatrix[];
+  private wqkv: LinearWeight[];
   private bqkv: GPUBuffer[];
   private qkvCols: number;
   private qkvStride: number;
   private qkv: GPUBuffer | undefined;
-  private qkvOps: MatmulOp[] = [];
+  private qkvOps: LinearOp[] = [];
   private rope: Rope | undefined;
   private kvWrite: KvWrite | undefined;
   private attention: GqaAttention | undefined;
@@ -122,7 +128,7 @@ class GqaBlock implements AttentionBlock {
       if (lw.kind !== 'gqa') throw new Error(`layer ${l} is ${lw.kind}; a GQA model needs GQA layers`);
       const w = lw as GqaLayerWeights;
       // uploadWeight stacks the rows (and takes pre-packed f16 as is, see Tensor.f16).
-      this.wqkv.push(uploadWeight(ctx.gpu, `layer ${l} wqkv`, [w.wq, w.wk, w.wv], this.qkvCols, c.dim, ctx.weightDtype));
+      this.wqkv.push(uploadLinear(ctx.gpu, `layer ${l} wqkv`, [w.wq, w.wk, w.wv], this.qkvCols, c.dim, ctx.linearDtype ?? ctx.weightDtype));
       if (c.attentionBias) {
         this.bqkv.push(uploadArray(ctx.gpu, `layer ${l} bqkv`, concatRows(`layer ${l} bqkv`, [w.bq, w.bk, w.bv], [qRows, kvRows, kvRows], 1)));
       }
@@ -137,7 +143,7 @@ class GqaBlock implements AttentionBlock {
     this.qkv = storageBuffer(gpu, 'qkv rows', b.maxRows * this.qkvStride * 4);
     this.qkvOps = this.wqkv.map(
       (w, l) =>
-        new MatmulOp(
+        linearOp(
           gpu,
           w,
           { meta: b.meta, rowsSlot: META_ROWS, x: b.xn, xStride: b.xnStride, y: this.qkv!, yStride: this.qkvStride, bias: this.bqkv[l] },
@@ -184,7 +190,7 @@ class GqaBlock implements AttentionBlock {
 
   destroy(): void {
     this.destroyActivations();
-    for (const w of this.wqkv) destroyMatrix(w);
+    for (const w of this.wqkv) destroyLinear(w);
     for (const b of this.bqkv) b.destroy();
   }
 }
@@ -192,21 +198,21 @@ class GqaBlock implements AttentionBlock {
 interface LayerGpu {
   attnNorm: GPUBuffer;
   ffnNorm: GPUBuffer;
-  wo: GpuMatrix;
-  wGateUp: GpuMatrix;
-  wDown: GpuMatrix;
+  wo: LinearWeight;
+  wGateUp: LinearWeight;
+  wDown: LinearWeight;
 }
 
 interface StepOps {
   embed: EmbeddingGather;
   attnNorm: RmsNorm[];
   ffnNorm: RmsNorm[];
-  oProj: MatmulOp[];
-  gateUp: MatmulOp[];
+  oProj: LinearOp[];
+  gateUp: LinearOp[];
   siluMul: SiluMul;
-  down: MatmulOp[];
+  down: LinearOp[];
   finalNorm: RmsNorm;
-  lmHead: MatmulOp;
+  lmHead: LinearOp;
 }
 
 /** What stepCapture returns: the step's logits and, per layer, xn rows [rows, dim] (f32, row-major, step row order). */
@@ -228,7 +234,7 @@ class GpuRunner implements GpuModelRunner {
   private pool: GpuKvPool;
   private layers: LayerGpu[];
   private embedding: GpuMatrix;
-  private lmHead: GpuMatrix;
+  private lmHead: LinearWeight;
   private finalNorm: GPUBuffer;
   private dimStride: number;
   private hiddenStride: number;
@@ -248,7 +254,7 @@ class GpuRunner implements GpuModelRunner {
     weights: ModelWeights,
     private block: AttentionBlock,
     private opts: GpuRunnerOptions,
-    weightDtype: WeightDtype,
+    weightDtype: LinearDtype,
     /** RoPE tables the attention block asked for; destroyed with the runner. */
     private ropeTables: Map<number, GPUBuffer>,
   ) {
@@ -267,17 +273,18 @@ class GpuRunner implements GpuModelRunner {
     this.layers = weights.layers.map((lw, l) => ({
       attnNorm: uploadArray(gpu, `layer ${l} attn_norm`, lw.attnNorm.data),
       ffnNorm: uploadArray(gpu, `layer ${l} ffn_norm`, lw.ffnNorm.data),
-      wo: uploadWeight(gpu, `layer ${l} wo`, [lw.wo], c.dim, block.outWidth, weightDtype),
-      wGateUp: uploadWeight(gpu, `layer ${l} w_gate_up`, [lw.wGate, lw.wUp], 2 * c.hiddenDim, c.dim, weightDtype),
-      wDown: uploadWeight(gpu, `layer ${l} w_down`, [lw.wDown], c.dim, c.hiddenDim, weightDtype),
+      wo: uploadLinear(gpu, `layer ${l} wo`, [lw.wo], c.dim, block.outWidth, weightDtype),
+      wGateUp: uploadLinear(gpu, `layer ${l} w_gate_up`, [lw.wGate, lw.wUp], 2 * c.hiddenDim, c.dim, weightDtype),
+      wDown: uploadLinear(gpu, `layer ${l} w_down`, [lw.wDown], c.dim, c.hiddenDim, weightDtype),
     }));
-    this.embedding = uploadWeight(gpu, 'token_embd', [weights.tokenEmbedding], c.vocabSize, c.dim, weightDtype);
+    this.embedding = uploadWeight(gpu, 'token_embd', [weights.tokenEmbedding], c.vocabSize, c.dim, denseDtypeFor(weightDtype));
     // Tied when the tensors (or their storage) are one; pre-packed tensors are compared by their f16 words so that a
     // lazy f32 `data` is not built just for this test.
     const out = weights.output;
     const emb = weights.tokenEmbedding;
     const tied = out === emb || (out.f16 !== undefined || emb.f16 !== undefined ? out.f16 === emb.f16 : out.data === emb.data);
-    this.lmHead = tied ? this.embedding : uploadWeight(gpu, 'output', [out], c.vocabSize, c.dim, weightDtype);
+    // int8 keeps its own quantized lm_head even when tied (the gather reads the f16 embedding).
+    this.lmHead = tied && weightDtype !== 'int8' ? this.embedding : uploadLinear(gpu, 'output', [out], c.vocabSize, c.dim, weightDtype);
     this.finalNorm = uploadArray(gpu, 'output_norm', weights.finalNorm.data);
     this.allocate(Math.max(1, opts.maxRowsPerStep ?? 64), 8, 4096);
   }
@@ -316,17 +323,17 @@ class GpuRunner implements GpuModelRunner {
       attnNorm: this.layers.map((l) => norm(l.attnNorm)),
       ffnNorm: this.layers.map((l) => norm(l.ffnNorm)),
       oProj: this.layers.map(
-        (l) => new MatmulOp(g, l.wo, { meta: a.meta, rowsSlot: META_ROWS, x: a.attn, xStride: this.attnStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
+        (l) => linearOp(g, l.wo, { meta: a.meta, rowsSlot: META_ROWS, x: a.attn, xStride: this.attnStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
       ),
       gateUp: this.layers.map(
-        (l) => new MatmulOp(g, l.wGateUp, { meta: a.meta, rowsSlot: META_ROWS, x: a.xn, xStride: this.dimStride, y: a.gateUp, yStride: this.gateUpStride }, t),
+        (l) => linearOp(g, l.wGateUp, { meta: a.meta, rowsSlot: META_ROWS, x: a.xn, xStride: this.dimStride, y: a.gateUp, yStride: this.gateUpStride }, t),
       ),
       siluMul: new SiluMul(g, { meta: a.meta, gateUp: a.gateUp, gateUpStride: this.gateUpStride, out: a.h, outStride: this.hiddenStride }, c.hiddenDim),
       down: this.layers.map(
-        (l) => new MatmulOp(g, l.wDown, { meta: a.meta, rowsSlot: META_ROWS, x: a.h, xStride: this.hiddenStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
+        (l) => linearOp(g, l.wDown, { meta: a.meta, rowsSlot: META_ROWS, x: a.h, xStride: this.hiddenStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
       ),
       finalNorm: norm(this.finalNorm, true),
-      lmHead: new MatmulOp(g, this.lmHead, { meta: a.meta, rowsSlot: META_LOGIT_ROWS, x: a.xLogit, xStride: this.dimStride, y: a.logits, yStride: c.vocabSize }, t),
+      lmHead: linearOp(g, this.lmHead, { meta: a.meta, rowsSlot: META_LOGIT_ROWS, x: a.xLogit, xStride: this.dimStride, y: a.logits, yStride: c.vocabSize }, t),
     };
   }
 
@@ -469,11 +476,11 @@ class GpuRunner implements GpuModelRunner {
     for (const l of this.layers) {
       l.attnNorm.destroy();
       l.ffnNorm.destroy();
-      destroyMatrix(l.wo);
-      destroyMatrix(l.wGateUp);
-      destroyMatrix(l.wDown);
+      destroyLinear(l.wo);
+      destroyLinear(l.wGateUp);
+      destroyLinear(l.wDown);
     }
-    if (this.lmHead !== this.embedding) destroyMatrix(this.lmHead);
+    if (this.lmHead !== this.embedding) destroyLinear(this.lmHead);
     destroyMatrix(this.embedding);
     this.finalNorm.destroy();
     for (const t of this.ropeTables.values()) t.destroy();
@@ -505,7 +512,8 @@ export async function createGpuRunner(
     gpu,
     config,
     weights,
-    weightDtype,
+    weightDtype: denseDtypeFor(weightDtype),
+    linearDtype: weightDtype,
     cacheDtype,
     blockSize,
     matmulTuning: opts.matmulTuning,
