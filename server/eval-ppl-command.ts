@@ -16,7 +16,7 @@ to --max-len tokens; prints nats per predicted token, averaged over all of them,
   --max-len N             tokens per chunk at most, BOS included (default: 512, or the model's context if smaller)
   --limit N               score only the first N chunks
   --batch-tokens N        token rows per runner step (default 2048)
-  --weight-dtype f32|f16  GPU weight format (default f16)
+  --weight-dtype f32|f16|int8  GPU weight format (default f16; int8: projections per output channel)
   --cache-dtype f32|f16   KV cache format (default f16)
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
   --json                  print the figures as one JSON object
@@ -76,7 +76,7 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
       maxLen: v['max-len'] === undefined ? undefined : intOption(v['max-len'], '--max-len', 512, 2),
       limit: v.limit === undefined ? Infinity : intOption(v.limit, '--limit', 1),
       batchTokens: intOption(v['batch-tokens'], '--batch-tokens', 2048),
-      weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16']),
+      weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
       cacheDtype: dtypeOption<CacheDtype>(v['cache-dtype'], '--cache-dtype', 'f16', ['f32', 'f16']),
     };
   } catch (err) {

@@ -18,7 +18,7 @@ Generates text from a prompt and streams it to stdout, then prints a line of fig
   --min-p P               drop tokens below P x the top probability (default 0)
   --seed N                seed of the sampler (same seed, same text)
   --ignore-eos            keep going past the end-of-sequence token
-  --weight-dtype f32|f16  GPU weight format (default f16)
+  --weight-dtype f32|f16|int8  GPU weight format (default f16; int8: projections per output channel)
   --cache-dtype f32|f16   KV cache format (default f16)
   --max-model-len N       context length (default: the model's)
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
@@ -90,7 +90,7 @@ export async function runGenerate(argv: string[]): Promise<number> {
       topP: numberOption(v['top-p'], '--top-p', 1, (x) => x > 0 && x <= 1, 'in (0, 1]'),
       minP: numberOption(v['min-p'], '--min-p', 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
       seed: v.seed === undefined ? undefined : intOption(v.seed, '--seed', 0, Number.MIN_SAFE_INTEGER),
-      weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16']),
+      weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
       cacheDtype: dtypeOption<CacheDtype>(v['cache-dtype'], '--cache-dtype', 'f16', ['f32', 'f16']),
       maxModelLen: v['max-model-len'] === undefined ? undefined : intOption(v['max-model-len'], '--max-model-len', 0),
     };

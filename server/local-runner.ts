@@ -5,7 +5,7 @@ import { loadModel, type LoadedModel } from '../model/load.ts';
 
 export class UsageError extends Error {}
 
-export type WeightDtype = 'f32' | 'f16';
+export type WeightDtype = 'f32' | 'f16' | 'int8';
 export type CacheDtype = 'f32' | 'f16';
 
 export function intOption(text: string | undefined, flag: string, fallback: number, min = 1): number {
