@@ -7,6 +7,7 @@
 // The merge rescales the chunks' partial sums by their maxima (online softmax across chunks).
 import type { GpuContext } from './device.ts';
 import type { PagedRows } from './kv-write.ts';
+import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer, wgslF32 } from './tensors.ts';
 
@@ -16,8 +17,6 @@ export interface GqaShape {
   headDim: number;
 }
 
-const MERGE_WG = 64;
-const NEG_BIG = '-3.0e38';
 
 /** Largest chunk whose scores (g heads × chunk) fit ~16 KiB of workgroup memory; a power of two in [16, 512]. */
 export function maxAttentionChunk(shape: GqaShape): number {
@@ -250,39 +249,6 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
-function mergeWgsl(s: GqaShape, outStride: number): string {
-  const D = s.headDim;
-  return /* wgsl */ `
-${metaWgsl(0)}
-@group(0) @binding(1) var<storage, read> partials: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
-
-@compute @workgroup_size(${MERGE_WG})
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let hq = wid.x;
-  let r = wid.y;
-  let chunk = stepMeta[${META_CHUNK}];
-  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
-  let nc = (rowPos(r) + chunk) / chunk;
-  let base0 = (r * ${s.nHeads}u + hq) * maxChunks * ${D + 2}u;
-  var m = ${NEG_BIG};
-  for (var c = 0u; c < nc; c++) { m = max(m, partials[base0 + c * ${D + 2}u]); }
-  var l = 0.0;
-  for (var c = 0u; c < nc; c++) {
-    let b = base0 + c * ${D + 2}u;
-    l += exp(partials[b] - m) * partials[b + 1u];
-  }
-  for (var d = lid; d < ${D}u; d += ${MERGE_WG}u) {
-    var o = 0.0;
-    for (var c = 0u; c < nc; c++) {
-      let b = base0 + c * ${D + 2}u;
-      o += exp(partials[b] - m) * partials[b + 2u + d];
-    }
-    out[r * ${outStride}u + hq * ${D}u + d] = o / l;
-  }
-}`;
-}
-
 /**
  * Attention of every step row over the paged GQA cache of one layer: reads roped q from qkv[r, 0 .. nHeads·headDim),
  * K/V from the layer buffer (row = [K heads | V heads]), writes out[r, 0 .. nHeads·headDim).
@@ -319,7 +285,7 @@ export class GqaAttention {
       `gqa-attention partial ${layout.dtype} wg${p.workgroupSize} piece${p.piece} lanes${p.lanes} u${p.unroll}`,
       partialWgsl(shape, layout, b.qkvStride, this.chunkMax, p),
     );
-    this.mergePipe = gpu.pipeline('gqa-attention merge', mergeWgsl(shape, b.outStride));
+    this.mergePipe = gpu.pipeline('gqa-attention merge', splitKMergeWgsl(shape.nHeads, shape.headDim, b.outStride));
   }
 
   /** Makes room for a step's partial results (call before encoding the step; buffers grow, never shrink). */

@@ -17,6 +17,7 @@
 // Workgroup memory: P (T × heads f32) + row indices + reductions: ~31 KiB at 28 heads, T = 256.
 import type { GpuContext } from './device.ts';
 import type { PagedRows } from './kv-write.ts';
+import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 
@@ -50,8 +51,6 @@ export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
   qSliceValues: 0,
 };
 
-const MERGE_WG = 64;
-const NEG_BIG = '-3.0e38';
 
 /** How a shape and tuning map onto threads; exported for the benchmark's report and for tests' coverage checks. */
 export interface MlaAttentionPlan {
@@ -375,40 +374,6 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
-function mergeWgsl(s: MlaAttentionShape, outStride: number): string {
-  const R = s.kvLoraRank;
-  return /* wgsl */ `
-${metaWgsl(0)}
-@group(0) @binding(1) var<storage, read> partials: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
-
-@compute @workgroup_size(${MERGE_WG})
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let h = wid.x;
-  let r = wid.y;
-  let chunk = stepMeta[${META_CHUNK}];
-  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
-  let nc = (rowPos(r) + chunk) / chunk;
-  let base0 = (r * ${s.nHeads}u + h) * maxChunks * ${R + 2}u;
-  var m = ${NEG_BIG};
-  for (var c = 0u; c < nc; c++) { m = max(m, partials[base0 + c * ${R + 2}u]); }
-  var l = 0.0;
-  for (var c = 0u; c < nc; c++) {
-    let b = base0 + c * ${R + 2}u;
-    l += exp(partials[b] - m) * partials[b + 1u];
-  }
-  let inv = 1.0 / l;
-  for (var d = lid; d < ${R}u; d += ${MERGE_WG}u) {
-    var o = 0.0;
-    for (var c = 0u; c < nc; c++) {
-      let b = base0 + c * ${R + 2}u;
-      o += exp(partials[b] - m) * partials[b + 2u + d];
-    }
-    out[r * ${outStride}u + h * ${R}u + d] = o * inv;
-  }
-}`;
-}
-
 /** Context tokens per split for the MLA kernel: about `targetWorkgroups` workgroups, at least one tile, a power of two. */
 export function mlaChunkSize(sumCtx: number, plan: MlaAttentionPlan, targetWorkgroups = 528, maxChunk = 1 << 16): number {
   const want = Math.ceil((sumCtx * plan.headSplits) / targetWorkgroups);
@@ -482,7 +447,7 @@ export class MlaAttention {
     }
     this.layout = layout;
     this.plan = this.variants[0].plan;
-    this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, mergeWgsl(shape, b.outStride));
+    this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, splitKMergeWgsl(shape.nHeads, shape.kvLoraRank, b.outStride));
   }
 
   /** Context tokens per split this kernel wants for a step whose rows' contexts sum to sumCtx. */
