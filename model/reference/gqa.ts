@@ -1,7 +1,7 @@
 // CPU float64 forward pass of a GQA decoder (Llama/Qwen2/Mistral, both RoPE layouts): the oracle for the GPU.
 import type { GqaConfig } from '../config.ts';
 import type { GqaLayerWeights, ModelWeights } from '../weights.ts';
-import { attendGqa, matvec, mlp, rmsnorm, rope, type Vec } from './ops.ts';
+import { addInto, addMlpBlock, attendGqa, embedToken, forwardTokens, matvec, rmsnorm, rope, type Vec } from './ops.ts';
 
 /** What a layer saw for one token, for calibration (TransMLA) and debugging. */
 export interface LayerObservation {
@@ -49,23 +49,14 @@ export class ReferenceGqa {
 
   /** Appends tokens to the cache; returns logits per token (only the last one when opts.logits = 'last'). */
   forward(tokens: number[], opts: ForwardOptions = {}): Float64Array[] {
-    const out: Float64Array[] = [];
-    for (let i = 0; i < tokens.length; i++) {
-      const wantLogits = opts.logits !== 'last' || i === tokens.length - 1;
-      const logits = this.step(tokens[i], wantLogits, opts.observe);
-      if (logits) out.push(logits);
-    }
-    return out;
+    return forwardTokens(tokens, opts.logits, (token, wantLogits) => this.step(token, wantLogits, opts.observe));
   }
 
   private step(token: number, wantLogits: boolean, observe?: (o: LayerObservation) => void): Float64Array | null {
     const c = this.config;
     const w = this.weights;
-    if (token < 0 || token >= c.vocabSize) throw new Error(`token id ${token} outside vocabulary of ${c.vocabSize}`);
     const pos = this.position;
-    const x = new Float64Array(c.dim);
-    const emb = w.tokenEmbedding.data;
-    for (let i = 0; i < c.dim; i++) x[i] = emb[token * c.dim + i];
+    const x = embedToken(w.tokenEmbedding, token, c.dim, c.vocabSize);
 
     for (let l = 0; l < c.nLayers; l++) {
       const lw = this.layers[l];
@@ -80,10 +71,8 @@ export class ReferenceGqa {
       this.values[l].push(v);
       const att = attendGqa(q, this.keys[l], this.values[l], c.nHeads, c.nKvHeads, c.headDim);
       const o = matvec(lw.wo, att);
-      for (let i = 0; i < c.dim; i++) x[i] += o[i];
-      const xf = rmsnorm(x, lw.ffnNorm.data, c.rmsEps);
-      const m = mlp(xf, lw.wGate, lw.wUp, lw.wDown);
-      for (let i = 0; i < c.dim; i++) x[i] += m[i];
+      addInto(x, o);
+      addMlpBlock(x, lw, c.rmsEps);
     }
     if (!wantLogits) return null;
     const xo = rmsnorm(x, w.finalNorm.data, c.rmsEps);

@@ -12,7 +12,7 @@
 // (`qk_latent_layernorm`; stock DeepSeek always applies both, i.e. true).
 import type { MlaConfig } from '../config.ts';
 import type { ModelWeights, Tensor } from '../weights.ts';
-import { matvec, mlp, rmsnorm, rope, softmaxInPlace, type DenseMatrix, type Vec } from './ops.ts';
+import { addInto, addMlpBlock, embedToken, forwardTokens, matvec, rmsnorm, rope, softmaxInPlace, type DenseMatrix, type Vec } from './ops.ts';
 
 /** MlaLayerWeights whose attention matrices may be f64 (the converter's exact intermediates) or f32 (checkpoints). */
 export interface MlaLayerLike {
@@ -109,28 +109,19 @@ export class ReferenceMla {
 
   /** Appends tokens to the latent cache; returns logits per token (only the last one when opts.logits = 'last'). */
   forward(tokens: number[], opts: MlaForwardOptions = {}): Float64Array[] {
-    const out: Float64Array[] = [];
-    for (let i = 0; i < tokens.length; i++) {
-      const wantLogits = opts.logits !== 'last' || i === tokens.length - 1;
-      const logits = this.step(tokens[i], wantLogits, opts.observe);
-      if (logits) out.push(logits);
-    }
-    return out;
+    return forwardTokens(tokens, opts.logits, (token, wantLogits) => this.step(token, wantLogits, opts.observe));
   }
 
   private step(token: number, wantLogits: boolean, observe?: (o: MlaObservation) => void): Float64Array | null {
     const c = this.config;
     const w = this.layers;
-    if (token < 0 || token >= c.vocabSize) throw new Error(`token id ${token} outside vocabulary of ${c.vocabSize}`);
     const pos = this.position;
     const R = c.kvLoraRank;
     const r = c.qkRopeHeadDim;
     const dn = c.qkNopeHeadDim;
     const dv = c.vHeadDim;
     const qRow = dn + r;
-    const x = new Float64Array(c.dim);
-    const emb = this.weights.tokenEmbedding;
-    for (let i = 0; i < c.dim; i++) x[i] = emb.data[token * c.dim + i];
+    const x = embedToken(this.weights.tokenEmbedding, token, c.dim, c.vocabSize);
 
     for (let l = 0; l < c.nLayers; l++) {
       const lw = w[l];
@@ -154,10 +145,8 @@ export class ReferenceMla {
       this.kPes[l].push(kPe);
       const att = this.form === 'naive' ? this.attendNaive(l, lw, q, latent) : this.attendAbsorbed(l, lw, q);
       const o = matvec(lw.wo, att);
-      for (let i = 0; i < c.dim; i++) x[i] += o[i];
-      const xf = rmsnorm(x, lw.ffnNorm.data, c.rmsEps);
-      const m = mlp(xf, lw.wGate, lw.wUp, lw.wDown);
-      for (let i = 0; i < c.dim; i++) x[i] += m[i];
+      addInto(x, o);
+      addMlpBlock(x, lw, c.rmsEps);
     }
     if (!wantLogits) return null;
     const xo = rmsnorm(x, this.weights.finalNorm.data, c.rmsEps);

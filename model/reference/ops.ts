@@ -125,3 +125,33 @@ export function logSoftmaxAt(logits: ArrayLike<number>, index: number): number {
   for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i] - max);
   return logits[index] - max - Math.log(sum);
 }
+
+/** Runs `step` for each token in order; keeps logits of every token, or of the last only when mode is 'last'. */
+export function forwardTokens(
+  tokens: number[],
+  mode: 'all' | 'last' | undefined,
+  step: (token: number, wantLogits: boolean) => Float64Array | null,
+): Float64Array[] {
+  const out: Float64Array[] = [];
+  for (let i = 0; i < tokens.length; i++) {
+    const logits = step(tokens[i], mode !== 'last' || i === tokens.length - 1);
+    if (logits) out.push(logits);
+  }
+  return out;
+}
+
+/** The token's embedding row as the residual stream; a clear error for ids outside the vocabulary. */
+export function embedToken(embedding: Tensor, token: number, dim: number, vocabSize: number): Vec {
+  if (!Number.isInteger(token) || token < 0 || token >= vocabSize) throw new Error(`token id ${token} outside vocabulary of ${vocabSize}`);
+  return Float64Array.from(embedding.data.subarray(token * dim, (token + 1) * dim));
+}
+
+/** Adds `delta` into the residual stream `x`. */
+export function addInto(x: Vec, delta: ArrayLike<number>): void {
+  for (let i = 0; i < x.length; i++) x[i] += delta[i];
+}
+
+/** The feed-forward half of a decoder layer: x += mlp(rmsnorm(x)). */
+export function addMlpBlock(x: Vec, lw: { ffnNorm: Tensor; wGate: Tensor; wUp: Tensor; wDown: Tensor }, eps: number): void {
+  addInto(x, mlp(rmsnorm(x, lw.ffnNorm.data, eps), lw.wGate, lw.wUp, lw.wDown));
+}

@@ -8,7 +8,7 @@
 import type { GqaConfig } from '../config.ts';
 import type { Tensor } from '../weights.ts';
 import type { ForwardOptions, LayerObservation } from './gqa.ts';
-import { matvec, mlp, rmsnorm, softmaxInPlace, type DenseMatrix, type Vec } from './ops.ts';
+import { addInto, addMlpBlock, embedToken, forwardTokens, matvec, rmsnorm, softmaxInPlace, type DenseMatrix, type Vec } from './ops.ts';
 
 /** Latent coordinates a and b turn together by angle pos · freq (a gets cos·x_a − sin·x_b). */
 export interface RopePair {
@@ -75,13 +75,7 @@ export class ReferenceLatent {
 
   /** Appends tokens to the cache; returns logits per token (only the last one when opts.logits = 'last'). */
   forward(tokens: number[], opts: ForwardOptions = {}): Float64Array[] {
-    const out: Float64Array[] = [];
-    for (let i = 0; i < tokens.length; i++) {
-      const wantLogits = opts.logits !== 'last' || i === tokens.length - 1;
-      const logits = this.step(tokens[i], wantLogits, opts.observe);
-      if (logits) out.push(logits);
-    }
-    return out;
+    return forwardTokens(tokens, opts.logits, (token, wantLogits) => this.step(token, wantLogits, opts.observe));
   }
 
   private applyRope(v: Float64Array, pos: number): void {
@@ -99,14 +93,12 @@ export class ReferenceLatent {
   private step(token: number, wantLogits: boolean, observe?: (o: LayerObservation) => void): Float64Array | null {
     const c = this.config;
     const w = this.weights;
-    if (token < 0 || token >= c.vocabSize) throw new Error(`token id ${token} outside vocabulary of ${c.vocabSize}`);
     const pos = this.position;
     const L = this.latentDim;
     const d = c.headDim;
     const group = c.nHeads / c.nKvHeads;
     const scale = 1 / Math.sqrt(d);
-    const x = new Float64Array(c.dim);
-    for (let i = 0; i < c.dim; i++) x[i] = w.tokenEmbedding.data[token * c.dim + i];
+    const x = embedToken(w.tokenEmbedding, token, c.dim, c.vocabSize);
 
     for (let l = 0; l < c.nLayers; l++) {
       const lw = w.layers[l];
@@ -148,10 +140,8 @@ export class ReferenceLatent {
         }
       }
       const o = matvec(lw.wo, att);
-      for (let i = 0; i < c.dim; i++) x[i] += o[i];
-      const xf = rmsnorm(x, lw.ffnNorm.data, c.rmsEps);
-      const m = mlp(xf, lw.wGate, lw.wUp, lw.wDown);
-      for (let i = 0; i < c.dim; i++) x[i] += m[i];
+      addInto(x, o);
+      addMlpBlock(x, lw, c.rmsEps);
     }
     if (!wantLogits) return null;
     const xo = rmsnorm(x, w.finalNorm.data, c.rmsEps);
