@@ -10,11 +10,11 @@
 // Prefill rows take the same absorbed path as decode rows: each row attends to its own prefix (causal).
 import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
-import { MatmulOp } from '../kernels/matmul.ts';
+import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
 import { DEFAULT_MLA_TUNING, MlaAttention, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { HeadMatmul, uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
-import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadMatrix, uploadWeight, type GpuMatrix } from '../kernels/tensors.ts';
+import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
 import type { MlaConfig } from '../model/config.ts';
 import type { MlaLayerWeights, Tensor } from '../model/weights.ts';
@@ -22,35 +22,35 @@ import type { AttentionBindings, AttentionBlock, AttentionBlockContext } from '.
 
 /** One layer's MLA weights on the GPU. */
 interface MlaLayerGpu {
-  /** q_proj, or q_a_proj + q_b_proj (+ q_a_layernorm weight). */
-  qProj?: GpuMatrix;
+  /** q_proj, or q_a_proj + q_b_proj (+ q_a_layernorm weight); projections in the runner's linear dtype (int8 too). */
+  qProj?: LinearWeight;
   qProjBias?: GPUBuffer;
-  qAProj?: GpuMatrix;
+  qAProj?: LinearWeight;
   qANorm?: GPUBuffer;
-  qBProj?: GpuMatrix;
+  qBProj?: LinearWeight;
   /** Without kv_a_layernorm: all R + r rows in one matrix; with it, the c rows and the k_pe rows apart. */
-  kvAProj?: GpuMatrix;
+  kvAProj?: LinearWeight;
   kvAProjBias?: GPUBuffer;
-  kvACProj?: GpuMatrix;
+  kvACProj?: LinearWeight;
   kvACBias?: GPUBuffer;
-  kvAPeProj?: GpuMatrix;
+  kvAPeProj?: LinearWeight;
   kvAPeBias?: GPUBuffer;
   kvANorm?: GPUBuffer;
-  /** W_UK per head, k-major [nHeads·dn, R]; W_UV per head, k-major [nHeads·R, dv]. */
+  /** W_UK per head, k-major [nHeads·dn, R]; W_UV per head, k-major [nHeads·R, dv] (f16/f32 even with int8 projections). */
   wUk: GpuMatrix;
   wUv: GpuMatrix;
 }
 
 interface MlaLayerOps {
-  q: Array<MatmulOp | RmsNorm>;
-  kv: Array<MatmulOp | RmsNorm>;
+  q: Array<LinearOp | RmsNorm>;
+  kv: Array<LinearOp | RmsNorm>;
   absorb: HeadMatmul;
   wUv: HeadMatmul;
 }
 
-function rowsOf(t: Tensor, r0: number, n: number): Float32Array {
+function rowsOf(t: Tensor, r0: number, n: number): Tensor {
   const cols = t.shape[1];
-  return t.data.subarray(r0 * cols, (r0 + n) * cols);
+  return { shape: [n, cols], data: t.data.subarray(r0 * cols, (r0 + n) * cols) };
 }
 
 export interface MlaBlockOptions {
@@ -97,6 +97,9 @@ export class MlaBlock implements AttentionBlock {
     this.parallelHeads = planMlaAttention({ nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r }, { ...DEFAULT_MLA_TUNING, ...opts.attentionTuning }).headSplits;
     const g = ctx.gpu;
     const dt = ctx.weightDtype;
+    // Projections follow the runner's linear dtype (int8 per output channel with --weight-dtype int8); the absorbed
+    // head matrices W_UK / W_UV stay in dt (kernels/mla-head-matmul.ts has no int8 variant).
+    const lt = ctx.linearDtype ?? dt;
     this.layers = ctx.weights.layers.map((lw, l) => {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
       const w = lw as MlaLayerWeights;
@@ -108,25 +111,25 @@ export class MlaBlock implements AttentionBlock {
       };
       const out: Partial<MlaLayerGpu> = {};
       if (c.qLoraRank === null) {
-        out.qProj = uploadWeight(g, `layer ${l} q_proj`, [shape(w.qProj, 'q_proj', [this.qCols, c.dim])], this.qCols, c.dim, dt);
+        out.qProj = uploadLinear(g, `layer ${l} q_proj`, [shape(w.qProj, 'q_proj', [this.qCols, c.dim])], this.qCols, c.dim, lt);
         if (w.qProjBias) out.qProjBias = uploadArray(g, `layer ${l} q_proj bias`, w.qProjBias.data);
       } else {
         const qr = c.qLoraRank;
-        out.qAProj = uploadWeight(g, `layer ${l} q_a_proj`, [shape(w.qAProj, 'q_a_proj', [qr, c.dim])], qr, c.dim, dt);
-        out.qBProj = uploadWeight(g, `layer ${l} q_b_proj`, [shape(w.qBProj, 'q_b_proj', [this.qCols, qr])], this.qCols, qr, dt);
+        out.qAProj = uploadLinear(g, `layer ${l} q_a_proj`, [shape(w.qAProj, 'q_a_proj', [qr, c.dim])], qr, c.dim, lt);
+        out.qBProj = uploadLinear(g, `layer ${l} q_b_proj`, [shape(w.qBProj, 'q_b_proj', [this.qCols, qr])], this.qCols, qr, lt);
         if (c.qkLatentLayernorm) out.qANorm = uploadArray(g, `layer ${l} q_a_layernorm`, shape(w.qANorm, 'q_a_layernorm', [qr]).data);
       }
       const kva = shape(w.kvAProj, 'kv_a_proj_with_mqa', [R + r, c.dim]);
       if (c.qkLatentLayernorm) {
-        out.kvACProj = uploadMatrix(g, `layer ${l} kv_a_proj (latent rows)`, rowsOf(kva, 0, R), R, c.dim, dt);
-        out.kvAPeProj = uploadMatrix(g, `layer ${l} kv_a_proj (rope rows)`, rowsOf(kva, R, r), r, c.dim, dt);
+        out.kvACProj = uploadLinear(g, `layer ${l} kv_a_proj (latent rows)`, [rowsOf(kva, 0, R)], R, c.dim, lt);
+        out.kvAPeProj = uploadLinear(g, `layer ${l} kv_a_proj (rope rows)`, [rowsOf(kva, R, r)], r, c.dim, lt);
         if (w.kvAProjBias) {
           out.kvACBias = uploadArray(g, `layer ${l} kv_a_proj bias (latent)`, w.kvAProjBias.data.subarray(0, R));
           out.kvAPeBias = uploadArray(g, `layer ${l} kv_a_proj bias (rope)`, w.kvAProjBias.data.subarray(R, R + r));
         }
         out.kvANorm = uploadArray(g, `layer ${l} kv_a_layernorm`, shape(w.kvANorm, 'kv_a_layernorm', [R]).data);
       } else {
-        out.kvAProj = uploadWeight(g, `layer ${l} kv_a_proj_with_mqa`, [kva], R + r, c.dim, dt);
+        out.kvAProj = uploadLinear(g, `layer ${l} kv_a_proj_with_mqa`, [kva], R + r, c.dim, lt);
         if (w.kvAProjBias) out.kvAProjBias = uploadArray(g, `layer ${l} kv_a_proj bias`, w.kvAProjBias.data);
       }
       const kvb = shape(w.kvBProj, 'kv_b_proj', [c.nHeads * (dn + dv), R]).data;
@@ -161,13 +164,13 @@ export class MlaBlock implements AttentionBlock {
     if (c.qkLatentLayernorm) a.cRaw = storageBuffer(g, 'mla latent rows before kv_a_layernorm', rows * pad8(R) * f);
     this.act = a;
     const t = this.ctx.matmulTuning;
-    const mm = (w: GpuMatrix, x: GPUBuffer, xStride: number, y: GPUBuffer, yStride: number, bias?: GPUBuffer, yOffset = 0) =>
-      new MatmulOp(g, w, { meta: b.meta, rowsSlot: META_ROWS, x, xStride, y, yStride, yOffset, bias }, t);
+    const mm = (w: LinearWeight, x: GPUBuffer, xStride: number, y: GPUBuffer, yStride: number, bias?: GPUBuffer, yOffset = 0) =>
+      linearOp(g, w, { meta: b.meta, rowsSlot: META_ROWS, x, xStride, y, yStride, yOffset, bias }, t);
     const norm = (x: GPUBuffer, xStride: number, weight: GPUBuffer, out: GPUBuffer, outStride: number, dim: number) =>
       new RmsNorm(g, { meta: b.meta, x, xStride, weight, out, outStride }, dim, c.rmsEps);
 
     this.ops = this.layers.map((lg) => {
-      const q: Array<MatmulOp | RmsNorm> = [];
+      const q: Array<LinearOp | RmsNorm> = [];
       if (lg.qProj) {
         q.push(mm(lg.qProj, b.xn, b.xnStride, a.q, this.qStride, lg.qProjBias));
       } else {
@@ -179,7 +182,7 @@ export class MlaBlock implements AttentionBlock {
         }
         q.push(mm(lg.qBProj!, qIn, qaStride, a.q, this.qStride));
       }
-      const kv: Array<MatmulOp | RmsNorm> = [];
+      const kv: Array<LinearOp | RmsNorm> = [];
       if (lg.kvAProj) {
         kv.push(mm(lg.kvAProj, b.xn, b.xnStride, a.latent, this.latentStride, lg.kvAProjBias));
       } else {
@@ -260,7 +263,9 @@ export class MlaBlock implements AttentionBlock {
   destroy(): void {
     this.destroyActivations();
     for (const l of this.layers) {
-      for (const m of [l.qProj, l.qAProj, l.qBProj, l.kvAProj, l.kvACProj, l.kvAPeProj, l.wUk, l.wUv]) if (m) destroyMatrix(m);
+      for (const m of [l.qProj, l.qAProj, l.qBProj, l.kvAProj, l.kvACProj, l.kvAPeProj]) if (m) destroyLinear(m);
+      destroyMatrix(l.wUk);
+      destroyMatrix(l.wUv);
       for (const buf of [l.qProjBias, l.qANorm, l.kvAProjBias, l.kvACBias, l.kvAPeBias, l.kvANorm]) buf?.destroy();
     }
   }
