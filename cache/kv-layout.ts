@@ -1,9 +1,11 @@
 // KV cache layouts: what one token stores per layer and how a kernel finds token t of a sequence in the paged pool.
 import type { GqaConfig, ModelConfig } from '../model/config.ts';
 import { kvValuesPerToken } from '../model/config.ts';
+import { int8RowFormat, type Int8RowFormat } from '../kernels/kv-int8.ts';
 import { cacheRowWgsl } from '../kernels/step-meta.ts';
 
-export type CacheDtype = 'f16' | 'f32';
+export type CacheDtype = 'f16' | 'f32' | 'int8';
+export { int8RowFormat, quantizeKvRowInt8, dequantizeKvRowInt8, type Int8RowFormat } from '../kernels/kv-int8.ts';
 
 /**
  * A paged cache layout. Each layer has its own buffer laid out [block][token in block][row]; a row holds
@@ -18,8 +20,11 @@ export interface KvLayout {
   readonly rowValues: number;
   readonly dtype: CacheDtype;
   readonly blockSize: number;
+  /** Bytes per stored value (int8: 1; the row's scales come on top, see rowBytes). */
   readonly bytesPerValue: number;
-  /** Bytes of one token's row in one layer. */
+  /** Where values and scales sit in an int8 row; set when dtype is 'int8'. */
+  readonly int8?: Int8RowFormat;
+  /** Bytes of one token's row in one layer (int8: values, scales and padding). */
   readonly rowBytes: number;
   /** Bytes one token takes across all layers (metrics, sizing). */
   readonly bytesPerToken: number;
@@ -46,11 +51,16 @@ abstract class PagedLayout implements KvLayout {
     readonly rowValues: number,
     readonly dtype: CacheDtype,
     readonly blockSize: number,
+    readonly int8?: Int8RowFormat,
   ) {
     if (!Number.isInteger(blockSize) || blockSize < 1) throw new Error(`KV block size must be a positive integer, got ${blockSize}`);
     if (dtype === 'f16' && rowValues % 2 !== 0) throw new Error(`an f16 KV row packs values in pairs; ${rowValues} values per row is odd`);
-    this.bytesPerValue = dtype === 'f16' ? 2 : 4;
-    this.rowBytes = rowValues * this.bytesPerValue;
+    if ((dtype === 'int8') !== (int8 !== undefined)) throw new Error(`a ${dtype} KV layout ${int8 ? 'cannot take' : 'needs'} an int8 row format`);
+    if (int8 && int8.groups * int8.groupValues !== rowValues) {
+      throw new Error(`int8 row format covers ${int8.groups} × ${int8.groupValues} values; the row has ${rowValues}`);
+    }
+    this.bytesPerValue = dtype === 'f16' ? 2 : dtype === 'int8' ? 1 : 4;
+    this.rowBytes = int8 ? int8.rowWords * 4 : rowValues * this.bytesPerValue;
     this.bytesPerToken = nLayers * this.rowBytes;
     this.blockBytesPerLayer = blockSize * this.rowBytes;
   }
@@ -66,14 +76,23 @@ abstract class PagedLayout implements KvLayout {
   }
 }
 
-/** GQA: row = [K heads | V heads], 2 · nKvHeads · headDim values; K of head h at h·headDim, V at (nKvHeads + h)·headDim. */
+/**
+ * GQA: row = [K heads | V heads], 2 · nKvHeads · headDim values; K of head h at h·headDim, V at (nKvHeads + h)·headDim.
+ * int8: the same order in bytes, one scale per (token, kv head, K or V): group h is K of head h, nKvHeads + h V of head h.
+ */
 export class GqaKvLayout extends PagedLayout {
   readonly kind = 'gqa' as const;
   readonly nKvHeads: number;
   readonly headDim: number;
 
   constructor(config: GqaConfig, blockSize: number, dtype: CacheDtype) {
-    super(config.nLayers, kvValuesPerToken(config), dtype, blockSize);
+    super(
+      config.nLayers,
+      kvValuesPerToken(config),
+      dtype,
+      blockSize,
+      dtype === 'int8' ? int8RowFormat(2 * config.nKvHeads, config.headDim) : undefined,
+    );
     this.nKvHeads = config.nKvHeads;
     this.headDim = config.headDim;
   }

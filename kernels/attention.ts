@@ -54,10 +54,17 @@ export interface GqaAttentionPlan {
   unroll: number;
 }
 
-export function planGqaAttention(shape: GqaShape, dtype: 'f32' | 'f16', tuning: GqaAttentionTuning, subgroupMin: number): GqaAttentionPlan {
+export function planGqaAttention(shape: GqaShape, dtype: 'f32' | 'f16' | 'int8', tuning: GqaAttentionTuning, subgroupMin: number): GqaAttentionPlan {
   const D = shape.headDim;
-  const wide = dtype === 'f16' ? 8 : 4;
-  const piece = D % wide === 0 ? wide : 2;
+  let piece: number;
+  if (dtype === 'int8') {
+    // One u32 holds 4 int8 values: pieces of 16 (vec4<u32>), 8 or 4 values; the row format needs D % 4 = 0.
+    piece = [16, 8, 4].find((p) => D % p === 0) ?? 0;
+    if (!piece) throw new Error(`the int8 KV cache reads head dims in groups of 4; head dim ${D} is not a multiple of 4 (use an f16 cache)`);
+  } else {
+    const wide = dtype === 'f16' ? 8 : 4;
+    piece = D % wide === 0 ? wide : 2;
+  }
   const piecesPerRow = D / piece;
   let lanes = 1;
   if (tuning.useSubgroups) {
@@ -76,8 +83,9 @@ export function defaultGqaTuning(gpu: GpuContext, shape: GqaShape): GqaAttention
 function partialWgsl(s: GqaShape, layout: PagedRows, qkvStride: number, chunkMax: number, plan: GqaAttentionPlan): string {
   const G = s.nHeads / s.nKvHeads;
   const D = s.headDim;
-  const RV = layout.rowValues;
   const f16 = layout.dtype === 'f16';
+  const i8 = layout.int8;
+  if (layout.dtype === 'int8' && !i8) throw new Error('an int8 GQA cache needs its row format (values and scales); the layout has none');
   const { workgroupSize: WG, piece: P, piecesPerRow: NP, lanes: L, tokenGroups: TG, unroll: U } = plan;
   const PPL = NP / L;
   const P2 = P / 2;
@@ -85,9 +93,23 @@ function partialWgsl(s: GqaShape, layout: PagedRows, qkvStride: number, chunkMax
   const us = [...Array(U).keys()];
   const pps = [...Array(PPL).keys()];
   const k2s = [...Array(P2).keys()];
-  const cacheType = f16 ? (P === 8 ? 'vec4<u32>' : 'u32') : P === 4 ? 'vec4<f32>' : 'vec2<f32>';
-  // The piece's values as P/2 vec2<f32> expressions.
+  const cacheType = i8
+    ? ({ 16: 'vec4<u32>', 8: 'vec2<u32>', 4: 'u32' } as Record<number, string>)[P]
+    : f16
+      ? P === 8
+        ? 'vec4<u32>'
+        : 'u32'
+      : P === 4
+        ? 'vec4<f32>'
+        : 'vec2<f32>';
+  // A row's length in pieces (the cache array's elements).
+  const rowPieces = i8 ? (i8.rowWords * 4) / P : layout.rowValues / P;
+  // The piece's values as P/2 vec2<f32> expressions (int8: unscaled; the scales multiply scores and probabilities).
   const pairs = (w: string): string[] => {
+    if (i8) {
+      const words = P === 4 ? [w] : (P === 16 ? ['x', 'y', 'z', 'w'] : ['x', 'y']).map((c) => `${w}.${c}`);
+      return words.flatMap((x) => [`vec4<f32>(unpack4xI8(${x})).xy`, `vec4<f32>(unpack4xI8(${x})).zw`]);
+    }
     if (f16) return P === 8 ? ['x', 'y', 'z', 'w'].map((c) => `unpack2x16float(${w}.${c})`) : [`unpack2x16float(${w})`];
     return P === 4 ? [`${w}.xy`, `${w}.zw`] : [w];
   };
@@ -139,7 +161,13 @@ ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> qkv: array<f32>;
 @group(0) @binding(2) var<storage, read> cache: array<${cacheType}>;
 @group(0) @binding(3) var<storage, read_write> partials: array<f32>;
-${cacheRowWgsl(layout.blockSize)}
+${cacheRowWgsl(layout.blockSize)}${
+    i8
+      ? `
+/** The f32 scale at u32 word wi of the int8 cache. */
+fn kvScale(wi: u32) -> f32 { return bitcast<f32>(${P === 4 ? 'cache[wi]' : `cache[wi / ${P / 4}u][wi % ${P / 4}u]`}); }`
+      : ''
+  }
 var<workgroup> scores: array<f32, ${G * chunkMax}>;
 var<workgroup> cacheRows: array<u32, ${chunkMax}>;
 var<workgroup> red: array<f32, ${redSize}>;
@@ -182,12 +210,18 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let nIter = (n + ${rowsPerIter - 1}u) / ${rowsPerIter}u;
   for (var it = 0u; it < nIter; it++) {
     ${us.map((u) => `let j${u} = it * ${rowsPerIter}u + ${u * (WG / L)}u + slot;
-    let kb${u} = cacheRows[min(j${u}, n - 1u)] * ${RV / P}u + kOff;
+    let kb${u} = cacheRows[min(j${u}, n - 1u)] * ${rowPieces}u + kOff;${
+      i8 ? `
+    let ks${u} = kvScale(cacheRows[min(j${u}, n - 1u)] * ${i8.rowWords}u + ${i8.scaleWord}u + kh);` : ''
+    }
     ${pps.map((pp) => `let w${u}_${pp} = cache[kb${u} + ${pp * L}u];`).join('\n    ')}`).join('\n    ')}
     ${us.map((u) => gs.map((g) => `var d${u}_${g} = ${pps.flatMap((pp) => pairs(`w${u}_${pp}`).map((v, k2) => `dot(q${g}_${pp}_${k2}, ${v})`)).join(' + ')};`).join('\n    ')).join('\n    ')}
     ${reduce.join('\n    ')}
     ${us.map((u) => `if (writer && j${u} < n) {
-      ${finals.map((i) => `${m > G ? `if (hBase + ${i}u < ${G}u) ` : ''}{ scores[(hBase + ${i}u) * ${chunkMax}u + j${u}] = ${lists[u][i]}; mx${i} = max(mx${i}, ${lists[u][i]}); }`).join('\n      ')}
+      ${finals.map((i) => {
+        const sc = i8 ? `(${lists[u][i]} * ks${u})` : lists[u][i];
+        return `${m > G ? `if (hBase + ${i}u < ${G}u) ` : ''}{ scores[(hBase + ${i}u) * ${chunkMax}u + j${u}] = ${sc}; mx${i} = max(mx${i}, ${sc}); }`;
+      }).join('\n      ')}
     }`).join('\n    ')}
   }
   ${gs.map((g) => `red[${g * WG}u + lid] = ${NEG_BIG};`).join('\n  ')}
@@ -199,8 +233,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 
   ${gs.map((g) => `var sum${g} = 0.0;`).join('\n  ')}
   for (var j = lid; j < n; j += ${WG}u) {
-    ${gs
-      .map((g) => `{ let p = exp(scores[${g * chunkMax}u + j] - stats[${g}]); scores[${g * chunkMax}u + j] = p; sum${g} += p; }`)
+    ${i8 ? `// int8: the stored probability carries the V row's scale (Σ p·s·q = Σ p·v); the sum does not.
+    let vs = kvScale(cacheRows[j] * ${i8.rowWords}u + ${i8.scaleWord + s.nKvHeads}u + kh);
+    ` : ''}${gs
+      .map((g) => `{ let p = exp(scores[${g * chunkMax}u + j] - stats[${g}]); scores[${g * chunkMax}u + j] = p${i8 ? ' * vs' : ''}; sum${g} += p; }`)
       .join('\n    ')}
   }
   ${gs.map((g) => `red[${g * WG}u + lid] = sum${g};`).join('\n  ')}
@@ -216,14 +252,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   ${gs.flatMap((g) => k2s.map((k2) => `var a${g}_${k2} = vec2<f32>(0.0, 0.0);`)).join('\n  ')}
   var j = select(n, tg, tg < ${TG}u);
   for (; j + ${(U - 1) * TG}u < n; j += ${U * TG}u) {
-    ${us.map((u) => `let v${u} = cache[cacheRows[j + ${u * TG}u] * ${RV / P}u + vOff];`).join('\n    ')}
+    ${us.map((u) => `let v${u} = cache[cacheRows[j + ${u * TG}u] * ${rowPieces}u + vOff];`).join('\n    ')}
     ${us.map((u) => `{
       ${pairs(`v${u}`).map((v, k2) => `let x${k2} = ${v};`).join(' ')}
       ${gs.map((g) => `{ let p = scores[${g * chunkMax}u + j + ${u * TG}u]; ${k2s.map((k2) => `a${g}_${k2} += p * x${k2};`).join(' ')} }`).join('\n      ')}
     }`).join('\n    ')}
   }
   for (; j < n; j += ${TG}u) {
-    let v0 = cache[cacheRows[j] * ${RV / P}u + vOff];
+    let v0 = cache[cacheRows[j] * ${rowPieces}u + vOff];
     ${pairs('v0').map((v, k2) => `let x${k2} = ${v};`).join(' ')}
     ${gs.map((g) => `{ let p = scores[${g * chunkMax}u + j]; ${k2s.map((k2) => `a${g}_${k2} += p * x${k2};`).join(' ')} }`).join('\n    ')}
   }
