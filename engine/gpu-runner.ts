@@ -25,7 +25,10 @@ export interface GpuRunnerOptions {
    * projections (GQA q|k|v, o, gate|up, down, lm_head; the embedding and the MLA block's matrices stay f16).
    */
   weightDtype?: LinearDtype;
-  /** KV cache values: f16 (default) or f32. */
+  /**
+   * KV cache values: f16 (default), f32, or int8 (one f32 scale per token, kv head and K/V in the row; GQA models,
+   * cache/kv-layout.ts; an attention block whose layout has no int8 row format refuses it when it binds).
+   */
   cacheDtype?: CacheDtype;
   /** Rows (tokens) per step the buffers are first sized for; they grow when a step needs more. */
   maxRowsPerStep?: number;

@@ -83,7 +83,12 @@ export class KvWrite {
     this.pairs = layout.rowValues / 2;
     if (layout.dtype === 'int8') {
       const f = layout.int8;
-      if (!f) throw new Error(`an int8 KV write needs the layout's int8 row format (groups and scales); this ${layout.rowValues}-value layout has none`);
+      if (!f) {
+        throw new Error(
+          `an int8 KV cache needs a layout with an int8 row format (values and scales); this ${layout.rowValues}-value layout has none, ` +
+            'so this attention type has no int8 cache yet: use --kv-cache-dtype f16 or f32',
+        );
+      }
       if (f.groups * f.groupValues !== layout.rowValues) {
         throw new Error(`int8 row format covers ${f.groups} × ${f.groupValues} values; the row has ${layout.rowValues}`);
       }

@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import cliProgress from 'cli-progress';
 import { MAX_SEQS_PER_STEP, scoreWithRunner, textChunks } from '../engine/perplexity.ts';
-import { dtypeOption, intOption, loadLocalModel, openLocalRunner, UsageError, type CacheDtype, type WeightDtype } from './local-runner.ts';
+import { cacheDtypeOption, dtypeOption, intOption, loadLocalModel, openLocalRunner, UsageError, type WeightDtype } from './local-runner.ts';
 
 export const EVAL_PPL_USAGE = `usage: mla-serve eval-ppl --model PATH --text FILE [options]
 
@@ -17,7 +17,8 @@ to --max-len tokens; prints nats per predicted token, averaged over all of them,
   --limit N               score only the first N chunks
   --batch-tokens N        token rows per runner step (default 2048)
   --weight-dtype f32|f16|int8  GPU weight format (default f16; int8: projections per output channel)
-  --cache-dtype f32|f16   KV cache format (default f16)
+  --kv-cache-dtype f32|f16|int8  KV cache format (default f16; int8: one scale per token, head and K/V,
+                          GQA models; --cache-dtype is accepted as an alias)
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
   --json                  print the figures as one JSON object
 `;
@@ -52,6 +53,7 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
         limit: { type: 'string' },
         'batch-tokens': { type: 'string' },
         'weight-dtype': { type: 'string' },
+        'kv-cache-dtype': { type: 'string' },
         'cache-dtype': { type: 'string' },
         cpu: { type: 'boolean' },
         json: { type: 'boolean' },
@@ -77,7 +79,7 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
       limit: v.limit === undefined ? Infinity : intOption(v.limit, '--limit', 1),
       batchTokens: intOption(v['batch-tokens'], '--batch-tokens', 2048),
       weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
-      cacheDtype: dtypeOption<CacheDtype>(v['cache-dtype'], '--cache-dtype', 'f16', ['f32', 'f16']),
+      cacheDtype: cacheDtypeOption(v, 'f16'),
     };
   } catch (err) {
     if (!(err instanceof UsageError)) throw err;

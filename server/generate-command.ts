@@ -2,7 +2,7 @@
 import { parseArgs } from 'node:util';
 import { createEngine } from '../engine/engine.ts';
 import type { SamplingParams } from '../engine/types.ts';
-import { dtypeOption, intOption, loadLocalModel, numberOption, openLocalRunner, UsageError, type CacheDtype, type WeightDtype } from './local-runner.ts';
+import { cacheDtypeOption, dtypeOption, intOption, loadLocalModel, numberOption, openLocalRunner, UsageError, type WeightDtype } from './local-runner.ts';
 
 export const GENERATE_USAGE = `usage: mla-serve generate --model PATH [options]
 
@@ -19,7 +19,8 @@ Generates text from a prompt and streams it to stdout, then prints a line of fig
   --seed N                seed of the sampler (same seed, same text)
   --ignore-eos            keep going past the end-of-sequence token
   --weight-dtype f32|f16|int8  GPU weight format (default f16; int8: projections per output channel)
-  --cache-dtype f32|f16   KV cache format (default f16)
+  --kv-cache-dtype f32|f16|int8  KV cache format (default f16; int8: one scale per token, head and K/V,
+                          GQA models; --cache-dtype is accepted as an alias)
   --max-model-len N       context length (default: the model's)
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
   --json                  print the text and figures as one JSON object instead
@@ -63,6 +64,7 @@ export async function runGenerate(argv: string[]): Promise<number> {
         seed: { type: 'string' },
         'ignore-eos': { type: 'boolean' },
         'weight-dtype': { type: 'string' },
+        'kv-cache-dtype': { type: 'string' },
         'cache-dtype': { type: 'string' },
         'max-model-len': { type: 'string' },
         cpu: { type: 'boolean' },
@@ -91,7 +93,7 @@ export async function runGenerate(argv: string[]): Promise<number> {
       minP: numberOption(v['min-p'], '--min-p', 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
       seed: v.seed === undefined ? undefined : intOption(v.seed, '--seed', 0, Number.MIN_SAFE_INTEGER),
       weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
-      cacheDtype: dtypeOption<CacheDtype>(v['cache-dtype'], '--cache-dtype', 'f16', ['f32', 'f16']),
+      cacheDtype: cacheDtypeOption(v, 'f16'),
       maxModelLen: v['max-model-len'] === undefined ? undefined : intOption(v['max-model-len'], '--max-model-len', 0),
     };
   } catch (err) {

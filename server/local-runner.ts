@@ -6,7 +6,20 @@ import { loadModel, type LoadedModel } from '../model/load.ts';
 export class UsageError extends Error {}
 
 export type WeightDtype = 'f32' | 'f16' | 'int8';
-export type CacheDtype = 'f32' | 'f16';
+export type CacheDtype = 'f32' | 'f16' | 'int8';
+export const CACHE_DTYPES: readonly CacheDtype[] = ['f32', 'f16', 'int8'];
+
+/**
+ * The KV cache dtype from `--kv-cache-dtype` (vLLM's name) or its older alias `--cache-dtype`; both given must agree.
+ */
+export function cacheDtypeOption(values: { 'kv-cache-dtype'?: string; 'cache-dtype'?: string }, fallback: CacheDtype): CacheDtype {
+  const kv = values['kv-cache-dtype'];
+  const alias = values['cache-dtype'];
+  if (kv !== undefined && alias !== undefined && kv !== alias) {
+    throw new UsageError(`--kv-cache-dtype ${kv} and --cache-dtype ${alias} disagree; give one of them (--cache-dtype is the old name)`);
+  }
+  return dtypeOption<CacheDtype>(kv ?? alias, kv !== undefined ? '--kv-cache-dtype' : '--cache-dtype', fallback, CACHE_DTYPES);
+}
 
 export function intOption(text: string | undefined, flag: string, fallback: number, min = 1): number {
   if (text === undefined) return fallback;

@@ -16,6 +16,7 @@ import type { GqaConfig } from '../model/config.ts';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { scoreWithRunner, textChunks } from '../engine/perplexity.ts';
 import { loadModel } from '../model/load.ts';
+import { cacheDtypeOption } from '../server/local-runner.ts';
 import { freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
 
 let gpuPromise: Promise<GpuContext> | undefined;
@@ -363,7 +364,7 @@ test('stories260K: perplexity with the int8 KV cache within 5 % of the f32 cache
   const g = await gpu();
   const model = await loadModel('../shared/models/stories260K/stories260K.gguf', { maxSeqLen: 256 });
   const text = readFileSync('../shared/data/tinystories_valid_a.txt', 'utf8');
-  const chunks = textChunks(text, model.tokenizer, 128).slice(0, 24);
+  const chunks = textChunks(text, model.tokenizer, 64).slice(0, 12);
   const score = async (cacheDtype: 'f32' | 'int8') => {
     const runner = await createGpuRunner(g, model, { weightDtype: 'f32', cacheDtype, blockSize: 16, numBlocks: 24 * 8 + 8 });
     try {
@@ -383,4 +384,13 @@ test('stories260K: perplexity with the int8 KV cache within 5 % of the f32 cache
   );
   assert.ok(Math.abs(delta) <= 0.05, `int8 KV cache perplexity ${int8.perplexity} vs f32 ${base.perplexity}: ${(100 * delta).toFixed(2)} %`);
   assert.ok(Math.abs(delta) > 1e-6, `int8 cache perplexity equals f32 (${delta}): was the cache quantized?`);
+});
+
+test('generate / eval-ppl option: --kv-cache-dtype, its alias --cache-dtype, disagreement and bad values', () => {
+  assert.equal(cacheDtypeOption({}, 'f16'), 'f16');
+  assert.equal(cacheDtypeOption({ 'kv-cache-dtype': 'int8' }, 'f16'), 'int8');
+  assert.equal(cacheDtypeOption({ 'cache-dtype': 'f32' }, 'f16'), 'f32');
+  assert.equal(cacheDtypeOption({ 'kv-cache-dtype': 'int8', 'cache-dtype': 'int8' }, 'f16'), 'int8');
+  assert.throws(() => cacheDtypeOption({ 'kv-cache-dtype': 'int8', 'cache-dtype': 'f16' }, 'f16'), /disagree/);
+  assert.throws(() => cacheDtypeOption({ 'kv-cache-dtype': 'fp8' }, 'f16'), /--kv-cache-dtype must be one of f32, f16, int8; got "fp8"/);
 });
