@@ -13,6 +13,7 @@ import type { GqaConfig, ModelConfig } from '../model/config.ts';
 import type { GqaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts';
 import type { ModelRunner, StepSequence } from './types.ts';
 import { MlaBlock } from './mla-block.ts';
+import { Int8MatmulOp } from '../kernels/matmul-int8.ts';
 
 export interface GpuRunnerOptions {
   /** Tokens per KV block (default 16). */
@@ -22,7 +23,7 @@ export interface GpuRunnerOptions {
   kvCacheBytes?: number;
   /**
    * Weights on the GPU: f16 packed two per u32 (default), f32 (exact tests), or int8 per output channel for the
-   * projections (GQA q|k|v, o, gate|up, down, lm_head; the embedding and the MLA block's matrices stay f16).
+   * projections (GQA q|k|v or MLA q / kv_a, o, gate|up, down, lm_head; the embedding and MLA's W_UK / W_UV stay f16).
    */
   weightDtype?: LinearDtype;
   /**
@@ -224,9 +225,27 @@ export interface CaptureStep {
   attnInputs: Float32Array[];
 }
 
+/** What a runner computes with, for the start-up lines and /metrics (read-only; figures from the live objects). */
+export interface RunnerDescription {
+  adapter: string;
+  attention: ModelConfig['attention'];
+  /** Projection weights: q/k/v (MLA: q, kv_a), o, gate/up, down, lm_head. */
+  weightDtype: LinearDtype;
+  /** The embedding gather and the MLA head matrices W_UK / W_UV (f16 when the projections are int8). */
+  denseDtype: WeightDtype;
+  cacheDtype: CacheDtype;
+  kvBytesPerToken: number;
+  /**
+   * Int8 projections only: the kernels a step of up to `gemvMaxRows` rows takes (weights-only GEMV) and the one larger
+   * steps take (W8A8: 'w8a8' on dot4I8Packed, 'w8a8-sm' on subgroup matrices), as the ops chose them on this adapter.
+   */
+  int8Matmul: { gemvMaxRows: number; fewRows: string; batched: string } | null;
+}
+
 /** The GPU runner: the serving contract plus the calibration step. */
 export interface GpuModelRunner extends ModelRunner {
   stepCapture(seqs: StepSequence[]): Promise<CaptureStep>;
+  describe(): RunnerDescription;
 }
 
 class GpuRunner implements GpuModelRunner {
@@ -250,6 +269,7 @@ class GpuRunner implements GpuModelRunner {
   /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
   private captureReadback: GPUBuffer | undefined;
   private busy = false;
+  private readonly weightDtype: LinearDtype;
 
   constructor(
     private gpu: GpuContext,
@@ -261,6 +281,7 @@ class GpuRunner implements GpuModelRunner {
     /** RoPE tables the attention block asked for; destroyed with the runner. */
     private ropeTables: Map<number, GPUBuffer>,
   ) {
+    this.weightDtype = weightDtype;
     const c = config;
     this.adapterName = gpu.adapterName;
     this.blockSize = block.layout.blockSize;
@@ -463,6 +484,21 @@ class GpuRunner implements GpuModelRunner {
     } finally {
       this.busy = false;
     }
+  }
+
+  describe(): RunnerDescription {
+    // lm_head is a projection like the others: its op shows which int8 kernels this adapter gets.
+    const op = this.ops?.lmHead;
+    const int8 = op instanceof Int8MatmulOp ? op : null;
+    return {
+      adapter: this.adapterName,
+      attention: this.config.attention,
+      weightDtype: this.weightDtype,
+      denseDtype: denseDtypeFor(this.weightDtype),
+      cacheDtype: this.block.layout.dtype,
+      kvBytesPerToken: this.kvBytesPerToken,
+      int8Matmul: int8 && { gemvMaxRows: int8.tuning.gemvMaxRows, fewRows: int8.path(1), batched: int8.path(int8.tuning.gemvMaxRows + 1) },
+    };
   }
 
   copyBlocks(pairs: Array<[src: number, dst: number]>): void {

@@ -99,6 +99,16 @@ export interface ModelInfo {
   tokenizer: Tokenizer;
   maxModelLen: number;
   chatTemplate?: string;
+  /** How the model runs (GPU runners: RunnerDescription in engine/gpu-runner.ts), for the banner and /metrics. */
+  runtime?: ModelRuntime;
+}
+
+/** Weight and cache dtypes and the int8 matmul kernels ('none' without int8 weights) a served model runs with. */
+export interface ModelRuntime {
+  adapter: string;
+  weightDtype: string;
+  cacheDtype: string;
+  int8Matmul: string;
 }
 
 /** KV pool figures for /metrics and the start-up banner. */

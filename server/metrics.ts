@@ -19,6 +19,7 @@ export const METRIC_NAMES = [
   'vllm:num_requests_waiting',
   'vllm:kv_cache_usage_perc',
   'vllm:cache_config_info',
+  'mla_serve_model_info',
   'mla_serve_kv_cache_capacity_bytes',
   'mla_serve_kv_cache_used_bytes',
   'mla_serve_kv_cache_bytes_per_token',
@@ -106,6 +107,30 @@ export class ServerMetrics {
         for (const [model, s] of stats()) {
           const engine = engines.find((e) => e.info.name === model)!;
           this.set({ model_name: model, block_size: String(s.kv.blockSize), num_gpu_blocks: String(s.kv.numBlocks), cache_dtype: s.kv.cacheDtype, attention: engine.info.config.attention }, 1);
+        }
+      },
+    });
+    new Gauge({
+      name: 'mla_serve_model_info',
+      help: 'How a model runs (value 1): weight dtype, KV cache dtype, int8 matmul kernels (few-row+batched, none without int8 weights), adapter.',
+      labelNames: ['model_name', 'attention', 'weight_dtype', 'cache_dtype', 'int8_matmul', 'adapter'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [model, s] of stats()) {
+          const e = engines.find((x) => x.info.name === model)!;
+          const rt = e.info.runtime;
+          this.set(
+            {
+              model_name: model,
+              attention: e.info.config.attention,
+              weight_dtype: rt?.weightDtype ?? 'unknown',
+              cache_dtype: s.kv.cacheDtype,
+              int8_matmul: rt?.int8Matmul ?? 'unknown',
+              adapter: rt?.adapter ?? 'unknown',
+            },
+            1,
+          );
         }
       },
     });

@@ -4,14 +4,17 @@ import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs
 import { homedir } from 'node:os';
 import { basename, extname, join, resolve } from 'node:path';
 import { createEngine, type Engine } from '../engine/engine.ts';
-import { createGpuRunner } from '../engine/gpu-runner.ts';
-import type { ModelRunner } from '../engine/types.ts';
+import { createGpuRunner, type RunnerDescription } from '../engine/gpu-runner.ts';
+import type { ModelRuntime, ModelRunner } from '../engine/types.ts';
+import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
+import { MlaKvLayout } from '../cache/mla-layout.ts';
+import type { ModelConfig } from '../model/config.ts';
 import { type GpuContext, openGpu, releaseGpu } from '../kernels/device.ts';
 import { resolveModelPath } from '../model/hub.ts';
 import { loadModel } from '../model/load.ts';
 import { buildApp } from './app.ts';
 import { convertCheckpoint, parseConvertArgs } from './convert-command.ts';
-import { describeConfig, formatBytes, resolveServeConfig, SERVE_USAGE, type ServeOptions, UsageError } from './serve-options.ts';
+import { describeConfig, formatBytes, resolveServeConfig, SERVE_USAGE, type KvCacheDtypeOption, type ServeOptions, UsageError } from './serve-options.ts';
 import { checkSyntheticName, loadSyntheticModel, SYNTHETIC_PREFIX, type ServableModel } from './synthetic-models.ts';
 
 /** Where the default model is looked for first: the project's shared fixtures. */
@@ -110,6 +113,30 @@ export interface ServedEngines {
   close(): Promise<void>;
 }
 
+/**
+ * Refuses a KV cache dtype the model's attention cannot store, before anything goes to the GPU: an int8 cache needs a
+ * layout with an int8 row format (values plus scales, cache/kv-layout.ts); a layout without one would size and read
+ * the rows as another dtype. Returns the dtype as the runner takes it.
+ */
+export function checkKvCacheDtype(name: string, config: ModelConfig, dtype: KvCacheDtypeOption, blockSize: number): CacheDtype {
+  const cacheDtype = dtype as CacheDtype;
+  if (dtype !== 'int8') return cacheDtype;
+  const layout: KvLayout = config.attention === 'mla' ? new MlaKvLayout(config, blockSize, cacheDtype) : gqaLayoutFor(config, blockSize, cacheDtype);
+  if ((layout as { int8?: unknown }).int8 === undefined) {
+    throw new UsageError(
+      `model '${name}' (${config.attention} attention, ${config.arch}) has no int8 KV cache in this build (--kv-cache-dtype int8); ` +
+        `serve it with --kv-cache-dtype f16 or f32`,
+    );
+  }
+  return cacheDtype;
+}
+
+/** A runner's description as the banner and /metrics show it. */
+export function modelRuntime(d: RunnerDescription): ModelRuntime {
+  const int8Matmul = d.int8Matmul ? `${d.int8Matmul.fewRows}+${d.int8Matmul.batched}` : 'none';
+  return { adapter: d.adapter, weightDtype: d.weightDtype, cacheDtype: d.cacheDtype, int8Matmul };
+}
+
 /** Loads every model, splits the KV budget evenly in bytes, and starts one engine per model on one GPU. */
 export async function openServedEngines(opts: ServeOptions, log: (msg: string) => void): Promise<ServedEngines> {
   const specs = await modelSpecs(opts, log);
@@ -126,6 +153,9 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
     const path = existsSync(spec.source) ? spec.source : await resolveModelPath(spec.source);
     loaded.push(await loadModel(path, opts.maxModelLen === null ? {} : { maxSeqLen: opts.maxModelLen }));
   }
+  const weightDtype = opts.weightDtype ?? 'f16';
+  // Every model checked before the first upload: a refused one fails the start, not a request later.
+  const cacheDtypes = loaded.map((m, i) => checkKvCacheDtype(specs[i].name, m.config, opts.kvCacheDtype ?? 'f16', opts.blockSize));
 
   const gpu = await openGpu({ log });
   const runners: ModelRunner[] = [];
@@ -134,14 +164,18 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
     const models: ServedModel[] = [];
     for (let i = 0; i < specs.length; i++) {
       const m = loaded[i];
-      const runner = await createGpuRunner(gpu, m, { blockSize: opts.blockSize, kvCacheBytes: share, cacheDtype: 'f16' });
+      const runner = await createGpuRunner(gpu, m, { blockSize: opts.blockSize, kvCacheBytes: share, cacheDtype: cacheDtypes[i], weightDtype });
       runners.push(runner);
+      const runtime = modelRuntime(runner.describe());
+      if (runtime.cacheDtype !== cacheDtypes[i] || runtime.weightDtype !== weightDtype) {
+        throw new Error(`model '${specs[i].name}': asked for ${weightDtype} weights and a ${cacheDtypes[i]} KV cache, the runner holds ${runtime.weightDtype} and ${runtime.cacheDtype}`);
+      }
       const engine = createEngine({
         runner,
-        info: { name: specs[i].name, config: m.config, tokenizer: m.tokenizer, maxModelLen: m.config.maxSeqLen, chatTemplate: m.chatTemplate },
+        info: { name: specs[i].name, config: m.config, tokenizer: m.tokenizer, maxModelLen: m.config.maxSeqLen, chatTemplate: m.chatTemplate, runtime },
         maxNumSeqs: opts.maxNumSeqs,
         maxQueue: opts.maxQueue,
-        cacheDtype: 'f16',
+        cacheDtype: runtime.cacheDtype,
       });
       models.push({ name: specs[i].name, source: m.path, engine });
     }
@@ -166,6 +200,11 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
   }
 }
 
+function weightsLine(rt: ModelRuntime | undefined): string {
+  if (!rt) return 'weights (not reported)';
+  return `weights ${rt.weightDtype}${rt.int8Matmul === 'none' ? '' : ` (int8 matmul ${rt.int8Matmul})`}`;
+}
+
 /** The start-up lines: URL, adapter, and per model its KV budget in bytes, blocks and tokens. */
 export function banner(url: string, served: ServedEngines): string[] {
   const lines = [`mla-serve listening on ${url}`, `  adapter: ${served.gpu.adapterName}${served.gpu.isSoftware ? ' (software Vulkan: slow)' : ''}`];
@@ -175,7 +214,7 @@ export function banner(url: string, served: ServedEngines): string[] {
     const attention = m.engine.info.config.attention;
     lines.push(
       `  ${m.name.padEnd(width)}  ${attention}  KV ${formatBytes(s.capacityBytes)} (${s.capacityBytes} bytes) = ${s.numBlocks} blocks × ${s.blockSize} tokens = ${s.numBlocks * s.blockSize} tokens` +
-        ` at ${s.bytesPerToken} B/token (${s.cacheDtype}); max_model_len ${m.engine.info.maxModelLen}; from ${m.source}`,
+        ` at ${s.bytesPerToken} B/token (${s.cacheDtype}); ${weightsLine(m.engine.info.runtime)}; max_model_len ${m.engine.info.maxModelLen}; from ${m.source}`,
     );
   }
   return lines;

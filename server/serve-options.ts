@@ -28,7 +28,16 @@ export interface ServeOptions {
   apiKey?: string | null;
   /** pino level of the server log (request lines are `info`). */
   logLevel?: LogLevel;
+  /** Projection weights of every served model (default f16; int8 = per output channel, embedding and W_UK/W_UV f16). */
+  weightDtype?: WeightDtypeOption;
+  /** KV cache values of every served model (default f16). */
+  kvCacheDtype?: KvCacheDtypeOption;
 }
+
+export const WEIGHT_DTYPES = ['f16', 'f32', 'int8'] as const;
+export type WeightDtypeOption = (typeof WEIGHT_DTYPES)[number];
+export const KV_CACHE_DTYPES = ['f16', 'f32', 'int8'] as const;
+export type KvCacheDtypeOption = (typeof KV_CACHE_DTYPES)[number];
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -67,6 +76,10 @@ is printed at start (the API key redacted).
   --api-key KEY           require "Authorization: Bearer KEY" on every request except GET /health and
                           GET /metrics (probes and Prometheus/the router scrape without it); others get
                           401 with an OpenAI error body (default: no key) [MLA_SERVE_API_KEY]
+  --weight-dtype DTYPE    projection weights of every model: f16 (default), f32, or int8 (one scale per output
+                          channel; the embedding and MLA's W_UK/W_UV stay f16) [MLA_SERVE_WEIGHT_DTYPE]
+  --kv-cache-dtype DTYPE  KV cache values of every model: f16 (default), f32, or int8 (a model whose attention
+                          has no int8 cache yet refuses to start) [MLA_SERVE_KV_CACHE_DTYPE]
   --log-level LEVEL       fatal, error, warn, info (one line per request), debug, trace, silent
                           (default info) [MLA_SERVE_LOG_LEVEL, else LOG_LEVEL]
 `;
@@ -127,6 +140,15 @@ function listField(raw: Raw, label: string): string[] {
   return r.data.flatMap((s) => s.split(',')).map((s) => s.trim()).filter((s) => s.length > 0);
 }
 
+function enumField(values: readonly string[]) {
+  const schema = z.enum(values as [string, ...string[]]);
+  return (raw: Raw, label: string): string => {
+    const r = schema.safeParse(typeof raw === 'string' ? raw.trim().toLowerCase() : raw);
+    if (!r.success) throw new UsageError(`${label} must be one of ${values.join(', ')}; got ${JSON.stringify(raw)}`);
+    return r.data;
+  };
+}
+
 function textField(what: string) {
   const schema = textValue.pipe(z.string().trim().min(1));
   return (raw: Raw, label: string): string => {
@@ -166,6 +188,8 @@ const FIELDS: Field[] = [
     },
     defaultValue: 'info',
   },
+  { key: 'weightDtype', flag: 'weight-dtype', env: 'MLA_SERVE_WEIGHT_DTYPE', parse: enumField(WEIGHT_DTYPES), defaultValue: 'f16' },
+  { key: 'kvCacheDtype', flag: 'kv-cache-dtype', env: 'MLA_SERVE_KV_CACHE_DTYPE', parse: enumField(KV_CACHE_DTYPES), defaultValue: 'f16' },
 ];
 
 /** The environment variable of each flag (README and tests). */

@@ -39,6 +39,8 @@ test('defaults with nothing given', () => {
     shutdownTimeout: 30,
     apiKey: null,
     logLevel: 'info',
+    weightDtype: 'f16',
+    kvCacheDtype: 'f16',
   });
   assert.ok(Object.values(sources).every((s) => s === 'default'));
 });
