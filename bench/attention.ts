@@ -12,9 +12,12 @@
 // a fixed shuffle of the pool (pages scattered as a running server leaves them). Each measurement records many
 // layer-steps (partial + merge dispatches) in one compute pass, one submit; timestamps when the adapter has them.
 // Row 0 of each shape is checked against a float64 CPU computation from the same hash (max relative error column).
+// GQA also runs over an int8 cache (kernels/kv-int8.ts rows: hashed int8 values, hashed scales in [2^-7, 2^-6)), default
+// variant only, in the "GQA int8" column.
 import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { GqaAttention, maxAttentionChunk, type GqaAttentionTuning } from '../kernels/attention.ts';
+import { int8RowFormat, type Int8RowFormat } from '../kernels/kv-int8.ts';
 import { MlaAttention, DEFAULT_MLA_TUNING, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { buildStepMeta, type StepMeta } from '../kernels/step-meta.ts';
 import { bindBuffers, f16BitsToF32, gridFor, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
@@ -138,6 +141,30 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) n
   gpu.device.queue.submit([enc.finish()]);
 }
 
+/** An int8 cache row's words: hashed bytes for the values, f32 scales in [2^-7, 2^-6) built from hash bits (exact on both sides). */
+function fillCacheInt8(gpu: GpuContext, buf: GPUBuffer, seed: number, f: Int8RowFormat): void {
+  const WG = 256;
+  const code = /* wgsl */ `
+${HASH_WGSL}
+@group(0) @binding(0) var<storage, read_write> cache: array<u32>;
+@compute @workgroup_size(${WG})
+fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = id.x + id.y * nwg.x * ${WG}u;
+  if (i >= arrayLength(&cache)) { return; }
+  let r = hashWord(i, ${seed >>> 0}u);
+  cache[i] = select(r, 0x3c000000u | (r & 0x7fffffu), i % ${f.rowWords}u >= ${f.scaleWord}u);
+}`;
+  const pipeline = gpu.pipeline('bench fill int8 cache', code);
+  const enc = gpu.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  pass.setPipeline(pipeline);
+  pass.setBindGroup(0, bindBuffers(gpu, pipeline, 'fill int8', [buf]));
+  const [x, y] = gridFor(gpu, Math.ceil(buf.size / 4 / WG));
+  pass.dispatchWorkgroups(x, y);
+  pass.end();
+  gpu.device.queue.submit([enc.finish()]);
+}
+
 function randomF32(n: number, seed: number, scale: number): Float32Array {
   const out = new Float32Array(n);
   for (let i = 0; i < n; i++) out[i] = ((hashWord(i, seed) / 4294967296) * 2 - 1) * scale;
@@ -195,7 +222,7 @@ async function measure(gpu: GpuContext, args: Args, encodeOne: (pass: GPUCompute
 // ---- one shape ----
 
 interface Measurement {
-  kernel: 'gqa' | 'mla';
+  kernel: 'gqa' | 'gqa-int8' | 'mla';
   /** decode: one row per sequence; prefill: one sequence's every position (context rows, causal). */
   mode: 'decode' | 'prefill';
   variant: string;
@@ -220,15 +247,21 @@ interface Pool {
   buffer: GPUBuffer;
   blocks: number;
   rowValues: number;
+  /** Bytes per token row (f16: 2 per value; int8: values, scales, padding). */
+  rowBytes: number;
   seed: number;
+  /** Set for an int8 pool (f16 otherwise). */
+  int8?: Int8RowFormat;
 }
 
-function makePool(gpu: GpuContext, label: string, rowValues: number, wantBlocks: number, seed: number): Pool {
-  const blockBytes = BLOCK * rowValues * 2;
+function makePool(gpu: GpuContext, label: string, rowValues: number, wantBlocks: number, seed: number, int8?: Int8RowFormat): Pool {
+  const rowBytes = int8 ? int8.rowWords * 4 : rowValues * 2;
+  const blockBytes = BLOCK * rowBytes;
   const blocks = Math.max(1, Math.min(wantBlocks, Math.floor(gpu.limits.maxStorageBufferBindingSize / blockBytes)));
   const buffer = storageBuffer(gpu, `${label} cache (${blocks} blocks)`, blocks * blockBytes);
-  fillCache(gpu, buffer, seed);
-  return { buffer, blocks, rowValues, seed };
+  if (int8) fillCacheInt8(gpu, buffer, seed, int8);
+  else fillCache(gpu, buffer, seed);
+  return { buffer, blocks, rowValues, rowBytes, seed, int8 };
 }
 
 /** Block tables of `batch` sequences of `context` tokens: a fixed shuffle of the pool, wrapping when it is too small. */
@@ -246,6 +279,13 @@ function blockTables(batch: number, context: number, poolBlocks: number): { tabl
 /** Cache value (token t of a sequence, value v) through the block table, as the fill kernel wrote it. */
 function cacheValue(pool: Pool, table: number[], t: number, v: number): number {
   const row = table[Math.floor(t / BLOCK)] * BLOCK + (t % BLOCK);
+  const f = pool.int8;
+  if (f) {
+    const base = row * f.rowWords;
+    const byte = (hashWord(base + (v >> 2), pool.seed) >>> (8 * (v & 3))) & 0xff;
+    const scaleBits = 0x3c000000 | (hashWord(base + f.scaleWord + Math.floor(v / f.groupValues), pool.seed) & 0x7fffff);
+    return (byte >= 128 ? byte - 256 : byte) * new Float32Array(new Uint32Array([scaleBits]).buffer)[0];
+  }
   const idx = row * pool.rowValues + v;
   return wordValues(idx >>> 1, pool.seed)[idx & 1];
 }
@@ -312,14 +352,15 @@ async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
   for (let b = 0; b < rows; b++) qkvData.set(q.subarray(b * N_HEADS * D, (b + 1) * N_HEADS * D), b * qkvStride);
   const qkv = uploadArray(gpu, 'qkv', qkvData);
   const out = storageBuffer(gpu, 'gqa out', rows * outStride * 4);
-  const variants = args.variants === 'all' && !prefill ? GQA_VARIANTS : GQA_VARIANTS.slice(0, 1);
+  const variants = args.variants === 'all' && !prefill && !pool.int8 ? GQA_VARIANTS : GQA_VARIANTS.slice(0, 1);
+  const layout = pool.int8 ? { rowValues: pool.rowValues, blockSize: BLOCK, dtype: 'int8' as const, int8: pool.int8 } : { rowValues: pool.rowValues, blockSize: BLOCK, dtype: 'f16' as const };
   const results: Measurement[] = [];
   let want: Float64Array | undefined;
   for (const v of variants) {
     const m = metaFor(tables, context, pool.blocks, N_KV, chunkMax, v.chunkScale, prefill);
     if (v.chunkScale !== 1 && results.some((x) => x.chunk === m.chunkSize && x.variant.startsWith(v.name.split(' chunk')[0] + ' ('))) continue;
     const meta = uploadArray(gpu, 'meta', m.data);
-    const att = new GqaAttention(gpu, shape, { rowValues: pool.rowValues, blockSize: BLOCK, dtype: 'f16' }, { meta, qkv, qkvStride, out, outStride, layerCaches: [pool.buffer] }, v.tuning);
+    const att = new GqaAttention(gpu, shape, layout, { meta, qkv, qkvStride, out, outStride, layerCaches: [pool.buffer] }, v.tuning);
     att.prepare(m.nRows, m.maxChunks);
     const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks));
     let maxRelError = NaN;
@@ -349,10 +390,10 @@ async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
     att.destroy();
     meta.destroy();
     const tokensRead = prefill ? (batch * context * (context + 1)) / 2 : batch * context;
-    const cacheBytes = tokensRead * pool.rowValues * 2;
+    const cacheBytes = tokensRead * pool.rowBytes;
     const flops = tokensRead * N_HEADS * 4 * D;
     results.push({
-      kernel: 'gqa',
+      kernel: pool.int8 ? 'gqa-int8' : 'gqa',
       mode: prefill ? 'prefill' : 'decode',
       variant: `${v.name} (ran wg${plan.workgroupSize}, ${plan.lanes} lanes/row, u${plan.unroll})`,
       batch,
@@ -467,13 +508,14 @@ async function main(): Promise<void> {
     const wantBlocks = maxBatch * Math.ceil(maxCtx / BLOCK);
     const gqaPool = makePool(gpu, 'gqa', 2 * N_KV * HEAD_DIM, wantBlocks, 1234);
     const mlaPool = makePool(gpu, 'mla', R + ROPE, wantBlocks, 4321);
+    const gqaInt8Pool = makePool(gpu, 'gqa int8', 2 * N_KV * HEAD_DIM, wantBlocks, 5678, int8RowFormat(2 * N_KV, HEAD_DIM));
     process.stderr.write(
       `${gpu.adapterName}${gpu.isSoftware ? ' (software: timings meaningless)' : ''}; pools: GQA ${gqaPool.blocks} blocks (${((gqaPool.blocks * BLOCK * 2048) / 2 ** 30).toFixed(2)} GiB), ` +
         `MLA ${mlaPool.blocks} blocks (${((mlaPool.blocks * BLOCK * 1152) / 2 ** 30).toFixed(2)} GiB)\n`,
     );
     for (const context of args.contexts) {
       for (const batch of args.batches) {
-        const gs = await benchGqa(gpu, args, gqaPool, batch, context);
+        const gs = [...(await benchGqa(gpu, args, gqaPool, batch, context)), ...(await benchGqa(gpu, args, gqaInt8Pool, batch, context))];
         const ms = await benchMla(gpu, args, mlaPool, batch, context);
         all.push(...gs, ...ms);
         for (const m of [...gs, ...ms]) {
@@ -493,6 +535,7 @@ async function main(): Promise<void> {
       }
     }
     gqaPool.buffer.destroy();
+    gqaInt8Pool.buffer.destroy();
     mlaPool.buffer.destroy();
     if (args.json) {
       writeFileSync(
@@ -508,7 +551,7 @@ async function main(): Promise<void> {
   const goalBatch = args.batches.includes(32) ? 32 : Math.max(...args.batches);
   const goalCtx = args.contexts.includes(4096) ? 4096 : Math.max(...args.contexts);
   const decode = all.filter((m) => m.mode === 'decode');
-  const fastest = (kernel: 'gqa' | 'mla', batch: number, context: number, mode: 'decode' | 'prefill' = 'decode') =>
+  const fastest = (kernel: Measurement['kernel'], batch: number, context: number, mode: 'decode' | 'prefill' = 'decode') =>
     all.filter((m) => m.kernel === kernel && m.mode === mode && m.batch === batch && m.context === context).sort((a, b) => a.usPerLayerStep - b.usPerLayerStep)[0];
   const goalGqa = fastest('gqa', goalBatch, goalCtx);
   const gqaRows = [['GQA variant @ ' + `${goalBatch}×${goalCtx}`, 'chunk', 'µs', 'GB/s', 'max err']];
@@ -535,29 +578,32 @@ async function main(): Promise<void> {
   if (prefillRows.length > 1) console.log('\n' + table(prefillRows));
   // The short table, last: per shape, the fastest GQA variant vs the fastest MLA variant (the default GQA variant's
   // time in brackets when another was faster).
-  const rows = [['batch×ctx', 'GQA µs (default)', 'GQA GB/s', 'GQA variant', 'MLA µs', 'MLA/GQA', 'MLA GB/s', 'MLA TFLOP/s', 'MLA variant', 'max err']];
+  const rows = [['batch×ctx', 'GQA µs (default)', 'GQA GB/s', 'GQA variant', 'GQA int8 µs', 'int8/f16', 'MLA µs', 'MLA/GQA', 'MLA GB/s', 'MLA TFLOP/s', 'MLA variant', 'max err']];
   for (const context of args.contexts) {
     for (const batch of args.batches) {
       const g = fastest('gqa', batch, context);
       const gDefault = decode.find((m) => m.kernel === 'gqa' && m.batch === batch && m.context === context);
       const mla = fastest('mla', batch, context);
+      const g8 = fastest('gqa-int8', batch, context);
       if (!g || !mla) continue;
       rows.push([
         `${batch}×${context}${g.aliasedBlocks ? '*' : ''}`,
         `${fmt(g.usPerLayerStep)}${gDefault && gDefault !== g ? ` (${fmt(gDefault.usPerLayerStep)})` : ''}`,
         `${fmt(g.gbPerS, 0)} (${pct(g.bandwidthRatio)})`,
         g.variant.split(' (')[0],
+        g8 ? fmt(g8.usPerLayerStep) : '—',
+        g8 ? fmt(g8.usPerLayerStep / g.usPerLayerStep, 2) : '—',
         fmt(mla.usPerLayerStep),
         fmt(mla.usPerLayerStep / g.usPerLayerStep, 2),
         `${fmt(mla.gbPerS, 0)} (${pct(mla.bandwidthRatio)})`,
         `${fmt(mla.tflops, 1)} (${pct(mla.flopRatio)})`,
         mla.variant.split(' (')[0],
-        errText(Math.max(g.maxRelError, gDefault?.maxRelError ?? NaN, mla.maxRelError)),
+        errText(Math.max(g.maxRelError, gDefault?.maxRelError ?? NaN, g8?.maxRelError ?? NaN, mla.maxRelError)),
       ]);
     }
   }
   console.log(
-    `\nattention per layer-step, f16 caches, Qwen2.5-7B shapes (GQA 28q/4kv d128: 2048 B/token; MLA 28h 512+64: 1152 B/token = 56%)\n` +
+    `\nattention per layer-step, f16 caches (and GQA over an int8 cache: 1056 B/token), Qwen2.5-7B shapes (GQA 28q/4kv d128: 2048 B/token; MLA 28h 512+64: 1152 B/token = 56%)\n` +
       `ceilings: ${args.ceilingGBs} GB/s HBM, ${args.ceilingTflops} TFLOP/s f32; GB/s counts cache bytes only; FLOP: GQA 4·d, MLA 2·(R+r)+2·R per head per token` +
       `${rows.some((r) => r[0].endsWith('*')) ? '\n* pool smaller than batch×ctx: sequences share blocks (cache hits possible)' : ''}\n`,
   );

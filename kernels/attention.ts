@@ -155,7 +155,10 @@ function partialWgsl(s: GqaShape, layout: PagedRows, qkvStride: number, chunkMax
     }
   }
   const finals = [...Array(len).keys()];
-  const redSize = Math.max(G * WG, TG * D);
+  // int8 pieces of 16 values would double the token-group sum's workgroup memory (TG · D = WG · P floats) past 32 KiB
+  // at g = 7: that sum then goes through in S slices of the piece, each the size an f16 piece of 8 needs.
+  const S = i8 && P === 16 ? 2 : 1;
+  const redSize = Math.max(G * WG, (TG * D) / S);
   return /* wgsl */ `${L > 1 ? 'enable subgroups;\n' : ''}
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> qkv: array<f32>;
@@ -267,7 +270,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   // Sum the token groups' accumulators one head at a time through workgroup memory, then write the partial.
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
   let inGroup = tg < ${TG}u;
-  ${gs.map((g) => `if (inGroup) {
+  ${S === 1 ? gs.map((g) => `if (inGroup) {
     ${k2s.map((k2) => `red[tg * ${D}u + pc * ${P}u + ${2 * k2}u] = a${g}_${k2}.x; red[tg * ${D}u + pc * ${P}u + ${2 * k2 + 1}u] = a${g}_${k2}.y;`).join('\n    ')}
   }
   workgroupBarrier();
@@ -276,7 +279,22 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     for (var t = 0u; t < ${TG}u; t++) { o += red[t * ${D}u + d]; }
     partials[((r * ${s.nHeads}u + kh * ${G}u + ${g}u) * maxChunks + c) * ${D + 2}u + 2u + d] = o;
   }
-  workgroupBarrier();`).join('\n  ')}
+  workgroupBarrier();`).join('\n  ') : gs.flatMap((g) => [...Array(S).keys()].map((sl) => {
+    // Slice sl holds values [sl · P/S, (sl + 1) · P/S) of every piece: slot d' is dim (d' / (P/S)) · P + sl · P/S + d' % (P/S).
+    const PS = P / S;
+    const DS = D / S;
+    const mine = k2s.filter((k2) => Math.floor((2 * k2) / PS) === sl);
+    return `if (inGroup) {
+    ${mine.map((k2) => `red[tg * ${DS}u + pc * ${PS}u + ${2 * k2 - sl * PS}u] = a${g}_${k2}.x; red[tg * ${DS}u + pc * ${PS}u + ${2 * k2 + 1 - sl * PS}u] = a${g}_${k2}.y;`).join('\n    ')}
+  }
+  workgroupBarrier();
+  for (var d = lid; d < ${DS}u; d += ${WG}u) {
+    var o = 0.0;
+    for (var t = 0u; t < ${TG}u; t++) { o += red[t * ${DS}u + d]; }
+    partials[((r * ${s.nHeads}u + kh * ${G}u + ${g}u) * maxChunks + c) * ${D + 2}u + 2u + (d / ${PS}u) * ${P}u + ${sl * PS}u + d % ${PS}u] = o;
+  }
+  workgroupBarrier();`;
+  })).join('\n  ')}
   if (lid < ${G}u) {
     let base = ((r * ${s.nHeads}u + kh * ${G}u + lid) * maxChunks + c) * ${D + 2}u;
     partials[base] = stats[lid];

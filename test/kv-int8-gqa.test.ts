@@ -334,6 +334,21 @@ test('gqa attention over the int8 cache vs float64: within the quantization boun
   assert.deepEqual([...pieces].sort((a, b) => a - b), [4, 8, 16], 'every int8 piece width (u32, vec2<u32>, vec4<u32>) should be covered');
 });
 
+test('gqa attention over the int8 cache at Qwen2.5-7B head shape (28 q / 4 kv, d 128): 16-value pieces, sliced token-group sum', async () => {
+  const shape = { nHeads: 28, nKvHeads: 4, headDim: 128 };
+  const seed = freshSeed();
+  const c: Step = { shape, blockSize: 16, seqs: [[300, 1], [0, 3], [40, 1]], chunkSize: 64 };
+  const r = await runStep(c, seed);
+  assert.equal(r.plan.piece, 16, '128-wide int8 rows load in 16-byte pieces');
+  assert.ok(r.maxChunks >= 2);
+  const { want, bound, wantDequant } = referenceAndBound(r, c);
+  const kernelErr = relError(r.out, wantDequant);
+  assert.ok(kernelErr <= 1e-4, `seed ${seed} ${JSON.stringify(r.plan)}: relative error ${kernelErr} vs float64 on the dequantized cache`);
+  for (let i = 0; i < want.length; i++) {
+    assert.ok(Math.abs(r.out[i] - want[i]) <= bound[i], `seed ${seed}: output ${i} is ${r.out[i]}, float64 ${want[i]}, bound ${bound[i]}`);
+  }
+});
+
 test('gqa attention over the int8 cache: a NaN key reaches exactly the outputs whose context holds it', async () => {
   const shape = { nHeads: 4, nKvHeads: 2, headDim: 16 };
   const seqs: Array<[number, number]> = [[10, 1], [3, 4]];
