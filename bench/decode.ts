@@ -6,6 +6,7 @@
 //   npm run bench:decode -- --json decode.json    # also write every measurement as JSON
 //   options: --models qwen2.5-7b,qwen2.5-7b-mla  --batches 1,32,64  --contexts 512,4096  --steps 32  --warmup 2
 //            --prefill-chunk 512  --kv-budget 16GiB (capacity line only)  --ceiling-gbs 4300  --seed 0
+//            --weight-dtype f16|int8  --kv-cache-dtype f16|f32|int8
 //            --layers N  --vocab N (smaller than the real model: smoke tests of the real widths)
 //
 // How a configuration (B sequences, context C) is measured:
@@ -17,6 +18,7 @@
 //      are fixed pseudo-random ids, not sampled: host sampling is not part of the figure.
 // Weights: syntheticF16Model (model/synthetic.ts): generated straight into packed f16, one layer's values shared on the
 // host, but every layer uploaded into its own GPU buffers (14.1 GB for Qwen2.5-7B), so each step streams all of them.
+import type { CacheDtype } from '../cache/kv-layout.ts';
 import { writeFileSync } from 'node:fs';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import type { ModelRunner, StepSequence } from '../engine/types.ts';
@@ -38,6 +40,9 @@ interface Args {
   ceilingGBs: number;
   seed: number;
   blockSize: number;
+  /** Projection weights: f16 (packed, default) or int8 per output channel (W8A8 above 8 rows). */
+  weightDtype: 'f16' | 'int8';
+  kvCacheDtype: CacheDtype;
   /** Fewer layers / a smaller vocabulary than the real model (smoke tests of real widths on a slow GPU). */
   layers?: number;
   vocab?: number;
@@ -74,6 +79,8 @@ function parseArgs(argv: string[]): Args {
     ceilingGBs: 4300,
     seed: 0,
     blockSize: 16,
+    weightDtype: 'f16',
+    kvCacheDtype: 'f16',
   };
   const given = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
@@ -99,6 +106,15 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
     else if (k === '--seed') a.seed = Number(val());
     else if (k === '--block-size') a.blockSize = intList(val(), k)[0];
+    else if (k === '--weight-dtype') {
+      const v = val();
+      if (v !== 'f16' && v !== 'int8') throw new Error(`--weight-dtype is f16 or int8, got ${v}`);
+      a.weightDtype = v;
+    } else if (k === '--kv-cache-dtype') {
+      const v = val();
+      if (v !== 'f16' && v !== 'f32' && v !== 'int8') throw new Error(`--kv-cache-dtype is f16, f32 or int8, got ${v}`);
+      a.kvCacheDtype = v;
+    }
     else if (k === '--layers') a.layers = intList(val(), k)[0];
     else if (k === '--vocab') a.vocab = intList(val(), k)[0];
     else throw new Error(`unknown option ${k}; ${USAGE}`);
@@ -212,8 +228,8 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
   const runner: ModelRunner = await createGpuRunner(gpu, m, {
     blockSize: bs,
     numBlocks,
-    weightDtype: 'f16',
-    cacheDtype: 'f16',
+    weightDtype: a.weightDtype,
+    cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
   });
   const uploadS = (performance.now() - t1) / 1000;

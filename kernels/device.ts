@@ -13,11 +13,32 @@ export interface GpuContext {
   features: Set<string>;
   limits: GPUSupportedLimits;
   subgroupSize: number;
+  /**
+   * Tensor-core shapes the adapter offers through `chromium-experimental-subgroup-matrix` (empty without the feature):
+   * on the H200 i8×i8→i32 and u8×u8→u32 with M 16, N 16 or 8, K 32.
+   */
+  subgroupMatrixConfigs: SubgroupMatrixConfig[];
   /** Compute pipelines keyed by label + source; one cache per device. */
   pipeline(label: string, code: string, entryPoint?: string, constants?: Record<string, number>): GPUComputePipeline;
   /** Throws the first uncaptured GPU error (with its WGSL label) or device loss, if any happened. */
   checkErrors(): void;
   destroy(): void;
+}
+
+export interface SubgroupMatrixConfig {
+  componentType: string;
+  resultComponentType: string;
+  M: number;
+  N: number;
+  K: number;
+}
+
+/**
+ * Dawn toggles every device gets unless the caller passes its own: subgroup matrices (tensor cores) exist only behind
+ * allow_unsafe_apis. MLA_SERVE_SAFE_APIS=1 leaves it off (the int8 GEMMs then take the dot4I8Packed path).
+ */
+export function defaultDawnFlags(): string[] {
+  return process.env.MLA_SERVE_SAFE_APIS === '1' ? [] : ['enable-dawn-features=allow_unsafe_apis'];
 }
 
 export interface GpuOptions {
@@ -53,7 +74,7 @@ async function requestAdapter(flags: string[]): Promise<GPUAdapter | null> {
 /** Opens a GPU device with the adapter's maximum limits. */
 export async function openGpu(opts: GpuOptions = {}): Promise<GpuContext> {
   const log = opts.log ?? ((m: string) => process.stderr.write(m + '\n'));
-  const flags = opts.dawnFlags ?? [];
+  const flags = opts.dawnFlags ?? defaultDawnFlags();
   let adapter: GPUAdapter | null = null;
   let isSoftware = false;
   if (!opts.forceSoftware && !process.env.VK_ICD_FILENAMES) {
@@ -118,8 +139,12 @@ export async function openGpu(opts: GpuOptions = {}): Promise<GpuContext> {
   });
 
   const cache = new Map<string, GPUComputePipeline>();
+  const configs = (info as unknown as { subgroupMatrixConfigs?: SubgroupMatrixConfig[] })?.subgroupMatrixConfigs ?? [];
   const ctx: GpuContext = {
     device,
+    subgroupMatrixConfigs: device.features.has('chromium-experimental-subgroup-matrix' as GPUFeatureName)
+      ? [...configs].map((c) => ({ componentType: c.componentType, resultComponentType: c.resultComponentType, M: c.M, N: c.N, K: c.K }))
+      : [],
     adapterName,
     isSoftware,
     features: new Set(device.features as unknown as Iterable<string>),

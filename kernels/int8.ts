@@ -1,9 +1,14 @@
 // Int8 weights with one scale per output channel: symmetric quantization at load, packing four per u32, GPU upload.
 import type { GpuContext } from './device.ts';
 
-/** Rounds up to a multiple of 16 values: int8 row strides (one vec4<u32> = 16 values per load). */
+/** Rounds up to a multiple of 16: int8 weight rows are allocated in 16-row groups (one subgroup-matrix tile). */
 export function pad16(n: number): number {
   return Math.ceil(n / 16) * 16;
+}
+
+/** Rounds up to a multiple of 32 values: int8 row strides (one subgroup-matrix K step of 32; two vec4<u32> loads). */
+export function pad32(n: number): number {
+  return Math.ceil(n / 32) * 32;
 }
 
 /**
@@ -14,7 +19,7 @@ export function pad16(n: number): number {
 export interface Int8Rows {
   rows: number;
   cols: number;
-  /** Row stride in values (a multiple of 16). */
+  /** Row stride in values (a multiple of 32). */
   stride: number;
   packed: Uint32Array;
   /** Per-row scale max|w_row| / 127 (rounded to f32, the value the GPU multiplies by); 0 for an all-zero row. */
@@ -27,9 +32,10 @@ export interface Int8Rows {
  */
 export function quantizeInt8Rows(data: ArrayLike<number>, rows: number, cols: number, label = 'matrix'): Int8Rows {
   if (data.length !== rows * cols) throw new Error(`${label}: ${data.length} values, shape [${rows}, ${cols}] needs ${rows * cols}`);
-  const stride = pad16(cols);
+  const stride = pad32(cols);
   const words = stride / 4;
-  const packed = new Uint32Array(rows * words);
+  // Rows up to a multiple of 16 (zero): a subgroup-matrix tile loads 16 weight rows at once.
+  const packed = new Uint32Array(pad16(rows) * words);
   const scales = new Float32Array(rows);
   for (let r = 0; r < rows; r++) {
     const base = r * cols;
@@ -74,7 +80,7 @@ export interface GpuInt8Matrix {
   rows: number;
   cols: number;
   dtype: 'int8';
-  /** Row stride in values (a multiple of 16). */
+  /** Row stride in values (a multiple of 32); the buffer holds pad16(rows) rows, the extra ones zero. */
   stride: number;
   buffer: GPUBuffer;
   scales: GPUBuffer;
@@ -84,7 +90,12 @@ export interface GpuInt8Matrix {
 
 /** Quantizes a row-major [rows, cols] f32 matrix per row and uploads values and scales. */
 export function uploadInt8Matrix(gpu: GpuContext, label: string, data: ArrayLike<number>, rows: number, cols: number): GpuInt8Matrix {
-  const q = quantizeInt8Rows(data, rows, cols, label);
+  return uploadQuantizedInt8(gpu, label, quantizeInt8Rows(data, rows, cols, label));
+}
+
+/** Uploads an already quantized matrix (values and scales). */
+export function uploadQuantizedInt8(gpu: GpuContext, label: string, q: Int8Rows): GpuInt8Matrix {
+  const { rows, cols } = q;
   const maxBinding = gpu.limits.maxStorageBufferBindingSize;
   if (q.packed.byteLength > maxBinding) {
     // Unlike f32/f16 weights, int8 matrices are not split into pieces yet; a quarter of the f32 bytes rarely reaches the limit.

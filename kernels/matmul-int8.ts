@@ -7,6 +7,19 @@ import { bindBuffers, gridFor } from './tensors.ts';
 export interface Int8MatmulTuning {
   /** Rows up to this go through the weights-only GEMV (f32 activations); above it, W8A8. */
   gemvMaxRows: number;
+  /**
+   * W8A8 on subgroup matrices (tensor cores) where the adapter offers i8×i8→i32 16×16×32: 'auto' uses them when
+   * present, 'off' keeps the dot4I8Packed kernel. Both compute the same exact i32 sums.
+   */
+  subgroupMatrix: 'auto' | 'off';
+  /** Subgroup-matrix GEMM: 16-column tiles per workgroup. */
+  smColTiles: number;
+  /** Subgroup-matrix GEMM: subgroups per workgroup, each taking every smSubgroups-th K step of 32. */
+  smSubgroups: number;
+  /** Subgroup-matrix GEMM: K steps loaded per loop iteration (loads in flight). */
+  smUnroll: number;
+  /** Subgroup-matrix GEMM: stage tiles through workgroup memory (vec4 loads) instead of loading them from storage. */
+  smStaged: boolean;
   /** Threads sharing one group of output features along K (a power of two). */
   gemvThreadsPerRow: number;
   /** Output features per GEMV thread (each x load feeds that many weight rows). */
@@ -17,10 +30,12 @@ export interface Int8MatmulTuning {
 
 /** First-slice defaults (not yet tuned on the H200): 32 threads along K, 2 features per thread, 64-thread workgroups. */
 export function defaultInt8MatmulTuning(): Int8MatmulTuning {
-  return { gemvMaxRows: 8, gemvThreadsPerRow: 32, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2 };
+  return { gemvMaxRows: 8, gemvThreadsPerRow: 32, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2, subgroupMatrix: 'auto', smColTiles: 1, smSubgroups: 4, smUnroll: 2, smStaged: true };
 }
 
 const range = (n: number) => [...Array(n).keys()];
+
+export type Int8MatmulPath = 'gemv' | 'w8a8' | 'w8a8-sm';
 
 interface Common {
   K: number;
@@ -234,6 +249,213 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 `;
 }
 
+/** True when the adapter offers the i8×i8→i32 M16 N16 K32 subgroup-matrix shape the tensor-core W8A8 kernel uses. */
+export function hasInt8SubgroupMatrix(gpu: GpuContext): boolean {
+  return gpu.subgroupMatrixConfigs.some((c) => c.componentType === 'i8' && c.resultComponentType === 'i32' && c.M === 16 && c.N === 16 && c.K === 32);
+}
+
+/**
+ * W8A8 GEMM on subgroup matrices (tensor cores): the same exact i32 sums as gemmW8A8Wgsl, so the same y.
+ * A workgroup owns `colTiles` 16-column tiles (weight rows) and all row tiles; its `subgroups` subgroups split K,
+ * subgroup g taking K steps g, g + subgroups, … (neighbouring subgroups read neighbouring 32-byte pieces of the same
+ * weight rows). Left = activations [16 rows × 32] row-major (stride = row stride in values), right = Wᵀ [32 × 16
+ * columns], i.e. W's rows read column-major. At the end the subgroups' partial tiles meet in workgroup memory one
+ * tile at a time, and each element gets y = f32(sum) · (row scale · feature scale) (+ bias).
+ * Loads use the (deprecated, Dawn warns at compile) form with a col_major bool: on the H200's Dawn it counts offset and
+ * stride in i8 values, measured; the newer `<T, col_major>` form read different addresses there.
+ * Needs: K stride a multiple of 32 (pad32), the weight buffer padded to whole 16-row tiles (pad16), the quantized
+ * activation buffer holding whole 16-row tiles.
+ */
+export function gemmW8A8SubgroupMatrixWgsl(p: Common & { rowTiles: number; colTiles: number; subgroups: number; unroll: number; subgroupSize: number }): string {
+  const { rowTiles: MT, colTiles: CT, subgroups: S, unroll: U } = p;
+  const steps = p.stride / 32;
+  const sgSize = p.subgroupSize;
+  const wg = S * sgSize;
+  const bindings = [
+    '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
+    '@group(0) @binding(1) var<storage, read> xq: array<i32>;',
+    '@group(0) @binding(2) var<storage, read> xScale: array<f32>;',
+    '@group(0) @binding(3) var<storage, read> w: array<i32>;',
+    '@group(0) @binding(4) var<storage, read> wScale: array<f32>;',
+    '@group(0) @binding(5) var<storage, read_write> y: array<f32>;',
+  ];
+  if (p.bias) bindings.push('@group(0) @binding(6) var<storage, read> bias: array<f32>;');
+  const mts = range(MT);
+  const cts = range(CT);
+  const us = range(U);
+  const accs = mts.flatMap((m) => cts.map((c) => `acc${m}_${c}`));
+  const left = 'subgroup_matrix_left<i8, 32, 16>';
+  const right = 'subgroup_matrix_right<i8, 16, 32>';
+  const result = 'subgroup_matrix_result<i32, 16, 16>';
+  const stepBody = (kExpr: string, u: number) => [
+    ...cts.map((c) => `let r${u}_${c} = subgroupMatrixLoad<${right}>(&w, wBase${c} + ${kExpr} * 32u, true, ${p.stride}u);`),
+    ...mts.map((m) => `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, ${m * 16 * p.stride}u + ${kExpr} * 32u, false, ${p.stride}u);`),
+  ];
+  const mma = (u: number) => mts.flatMap((m) => cts.map((c) => `acc${m}_${c} = subgroupMatrixMultiplyAccumulate(l${u}_${m}, r${u}_${c}, acc${m}_${c});`));
+  const fullIters = Math.floor(steps / (S * U));
+  const epilogue = mts.flatMap((m) =>
+    cts.map((c) => {
+      const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
+      return `subgroupMatrixStore(&part, sg * 256u, acc${m}_${c}, false, 16u);
+  workgroupBarrier();
+  for (var e = lid; e < 256u; e += ${wg}u) {
+    let gm = ${m * 16}u + e / 16u;
+    let gn = nTile + ${c * 16}u + e % 16u;
+    var sum = 0i;
+    for (var g = 0u; g < ${S}u; g++) { sum += part[g * 256u + e]; }
+    if (gm < M && gn < ${p.N}u) { ${storeExpr(p, `gm * ${p.yStride}u + ${p.colOffset}u + gn`, v)} }
+  }
+  workgroupBarrier();`;
+    }),
+  );
+  // Subgroup matrix calls need subgroup-uniform operands; K offsets depend on the subgroup index (uniform within a
+  // subgroup, not across the workgroup), which WGSL's workgroup-scope analysis cannot see.
+  return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
+${bindings.join('\n')}
+var<workgroup> part: array<i32, ${S * 256}>;
+
+@compute @workgroup_size(${wg})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sgId: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let M = stepMeta[${p.rowsSlot}];
+  // subgroup_id, not lid / 32: WGSL's analysis accepts it as uniform within the subgroup (a store offset must be).
+  let sg = sgId;
+  let nTile = (wid.x + wid.y * nwg.x) * ${CT * 16}u;
+  // Tiles past the last 16-row weight tile re-read it (the buffer ends there); their columns are never stored.
+  ${cts.map((c) => `let wBase${c} = min(nTile + ${c * 16}u, ${Math.ceil(p.N / 16) * 16 - 16}u) * ${p.stride}u;`).join('\n  ')}
+  ${accs.map((a) => `var ${a} = ${result}();`).join('\n  ')}
+  for (var it = 0u; it < ${fullIters}u; it++) {
+    let k0 = it * ${S * U}u + sg;
+    ${us.flatMap((u) => stepBody(`(k0 + ${u * S}u)`, u)).join('\n    ')}
+    ${us.flatMap((u) => mma(u)).join('\n    ')}
+  }
+  for (var ks = ${fullIters * S * U}u + sg; ks < ${steps}u; ks += ${S}u) {
+    ${stepBody('ks', 0).join('\n    ')}
+    ${mma(0).join('\n    ')}
+  }
+  ${epilogue.join('\n  ')}
+}
+`;
+}
+
+/**
+ * The same GEMM with tiles staged through workgroup memory: each subgroup copies its 16 weight rows × 32·unroll bytes and
+ * the activation rows of its K chunk with vec4 loads (8 lanes per 128-byte line), then feeds the tensor cores from
+ * workgroup memory. Measured on the H200: subgroupMatrixLoad straight from a storage buffer of i8 runs at ~100 GB/s.
+ * Subgroup g takes K chunks g, g + subgroups, … of `unroll` steps; every subgroup runs the same number of iterations
+ * (chunks past K stage zeros) so the barriers stay in uniform control flow.
+ */
+export function gemmW8A8StagedWgsl(p: Common & { rowTiles: number; subgroups: number; unroll: number; subgroupSize: number }): string {
+  const { rowTiles: MT, subgroups: S, unroll: U } = p;
+  const steps = p.stride / 32;
+  const chunks = Math.ceil(steps / U);
+  const iters = Math.ceil(chunks / S);
+  const sgSize = p.subgroupSize;
+  const wg = S * sgSize;
+  const rowV4 = 2 * U; // vec4<i32> per staged row (32·U bytes)
+  const rowI = 8 * U; // i32 per staged row
+  const wRegion = 16 * rowI;
+  const xRegion = MT * 16 * rowI;
+  const strideV4 = p.stride / 16;
+  const bindings = [
+    '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
+    '@group(0) @binding(1) var<storage, read> xq: array<vec4<i32>>;',
+    '@group(0) @binding(2) var<storage, read> xScale: array<f32>;',
+    '@group(0) @binding(3) var<storage, read> w: array<vec4<i32>>;',
+    '@group(0) @binding(4) var<storage, read> wScale: array<f32>;',
+    '@group(0) @binding(5) var<storage, read_write> y: array<f32>;',
+  ];
+  if (p.bias) bindings.push('@group(0) @binding(6) var<storage, read> bias: array<f32>;');
+  const mts = range(MT);
+  const us = range(U);
+  const left = 'subgroup_matrix_left<i8, 32, 16>';
+  const right = 'subgroup_matrix_right<i8, 16, 32>';
+  const result = 'subgroup_matrix_result<i32, 16, 16>';
+  const put = (arr: string, idx: string, v: string) => range(4).map((i) => `${arr}[${idx} + ${i}u] = ${v}[${i}];`).join(' ');
+  const wLoads = Math.ceil((16 * rowV4) / sgSize);
+  const xLoads = Math.ceil((MT * 16 * rowV4) / sgSize);
+  const epilogue = mts.map((m) => {
+    const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
+    return `subgroupMatrixStore(&part, sg * 256u, acc${m}, false, 16u);
+  workgroupBarrier();
+  for (var e = lid; e < 256u; e += ${wg}u) {
+    let gm = ${m * 16}u + e / 16u;
+    let gn = nTile + e % 16u;
+    var sum = 0i;
+    for (var g = 0u; g < ${S}u; g++) { sum += part[g * 256u + e]; }
+    if (gm < M && gn < ${p.N}u) { ${storeExpr(p, `gm * ${p.yStride}u + ${p.colOffset}u + gn`, v)} }
+  }
+  workgroupBarrier();`;
+  });
+  return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
+${bindings.join('\n')}
+var<workgroup> wt: array<i32, ${S * wRegion}>;
+var<workgroup> xt: array<i32, ${S * xRegion}>;
+var<workgroup> part: array<i32, ${S * 256}>;
+
+@compute @workgroup_size(${wg})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let M = stepMeta[${p.rowsSlot}];
+  let lane = lid % ${sgSize}u;
+  let nTile = (wid.x + wid.y * nwg.x) * 16u;
+  let wRow0 = min(nTile, ${Math.ceil(p.N / 16) * 16 - 16}u);
+  let wBase = sg * ${wRegion}u;
+  let xBase = sg * ${xRegion}u;
+  ${mts.map((m) => `var acc${m} = ${result}();`).join('\n  ')}
+  for (var it = 0u; it < ${iters}u; it++) {
+    let chunk = it * ${S}u + sg;
+    let live = chunk < ${chunks}u;
+    let k4 = chunk * ${rowV4}u;
+    ${range(wLoads)
+      .map(
+        (t) => `{
+      let j = lane + ${t * sgSize}u;
+      if (j < ${16 * rowV4}u) {
+        let r = j / ${rowV4}u;
+        let c = j % ${rowV4}u;
+        var v = vec4<i32>(0);
+        if (live && k4 + c < ${strideV4}u) { v = w[(wRow0 + r) * ${strideV4}u + k4 + c]; }
+        ${put('wt', `wBase + r * ${rowI}u + c * 4u`, 'v')}
+      }
+    }`,
+      )
+      .join('\n    ')}
+    ${range(xLoads)
+      .map(
+        (t) => `{
+      let j = lane + ${t * sgSize}u;
+      if (j < ${MT * 16 * rowV4}u) {
+        let r = j / ${rowV4}u;
+        let c = j % ${rowV4}u;
+        var v = vec4<i32>(0);
+        if (live && k4 + c < ${strideV4}u) { v = xq[r * ${strideV4}u + k4 + c]; }
+        ${put('xt', `xBase + r * ${rowI}u + c * 4u`, 'v')}
+      }
+    }`,
+      )
+      .join('\n    ')}
+    workgroupBarrier();
+    ${us
+      .map(
+        (u) => `{
+      let r = subgroupMatrixLoad<${right}>(&wt, wBase * 4u + ${u * 32}u, true, ${rowI * 4}u);
+      ${mts.map((m) => `acc${m} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&xt, xBase * 4u + ${m * 16 * rowI * 4 + u * 32}u, false, ${rowI * 4}u), r, acc${m});`).join('\n      ')}
+    }`,
+      )
+      .join('\n    ')}
+    workgroupBarrier();
+  }
+  ${epilogue.join('\n  ')}
+}
+`;
+}
+
+/** Workgroup bytes the staged kernel needs (≤ 48 KiB on the H200: pick `unroll` to fit). */
+export function stagedWorkgroupBytes(rowTiles: number, subgroups: number, unroll: number): number {
+  return 4 * subgroups * (16 * 8 * unroll + rowTiles * 16 * 8 * unroll + 256);
+}
+
 interface Dispatch {
   pipeline: GPUComputePipeline;
   bindGroup: GPUBindGroup;
@@ -267,9 +489,10 @@ export class Int8MatmulOp {
     if (t.gemvMaxRows < 0 || t.gemvMaxRows > 8) throw new Error(`${label}: int8 gemvMaxRows ${t.gemvMaxRows} must be 0..8`);
   }
 
-  /** Which kernels serve `rows` input rows: 'gemv' (weights-only int8) or 'w8a8'. */
-  path(rows: number): 'gemv' | 'w8a8' {
-    return rows <= this.tuning.gemvMaxRows ? 'gemv' : 'w8a8';
+  /** Which kernels serve `rows` input rows: 'gemv' (weights-only int8), 'w8a8' (dot4I8Packed) or 'w8a8-sm' (tensor cores). */
+  path(rows: number): Int8MatmulPath {
+    if (rows <= this.tuning.gemvMaxRows) return 'gemv';
+    return this.tuning.subgroupMatrix === 'auto' && hasInt8SubgroupMatrix(this.gpu) ? 'w8a8-sm' : 'w8a8';
   }
 
   private common() {
@@ -297,8 +520,8 @@ export class Int8MatmulOp {
     return [{ pipeline, bindGroup: bindBuffers(gpu, pipeline, `${w.label} int8 gemv${mr}`, bufs), grid: [gx, gy, 1] }];
   }
 
-  private buildW8A8(rowTiles: number): Dispatch[] {
-    const { gpu, weight: w, b } = this;
+  private buildW8A8(rowTiles: number, sm: boolean): Dispatch[] {
+    const { gpu, weight: w, b, tuning: t } = this;
     const cap = rowTiles * W8A8_TILE_M;
     const words = w.stride / 4;
     if (!this.xq || this.xq.size < cap * words * 4) {
@@ -308,13 +531,37 @@ export class Int8MatmulOp {
       this.xScale = gpu.device.createBuffer({ label: `${w.label} activation scales`, size: Math.max(16, cap * 4), usage });
     }
     const qp = gpu.pipeline(`quantize rows int8 K${w.cols}`, quantizeRowsWgsl({ K: w.cols, xStride: b.xStride, words, rowsSlot: b.rowsSlot }));
-    const gp = gpu.pipeline(`matmul int8 w8a8 ${w.rows}x${w.cols}`, gemmW8A8Wgsl(this.common()));
     const gbufs = [b.meta, this.xq, this.xScale!, w.buffer, w.scales, b.y];
     if (b.bias) gbufs.push(b.bias);
-    return [
-      { pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, this.xq, this.xScale!]), grid: [cap, 1, 1] },
-      { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8`, gbufs), grid: [Math.ceil(w.rows / W8A8_TILE_N), rowTiles, 1] },
-    ];
+    const quantize: Dispatch = { pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, this.xq, this.xScale!]), grid: [cap, 1, 1] };
+    if (sm && t.smStaged) {
+      let unroll = t.smUnroll;
+      const budget = gpu.limits.maxComputeWorkgroupStorageSize;
+      while (unroll > 1 && stagedWorkgroupBytes(rowTiles, t.smSubgroups, unroll) > budget) unroll--;
+      if (stagedWorkgroupBytes(rowTiles, t.smSubgroups, unroll) > budget) {
+        throw new Error(`${w.label}: ${rowTiles * 16} rows need ${stagedWorkgroupBytes(rowTiles, t.smSubgroups, unroll)} B of workgroup memory in the staged int8 GEMM (limit ${budget}); use fewer smSubgroups`);
+      }
+      const code = gemmW8A8StagedWgsl({ ...this.common(), rowTiles, subgroups: t.smSubgroups, unroll, subgroupSize: gpu.subgroupSize });
+      const gp = gpu.pipeline(`matmul int8 w8a8 sm-staged ${w.rows}x${w.cols} m${rowTiles} s${t.smSubgroups} u${unroll}`, code);
+      const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / 16));
+      return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm staged`, gbufs), grid: [gx, gy, 1] }];
+    }
+    if (sm) {
+      const code = gemmW8A8SubgroupMatrixWgsl({
+        ...this.common(),
+        rowTiles,
+        colTiles: t.smColTiles,
+        subgroups: t.smSubgroups,
+        unroll: t.smUnroll,
+        subgroupSize: gpu.subgroupSize,
+      });
+      const label = `matmul int8 w8a8 sm ${w.rows}x${w.cols} m${rowTiles} c${t.smColTiles} s${t.smSubgroups} u${t.smUnroll}`;
+      const gp = gpu.pipeline(label, code);
+      const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / (16 * t.smColTiles)));
+      return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm`, gbufs), grid: [gx, gy, 1] }];
+    }
+    const gp = gpu.pipeline(`matmul int8 w8a8 ${w.rows}x${w.cols}`, gemmW8A8Wgsl(this.common()));
+    return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8`, gbufs), grid: [Math.ceil(w.rows / W8A8_TILE_N), rowTiles, 1] }];
   }
 
   /** Records the dispatches for `rows` input rows (the value the kernels read at stepMeta[rowsSlot]). */
@@ -329,8 +576,9 @@ export class Int8MatmulOp {
       make = () => this.buildGemv(mr);
     } else {
       const rowTiles = Math.ceil(rows / W8A8_TILE_M);
-      key = `w8a8x${rowTiles}`;
-      make = () => this.buildW8A8(rowTiles);
+      const sm = this.path(rows) === 'w8a8-sm';
+      key = `w8a8${sm ? '-sm' : ''}x${rowTiles}`;
+      make = () => this.buildW8A8(rowTiles, sm);
     }
     let list = this.groups.get(key);
     if (!list) {

@@ -3,7 +3,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { destroyInt8Matrix, int8At, quantizeInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
-import { Int8MatmulOp, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
+import { Int8MatmulOp, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { freshSeed, randomArray, strided, unstride } from './kernels-helpers.ts';
 
@@ -60,7 +60,7 @@ interface Case {
 }
 
 interface Outcome {
-  path: 'gemv' | 'w8a8';
+  path: Int8MatmulPath;
   /** max over outputs of |got − exact| / bound (≤ 1 passes). */
   boundRatio: number;
   /** Largest |got − exact| and the bound at that output. */

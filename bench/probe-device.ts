@@ -1,0 +1,219 @@
+// Device probe: subgroup-matrix availability and load/store semantics for i8, and streaming-read variants (H200 questions).
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+
+const log = (s: string) => process.stdout.write(s + '\n');
+
+async function readI32(gpu: GpuContext, src: GPUBuffer, n: number): Promise<Int32Array> {
+  const st = gpu.device.createBuffer({ size: n * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const enc = gpu.device.createCommandEncoder();
+  enc.copyBufferToBuffer(src, 0, st, 0, n * 4);
+  gpu.device.queue.submit([enc.finish()]);
+  await st.mapAsync(GPUMapMode.READ);
+  const out = new Int32Array(st.getMappedRange().slice(0));
+  st.unmap();
+  st.destroy();
+  return out;
+}
+
+function buf(gpu: GpuContext, data: Int32Array | Uint32Array): GPUBuffer {
+  const b = gpu.device.createBuffer({ size: data.byteLength, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC });
+  gpu.device.queue.writeBuffer(b, 0, data);
+  return b;
+}
+
+async function probeSubgroupMatrix(gpu: GpuContext): Promise<void> {
+  // A: 64 rows × 128 i8 per row (row-major), B stored as [n][k] (so B as right matrix is column-major), i8 values.
+  const rowsA = 64, colsA = 128;
+  const aBytes = new Int8Array(rowsA * colsA);
+  for (let i = 0; i < aBytes.length; i++) aBytes[i] = ((i * 37 + 11) % 23) - 11;
+  const bBytes = new Int8Array(rowsA * colsA);
+  for (let i = 0; i < bBytes.length; i++) bBytes[i] = ((i * 53 + 5) % 19) - 9;
+  const a = buf(gpu, new Int32Array(aBytes.buffer));
+  const b = buf(gpu, new Int32Array(bBytes.buffer));
+  const c = buf(gpu, new Int32Array(16 * 16));
+  // offset literal 128 and stride literal 128: in i8 units this is row 1 of A; in i32 units it is row 4.
+  for (const [offA, strideA, modern] of [[128, 128, 0], [128, 128, 1], [32, 128, 1], [128, 32, 1]]) {
+    const code = `
+enable chromium_experimental_subgroup_matrix;
+@group(0) @binding(0) var<storage, read> a: array<i32>;
+@group(0) @binding(1) var<storage, read> b: array<i32>;
+@group(0) @binding(2) var<storage, read_write> c: array<i32>;
+@compute @workgroup_size(32)
+fn main() {
+  ${modern ? `let l = subgroupMatrixLoad<subgroup_matrix_left<i8, 32, 16>, row_major>(&a, ${offA}u, ${strideA}u);
+  let r = subgroupMatrixLoad<subgroup_matrix_right<i8, 16, 32>, col_major>(&b, 0u, 128u);
+  var acc = subgroup_matrix_result<i32, 16, 16>();
+  acc = subgroupMatrixMultiplyAccumulate(l, r, acc);
+  subgroupMatrixStore<row_major>(&c, 0u, acc, 16u);` : `let l = subgroupMatrixLoad<subgroup_matrix_left<i8, 32, 16>>(&a, ${offA}u, false, ${strideA}u);
+  let r = subgroupMatrixLoad<subgroup_matrix_right<i8, 16, 32>>(&b, 0u, true, 128u);
+  let acc = subgroupMatrixMultiply<i32>(l, r);
+  subgroupMatrixStore(&c, 0u, acc, false, 16u);`}
+}`;
+    try {
+      gpu.device.pushErrorScope('validation');
+      const p = gpu.pipeline(`sm probe ${offA} ${strideA}`, code);
+      const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: [a, b, c].map((buffer, binding) => ({ binding, resource: { buffer } })) });
+      const enc = gpu.device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      pass.setPipeline(p);
+      pass.setBindGroup(0, bg);
+      pass.dispatchWorkgroups(1);
+      pass.end();
+      gpu.device.queue.submit([enc.finish()]);
+      const err = await gpu.device.popErrorScope();
+      if (err) { log(`sm ${offA}/${strideA}: validation ${err.message}`); continue; }
+      const got = await readI32(gpu, c, 256);
+      gpu.checkErrors();
+      // Hypotheses: offset counted in i8 (h8) or in i32 words (h32); stride counted in i8 (s8) or i32 (s32).
+      const hyp: string[] = [];
+      for (const [oName, oBytes] of [['off i8', offA], ['off i32', offA * 4]] as const) {
+        for (const [sName, sBytes] of [['stride i8', strideA], ['stride i32', strideA * 4]] as const) {
+          let ok = true;
+          for (let m = 0; m < 16 && ok; m++) for (let n = 0; n < 16 && ok; n++) {
+            let s = 0;
+            for (let k = 0; k < 32; k++) {
+              const ai = oBytes + m * sBytes + k;
+              s += (ai < aBytes.length ? aBytes[ai] : 0) * bBytes[n * 128 + k];
+            }
+            if (s !== got[m * 16 + n]) ok = false;
+          }
+          if (ok) hyp.push(`${oName}, ${sName}`);
+        }
+      }
+      log(`sm ${modern ? 'modern' : 'old'} offset ${offA} stride ${strideA}: matches [${hyp.join(' | ') || 'none'}]; c[0..4] = ${[...got.slice(0, 4)]}`);
+    } catch (e) {
+      log(`sm ${offA}/${strideA}: ${(e as Error).message.slice(0, 300)}`);
+    }
+  }
+}
+
+async function timePass(gpu: GpuContext, encode: (p: GPUComputePassEncoder) => void): Promise<{ ts: number; wall: number }> {
+  const dev = gpu.device;
+  const qs = dev.createQuerySet({ type: 'timestamp', count: 2 });
+  const res = dev.createBuffer({ size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC });
+  const rd = dev.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const enc = dev.createCommandEncoder();
+  const pass = enc.beginComputePass({ timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } });
+  encode(pass);
+  pass.end();
+  enc.resolveQuerySet(qs, 0, 2, res, 0);
+  enc.copyBufferToBuffer(res, 0, rd, 0, 16);
+  const t0 = performance.now();
+  dev.queue.submit([enc.finish()]);
+  await rd.mapAsync(GPUMapMode.READ);
+  const wall = (performance.now() - t0) * 1e6;
+  const t = new BigUint64Array(rd.getMappedRange().slice(0));
+  rd.unmap();
+  qs.destroy(); res.destroy(); rd.destroy();
+  return { ts: Number(t[1] - t[0]), wall };
+}
+
+async function probeStream(gpu: GpuContext): Promise<void> {
+  const bytes = 1 << 30;
+  const words = bytes / 16;
+  const big = gpu.device.createBuffer({ size: bytes, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST });
+  const chunk = new Uint32Array(1 << 24);
+  for (let i = 0; i < chunk.length; i++) chunk[i] = (i * 2654435761) >>> 0;
+  for (let off = 0; off < bytes; off += chunk.byteLength) gpu.device.queue.writeBuffer(big, off, chunk);
+  const sink = gpu.device.createBuffer({ size: 16, usage: GPUBufferUsage.STORAGE });
+  const variants: { name: string; code: string; groups: number; wg: number }[] = [];
+  for (const wg of [256, 1024]) {
+    variants.push({
+      name: `one vec4/thread wg${wg}`,
+      wg,
+      groups: words / wg,
+      code: `@group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> sink: array<u32>;
+@compute @workgroup_size(${wg})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  let i = (wid.x + wid.y * nwg.x) * ${wg}u + lid;
+  let v = w[i];
+  if ((v.x ^ v.y ^ v.z ^ v.w) == 0x9e3779b9u) { sink[0] = 1u; }
+}`,
+    });
+  }
+  for (const [u, blocks] of [[4, 132 * 16], [8, 132 * 8], [4, 132 * 64]]) {
+    variants.push({
+      name: `grid-stride u${u} ${blocks} wgs`,
+      wg: 256,
+      groups: blocks,
+      code: `@group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> sink: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  let threads = nwg.x * 256u;
+  var acc = vec4<u32>(0u);
+  for (var i = wid.x * 256u + lid; i < ${words}u; i += ${u}u * threads) {
+    ${[...Array(u).keys()].map((k) => `acc ^= w[min(i + ${k}u * threads, ${words - 1}u)];`).join('\n    ')}
+  }
+  if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) { sink[0] = 1u; }
+}`,
+    });
+  }
+  for (const v of variants) {
+    const p = gpu.pipeline(`stream ${v.name}`, v.code);
+    const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: [big, sink].map((buffer, binding) => ({ binding, resource: { buffer } })) });
+    const gx = Math.min(v.groups, 65535);
+    const gy = Math.ceil(v.groups / gx);
+    const enc = (reps: number) => (pass: GPUComputePassEncoder) => {
+      for (let r = 0; r < reps; r++) {
+        pass.setPipeline(p);
+        pass.setBindGroup(0, bg);
+        pass.dispatchWorkgroups(gx, gy);
+      }
+    };
+    const t0 = performance.now();
+    while (performance.now() - t0 < 400) await timePass(gpu, enc(10));
+    const one = await timePass(gpu, enc(1));
+    const ten = await timePass(gpu, enc(20));
+    const gb = (ns: number, n: number) => ((bytes * n) / ns).toFixed(0);
+    log(`stream ${v.name.padEnd(26)} 1×: ${gb(one.ts, 1)} GB/s (ts) ${gb(one.wall, 1)} (wall) | 20×: ${gb(ten.ts, 20)} GB/s (ts) ${gb(ten.wall, 20)} (wall)`);
+  }
+  gpu.checkErrors();
+  big.destroy();
+  sink.destroy();
+}
+
+async function checkGemm(gpu: GpuContext): Promise<void> {
+  const { Int8MatmulOp } = await import('../kernels/matmul-int8.ts');
+  const { uploadInt8Matrix } = await import('../kernels/int8.ts');
+  const { uploadArray, storageBuffer } = await import('../kernels/tensors.ts');
+  const { readBackF32 } = await import('./gpu-timing.ts');
+  for (const [M, N, K] of [[16, 16, 32], [16, 16, 64], [16, 48, 256], [32, 80, 512]]) {
+    const wData = Array.from({ length: N * K }, (_, i) => Math.sin(i * 1.3) * 2);
+    const w = uploadInt8Matrix(gpu, 'w', wData, N, K);
+    const x = uploadArray(gpu, 'x', Float32Array.from({ length: M * K }, (_, i) => Math.cos(i * 0.7)));
+    const y = storageBuffer(gpu, 'y', M * N * 4, 0);
+    const meta = storageBuffer(gpu, 'meta', 64);
+    gpu.device.queue.writeBuffer(meta, 0, new Uint32Array(16).fill(M, 0, 1));
+    const outs: Float32Array[] = [];
+    for (const t of [{ subgroupMatrix: 'off' as const }, { smStaged: false, smSubgroups: 2, smUnroll: 1 }, { smSubgroups: 1, smUnroll: 1 }, { smSubgroups: 4, smUnroll: 2 }, { smSubgroups: 2, smUnroll: 4 }]) {
+      const op = new Int8MatmulOp(gpu, w, { meta, rowsSlot: 0, x, xStride: K, y, yStride: N }, { gemvMaxRows: 0, ...t });
+      const enc = gpu.device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      op.encode(pass, M);
+      pass.end();
+      gpu.device.queue.submit([enc.finish()]);
+      outs.push(await readBackF32(gpu, y, M * N));
+      gpu.checkErrors();
+      let d = 0;
+      let firstBad = -1;
+      for (let i = 0; i < M * N; i++) {
+        const e = Math.abs(outs[outs.length - 1][i] - outs[0][i]);
+        if (e > d) d = e;
+        if (e > 1e-6 && firstBad < 0) firstBad = i;
+      }
+      log(`gemm M${M} N${N} K${K} ${JSON.stringify(t)} path ${op.path(M)}: max |Δ| vs dot4 ${d.toExponential(2)} first bad ${firstBad} got ${outs[outs.length - 1][Math.max(firstBad, 0)]} want ${outs[0][Math.max(firstBad, 0)]}`);
+    }
+  }
+}
+
+const gpu = await openGpu({ dawnFlags: ['enable-dawn-features=allow_unsafe_apis'] });
+log(`adapter: ${gpu.adapterName}; software ${gpu.isSoftware}; features: ${[...gpu.features].sort().join(', ')}`);
+log(`subgroup matrix configs: ${JSON.stringify(gpu.subgroupMatrixConfigs)}; subgroup size ${gpu.subgroupSize}`);
+if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeSubgroupMatrix(gpu);
+else log('no subgroup matrix feature');
+if (!gpu.isSoftware && process.argv.includes('--stream')) await probeStream(gpu);
+if (process.argv.includes('--gemm')) await checkGemm(gpu);
+gpu.destroy();
+releaseGpu();
