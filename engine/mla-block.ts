@@ -10,6 +10,7 @@
 // Prefill rows take the same absorbed path as decode rows: each row attends to its own prefix (causal).
 import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
+import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
 import { DEFAULT_MLA_TUNING, MlaAttention, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { HeadMatmul, uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
@@ -71,7 +72,8 @@ export class MlaBlock implements AttentionBlock {
   private ops: MlaLayerOps[] = [];
   private ropeQ: Rope | undefined;
   private ropeK: Rope | undefined;
-  private kvWrite: KvWrite | undefined;
+  /** f16/f32: the plain paged write; int8 (--kv-cache-dtype int8): quantizes c and k_pe, one scale each. */
+  private kvWrite: KvWrite | MlaLatentWriteInt8 | undefined;
   private attention: MlaAttention | undefined;
 
   constructor(
@@ -227,7 +229,10 @@ export class MlaBlock implements AttentionBlock {
       { meta: b.meta, table, x: a.latent, xStride: this.latentStride },
       { nHeads: 1, colOffset: R, headStride: r, ropeOffset: 0, dims: r, layout: c.ropeLayout },
     );
-    this.kvWrite = new KvWrite(g, this.layout, { meta: b.meta, src: a.latent, srcStride: this.latentStride, srcOffset: 0, layerCaches: b.layerCaches });
+    const latentRows = { meta: b.meta, src: a.latent, srcStride: this.latentStride, srcOffset: 0, layerCaches: b.layerCaches };
+    this.kvWrite = this.layout.latentInt8
+      ? new MlaLatentWriteInt8(g, this.layout.latentInt8, this.layout.blockSize, latentRows)
+      : new KvWrite(g, this.layout, latentRows);
     this.attention = new MlaAttention(
       g,
       { nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r },

@@ -15,8 +15,13 @@
 //   ô:       thread = (latent pair, heads), heads × 2 accumulators in registers, P[j][h] broadcast as vec4.
 // The merge pass combines the chunks' (max, sum, ô) into ô per head.
 // Workgroup memory: P (T × heads f32) + row indices + reductions: ~31 KiB at 28 heads, T = 256.
+//
+// int8 cache (kernels/mla-kv-int8.ts): the same plan and phases; rows are read a u32 word (4 values) at a time,
+// unpack4xI8 → f32 times the row's scale (c's or k_pe's) as they load, so q̃, q_pe, P, softmax and ô stay f32 and the
+// split-K merge is the same. The query is always read from memory there (no staged slices).
 import type { GpuContext } from './device.ts';
 import type { PagedRows } from './kv-write.ts';
+import { mlaInt8RowFormat, type MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
@@ -120,6 +125,47 @@ export function planMlaAttention(shape: MlaAttentionShape, tuning: MlaAttentionT
   };
 }
 
+/**
+ * The score loop over int8 rows: per part (c, then k_pe), whole words as vec4 against the query's two pairs, and a
+ * last half word when the part's length is 2 mod 4 (its padding bytes are never multiplied with the next part's
+ * query values). Values are scaled as they load: one multiply per value per token, shared by the thread's heads.
+ */
+function int8Scores(f: MlaInt8RowFormat, as: number[], bs: number[], qBase: (a: number) => string): string {
+  const part = (firstWord: number, qPair: number, n: number, scale: string) => {
+    const full = Math.floor(n / 4);
+    const lines: string[] = [];
+    if (full > 0) {
+      lines.push(`for (var g = 0u; g < ${full}u; g++) {
+        ${bs.map((i) => `let u${i} = vec4<f32>(unpack4xI8(cacheS[rb${i} + ${firstWord}u + g])) * ${scale}${i};`).join('\n        ')}
+        ${as
+          .map(
+            (a) => `let q${a} = vec4<f32>(qLatent[${qBase(a)} + ${qPair}u + 2u * g], qLatent[${qBase(a)} + ${qPair}u + 2u * g + 1u]);
+        ${bs.map((i) => `s${a}_${i} += dot(q${a}, u${i});`).join(' ')}`,
+          )
+          .join('\n        ')}
+      }`);
+    }
+    if (n % 4 !== 0) {
+      lines.push(`{
+        ${bs.map((i) => `let u${i} = vec4<f32>(unpack4xI8(cacheS[rb${i} + ${firstWord + full}u])).xy * ${scale}${i};`).join('\n        ')}
+        ${as
+          .map(
+            (a) => `let q${a} = qLatent[${qBase(a)} + ${qPair + 2 * full}u];
+        ${bs.map((i) => `s${a}_${i} += dot(q${a}, u${i});`).join(' ')}`,
+          )
+          .join('\n        ')}
+      }`);
+    }
+    return lines.join('\n      ');
+  };
+  return [
+    ...bs.map((i) => `let sc${i} = bitcast<f32>(cacheS[rb${i} + ${f.scaleWord}u]);
+      let sp${i} = bitcast<f32>(cacheS[rb${i} + ${f.scaleWord + 1}u]);`),
+    part(0, 0, f.kvLoraRank, 'sc'),
+    part(f.ropeWord, f.kvLoraRank / 2, f.qkRopeHeadDim, 'sp'),
+  ].join('\n      ');
+}
+
 function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTuning, p: MlaAttentionPlan): string {
   const WG = t.workgroupSize;
   const nH = s.nHeads;
@@ -135,6 +181,7 @@ function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTun
   const HP = p.pStride;
   const parts = Math.floor(WG / HW);
   const f16 = layout.dtype === 'f16';
+  const i8 = layout.dtype === 'int8' ? mlaInt8RowFormat(R, s.qkRopeHeadDim) : undefined;
   const as = [...Array(A).keys()];
   const bs = [...Array(B).keys()];
   const avs = [...Array(Av).keys()];
@@ -158,7 +205,8 @@ function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTun
       : f16
         ? `let cp${i} = unpack2x16float(cacheS[rb${i} + g]);`
         : `let cp${i} = cacheS[rb${i} + g];`;
-  const rowBase = (row: string) => (p.aligned ? (f16 ? `${row} * ${RV / 8}u` : `${row} * ${RV / 4}u`) : `${row} * ${RV / 2}u`);
+  const rowBase = (row: string) =>
+    i8 ? `${row} * ${i8.rowWords}u` : p.aligned ? (f16 ? `${row} * ${RV / 8}u` : `${row} * ${RV / 4}u`) : `${row} * ${RV / 2}u`;
   const scoreFma = (a: number, i: number) =>
     p.aligned
       ? `s${a}_${i} += dot(q${a}a, ca${i}) + dot(q${a}b, cb${i});`
@@ -168,20 +216,20 @@ function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTun
       ? `let q${a}a = qLatent[${qBase(a)} + 2u * g];
       let q${a}b = qLatent[${qBase(a)} + 2u * g + 1u];`
       : `let q${a} = qLatent[${qBase(a)} + g];`;
-  const qUnit = p.aligned ? 4 : 2;
+  const qUnit = p.aligned && !i8 ? 4 : 2;
   // Every score thread's A heads exist (no padded group, no partial head split): address heads as base + constant.
   const exactHeads = HW % A === 0 && HW / A === p.scoreGroups && nH % HW === 0;
   const qBase = (a: number) => (exactHeads ? `qb0 + ${(a * RV) / qUnit}u` : `qb${a}`);
   // Query slices staged in workgroup memory (8-value groups per slice), only on the 8-value path.
-  const stage = p.qSliceGroups > 0;
+  const stage = p.qSliceGroups > 0 && !i8;
   const SG = p.qSliceGroups;
   const sBase = (a: number) => (exactHeads ? `(hs0 + ${a}u) * ${2 * SG}u` : `hs${a} * ${2 * SG}u`);
 
   return /* wgsl */ `
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> qLatent: array<vec${qUnit}<f32>>;
-@group(0) @binding(2) var<storage, read> cacheS: ${scoreCacheDecl};
-@group(0) @binding(3) var<storage, read> cacheP: array<${f16 ? 'u32' : 'vec2<f32>'}>;
+@group(0) @binding(2) var<storage, read> cacheS: ${i8 ? 'array<u32>' : scoreCacheDecl};
+@group(0) @binding(3) var<storage, read> cacheP: array<${f16 || i8 ? 'u32' : 'vec2<f32>'}>;
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
 ${cacheRowWgsl(layout.blockSize)}
 var<workgroup> P: array<vec4<f32>, ${(T * HP) / 4}>;
@@ -243,6 +291,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let outActive = og < ${p.outGroups}u;
   let hv0 = min(og, ${p.outGroups - 1}u) * ${Av}u;
   ${ps.map((i) => `let pp${i} = pl + ${i * pairsPerGroup}u;`).join('\n  ')}
+  ${i8 ? ps.map((i) => `let pw${i} = min(pp${i}, ${R / 2 - 1}u) / 2u;
+  let hi${i} = (min(pp${i}, ${R / 2 - 1}u) & 1u) == 1u;`).join('\n  ') : ''}
   ${ps.map((i) => avs.map((a) => `var o${i}_${a} = vec2<f32>(0.0);`).join(' ')).join('\n  ')}
 
   for (var t0 = bnd.x; t0 < bnd.y; t0 += ${T}u) {
@@ -280,7 +330,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       }
       workgroupBarrier();
     }`
-        : `if (scoring) {
+        : i8
+          ? `if (scoring) {
+      ${int8Scores(i8, as, bs, qBase)}
+    }`
+          : `if (scoring) {
       for (var g = 0u; g < ${groupsPerRow}u; g++) {
         ${bs.map(loadGroup).join('\n        ')}
         ${as.map((a) => `${loadQ(a)}\n        ${bs.map((i) => scoreFma(a, i)).join(' ')}`).join('\n        ')}
@@ -334,8 +388,16 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       ${avs.map((a) => `let al${a} = alpha[min(hv0 + ${a}u, ${HW - 1}u)];`).join('\n      ')}
       ${ps.map((i) => avs.map((a) => `o${i}_${a} *= al${a};`).join(' ')).join('\n      ')}
       for (var j = 0u; j < n; j++) {
-        let cw = tileRows[j] * ${RV / 2}u;
-        ${ps.map((i) => `let c${i} = ${f16 ? `unpack2x16float(cacheP[cw + min(pp${i}, ${R / 2 - 1}u)])` : `cacheP[cw + min(pp${i}, ${R / 2 - 1}u)]`};`).join('\n        ')}
+        ${
+          i8
+            ? `// int8: this thread's pair is half of one word; the row's latent scale goes on as it loads.
+        let cw = tileRows[j] * ${i8.rowWords}u;
+        let scj = bitcast<f32>(cacheP[cw + ${i8.scaleWord}u]);
+        ${ps.map((i) => `let u${i} = vec4<f32>(unpack4xI8(cacheP[cw + pw${i}]));
+        let c${i} = select(u${i}.xy, u${i}.zw, hi${i}) * scj;`).join('\n        ')}`
+            : `let cw = tileRows[j] * ${RV / 2}u;
+        ${ps.map((i) => `let c${i} = ${f16 ? `unpack2x16float(cacheP[cw + min(pp${i}, ${R / 2 - 1}u)])` : `cacheP[cw + min(pp${i}, ${R / 2 - 1}u)]`};`).join('\n        ')}`
+        }
         let pb = (j * ${HP}u + hv0) / 4u;
         ${a4s
           .map(

@@ -238,3 +238,26 @@ export class ReferenceMla {
     return out;
   }
 }
+
+/**
+ * The absorbed attention of one step row on latent rows alone (what kernels/mla-attention.ts computes), float64:
+ * qLatent [nHeads, R + r] is already scaled and roped (softmaxScale · [W_UK,hᵀ q_nope,h | q_pe,h]), rows[j] is token
+ * j's cached [c (R) | RoPE(k_pe) (r)]; returns ô [nHeads, R] = Σ_j softmax_j(qLatent_h · row_j) c_j per head.
+ */
+export function attendLatentRows(qLatent: ArrayLike<number>, rows: ArrayLike<number>[], nHeads: number, kvLoraRank: number, qkRopeHeadDim: number): Vec {
+  const RV = kvLoraRank + qkRopeHeadDim;
+  const out = new Float64Array(nHeads * kvLoraRank);
+  const scores = new Float64Array(rows.length);
+  for (let h = 0; h < nHeads; h++) {
+    rows.forEach((row, j) => {
+      let s = 0;
+      for (let k = 0; k < RV; k++) s += qLatent[h * RV + k] * row[k];
+      scores[j] = s;
+    });
+    softmaxInPlace(scores, rows.length);
+    rows.forEach((row, j) => {
+      for (let m = 0; m < kvLoraRank; m++) out[h * kvLoraRank + m] += scores[j] * row[m];
+    });
+  }
+  return out;
+}

@@ -1,0 +1,394 @@
+// The int8 MLA latent cache (--kv-cache-dtype int8): the quantizing latent write vs its CPU twin, absorbed attention over
+// int8 rows vs float64 within the bound derived from the quantization step, NaN propagation, and converted stories260K
+// perplexity with the int8 cache vs the f32 cache.
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { MlaAttention, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import {
+  MlaLatentWriteInt8,
+  dequantizeLatentRowInt8,
+  latentRowInt8Scales,
+  latentRowInt8Values,
+  mlaInt8RowFormat,
+  quantizeLatentRowInt8,
+  type MlaInt8RowFormat,
+} from '../kernels/mla-kv-int8.ts';
+import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
+import { poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
+import { MlaKvLayout } from '../cache/mla-layout.ts';
+import type { KvLayout } from '../cache/kv-layout.ts';
+import { createGpuRunner } from '../engine/gpu-runner.ts';
+import { scoreWithRunner } from '../engine/perplexity.ts';
+import type { GqaConfig, MlaConfig } from '../model/config.ts';
+import { loadModel } from '../model/load.ts';
+import { attendLatentRows } from '../model/reference/mla.ts';
+import { convertToMla, mlaWeightsToF32 } from '../model/transmla/convert.ts';
+import { calibrationSplit } from '../server/convert-command.ts';
+import { freshSeed, randomArray, relError } from './kernels-helpers.ts';
+
+let gpuPromise: Promise<GpuContext> | undefined;
+const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
+after(async () => {
+  if (gpuPromise) (await gpuPromise).destroy();
+  releaseGpu();
+});
+
+interface Step {
+  shape: MlaAttentionShape;
+  blockSize: number;
+  /** Per sequence: tokens already cached, tokens this step. */
+  seqs: Array<[cached: number, fresh: number]>;
+  chunkSize?: number;
+  tuning?: Partial<MlaAttentionTuning>;
+  /** Every token's [c | k_pe] row, per sequence (default: random, c and k_pe of different magnitudes per token). */
+  latent?: Float32Array[];
+  /** Skip the attention (write-only cases). */
+  writeOnly?: boolean;
+}
+
+interface StepResult {
+  latent: Float32Array[];
+  q: Float32Array;
+  /** ô rows [nRows, nHeads · R]. */
+  out: Float32Array;
+  /** Token t of sequence i's stored row words. */
+  rowWords: (i: number, t: number) => Uint32Array;
+  format: MlaInt8RowFormat;
+  maxChunks: number;
+}
+
+/**
+ * Two steps through MlaLatentWriteInt8 (+ MlaAttention on an int8 layout on the second): the cached prefixes, then
+ * the step rows (prefill chunks and decode tokens mixed). Block ids shuffled; cache and output poisoned with NaN.
+ */
+async function runStep(c: Step, seed: number): Promise<StepResult> {
+  const g = await gpu();
+  const { nHeads, kvLoraRank: R, qkRopeHeadDim: r } = c.shape;
+  const RV = R + r;
+  const format = mlaInt8RowFormat(R, r);
+  const layout = { rowValues: RV, blockSize: c.blockSize, dtype: 'int8' as const };
+  const totalBlocks = c.seqs.reduce((a, [k, n]) => a + Math.ceil((k + n) / c.blockSize), 0) + 3;
+  const ids = [...Array(totalBlocks).keys()];
+  const rnd = randomArray(totalBlocks, seed + 7);
+  ids.sort((a, b) => rnd[a] - rnd[b]);
+  let next = 0;
+  const tables = c.seqs.map(([k, n]) => ids.slice(next, (next += Math.ceil((k + n) / c.blockSize))));
+  // c around 1 · 2^±3 and k_pe ×8 of it, per token: each part of each token needs its own scale.
+  const latent =
+    c.latent ??
+    c.seqs.map(([k, n], i) => {
+      const v = randomArray((k + n) * RV, seed + 100 + i);
+      const mags = randomArray(k + n, seed + 200 + i);
+      for (let j = 0; j < v.length; j++) v[j] *= 2 ** Math.round(3 * mags[Math.floor(j / RV)]) * (j % RV >= R ? 8 : 1);
+      return v;
+    });
+  const nRows = c.seqs.reduce((a, [, n]) => a + n, 0);
+  // Query scaled so that softmax is far from uniform.
+  const q = randomArray(nRows * nHeads * RV, seed + 3, 2 / Math.sqrt(RV));
+  const cacheBuf = storageBuffer(g, 'int8 latent cache', totalBlocks * c.blockSize * format.rowWords * 4);
+  poisonBuffer(g, cacheBuf);
+  const maxTok = Math.max(1, c.seqs.reduce((a, [k, n]) => a + k + n, 0));
+  // Source rows with a stride past the row (as the block's latent buffer, padded to 8) and NaN padding.
+  const srcStride = RV + 3;
+  const src = storageBuffer(g, 'latent rows', 4 * srcStride * maxTok);
+  const meta = storageBuffer(g, 'meta', 1 << 16);
+  const qLatent = uploadArray(g, 'qLatent', q.length ? q : new Float32Array(4));
+  const outStride = nHeads * R;
+  const out = storageBuffer(g, 'out', 4 * outStride * Math.max(1, nRows));
+  const writer = new MlaLatentWriteInt8(g, format, c.blockSize, { meta, src, srcStride, srcOffset: 0, layerCaches: [cacheBuf] });
+  const attention = c.writeOnly ? undefined : new MlaAttention(g, c.shape, layout, { meta, qLatent, out, outStride, layerCaches: [cacheBuf] }, c.tuning);
+  const metaOpts = { blockSize: c.blockSize, numBlocks: totalBlocks, nKvHeads: 1, maxChunkSize: 1 << 16 };
+  const run = async (seqs: StepSeqInput[], rows: Float32Array[], attend: boolean) => {
+    const sumCtx = seqs.reduce((a, s) => a + s.tokens.length * (s.startPos + s.tokens.length), 0);
+    const m = buildStepMeta(seqs, { ...metaOpts, chunkSize: c.chunkSize ?? attention?.chunkSizeFor(sumCtx) ?? 16 });
+    g.device.queue.writeBuffer(meta, 0, m.data);
+    const strided = new Float32Array(rows.length * srcStride).fill(NaN);
+    rows.forEach((row, i) => strided.set(row, i * srcStride));
+    g.device.queue.writeBuffer(src, 0, strided);
+    if (attend && attention) attention.prepare(m.nRows, m.maxChunks);
+    const enc = g.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    writer.encode(pass, 0, m.nRows);
+    if (attend && attention) attention.encode(pass, 0, m.nRows, m.maxChunks, m.chunkSize);
+    pass.end();
+    g.device.queue.submit([enc.finish()]);
+    await g.device.queue.onSubmittedWorkDone();
+    g.checkErrors();
+    return m;
+  };
+  const rowOf = (i: number, t: number) => latent[i].subarray(t * RV, (t + 1) * RV);
+  const prefix = c.seqs.flatMap(([k], i) => (k ? [{ tokens: new Array(k).fill(0), startPos: 0, blockTable: tables[i], logits: 'none' as const }] : []));
+  if (prefix.length) await run(prefix, c.seqs.flatMap(([k], i) => Array.from({ length: k }, (_, t) => rowOf(i, t))), false);
+  poisonBuffer(g, out);
+  const m = await run(
+    c.seqs.map(([k, n], i) => ({ tokens: new Array(n).fill(0), startPos: k, blockTable: tables[i], logits: 'none' })),
+    c.seqs.flatMap(([k, n], i) => Array.from({ length: n }, (_, t) => rowOf(i, k + t))),
+    true,
+  );
+  const outRows = await readF32(g, out, nRows * outStride);
+  const cacheF = await readF32(g, cacheBuf, cacheBuf.size / 4);
+  const cache = new Uint32Array(cacheF.buffer, cacheF.byteOffset, cacheF.length);
+  attention?.destroy();
+  for (const b of [cacheBuf, src, meta, qLatent, out]) b.destroy();
+  const slot = (i: number, t: number) => tables[i][Math.floor(t / c.blockSize)] * c.blockSize + (t % c.blockSize);
+  return {
+    latent,
+    q,
+    out: outRows,
+    rowWords: (i, t) => cache.slice(slot(i, t) * format.rowWords, (slot(i, t) + 1) * format.rowWords),
+    format,
+    maxChunks: m.maxChunks,
+  };
+}
+
+/**
+ * Every token's stored row vs the CPU quantizer: int8 values bit-exact except where x / scale lies within 1e-4 of a
+ * half (f32 division on the GPU is not correctly rounded, and WGSL rounds halves to even), scales within 4 f32 ulp
+ * (the GPU divides absmax by 127 in f32), padding bytes zero. Returns how many values were compared.
+ */
+function checkStoredRows(res: StepResult, seqs: Array<[number, number]>, label: string): number {
+  const f = res.format;
+  const R = f.kvLoraRank;
+  let compared = 0;
+  seqs.forEach(([k, n], i) => {
+    for (let t = 0; t < k + n; t++) {
+      const x = res.latent[i].subarray(t * (R + f.qkRopeHeadDim), (t + 1) * (R + f.qkRopeHeadDim));
+      const want = quantizeLatentRowInt8(x, f);
+      const got = res.rowWords(i, t);
+      const where = `${label}: seq ${i} token ${t}`;
+      const ws = latentRowInt8Scales(want, f);
+      const gs = latentRowInt8Scales(got, f);
+      const wq = latentRowInt8Values(want, f);
+      const gq = latentRowInt8Values(got, f);
+      for (const part of [0, 1] as const) {
+        if (Number.isNaN(ws[part])) {
+          assert.ok(Number.isNaN(gs[part]), `${where} part ${part}: a non-finite input should give a NaN scale, got ${gs[part]}`);
+          continue;
+        }
+        assert.ok(Math.abs(gs[part] - ws[part]) <= 4 * 2 ** -23 * ws[part], `${where} part ${part}: scale ${gs[part]} vs ${ws[part]}`);
+        const [a, b] = part === 0 ? [0, R] : [R, x.length];
+        for (let v = a; v < b; v++) {
+          compared++;
+          if (gq[v] === wq[v]) continue;
+          const ratio = ws[part] === 0 ? 0 : x[v] / ws[part];
+          const nearHalf = Math.abs(Math.abs(ratio - Math.trunc(ratio)) - 0.5) < 1e-4;
+          assert.ok(nearHalf && Math.abs(gq[v] - wq[v]) === 1, `${where} value ${v}: int8 ${gq[v]}, CPU ${wq[v]} (x ${x[v]}, x/scale ${ratio})`);
+        }
+      }
+      // Padding bytes of the last word of each part stay zero (the attention never reads them, but a row is whole).
+      const padBytes = (firstWord: number, words: number, n: number) => {
+        let bad = 0;
+        for (let b = n; b < 4 * words; b++) bad |= (got[firstWord + (b >> 2)] >>> (8 * (b & 3))) & 0xff;
+        return bad;
+      };
+      assert.equal(padBytes(0, f.latentWords, R), 0, `${where}: latent padding`);
+      assert.equal(padBytes(f.ropeWord, f.ropeWords, f.qkRopeHeadDim), 0, `${where}: rope padding`);
+    }
+  });
+  return compared;
+}
+
+test('int8 latent layout: 584 bytes per token per layer at 512 + 64 (f16 1152), odd parts padded to whole words', () => {
+  const cfg = (kvLoraRank: number, qkRopeHeadDim: number) => ({ attention: 'mla', nLayers: 28, kvLoraRank, qkRopeHeadDim }) as MlaConfig;
+  const l = new MlaKvLayout(cfg(512, 64), 16, 'int8');
+  assert.equal(l.rowBytes, 512 + 64 + 8);
+  assert.equal(l.bytesPerToken, 28 * 584);
+  assert.equal(l.blockBytesPerLayer, 16 * 584);
+  assert.equal(new MlaKvLayout(cfg(512, 64), 16, 'f16').rowBytes, 1152);
+  assert.deepEqual(mlaInt8RowFormat(512, 64), { kvLoraRank: 512, qkRopeHeadDim: 64, latentWords: 128, ropeWord: 128, ropeWords: 16, scaleWord: 144, rowWords: 146 });
+  // 18 → 5 words (2 padding bytes), 6 → 2 words, 2 scales: 9 words.
+  const odd = new MlaKvLayout(cfg(18, 6), 4, 'int8');
+  assert.equal(odd.rowBytes, 36);
+  assert.equal(odd.latentInt8?.ropeWord, 5);
+  assert.equal((odd as KvLayout).int8, undefined, 'the GQA row format stays unset on an MLA layout');
+});
+
+test('int8 latent write: values bit-exact and scales to f32 rounding vs the CPU quantizer, odd parts, zero/NaN/Inf parts', async () => {
+  for (const [R, r] of [
+    [20, 8],
+    [18, 6], // both parts 2 mod 4: half-filled last words
+    [30, 4],
+    [512, 64], // 128 latent words: two words per thread of the 64-thread workgroup
+  ]) {
+    const seed = freshSeed();
+    const RV = R + r;
+    const seqs: Array<[number, number]> = [[0, 7], [9, 1], [3, 6]];
+    const latent = seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + 100 + i, i + 1));
+    latent[0][1 * RV + 3] = NaN; // seq 0 token 1: NaN in c
+    latent[1][5 * RV + R + 1] = Infinity; // seq 1 token 5: +Inf in k_pe
+    latent[2][8 * RV + R - 1] = -Infinity; // seq 2 token 8: −Inf in c's last value
+    latent[2].fill(0, 2 * RV, 2 * RV + R); // seq 2 token 2: all-zero c
+    const shape = { nHeads: 1, kvLoraRank: R, qkRopeHeadDim: r };
+    const res = await runStep({ shape, blockSize: 4, seqs, latent, writeOnly: true }, seed);
+    const label = `${R} + ${r} seed ${seed}`;
+    // 26 tokens; the three poisoned parts are skipped.
+    assert.ok(checkStoredRows(res, seqs, label) >= 26 * RV - 2 * R - r);
+    const sc = (i: number, t: number) => latentRowInt8Scales(res.rowWords(i, t), res.format);
+    assert.ok(Number.isNaN(sc(0, 1)[0]) && Number.isFinite(sc(0, 1)[1]), `${label}: NaN in c → NaN latent scale only`);
+    assert.ok(Number.isFinite(sc(1, 5)[0]) && Number.isNaN(sc(1, 5)[1]), `${label}: +Inf in k_pe → NaN rope scale only`);
+    assert.ok(Number.isNaN(sc(2, 8)[0]), `${label}: −Inf in c → NaN latent scale`);
+    assert.equal(sc(2, 2)[0], 0, `${label}: all-zero c → scale 0`);
+    // Each part's scale is its own absmax / 127 (not the row's).
+    const x = res.latent[1].subarray(0, RV);
+    const absMax = (a: number, b: number) => Math.max(...Array.from(x.subarray(a, b), Math.abs));
+    assert.ok(Math.abs(sc(1, 0)[0] - absMax(0, R) / 127) <= 4 * 2 ** -23 * sc(1, 0)[0]);
+    assert.ok(Math.abs(sc(1, 0)[1] - absMax(R, RV) / 127) <= 4 * 2 ** -23 * sc(1, 0)[1]);
+  }
+});
+
+/**
+ * Float64 on the original latent rows, float64 on the dequantized rows, and the bound the int8 cache allows. Per step
+ * row, head h and cached token j, every stored value lies within half its part's scale of the original (s_cj for c,
+ * s_pj for k_pe), so with qLatent_h the (already scaled) query,
+ *   |Δscore_hj| ≤ Σ_{m<R} |q_hm| · s_cj / 2 + Σ_{i<r} |q_h,R+i| · s_pj / 2 =: δ_hj,   δ_h = max_j δ_hj;
+ *   each softmax weight moves by a factor within [e^{−2δ_h}, e^{2δ_h}], so |p̃_j − p_j| ≤ p_j (e^{2δ_h} − 1);
+ *   |ô_hm − o_hm| ≤ Σ_j |p̃_j − p_j| |c̃_jm| + Σ_j p_j |c̃_jm − c_jm| ≤ (e^{2δ_h} − 1) max_j |c̃_jm| + max_j s_cj / 2,
+ * plus 1e-5 · max|c̃| for the kernel's own f32 arithmetic.
+ */
+function referenceAndBound(res: StepResult, c: Step): { want: Float64Array; wantDequant: Float64Array; bound: Float64Array } {
+  const { nHeads, kvLoraRank: R, qkRopeHeadDim: r } = c.shape;
+  const RV = R + r;
+  const nRows = c.seqs.reduce((a, [, n]) => a + n, 0);
+  const want = new Float64Array(nRows * nHeads * R);
+  const wantDequant = new Float64Array(nRows * nHeads * R);
+  const bound = new Float64Array(nRows * nHeads * R);
+  let row = 0;
+  c.seqs.forEach(([k, n], i) => {
+    const orig = Array.from({ length: k + n }, (_, t) => res.latent[i].subarray(t * RV, (t + 1) * RV));
+    const deq = Array.from({ length: k + n }, (_, t) => dequantizeLatentRowInt8(res.rowWords(i, t), res.format));
+    const scales = Array.from({ length: k + n }, (_, t) => latentRowInt8Scales(res.rowWords(i, t), res.format));
+    for (let t = 0; t < n; t++, row++) {
+      const ctx = k + t + 1;
+      const q = res.q.subarray(row * nHeads * RV, (row + 1) * nHeads * RV);
+      want.set(attendLatentRows(q, orig.slice(0, ctx), nHeads, R, r), row * nHeads * R);
+      wantDequant.set(attendLatentRows(q, deq.slice(0, ctx), nHeads, R, r), row * nHeads * R);
+      for (let h = 0; h < nHeads; h++) {
+        let qc = 0;
+        let qp = 0;
+        for (let m = 0; m < R; m++) qc += Math.abs(q[h * RV + m]);
+        for (let m = R; m < RV; m++) qp += Math.abs(q[h * RV + m]);
+        let delta = 0;
+        let sc = 0;
+        for (let j = 0; j < ctx; j++) {
+          delta = Math.max(delta, (qc * scales[j][0]) / 2 + (qp * scales[j][1]) / 2);
+          sc = Math.max(sc, scales[j][0] / 2);
+        }
+        for (let m = 0; m < R; m++) {
+          let cMax = 0;
+          for (let j = 0; j < ctx; j++) cMax = Math.max(cMax, Math.abs(deq[j][m]));
+          bound[(row * nHeads + h) * R + m] = Math.expm1(2 * delta) * cMax + sc + 1e-5 * cMax;
+        }
+      }
+    }
+  });
+  return { want, wantDequant, bound };
+}
+
+const mixed: Array<[number, number]> = [
+  [0, 13], // fresh prefill chunk
+  [37, 1], // decode after an odd prefix
+  [5, 20], // prefill chunk after a prefix (crosses blocks)
+  [64, 1], // decode at a block boundary
+  [0, 1], // first token alone
+];
+
+// Small workgroups give tiles of a few tokens, so that one chunk spans several tiles (online softmax inside a workgroup).
+const smallTiles: Partial<MlaAttentionTuning> = { workgroupSize: 8, tokensPerThread: 1, maxHeadsPerThread: 4 };
+
+test('mla attention over the int8 latent cache vs float64: within the quantization bound; odd R, rope dim 8, several chunks and blocks', async () => {
+  for (const [shape, tuning, chunkSize, blockSize] of [
+    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, smallTiles, 16, 4], // R not a multiple of 16, rope 8
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, smallTiles, 16, 4], // both parts end in a half word; padded head groups
+    [{ nHeads: 3, kvLoraRank: 30, qkRopeHeadDim: 8 }, { workgroupSize: 32, tokensPerThread: 4, maxHeadsPerThread: 2 }, 32, 5], // block size 5
+    [{ nHeads: 2, kvLoraRank: 512, qkRopeHeadDim: 64 }, DEFAULT_MLA_TUNING, 32, 16], // DeepSeek / TransMLA width
+    [{ nHeads: 7, kvLoraRank: 24, qkRopeHeadDim: 8 }, { qSliceValues: 16 }, 16, 4], // staged-slice tuning: int8 reads q from memory
+  ] as const) {
+    const seed = freshSeed();
+    const c: Step = { shape, blockSize, seqs: mixed, chunkSize, tuning };
+    const plan = planMlaAttention(shape, { ...DEFAULT_MLA_TUNING, ...tuning });
+    const res = await runStep(c, seed);
+    assert.ok(res.maxChunks > 1, 'the case should split contexts into several chunks');
+    const where = `${JSON.stringify(shape)} tile ${plan.tileTokens} block ${blockSize} seed ${seed}`;
+    const { want, wantDequant, bound } = referenceAndBound(res, c);
+    // The kernel's own arithmetic: against float64 on the values the cache holds.
+    const kernelErr = relError(res.out, wantDequant);
+    assert.ok(kernelErr <= 1e-4, `${where}: relative error ${kernelErr} vs float64 on the dequantized cache`);
+    let worst = 0;
+    for (let i = 0; i < want.length; i++) {
+      const e = Math.abs(res.out[i] - want[i]);
+      assert.ok(e <= bound[i], `${where}: output ${i} is ${res.out[i]}, float64 ${want[i]}: error ${e} > bound ${bound[i]}`);
+      worst = Math.max(worst, e / bound[i]);
+    }
+    // The quantization shows at all: a kernel that read unquantized rows would match float64 to ~1e-7.
+    const quantErr = relError(res.out, want);
+    assert.ok(quantErr > 1e-6, `${where}: output equals the unquantized reference (${quantErr}); was the cache quantized?`);
+    assert.ok(worst <= 1);
+  }
+});
+
+test('mla attention over the int8 latent cache: a NaN in c or k_pe reaches exactly the rows whose context holds it', async () => {
+  const shape = { nHeads: 3, kvLoraRank: 20, qkRopeHeadDim: 8 };
+  const RV = 28;
+  const seqs: Array<[number, number]> = [[10, 1], [3, 4], [6, 2]];
+  const seed = freshSeed();
+  const latent = seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + i));
+  latent[0][4 * RV + 5] = NaN; // seq 0, token 4, in c: the decode row at position 10 sees it
+  latent[1][4 * RV + 20 + 2] = NaN; // seq 1, token 4, in k_pe: only rows at position ≥ 4 see it
+  const res = await runStep({ shape, blockSize: 4, seqs, latent, chunkSize: 4 }, seed);
+  const rowNaN = (row: number) => res.out.subarray(row * 3 * 20, (row + 1) * 3 * 20);
+  assert.ok(rowNaN(0).every(Number.isNaN), 'seq 0 decode row: every head reads the NaN row');
+  for (let row = 1; row <= 4; row++) {
+    const pos = 3 + row - 1;
+    const values = rowNaN(row);
+    assert.ok(pos >= 4 ? values.every(Number.isNaN) : values.every(Number.isFinite), `seq 1 row at position ${pos}`);
+  }
+  assert.ok(rowNaN(5).every(Number.isFinite) && rowNaN(6).every(Number.isFinite), 'seq 2 never sees a NaN');
+});
+
+test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the int8 latent cache within 5 % of the f32 cache', async () => {
+  const g = await gpu();
+  const source = await loadModel('../shared/models/stories260K/stories260K.gguf', { maxSeqLen: 512 });
+  const gqa = source.config as GqaConfig;
+  const text = readFileSync('../shared/data/tinystories_valid_a.txt', 'utf8');
+  // The calibration split of test/mla-stories.test.ts.
+  const split = calibrationSplit(text, source.tokenizer, gqa.bosId, { maxLen: 512, calibSamples: 8, calibSeqLen: 128, evalChunks: 6, seed: 42 });
+  // Scored on 12 evenly spaced paragraphs (none of them a calibration sample), ≤ 96 tokens each: ~1,000 tokens.
+  const isCalib = (c: number[]) => split.calib.some((k) => k.every((t, i) => c[i] === t));
+  const chunks = calibrationSplit(text, source.tokenizer, gqa.bosId, { maxLen: 512, calibSamples: 0, calibSeqLen: 1, evalChunks: 12, seed: 42 })
+    .heldOut.filter((c) => !isCalib(c))
+    .map((c) => c.slice(0, 96));
+  // The fixture's r 4, R 16 (ppl ~70: RoPE on 4 dims costs this tiny model much) and the converter's default r 8,
+  // R 28 (ppl ~8).
+  for (const [ropeDim, kvLoraRank, freqFold] of [
+    [4, 16, 2],
+    [8, 28, 1],
+  ]) {
+    const conv = await convertToMla(gqa, source.weights, { ropeDim, freqFold, calibChunks: split.calib, kvLoraRank });
+    const model = { config: conv.config, weights: mlaWeightsToF32(conv.weights) };
+    const score = async (cacheDtype: 'f32' | 'int8') => {
+      const runner = await createGpuRunner(g, model, { weightDtype: 'f32', cacheDtype, blockSize: 16, numBlocks: 64 });
+      try {
+        const c = conv.config;
+        // int8: R + r int8 values (whole words) and two f32 scales; f32: R + r values of 4 bytes.
+        const rowBytes = cacheDtype === 'int8' ? 4 * (Math.ceil(c.kvLoraRank / 4) + Math.ceil(c.qkRopeHeadDim / 4) + 2) : 4 * (c.kvLoraRank + c.qkRopeHeadDim);
+        assert.equal(runner.kvBytesPerToken, c.nLayers * rowBytes);
+        return await scoreWithRunner(runner, chunks, 1024);
+      } finally {
+        runner.destroy();
+      }
+    };
+    const base = await score('f32');
+    const int8 = await score('int8');
+    assert.equal(int8.predicted, base.predicted);
+    assert.ok(base.predicted > 700, `only ${base.predicted} tokens scored`);
+    const delta = int8.perplexity / base.perplexity - 1;
+    console.log(
+      `converted stories260K r ${ropeDim} R ${kvLoraRank}, ${base.chunks} chunks, ${base.predicted} tokens: ppl f32 cache ${base.perplexity.toFixed(4)}, ` +
+        `int8 cache ${int8.perplexity.toFixed(4)} (${(100 * delta).toFixed(3)} %)`,
+    );
+    assert.ok(Math.abs(delta) <= 0.05, `int8 latent cache perplexity ${int8.perplexity} vs f32 ${base.perplexity}: ${(100 * delta).toFixed(2)} %`);
+    assert.ok(Math.abs(delta) > 1e-6, `int8 cache perplexity equals f32 (${delta}): was the cache quantized?`);
+  }
+});
