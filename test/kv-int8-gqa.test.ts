@@ -192,10 +192,7 @@ test('int8 KV write: values bit-exact and scales to f32 rounding vs the CPU quan
     const seed = freshSeed();
     const seqs: Array<[number, number]> = [[0, 7], [9, 1], [3, 6]];
     const { nKvHeads: H, headDim: D } = shape;
-    const kv = seqs.map(([k, n], i) => {
-      const v = randomArray((k + n) * 2 * H * D, seed + 100 + i, 3);
-      return v;
-    });
+    const kv = seqs.map(([k, n], i) => randomArray((k + n) * 2 * H * D, seed + 100 + i, 3));
     // Poisoned groups: NaN in a K group, +Inf in a V group, −Inf in another, and an all-zero group (scale 0, values 0).
     kv[0][1 * 2 * H * D + 3] = NaN;
     kv[1][5 * 2 * H * D + H * D + 1] = Infinity;
