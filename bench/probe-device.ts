@@ -179,7 +179,7 @@ async function checkGemm(gpu: GpuContext): Promise<void> {
   const { uploadInt8Matrix } = await import('../kernels/int8.ts');
   const { uploadArray, storageBuffer } = await import('../kernels/tensors.ts');
   const { readBackF32 } = await import('./gpu-timing.ts');
-  for (const [M, N, K] of [[16, 16, 32], [16, 16, 64], [16, 48, 256], [32, 80, 512]]) {
+  for (const [M, N, K] of [[16, 16, 32], [16, 48, 256], [32, 80, 512], [200, 40, 96]]) {
     const wData = Array.from({ length: N * K }, (_, i) => Math.sin(i * 1.3) * 2);
     const w = uploadInt8Matrix(gpu, 'w', wData, N, K);
     const x = uploadArray(gpu, 'x', Float32Array.from({ length: M * K }, (_, i) => Math.cos(i * 0.7)));

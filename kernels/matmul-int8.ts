@@ -379,7 +379,7 @@ export function gemmW8A8StagedWgsl(p: Common & { rowTiles: number; subgroups: nu
     return `subgroupMatrixStore(&part, sg * 256u, acc${m}, false, 16u);
   workgroupBarrier();
   for (var e = lid; e < 256u; e += ${wg}u) {
-    let gm = ${m * 16}u + e / 16u;
+    let gm = m0 + ${m * 16}u + e / 16u;
     let gn = nTile + e % 16u;
     var sum = 0i;
     for (var g = 0u; g < ${S}u; g++) { sum += part[g * 256u + e]; }
@@ -399,6 +399,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
   let M = stepMeta[${p.rowsSlot}];
   let lane = lid % ${sgSize}u;
   let nTile = (wid.x + wid.y * nwg.x) * 16u;
+  let m0 = wid.z * ${MT * 16}u;
   let wRow0 = min(nTile, ${Math.ceil(p.N / 16) * 16 - 16}u);
   let wBase = sg * ${wRegion}u;
   let xBase = sg * ${xRegion}u;
@@ -429,7 +430,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
         let r = j / ${rowV4}u;
         let c = j % ${rowV4}u;
         var v = vec4<i32>(0);
-        if (live && k4 + c < ${strideV4}u) { v = xq[r * ${strideV4}u + k4 + c]; }
+        if (live && k4 + c < ${strideV4}u) { v = xq[(m0 + r) * ${strideV4}u + k4 + c]; }
         ${put('xt', `xBase + r * ${rowI}u + c * 4u`, 'v')}
       }
     }`,
@@ -535,16 +536,18 @@ export class Int8MatmulOp {
     if (b.bias) gbufs.push(b.bias);
     const quantize: Dispatch = { pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, this.xq, this.xScale!]), grid: [cap, 1, 1] };
     if (sm && t.smStaged) {
+      // At most 4 row tiles (64 rows) per workgroup: workgroup memory; more rows are more workgroups along z.
+      const tilesPerGroup = Math.min(rowTiles, 4);
       let unroll = t.smUnroll;
       const budget = gpu.limits.maxComputeWorkgroupStorageSize;
-      while (unroll > 1 && stagedWorkgroupBytes(rowTiles, t.smSubgroups, unroll) > budget) unroll--;
-      if (stagedWorkgroupBytes(rowTiles, t.smSubgroups, unroll) > budget) {
-        throw new Error(`${w.label}: ${rowTiles * 16} rows need ${stagedWorkgroupBytes(rowTiles, t.smSubgroups, unroll)} B of workgroup memory in the staged int8 GEMM (limit ${budget}); use fewer smSubgroups`);
+      while (unroll > 1 && stagedWorkgroupBytes(tilesPerGroup, t.smSubgroups, unroll) > budget) unroll--;
+      if (stagedWorkgroupBytes(tilesPerGroup, t.smSubgroups, unroll) > budget) {
+        throw new Error(`${w.label}: the staged int8 GEMM needs ${stagedWorkgroupBytes(tilesPerGroup, t.smSubgroups, unroll)} B of workgroup memory (limit ${budget}); use fewer smSubgroups`);
       }
-      const code = gemmW8A8StagedWgsl({ ...this.common(), rowTiles, subgroups: t.smSubgroups, unroll, subgroupSize: gpu.subgroupSize });
-      const gp = gpu.pipeline(`matmul int8 w8a8 sm-staged ${w.rows}x${w.cols} m${rowTiles} s${t.smSubgroups} u${unroll}`, code);
+      const code = gemmW8A8StagedWgsl({ ...this.common(), rowTiles: tilesPerGroup, subgroups: t.smSubgroups, unroll, subgroupSize: gpu.subgroupSize });
+      const gp = gpu.pipeline(`matmul int8 w8a8 sm-staged ${w.rows}x${w.cols} m${tilesPerGroup} s${t.smSubgroups} u${unroll}`, code);
       const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / 16));
-      return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm staged`, gbufs), grid: [gx, gy, 1] }];
+      return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm staged`, gbufs), grid: [gx, gy, Math.ceil(rowTiles / tilesPerGroup)] }];
     }
     if (sm) {
       const code = gemmW8A8SubgroupMatrixWgsl({
