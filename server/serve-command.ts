@@ -122,7 +122,9 @@ export function checkKvCacheDtype(name: string, config: ModelConfig, dtype: KvCa
   const cacheDtype = dtype as CacheDtype;
   if (dtype !== 'int8') return cacheDtype;
   const layout: KvLayout = config.attention === 'mla' ? new MlaKvLayout(config, blockSize, cacheDtype) : gqaLayoutFor(config, blockSize, cacheDtype);
-  if ((layout as { int8?: unknown }).int8 === undefined) {
+  // GQA layouts describe their int8 rows in `int8`, the MLA latent layout in `latentInt8`.
+  const l = layout as { int8?: unknown; latentInt8?: unknown };
+  if (l.int8 === undefined && l.latentInt8 === undefined) {
     throw new UsageError(
       `model '${name}' (${config.attention} attention, ${config.arch}) has no int8 KV cache in this build (--kv-cache-dtype int8); ` +
         `serve it with --kv-cache-dtype f16 or f32`,

@@ -72,7 +72,8 @@ test('weight and KV cache dtypes: printed at start with their source, listed in 
 /** Whether the cache layout of `config` has an int8 row format (what an int8 cache needs). */
 function hasInt8Rows(config: ModelConfig): boolean {
   const layout = config.attention === 'mla' ? new MlaKvLayout(config, 16, 'int8' as never) : gqaLayoutFor(config, 16, 'int8' as never);
-  return (layout as { int8?: unknown }).int8 !== undefined;
+  const l = layout as { int8?: unknown; latentInt8?: unknown };
+  return l.int8 !== undefined || l.latentInt8 !== undefined;
 }
 
 test('--kv-cache-dtype int8: refused before upload, with the model named, where the attention has no int8 cache', () => {
