@@ -18,6 +18,7 @@ import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { GqaAttention, maxAttentionChunk, type GqaAttentionTuning } from '../kernels/attention.ts';
 import { int8RowFormat, type Int8RowFormat } from '../kernels/kv-int8.ts';
+import { dequantizeLatentRowInt8, mlaInt8RowFormat, type MlaInt8RowFormat } from '../kernels/mla-kv-int8.ts';
 import { MlaAttention, DEFAULT_MLA_TUNING, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { buildStepMeta, type StepMeta } from '../kernels/step-meta.ts';
 import { bindBuffers, f16BitsToF32, gridFor, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
@@ -142,7 +143,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) n
 }
 
 /** An int8 cache row's words: hashed bytes for the values, f32 scales in [2^-7, 2^-6) built from hash bits (exact on both sides). */
-function fillCacheInt8(gpu: GpuContext, buf: GPUBuffer, seed: number, f: Int8RowFormat): void {
+function fillCacheInt8(gpu: GpuContext, buf: GPUBuffer, seed: number, f: { rowWords: number; scaleWord: number }): void {
   const WG = 256;
   const code = /* wgsl */ `
 ${HASH_WGSL}
@@ -222,7 +223,7 @@ async function measure(gpu: GpuContext, args: Args, encodeOne: (pass: GPUCompute
 // ---- one shape ----
 
 interface Measurement {
-  kernel: 'gqa' | 'gqa-int8' | 'mla';
+  kernel: 'gqa' | 'gqa-int8' | 'mla' | 'mla-int8';
   /** decode: one row per sequence; prefill: one sequence's every position (context rows, causal). */
   mode: 'decode' | 'prefill';
   variant: string;
@@ -252,16 +253,18 @@ interface Pool {
   seed: number;
   /** Set for an int8 pool (f16 otherwise). */
   int8?: Int8RowFormat;
+  /** Set for an int8 MLA latent pool ([c | k_pe] int8, two f32 scales: kernels/mla-kv-int8.ts). */
+  mlaInt8?: MlaInt8RowFormat;
 }
 
-function makePool(gpu: GpuContext, label: string, rowValues: number, wantBlocks: number, seed: number, int8?: Int8RowFormat): Pool {
-  const rowBytes = int8 ? int8.rowWords * 4 : rowValues * 2;
+function makePool(gpu: GpuContext, label: string, rowValues: number, wantBlocks: number, seed: number, int8?: Int8RowFormat, mlaInt8?: MlaInt8RowFormat): Pool {
+  const rowBytes = int8 ? int8.rowWords * 4 : mlaInt8 ? mlaInt8.rowWords * 4 : rowValues * 2;
   const blockBytes = BLOCK * rowBytes;
   const blocks = Math.max(1, Math.min(wantBlocks, Math.floor(gpu.limits.maxStorageBufferBindingSize / blockBytes)));
   const buffer = storageBuffer(gpu, `${label} cache (${blocks} blocks)`, blocks * blockBytes);
-  if (int8) fillCacheInt8(gpu, buffer, seed, int8);
+  if (int8 || mlaInt8) fillCacheInt8(gpu, buffer, seed, (int8 ?? mlaInt8)!);
   else fillCache(gpu, buffer, seed);
-  return { buffer, blocks, rowValues, rowBytes, seed, int8 };
+  return { buffer, blocks, rowValues, rowBytes, seed, int8, mlaInt8 };
 }
 
 /** Block tables of `batch` sequences of `context` tokens: a fixed shuffle of the pool, wrapping when it is too small. */
@@ -489,6 +492,97 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
   return results;
 }
 
+/**
+ * MLA over the int8 latent cache, three ways: products on tensor cores ('auto'; only where the adapter has i8
+ * subgroup matrices), the same integers with dot4I8Packed ('emulate'), and the f32 kernel unpacking int8 ('off').
+ * maxRelError: tensor cores vs dot4 (same integers: ~1e-6), the others vs float64 over the dequantized cache.
+ */
+async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number): Promise<Measurement[]> {
+  const f = pool.mlaInt8!;
+  const RV = R + ROPE;
+  const outStride = N_HEADS * R;
+  const { tables, aliased } = blockTables(batch, context, pool.blocks);
+  const qLatentData = randomF32(batch * N_HEADS * RV, 11, 1 / Math.sqrt(RV));
+  const qLatent = uploadArray(gpu, 'qLatent', qLatentData);
+  const out = storageBuffer(gpu, 'mla int8 out', batch * outStride * 4);
+  const shape = { nHeads: N_HEADS, kvLoraRank: R, qkRopeHeadDim: ROPE };
+  const headSplits = planMlaAttention(shape, DEFAULT_MLA_TUNING).headSplits;
+  const m = metaFor(tables, context, pool.blocks, headSplits, 1 << 16);
+  const meta = uploadArray(gpu, 'meta', m.data);
+  const results: Measurement[] = [];
+  const outputs = new Map<string, Float32Array>();
+  let want: Float64Array | undefined;
+  for (const mode of ['auto', 'emulate', 'off'] as const) {
+    let att: MlaAttention;
+    try {
+      att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode });
+    } catch (e) {
+      process.stderr.write(`mla int8 ${mode}: ${(e as Error).message}\n`);
+      continue;
+    }
+    if (mode === 'auto' && att.products !== 'int8 tensor cores') {
+      att.destroy();
+      continue;
+    }
+    att.prepare(m.nRows, m.maxChunks);
+    const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks, m.chunkSize));
+    const got = await readF32(gpu, out, outStride);
+    outputs.set(mode, got);
+    let maxRelError = NaN;
+    if (context <= 4096) {
+      if (!want) {
+        want = new Float64Array(outStride);
+        const rows = new Float64Array(context * RV);
+        const words = (t: number) => {
+          const row = tables[0][Math.floor(t / BLOCK)] * BLOCK + (t % BLOCK);
+          return Uint32Array.from({ length: f.rowWords }, (_, w) => {
+            const i = row * f.rowWords + w;
+            const h = hashWord(i, pool.seed);
+            return w >= f.scaleWord ? (0x3c000000 | (h & 0x7fffff)) >>> 0 : h;
+          });
+        };
+        for (let t = 0; t < context; t++) rows.set(dequantizeLatentRowInt8(words(t), f), t * RV);
+        for (let h = 0; h < N_HEADS; h++) {
+          const sc = new Float64Array(context);
+          for (let t = 0; t < context; t++) {
+            let d = 0;
+            for (let k = 0; k < RV; k++) d += qLatentData[h * RV + k] * rows[t * RV + k];
+            sc[t] = d;
+          }
+          const p = softmaxWeights(sc);
+          for (let t = 0; t < context; t++) for (let k = 0; k < R; k++) want[h * R + k] += p[t] * rows[t * RV + k];
+        }
+      }
+      maxRelError = relErr(got, want);
+    }
+    att.destroy();
+    const cacheBytes = batch * context * f.rowWords * 4;
+    const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
+    results.push({
+      kernel: 'mla-int8', mode: 'decode',
+      variant: mode === 'auto' ? 'int8 tensor cores' : mode === 'emulate' ? 'int8 dot4' : 'f32 over int8',
+      batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps,
+      cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased,
+    });
+  }
+  const tc = outputs.get('auto');
+  const d4 = outputs.get('emulate');
+  if (tc && d4) {
+    let d = 0;
+    let mx = 0;
+    for (let i = 0; i < d4.length; i++) {
+      d = Math.max(d, Number.isFinite(tc[i]) ? Math.abs(tc[i] - d4[i]) : Infinity);
+      mx = Math.max(mx, Math.abs(d4[i]));
+    }
+    process.stderr.write(`mla int8 b${batch} ctx${context}: tensor cores vs dot4 form max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
+    results[0].variant += ` (vs dot4 ${(d / mx).toExponential(1)})`;
+  }
+  qLatent.destroy();
+  out.destroy();
+  meta.destroy();
+  return results;
+}
+
 function table(rows: string[][]): string {
   const w = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
   return rows.map((r) => r.map((s, c) => (c === 0 ? s.padEnd(w[c]) : s.padStart(w[c]))).join('  ')).join('\n');
@@ -509,6 +603,7 @@ async function main(): Promise<void> {
     const gqaPool = makePool(gpu, 'gqa', 2 * N_KV * HEAD_DIM, wantBlocks, 1234);
     const mlaPool = makePool(gpu, 'mla', R + ROPE, wantBlocks, 4321);
     const gqaInt8Pool = makePool(gpu, 'gqa int8', 2 * N_KV * HEAD_DIM, wantBlocks, 5678, int8RowFormat(2 * N_KV, HEAD_DIM));
+    const mlaInt8Pool = makePool(gpu, 'mla int8', R + ROPE, wantBlocks, 8765, undefined, mlaInt8RowFormat(R, ROPE));
     process.stderr.write(
       `${gpu.adapterName}${gpu.isSoftware ? ' (software: timings meaningless)' : ''}; pools: GQA ${gqaPool.blocks} blocks (${((gqaPool.blocks * BLOCK * 2048) / 2 ** 30).toFixed(2)} GiB), ` +
         `MLA ${mlaPool.blocks} blocks (${((mlaPool.blocks * BLOCK * 1152) / 2 ** 30).toFixed(2)} GiB)\n`,
@@ -516,7 +611,7 @@ async function main(): Promise<void> {
     for (const context of args.contexts) {
       for (const batch of args.batches) {
         const gs = [...(await benchGqa(gpu, args, gqaPool, batch, context)), ...(await benchGqa(gpu, args, gqaInt8Pool, batch, context))];
-        const ms = await benchMla(gpu, args, mlaPool, batch, context);
+        const ms = [...(await benchMla(gpu, args, mlaPool, batch, context)), ...(await benchMlaInt8(gpu, args, mlaInt8Pool, batch, context))];
         all.push(...gs, ...ms);
         for (const m of [...gs, ...ms]) {
           process.stderr.write(
@@ -536,6 +631,7 @@ async function main(): Promise<void> {
     }
     gqaPool.buffer.destroy();
     gqaInt8Pool.buffer.destroy();
+    mlaInt8Pool.buffer.destroy();
     mlaPool.buffer.destroy();
     if (args.json) {
       writeFileSync(
@@ -608,6 +704,12 @@ async function main(): Promise<void> {
       `${rows.some((r) => r[0].endsWith('*')) ? '\n* pool smaller than batch×ctx: sequences share blocks (cache hits possible)' : ''}\n`,
   );
   console.log(table(rows));
+  const int8Rows = [['MLA over int8 cache (584 B/token)', 'variant', 'µs', 'vs GQA f16', 'GB/s', 'TFLOP/s', 'err vs f64 (dequantized)']];
+  for (const m of decode.filter((m) => m.kernel === 'mla-int8')) {
+    const g = fastest('gqa', m.batch, m.context);
+    int8Rows.push([`${m.batch}×${m.context}`, m.variant, fmt(m.usPerLayerStep), g ? fmt(m.usPerLayerStep / g.usPerLayerStep, 2) : '—', fmt(m.gbPerS, 0), fmt(m.tflops, 1), errText(m.maxRelError)]);
+  }
+  if (int8Rows.length > 1) console.log('\n' + table(int8Rows));
 }
 
 await main();

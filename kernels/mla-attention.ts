@@ -25,6 +25,20 @@ import { mlaInt8RowFormat, type MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
+import { mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
+
+/** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
+interface TcPath {
+  plan: MlaTcPlan;
+  tensorCores: boolean;
+  queryPipe: GPUComputePipeline;
+  partialPipe: GPUComputePipeline;
+  qq?: GPUBuffer;
+  qs?: GPUBuffer;
+  rows: number;
+  queryGroup?: GPUBindGroup;
+  partialGroups: GPUBindGroup[];
+}
 
 export interface MlaAttentionShape {
   nHeads: number;
@@ -46,6 +60,12 @@ export interface MlaAttentionTuning {
    * row in slices of n values (a multiple of 8) and stages each slice of every head's query in workgroup memory.
    */
   qSliceValues: number;
+  /**
+   * Over an int8 latent cache: 'auto' runs the int8-product kernel (kernels/mla-attention-tc.ts) on tensor cores where
+   * the adapter has i8 subgroup matrices, 'emulate' runs that kernel's integer arithmetic with dot4I8Packed (tests),
+   * 'off' keeps the f32 kernel that unpacks int8 values.
+   */
+  int8Products: 'auto' | 'emulate' | 'off';
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
@@ -54,6 +74,7 @@ export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
   maxHeadsPerThread: 16,
   maxHeadsPerWorkgroup: 32,
   qSliceValues: 0,
+  int8Products: 'auto',
 };
 
 
@@ -471,6 +492,7 @@ export class MlaAttention {
   private partials: GPUBuffer | undefined;
   private mergeGroup: GPUBindGroup | undefined;
   private capacity = 0;
+  private tc: TcPath | undefined;
   private readonly layout: PagedRows;
 
   constructor(
@@ -509,7 +531,40 @@ export class MlaAttention {
     }
     this.layout = layout;
     this.plan = this.variants[0].plan;
+    this.tc = this.makeTcPath();
     this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, splitKMergeWgsl(shape.nHeads, shape.kvLoraRank, b.outStride));
+  }
+
+  /** Which kernel computes the scores and values: 'f32', 'int8 tensor cores' or 'int8 dot4' (the same integers). */
+  get products(): 'f32' | 'int8 tensor cores' | 'int8 dot4' {
+    return this.tc ? (this.tc.tensorCores ? 'int8 tensor cores' : 'int8 dot4') : 'f32';
+  }
+
+  private makeTcPath(): TcPath | undefined {
+    const { gpu, shape, layout } = this;
+    const mode = this.tuning.int8Products;
+    if (layout.dtype !== 'int8' || mode === 'off') return undefined;
+    const tensorCores = mode === 'auto' && mlaTcOnTensorCores(gpu);
+    if (mode === 'auto' && !tensorCores) return undefined;
+    const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
+    const plan = planMlaTc(shape.nHeads, f);
+    if (typeof plan === 'string') {
+      if (mode === 'emulate') throw new Error(`MLA int8-product attention: ${plan}`);
+      return undefined;
+    }
+    if (plan.workgroupBytes > gpu.limits.maxComputeWorkgroupStorageSize) {
+      if (mode === 'emulate') throw new Error(`MLA int8-product attention needs ${plan.workgroupBytes} B of workgroup memory, the device allows ${gpu.limits.maxComputeWorkgroupStorageSize}`);
+      return undefined;
+    }
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${tensorCores ? 'tc' : 'dot4'}`;
+    return {
+      plan,
+      tensorCores,
+      queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan)),
+      partialPipe: gpu.pipeline(`mla-attention int8 products ${key}`, mlaTcPartialWgsl(shape.nHeads, f, layout.blockSize, plan, tensorCores)),
+      rows: 0,
+      partialGroups: [],
+    };
   }
 
   /** Context tokens per split this kernel wants for a step whose rows' contexts sum to sumCtx. */
@@ -546,6 +601,16 @@ export class MlaAttention {
 
   /** Makes room for a step's partial results (call before encoding the step; grows, never shrinks). */
   prepare(rows: number, maxChunks: number): void {
+    const tc = this.tc;
+    if (tc && rows > tc.rows) {
+      tc.qq?.destroy();
+      tc.qs?.destroy();
+      tc.rows = Math.max(rows, Math.ceil(tc.rows * 1.5));
+      tc.qq = storageBuffer(this.gpu, 'mla attention int8 queries', tc.rows * tc.plan.headsPadded * tc.plan.rowPad);
+      tc.qs = storageBuffer(this.gpu, 'mla attention int8 query scales', tc.rows * tc.plan.headsPadded * 8);
+      tc.queryGroup = bindBuffers(this.gpu, tc.queryPipe, 'mla attention int8 query', [this.b.qLatent, tc.qq, tc.qs]);
+      tc.partialGroups = [];
+    }
     const need = rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2);
     if (this.partials && need <= this.capacity) return;
     this.partials?.destroy();
@@ -556,6 +621,7 @@ export class MlaAttention {
       if (v.pipeline) this.ready(v);
     }
     this.mergeGroup = bindBuffers(this.gpu, this.mergePipe, 'mla attention merge', [this.b.meta, this.partials, this.b.out]);
+    if (this.tc) this.tc.partialGroups = [];
   }
 
   /** Records the partial and merge passes; chunkSize (the step's META_CHUNK) picks the workgroup size. */
@@ -564,10 +630,26 @@ export class MlaAttention {
       throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
     }
     if (rows <= 0) return;
-    const v = this.ready(this.pick(chunkSize));
-    pass.setPipeline(v.pipeline);
-    pass.setBindGroup(0, v.groups[layer]);
-    pass.dispatchWorkgroups(maxChunks, v.plan.headSplits, rows);
+    const tc = this.tc;
+    if (tc) {
+      if (!tc.qq || rows > tc.rows) throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
+      if (tc.partialGroups.length === 0) {
+        tc.partialGroups = this.b.layerCaches.map((cache, l) =>
+          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!]),
+        );
+      }
+      pass.setPipeline(tc.queryPipe);
+      pass.setBindGroup(0, tc.queryGroup!);
+      pass.dispatchWorkgroups(tc.plan.headsPadded, rows);
+      pass.setPipeline(tc.partialPipe);
+      pass.setBindGroup(0, tc.partialGroups[layer]);
+      pass.dispatchWorkgroups(maxChunks, 1, rows);
+    } else {
+      const v = this.ready(this.pick(chunkSize));
+      pass.setPipeline(v.pipeline);
+      pass.setBindGroup(0, v.groups[layer]);
+      pass.dispatchWorkgroups(maxChunks, v.plan.headSplits, rows);
+    }
     pass.setPipeline(this.mergePipe);
     pass.setBindGroup(0, this.mergeGroup!);
     pass.dispatchWorkgroups(this.shape.nHeads, rows);
@@ -575,5 +657,7 @@ export class MlaAttention {
 
   destroy(): void {
     this.partials?.destroy();
+    this.tc?.qq?.destroy();
+    this.tc?.qs?.destroy();
   }
 }

@@ -19,7 +19,8 @@ import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
 import { poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
 import type { KvLayout } from '../cache/kv-layout.ts';
-import { createGpuRunner } from '../engine/gpu-runner.ts';
+import { createGpuRunner, type AttentionBlockContext } from '../engine/gpu-runner.ts';
+import { MlaBlock } from '../engine/mla-block.ts';
 import { scoreWithRunner } from '../engine/perplexity.ts';
 import type { GqaConfig, MlaConfig } from '../model/config.ts';
 import { loadModel } from '../model/load.ts';
@@ -367,8 +368,9 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
   ]) {
     const conv = await convertToMla(gqa, source.weights, { ropeDim, freqFold, calibChunks: split.calib, kvLoraRank });
     const model = { config: conv.config, weights: mlaWeightsToF32(conv.weights) };
-    const score = async (cacheDtype: 'f32' | 'int8') => {
-      const runner = await createGpuRunner(g, model, { weightDtype: 'f32', cacheDtype, blockSize: 16, numBlocks: 64 });
+    const score = async (cacheDtype: 'f32' | 'int8', int8Products: MlaAttentionTuning['int8Products'] = 'off') => {
+      const attentionBlock = (ctx: AttentionBlockContext) => new MlaBlock(ctx, { attentionTuning: { int8Products } });
+      const runner = await createGpuRunner(g, model, { weightDtype: 'f32', cacheDtype, blockSize: 16, numBlocks: 64, attentionBlock });
       try {
         const c = conv.config;
         // int8: R + r int8 values (whole words) and two f32 scales; f32: R + r values of 4 bytes.
@@ -381,6 +383,11 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
     };
     const base = await score('f32');
     const int8 = await score('int8');
+    // The int8-product kernel's arithmetic (query and p′ quantized too: what the tensor cores compute).
+    const products = await score('int8', 'emulate');
+    const dProducts = products.perplexity / base.perplexity - 1;
+    console.log(`  int8 products (tensor-core arithmetic, dot4 form): ppl ${products.perplexity.toFixed(4)} (${(100 * dProducts).toFixed(3)} %)`);
+    assert.ok(Math.abs(dProducts) <= 0.05, `int8-product attention perplexity ${products.perplexity} vs f32 cache ${base.perplexity}`);
     assert.equal(int8.predicted, base.predicted);
     assert.ok(base.predicted > 700, `only ${base.predicted} tokens scored`);
     const delta = int8.perplexity / base.perplexity - 1;
@@ -390,5 +397,104 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
     );
     assert.ok(Math.abs(delta) <= 0.05, `int8 latent cache perplexity ${int8.perplexity} vs f32 ${base.perplexity}: ${(100 * delta).toFixed(2)} %`);
     assert.ok(Math.abs(delta) > 1e-6, `int8 cache perplexity equals f32 (${delta}): was the cache quantized?`);
+  }
+});
+
+/** WGSL's round(): halves to even. */
+function roundEven(x: number): number {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/**
+ * Float64 model of the int8-product kernel (kernels/mla-attention-tc.ts): q̃ and q_pe quantized per head, exact
+ * integer score sums times the scales, online softmax per 64-token window of each split, p′ = p · sc_t quantized per
+ * head per window, exact integer value sums, o = o·α + O·ps, splits merged exactly.
+ */
+function int8ProductsReference(res: StepResult, c: Step, chunkSize: number, window = 64): Float64Array {
+  const { nHeads, kvLoraRank: R, qkRopeHeadDim: r } = c.shape;
+  const RV = R + r;
+  const nRows = c.seqs.reduce((a, [, n]) => a + n, 0);
+  const out = new Float64Array(nRows * nHeads * R);
+  const quant = (v: ArrayLike<number>) => {
+    let m = 0;
+    for (let i = 0; i < v.length; i++) m = Math.max(m, Math.abs(v[i]));
+    const inv = m > 0 ? Math.fround(127 / m) : 0;
+    return { q: Array.from(v, (x) => Math.max(-127, Math.min(127, roundEven(Math.fround(x * inv))))), s: Math.fround(m / 127) };
+  };
+  let row = 0;
+  c.seqs.forEach(([k, n], i) => {
+    const vals = Array.from({ length: k + n }, (_, t) => latentRowInt8Values(res.rowWords(i, t), res.format));
+    const scales = Array.from({ length: k + n }, (_, t) => latentRowInt8Scales(res.rowWords(i, t), res.format));
+    for (let t = 0; t < n; t++, row++) {
+      const ctx = k + t + 1;
+      for (let h = 0; h < nHeads; h++) {
+        const qh = res.q.subarray((row * nHeads + h) * RV, (row * nHeads + h + 1) * RV);
+        const ql = quant(qh.subarray(0, R));
+        const qp = quant(qh.subarray(R));
+        const splits: Array<{ m: number; l: number; o: Float64Array }> = [];
+        for (let c0 = 0; c0 < ctx; c0 += chunkSize) {
+          const c1 = Math.min(ctx, c0 + chunkSize);
+          let m = -3e38;
+          let l = 0;
+          const o = new Float64Array(R);
+          for (let w0 = c0; w0 < c1; w0 += window) {
+            const w1 = Math.min(c1, w0 + window);
+            const s: number[] = [];
+            for (let j = w0; j < w1; j++) {
+              let iL = 0;
+              let iP = 0;
+              for (let x = 0; x < R; x++) iL += ql.q[x] * vals[j][x];
+              for (let x = 0; x < r; x++) iP += qp.q[x] * vals[j][R + x];
+              s.push(iL * ql.s * scales[j][0] + iP * qp.s * scales[j][1]);
+            }
+            const mNew = Math.max(m, ...s);
+            const alpha = Math.exp(m - mNew);
+            const pp = s.map((v, idx) => Math.exp(v - mNew) * scales[w0 + idx][0]);
+            l = l * alpha + s.reduce((a, v) => a + Math.exp(v - mNew), 0);
+            m = mNew;
+            const pmax = Math.max(...pp);
+            const ps = pmax / 127;
+            const pq = pp.map((v) => (pmax > 0 ? Math.max(-127, Math.min(127, roundEven(v * (127 / pmax)))) : 0));
+            for (let x = 0; x < R; x++) {
+              let sum = 0;
+              for (let idx = 0; idx < pq.length; idx++) sum += pq[idx] * vals[w0 + idx][x];
+              o[x] = o[x] * alpha + sum * ps;
+            }
+          }
+          splits.push({ m, l, o });
+        }
+        const M = Math.max(...splits.map((sp) => sp.m));
+        const L = splits.reduce((a, sp) => a + sp.l * Math.exp(sp.m - M), 0);
+        for (let x = 0; x < R; x++) {
+          out[(row * nHeads + h) * R + x] = splits.reduce((a, sp) => a + sp.o[x] * Math.exp(sp.m - M), 0) / L;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+test('mla attention int8 products (the tensor-core arithmetic, dot4 form) vs a float64 model of it; odd R, rope 8, several windows and splits', async () => {
+  for (const [shape, chunkSize, blockSize] of [
+    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4], // R and rope padded to 32 in the staged rows
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 128, 5], // windows of 64 inside a split, block size 5
+    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16], // two head tiles
+  ] as const) {
+    const seed = freshSeed();
+    const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning: { int8Products: 'emulate' } };
+    const res = await runStep(c, seed);
+    const where = `${JSON.stringify(shape)} chunk ${chunkSize} block ${blockSize} seed ${seed}`;
+    const model = int8ProductsReference(res, c, chunkSize);
+    // Same integers; f32 scales and exp: 1e-4 of the largest output (a p′ that rounds the other way at a half moves
+    // one output by ps·|cq|, far below this).
+    const err = relError(res.out, model);
+    assert.ok(err <= 1e-4, `${where}: relative error ${err} vs the float64 model of the int8-product arithmetic`);
+    // Against the unquantized float64 attention: the query and p′ quantization on top of the cache's.
+    const { want } = referenceAndBound(res, c);
+    const quantErr = relError(res.out, want);
+    // p′ carries c's per-token scale: in this data token magnitudes vary 2^±3 (64×), so tokens far below a window's
+    // largest keep few of p′'s 7 bits and outputs move by up to ~10 %; on text the perplexity moves 0.5…1.2 % (below).
+    assert.ok(quantErr > 1e-5 && quantErr < 0.15, `${where}: relative error ${quantErr} vs unquantized float64 (expected 1e-5 … 0.15)`);
   }
 });

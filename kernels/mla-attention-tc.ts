@@ -1,0 +1,374 @@
+// Absorbed MLA decode attention over the int8 latent cache with int8 score and value products on subgroup matrices
+// (tensor cores), or the same integer arithmetic with dot4I8Packed where the adapter has none (tests, SwiftShader).
+import type { GpuContext } from './device.ts';
+import { hasInt8SubgroupMatrix } from './matmul-int8.ts';
+import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
+import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
+
+/**
+ * The arithmetic, per split of a row's context, in windows of `window` tokens:
+ *  1. q̃ (latent part) and q_pe of each head are quantized to int8 with one scale each (absmax / 127).
+ *  2. score(h, t) = Σ q̃q·cq · sq̃ · sc_t + Σ q_peq·k_peq · sq_pe · spe_t  (exact i32 sums, then f32).
+ *  3. Online softmax over the window in f32: m, l, α as the f32 kernel keeps them; p_t = exp(s − m).
+ *  4. p′_t = p_t · sc_t (c's per-token scale folded into the weight) is quantized per head per window to int8 with
+ *     scale ps = max p′ / 127, and O_window = Σ_t p′q_t · cq_t is an exact i32 product.
+ *  5. o = o · α + f32(O_window) · ps in f32; the split's (m, l, o) go to the same partials the f32 kernel writes.
+ * The tensor-core and the dot4 form compute identical integers, so they differ only where f32 sums are reordered.
+ */
+export interface MlaTcPlan {
+  /** Heads padded to whole 16-row tiles, and the tile count. */
+  headsPadded: number;
+  headTiles: number;
+  /** Latent and rope parts padded to whole 32-value K steps; bytes of one staged token row. */
+  latentPad: number;
+  ropePad: number;
+  rowPad: number;
+  /** 16-column tiles of the latent output per head tile. */
+  latentTiles: number;
+  /** Subgroups (groups of 32 threads) per workgroup, and output tiles each owns. */
+  groups: number;
+  tilesPerGroup: number;
+  /** Tokens per softmax window (a multiple of 32). */
+  window: number;
+  workgroupBytes: number;
+}
+
+const pad = (n: number, m: number) => Math.ceil(n / m) * m;
+
+/** The plan for a shape, or why the int8-product kernel does not take it. */
+export function planMlaTc(nHeads: number, f: MlaInt8RowFormat, window = 64): MlaTcPlan | string {
+  if (nHeads > 32) return `${nHeads} heads: the int8-product kernel holds at most 32 heads per workgroup`;
+  const headTiles = Math.ceil(nHeads / 16);
+  const latentPad = pad(f.kvLoraRank, 32);
+  const ropePad = pad(f.qkRopeHeadDim, 32);
+  const rowPad = latentPad + ropePad;
+  const latentTiles = latentPad / 16;
+  const tiles = headTiles * latentTiles;
+  let groups = 8;
+  while (tiles % groups !== 0) groups /= 2;
+  const tilesPerGroup = tiles / groups;
+  if (tilesPerGroup > 16) return `${tiles} output tiles over ${groups} subgroups: more than 16 accumulators each`;
+  const HP = headTiles * 16;
+  const stg = Math.max(headTiles * 2 * 512, groups * 256);
+  const workgroupBytes = 32 * rowPad + 4 * stg + 4 * HP * window + HP * window + 8 * window + 4 * window + 16 * HP + 16;
+  return { headsPadded: HP, headTiles, latentPad, ropePad, rowPad, latentTiles, groups, tilesPerGroup, window, workgroupBytes };
+}
+
+/** Whether this adapter runs the products on tensor cores (i8 16×16×32 and 32-wide subgroups). */
+export function mlaTcOnTensorCores(gpu: GpuContext): boolean {
+  return hasInt8SubgroupMatrix(gpu) && gpu.subgroupSize === 32;
+}
+
+/**
+ * Query quantization: one workgroup per (head slot, row). qLatent[r, h, 0..R+r) f32 → qq[r, hp] as rowPad int8 bytes
+ * ([q̃ | pad | q_pe | pad], four per i32) and qs[r, hp] = (scale of q̃, scale of q_pe); padded heads are zero.
+ */
+export function mlaTcQueryWgsl(nHeads: number, f: MlaInt8RowFormat, p: MlaTcPlan): string {
+  const R = f.kvLoraRank;
+  const r = f.qkRopeHeadDim;
+  const RV = R + r;
+  const words = p.rowPad / 4;
+  return /* wgsl */ `
+@group(0) @binding(0) var<storage, read> qLatent: array<f32>;
+@group(0) @binding(1) var<storage, read_write> qq: array<i32>;
+@group(0) @binding(2) var<storage, read_write> qs: array<f32>;
+var<workgroup> red: array<vec2<f32>, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let h = wid.x;
+  let row = wid.y;
+  let live = h < ${nHeads}u;
+  let qb = (row * ${nHeads}u + min(h, ${nHeads - 1}u)) * ${RV}u;
+  var a = vec2<f32>(0.0);
+  for (var k = lid; k < ${RV}u; k += 64u) {
+    let v = abs(qLatent[qb + k]);
+    if (k < ${R}u) { a.x = max(a.x, v); } else { a.y = max(a.y, v); }
+  }
+  red[lid] = a;
+  workgroupBarrier();
+  for (var s = 32u; s > 0u; s >>= 1u) {
+    if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+    workgroupBarrier();
+  }
+  let absMax = select(vec2<f32>(0.0), red[0], live);
+  let inv = select(vec2<f32>(0.0), 127.0 / absMax, absMax > vec2<f32>(0.0));
+  let ob = (row * ${p.headsPadded}u + h) * ${words}u;
+  for (var w = lid; w < ${words}u; w += 64u) {
+    var v = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+      let b = 4u * w + i;
+      if (live && b < ${R}u) { v[i] = qLatent[qb + b] * inv.x; }
+      if (live && b >= ${p.latentPad}u && b - ${p.latentPad}u < ${r}u) { v[i] = qLatent[qb + ${R}u + b - ${p.latentPad}u] * inv.y; }
+    }
+    qq[ob + w] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
+  }
+  if (lid == 0u) {
+    qs[2u * (row * ${p.headsPadded}u + h)] = absMax.x / 127.0;
+    qs[2u * (row * ${p.headsPadded}u + h) + 1u] = absMax.y / 127.0;
+  }
+}
+`;
+}
+
+const NEG_BIG = '-3.0e38';
+
+/**
+ * The split kernel: grid (splits, 1, rows), `groups` × 32 threads. `tensorCores` picks subgroup-matrix products
+ * (needs hardware subgroups of 32) or the dot4I8Packed form of the same integers.
+ */
+export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaTcPlan, tensorCores: boolean): string {
+  const R = f.kvLoraRank;
+  const HP = p.headsPadded;
+  const W = p.window;
+  const G = p.groups;
+  const WG = G * 32;
+  const ROWW = p.rowPad / 4;
+  const LW = p.latentPad / 4;
+  const KPG = p.tilesPerGroup;
+  const NT = p.latentTiles;
+  const aTiles = p.headTiles * 2;
+  const aPerGroup = Math.ceil(aTiles / G);
+  const stg = Math.max(aTiles * 512, G * 256);
+  const ks = [...Array(KPG).keys()];
+  const left = 'subgroup_matrix_left<i8, 32, 16>';
+  const right = 'subgroup_matrix_right<i8, 16, 32>';
+  const result = 'subgroup_matrix_result<i32, 16, 16>';
+  const byte = (arr: string, i: string) => `unpack4xI8(u32(${arr}[(${i}) / 4u]))[(${i}) % 4u]`;
+
+  // Phase A: the score tiles (head tile, 16-token half) of a 32-token sub-tile, as i32 in stg[a·512 ..] (latent) and
+  // stg[a·512 + 256 ..] (rope), row-major 16 × 16.
+  const phaseA = tensorCores
+    ? `for (var k = 0u; k < ${aPerGroup}u; k++) {
+        let a = g + k * ${G}u;
+        if (a < ${aTiles}u) {
+          let mt = a / 2u;
+          let tn = a % 2u;
+          var accL = ${result}();
+          var accP = ${result}();
+          for (var kk = 0u; kk < ${p.latentPad / 32}u; kk++) {
+            let l = subgroupMatrixLoad<${left}>(&qq, qByte + mt * ${16 * p.rowPad}u + kk * 32u, false, ${p.rowPad}u);
+            let rt = subgroupMatrixLoad<${right}>(&ct, tn * ${16 * p.rowPad}u + kk * 32u, true, ${p.rowPad}u);
+            accL = subgroupMatrixMultiplyAccumulate(l, rt, accL);
+          }
+          for (var kk = 0u; kk < ${p.ropePad / 32}u; kk++) {
+            let l = subgroupMatrixLoad<${left}>(&qq, qByte + mt * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, false, ${p.rowPad}u);
+            let rt = subgroupMatrixLoad<${right}>(&ct, tn * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, true, ${p.rowPad}u);
+            accP = subgroupMatrixMultiplyAccumulate(l, rt, accP);
+          }
+          subgroupMatrixStore(&stg, a * 512u, accL, false, 16u);
+          subgroupMatrixStore(&stg, a * 512u + 256u, accP, false, 16u);
+        }
+      }`
+    : '';
+  const scoreInts = tensorCores
+    ? `let a = (h / 16u) * 2u + t / 16u;
+        let e = (h % 16u) * 16u + t % 16u;
+        let sL = stg[a * 512u + e];
+        let sP = stg[a * 512u + 256u + e];`
+    : `var sL = 0i;
+        var sP = 0i;
+        let qw = qWord + h * ${ROWW}u;
+        for (var w = 0u; w < ${LW}u; w++) { sL += dot4I8Packed(u32(qq[qw + w]), u32(ct[t * ${ROWW}u + w])); }
+        for (var w = ${LW}u; w < ${ROWW}u; w++) { sP += dot4I8Packed(u32(qq[qw + w]), u32(ct[t * ${ROWW}u + w])); }`;
+
+  // Phase B: each group's output tiles T = g + k·G (head tile T / NT, latent tile T % NT) accumulate Σ_t p′q · cq.
+  const phaseB = tensorCores
+    ? ks
+        .map(
+          (k) => `{
+        let T = g + ${k * G}u;
+        let l = subgroupMatrixLoad<${left}>(&pq, (T / ${NT}u) * ${16 * W}u + s * 32u, false, ${W}u);
+        let rt = subgroupMatrixLoad<${right}>(&ct, (T % ${NT}u) * 16u, false, ${p.rowPad}u);
+        acc${k} = subgroupMatrixMultiplyAccumulate(l, rt, acc${k});
+      }`,
+        )
+        .join('\n      ')
+    : `for (var k = 0u; k < ${KPG}u; k++) {
+        let T = g + k * ${G}u;
+        for (var i = 0u; i < 8u; i++) {
+          let e = lane * 8u + i;
+          let h = (T / ${NT}u) * 16u + e / 16u;
+          let j = (T % ${NT}u) * 16u + e % 16u;
+          var sum = 0i;
+          for (var t = 0u; t < 32u; t++) { sum += ${byte('pq', `h * ${W}u + s * 32u + t`)} * ${byte('ct', `t * ${p.rowPad}u + j`)}; }
+          oi[k * 8u + i] += sum;
+        }
+      }`;
+  // Fold the window's integers into the f32 outputs: o = o · α + f32(O) · ps (element e = lane·8 + i of each tile).
+  const fold = tensorCores
+    ? ks
+        .map(
+          (k) => `subgroupMatrixStore(&stg, g * 256u, acc${k}, false, 16u);
+    workgroupBarrier();
+    for (var i = 0u; i < 8u; i++) {
+      let e = lane * 8u + i;
+      let h = ((g + ${k * G}u) / ${NT}u) * 16u + e / 16u;
+      o[${k * 8}u + i] = o[${k * 8}u + i] * alpha[h] + f32(stg[g * 256u + e]) * pscale[h];
+    }
+    workgroupBarrier();`,
+        )
+        .join('\n    ')
+    : `for (var k = 0u; k < ${KPG}u; k++) {
+      for (var i = 0u; i < 8u; i++) {
+        let e = lane * 8u + i;
+        let h = ((g + k * ${G}u) / ${NT}u) * 16u + e / 16u;
+        o[k * 8u + i] = o[k * 8u + i] * alpha[h] + f32(oi[k * 8u + i]) * pscale[h];
+      }
+    }`;
+
+  return /* wgsl */ `${tensorCores ? 'enable chromium_experimental_subgroup_matrix;\ndiagnostic(off, chromium_experimental.subgroup_matrix_uniformity);' : ''}
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> qq: array<i32>;
+@group(0) @binding(2) var<storage, read> qs: array<f32>;
+@group(0) @binding(3) var<storage, read> cache: array<u32>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+${cacheRowWgsl(blockSize)}
+var<workgroup> ct: array<i32, ${32 * ROWW}>;
+var<workgroup> stg: array<i32, ${stg}>;
+var<workgroup> sc: array<f32, ${HP * W}>;
+var<workgroup> pq: array<i32, ${(HP * W) / 4}>;
+var<workgroup> tokScale: array<vec2<f32>, ${W}>;
+var<workgroup> tokRow: array<u32, ${W}>;
+var<workgroup> mRun: array<f32, ${HP}>;
+var<workgroup> lRun: array<f32, ${HP}>;
+var<workgroup> alpha: array<f32, ${HP}>;
+var<workgroup> pscale: array<f32, ${HP}>;
+var<workgroup> bounds: vec2<u32>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(subgroup_id) sgId: u32, ' : ''}@builtin(workgroup_id) wid: vec3<u32>) {
+  let c = wid.x;
+  let r = wid.z;
+  let chunk = stepMeta[${META_CHUNK}];
+  if (lid == 0u) {
+    let ctx = rowPos(r) + 1u;
+    let start = c * chunk;
+    bounds = vec2<u32>(start, select(start, min(start + chunk, ctx), start < ctx));
+  }
+  let bnd = workgroupUniformLoad(&bounds);
+  if (bnd.y <= bnd.x) { return; }
+  let bt = seqBlockTable(rowSeq(r));
+  let g = ${tensorCores ? 'sgId' : 'lid / 32u'};
+  let lane = lid % 32u;
+  let qWord = r * ${HP * ROWW}u;
+  let qByte = qWord * 4u;
+  if (lid < ${HP}u) {
+    mRun[lid] = ${NEG_BIG};
+    lRun[lid] = 0.0;
+  }
+  var o: array<f32, ${KPG * 8}>;
+  ${tensorCores ? '' : `var oi: array<i32, ${KPG * 8}>;`}
+
+  for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
+    let n = min(${W}u, bnd.y - w0);
+    let subs = (n + 31u) / 32u;
+    for (var j = lid; j < ${W}u; j += ${WG}u) {
+      let row = cacheRow(bt, w0 + min(j, n - 1u));
+      tokRow[j] = row;
+      tokScale[j] = select(vec2<f32>(0.0), vec2<f32>(bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord}u]), bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord + 1}u])), j < n);
+    }
+    workgroupBarrier();
+
+    // Phase A: scores of the window, 32 tokens at a time.
+    for (var s = 0u; s < subs; s++) {
+      ${stageWgsl(f, p, WG)}
+      workgroupBarrier();
+      ${phaseA}
+      workgroupBarrier();
+      for (var idx = lid; idx < ${HP * 32}u; idx += ${WG}u) {
+        let h = idx / 32u;
+        let t = idx % 32u;
+        ${scoreInts}
+        let tw = s * 32u + t;
+        let sq = vec2<f32>(qs[2u * (r * ${HP}u + h)], qs[2u * (r * ${HP}u + h) + 1u]);
+        let ts = tokScale[tw];
+        sc[h * ${W}u + tw] = select(${NEG_BIG}, f32(sL) * sq.x * ts.x + f32(sP) * sq.y * ts.y, tw < n);
+      }
+      workgroupBarrier();
+    }
+
+    // Softmax over the window per head; p′ = p · sc_t quantized per head.
+    if (lid < ${HP}u) {
+      let h = lid;
+      var mw = ${NEG_BIG};
+      for (var t = 0u; t < n; t++) { mw = max(mw, sc[h * ${W}u + t]); }
+      let mNew = max(mRun[h], mw);
+      let al = exp(mRun[h] - mNew);
+      var l = 0.0;
+      var pmax = 0.0;
+      for (var t = 0u; t < n; t++) {
+        let pt = exp(sc[h * ${W}u + t] - mNew);
+        l += pt;
+        let pp = pt * tokScale[t].x;
+        pmax = max(pmax, pp);
+        sc[h * ${W}u + t] = pp;
+      }
+      alpha[h] = al;
+      lRun[h] = lRun[h] * al + l;
+      mRun[h] = mNew;
+      pscale[h] = pmax / 127.0;
+      let inv = select(0.0, 127.0 / pmax, pmax > 0.0);
+      for (var q = 0u; q < ${W / 4}u; q++) {
+        var v = vec4<f32>(0.0);
+        for (var i = 0u; i < 4u; i++) {
+          let t = 4u * q + i;
+          if (t < n) { v[i] = sc[h * ${W}u + t] * inv; }
+        }
+        pq[h * ${W / 4}u + q] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
+      }
+    }
+    workgroupBarrier();
+
+    // Phase B: O = Σ_t p′q_t · cq_t over the window's sub-tiles.
+    ${tensorCores ? ks.map((k) => `var acc${k} = ${result}();`).join('\n    ') : `for (var k = 0u; k < ${KPG * 8}u; k++) { oi[k] = 0i; }`}
+    for (var s = 0u; s < subs; s++) {
+      ${stageWgsl(f, p, WG)}
+      workgroupBarrier();
+      ${phaseB}
+      workgroupBarrier();
+    }
+    ${fold}
+  }
+
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  for (var k = 0u; k < ${KPG}u; k++) {
+    for (var i = 0u; i < 8u; i++) {
+      let T = g + k * ${G}u;
+      let e = lane * 8u + i;
+      let h = (T / ${NT}u) * 16u + e / 16u;
+      let j = (T % ${NT}u) * 16u + e % 16u;
+      if (h < ${nHeads}u && j < ${R}u) {
+        partials[((r * ${nHeads}u + h) * maxChunks + c) * ${R + 2}u + 2u + j] = o[k * 8u + i];
+      }
+    }
+  }
+  if (lid < ${nHeads}u) {
+    let base = ((r * ${nHeads}u + lid) * maxChunks + c) * ${R + 2}u;
+    partials[base] = mRun[lid];
+    partials[base + 1u] = lRun[lid];
+  }
+}
+`;
+}
+
+/** Stages sub-tile s (32 tokens from tokRow) into ct as [c | 0 | k_pe | 0] rows of rowPad bytes; zero rows past n. */
+function stageWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number): string {
+  const ROWW = p.rowPad / 4;
+  const LW = p.latentPad / 4;
+  return `for (var idx = lid; idx < ${32 * ROWW}u; idx += ${WG}u) {
+        let t = idx / ${ROWW}u;
+        let w = idx % ${ROWW}u;
+        let tw = s * 32u + t;
+        var v = 0u;
+        if (tw < n) {
+          let rb = tokRow[tw] * ${f.rowWords}u;
+          if (w < ${LW}u) {
+            if (w < ${f.latentWords}u) { v = cache[rb + w]; }
+          } else if (w - ${LW}u < ${f.ropeWords}u) {
+            v = cache[rb + ${f.ropeWord}u + w - ${LW}u];
+          }
+        }
+        ct[idx] = bitcast<i32>(v);
+      }`;
+}
