@@ -493,7 +493,7 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
 }
 
 /**
- * MLA over the int8 latent cache, three ways: products on tensor cores ('auto'; only where the adapter has i8
+ * MLA over the int8 latent cache, three ways: products on tensor cores ('tensor-cores'; only where the adapter has i8
  * subgroup matrices), the same integers with dot4I8Packed ('emulate'), and the f32 kernel unpacking int8 ('off').
  * maxRelError: tensor cores vs dot4 (same integers: ~1e-6), the others vs float64 over the dequantized cache.
  */
@@ -512,16 +512,12 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   const results: Measurement[] = [];
   const outputs = new Map<string, Float32Array>();
   let want: Float64Array | undefined;
-  for (const mode of ['auto', 'emulate', 'off'] as const) {
+  for (const mode of ['tensor-cores', 'emulate', 'off'] as const) {
     let att: MlaAttention;
     try {
       att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode });
     } catch (e) {
       process.stderr.write(`mla int8 ${mode}: ${(e as Error).message}\n`);
-      continue;
-    }
-    if (mode === 'auto' && att.products !== 'int8 tensor cores') {
-      att.destroy();
       continue;
     }
     att.prepare(m.nRows, m.maxChunks);
@@ -560,12 +556,12 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
     results.push({
       kernel: 'mla-int8', mode: 'decode',
-      variant: mode === 'auto' ? 'int8 tensor cores' : mode === 'emulate' ? 'int8 dot4' : 'f32 over int8',
+      variant: mode === 'tensor-cores' ? 'int8 tensor cores' : mode === 'emulate' ? 'int8 dot4' : 'f32 over int8',
       batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps,
       cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased,
     });
   }
-  const tc = outputs.get('auto');
+  const tc = outputs.get('tensor-cores');
   const d4 = outputs.get('emulate');
   if (tc && d4) {
     let d = 0;

@@ -87,6 +87,59 @@ fn main() {
   }
 }
 
+/** Right matrix loaded row-major (element (k, n) at k·stride + n): which units does the stride count? */
+async function probeRightRowMajor(gpu: GpuContext): Promise<void> {
+  const aBytes = new Int8Array(16 * 32);
+  for (let i = 0; i < aBytes.length; i++) aBytes[i] = ((i * 37 + 11) % 23) - 11;
+  const bBytes = new Int8Array(64 * 128);
+  for (let i = 0; i < bBytes.length; i++) bBytes[i] = ((i * 53 + 5) % 19) - 9;
+  const a = buf(gpu, new Int32Array(aBytes.buffer));
+  const b = buf(gpu, new Int32Array(bBytes.buffer));
+  const c = buf(gpu, new Int32Array(256));
+  for (const [where, offB, strideB] of [['storage', 32, 64], ['workgroup', 32, 64], ['storage', 0, 16]] as const) {
+    const wg = where === 'workgroup';
+    const code = `
+enable chromium_experimental_subgroup_matrix;
+@group(0) @binding(0) var<storage, read> a: array<i32>;
+@group(0) @binding(1) var<storage, read> b: array<i32>;
+@group(0) @binding(2) var<storage, read_write> c: array<i32>;
+var<workgroup> bw: array<i32, 2048>;
+@compute @workgroup_size(32)
+fn main(@builtin(local_invocation_index) lid: u32) {
+  for (var i = lid; i < 2048u; i += 32u) { bw[i] = b[i]; }
+  workgroupBarrier();
+  let l = subgroupMatrixLoad<subgroup_matrix_left<i8, 32, 16>>(&a, 0u, false, 32u);
+  let r = subgroupMatrixLoad<subgroup_matrix_right<i8, 16, 32>>(&${wg ? 'bw' : 'b'}, ${offB}u, false, ${strideB}u);
+  let acc = subgroupMatrixMultiply<i32>(l, r);
+  subgroupMatrixStore(&c, 0u, acc, false, 16u);
+}`;
+    const p = gpu.pipeline(`sm right row-major ${where} ${offB} ${strideB}`, code);
+    const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: [a, b, c].map((buffer, binding) => ({ binding, resource: { buffer } })) });
+    const enc = gpu.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    pass.setPipeline(p);
+    pass.setBindGroup(0, bg);
+    pass.dispatchWorkgroups(1);
+    pass.end();
+    gpu.device.queue.submit([enc.finish()]);
+    const got = await readI32(gpu, c, 256);
+    gpu.checkErrors();
+    const hyp: string[] = [];
+    for (const [oName, oMul] of [['off i8', 1], ['off i32', 4]] as const) {
+      for (const [sName, sMul] of [['stride i8', 1], ['stride i32', 4]] as const) {
+        let ok = true;
+        for (let m = 0; m < 16 && ok; m++) for (let n = 0; n < 16 && ok; n++) {
+          let s = 0;
+          for (let k = 0; k < 32; k++) s += aBytes[m * 32 + k] * bBytes[offB * oMul + k * strideB * sMul + n];
+          if (s !== got[m * 16 + n]) ok = false;
+        }
+        if (ok) hyp.push(`${oName}, ${sName}`);
+      }
+    }
+    log(`sm right row-major from ${where}, offset ${offB} stride ${strideB}: matches [${hyp.join(' | ') || 'none'}]`);
+  }
+}
+
 async function timePass(gpu: GpuContext, encode: (p: GPUComputePassEncoder) => void): Promise<{ ts: number; wall: number }> {
   const dev = gpu.device;
   const qs = dev.createQuerySet({ type: 'timestamp', count: 2 });
@@ -215,5 +268,6 @@ if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeSubgro
 else log('no subgroup matrix feature');
 if (!gpu.isSoftware && process.argv.includes('--stream')) await probeStream(gpu);
 if (process.argv.includes('--gemm')) await checkGemm(gpu);
+if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeRightRowMajor(gpu);
 gpu.destroy();
 releaseGpu();

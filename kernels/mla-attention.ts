@@ -61,11 +61,12 @@ export interface MlaAttentionTuning {
    */
   qSliceValues: number;
   /**
-   * Over an int8 latent cache: 'auto' runs the int8-product kernel (kernels/mla-attention-tc.ts) on tensor cores where
-   * the adapter has i8 subgroup matrices, 'emulate' runs that kernel's integer arithmetic with dot4I8Packed (tests),
-   * 'off' keeps the f32 kernel that unpacks int8 values.
+   * Over an int8 latent cache: 'off' (default) keeps the f32 kernel that unpacks int8 values; 'tensor-cores' runs the
+   * int8-product kernel (kernels/mla-attention-tc.ts) on i8 subgroup matrices — experimental: on the H200 it disagreed
+   * with its own dot4 form (relative 1.0) and took 4.3 ms at 32 × 4K, so nothing selects it by default; 'emulate'
+   * runs that kernel's integer arithmetic with dot4I8Packed (tests, and the reference the tensor-core form must match).
    */
-  int8Products: 'auto' | 'emulate' | 'off';
+  int8Products: 'off' | 'tensor-cores' | 'emulate';
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
@@ -74,7 +75,7 @@ export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
   maxHeadsPerThread: 16,
   maxHeadsPerWorkgroup: 32,
   qSliceValues: 0,
-  int8Products: 'auto',
+  int8Products: 'off',
 };
 
 
@@ -544,17 +545,15 @@ export class MlaAttention {
     const { gpu, shape, layout } = this;
     const mode = this.tuning.int8Products;
     if (layout.dtype !== 'int8' || mode === 'off') return undefined;
-    const tensorCores = mode === 'auto' && mlaTcOnTensorCores(gpu);
-    if (mode === 'auto' && !tensorCores) return undefined;
+    const tensorCores = mode === 'tensor-cores';
+    if (tensorCores && !mlaTcOnTensorCores(gpu)) {
+      throw new Error('MLA attention: int8Products tensor-cores needs i8 subgroup matrices and 32-wide subgroups; this adapter has none');
+    }
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     const plan = planMlaTc(shape.nHeads, f);
-    if (typeof plan === 'string') {
-      if (mode === 'emulate') throw new Error(`MLA int8-product attention: ${plan}`);
-      return undefined;
-    }
+    if (typeof plan === 'string') throw new Error(`MLA int8-product attention: ${plan}`);
     if (plan.workgroupBytes > gpu.limits.maxComputeWorkgroupStorageSize) {
-      if (mode === 'emulate') throw new Error(`MLA int8-product attention needs ${plan.workgroupBytes} B of workgroup memory, the device allows ${gpu.limits.maxComputeWorkgroupStorageSize}`);
-      return undefined;
+      throw new Error(`MLA int8-product attention needs ${plan.workgroupBytes} B of workgroup memory, the device allows ${gpu.limits.maxComputeWorkgroupStorageSize}`);
     }
     const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${tensorCores ? 'tc' : 'dot4'}`;
     return {
