@@ -302,6 +302,23 @@ function softmaxWeights(scores: Float64Array): Float64Array {
   return p.map((x) => x / sum);
 }
 
+/** Float64 absorbed attention of row 0 (its N_HEADS queries at the start of qLatent) over `context` latent rows [c | k_pe]. */
+function mlaReferenceRow(qLatent: Float32Array, rows: Float64Array, context: number): Float64Array {
+  const RV = R + ROPE;
+  const want = new Float64Array(N_HEADS * R);
+  for (let h = 0; h < N_HEADS; h++) {
+    const s = new Float64Array(context);
+    for (let t = 0; t < context; t++) {
+      let d = 0;
+      for (let k = 0; k < RV; k++) d += qLatent[h * RV + k] * rows[t * RV + k];
+      s[t] = d;
+    }
+    const p = softmaxWeights(s);
+    for (let t = 0; t < context; t++) for (let k = 0; k < R; k++) want[h * R + k] += p[t] * rows[t * RV + k];
+  }
+  return want;
+}
+
 function relErr(got: Float32Array, want: Float64Array): number {
   let d = 0;
   let m = 0;
@@ -448,19 +465,9 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
     if (context <= 4096 && !prefill) {
       const got = await readF32(gpu, out, outStride);
       if (!want) {
-        want = new Float64Array(outStride);
         const rows = new Float64Array(context * RV);
         for (let t = 0; t < context; t++) for (let k = 0; k < RV; k++) rows[t * RV + k] = cacheValue(pool, tables[0], t, k);
-        for (let h = 0; h < N_HEADS; h++) {
-          const s = new Float64Array(context);
-          for (let t = 0; t < context; t++) {
-            let d = 0;
-            for (let k = 0; k < RV; k++) d += qLatentData[h * RV + k] * rows[t * RV + k];
-            s[t] = d;
-          }
-          const p = softmaxWeights(s);
-          for (let t = 0; t < context; t++) for (let k = 0; k < R; k++) want[h * R + k] += p[t] * rows[t * RV + k];
-        }
+        want = mlaReferenceRow(qLatentData, rows, context);
       }
       maxRelError = relErr(got, want);
     }
@@ -527,7 +534,6 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     let maxRelError = NaN;
     if (context <= 4096) {
       if (!want) {
-        want = new Float64Array(outStride);
         const rows = new Float64Array(context * RV);
         const words = (t: number) => {
           const row = tables[0][Math.floor(t / BLOCK)] * BLOCK + (t % BLOCK);
@@ -538,16 +544,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
           });
         };
         for (let t = 0; t < context; t++) rows.set(dequantizeLatentRowInt8(words(t), f), t * RV);
-        for (let h = 0; h < N_HEADS; h++) {
-          const sc = new Float64Array(context);
-          for (let t = 0; t < context; t++) {
-            let d = 0;
-            for (let k = 0; k < RV; k++) d += qLatentData[h * RV + k] * rows[t * RV + k];
-            sc[t] = d;
-          }
-          const p = softmaxWeights(sc);
-          for (let t = 0; t < context; t++) for (let k = 0; k < R; k++) want[h * R + k] += p[t] * rows[t * RV + k];
-        }
+        want = mlaReferenceRow(qLatentData, rows, context);
       }
       maxRelError = relErr(got, want);
     }

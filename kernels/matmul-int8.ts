@@ -254,6 +254,39 @@ export function hasInt8SubgroupMatrix(gpu: GpuContext): boolean {
   return gpu.subgroupMatrixConfigs.some((c) => c.componentType === 'i8' && c.resultComponentType === 'i32' && c.M === 16 && c.N === 16 && c.K === 32);
 }
 
+/** Bindings of the subgroup-matrix W8A8 kernels: activations and weights as `elem` (i32 for matrix loads, vec4 to stage). */
+function smBindings(p: Common, elem: 'i32' | 'vec4<i32>'): string[] {
+  const b = [
+    '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
+    `@group(0) @binding(1) var<storage, read> xq: array<${elem}>;`,
+    '@group(0) @binding(2) var<storage, read> xScale: array<f32>;',
+    `@group(0) @binding(3) var<storage, read> w: array<${elem}>;`,
+    '@group(0) @binding(4) var<storage, read> wScale: array<f32>;',
+    '@group(0) @binding(5) var<storage, read_write> y: array<f32>;',
+  ];
+  if (p.bias) b.push('@group(0) @binding(6) var<storage, read> bias: array<f32>;');
+  return b;
+}
+
+/**
+ * One 16×16 result tile summed over the workgroup's `subgroups` partials: each subgroup stores its accumulator `acc`
+ * in `part`, then every element becomes y = f32(Σ) · (row scale · feature scale) (+ bias). rows/cols: the tile's
+ * first row and feature (WGSL expressions).
+ */
+function reduceTileWgsl(p: Common, acc: string, rows: string, cols: string, subgroups: number, wg: number): string {
+  const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
+  return `subgroupMatrixStore(&part, sg * 256u, ${acc}, false, 16u);
+  workgroupBarrier();
+  for (var e = lid; e < 256u; e += ${wg}u) {
+    let gm = ${rows} + e / 16u;
+    let gn = ${cols} + e % 16u;
+    var sum = 0i;
+    for (var g = 0u; g < ${subgroups}u; g++) { sum += part[g * 256u + e]; }
+    if (gm < M && gn < ${p.N}u) { ${storeExpr(p, `gm * ${p.yStride}u + ${p.colOffset}u + gn`, v)} }
+  }
+  workgroupBarrier();`;
+}
+
 /**
  * W8A8 GEMM on subgroup matrices (tensor cores): the same exact i32 sums as gemmW8A8Wgsl, so the same y.
  * A workgroup owns `colTiles` 16-column tiles (weight rows) and all row tiles; its `subgroups` subgroups split K,
@@ -271,15 +304,7 @@ export function gemmW8A8SubgroupMatrixWgsl(p: Common & { rowTiles: number; colTi
   const steps = p.stride / 32;
   const sgSize = p.subgroupSize;
   const wg = S * sgSize;
-  const bindings = [
-    '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
-    '@group(0) @binding(1) var<storage, read> xq: array<i32>;',
-    '@group(0) @binding(2) var<storage, read> xScale: array<f32>;',
-    '@group(0) @binding(3) var<storage, read> w: array<i32>;',
-    '@group(0) @binding(4) var<storage, read> wScale: array<f32>;',
-    '@group(0) @binding(5) var<storage, read_write> y: array<f32>;',
-  ];
-  if (p.bias) bindings.push('@group(0) @binding(6) var<storage, read> bias: array<f32>;');
+  const bindings = smBindings(p, 'i32');
   const mts = range(MT);
   const cts = range(CT);
   const us = range(U);
@@ -293,21 +318,7 @@ export function gemmW8A8SubgroupMatrixWgsl(p: Common & { rowTiles: number; colTi
   ];
   const mma = (u: number) => mts.flatMap((m) => cts.map((c) => `acc${m}_${c} = subgroupMatrixMultiplyAccumulate(l${u}_${m}, r${u}_${c}, acc${m}_${c});`));
   const fullIters = Math.floor(steps / (S * U));
-  const epilogue = mts.flatMap((m) =>
-    cts.map((c) => {
-      const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
-      return `subgroupMatrixStore(&part, sg * 256u, acc${m}_${c}, false, 16u);
-  workgroupBarrier();
-  for (var e = lid; e < 256u; e += ${wg}u) {
-    let gm = ${m * 16}u + e / 16u;
-    let gn = nTile + ${c * 16}u + e % 16u;
-    var sum = 0i;
-    for (var g = 0u; g < ${S}u; g++) { sum += part[g * 256u + e]; }
-    if (gm < M && gn < ${p.N}u) { ${storeExpr(p, `gm * ${p.yStride}u + ${p.colOffset}u + gn`, v)} }
-  }
-  workgroupBarrier();`;
-    }),
-  );
+  const epilogue = mts.flatMap((m) => cts.map((c) => reduceTileWgsl(p, `acc${m}_${c}`, `${m * 16}u`, `nTile + ${c * 16}u`, S, wg)));
   // Subgroup matrix calls need subgroup-uniform operands; K offsets depend on the subgroup index (uniform within a
   // subgroup, not across the workgroup), which WGSL's workgroup-scope analysis cannot see.
   return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
@@ -357,15 +368,7 @@ export function gemmW8A8StagedWgsl(p: Common & { rowTiles: number; subgroups: nu
   const wRegion = 16 * rowI;
   const xRegion = MT * 16 * rowI;
   const strideV4 = p.stride / 16;
-  const bindings = [
-    '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
-    '@group(0) @binding(1) var<storage, read> xq: array<vec4<i32>>;',
-    '@group(0) @binding(2) var<storage, read> xScale: array<f32>;',
-    '@group(0) @binding(3) var<storage, read> w: array<vec4<i32>>;',
-    '@group(0) @binding(4) var<storage, read> wScale: array<f32>;',
-    '@group(0) @binding(5) var<storage, read_write> y: array<f32>;',
-  ];
-  if (p.bias) bindings.push('@group(0) @binding(6) var<storage, read> bias: array<f32>;');
+  const bindings = smBindings(p, 'vec4<i32>');
   const mts = range(MT);
   const us = range(U);
   const left = 'subgroup_matrix_left<i8, 32, 16>';
@@ -374,19 +377,7 @@ export function gemmW8A8StagedWgsl(p: Common & { rowTiles: number; subgroups: nu
   const put = (arr: string, idx: string, v: string) => range(4).map((i) => `${arr}[${idx} + ${i}u] = ${v}[${i}];`).join(' ');
   const wLoads = Math.ceil((16 * rowV4) / sgSize);
   const xLoads = Math.ceil((MT * 16 * rowV4) / sgSize);
-  const epilogue = mts.map((m) => {
-    const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
-    return `subgroupMatrixStore(&part, sg * 256u, acc${m}, false, 16u);
-  workgroupBarrier();
-  for (var e = lid; e < 256u; e += ${wg}u) {
-    let gm = m0 + ${m * 16}u + e / 16u;
-    let gn = nTile + e % 16u;
-    var sum = 0i;
-    for (var g = 0u; g < ${S}u; g++) { sum += part[g * 256u + e]; }
-    if (gm < M && gn < ${p.N}u) { ${storeExpr(p, `gm * ${p.yStride}u + ${p.colOffset}u + gn`, v)} }
-  }
-  workgroupBarrier();`;
-  });
+  const epilogue = mts.map((m) => reduceTileWgsl(p, `acc${m}`, `m0 + ${m * 16}u`, 'nTile', S, wg));
   return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
 diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
 ${bindings.join('\n')}

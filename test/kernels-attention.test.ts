@@ -2,20 +2,14 @@
 // contexts crossing block and chunk boundaries, f32 and f16 caches.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { GqaAttention, type GqaAttentionPlan, type GqaAttentionTuning, type GqaShape } from '../kernels/attention.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { attendGqa } from '../model/reference/ops.ts';
-import { freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 interface Case {
   shape: GqaShape;

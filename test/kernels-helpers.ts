@@ -1,4 +1,19 @@
-// Shared pieces of the kernel tests: seeded random inputs and the relative-error measure.
+// Shared pieces of the kernel tests: one GPU per test file, seeded random inputs and the relative-error measure.
+import { after } from 'node:test';
+import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+
+/**
+ * The test file's GPU, opened on first use (quietly: no SwiftShader fallback line), destroyed after the file's tests
+ * (a process holding a Dawn device does not exit).
+ */
+export function fileGpu(): () => Promise<GpuContext> {
+  let gpuPromise: Promise<GpuContext> | undefined;
+  after(async () => {
+    if (gpuPromise) (await gpuPromise).destroy();
+    releaseGpu();
+  });
+  return () => (gpuPromise ??= openGpu({ log: () => {} }));
+}
 
 /** Deterministic uniform numbers in [-scale, scale) (mulberry32); a fresh seed per test run unless fixed. */
 export function randomArray(n: number, seed: number, scale = 1): Float32Array {

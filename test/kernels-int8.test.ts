@@ -1,18 +1,12 @@
 // Int8 weights: per-row quantization round trip, the weights-only int8 GEMV and the W8A8 path vs float64, within derived bounds.
-import { test, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { destroyInt8Matrix, int8At, quantizeInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
 import { Int8MatmulOp, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
-import { freshSeed, randomArray, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, strided, unstride } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 const U = 2 ** -24; // f32 unit roundoff
 

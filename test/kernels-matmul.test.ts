@@ -1,19 +1,13 @@
 // Matmul kernels (GEMV and tiled GEMM; f32 and packed-f16 weights; bias, fused residual, split pieces) vs the float64 reference.
-import { test, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { MatmulOp, type MatmulTuning } from '../kernels/matmul.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray, uploadMatrix, type WeightDtype } from '../kernels/tensors.ts';
 import { matvec } from '../model/reference/ops.ts';
 import { tensor } from '../model/weights.ts';
-import { freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 interface Case {
   M: number;

@@ -1,19 +1,14 @@
 // Row-wise kernels (embedding gather, RMSNorm incl. logit-row gather, SiLU·mul, RoPE both layouts) vs the float64 reference.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { type GpuContext } from '../kernels/device.ts';
 import { EmbeddingGather, RmsNorm, Rope, ropeTable, SiluMul } from '../kernels/elementwise.ts';
 import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray, uploadMatrix } from '../kernels/tensors.ts';
 import { rmsnorm, rope, silu } from '../model/reference/ops.ts';
-import { freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 /** Three sequences: a prefill chunk after a prefix, a decode token, a fresh prompt; logits for some rows. */
 function stepOf(vocab: number, seed: number): StepSeqInput[] {

@@ -4,7 +4,6 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { GqaAttention, type GqaAttentionPlan, type GqaAttentionTuning, type GqaShape } from '../kernels/attention.ts';
 import { KvWrite, type PagedRows } from '../kernels/kv-write.ts';
 import { int8RowFormat, kvInt8At, kvInt8Scale, dequantizeKvRowInt8, quantizeKvRowInt8, type Int8RowFormat } from '../kernels/kv-int8.ts';
@@ -17,14 +16,9 @@ import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { scoreWithRunner, textChunks } from '../engine/perplexity.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDtypeOption } from '../server/local-runner.ts';
-import { freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 interface Step {
   shape: GqaShape;

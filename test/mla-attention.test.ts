@@ -2,19 +2,13 @@
 // contexts crossing block, tile and chunk boundaries, f32 and f16 caches, R/r/heads combos incl. 512 + 64.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { MlaAttention, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
 import { poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
-import { freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 interface Case {
   shape: MlaAttentionShape;

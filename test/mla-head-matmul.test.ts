@@ -1,19 +1,13 @@
 // Per-head batched matmul (MLA absorption and W_UV) vs float64: row counts across the rows-per-thread variants, K with
 // and without the k split, odd N, pass-through columns, f32 and f16 weights, NaN-poisoned outputs.
-import { test, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { HeadMatmul, headMatmulKSplit, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
 import { buildStepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
-import { freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 async function runCase(nHeads: number, K: number, N: number, passCols: number, rows: number, dtype: 'f32' | 'f16'): Promise<number> {
   const g = await gpu();

@@ -4,7 +4,6 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { MlaAttention, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import {
   MlaLatentWriteInt8,
@@ -27,14 +26,9 @@ import { loadModel } from '../model/load.ts';
 import { attendLatentRows } from '../model/reference/mla.ts';
 import { convertToMla, mlaWeightsToF32 } from '../model/transmla/convert.ts';
 import { calibrationSplit } from '../server/convert-command.ts';
-import { freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 interface Step {
   shape: MlaAttentionShape;

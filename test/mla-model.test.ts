@@ -1,9 +1,8 @@
 // Whole random MLA models on the GPU runner (which picks the MLA block from the config) vs the float64 MLA reference in
 // both forms (absorbed and naive): q_proj and q_a/q_b (+ q_a_layernorm), kv_a_layernorm, biases, both RoPE layouts,
 // batches of prefill chunks and decode rows.
-import { test, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import type { ModelRunner, StepSequence } from '../engine/types.ts';
 import type { MlaConfig } from '../model/config.ts';
@@ -11,14 +10,9 @@ import type { ModelWeights } from '../model/weights.ts';
 import { ReferenceMla } from '../model/reference/mla.ts';
 import { syntheticModel } from '../model/synthetic.ts';
 import { roundToF16 } from '../kernels/tensors.ts';
-import { freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
 
-let gpuPromise: Promise<GpuContext> | undefined;
-const gpu = () => (gpuPromise ??= openGpu({ log: () => {} }));
-after(async () => {
-  if (gpuPromise) (await gpuPromise).destroy();
-  releaseGpu();
-});
+const gpu = fileGpu();
 
 function mlaConfig(over: Partial<MlaConfig>): MlaConfig {
   const base: MlaConfig = {
