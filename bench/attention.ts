@@ -17,6 +17,7 @@
 import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { GqaAttention, maxAttentionChunk, type GqaAttentionTuning } from '../kernels/attention.ts';
+import { timeGpuPass } from './gpu-timing.ts';
 import { int8RowFormat, type Int8RowFormat } from '../kernels/kv-int8.ts';
 import { dequantizeLatentRowInt8, mlaInt8RowFormat, type MlaInt8RowFormat } from '../kernels/mla-kv-int8.ts';
 import { MlaAttention, DEFAULT_MLA_TUNING, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
@@ -175,40 +176,9 @@ function randomF32(n: number, seed: number, scale: number): Float32Array {
 // ---- timing ----
 
 async function timePass(gpu: GpuContext, iterations: number, encodeOne: (pass: GPUComputePassEncoder) => void): Promise<{ ns: number; timestamps: boolean }> {
-  const dev = gpu.device;
-  const hasTs = gpu.features.has('timestamp-query');
-  const qs = hasTs ? dev.createQuerySet({ type: 'timestamp', count: 2 }) : undefined;
-  const resolve = hasTs ? dev.createBuffer({ size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC }) : undefined;
-  const read = hasTs ? dev.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }) : undefined;
-  const enc = dev.createCommandEncoder();
-  const pass = enc.beginComputePass(qs ? { timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {});
-  for (let i = 0; i < iterations; i++) encodeOne(pass);
-  pass.end();
-  if (qs && resolve && read) {
-    enc.resolveQuerySet(qs, 0, 2, resolve, 0);
-    enc.copyBufferToBuffer(resolve, 0, read, 0, 16);
-  }
-  const t0 = performance.now();
-  dev.queue.submit([enc.finish()]);
-  await dev.queue.onSubmittedWorkDone();
-  const wallNs = (performance.now() - t0) * 1e6;
-  let ns = wallNs;
-  let timestamps = false;
-  if (read) {
-    await read.mapAsync(GPUMapMode.READ);
-    const t = new BigUint64Array(read.getMappedRange().slice(0));
-    read.unmap();
-    const d = Number(t[1] - t[0]);
-    if (d > 0 && d < wallNs * 1.5) {
-      ns = d;
-      timestamps = true;
-    }
-  }
-  qs?.destroy();
-  resolve?.destroy();
-  read?.destroy();
-  gpu.checkErrors();
-  return { ns, timestamps };
+  return timeGpuPass(gpu, (pass) => {
+    for (let i = 0; i < iterations; i++) encodeOne(pass);
+  });
 }
 
 /** Runs a few iterations (compiles, warms), then enough for ~targetMs of GPU time; µs per iteration. */

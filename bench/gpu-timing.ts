@@ -1,7 +1,7 @@
 // Timing one compute pass on the GPU (timestamp queries when the adapter has them, else wall clock) and reading results back.
 import type { GpuContext } from '../kernels/device.ts';
 
-/** Runs one compute pass recorded by `encode`; ns from timestamps (GPU time) or the wall clock around submit → map. */
+/** Runs one compute pass recorded by `encode`; ns from timestamps (GPU time) or the wall clock around submit → map; throws GPU errors. */
 export async function timeGpuPass(gpu: GpuContext, encode: (pass: GPUComputePassEncoder) => void): Promise<{ ns: number; wallNs: number; timestamps: boolean }> {
   const dev = gpu.device;
   const hasTs = gpu.features.has('timestamp-query');
@@ -23,7 +23,9 @@ export async function timeGpuPass(gpu: GpuContext, encode: (pass: GPUComputePass
     await read.mapAsync(GPUMapMode.READ);
     const t = new BigUint64Array(read.getMappedRange().slice(0));
     read.unmap();
-    if (t[1] > t[0]) tsNs = Number(t[1] - t[0]);
+    const wall = (performance.now() - t0) * 1e6;
+    // A timestamp span longer than the wall clock around it is a broken counter: fall back to the wall clock.
+    if (t[1] > t[0] && Number(t[1] - t[0]) < wall * 1.5) tsNs = Number(t[1] - t[0]);
   } else {
     await dev.queue.onSubmittedWorkDone();
   }
@@ -31,6 +33,7 @@ export async function timeGpuPass(gpu: GpuContext, encode: (pass: GPUComputePass
   qs?.destroy();
   resolve.destroy();
   read.destroy();
+  gpu.checkErrors();
   return { ns: tsNs ?? wallNs, wallNs, timestamps: tsNs !== null };
 }
 
@@ -41,15 +44,19 @@ export async function spinUpGpu(gpu: GpuContext, encode: (pass: GPUComputePassEn
   while (performance.now() - t0 < ms);
 }
 
-export async function readBackF32(gpu: GpuContext, src: GPUBuffer, count: number): Promise<Float32Array> {
-  const bytes = count * 4;
+/** Copies `bytes` of a storage buffer to the host. */
+export async function readBack(gpu: GpuContext, src: GPUBuffer, bytes: number): Promise<ArrayBuffer> {
   const staging = gpu.device.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   const enc = gpu.device.createCommandEncoder();
   enc.copyBufferToBuffer(src, 0, staging, 0, bytes);
   gpu.device.queue.submit([enc.finish()]);
   await staging.mapAsync(GPUMapMode.READ);
-  const out = new Float32Array(staging.getMappedRange().slice(0));
+  const out = staging.getMappedRange().slice(0);
   staging.unmap();
   staging.destroy();
   return out;
+}
+
+export async function readBackF32(gpu: GpuContext, src: GPUBuffer, count: number): Promise<Float32Array> {
+  return new Float32Array(await readBack(gpu, src, count * 4));
 }

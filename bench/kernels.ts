@@ -8,6 +8,7 @@
 import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { MatmulOp, defaultMatmulTuning, type MatmulTuning } from '../kernels/matmul.ts';
+import { readBack, spinUpGpu, timeGpuPass } from './gpu-timing.ts';
 import { bindBuffers, f16BitsToF32, gridFor, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
 
 interface Args {
@@ -215,14 +216,14 @@ async function benchStream(gpu: GpuContext, args: Args, w: GpuMatrix, shape: str
       }
     };
     const iterations = Math.max(args.quick ? 2 : 3, Math.min(2000, Math.ceil(args.targetBytes / w.bytes)));
-    await gpuTimeNs(gpu, encode);
-    if (!args.quick) await spinUp(gpu, (p) => { for (let i = 0; i < iterations; i++) encode(p); });
-    const t = await gpuTimeNs(gpu, (p) => { for (let i = 0; i < iterations; i++) encode(p); });
-    const sec = (t.tsNs ?? t.wallNs) / 1e9 / iterations;
+    await timeGpuPass(gpu, encode);
+    if (!args.quick) await spinUpGpu(gpu, (p) => { for (let i = 0; i < iterations; i++) encode(p); });
+    const t = await timeGpuPass(gpu, (p) => { for (let i = 0; i < iterations; i++) encode(p); });
+    const sec = t.ns / 1e9 / iterations;
     const gbPerS = w.bytes / sec / 1e9;
     out.push({
       shape, n: w.rows, k: w.cols, rows: 0, variant: `control: stream read u${unroll}${gridStride ? ' grid-stride' : ''}`, iterations,
-      usPerIter: sec * 1e6, wallUsPerIter: t.wallNs / 1e3 / iterations, timing: t.tsNs !== null ? 'timestamp' : 'wall',
+      usPerIter: sec * 1e6, wallUsPerIter: t.wallNs / 1e3 / iterations, timing: t.timestamps ? 'timestamp' : 'wall',
       bytesPerIter: w.bytes, gbPerS, ceilingRatio: gbPerS / args.ceilingGBs, gflops: 0, maxRelError: 0,
     });
     process.stderr.write(`    control stream u${unroll}${gridStride ? ' grid-stride' : ''}: ${(sec * 1e6).toFixed(1)} µs, ${gbPerS.toFixed(0)} GB/s\n`);
@@ -249,48 +250,6 @@ interface Measurement {
   maxRelError: number;
 }
 
-async function gpuTimeNs(gpu: GpuContext, encodeAll: (pass: GPUComputePassEncoder) => void): Promise<{ wallNs: number; tsNs: number | null }> {
-  const dev = gpu.device;
-  const hasTs = gpu.features.has('timestamp-query');
-  const qs = hasTs ? dev.createQuerySet({ type: 'timestamp', count: 2 }) : undefined;
-  const resolve = hasTs ? dev.createBuffer({ size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC }) : undefined;
-  const read = hasTs ? dev.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }) : undefined;
-  const enc = dev.createCommandEncoder();
-  const pass = enc.beginComputePass(qs ? { timestampWrites: { querySet: qs, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {});
-  encodeAll(pass);
-  pass.end();
-  if (qs && resolve && read) {
-    enc.resolveQuerySet(qs, 0, 2, resolve, 0);
-    enc.copyBufferToBuffer(resolve, 0, read, 0, 16);
-  }
-  const t0 = performance.now();
-  dev.queue.submit([enc.finish()]);
-  await dev.queue.onSubmittedWorkDone();
-  const wallNs = (performance.now() - t0) * 1e6;
-  let tsNs: number | null = null;
-  if (read) {
-    await read.mapAsync(GPUMapMode.READ);
-    const t = new BigUint64Array(read.getMappedRange().slice(0));
-    read.unmap();
-    const d = Number(t[1] - t[0]);
-    if (d > 0 && d < wallNs * 1.5) tsNs = d;
-  }
-  qs?.destroy();
-  resolve?.destroy();
-  read?.destroy();
-  gpu.checkErrors();
-  return { wallNs, tsNs };
-}
-
-/**
- * Keeps the GPU busy for ~60 ms right before a timed pass. The H200 idles at 345 MHz between measurements
- * (nvidia-smi, 2026-11-28) and each timed pass lasts only ~5 ms; a pass that starts on idle clocks reads slow.
- */
-async function spinUp(gpu: GpuContext, encodeAll: (pass: GPUComputePassEncoder) => void, ms = 60): Promise<void> {
-  const t0 = performance.now();
-  do await gpuTimeNs(gpu, encodeAll);
-  while (performance.now() - t0 < ms);
-}
 
 async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, seed: number): Promise<Measurement[]> {
   const shape = `${k}→${n}`;
@@ -311,10 +270,10 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
       gpu.device.queue.writeBuffer(yBuf, 0, new Float32Array(maxRows * n).fill(NaN));
       const bytesPerIter = w.gpu.bytes + rows * k * 4 + rows * n * 4;
       const iterations = Math.max(args.quick ? 2 : 3, Math.min(2000, Math.ceil(args.targetBytes / bytesPerIter)));
-      await gpuTimeNs(gpu, (p) => op.encode(p, rows)); // compile + warm
-      if (!args.quick) await spinUp(gpu, (p) => { for (let i = 0; i < iterations; i++) op.encode(p, rows); });
-      const t = await gpuTimeNs(gpu, (p) => { for (let i = 0; i < iterations; i++) op.encode(p, rows); });
-      const ns = t.tsNs ?? t.wallNs;
+      await timeGpuPass(gpu, (p) => op.encode(p, rows)); // compile + warm
+      if (!args.quick) await spinUpGpu(gpu, (p) => { for (let i = 0; i < iterations; i++) op.encode(p, rows); });
+      const t = await timeGpuPass(gpu, (p) => { for (let i = 0; i < iterations; i++) op.encode(p, rows); });
+      const ns = t.ns;
       const sec = ns / 1e9 / iterations;
       // Check a few outputs against the CPU (the same f16 bits, f64 sums).
       const y = new Float32Array(await readBack(gpu, yBuf, rows * n * 4));
@@ -345,7 +304,7 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
         iterations,
         usPerIter: sec * 1e6,
         wallUsPerIter: t.wallNs / 1e3 / iterations,
-        timing: t.tsNs !== null ? 'timestamp' : 'wall',
+        timing: t.timestamps ? 'timestamp' : 'wall',
         bytesPerIter,
         gbPerS,
         ceilingRatio: gbPerS / args.ceilingGBs,
@@ -362,17 +321,6 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
   return out;
 }
 
-async function readBack(gpu: GpuContext, src: GPUBuffer, bytes: number): Promise<ArrayBuffer> {
-  const staging = gpu.device.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
-  const enc = gpu.device.createCommandEncoder();
-  enc.copyBufferToBuffer(src, 0, staging, 0, bytes);
-  gpu.device.queue.submit([enc.finish()]);
-  await staging.mapAsync(GPUMapMode.READ);
-  const out = staging.getMappedRange().slice(0);
-  staging.unmap();
-  staging.destroy();
-  return out;
-}
 
 /** Every variant's time relative to the best per (shape, rows), averaged: which layout is best across shapes. */
 function rankTable(all: Measurement[]): string {

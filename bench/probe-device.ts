@@ -1,18 +1,15 @@
-// Device probe: subgroup-matrix availability and load/store semantics for i8, and streaming-read variants (H200 questions).
+// Device probe: subgroup-matrix availability and i8 load/store semantics, streaming-read variants (questions for the H200).
+//
+//   node --import tsx bench/probe-device.ts            # adapter, subgroup-matrix configs, which units offsets/strides count
+//   node --import tsx bench/probe-device.ts --stream   # 1 GiB streaming read: one vec4 per thread vs grid-stride loops
+//   node --import tsx bench/probe-device.ts --gemm     # int8 W8A8: subgroup-matrix kernels vs the dot4 kernel, small shapes
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import { readBack } from './gpu-timing.ts';
 
 const log = (s: string) => process.stdout.write(s + '\n');
 
 async function readI32(gpu: GpuContext, src: GPUBuffer, n: number): Promise<Int32Array> {
-  const st = gpu.device.createBuffer({ size: n * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
-  const enc = gpu.device.createCommandEncoder();
-  enc.copyBufferToBuffer(src, 0, st, 0, n * 4);
-  gpu.device.queue.submit([enc.finish()]);
-  await st.mapAsync(GPUMapMode.READ);
-  const out = new Int32Array(st.getMappedRange().slice(0));
-  st.unmap();
-  st.destroy();
-  return out;
+  return new Int32Array(await readBack(gpu, src, n * 4));
 }
 
 function buf(gpu: GpuContext, data: Int32Array | Uint32Array): GPUBuffer {
