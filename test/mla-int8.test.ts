@@ -13,12 +13,12 @@ import { roundToF16 } from '../kernels/tensors.ts';
 import type { GqaConfig, MlaConfig } from '../model/config.ts';
 import { loadModel } from '../model/load.ts';
 import { ReferenceMla } from '../model/reference/mla.ts';
-import { syntheticModel } from '../model/synthetic.ts';
 import { convertToMla, mlaWeightsToF32 } from '../model/transmla/convert.ts';
 import { maxKvLoraRank } from '../model/transmla/stage2.ts';
 import type { ModelWeights, Tensor } from '../model/weights.ts';
 import { calibrationSplit } from '../server/convert-command.ts';
 import { freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { randomMlaModel, tinyMlaConfig } from './mla-fixtures.ts';
 
 let gpu: GpuContext;
 const runners: ModelRunner[] = [];
@@ -69,35 +69,6 @@ function int8ReferenceWeights(w: ModelWeights, projections: 'int8' | 'f16' = 'in
   };
 }
 
-function mlaConfig(over: Partial<MlaConfig>): MlaConfig {
-  const c: MlaConfig = {
-    arch: 'deepseek_v3',
-    attention: 'mla',
-    dim: 48,
-    hiddenDim: 64,
-    nLayers: 2,
-    nHeads: 4,
-    vocabSize: 97,
-    maxSeqLen: 128,
-    ropeTheta: 10000,
-    rmsEps: 1e-5,
-    tiedEmbeddings: false,
-    bosId: 1,
-    eosId: 2,
-    kvLoraRank: 24,
-    qLoraRank: null,
-    qkRopeHeadDim: 8,
-    qkNopeHeadDim: 12,
-    vHeadDim: 10,
-    attentionBias: false,
-    qkLatentLayernorm: false,
-    ropeLayout: 'interleaved',
-    softmaxScale: 0,
-    ...over,
-  };
-  c.softmaxScale = 1 / Math.sqrt(c.qkNopeHeadDim + c.qkRopeHeadDim);
-  return c;
-}
 
 /**
  * A random model decoded token by token (steps of 2 rows: the weights-only int8 GEMV, whose only rounding beyond the
@@ -106,12 +77,7 @@ function mlaConfig(over: Partial<MlaConfig>): MlaConfig {
  */
 async function checkRandom(config: MlaConfig): Promise<void> {
   const seed = freshSeed();
-  const model = syntheticModel(config, { seed, std: 0.3 });
-  let s = seed;
-  for (const l of model.weights.layers) {
-    if (l.kind !== 'mla') throw new Error('synthetic MLA model has a non-MLA layer');
-    for (const t of [l.attnNorm, l.ffnNorm, l.kvANorm, l.qANorm]) if (t) t.data.set(randomArray(t.data.length, ++s, 0.5).map((v) => 1 + v));
-  }
+  const model = randomMlaModel(config, seed);
   const runner = await createGpuRunner(gpu, model, { weightDtype: 'int8', cacheDtype: 'f32', blockSize: 4, numBlocks: 32, maxRowsPerStep: 8 });
   try {
     const V = config.vocabSize;
@@ -145,11 +111,11 @@ async function checkRandom(config: MlaConfig): Promise<void> {
 }
 
 test('random MLA model, q_proj with biases: int8 weights on the GPU ≤ 1e-4 of the reference on the dequantized weights', async () => {
-  await checkRandom(mlaConfig({ attentionBias: true }));
+  await checkRandom(tinyMlaConfig({ attentionBias: true }));
 });
 
 test('random MLA model, q_a/q_b + q_a_layernorm, kv_a split by kv_a_layernorm: int8 weights ≤ 1e-4 of the reference', async () => {
-  await checkRandom(mlaConfig({ qLoraRank: 20, qkLatentLayernorm: true, ropeLayout: 'rotate_half', nHeads: 3, attentionBias: true }));
+  await checkRandom(tinyMlaConfig({ qLoraRank: 20, qkLatentLayernorm: true, ropeLayout: 'rotate_half', nHeads: 3, attentionBias: true }));
 });
 
 // Converted stories260K, as test/mla-stories.test.ts converts it (r = 4, R = 16, 8 calibration chunks of 128 tokens).

@@ -6,57 +6,13 @@ import assert from 'node:assert/strict';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import type { ModelRunner, StepSequence } from '../engine/types.ts';
 import type { MlaConfig } from '../model/config.ts';
-import type { ModelWeights } from '../model/weights.ts';
 import { ReferenceMla } from '../model/reference/mla.ts';
-import { syntheticModel } from '../model/synthetic.ts';
-import { roundToF16 } from '../kernels/tensors.ts';
 import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { randomMlaModel, tinyMlaConfig } from './mla-fixtures.ts';
 
 const gpu = fileGpu();
 
-function mlaConfig(over: Partial<MlaConfig>): MlaConfig {
-  const base: MlaConfig = {
-    arch: 'deepseek_v3',
-    attention: 'mla',
-    dim: 48,
-    hiddenDim: 64,
-    nLayers: 2,
-    nHeads: 4,
-    vocabSize: 97,
-    maxSeqLen: 128,
-    ropeTheta: 10000,
-    rmsEps: 1e-5,
-    tiedEmbeddings: false,
-    bosId: 1,
-    eosId: 2,
-    kvLoraRank: 24,
-    qLoraRank: null,
-    qkRopeHeadDim: 8,
-    qkNopeHeadDim: 12,
-    vHeadDim: 10,
-    attentionBias: false,
-    qkLatentLayernorm: false,
-    ropeLayout: 'interleaved',
-    softmaxScale: 0,
-  };
-  const c = { ...base, ...over };
-  if (!over.softmaxScale) c.softmaxScale = 1 / Math.sqrt(c.qkNopeHeadDim + c.qkRopeHeadDim);
-  return c;
-}
 
-/** Random weights; norm weights randomized too (synthetic ones are all 1), so a misplaced norm shows. */
-function randomModel(config: MlaConfig, seed: number, f16Weights: boolean): { config: MlaConfig; weights: ModelWeights } {
-  const m = syntheticModel(config, { seed, std: 0.3 });
-  let s = seed;
-  for (const l of m.weights.layers) {
-    if (l.kind !== 'mla') throw new Error('synthetic MLA model has a non-MLA layer');
-    for (const t of [l.attnNorm, l.ffnNorm, l.kvANorm, l.qANorm]) if (t) t.data.set(randomArray(t.data.length, ++s, 0.5).map((v) => 1 + v));
-    // f16 weights on the GPU: give the reference the same values, so only the f16 cache differs.
-    if (f16Weights) for (const t of Object.values(l)) if (typeof t === 'object' && t.data.length > t.shape[0]) t.data.set(roundToF16(t.data));
-  }
-  if (f16Weights) for (const t of [m.weights.tokenEmbedding, m.weights.output]) t.data.set(roundToF16(t.data));
-  return { config, weights: m.weights };
-}
 
 /**
  * Runs three prompts through the runner in steps of at most 8 rows (3 + 2 + 3 tokens per step: prefill chunks of
@@ -66,7 +22,7 @@ function randomModel(config: MlaConfig, seed: number, f16Weights: boolean): { co
 async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16'; weightDtype?: 'f32' | 'f16'; bar: number }): Promise<number> {
   const g = await gpu();
   const seed = freshSeed();
-  const model = randomModel(config, seed, opts.weightDtype === 'f16');
+  const model = randomMlaModel(config, seed, opts.weightDtype === 'f16');
   const runner: ModelRunner = await createGpuRunner(g, model, {
     weightDtype: opts.weightDtype ?? 'f32',
     cacheDtype: opts.cacheDtype ?? 'f32',
@@ -118,20 +74,20 @@ async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16';
 }
 
 test('random MLA model, q_proj with biases, no latent norms, interleaved RoPE: GPU logits ≤ 1e-4 of the reference', async () => {
-  await checkModel(mlaConfig({ attentionBias: true }), { bar: 1e-4 });
+  await checkModel(tinyMlaConfig({ attentionBias: true }), { bar: 1e-4 });
 });
 
 test('random MLA model, q_a/q_b with q_a_layernorm and kv_a_layernorm (DeepSeek style), rotate-half RoPE', async () => {
-  await checkModel(mlaConfig({ qLoraRank: 20, qkLatentLayernorm: true, ropeLayout: 'rotate_half', nHeads: 3 }), { bar: 1e-4 });
+  await checkModel(tinyMlaConfig({ qLoraRank: 20, qkLatentLayernorm: true, ropeLayout: 'rotate_half', nHeads: 3 }), { bar: 1e-4 });
 });
 
 test('random MLA model at 512 + 64 with two heads, biases and latent norms', async () => {
   await checkModel(
-    mlaConfig({ kvLoraRank: 512, qkRopeHeadDim: 64, qkNopeHeadDim: 16, vHeadDim: 16, nHeads: 2, nLayers: 1, attentionBias: true, qkLatentLayernorm: true }),
+    tinyMlaConfig({ kvLoraRank: 512, qkRopeHeadDim: 64, qkNopeHeadDim: 16, vHeadDim: 16, nHeads: 2, nLayers: 1, attentionBias: true, qkLatentLayernorm: true }),
     { bar: 1e-4 },
   );
 });
 
 test('random MLA model with f16 weights and f16 latent cache stays within 1e-2 of the reference on the same f16 weights', async () => {
-  await checkModel(mlaConfig({ attentionBias: true }), { bar: 1e-2, cacheDtype: 'f16', weightDtype: 'f16' });
+  await checkModel(tinyMlaConfig({ attentionBias: true }), { bar: 1e-2, cacheDtype: 'f16', weightDtype: 'f16' });
 });

@@ -3,7 +3,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { bearerChecker } from '../server/app.ts';
-import { describeConfig, resolveServeConfig, SERVE_ENV_VARS, SERVE_USAGE, type ResolvedServeConfig } from '../server/serve-options.ts';
+import { describeConfig, resolveServeConfig, SERVE_ENV_VARS, SERVE_USAGE } from '../server/serve-options.ts';
+import { configResolver } from './serve-config-fixture.ts';
 
 const files: Record<string, string> = {
   'serve.yaml': 'port: 9100\nkv_cache_memory: 64MiB\nmodel: [a, b]\nname:\n  - A\n  - B\nmaxQueue: 7\napi-key: from-file\n',
@@ -13,15 +14,7 @@ const files: Record<string, string> = {
   'list-for-scalar.yaml': 'port: [1, 2]\n',
   'not-a-map.yaml': '- port\n',
 };
-const readFile = (p: string) => {
-  if (!(p in files)) throw new Error(`ENOENT: no such file, open '${p}'`);
-  return files[p];
-};
-const resolve = (argv: string[], env: NodeJS.ProcessEnv = {}): ResolvedServeConfig => {
-  const r = resolveServeConfig(argv, env, readFile);
-  assert.notEqual(r, 'help');
-  return r as ResolvedServeConfig;
-};
+const resolve = configResolver(files);
 
 test('defaults with nothing given', () => {
   const { options, sources } = resolve([]);

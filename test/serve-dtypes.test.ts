@@ -11,21 +11,14 @@ import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
 import { syntheticConfig } from '../model/synthetic.ts';
 import { buildApp } from '../server/app.ts';
 import { banner, checkKvCacheDtype, openServedEngines, SHARED_STORIES, type ServedEngines } from '../server/serve-command.ts';
-import { describeConfig, resolveServeConfig, SERVE_USAGE, UsageError, type ResolvedServeConfig, type ServeOptions } from '../server/serve-options.ts';
+import { describeConfig, SERVE_USAGE, UsageError, type ServeOptions } from '../server/serve-options.ts';
+import { configResolver } from './serve-config-fixture.ts';
 
 const files: Record<string, string> = {
   'serve.yaml': 'weight_dtype: f32\nkv-cache-dtype: f32\n',
   'bad.json': '{"kvCacheDtype": "bf16"}',
 };
-const readFile = (p: string) => {
-  if (!(p in files)) throw new Error(`ENOENT: no such file, open '${p}'`);
-  return files[p];
-};
-const resolve = (argv: string[], env: NodeJS.ProcessEnv = {}): ResolvedServeConfig => {
-  const r = resolveServeConfig(argv, env, readFile);
-  assert.notEqual(r, 'help');
-  return r as ResolvedServeConfig;
-};
+const resolve = configResolver(files);
 
 test('weight and KV cache dtypes: f16 by default', () => {
   const { options, sources } = resolve([]);
