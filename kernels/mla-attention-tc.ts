@@ -49,7 +49,7 @@ export function planMlaTc(nHeads: number, f: MlaInt8RowFormat, window = 64): Mla
   const tilesPerGroup = tiles / groups;
   if (tilesPerGroup > 16) return `${tiles} output tiles over ${groups} subgroups: more than 16 accumulators each`;
   const HP = headTiles * 16;
-  const stg = Math.max(headTiles * 2 * 512, groups * 256);
+  const stg = Math.max(groups * Math.ceil((headTiles * 2) / groups) * 512, groups * 256);
   const workgroupBytes = 32 * rowPad + 4 * stg + 4 * HP * window + HP * window + 8 * window + 4 * window + 16 * HP + 16;
   return { headsPadded: HP, headTiles, latentPad, ropePad, rowPad, latentTiles, groups, tilesPerGroup, window, workgroupBytes };
 }
@@ -129,7 +129,7 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
   const NT = p.latentTiles;
   const aTiles = p.headTiles * 2;
   const aPerGroup = Math.ceil(aTiles / G);
-  const stg = Math.max(aTiles * 512, G * 256);
+  const stg = Math.max(G * aPerGroup * 512, G * 256);
   const ks = [...Array(KPG).keys()];
   const left = 'subgroup_matrix_left<i8, 32, 16>';
   const right = 'subgroup_matrix_right<i8, 16, 32>';
@@ -138,27 +138,29 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
 
   // Phase A: the score tiles (head tile, 16-token half) of a 32-token sub-tile, as i32 in stg[a·512 ..] (latent) and
   // stg[a·512 + 256 ..] (rope), row-major 16 × 16.
+  // Every subgroup runs the same number of tile products (a subgroup whose index passes the tile count recomputes one
+  // into a spare region): no subgroup-matrix call sits in a branch that splits the workgroup — the kernels verified on
+  // the H200 only ever call them in workgroup-uniform control flow. Tile a's result lands in region a either way.
   const phaseA = tensorCores
     ? `for (var k = 0u; k < ${aPerGroup}u; k++) {
-        let a = g + k * ${G}u;
-        if (a < ${aTiles}u) {
-          let mt = a / 2u;
-          let tn = a % 2u;
-          var accL = ${result}();
-          var accP = ${result}();
-          for (var kk = 0u; kk < ${p.latentPad / 32}u; kk++) {
-            let l = subgroupMatrixLoad<${left}>(&qq, qByte + mt * ${16 * p.rowPad}u + kk * 32u, false, ${p.rowPad}u);
-            let rt = subgroupMatrixLoad<${right}>(&ct, tn * ${16 * p.rowPad}u + kk * 32u, true, ${p.rowPad}u);
-            accL = subgroupMatrixMultiplyAccumulate(l, rt, accL);
-          }
-          for (var kk = 0u; kk < ${p.ropePad / 32}u; kk++) {
-            let l = subgroupMatrixLoad<${left}>(&qq, qByte + mt * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, false, ${p.rowPad}u);
-            let rt = subgroupMatrixLoad<${right}>(&ct, tn * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, true, ${p.rowPad}u);
-            accP = subgroupMatrixMultiplyAccumulate(l, rt, accP);
-          }
-          subgroupMatrixStore(&stg, a * 512u, accL, false, 16u);
-          subgroupMatrixStore(&stg, a * 512u + 256u, accP, false, 16u);
+        let region = g + k * ${G}u;
+        let a = region % ${aTiles}u;
+        let mt = a / 2u;
+        let tn = a % 2u;
+        var accL = ${result}();
+        var accP = ${result}();
+        for (var kk = 0u; kk < ${p.latentPad / 32}u; kk++) {
+          let l = subgroupMatrixLoad<${left}>(&qq, qByte + mt * ${16 * p.rowPad}u + kk * 32u, false, ${p.rowPad}u);
+          let rt = subgroupMatrixLoad<${right}>(&ct, tn * ${16 * p.rowPad}u + kk * 32u, true, ${p.rowPad}u);
+          accL = subgroupMatrixMultiplyAccumulate(l, rt, accL);
         }
+        for (var kk = 0u; kk < ${p.ropePad / 32}u; kk++) {
+          let l = subgroupMatrixLoad<${left}>(&qq, qByte + mt * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, false, ${p.rowPad}u);
+          let rt = subgroupMatrixLoad<${right}>(&ct, tn * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, true, ${p.rowPad}u);
+          accP = subgroupMatrixMultiplyAccumulate(l, rt, accP);
+        }
+        subgroupMatrixStore(&stg, region * 512u, accL, false, 16u);
+        subgroupMatrixStore(&stg, region * 512u + 256u, accP, false, 16u);
       }`
     : '';
   const scoreInts = tensorCores
