@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import cliProgress from 'cli-progress';
 import { MAX_SEQS_PER_STEP, scoreWithRunner, textChunks } from '../engine/perplexity.ts';
-import { cacheDtypeOption, dtypeOption, intOption, loadLocalModel, openLocalRunner, UsageError, type WeightDtype } from './local-runner.ts';
+import { LOCAL_MODEL_OPTIONS, localDtypes, intOption, loadLocalModel, openLocalRunner, UsageError } from './local-runner.ts';
 
 export const EVAL_PPL_USAGE = `usage: mla-serve eval-ppl --model PATH --text FILE [options]
 
@@ -46,18 +46,11 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
       args: argv,
       allowPositionals: false,
       options: {
-        model: { type: 'string' },
-        tokenizer: { type: 'string' },
+        ...LOCAL_MODEL_OPTIONS,
         text: { type: 'string' },
         'max-len': { type: 'string' },
         limit: { type: 'string' },
         'batch-tokens': { type: 'string' },
-        'weight-dtype': { type: 'string' },
-        'kv-cache-dtype': { type: 'string' },
-        'cache-dtype': { type: 'string' },
-        cpu: { type: 'boolean' },
-        json: { type: 'boolean' },
-        help: { type: 'boolean', short: 'h' },
       },
     }).values;
   } catch (err) {
@@ -78,8 +71,7 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
       maxLen: v['max-len'] === undefined ? undefined : intOption(v['max-len'], '--max-len', 512, 2),
       limit: v.limit === undefined ? Infinity : intOption(v.limit, '--limit', 1),
       batchTokens: intOption(v['batch-tokens'], '--batch-tokens', 2048),
-      weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
-      cacheDtype: cacheDtypeOption(v, 'f16'),
+      ...localDtypes(v),
     };
   } catch (err) {
     if (!(err instanceof UsageError)) throw err;

@@ -2,7 +2,7 @@
 import { parseArgs } from 'node:util';
 import { createEngine } from '../engine/engine.ts';
 import type { SamplingParams } from '../engine/types.ts';
-import { cacheDtypeOption, dtypeOption, intOption, loadLocalModel, numberOption, openLocalRunner, UsageError, type WeightDtype } from './local-runner.ts';
+import { LOCAL_MODEL_OPTIONS, localDtypes, intOption, loadLocalModel, numberOption, openLocalRunner, UsageError } from './local-runner.ts';
 
 export const GENERATE_USAGE = `usage: mla-serve generate --model PATH [options]
 
@@ -53,8 +53,7 @@ export async function runGenerate(argv: string[]): Promise<number> {
       args: argv,
       allowPositionals: false,
       options: {
-        model: { type: 'string' },
-        tokenizer: { type: 'string' },
+        ...LOCAL_MODEL_OPTIONS,
         prompt: { type: 'string' },
         'max-tokens': { type: 'string' },
         temperature: { type: 'string' },
@@ -63,13 +62,7 @@ export async function runGenerate(argv: string[]): Promise<number> {
         'min-p': { type: 'string' },
         seed: { type: 'string' },
         'ignore-eos': { type: 'boolean' },
-        'weight-dtype': { type: 'string' },
-        'kv-cache-dtype': { type: 'string' },
-        'cache-dtype': { type: 'string' },
         'max-model-len': { type: 'string' },
-        cpu: { type: 'boolean' },
-        json: { type: 'boolean' },
-        help: { type: 'boolean', short: 'h' },
       },
     }).values;
   } catch (err) {
@@ -92,8 +85,7 @@ export async function runGenerate(argv: string[]): Promise<number> {
       topP: numberOption(v['top-p'], '--top-p', 1, (x) => x > 0 && x <= 1, 'in (0, 1]'),
       minP: numberOption(v['min-p'], '--min-p', 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
       seed: v.seed === undefined ? undefined : intOption(v.seed, '--seed', 0, Number.MIN_SAFE_INTEGER),
-      weightDtype: dtypeOption<WeightDtype>(v['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
-      cacheDtype: cacheDtypeOption(v, 'f16'),
+      ...localDtypes(v),
       maxModelLen: v['max-model-len'] === undefined ? undefined : intOption(v['max-model-len'], '--max-model-len', 0),
     };
   } catch (err) {

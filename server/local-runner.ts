@@ -5,6 +5,26 @@ import { loadModel, type LoadedModel } from '../model/load.ts';
 
 export class UsageError extends Error {}
 
+/** Options every local-model command (generate, eval-ppl) takes: the model, its runtime dtypes, output form, help. */
+export const LOCAL_MODEL_OPTIONS = {
+  model: { type: 'string' },
+  tokenizer: { type: 'string' },
+  'weight-dtype': { type: 'string' },
+  'kv-cache-dtype': { type: 'string' },
+  'cache-dtype': { type: 'string' },
+  cpu: { type: 'boolean' },
+  json: { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+/** The weight and KV cache dtypes of a local-model command's parsed flags (f16 unless given). */
+export function localDtypes(values: { 'weight-dtype'?: string; 'kv-cache-dtype'?: string; 'cache-dtype'?: string }): { weightDtype: WeightDtype; cacheDtype: CacheDtype } {
+  return {
+    weightDtype: dtypeOption<WeightDtype>(values['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
+    cacheDtype: cacheDtypeOption(values, 'f16'),
+  };
+}
+
 export type WeightDtype = 'f32' | 'f16' | 'int8';
 export type CacheDtype = 'f32' | 'f16' | 'int8';
 export const CACHE_DTYPES: readonly CacheDtype[] = ['f32', 'f16', 'int8'];
