@@ -1,6 +1,8 @@
 // Shared pieces of the kernel tests: one GPU per test file, seeded random inputs and the relative-error measure.
 import { after } from 'node:test';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
+import type { MatmulBindings } from '../kernels/matmul.ts';
+import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 
 /**
  * The test file's GPU, opened on first use (quietly: no SwiftShader fallback line), destroyed after the file's tests
@@ -64,4 +66,56 @@ export function strided(data: Float32Array, rows: number, cols: number, stride: 
   const out = new Float32Array(rows * stride).fill(fill);
   for (let r = 0; r < rows; r++) out.set(data.subarray(r * cols, (r + 1) * cols), r * stride);
   return out;
+}
+
+/** The shape and options of one matmul kernel case. */
+export interface MatmulShapeCase {
+  M: number;
+  N: number;
+  K: number;
+  bias?: boolean;
+  accumulate?: boolean;
+  yOffset?: number;
+}
+
+/**
+ * Runs one matmul op on fresh random inputs: weights w [N, K] (±0.5), activations x [M, K] with NaN in the row
+ * padding (a kernel reading past K shows up), optional bias b [N], and y either NaN-poisoned or holding y0 (fused
+ * residual add). makeOp uploads w however the kernel wants it and builds the op over the given bindings.
+ */
+export async function runMatmulCase<Op extends { encode(pass: GPUComputePassEncoder, rows: number): void }>(
+  g: GpuContext,
+  c: MatmulShapeCase,
+  seed: number,
+  makeOp: (w: Float32Array, bindings: MatmulBindings) => { op: Op; destroy(): void },
+): Promise<{ w: Float32Array; x: Float32Array; b: Float32Array; y0: Float32Array; got: Float32Array; op: Op }> {
+  const w = randomArray(c.N * c.K, seed, 0.5);
+  const x = randomArray(c.M * c.K, seed + 1);
+  const b = randomArray(c.N, seed + 2);
+  const y0 = randomArray(c.M * c.N, seed + 3);
+  const xStride = pad8(c.K);
+  const yOff = c.yOffset ?? 0;
+  const yStride = pad8(c.N + yOff) + 8;
+  const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(c.M, 0, 1));
+  const xBuf = uploadArray(g, 'x', strided(x, c.M, c.K, xStride));
+  const yBuf = storageBuffer(g, 'y', c.M * yStride * 4);
+  if (c.accumulate) {
+    const init = new Float32Array(c.M * yStride).fill(NaN);
+    for (let m = 0; m < c.M; m++) init.set(y0.subarray(m * c.N, (m + 1) * c.N), m * yStride + yOff);
+    g.device.queue.writeBuffer(yBuf, 0, init);
+  } else {
+    poisonBuffer(g, yBuf);
+  }
+  const biasBuf = c.bias ? uploadArray(g, 'bias', b) : undefined;
+  const made = makeOp(w, { meta, rowsSlot: 0, x: xBuf, xStride, y: yBuf, yStride, yOffset: yOff, bias: biasBuf, accumulate: c.accumulate });
+  const enc = g.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  made.op.encode(pass, c.M);
+  pass.end();
+  g.device.queue.submit([enc.finish()]);
+  const got = unstride(await readF32(g, yBuf, c.M * yStride), c.M, c.N, yStride, yOff);
+  g.checkErrors();
+  made.destroy();
+  for (const buf of [meta, xBuf, yBuf, biasBuf]) buf?.destroy();
+  return { w, x, b, y0, got, op: made.op };
 }

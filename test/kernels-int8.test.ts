@@ -3,8 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { destroyInt8Matrix, int8At, quantizeInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
 import { Int8MatmulOp, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
-import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
-import { fileGpu, freshSeed, randomArray, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, runMatmulCase } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
@@ -77,39 +76,14 @@ interface Outcome {
  */
 async function runCase(c: Case): Promise<Outcome> {
   const g = await gpu();
-  const seed = freshSeed();
-  const w = randomArray(c.N * c.K, seed, 0.5);
-  const x = randomArray(c.M * c.K, seed + 1);
-  const b = randomArray(c.N, seed + 2);
-  const y0 = randomArray(c.M * c.N, seed + 3);
-  const xStride = pad8(c.K);
-  const yOff = c.yOffset ?? 0;
-  const yStride = pad8(c.N + yOff) + 8;
-  const weight = uploadInt8Matrix(g, 'test Wq', w, c.N, c.K);
-  const q = quantizeInt8Rows(w, c.N, c.K);
-  if (c.scaleFactor !== undefined) g.device.queue.writeBuffer(weight.scales, 0, q.scales.map((s) => s * c.scaleFactor!));
-  const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(c.M, 0, 1));
-  const xBuf = uploadArray(g, 'x', strided(x, c.M, c.K, xStride)); // NaN in the row padding: reading past K shows up
-  const yBuf = storageBuffer(g, 'y', c.M * yStride * 4);
-  if (c.accumulate) {
-    const init = new Float32Array(c.M * yStride).fill(NaN);
-    for (let m = 0; m < c.M; m++) init.set(y0.subarray(m * c.N, (m + 1) * c.N), m * yStride + yOff);
-    g.device.queue.writeBuffer(yBuf, 0, init);
-  } else {
-    poisonBuffer(g, yBuf);
-  }
-  const biasBuf = c.bias ? uploadArray(g, 'bias', b) : undefined;
-  const op = new Int8MatmulOp(g, weight, { meta, rowsSlot: 0, x: xBuf, xStride, y: yBuf, yStride, yOffset: yOff, bias: biasBuf, accumulate: c.accumulate }, c.tuning);
+  let q = quantizeInt8Rows([0], 1, 1);
+  const { w, x, b, y0, got, op } = await runMatmulCase(g, c, freshSeed(), (w, bindings) => {
+    const weight = uploadInt8Matrix(g, 'test Wq', w, c.N, c.K);
+    q = quantizeInt8Rows(w, c.N, c.K);
+    if (c.scaleFactor !== undefined) g.device.queue.writeBuffer(weight.scales, 0, q.scales.map((s) => s * c.scaleFactor!));
+    return { op: new Int8MatmulOp(g, weight, bindings, c.tuning), destroy: () => destroyInt8Matrix(weight) };
+  });
   const path = op.path(c.M);
-  const enc = g.device.createCommandEncoder();
-  const pass = enc.beginComputePass();
-  op.encode(pass, c.M);
-  pass.end();
-  g.device.queue.submit([enc.finish()]);
-  const got = unstride(await readF32(g, yBuf, c.M * yStride), c.M, c.N, yStride, yOff);
-  g.checkErrors();
-  destroyInt8Matrix(weight);
-  for (const buf of [meta, xBuf, yBuf, biasBuf]) buf?.destroy();
 
   let boundRatio = 0;
   let dequantRatio = 0;

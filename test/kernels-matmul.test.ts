@@ -2,10 +2,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MatmulOp, type MatmulTuning } from '../kernels/matmul.ts';
-import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray, uploadMatrix, type WeightDtype } from '../kernels/tensors.ts';
+import { pad8, uploadMatrix, type WeightDtype } from '../kernels/tensors.ts';
 import { matvec } from '../model/reference/ops.ts';
 import { tensor } from '../model/weights.ts';
-import { fileGpu, freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, relError, runMatmulCase } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
@@ -24,44 +24,20 @@ interface Case {
 
 async function runCase(c: Case): Promise<number> {
   const g = await gpu();
-  const seed = freshSeed();
-  const w = randomArray(c.N * c.K, seed, 0.5);
-  const x = randomArray(c.M * c.K, seed + 1);
-  const b = randomArray(c.N, seed + 2);
-  const y0 = randomArray(c.M * c.N, seed + 3);
-  const xStride = pad8(c.K);
-  const yOff = c.yOffset ?? 0;
-  const yStride = pad8(c.N + yOff) + 8;
-  const maxBinding = c.pieceRows ? c.pieceRows * pad8(c.K) * (c.dtype === 'f16' ? 2 : 4) : undefined;
-  const weight = uploadMatrix(g, 'test W', w, c.N, c.K, c.dtype, maxBinding);
-  if (c.pieceRows) assert.ok(weight.pieces.length > 1, 'weight should be split into pieces');
-  const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(c.M, 0, 1));
-  const xBuf = uploadArray(g, 'x', strided(x, c.M, c.K, xStride));
-  const yBuf = storageBuffer(g, 'y', c.M * yStride * 4);
-  if (c.accumulate) {
-    const init = new Float32Array(c.M * yStride).fill(NaN);
-    for (let m = 0; m < c.M; m++) init.set(y0.subarray(m * c.N, (m + 1) * c.N), m * yStride + yOff);
-    g.device.queue.writeBuffer(yBuf, 0, init);
-  } else {
-    poisonBuffer(g, yBuf);
-  }
-  const biasBuf = c.bias ? uploadArray(g, 'bias', b) : undefined;
-  const op = new MatmulOp(g, weight, { meta, rowsSlot: 0, x: xBuf, xStride, y: yBuf, yStride, yOffset: yOff, bias: biasBuf, accumulate: c.accumulate }, c.tuning);
-  const enc = g.device.createCommandEncoder();
-  const pass = enc.beginComputePass();
-  op.encode(pass, c.M);
-  pass.end();
-  g.device.queue.submit([enc.finish()]);
-  const got = unstride(await readF32(g, yBuf, c.M * yStride), c.M, c.N, yStride, yOff);
-  g.checkErrors();
+  let pieces = 0;
+  const { w, x, b, y0, got } = await runMatmulCase(g, c, freshSeed(), (w, bindings) => {
+    const maxBinding = c.pieceRows ? c.pieceRows * pad8(c.K) * (c.dtype === 'f16' ? 2 : 4) : undefined;
+    const weight = uploadMatrix(g, 'test W', w, c.N, c.K, c.dtype, maxBinding);
+    pieces = weight.pieces.length;
+    return { op: new MatmulOp(g, weight, bindings, c.tuning), destroy: () => weight.pieces.forEach((p) => p.buffer.destroy()) };
+  });
+  if (c.pieceRows) assert.ok(pieces > 1, 'weight should be split into pieces');
   const W = tensor([c.N, c.K], w);
   const want = new Float64Array(c.M * c.N);
   for (let m = 0; m < c.M; m++) {
     const r = matvec(W, x.subarray(m * c.K, (m + 1) * c.K), c.bias ? tensor([c.N], b) : undefined);
     for (let n = 0; n < c.N; n++) want[m * c.N + n] = r[n] + (c.accumulate ? y0[m * c.N + n] : 0);
   }
-  for (const p of weight.pieces) p.buffer.destroy();
-  for (const buf of [meta, xBuf, yBuf, biasBuf]) buf?.destroy();
   return relError(got, want);
 }
 
