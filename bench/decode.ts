@@ -152,15 +152,19 @@ function peerFor(model: string, batch: number, ctx: number): { pytorch?: number;
 }
 
 /** Bytes of weights one decode step reads: every matrix as padded f16 rows, the LM head included, the embedding not (B rows gathered). */
-function weightBytesPerStep(w: ModelWeights): number {
+function weightBytesPerStep(w: ModelWeights, dtype: 'f16' | 'int8'): number {
   let bytes = 0;
-  const add = (t: Tensor | undefined) => {
+  // int8: projections as one byte per value (rows padded to 32 values) plus an f32 scale per row; the MLA head
+  // matrices made from kv_b_proj stay f16 (kernels/linear.ts).
+  const add = (t: Tensor | undefined, int8: boolean) => {
     if (!t || t.shape.length !== 2) return;
-    bytes += t.shape[0] * Math.ceil(t.shape[1] / 8) * 8 * 2;
+    bytes += int8 ? t.shape[0] * (Math.ceil(t.shape[1] / 32) * 32 + 4) : t.shape[0] * Math.ceil(t.shape[1] / 8) * 8 * 2;
   };
   // Shared layers are still distinct GPU buffers: count every layer (no dedup across layers).
-  for (const l of w.layers) for (const v of Object.values(l)) if (v && typeof v === 'object' && 'shape' in v) add(v as Tensor);
-  add(w.output);
+  for (const l of w.layers) {
+    for (const [name, v] of Object.entries(l)) if (v && typeof v === 'object' && 'shape' in v) add(v as Tensor, dtype === 'int8' && name !== 'kvBProj');
+  }
+  add(w.output, dtype === 'int8');
   return bytes;
 }
 
@@ -221,8 +225,8 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
   const templateBlocks = maxCtx / bs;
   const perSeq = Math.ceil((maxCtx + a.warmup + a.steps) / bs);
   const numBlocks = templateBlocks + maxB * perSeq;
-  const weightBytes = weightBytesPerStep(m.weights);
-  log(`${name}: weights generated in ${fmt(generateS)} s (${fmt(weightBytes / GB, 2)} GB of f16 read per step); uploading, KV pool ${numBlocks} blocks × ${bs} tokens`);
+  const weightBytes = weightBytesPerStep(m.weights, a.weightDtype);
+  log(`${name}: weights generated in ${fmt(generateS)} s (${fmt(weightBytes / GB, 2)} GB of ${a.weightDtype} weights read per step); uploading, KV pool ${numBlocks} blocks × ${bs} tokens`);
 
   const t1 = performance.now();
   const runner: ModelRunner = await createGpuRunner(gpu, m, {

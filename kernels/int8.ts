@@ -90,12 +90,7 @@ export interface GpuInt8Matrix {
 
 /** Quantizes a row-major [rows, cols] f32 matrix per row and uploads values and scales. */
 export function uploadInt8Matrix(gpu: GpuContext, label: string, data: ArrayLike<number>, rows: number, cols: number): GpuInt8Matrix {
-  return uploadQuantizedInt8(gpu, label, quantizeInt8Rows(data, rows, cols, label));
-}
-
-/** Uploads an already quantized matrix (values and scales). */
-export function uploadQuantizedInt8(gpu: GpuContext, label: string, q: Int8Rows): GpuInt8Matrix {
-  const { rows, cols } = q;
+  const q = quantizeInt8Rows(data, rows, cols, label);
   const maxBinding = gpu.limits.maxStorageBufferBindingSize;
   if (q.packed.byteLength > maxBinding) {
     // Unlike f32/f16 weights, int8 matrices are not split into pieces yet; a quarter of the f32 bytes rarely reaches the limit.

@@ -1,6 +1,6 @@
 // Projection weights in any of the matmul dtypes (f32, packed f16, int8 per channel): one upload, op and destroy for all.
 import type { GpuContext } from './device.ts';
-import { destroyInt8Matrix, quantizeInt8Rows, uploadQuantizedInt8, type GpuInt8Matrix, type Int8Rows } from './int8.ts';
+import { destroyInt8Matrix, uploadInt8Matrix, type GpuInt8Matrix } from './int8.ts';
 import { MatmulOp, type MatmulBindings, type MatmulTuning } from './matmul.ts';
 import { Int8MatmulOp } from './matmul-int8.ts';
 import { destroyMatrix, uploadWeight, type GpuMatrix, type WeightDtype } from './tensors.ts';
@@ -31,12 +31,7 @@ export function uploadLinear(gpu: GpuContext, label: string, parts: Tensor[], ro
   });
   if (total !== rows) throw new Error(`${label}: parts hold ${total} rows, ${rows} expected`);
   let data: Float32Array;
-  if (parts.length === 1) {
-    data = parts[0].data;
-    // Synthetic models share one layer's arrays across layers: quantize each array once.
-    const q = quantizedOnce.get(data);
-    if (q && q.rows === rows && q.cols === cols) return uploadQuantizedInt8(gpu, label, q);
-  }
+  if (parts.length === 1) data = parts[0].data;
   else {
     data = new Float32Array(rows * cols);
     let off = 0;
@@ -45,12 +40,8 @@ export function uploadLinear(gpu: GpuContext, label: string, parts: Tensor[], ro
       off += t.data.length;
     }
   }
-  const q = quantizeInt8Rows(data, rows, cols, label);
-  if (parts.length === 1) quantizedOnce.set(data, q);
-  return uploadQuantizedInt8(gpu, label, q);
+  return uploadInt8Matrix(gpu, label, data, rows, cols);
 }
-
-const quantizedOnce = new WeakMap<Float32Array, Int8Rows>();
 
 /** The matmul op for a weight of any dtype (`tuning` applies to the f32/f16 kernels). */
 export function linearOp(gpu: GpuContext, w: LinearWeight, b: MatmulBindings, tuning?: Partial<MatmulTuning>): LinearOp {

@@ -352,7 +352,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sgId: u
 /**
  * The same GEMM with tiles staged through workgroup memory: each subgroup copies its 16 weight rows × 32·unroll bytes and
  * the activation rows of its K chunk with vec4 loads (8 lanes per 128-byte line), then feeds the tensor cores from
- * workgroup memory. Measured on the H200: subgroupMatrixLoad straight from a storage buffer of i8 runs at ~100 GB/s.
+ * workgroup memory. Measured on the H200 (`npm run bench:int8`, BENCHMARKS.md): subgroupMatrixLoad straight from a storage buffer
+ * of i8 streamed the weights at 22–466 GB/s, slower than this form in 8 of the 10 shapes of its table.
  * Subgroup g takes K chunks g, g + subgroups, … of `unroll` steps; every subgroup runs the same number of iterations
  * (chunks past K stage zeros) so the barriers stay in uniform control flow.
  */
