@@ -8,7 +8,7 @@
 // float64 sums over the f32 activations and the dequantized weights (activation quantization error, ~1 %).
 import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
-import { pad16, pad32, type GpuInt8Matrix } from '../kernels/int8.ts';
+import { pad16, pad32, uploadQuantizedInt8, type GpuInt8Matrix } from '../kernels/int8.ts';
 import { hasInt8SubgroupMatrix, Int8MatmulOp, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
 import { storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { timeGpuPass, readBackF32, spinUpGpu } from './gpu-timing.ts';
@@ -75,12 +75,7 @@ function randomInt8Matrix(gpu: GpuContext, label: string, rows: number, cols: nu
   }
   const scales = new Float32Array(rows);
   for (let r = 0; r < rows; r++) scales[r] = (0.5 + (next() % 1000) / 1000) / 127 / Math.sqrt(cols);
-  const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST;
-  const buffer = gpu.device.createBuffer({ label, size: packed.byteLength, usage });
-  gpu.device.queue.writeBuffer(buffer, 0, packed);
-  const sb = gpu.device.createBuffer({ label: `${label} scales`, size: Math.ceil(rows / 4) * 16, usage });
-  gpu.device.queue.writeBuffer(sb, 0, scales);
-  return { m: { label, rows, cols, dtype: 'int8', stride, buffer, scales: sb, bytes: packed.byteLength }, packed, scales };
+  return { m: uploadQuantizedInt8(gpu, label, { rows, cols, stride, packed, scales }), packed, scales };
 }
 
 interface Variant {
@@ -93,12 +88,8 @@ function variantsFor(gpu: GpuContext, rows: number, quick: boolean): Variant[] {
   if (rows <= 8) list.push({ name: 'gemv (weights-only)', tuning: { gemvMaxRows: 8 } });
   list.push({ name: 'w8a8 dot4', tuning: { gemvMaxRows: 0, subgroupMatrix: 'off' } });
   if (hasInt8SubgroupMatrix(gpu)) {
-    const sm: [number, number, number][] = quick ? [[1, 4, 2]] : [[1, 8, 2], [2, 8, 1]];
-    for (const [c, sg, u] of sm) {
-      list.push({ name: `w8a8 sm c${c} s${sg} u${u}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smStaged: false, smColTiles: c, smSubgroups: sg, smUnroll: u } });
-    }
-    for (const [sg, u] of quick ? [[4, 2]] : [[4, 2], [4, 1], [2, 4], [8, 1], [2, 2]]) {
-      list.push({ name: `w8a8 sm-staged s${sg} u${u}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smStaged: true, smSubgroups: sg, smUnroll: u } });
+    for (const [sg, u] of quick ? [[4, 2]] : [[8, 2], [8, 1], [8, 4], [4, 2], [16, 1], [16, 2]]) {
+      list.push({ name: `w8a8 sm s${sg} u${u}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smUnroll: u } });
     }
   }
   return list;

@@ -237,7 +237,7 @@ async function checkGemm(gpu: GpuContext): Promise<void> {
     const meta = storageBuffer(gpu, 'meta', 64);
     gpu.device.queue.writeBuffer(meta, 0, new Uint32Array(16).fill(M, 0, 1));
     const outs: Float32Array[] = [];
-    for (const t of [{ subgroupMatrix: 'off' as const }, { smStaged: false, smSubgroups: 2, smUnroll: 1 }, { smSubgroups: 1, smUnroll: 1 }, { smSubgroups: 4, smUnroll: 2 }, { smSubgroups: 2, smUnroll: 4 }]) {
+    for (const t of [{ subgroupMatrix: 'off' as const }, { smSubgroups: 2, smUnroll: 1 }, { smSubgroups: 1, smUnroll: 1 }, { smSubgroups: 4, smUnroll: 2 }, { smSubgroups: 8, smUnroll: 4 }]) {
       const op = new Int8MatmulOp(gpu, w, { meta, rowsSlot: 0, x, xStride: K, y, yStride: N }, { gemvMaxRows: 0, ...t });
       const enc = gpu.device.createCommandEncoder();
       const pass = enc.beginComputePass();

@@ -12,14 +12,10 @@ export interface Int8MatmulTuning {
    * present, 'off' keeps the dot4I8Packed kernel. Both compute the same exact i32 sums.
    */
   subgroupMatrix: 'auto' | 'off';
-  /** Subgroup-matrix GEMM: 16-column tiles per workgroup. */
-  smColTiles: number;
   /** Subgroup-matrix GEMM: subgroups per workgroup, each taking every smSubgroups-th K step of 32. */
   smSubgroups: number;
   /** Subgroup-matrix GEMM: K steps loaded per loop iteration (loads in flight). */
   smUnroll: number;
-  /** Subgroup-matrix GEMM: stage tiles through workgroup memory (vec4 loads) instead of loading them from storage. */
-  smStaged: boolean;
   /** Threads sharing one group of output features along K (a power of two). */
   gemvThreadsPerRow: number;
   /** Output features per GEMV thread (each x load feeds that many weight rows). */
@@ -30,7 +26,7 @@ export interface Int8MatmulTuning {
 
 /** First-slice defaults (not yet tuned on the H200): 32 threads along K, 2 features per thread, 64-thread workgroups. */
 export function defaultInt8MatmulTuning(): Int8MatmulTuning {
-  return { gemvMaxRows: 8, gemvThreadsPerRow: 32, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2, subgroupMatrix: 'auto', smColTiles: 1, smSubgroups: 4, smUnroll: 2, smStaged: true };
+  return { gemvMaxRows: 8, gemvThreadsPerRow: 32, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2, subgroupMatrix: 'auto', smSubgroups: 8, smUnroll: 2 };
 }
 
 const range = (n: number) => [...Array(n).keys()];
@@ -63,19 +59,20 @@ export function gemvInt8Wgsl(p: Common & { mr: number; tpr: number; rpt: number;
   const { mr, tpr, rpt: R, rpw } = p;
   const wg = tpr * rpw;
   const k16 = Math.floor(p.K / 16);
-  const rowVec = p.stride / 16;
+  // Tiled layout (tileInt8Rows): vec4 c of row n sits at (n / 16) · tileRowVec + (c / 2) · 32 + (n % 16) · 2 + c % 2.
+  const tileRowVec = (p.stride / 32) * 32;
   const xs4 = p.xStride / 4;
   const ms = range(mr);
   const rs = range(R);
   const accs = ms.flatMap((m) => rs.map((r) => `a${m}_${r}`));
   const block = [
     ...ms.flatMap((m) => range(4).map((i) => `let x${m}_${i} = x[xb${m} + 4u * c + ${i}u];`)),
-    ...rs.map((r) => `let w${r} = w[wb${r} + c];`),
+    ...rs.map((r) => `let w${r} = w[wb${r} + (c / 2u) * 32u + c % 2u];`),
     ...rs.flatMap((r) => range(4).map((i) => `let w${r}_${i} = vec4<f32>(unpack4xI8(w${r}[${i}]));`)),
     ...ms.flatMap((m) => rs.map((r) => `a${m}_${r} += ${range(4).map((i) => `dot(w${r}_${i}, x${m}_${i})`).join(' + ')};`)),
   ];
   const tail = [
-    ...rs.map((r) => `let wt${r} = f32(unpack4xI8(w[wb${r} + k / 16u][(k % 16u) / 4u])[k % 4u]);`),
+    ...rs.map((r) => `let wt${r} = f32(unpack4xI8(w[wb${r} + (k / 32u) * 32u + (k / 16u) % 2u][(k % 16u) / 4u])[k % 4u]);`),
     ...ms.flatMap((m) => rs.map((r) => `a${m}_${r} += wt${r} * x[xb${m} + k / 4u][k % 4u];`)),
   ];
   const bindings = [
@@ -103,7 +100,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let blk = wid.x + wid.y * nwg.x;
   let nBase = (blk * ${rpw}u + slot) * ${R}u;
   ${ms.map((m) => `let xb${m} = min(${m}u, mLast) * ${xs4}u;`).join('\n  ')}
-  ${rs.map((r) => `let n${r} = nBase + ${r}u;\n  let wb${r} = min(n${r}, ${p.N - 1}u) * ${rowVec}u;`).join('\n  ')}
+  ${rs.map((r) => `let n${r} = nBase + ${r}u;\n  let nc${r} = min(n${r}, ${p.N - 1}u);\n  let wb${r} = (nc${r} / 16u) * ${tileRowVec}u + (nc${r} % 16u) * 2u;`).join('\n  ')}
   ${accs.map((a) => `var ${a} = 0.0;`).join('\n  ')}
   for (var c = lane; c < ${k16}u; c += ${tpr}u) {
     ${block.join('\n    ')}
@@ -132,6 +129,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
  * writes p = round(x / t) packed four per u32 (zero past K, up to `words` words) and t.
  */
 export function quantizeRowsWgsl(p: { K: number; xStride: number; words: number; rowsSlot: number }): string {
+  const steps = p.words / 8;
   return /* wgsl */ `
 @group(0) @binding(0) var<storage, read> stepMeta: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -162,12 +160,23 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         let k = 4u * j + i;
         if (k < ${p.K}u) { v[i] = x[xb + k]; }
       }
-      xq[m * ${p.words}u + j] = pack4xI8(vec4<i32>(clamp(round(v * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
+      xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('m', 'j', steps)}] = pack4xI8(vec4<i32>(clamp(round(v * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
     }
     if (lid == 0u) { xScale[m] = absMax / 127.0; }
   }
 }
 `;
+}
+
+/**
+ * Quantized activations start after one all-zero tile (never written): the subgroup-matrix kernel multiplies it in for
+ * K steps past the end, so its matrix calls need no branch.
+ */
+const XQ_BASE_WORDS = 128;
+
+/** WGSL for the word index of (row, word) in the tiled int8 layout (tileInt8Rows) with `steps` K steps of 32 values. */
+function tiledWordWgsl(row: string, word: string, steps: number): string {
+  return `((${row} / 16u) * ${steps}u + ${word} / 8u) * 128u + (${row} % 16u) * 8u + ${word} % 8u`;
 }
 
 /** W8A8 tile: 16 rows per workgroup, one output feature per thread (64), K staged 16 words (64 values) at a time. */
@@ -181,6 +190,7 @@ const W8A8_TILE_KW = 16;
  */
 export function gemmW8A8Wgsl(p: Common): string {
   const words = p.stride / 4;
+  const steps = p.stride / 32;
   const BM = W8A8_TILE_M;
   const BKW = W8A8_TILE_KW;
   const ms = range(BM);
@@ -205,7 +215,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let tileN = wid.x * ${W8A8_TILE_N}u;
   let tileM = wid.y * ${BM}u;
   let n = tileN + lid;
-  let wb = min(n, ${p.N - 1}u) * ${words / 4}u;
+  let nc = min(n, ${p.N - 1}u);
+  // Tiled layout: vec4 c of row n at (n / 16) · steps · 32 + (c / 2) · 32 + (n % 16) · 2 + c % 2.
+  let wb = (nc / 16u) * ${steps * 32}u + (nc % 16u) * 2u;
   ${ms.map((m) => `var acc${m} = 0i;`).join('\n  ')}
   for (var kw0 = 0u; kw0 < ${words}u; kw0 += ${BKW}u) {
     workgroupBarrier();
@@ -216,7 +228,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       let gm = tileM + idx / ${BKW}u;
       let kw = kw0 + idx % ${BKW}u;
       var v = 0u;
-      if (gm < M && kw < ${words}u) { v = xq[min(gm, mLast) * ${words}u + kw]; }
+      if (gm < M && kw < ${words}u) {
+        let row = min(gm, mLast);
+        v = xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('row', 'kw', steps)}];
+      }
       xs[idx] = v;
     }`,
       )
@@ -224,7 +239,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     workgroupBarrier();
     for (var v = 0u; v < ${BKW / 4}u; v++) {
       if (kw0 + 4u * v < ${words}u) {
-        let wq = w[wb + kw0 / 4u + v];
+        let c = kw0 / 4u + v;
+        let wq = w[wb + (c / 2u) * 32u + c % 2u];
         for (var i = 0u; i < 4u; i++) {
           let ww = wq[i];
           let j = 4u * v + i;
@@ -287,166 +303,59 @@ function reduceTileWgsl(p: Common, acc: string, rows: string, cols: string, subg
   workgroupBarrier();`;
 }
 
+/** Row tiles (16 rows each) one subgroup-matrix workgroup covers; more rows are more workgroups along z. */
+export const SM_ROW_TILES_PER_GROUP = 4;
+
 /**
  * W8A8 GEMM on subgroup matrices (tensor cores): the same exact i32 sums as gemmW8A8Wgsl, so the same y.
- * A workgroup owns `colTiles` 16-column tiles (weight rows) and all row tiles; its `subgroups` subgroups split K,
- * subgroup g taking K steps g, g + subgroups, … (neighbouring subgroups read neighbouring 32-byte pieces of the same
- * weight rows). Left = activations [16 rows × 32] row-major (stride = row stride in values), right = Wᵀ [32 × 16
- * columns], i.e. W's rows read column-major. At the end the subgroups' partial tiles meet in workgroup memory one
- * tile at a time, and each element gets y = f32(sum) · (row scale · feature scale) (+ bias).
+ * Weights and quantized activations are both in the tiled layout (tileInt8Rows), so every matrix load reads 512
+ * contiguous bytes. A workgroup owns one 16-column tile (16 weight rows) and up to 4 row tiles; its `subgroups`
+ * subgroups split K, subgroup g taking K steps g, g + subgroups, … (together they stream the tile column's bytes in
+ * order), `unroll` steps per iteration (loads in flight). Left = activations [16 rows × 32] row-major, right = Wᵀ
+ * [32 × 16], i.e. a weight tile read column-major. At the end the subgroups' partial tiles meet in workgroup memory.
  * Loads use the (deprecated, Dawn warns at compile) form with a col_major bool: on the H200's Dawn it counts offset and
  * stride in i8 values, measured; the newer `<T, col_major>` form read different addresses there.
- * Needs: K stride a multiple of 32 (pad32), the weight buffer padded to whole 16-row tiles (pad16), the quantized
- * activation buffer holding whole 16-row tiles.
  */
-export function gemmW8A8SubgroupMatrixWgsl(p: Common & { rowTiles: number; colTiles: number; subgroups: number; unroll: number; subgroupSize: number }): string {
-  const { rowTiles: MT, colTiles: CT, subgroups: S, unroll: U } = p;
+export function gemmW8A8SubgroupMatrixWgsl(p: Common & { rowTiles: number; subgroups: number; unroll: number; subgroupSize: number }): string {
+  const { rowTiles: MT, subgroups: S, unroll: U } = p;
   const steps = p.stride / 32;
-  const sgSize = p.subgroupSize;
-  const wg = S * sgSize;
-  const bindings = smBindings(p, 'i32');
+  const wg = S * p.subgroupSize;
   const mts = range(MT);
-  const cts = range(CT);
   const us = range(U);
-  const accs = mts.flatMap((m) => cts.map((c) => `acc${m}_${c}`));
   const left = 'subgroup_matrix_left<i8, 32, 16>';
   const right = 'subgroup_matrix_right<i8, 16, 32>';
   const result = 'subgroup_matrix_result<i32, 16, 16>';
-  const stepBody = (kExpr: string, u: number) => [
-    ...cts.map((c) => `let r${u}_${c} = subgroupMatrixLoad<${right}>(&w, wBase${c} + ${kExpr} * 32u, true, ${p.stride}u);`),
-    ...mts.map((m) => `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, ${m * 16 * p.stride}u + ${kExpr} * 32u, false, ${p.stride}u);`),
+  // Every subgroup runs the same number of iterations; steps past K multiply the zero tile at the start of xq.
+  const iters = Math.ceil(steps / (S * U));
+  const step = (u: number) => [
+    `let s${u} = it * ${S * U}u + ${u * S}u + sg;`,
+    `let r${u} = subgroupMatrixLoad<${right}>(&w, wTiles + min(s${u}, ${steps - 1}u) * 512u, true, 32u);`,
+    ...mts.map((m) => `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, select(0u, ${XQ_BASE_WORDS * 4}u + ((mTile0 + ${m}u) * ${steps}u + s${u}) * 512u, s${u} < ${steps}u), false, 32u);`),
   ];
-  const mma = (u: number) => mts.flatMap((m) => cts.map((c) => `acc${m}_${c} = subgroupMatrixMultiplyAccumulate(l${u}_${m}, r${u}_${c}, acc${m}_${c});`));
-  const fullIters = Math.floor(steps / (S * U));
-  const epilogue = mts.flatMap((m) => cts.map((c) => reduceTileWgsl(p, `acc${m}_${c}`, `${m * 16}u`, `nTile + ${c * 16}u`, S, wg)));
+  const mma = (u: number) => mts.map((m) => `acc${m} = subgroupMatrixMultiplyAccumulate(l${u}_${m}, r${u}, acc${m});`);
+  const epilogue = mts.map((m) => reduceTileWgsl(p, `acc${m}`, `(mTile0 + ${m}u) * 16u`, 'nTile', S, wg));
   // Subgroup matrix calls need subgroup-uniform operands; K offsets depend on the subgroup index (uniform within a
   // subgroup, not across the workgroup), which WGSL's workgroup-scope analysis cannot see.
   return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
 diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
-${bindings.join('\n')}
-var<workgroup> part: array<i32, ${S * 256}>;
-
-@compute @workgroup_size(${wg})
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sgId: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let M = stepMeta[${p.rowsSlot}];
-  // subgroup_id, not lid / 32: WGSL's analysis accepts it as uniform within the subgroup (a store offset must be).
-  let sg = sgId;
-  let nTile = (wid.x + wid.y * nwg.x) * ${CT * 16}u;
-  // Tiles past the last 16-row weight tile re-read it (the buffer ends there); their columns are never stored.
-  ${cts.map((c) => `let wBase${c} = min(nTile + ${c * 16}u, ${Math.ceil(p.N / 16) * 16 - 16}u) * ${p.stride}u;`).join('\n  ')}
-  ${accs.map((a) => `var ${a} = ${result}();`).join('\n  ')}
-  for (var it = 0u; it < ${fullIters}u; it++) {
-    let k0 = it * ${S * U}u + sg;
-    ${us.flatMap((u) => stepBody(`(k0 + ${u * S}u)`, u)).join('\n    ')}
-    ${us.flatMap((u) => mma(u)).join('\n    ')}
-  }
-  for (var ks = ${fullIters * S * U}u + sg; ks < ${steps}u; ks += ${S}u) {
-    ${stepBody('ks', 0).join('\n    ')}
-    ${mma(0).join('\n    ')}
-  }
-  ${epilogue.join('\n  ')}
-}
-`;
-}
-
-/**
- * The same GEMM with tiles staged through workgroup memory: each subgroup copies its 16 weight rows × 32·unroll bytes and
- * the activation rows of its K chunk with vec4 loads (8 lanes per 128-byte line), then feeds the tensor cores from
- * workgroup memory. Measured on the H200 (`npm run bench:int8`, BENCHMARKS.md): subgroupMatrixLoad straight from a storage buffer
- * of i8 streamed the weights at 22–466 GB/s, slower than this form in 8 of the 10 shapes of its table.
- * Subgroup g takes K chunks g, g + subgroups, … of `unroll` steps; every subgroup runs the same number of iterations
- * (chunks past K stage zeros) so the barriers stay in uniform control flow.
- */
-export function gemmW8A8StagedWgsl(p: Common & { rowTiles: number; subgroups: number; unroll: number; subgroupSize: number }): string {
-  const { rowTiles: MT, subgroups: S, unroll: U } = p;
-  const steps = p.stride / 32;
-  const chunks = Math.ceil(steps / U);
-  const iters = Math.ceil(chunks / S);
-  const sgSize = p.subgroupSize;
-  const wg = S * sgSize;
-  const rowV4 = 2 * U; // vec4<i32> per staged row (32·U bytes)
-  const rowI = 8 * U; // i32 per staged row
-  const wRegion = 16 * rowI;
-  const xRegion = MT * 16 * rowI;
-  const strideV4 = p.stride / 16;
-  const bindings = smBindings(p, 'vec4<i32>');
-  const mts = range(MT);
-  const us = range(U);
-  const left = 'subgroup_matrix_left<i8, 32, 16>';
-  const right = 'subgroup_matrix_right<i8, 16, 32>';
-  const result = 'subgroup_matrix_result<i32, 16, 16>';
-  const put = (arr: string, idx: string, v: string) => range(4).map((i) => `${arr}[${idx} + ${i}u] = ${v}[${i}];`).join(' ');
-  const wLoads = Math.ceil((16 * rowV4) / sgSize);
-  const xLoads = Math.ceil((MT * 16 * rowV4) / sgSize);
-  const epilogue = mts.map((m) => reduceTileWgsl(p, `acc${m}`, `m0 + ${m * 16}u`, 'nTile', S, wg));
-  return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
-diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
-${bindings.join('\n')}
-var<workgroup> wt: array<i32, ${S * wRegion}>;
-var<workgroup> xt: array<i32, ${S * xRegion}>;
+${smBindings(p, 'i32').join('\n')}
 var<workgroup> part: array<i32, ${S * 256}>;
 
 @compute @workgroup_size(${wg})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let M = stepMeta[${p.rowsSlot}];
-  let lane = lid % ${sgSize}u;
-  let nTile = (wid.x + wid.y * nwg.x) * 16u;
-  let m0 = wid.z * ${MT * 16}u;
-  let wRow0 = min(nTile, ${Math.ceil(p.N / 16) * 16 - 16}u);
-  let wBase = sg * ${wRegion}u;
-  let xBase = sg * ${xRegion}u;
+  let colTile = wid.x + wid.y * nwg.x;
+  let nTile = colTile * 16u;
+  let mTile0 = wid.z * ${MT}u;
+  let wTiles = colTile * ${steps * 512}u;
   ${mts.map((m) => `var acc${m} = ${result}();`).join('\n  ')}
   for (var it = 0u; it < ${iters}u; it++) {
-    let chunk = it * ${S}u + sg;
-    let live = chunk < ${chunks}u;
-    let k4 = chunk * ${rowV4}u;
-    ${range(wLoads)
-      .map(
-        (t) => `{
-      let j = lane + ${t * sgSize}u;
-      if (j < ${16 * rowV4}u) {
-        let r = j / ${rowV4}u;
-        let c = j % ${rowV4}u;
-        var v = vec4<i32>(0);
-        if (live && k4 + c < ${strideV4}u) { v = w[(wRow0 + r) * ${strideV4}u + k4 + c]; }
-        ${put('wt', `wBase + r * ${rowI}u + c * 4u`, 'v')}
-      }
-    }`,
-      )
-      .join('\n    ')}
-    ${range(xLoads)
-      .map(
-        (t) => `{
-      let j = lane + ${t * sgSize}u;
-      if (j < ${MT * 16 * rowV4}u) {
-        let r = j / ${rowV4}u;
-        let c = j % ${rowV4}u;
-        var v = vec4<i32>(0);
-        if (live && k4 + c < ${strideV4}u) { v = xq[(m0 + r) * ${strideV4}u + k4 + c]; }
-        ${put('xt', `xBase + r * ${rowI}u + c * 4u`, 'v')}
-      }
-    }`,
-      )
-      .join('\n    ')}
-    workgroupBarrier();
-    ${us
-      .map(
-        (u) => `{
-      let r = subgroupMatrixLoad<${right}>(&wt, wBase * 4u + ${u * 32}u, true, ${rowI * 4}u);
-      ${mts.map((m) => `acc${m} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&xt, xBase * 4u + ${m * 16 * rowI * 4 + u * 32}u, false, ${rowI * 4}u), r, acc${m});`).join('\n      ')}
-    }`,
-      )
-      .join('\n    ')}
-    workgroupBarrier();
+    ${us.flatMap(step).join('\n    ')}
+    ${us.flatMap(mma).join('\n    ')}
   }
   ${epilogue.join('\n  ')}
 }
 `;
-}
-
-/** Workgroup bytes the staged kernel needs (≤ 48 KiB on the H200: pick `unroll` to fit). */
-export function stagedWorkgroupBytes(rowTiles: number, subgroups: number, unroll: number): number {
-  return 4 * subgroups * (16 * 8 * unroll + rowTiles * 16 * 8 * unroll + 256);
 }
 
 interface Dispatch {
@@ -517,43 +426,24 @@ export class Int8MatmulOp {
     const { gpu, weight: w, b, tuning: t } = this;
     const cap = rowTiles * W8A8_TILE_M;
     const words = w.stride / 4;
-    if (!this.xq || this.xq.size < cap * words * 4) {
+    // Whole groups of SM_ROW_TILES_PER_GROUP tiles: the last z group of the tensor-core kernel loads all of its tiles.
+    const xqBytes = (XQ_BASE_WORDS + Math.ceil(rowTiles / SM_ROW_TILES_PER_GROUP) * SM_ROW_TILES_PER_GROUP * W8A8_TILE_M * words) * 4;
+    if (!this.xq || this.xq.size < xqBytes) {
       // Older, smaller scratch buffers stay alive: bind groups built earlier still point at them.
       const usage = GPUBufferUsage.STORAGE;
-      this.xq = gpu.device.createBuffer({ label: `${w.label} quantized activations`, size: Math.max(16, cap * words * 4), usage });
+      this.xq = gpu.device.createBuffer({ label: `${w.label} quantized activations`, size: xqBytes, usage });
       this.xScale = gpu.device.createBuffer({ label: `${w.label} activation scales`, size: Math.max(16, cap * 4), usage });
     }
     const qp = gpu.pipeline(`quantize rows int8 K${w.cols}`, quantizeRowsWgsl({ K: w.cols, xStride: b.xStride, words, rowsSlot: b.rowsSlot }));
     const gbufs = [b.meta, this.xq, this.xScale!, w.buffer, w.scales, b.y];
     if (b.bias) gbufs.push(b.bias);
     const quantize: Dispatch = { pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, this.xq, this.xScale!]), grid: [cap, 1, 1] };
-    if (sm && t.smStaged) {
-      // At most 4 row tiles (64 rows) per workgroup: workgroup memory; more rows are more workgroups along z.
-      const tilesPerGroup = Math.min(rowTiles, 4);
-      let unroll = t.smUnroll;
-      const budget = gpu.limits.maxComputeWorkgroupStorageSize;
-      while (unroll > 1 && stagedWorkgroupBytes(tilesPerGroup, t.smSubgroups, unroll) > budget) unroll--;
-      if (stagedWorkgroupBytes(tilesPerGroup, t.smSubgroups, unroll) > budget) {
-        throw new Error(`${w.label}: the staged int8 GEMM needs ${stagedWorkgroupBytes(tilesPerGroup, t.smSubgroups, unroll)} B of workgroup memory (limit ${budget}); use fewer smSubgroups`);
-      }
-      const code = gemmW8A8StagedWgsl({ ...this.common(), rowTiles: tilesPerGroup, subgroups: t.smSubgroups, unroll, subgroupSize: gpu.subgroupSize });
-      const gp = gpu.pipeline(`matmul int8 w8a8 sm-staged ${w.rows}x${w.cols} m${tilesPerGroup} s${t.smSubgroups} u${unroll}`, code);
-      const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / 16));
-      return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm staged`, gbufs), grid: [gx, gy, Math.ceil(rowTiles / tilesPerGroup)] }];
-    }
     if (sm) {
-      const code = gemmW8A8SubgroupMatrixWgsl({
-        ...this.common(),
-        rowTiles,
-        colTiles: t.smColTiles,
-        subgroups: t.smSubgroups,
-        unroll: t.smUnroll,
-        subgroupSize: gpu.subgroupSize,
-      });
-      const label = `matmul int8 w8a8 sm ${w.rows}x${w.cols} m${rowTiles} c${t.smColTiles} s${t.smSubgroups} u${t.smUnroll}`;
-      const gp = gpu.pipeline(label, code);
-      const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / (16 * t.smColTiles)));
-      return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm`, gbufs), grid: [gx, gy, 1] }];
+      const tilesPerGroup = Math.min(rowTiles, SM_ROW_TILES_PER_GROUP);
+      const code = gemmW8A8SubgroupMatrixWgsl({ ...this.common(), rowTiles: tilesPerGroup, subgroups: t.smSubgroups, unroll: t.smUnroll, subgroupSize: gpu.subgroupSize });
+      const gp = gpu.pipeline(`matmul int8 w8a8 sm ${w.rows}x${w.cols} m${tilesPerGroup} s${t.smSubgroups} u${t.smUnroll}`, code);
+      const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / 16));
+      return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm`, gbufs), grid: [gx, gy, Math.ceil(rowTiles / tilesPerGroup)] }];
     }
     const gp = gpu.pipeline(`matmul int8 w8a8 ${w.rows}x${w.cols}`, gemmW8A8Wgsl(this.common()));
     return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8`, gbufs), grid: [Math.ceil(w.rows / W8A8_TILE_N), rowTiles, 1] }];

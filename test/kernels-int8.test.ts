@@ -1,7 +1,7 @@
 // Int8 weights: per-row quantization round trip, the weights-only int8 GEMV and the W8A8 path vs float64, within derived bounds.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { destroyInt8Matrix, int8At, quantizeInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
+import { destroyInt8Matrix, int8At, quantizeInt8Rows, tiledInt8Word, tileInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
 import { Int8MatmulOp, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
 import { fileGpu, freshSeed, randomArray, runMatmulCase } from './kernels-helpers.ts';
 
@@ -38,6 +38,26 @@ test('int8 quantization per row: |w − q·s| ≤ s/2, q in [-127, 127], max |q|
     }
   }
   assert.throws(() => quantizeInt8Rows([1, NaN, 2, 3], 2, 2, 'wq'), /wq: value at \[0, 1\] is NaN/);
+});
+
+test('int8 GPU layout: every word of every row lands once in its 16 × 32 tile, rows padded to 16 with zeros', () => {
+  const rows = 37;
+  const stride = 96; // 3 K steps of 32
+  const words = stride / 4;
+  const packed = Uint32Array.from({ length: 48 * words }, (_, i) => (i < rows * words ? i + 1 : 0));
+  const tiled = tileInt8Rows({ rows, stride, packed });
+  assert.equal(tiled.length, 48 * words);
+  const seen = new Set<number>();
+  for (let r = 0; r < rows; r++) {
+    for (let w = 0; w < words; w++) {
+      const at = tiledInt8Word(stride, r, w);
+      assert.equal(tiled[at], r * words + w + 1, `row ${r} word ${w}`);
+      seen.add(at);
+    }
+  }
+  // Tile (1, 2) starts at word (1·3 + 2)·128 and holds row 16's words 16…23 first.
+  assert.equal(tiled[(1 * 3 + 2) * 128], 16 * words + 16 + 1);
+  for (let i = 0; i < tiled.length; i++) if (!seen.has(i)) assert.equal(tiled[i], 0, `padding word ${i}`);
 });
 
 interface Case {
