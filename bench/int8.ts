@@ -88,8 +88,12 @@ function variantsFor(gpu: GpuContext, rows: number, quick: boolean): Variant[] {
   if (rows <= 8) list.push({ name: 'gemv (weights-only)', tuning: { gemvMaxRows: 8 } });
   list.push({ name: 'w8a8 dot4', tuning: { gemvMaxRows: 0, subgroupMatrix: 'off' } });
   if (hasInt8SubgroupMatrix(gpu)) {
-    for (const [sg, u] of quick ? [[4, 2]] : [[8, 2], [8, 1], [8, 4], [4, 2], [16, 1], [16, 2]]) {
-      list.push({ name: `w8a8 sm s${sg} u${u}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smUnroll: u } });
+    // [subgroups, kSplit, column tiles per subgroup, unroll]; the first is the default tuning.
+    const sm: [number, number | 'auto', number, number][] = quick
+      ? [[8, 'auto', 1, 2]]
+      : [[8, 'auto', 1, 2], [8, 'auto', 1, 4], [8, 'auto', 2, 2], [16, 'auto', 1, 2], [8, 1, 1, 4], [8, 8, 1, 2], [4, 'auto', 2, 4]];
+    for (const [sg, ks, c, u] of sm) {
+      list.push({ name: `w8a8 sm s${sg} k${ks} c${c} u${u}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smKSplit: ks, smColTiles: c, smUnroll: u } });
     }
   }
   return list;
@@ -135,11 +139,18 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
       gpu.device.queue.writeBuffer(yBuf, 0, new Float32Array(maxRows * n).fill(NaN));
       const bytesPerIter = w.bytes + rows * k * 4 + rows * n * 4;
       const iterations = Math.max(3, Math.min(2000, Math.ceil(args.targetBytes / bytesPerIter)));
-      const encode = (p: GPUComputePassEncoder) => { for (let i = 0; i < iterations; i++) op.encode(p, rows); };
-      await timeGpuPass(gpu, (p) => op.encode(p, rows));
-      if (!args.quick) await spinUpGpu(gpu, encode, 30);
-      const t = await timeGpuPass(gpu, encode);
-      const sec = t.ns / 1e9 / iterations;
+      const timed = async (stage: 'all' | 'quantize') => {
+        const encode = (p: GPUComputePassEncoder) => { for (let i = 0; i < iterations; i++) op.encode(p, rows, stage); };
+        await timeGpuPass(gpu, (p) => op.encode(p, rows, stage));
+        if (!args.quick) await spinUpGpu(gpu, encode, 30);
+        return (await timeGpuPass(gpu, encode)).ns / 1e9 / iterations;
+      };
+      // The activation quantization alone, once per row count (the same kernel for every W8A8 variant).
+      if (v.name === 'w8a8 dot4') {
+        const q = await timed('quantize');
+        out.push({ shape, n, k, rows, variant: 'quantize only', us: q * 1e6, gbPerS: (rows * k * 5) / q / 1e9, tops: 0, vsDot4: NaN, vsF64: NaN });
+      }
+      const sec = await timed('all');
       gpu.checkErrors();
       const y = await readBackF32(gpu, yBuf, rows * n);
       let maxY = 0;
@@ -193,7 +204,8 @@ releaseGpu();
 if (args.json) writeFileSync(args.json, JSON.stringify({ adapter: gpu.adapterName, ceilingGBs: args.ceilingGBs, ceilingTops: args.ceilingTops, measurements: all }, null, 2));
 
 // Table: per (shape, rows) the best variant of each family, with % of HBM bandwidth and TOPS.
-const family = (v: string) => (v.startsWith('w8a8 sm-staged') ? 'staged' : v.startsWith('w8a8 sm') ? 'sm' : v.startsWith('w8a8') ? 'dot4' : 'gemv');
+const family = (v: string) => (v === 'quantize only' ? 'quantize' : v.startsWith('w8a8 sm') ? 'sm' : v.startsWith('w8a8') ? 'dot4' : 'gemv');
+const exp1 = (v: number) => (Number.isNaN(v) ? '—' : v.toExponential(1));
 const lines = ['| shape (K→N) | rows | variant | µs | GB/s | % of HBM | TOPS | vs dot4 | vs f64 |', '|---|---|---|---|---|---|---|---|---|'];
 const keys = [...new Set(all.map((m) => `${m.shape}|${m.rows}`))];
 for (const key of keys) {
@@ -201,7 +213,7 @@ for (const key of keys) {
   const pick = args.all ? ms : [...new Set(ms.map((m) => family(m.variant)))].map((f) => ms.filter((m) => family(m.variant) === f).sort((a, b) => a.us - b.us)[0]);
   for (const m of pick) {
     lines.push(
-      `| ${m.shape} | ${m.rows} | ${m.variant} | ${m.us.toFixed(1)} | ${m.gbPerS.toFixed(0)} | ${((100 * m.gbPerS) / args.ceilingGBs).toFixed(1)} % | ${m.tops.toFixed(1)} | ${Number.isNaN(m.vsDot4) ? '—' : m.vsDot4.toExponential(1)} | ${m.vsF64.toExponential(1)} |`,
+      `| ${m.shape} | ${m.rows} | ${m.variant} | ${m.us.toFixed(1)} | ${m.gbPerS.toFixed(0)} | ${((100 * m.gbPerS) / args.ceilingGBs).toFixed(1)} % | ${m.tops.toFixed(1)} | ${exp1(m.vsDot4)} | ${exp1(m.vsF64)} |`,
     );
   }
 }

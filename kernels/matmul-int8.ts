@@ -12,8 +12,12 @@ export interface Int8MatmulTuning {
    * present, 'off' keeps the dot4I8Packed kernel. Both compute the same exact i32 sums.
    */
   subgroupMatrix: 'auto' | 'off';
-  /** Subgroup-matrix GEMM: subgroups per workgroup, each taking every smSubgroups-th K step of 32. */
+  /** Subgroup-matrix GEMM: subgroups per workgroup. */
   smSubgroups: number;
+  /** Subgroup-matrix GEMM: subgroups splitting one column group's K ('auto': enough subgroups for the GPU, autoKSplit). */
+  smKSplit: number | 'auto';
+  /** Subgroup-matrix GEMM: adjacent 16-column tiles per subgroup (1 or 2: each activation tile load feeds that many). */
+  smColTiles: number;
   /** Subgroup-matrix GEMM: K steps loaded per loop iteration (loads in flight). */
   smUnroll: number;
   /** Threads sharing one group of output features along K (a power of two). */
@@ -26,7 +30,7 @@ export interface Int8MatmulTuning {
 
 /** First-slice defaults (not yet tuned on the H200): 32 threads along K, 2 features per thread, 64-thread workgroups. */
 export function defaultInt8MatmulTuning(): Int8MatmulTuning {
-  return { gemvMaxRows: 8, gemvThreadsPerRow: 32, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2, subgroupMatrix: 'auto', smSubgroups: 8, smUnroll: 2 };
+  return { gemvMaxRows: 8, gemvThreadsPerRow: 32, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smUnroll: 2 };
 }
 
 const range = (n: number) => [...Array(n).keys()];
@@ -125,41 +129,42 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }
 
 /**
- * Per-row activation quantization for W8A8: one workgroup per row finds absmax, scale t = absmax / 127,
- * writes p = round(x / t) packed four per u32 (zero past K, up to `words` words) and t.
+ * Per-row activation quantization for W8A8: one 256-thread workgroup per row reads the row as vec4 (rows start at
+ * multiples of 4 values), finds absmax, scale t = absmax / 127, and writes p = round(x / t) four per u32 in the tiled
+ * layout (zero past K, up to `words` words) and t.
  */
 export function quantizeRowsWgsl(p: { K: number; xStride: number; words: number; rowsSlot: number }): string {
   const steps = p.words / 8;
+  const k4 = Math.ceil(p.K / 4);
+  // Lanes of the last vec4 past K read as zero.
+  const masked = (j: string) => (p.K % 4 === 0 ? `x[xb + ${j}]` : `select(vec4<f32>(0.0), x[xb + ${j}], vec4<u32>(4u * ${j}) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(${p.K}u))`);
   return /* wgsl */ `
 @group(0) @binding(0) var<storage, read> stepMeta: array<u32>;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> xq: array<u32>;
 @group(0) @binding(3) var<storage, read_write> xScale: array<f32>;
-var<workgroup> red: array<f32, 64>;
+var<workgroup> red: array<f32, 256>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let M = stepMeta[${p.rowsSlot}];
   let m = wid.x;
   let live = m < M;
-  let xb = min(m, max(M, 1u) - 1u) * ${p.xStride}u;
-  var a = 0.0;
-  for (var k = lid; k < ${p.K}u; k += 64u) { a = max(a, abs(x[xb + k])); }
-  red[lid] = a;
+  let xb = min(m, max(M, 1u) - 1u) * ${p.xStride / 4}u;
+  var a = vec4<f32>(0.0);
+  for (var j = lid; j < ${k4}u; j += 256u) { a = max(a, abs(${masked('j')})); }
+  red[lid] = max(max(a.x, a.y), max(a.z, a.w));
   workgroupBarrier();
-  for (var s = 32u; s > 0u; s >>= 1u) {
+  for (var s = 128u; s > 0u; s >>= 1u) {
     if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
     workgroupBarrier();
   }
   let absMax = red[0];
   let inv = select(0.0, 127.0 / absMax, absMax > 0.0);
   if (live) {
-    for (var j = lid; j < ${p.words}u; j += 64u) {
+    for (var j = lid; j < ${p.words}u; j += 256u) {
       var v = vec4<f32>(0.0);
-      for (var i = 0u; i < 4u; i++) {
-        let k = 4u * j + i;
-        if (k < ${p.K}u) { v[i] = x[xb + k]; }
-      }
+      if (j < ${k4}u) { v = ${masked('j')}; }
       xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('m', 'j', steps)}] = pack4xI8(vec4<i32>(clamp(round(v * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
     }
     if (lid == 0u) { xScale[m] = absMax / 127.0; }
@@ -284,56 +289,72 @@ function smBindings(p: Common, elem: 'i32' | 'vec4<i32>'): string[] {
   return b;
 }
 
-/**
- * One 16×16 result tile summed over the workgroup's `subgroups` partials: each subgroup stores its accumulator `acc`
- * in `part`, then every element becomes y = f32(Σ) · (row scale · feature scale) (+ bias). rows/cols: the tile's
- * first row and feature (WGSL expressions).
- */
-function reduceTileWgsl(p: Common, acc: string, rows: string, cols: string, subgroups: number, wg: number): string {
-  const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
-  return `subgroupMatrixStore(&part, sg * 256u, ${acc}, false, 16u);
-  workgroupBarrier();
-  for (var e = lid; e < 256u; e += ${wg}u) {
-    let gm = ${rows} + e / 16u;
-    let gn = ${cols} + e % 16u;
-    var sum = 0i;
-    for (var g = 0u; g < ${subgroups}u; g++) { sum += part[g * 256u + e]; }
-    if (gm < M && gn < ${p.N}u) { ${storeExpr(p, `gm * ${p.yStride}u + ${p.colOffset}u + gn`, v)} }
-  }
-  workgroupBarrier();`;
-}
-
 /** Row tiles (16 rows each) one subgroup-matrix workgroup covers; more rows are more workgroups along z. */
 export const SM_ROW_TILES_PER_GROUP = 4;
+
+export interface SmGemmShape {
+  /** Row tiles per workgroup (≤ SM_ROW_TILES_PER_GROUP). */
+  rowTiles: number;
+  /** Subgroups per workgroup. */
+  subgroups: number;
+  /** Subgroups sharing one column group along K (divides `subgroups`). */
+  kSplit: number;
+  /** Adjacent 16-column tiles one subgroup multiplies (each left tile feeds that many products). */
+  colTilesPerSubgroup: number;
+  /** K steps per loop iteration (loads in flight). */
+  unroll: number;
+  subgroupSize: number;
+}
 
 /**
  * W8A8 GEMM on subgroup matrices (tensor cores): the same exact i32 sums as gemmW8A8Wgsl, so the same y.
  * Weights and quantized activations are both in the tiled layout (tileInt8Rows), so every matrix load reads 512
- * contiguous bytes. A workgroup owns one 16-column tile (16 weight rows) and up to 4 row tiles; its `subgroups`
- * subgroups split K, subgroup g taking K steps g, g + subgroups, … (together they stream the tile column's bytes in
- * order), `unroll` steps per iteration (loads in flight). Left = activations [16 rows × 32] row-major, right = Wᵀ
- * [32 × 16], i.e. a weight tile read column-major. At the end the subgroups' partial tiles meet in workgroup memory.
+ * contiguous bytes. A workgroup holds subgroups / kSplit column groups of colTilesPerSubgroup 16-column tiles each and
+ * up to 4 row tiles; the kSplit subgroups of a column group split K, subgroup k taking K steps k, k + kSplit, … (so
+ * together they stream the tiles in order), `unroll` steps per iteration. Left = activations [16 rows × 32]
+ * row-major, right = Wᵀ [32 × 16], i.e. a weight tile read column-major. At the end the partial tiles of a column
+ * group meet in workgroup memory and each element gets y = f32(Σ) · (row scale · feature scale) (+ bias).
  * Loads use the (deprecated, Dawn warns at compile) form with a col_major bool: on the H200's Dawn it counts offset and
  * stride in i8 values, measured; the newer `<T, col_major>` form read different addresses there.
  */
-export function gemmW8A8SubgroupMatrixWgsl(p: Common & { rowTiles: number; subgroups: number; unroll: number; subgroupSize: number }): string {
-  const { rowTiles: MT, subgroups: S, unroll: U } = p;
+export function gemmW8A8SubgroupMatrixWgsl(p: Common & SmGemmShape): string {
+  const { rowTiles: MT, subgroups: S, kSplit: KS, colTilesPerSubgroup: CS, unroll: U } = p;
+  if (S % KS !== 0) throw new Error(`int8 GEMM: kSplit ${KS} must divide the ${S} subgroups of a workgroup`);
   const steps = p.stride / 32;
+  const colTiles = Math.ceil(p.N / 16);
+  const groupsPerWg = S / KS;
   const wg = S * p.subgroupSize;
   const mts = range(MT);
+  const css = range(CS);
   const us = range(U);
   const left = 'subgroup_matrix_left<i8, 32, 16>';
   const right = 'subgroup_matrix_right<i8, 16, 32>';
   const result = 'subgroup_matrix_result<i32, 16, 16>';
   // Every subgroup runs the same number of iterations; steps past K multiply the zero tile at the start of xq.
-  const iters = Math.ceil(steps / (S * U));
+  const iters = Math.ceil(steps / (KS * U));
   const step = (u: number) => [
-    `let s${u} = it * ${S * U}u + ${u * S}u + sg;`,
-    `let r${u} = subgroupMatrixLoad<${right}>(&w, wTiles + min(s${u}, ${steps - 1}u) * 512u, true, 32u);`,
-    ...mts.map((m) => `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, select(0u, ${XQ_BASE_WORDS * 4}u + ((mTile0 + ${m}u) * ${steps}u + s${u}) * 512u, s${u} < ${steps}u), false, 32u);`),
+    `let s${u} = it * ${KS * U}u + ${u * KS}u + kq;`,
+    `let sc${u} = min(s${u}, ${steps - 1}u) * 512u;`,
+    ...css.map((c) => `let r${u}_${c} = subgroupMatrixLoad<${right}>(&w, wTile${c} + sc${u}, true, 32u);`),
+    ...mts.map((m) => `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, select(0u, ${XQ_BASE_WORDS * 4}u + (mTile0 + ${m}u) * ${steps * 512}u + sc${u}, s${u} < ${steps}u), false, 32u);`),
   ];
-  const mma = (u: number) => mts.map((m) => `acc${m} = subgroupMatrixMultiplyAccumulate(l${u}_${m}, r${u}, acc${m});`);
-  const epilogue = mts.map((m) => reduceTileWgsl(p, `acc${m}`, `(mTile0 + ${m}u) * 16u`, 'nTile', S, wg));
+  const mma = (u: number) => mts.flatMap((m) => css.map((c) => `acc${m}_${c} = subgroupMatrixMultiplyAccumulate(l${u}_${m}, r${u}_${c}, acc${m}_${c});`));
+  const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
+  const epilogue = mts.flatMap((m) =>
+    css.map(
+      (c) => `subgroupMatrixStore(&part, sg * 256u, acc${m}_${c}, false, 16u);
+  workgroupBarrier();
+  for (var e = lid; e < ${groupsPerWg * 256}u; e += ${wg}u) {
+    let grp = e / 256u;
+    let gm = (mTile0 + ${m}u) * 16u + (e % 256u) / 16u;
+    let gn = ((wgIndex * ${groupsPerWg}u + grp) * ${CS}u + ${c}u) * 16u + e % 16u;
+    var sum = 0i;
+    for (var k = 0u; k < ${KS}u; k++) { sum += part[(grp * ${KS}u + k) * 256u + e % 256u]; }
+    if (gm < M && gn < ${p.N}u) { ${storeExpr(p, `gm * ${p.yStride}u + ${p.colOffset}u + gn`, v)} }
+  }
+  workgroupBarrier();`,
+    ),
+  );
   // Subgroup matrix calls need subgroup-uniform operands; K offsets depend on the subgroup index (uniform within a
   // subgroup, not across the workgroup), which WGSL's workgroup-scope analysis cannot see.
   return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
@@ -344,11 +365,13 @@ var<workgroup> part: array<i32, ${S * 256}>;
 @compute @workgroup_size(${wg})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let M = stepMeta[${p.rowsSlot}];
-  let colTile = wid.x + wid.y * nwg.x;
-  let nTile = colTile * 16u;
+  let wgIndex = wid.x + wid.y * nwg.x;
+  let kq = sg % ${KS}u;
+  let colTile0 = (wgIndex * ${groupsPerWg}u + sg / ${KS}u) * ${CS}u;
   let mTile0 = wid.z * ${MT}u;
-  let wTiles = colTile * ${steps * 512}u;
-  ${mts.map((m) => `var acc${m} = ${result}();`).join('\n  ')}
+  // Column tiles past the last re-read it (their sums are never stored).
+  ${css.map((c) => `let wTile${c} = min(colTile0 + ${c}u, ${colTiles - 1}u) * ${steps * 512}u;`).join('\n  ')}
+  ${mts.flatMap((m) => css.map((c) => `var acc${m}_${c} = ${result}();`)).join('\n  ')}
   for (var it = 0u; it < ${iters}u; it++) {
     ${us.flatMap(step).join('\n    ')}
     ${us.flatMap(mma).join('\n    ')}
@@ -356,6 +379,22 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
   ${epilogue.join('\n  ')}
 }
 `;
+}
+
+/** Workgroups of the subgroup-matrix GEMM along the columns. */
+export function smGemmWorkgroups(N: number, s: Pick<SmGemmShape, 'subgroups' | 'kSplit' | 'colTilesPerSubgroup'>): number {
+  return Math.ceil(Math.ceil(N / 16) / ((s.subgroups / s.kSplit) * s.colTilesPerSubgroup));
+}
+
+/**
+ * kSplit for a shape when the tuning says 'auto': the fewest subgroups per column group that still give the GPU about
+ * `targetSubgroups` subgroups (column tiles alone are too few for the short-N shapes: 224 for down_proj).
+ */
+export function autoKSplit(N: number, subgroups: number, colTilesPerSubgroup: number, targetSubgroups: number): number {
+  const groups = Math.ceil(N / 16 / colTilesPerSubgroup);
+  let ks = 1;
+  while (ks < subgroups && groups * ks < targetSubgroups) ks *= 2;
+  return ks;
 }
 
 interface Dispatch {
@@ -389,6 +428,8 @@ export class Int8MatmulOp {
       throw new Error(`${label}: int8 GEMV workgroup of ${tpr}×${t.gemvRowsPerWorkgroup} exceeds the device limit`);
     }
     if (t.gemvMaxRows < 0 || t.gemvMaxRows > 8) throw new Error(`${label}: int8 gemvMaxRows ${t.gemvMaxRows} must be 0..8`);
+    if (t.smColTiles !== 1 && t.smColTiles !== 2) throw new Error(`${label}: int8 smColTiles ${t.smColTiles} must be 1 or 2`);
+    if (t.smKSplit !== 'auto' && t.smSubgroups % t.smKSplit !== 0) throw new Error(`${label}: int8 smKSplit ${t.smKSplit} must divide smSubgroups ${t.smSubgroups}`);
   }
 
   /** Which kernels serve `rows` input rows: 'gemv' (weights-only int8), 'w8a8' (dot4I8Packed) or 'w8a8-sm' (tensor cores). */
@@ -440,17 +481,30 @@ export class Int8MatmulOp {
     const quantize: Dispatch = { pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, this.xq, this.xScale!]), grid: [cap, 1, 1] };
     if (sm) {
       const tilesPerGroup = Math.min(rowTiles, SM_ROW_TILES_PER_GROUP);
-      const code = gemmW8A8SubgroupMatrixWgsl({ ...this.common(), rowTiles: tilesPerGroup, subgroups: t.smSubgroups, unroll: t.smUnroll, subgroupSize: gpu.subgroupSize });
-      const gp = gpu.pipeline(`matmul int8 w8a8 sm ${w.rows}x${w.cols} m${tilesPerGroup} s${t.smSubgroups} u${t.smUnroll}`, code);
-      const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / 16));
+      const shape = this.smShape(tilesPerGroup);
+      const code = gemmW8A8SubgroupMatrixWgsl({ ...this.common(), ...shape });
+      const label = `matmul int8 w8a8 sm ${w.rows}x${w.cols} m${tilesPerGroup} s${shape.subgroups} k${shape.kSplit} c${shape.colTilesPerSubgroup} u${shape.unroll}`;
+      const gp = gpu.pipeline(label, code);
+      const [gx, gy] = gridFor(gpu, smGemmWorkgroups(w.rows, shape));
       return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm`, gbufs), grid: [gx, gy, Math.ceil(rowTiles / tilesPerGroup)] }];
     }
     const gp = gpu.pipeline(`matmul int8 w8a8 ${w.rows}x${w.cols}`, gemmW8A8Wgsl(this.common()));
     return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8`, gbufs), grid: [Math.ceil(w.rows / W8A8_TILE_N), rowTiles, 1] }];
   }
 
-  /** Records the dispatches for `rows` input rows (the value the kernels read at stepMeta[rowsSlot]). */
-  encode(pass: GPUComputePassEncoder, rows: number): void {
+  /** The tensor-core kernel's shape for this weight (kSplit resolved). */
+  smShape(rowTiles = SM_ROW_TILES_PER_GROUP): SmGemmShape {
+    const t = this.tuning;
+    // About 32 subgroups per SM of an H200-sized GPU (132 SMs): enough loads in flight to stream the weights.
+    const kSplit = t.smKSplit === 'auto' ? autoKSplit(this.weight.rows, t.smSubgroups, t.smColTiles, 4224) : t.smKSplit;
+    return { rowTiles, subgroups: t.smSubgroups, kSplit, colTilesPerSubgroup: t.smColTiles, unroll: t.smUnroll, subgroupSize: this.gpu.subgroupSize };
+  }
+
+  /**
+   * Records the dispatches for `rows` input rows (the value the kernels read at stepMeta[rowsSlot]); `stage` records
+   * only the activation quantization or only the products of a W8A8 path (benchmarks time them apart).
+   */
+  encode(pass: GPUComputePassEncoder, rows: number, stage: 'all' | 'quantize' | 'products' = 'all'): void {
     if (rows <= 0) return;
     let key: string;
     let make: () => Dispatch[];
@@ -470,7 +524,8 @@ export class Int8MatmulOp {
       list = make();
       this.groups.set(key, list);
     }
-    for (const g of list) {
+    const picked = stage === 'all' || list.length === 1 ? list : stage === 'quantize' ? list.slice(0, 1) : list.slice(1);
+    for (const g of picked) {
       pass.setPipeline(g.pipeline);
       pass.setBindGroup(0, g.bindGroup);
       pass.dispatchWorkgroups(g.grid[0], g.grid[1], g.grid[2]);
