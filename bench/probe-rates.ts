@@ -117,6 +117,33 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
 }`,
     });
   }
+  // 4b. The same tiles, but each subgroup streams its own run of 112 consecutive tiles (57 KB: one column tile of a
+  //     K = 3584 matrix in a row-tile-major layout): the GPU's concurrent reads spread over the whole buffer.
+  for (const u of [2, 4]) {
+    const run = 112;
+    list.push({
+      name: `storage tiles, 57 KB run per subgroup, u${u}`,
+      groups: tiles / run / 8,
+      work: bigBytes,
+      unit: 'GB/s',
+      big: true,
+      code: `${HEAD}var<workgroup> ws: array<i32, 4096>;
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  ${fill}
+  let l = subgroupMatrixLoad<${L}>(&ws, 0u, false, 32u);
+  ${accs}
+  let base = (wid.x * 8u + sg) * ${run}u;
+  for (var i = 0u; i < ${run}u; i += ${u}u) {
+    ${range(u).map((k) => `let r${k} = subgroupMatrixLoad<${R}>(&big, min(base + i + ${k}u, ${tiles - 1}u) * 512u, true, 32u);`).join('
+    ')}
+    ${range(u).map((k) => `acc${k % chains} = subgroupMatrixMultiplyAccumulate(l, r${k}, acc${k % chains});`).join('
+    ')}
+  }
+  ${store}
+}`,
+    });
+  }
   // 5. The GEMM layout: weight rows of K = 4096 bytes, a right tile = 16 rows × 32 bytes (stride 4096); neighbouring
   //    subgroups take neighbouring 32-byte pieces of the same rows.
   const K = 4096;

@@ -78,10 +78,12 @@ export function dequantizeInt8Rows(q: Int8Rows): Float64Array {
 export const INT8_TILE_WORDS = 128;
 
 /**
- * The GPU layout of an int8 matrix: 16-row × 32-value tiles of 512 contiguous bytes, tile (rowTile, kStep) at word
- * (rowTile · stride / 32 + kStep) · 128, inside it row r's 32 values at word r · 8. A subgroup-matrix load of one tile
- * then reads 512 contiguous bytes: measured on the H200 (`node --import tsx bench/probe-rates.ts`), such loads stream
- * at 2.2–2.6 TB/s, the same tiles read from plain rows (16 pieces of 32 bytes, 4 KB apart) at 0.8 TB/s.
+ * The GPU layout of an int8 matrix: 16-row × 32-value tiles of 512 contiguous bytes, K-major: tile (rowTile, kStep)
+ * at word (kStep · rowTiles + rowTile) · 128, inside it row r's 32 values at word r · 8. A subgroup-matrix load of one
+ * tile reads 512 contiguous bytes: measured on the H200 (`node --import tsx bench/probe-rates.ts`), such loads stream
+ * at 2.2–2.6 TB/s, the same tiles read from plain rows (16 pieces of 32 bytes, 4 KB apart) at 0.8 TB/s. K-major keeps
+ * the GPU's concurrent reads in one window (every column tile advances through K together) instead of one stream
+ * per column tile spread over the whole matrix.
  */
 export function tileInt8Rows(q: Pick<Int8Rows, 'rows' | 'stride' | 'packed'>): Uint32Array {
   const words = q.stride / 4;
@@ -90,15 +92,15 @@ export function tileInt8Rows(q: Pick<Int8Rows, 'rows' | 'stride' | 'packed'>): U
   const out = new Uint32Array(rowTiles * 16 * words);
   for (let r = 0; r < q.rows; r++) {
     const src = r * words;
-    const tileBase = Math.floor(r / 16) * steps * INT8_TILE_WORDS + (r % 16) * 8;
-    for (let s = 0; s < steps; s++) out.set(q.packed.subarray(src + 8 * s, src + 8 * s + 8), tileBase + s * INT8_TILE_WORDS);
+    const tileBase = Math.floor(r / 16) * INT8_TILE_WORDS + (r % 16) * 8;
+    for (let s = 0; s < steps; s++) out.set(q.packed.subarray(src + 8 * s, src + 8 * s + 8), tileBase + s * rowTiles * INT8_TILE_WORDS);
   }
   return out;
 }
 
-/** Word index of (row, word w of the row) in the tiled layout of tileInt8Rows (stride in values). */
-export function tiledInt8Word(stride: number, row: number, w: number): number {
-  return (Math.floor(row / 16) * (stride / 32) + Math.floor(w / 8)) * INT8_TILE_WORDS + (row % 16) * 8 + (w % 8);
+/** Word index of (row, word w of the row) in the tiled layout of tileInt8Rows for a matrix of `rows` rows. */
+export function tiledInt8Word(rows: number, row: number, w: number): number {
+  return (Math.floor(w / 8) * Math.ceil(rows / 16) + Math.floor(row / 16)) * INT8_TILE_WORDS + (row % 16) * 8 + (w % 8);
 }
 
 /** An int8 weight matrix on the GPU: values in the tiled layout of tileInt8Rows, and the per-row scales (f32). */

@@ -20,17 +20,15 @@ export interface Int8MatmulTuning {
   smColTiles: number;
   /** Subgroup-matrix GEMM: K steps loaded per loop iteration (loads in flight). */
   smUnroll: number;
-  /** Threads sharing one group of output features along K (a power of two). */
-  gemvThreadsPerRow: number;
-  /** Output features per GEMV thread (each x load feeds that many weight rows). */
-  gemvRowsPerThread: number;
-  /** Row groups per GEMV workgroup. */
-  gemvRowsPerWorkgroup: number;
+  /** GEMV: groups of 32 threads per workgroup splitting K (each group streams one 16-column tile's K steps). */
+  gemvGroups: number;
+  /** GEMV: K steps per loop iteration (loads in flight). */
+  gemvUnroll: number;
 }
 
 /** First-slice defaults (not yet tuned on the H200): 32 threads along K, 2 features per thread, 64-thread workgroups. */
 export function defaultInt8MatmulTuning(): Int8MatmulTuning {
-  return { gemvMaxRows: 8, gemvThreadsPerRow: 32, gemvRowsPerThread: 2, gemvRowsPerWorkgroup: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smUnroll: 2 };
+  return { gemvMaxRows: 8, gemvGroups: 4, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smUnroll: 2 };
 }
 
 const range = (n: number) => [...Array(n).keys()];
@@ -55,30 +53,36 @@ function storeExpr(p: Common, idx: string, v: string): string {
 }
 
 /**
- * Weights-only int8 GEMV: TPR threads share RPT output features and walk K in blocks of 16 values
- * (one vec4<u32> of int8 per feature, unpacked with unpack4xI8), f32 sums reduced in workgroup memory,
- * then times the feature's scale (Σ x·q·s = s·Σ x·q).
+ * Weights-only int8 GEMV over the tiled layout: a group of 32 threads owns one 16-column tile, thread l holding half
+ * l % 2 (16 values, one vec4<u32>) of row l / 2 of each K step, so one load of the group reads the tile's 512
+ * contiguous bytes; `groups` such groups split K (group g takes steps g, g + groups, …), `unroll` steps per iteration.
+ * f32 sums unpacked with unpack4xI8, reduced over the halves and groups in workgroup memory, times the feature's
+ * scale (Σ x·q·s = s·Σ x·q). Activations past K read as zero (the weights there are zero, x may be anything).
  */
-export function gemvInt8Wgsl(p: Common & { mr: number; tpr: number; rpt: number; rpw: number }): string {
-  const { mr, tpr, rpt: R, rpw } = p;
-  const wg = tpr * rpw;
-  const k16 = Math.floor(p.K / 16);
-  // Tiled layout (tileInt8Rows): vec4 c of row n sits at (n / 16) · tileRowVec + (c / 2) · 32 + (n % 16) · 2 + c % 2.
-  const tileRowVec = (p.stride / 32) * 32;
+export function gemvInt8Wgsl(p: Common & { mr: number; groups: number; unroll: number }): string {
+  const { mr, groups: G, unroll: U } = p;
+  const wg = 32 * G;
+  const steps = p.stride / 32;
+  const colTiles = Math.ceil(p.N / 16);
+  const iters = Math.ceil(steps / (G * U));
   const xs4 = p.xStride / 4;
   const ms = range(mr);
-  const rs = range(R);
-  const accs = ms.flatMap((m) => rs.map((r) => `a${m}_${r}`));
-  const block = [
-    ...ms.flatMap((m) => range(4).map((i) => `let x${m}_${i} = x[xb${m} + 4u * c + ${i}u];`)),
-    ...rs.map((r) => `let w${r} = w[wb${r} + (c / 2u) * 32u + c % 2u];`),
-    ...rs.flatMap((r) => range(4).map((i) => `let w${r}_${i} = vec4<f32>(unpack4xI8(w${r}[${i}]));`)),
-    ...ms.flatMap((m) => rs.map((r) => `a${m}_${r} += ${range(4).map((i) => `dot(w${r}_${i}, x${m}_${i})`).join(' + ')};`)),
-  ];
-  const tail = [
-    ...rs.map((r) => `let wt${r} = f32(unpack4xI8(w[wb${r} + (k / 32u) * 32u + (k / 16u) % 2u][(k % 16u) / 4u])[k % 4u]);`),
-    ...ms.flatMap((m) => rs.map((r) => `a${m}_${r} += wt${r} * x[xb${m} + k / 4u][k % 4u];`)),
-  ];
+  const us = range(U);
+  const fullSteps = Math.floor(p.K / 32); // steps whose 32 activations all lie below K
+  const xLoad = (m: number, u: number, i: number) => {
+    const idx = `xb${m} + s${u} * 8u + half * 4u + ${i}u`;
+    return fullSteps === steps
+      ? `x[${idx}]`
+      : `select(vec4<f32>(0.0), x[min(${idx}, xLast)], vec4<u32>(s${u} * 32u + half * 16u + ${4 * i}u) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(${p.K}u))`;
+  };
+  const body = us.flatMap((u) => [
+    `let s${u} = it * ${G * U}u + ${u * G}u + grp;`,
+    `if (s${u} < ${steps}u) {`,
+    `  let wq = w[s${u} * ${colTiles * 32}u + wTile + lane];`,
+    ...range(4).map((i) => `  let w${i} = vec4<f32>(unpack4xI8(wq[${i}]));`),
+    ...ms.map((m) => `  a${m} += ${range(4).map((i) => `dot(w${i}, ${xLoad(m, u, i)})`).join(' + ')};`),
+    `}`,
+  ]);
   const bindings = [
     '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
     '@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;',
@@ -87,42 +91,35 @@ export function gemvInt8Wgsl(p: Common & { mr: number; tpr: number; rpt: number;
     '@group(0) @binding(4) var<storage, read_write> y: array<f32>;',
   ];
   if (p.bias) bindings.push('@group(0) @binding(5) var<storage, read> bias: array<f32>;');
-  const store = (m: number, r: number, i: number) => {
-    const v = `red[${i}u * ${wg}u + lid] * s${r}${p.bias ? ` + bias[n${r}]` : ''}`;
-    return `if (${m}u < M && n${r} < ${p.N}u) { ${storeExpr(p, `${m}u * ${p.yStride}u + ${p.colOffset}u + n${r}`, v)} }`;
-  };
+  const v = `sum * wScale[n]${p.bias ? ' + bias[n]' : ''}`;
   return /* wgsl */ `
 ${bindings.join('\n')}
-var<workgroup> red: array<f32, ${wg * accs.length}>;
+var<workgroup> red: array<f32, ${wg * mr}>;
 
 @compute @workgroup_size(${wg})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let M = stepMeta[${p.rowsSlot}];
   let mLast = max(M, 1u) - 1u;
-  let slot = lid / ${tpr}u;
-  let lane = lid % ${tpr}u;
-  let blk = wid.x + wid.y * nwg.x;
-  let nBase = (blk * ${rpw}u + slot) * ${R}u;
-  ${ms.map((m) => `let xb${m} = min(${m}u, mLast) * ${xs4}u;`).join('\n  ')}
-  ${rs.map((r) => `let n${r} = nBase + ${r}u;\n  let nc${r} = min(n${r}, ${p.N - 1}u);\n  let wb${r} = (nc${r} / 16u) * ${tileRowVec}u + (nc${r} % 16u) * 2u;`).join('\n  ')}
-  ${accs.map((a) => `var ${a} = 0.0;`).join('\n  ')}
-  for (var c = lane; c < ${k16}u; c += ${tpr}u) {
-    ${block.join('\n    ')}
+  let tile = wid.x + wid.y * nwg.x;
+  let grp = lid / 32u;
+  let lane = lid % 32u;
+  let half = lane % 2u;
+  let wTile = min(tile, ${colTiles - 1}u) * 32u;
+  let xLast = arrayLength(&x) - 1u;
+  ${ms.map((m) => `let xb${m} = min(${m}u, mLast) * ${xs4}u;\n  var a${m} = 0.0;`).join('\n  ')}
+  for (var it = 0u; it < ${iters}u; it++) {
+    ${body.join('\n    ')}
   }
-  for (var k = ${k16 * 16}u + lane; k < ${p.K}u; k += ${tpr}u) {
-    ${tail.join('\n    ')}
-  }
-  ${accs.map((a, i) => `red[${i}u * ${wg}u + lid] = ${a};`).join('\n  ')}
+  ${ms.map((m) => `red[${m * wg}u + lid] = a${m};`).join('\n  ')}
   workgroupBarrier();
-  for (var s = ${Math.floor(tpr / 2)}u; s > 0u; s >>= 1u) {
-    if (lane < s) {
-      ${accs.map((_, i) => `red[${i}u * ${wg}u + lid] += red[${i}u * ${wg}u + lid + s];`).join('\n      ')}
-    }
-    workgroupBarrier();
-  }
-  if (lane == 0u) {
-    ${rs.map((r) => `let s${r} = wScale[min(n${r}, ${p.N - 1}u)];`).join('\n    ')}
-    ${ms.flatMap((m) => rs.map((r) => store(m, r, m * R + r))).join('\n    ')}
+  // Thread e < 16·mr sums row m = e / 16, feature f = e % 16 over the groups and both halves.
+  for (var e = lid; e < ${16 * mr}u; e += ${wg}u) {
+    let m = e / 16u;
+    let f = e % 16u;
+    let n = tile * 16u + f;
+    var sum = 0.0;
+    for (var g = 0u; g < ${G}u; g++) { sum += red[m * ${wg}u + g * 32u + 2u * f] + red[m * ${wg}u + g * 32u + 2u * f + 1u]; }
+    if (m < M && n < ${p.N}u) { ${storeExpr(p, `m * ${p.yStride}u + ${p.colOffset}u + n`, v)} }
   }
 }
 `;
@@ -179,7 +176,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
  */
 const XQ_BASE_WORDS = 128;
 
-/** WGSL for the word index of (row, word) in the tiled int8 layout (tileInt8Rows) with `steps` K steps of 32 values. */
+/**
+ * WGSL for the word index of (row, word) of the quantized activations: 16-row × 32-value tiles like the weights', but
+ * row-tile-major (a row tile's K steps in order), `steps` K steps of 32 values per row.
+ */
 function tiledWordWgsl(row: string, word: string, steps: number): string {
   return `((${row} / 16u) * ${steps}u + ${word} / 8u) * 128u + (${row} % 16u) * 8u + ${word} % 8u`;
 }
@@ -221,8 +221,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let tileM = wid.y * ${BM}u;
   let n = tileN + lid;
   let nc = min(n, ${p.N - 1}u);
-  // Tiled layout: vec4 c of row n at (n / 16) · steps · 32 + (c / 2) · 32 + (n % 16) · 2 + c % 2.
-  let wb = (nc / 16u) * ${steps * 32}u + (nc % 16u) * 2u;
+  // Tiled layout: vec4 c of row n at (c / 2) · kStepVec + (n / 16) · 32 + (n % 16) · 2 + c % 2.
+  let wb = (nc / 16u) * 32u + (nc % 16u) * 2u;
   ${ms.map((m) => `var acc${m} = 0i;`).join('\n  ')}
   for (var kw0 = 0u; kw0 < ${words}u; kw0 += ${BKW}u) {
     workgroupBarrier();
@@ -245,7 +245,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     for (var v = 0u; v < ${BKW / 4}u; v++) {
       if (kw0 + 4u * v < ${words}u) {
         let c = kw0 / 4u + v;
-        let wq = w[wb + (c / 2u) * 32u + c % 2u];
+        let wq = w[wb + (c / 2u) * ${Math.ceil(p.N / 16) * 32}u + c % 2u];
         for (var i = 0u; i < 4u; i++) {
           let ww = wq[i];
           let j = 4u * v + i;
@@ -308,8 +308,8 @@ export interface SmGemmShape {
 
 /**
  * W8A8 GEMM on subgroup matrices (tensor cores): the same exact i32 sums as gemmW8A8Wgsl, so the same y.
- * Weights and quantized activations are both in the tiled layout (tileInt8Rows), so every matrix load reads 512
- * contiguous bytes. A workgroup holds subgroups / kSplit column groups of colTilesPerSubgroup 16-column tiles each and
+ * Weights (K-major tiles, tileInt8Rows) and quantized activations (row-tile-major tiles) are both tiled, so every
+ * matrix load reads 512 contiguous bytes. A workgroup holds subgroups / kSplit column groups of colTilesPerSubgroup 16-column tiles each and
  * up to 4 row tiles; the kSplit subgroups of a column group split K, subgroup k taking K steps k, k + kSplit, … (so
  * together they stream the tiles in order), `unroll` steps per iteration. Left = activations [16 rows × 32]
  * row-major, right = Wᵀ [32 × 16], i.e. a weight tile read column-major. At the end the partial tiles of a column
@@ -334,9 +334,9 @@ export function gemmW8A8SubgroupMatrixWgsl(p: Common & SmGemmShape): string {
   const iters = Math.ceil(steps / (KS * U));
   const step = (u: number) => [
     `let s${u} = it * ${KS * U}u + ${u * KS}u + kq;`,
-    `let sc${u} = min(s${u}, ${steps - 1}u) * 512u;`,
-    ...css.map((c) => `let r${u}_${c} = subgroupMatrixLoad<${right}>(&w, wTile${c} + sc${u}, true, 32u);`),
-    ...mts.map((m) => `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, select(0u, ${XQ_BASE_WORDS * 4}u + (mTile0 + ${m}u) * ${steps * 512}u + sc${u}, s${u} < ${steps}u), false, 32u);`),
+    `let ws${u} = min(s${u}, ${steps - 1}u) * ${colTiles * 512}u;`,
+    ...css.map((c) => `let r${u}_${c} = subgroupMatrixLoad<${right}>(&w, wTile${c} + ws${u}, true, 32u);`),
+    ...mts.map((m) => `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, select(0u, ${XQ_BASE_WORDS * 4}u + (mTile0 + ${m}u) * ${steps * 512}u + s${u} * 512u, s${u} < ${steps}u), false, 32u);`),
   ];
   const mma = (u: number) => mts.flatMap((m) => css.map((c) => `acc${m}_${c} = subgroupMatrixMultiplyAccumulate(l${u}_${m}, r${u}_${c}, acc${m}_${c});`));
   const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
@@ -370,7 +370,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
   let colTile0 = (wgIndex * ${groupsPerWg}u + sg / ${KS}u) * ${CS}u;
   let mTile0 = wid.z * ${MT}u;
   // Column tiles past the last re-read it (their sums are never stored).
-  ${css.map((c) => `let wTile${c} = min(colTile0 + ${c}u, ${colTiles - 1}u) * ${steps * 512}u;`).join('\n  ')}
+  ${css.map((c) => `let wTile${c} = min(colTile0 + ${c}u, ${colTiles - 1}u) * 512u;`).join('\n  ')}
   ${mts.flatMap((m) => css.map((c) => `var acc${m}_${c} = ${result}();`)).join('\n  ')}
   for (var it = 0u; it < ${iters}u; it++) {
     ${us.flatMap(step).join('\n    ')}
@@ -422,10 +422,8 @@ export class Int8MatmulOp {
     if (b.xStride % 4 !== 0 || b.xStride < weight.cols) {
       throw new Error(`${label}: input row stride ${b.xStride} must be a multiple of 4 and ≥ ${weight.cols} columns`);
     }
-    const tpr = t.gemvThreadsPerRow;
-    if (tpr < 1 || (tpr & (tpr - 1)) !== 0) throw new Error(`${label}: gemvThreadsPerRow ${tpr} must be a power of two`);
-    if (tpr * t.gemvRowsPerWorkgroup > gpu.limits.maxComputeInvocationsPerWorkgroup) {
-      throw new Error(`${label}: int8 GEMV workgroup of ${tpr}×${t.gemvRowsPerWorkgroup} exceeds the device limit`);
+    if (!(t.gemvGroups >= 1) || 32 * t.gemvGroups > gpu.limits.maxComputeInvocationsPerWorkgroup) {
+      throw new Error(`${label}: int8 GEMV workgroup of ${t.gemvGroups}×32 threads exceeds the device limit`);
     }
     if (t.gemvMaxRows < 0 || t.gemvMaxRows > 8) throw new Error(`${label}: int8 gemvMaxRows ${t.gemvMaxRows} must be 0..8`);
     if (t.smColTiles !== 1 && t.smColTiles !== 2) throw new Error(`${label}: int8 smColTiles ${t.smColTiles} must be 1 or 2`);
@@ -455,11 +453,11 @@ export class Int8MatmulOp {
 
   private buildGemv(mr: number): Dispatch[] {
     const { gpu, weight: w, b, tuning: t } = this;
-    const code = gemvInt8Wgsl({ ...this.common(), mr, tpr: t.gemvThreadsPerRow, rpt: t.gemvRowsPerThread, rpw: t.gemvRowsPerWorkgroup });
+    const code = gemvInt8Wgsl({ ...this.common(), mr, groups: t.gemvGroups, unroll: t.gemvUnroll });
     const pipeline = gpu.pipeline(`matmul int8 gemv${mr} ${w.rows}x${w.cols}`, code);
     const bufs = [b.meta, b.x, w.buffer, w.scales, b.y];
     if (b.bias) bufs.push(b.bias);
-    const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / (t.gemvRowsPerThread * t.gemvRowsPerWorkgroup)));
+    const [gx, gy] = gridFor(gpu, Math.ceil(w.rows / 16));
     return [{ pipeline, bindGroup: bindBuffers(gpu, pipeline, `${w.label} int8 gemv${mr}`, bufs), grid: [gx, gy, 1] }];
   }
 

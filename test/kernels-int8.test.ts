@@ -50,13 +50,13 @@ test('int8 GPU layout: every word of every row lands once in its 16 × 32 tile, 
   const seen = new Set<number>();
   for (let r = 0; r < rows; r++) {
     for (let w = 0; w < words; w++) {
-      const at = tiledInt8Word(stride, r, w);
+      const at = tiledInt8Word(rows, r, w);
       assert.equal(tiled[at], r * words + w + 1, `row ${r} word ${w}`);
       seen.add(at);
     }
   }
-  // Tile (1, 2) starts at word (1·3 + 2)·128 and holds row 16's words 16…23 first.
-  assert.equal(tiled[(1 * 3 + 2) * 128], 16 * words + 16 + 1);
+  // K-major: tile (row tile 1, K step 2) starts at word (2·3 + 1)·128 (3 row tiles) and holds row 16's words 16…23 first.
+  assert.equal(tiled[(2 * 3 + 1) * 128], 16 * words + 16 + 1);
   for (let i = 0; i < tiled.length; i++) if (!seen.has(i)) assert.equal(tiled[i], 0, `padding word ${i}`);
 });
 
@@ -200,9 +200,9 @@ test('int8 matmuls: bias, fused residual add, column offset; W8A8 forced at few 
     { M: 20, N: 45, K: 77, bias: true, accumulate: true, yOffset: 5 },
     { M: 1, N: 50, K: 100, bias: true, tuning: { gemvMaxRows: 0 } },
     { M: 3, N: 50, K: 33, accumulate: true, tuning: { gemvMaxRows: 0 } },
-    { M: 3, N: 45, K: 77, bias: true, tuning: { gemvThreadsPerRow: 1, gemvRowsPerThread: 3, gemvRowsPerWorkgroup: 16 } },
-    { M: 8, N: 45, K: 300, tuning: { gemvThreadsPerRow: 64, gemvRowsPerThread: 1, gemvRowsPerWorkgroup: 4 } },
-    { M: 2, N: 45, K: 77, accumulate: true, tuning: { gemvThreadsPerRow: 4, gemvRowsPerThread: 4, gemvRowsPerWorkgroup: 8 } },
+    { M: 3, N: 45, K: 77, bias: true, tuning: { gemvGroups: 1, gemvUnroll: 1 } },
+    { M: 8, N: 45, K: 300, tuning: { gemvGroups: 8, gemvUnroll: 4 } },
+    { M: 2, N: 45, K: 77, accumulate: true, tuning: { gemvGroups: 3, gemvUnroll: 2 } },
   ];
   for (const c of cases) {
     const o = await runCase(c);
