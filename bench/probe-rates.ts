@@ -135,10 +135,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
   ${accs}
   let base = (wid.x * 8u + sg) * ${run}u;
   for (var i = 0u; i < ${run}u; i += ${u}u) {
-    ${range(u).map((k) => `let r${k} = subgroupMatrixLoad<${R}>(&big, min(base + i + ${k}u, ${tiles - 1}u) * 512u, true, 32u);`).join('
-    ')}
-    ${range(u).map((k) => `acc${k % chains} = subgroupMatrixMultiplyAccumulate(l, r${k}, acc${k % chains});`).join('
-    ')}
+    ${range(u).map((k) => `let r${k} = subgroupMatrixLoad<${R}>(&big, min(base + i + ${k}u, ${tiles - 1}u) * 512u, true, 32u);`).join('\n    ')}
+    ${range(u).map((k) => `acc${k % chains} = subgroupMatrixMultiplyAccumulate(l, r${k}, acc${k % chains});`).join('\n    ')}
   }
   ${store}
 }`,
