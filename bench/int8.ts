@@ -85,13 +85,18 @@ interface Variant {
 
 function variantsFor(gpu: GpuContext, rows: number, quick: boolean): Variant[] {
   const list: Variant[] = [];
-  if (rows <= 8) list.push({ name: 'gemv (weights-only)', tuning: { gemvMaxRows: 8 } });
+  if (rows <= 8) {
+    // [groups, unroll]; the first is the default tuning.
+    for (const [g, u] of quick ? [[4, 2]] : [[4, 2], [8, 2], [2, 4], [8, 4], [16, 1]]) {
+      list.push({ name: `gemv (weights-only) g${g} u${u}`, tuning: { gemvMaxRows: 8, gemvGroups: g, gemvUnroll: u } });
+    }
+  }
   list.push({ name: 'w8a8 dot4', tuning: { gemvMaxRows: 0, subgroupMatrix: 'off' } });
   if (hasInt8SubgroupMatrix(gpu)) {
     // [subgroups, kSplit, column tiles per subgroup, unroll]; the first is the default tuning.
     const sm: [number, number | 'auto', number, number][] = quick
       ? [[8, 'auto', 1, 2]]
-      : [[8, 'auto', 1, 2], [8, 'auto', 1, 4], [8, 'auto', 2, 2], [16, 'auto', 1, 2], [8, 1, 1, 4], [8, 8, 1, 2], [4, 'auto', 2, 4]];
+      : [[8, 'auto', 1, 2], [8, 'auto', 1, 4], [8, 'auto', 2, 2], [8, 8, 1, 2], [4, 'auto', 2, 4]];
     for (const [sg, ks, c, u] of sm) {
       list.push({ name: `w8a8 sm s${sg} k${ks} c${c} u${u}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smKSplit: ks, smColTiles: c, smUnroll: u } });
     }
