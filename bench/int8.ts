@@ -93,12 +93,12 @@ function variantsFor(gpu: GpuContext, rows: number, quick: boolean): Variant[] {
   }
   list.push({ name: 'w8a8 dot4', tuning: { gemvMaxRows: 0, subgroupMatrix: 'off' } });
   if (hasInt8SubgroupMatrix(gpu)) {
-    // [subgroups, kSplit, column tiles per subgroup, unroll]; the first is the default tuning.
-    const sm: [number, number | 'auto', number, number][] = quick
-      ? [[8, 'auto', 1, 2]]
-      : [[8, 'auto', 1, 2], [8, 'auto', 1, 4], [8, 'auto', 2, 2], [8, 8, 1, 2], [4, 'auto', 2, 4]];
-    for (const [sg, ks, c, u] of sm) {
-      list.push({ name: `w8a8 sm s${sg} k${ks} c${c} u${u}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smKSplit: ks, smColTiles: c, smUnroll: u } });
+    // [subgroups, kSplit, column tiles per subgroup, unroll, staged K steps]; the first is the default tuning.
+    const sm: [number, number | 'auto', number, number, number][] = quick
+      ? [[8, 'auto', 1, 2, 16]]
+      : [[8, 'auto', 1, 2, 16], [8, 'auto', 1, 2, 0], [8, 1, 1, 4, 16], [8, 1, 2, 2, 16], [8, 2, 1, 4, 16], [4, 1, 2, 4, 16], [16, 1, 1, 2, 16], [8, 'auto', 1, 4, 32]];
+    for (const [sg, ks, c, u, x] of sm) {
+      list.push({ name: `w8a8 sm s${sg} k${ks} c${c} u${u} x${x}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smKSplit: ks, smColTiles: c, smUnroll: u, smStageSteps: x } });
     }
   }
   return list;

@@ -18,6 +18,8 @@ export interface Int8MatmulTuning {
   smKSplit: number | 'auto';
   /** Subgroup-matrix GEMM: adjacent 16-column tiles per subgroup (1 or 2: each activation tile load feeds that many). */
   smColTiles: number;
+  /** Subgroup-matrix GEMM: K steps of activations staged in workgroup memory per chunk (0: read from storage). */
+  smStageSteps: number;
   /** Subgroup-matrix GEMM: K steps loaded per loop iteration (loads in flight). */
   smUnroll: number;
   /** GEMV: groups of 32 threads per workgroup splitting K (each group streams one 16-column tile's K steps). */
@@ -28,7 +30,7 @@ export interface Int8MatmulTuning {
 
 /** First-slice defaults (not yet tuned on the H200): 32 threads along K, 2 features per thread, 64-thread workgroups. */
 export function defaultInt8MatmulTuning(): Int8MatmulTuning {
-  return { gemvMaxRows: 8, gemvGroups: 4, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smUnroll: 2 };
+  return { gemvMaxRows: 8, gemvGroups: 4, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smStageSteps: 16, smUnroll: 2 };
 }
 
 const range = (n: number) => [...Array(n).keys()];
@@ -276,12 +278,12 @@ export function hasInt8SubgroupMatrix(gpu: GpuContext): boolean {
 }
 
 /** Bindings of the subgroup-matrix W8A8 kernels: activations and weights as `elem` (i32 for matrix loads, vec4 to stage). */
-function smBindings(p: Common, elem: 'i32' | 'vec4<i32>'): string[] {
+function smBindings(p: Common, xElem: 'i32' | 'vec4<i32>'): string[] {
   const b = [
     '@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;',
-    `@group(0) @binding(1) var<storage, read> xq: array<${elem}>;`,
+    `@group(0) @binding(1) var<storage, read> xq: array<${xElem}>;`,
     '@group(0) @binding(2) var<storage, read> xScale: array<f32>;',
-    `@group(0) @binding(3) var<storage, read> w: array<${elem}>;`,
+    '@group(0) @binding(3) var<storage, read> w: array<i32>;',
     '@group(0) @binding(4) var<storage, read> wScale: array<f32>;',
     '@group(0) @binding(5) var<storage, read_write> y: array<f32>;',
   ];
@@ -303,7 +305,17 @@ export interface SmGemmShape {
   colTilesPerSubgroup: number;
   /** K steps per loop iteration (loads in flight). */
   unroll: number;
+  /**
+   * K steps of activation tiles a workgroup copies into workgroup memory at a time (0: every subgroup loads its
+   * activation tiles from storage). Staged, the workgroup's column tiles share one read of the activations.
+   */
+  stageSteps: number;
   subgroupSize: number;
+}
+
+/** Workgroup bytes of the subgroup-matrix GEMM: partial tiles, and the staged activation chunk. */
+export function smGemmWorkgroupBytes(s: Pick<SmGemmShape, 'rowTiles' | 'subgroups' | 'stageSteps'>): number {
+  return s.subgroups * 1024 + s.rowTiles * s.stageSteps * 512;
 }
 
 /**
@@ -330,14 +342,33 @@ export function gemmW8A8SubgroupMatrixWgsl(p: Common & SmGemmShape): string {
   const left = 'subgroup_matrix_left<i8, 32, 16>';
   const right = 'subgroup_matrix_right<i8, 16, 32>';
   const result = 'subgroup_matrix_result<i32, 16, 16>';
-  // Every subgroup runs the same number of iterations; steps past K multiply the zero tile at the start of xq.
-  const iters = Math.ceil(steps / (KS * U));
+  const KC = p.stageSteps;
+  if (KC > 0 && KC % (KS * U) !== 0) throw new Error(`int8 GEMM: stageSteps ${KC} must be a multiple of kSplit·unroll = ${KS * U}`);
+  // Every subgroup runs the same number of iterations; steps past K multiply a zero activation tile (the one at the
+  // start of xq, or zeros staged).
+  const iters = KC > 0 ? KC / (KS * U) : Math.ceil(steps / (KS * U));
+  const chunks = KC > 0 ? Math.ceil(steps / KC) : 1;
   const step = (u: number) => [
-    `let s${u} = it * ${KS * U}u + ${u * KS}u + kq;`,
+    KC > 0 ? `let j${u} = it * ${KS * U}u + ${u * KS}u + kq;\n    let s${u} = c0 * ${KC}u + j${u};` : `let s${u} = it * ${KS * U}u + ${u * KS}u + kq;`,
     `let ws${u} = min(s${u}, ${steps - 1}u) * ${colTiles * 512}u;`,
     ...css.map((c) => `let r${u}_${c} = subgroupMatrixLoad<${right}>(&w, wTile${c} + ws${u}, true, 32u);`),
-    ...mts.map((m) => `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, select(0u, ${XQ_BASE_WORDS * 4}u + (mTile0 + ${m}u) * ${steps * 512}u + s${u} * 512u, s${u} < ${steps}u), false, 32u);`),
+    ...mts.map((m) =>
+      KC > 0
+        ? `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xs, (${m * KC}u + j${u}) * 512u, false, 32u);`
+        : `let l${u}_${m} = subgroupMatrixLoad<${left}>(&xq, select(0u, ${XQ_BASE_WORDS * 4}u + (mTile0 + ${m}u) * ${steps * 512}u + s${u} * 512u, s${u} < ${steps}u), false, 32u);`,
+    ),
   ];
+  // Staging: MT × KC tiles of 32 vec4 each, zeros for steps past K.
+  const stage = `for (var e = lid; e < ${MT * KC * 32}u; e += ${wg}u) {
+      let m = e / ${KC * 32}u;
+      let j = (e / 32u) % ${KC}u;
+      let s = c0 * ${KC}u + j;
+      var v = vec4<i32>(0);
+      if (s < ${steps}u) { v = xq[${XQ_BASE_WORDS / 4}u + ((mTile0 + m) * ${steps}u + s) * 32u + e % 32u]; }
+      let o = (m * ${KC}u + j) * 128u + (e % 32u) * 4u;
+      xs[o] = v.x; xs[o + 1u] = v.y; xs[o + 2u] = v.z; xs[o + 3u] = v.w;
+    }
+    workgroupBarrier();`;
   const mma = (u: number) => mts.flatMap((m) => css.map((c) => `acc${m}_${c} = subgroupMatrixMultiplyAccumulate(l${u}_${m}, r${u}_${c}, acc${m}_${c});`));
   const v = `f32(sum) * (xScale[gm] * wScale[gn])${p.bias ? ' + bias[gn]' : ''}`;
   const epilogue = mts.flatMap((m) =>
@@ -359,8 +390,9 @@ export function gemmW8A8SubgroupMatrixWgsl(p: Common & SmGemmShape): string {
   // subgroup, not across the workgroup), which WGSL's workgroup-scope analysis cannot see.
   return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
 diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
-${smBindings(p, 'i32').join('\n')}
+${smBindings(p, KC > 0 ? 'vec4<i32>' : 'i32').join('\n')}
 var<workgroup> part: array<i32, ${S * 256}>;
+${KC > 0 ? `var<workgroup> xs: array<i32, ${MT * KC * 128}>;` : ''}
 
 @compute @workgroup_size(${wg})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -372,9 +404,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
   // Column tiles past the last re-read it (their sums are never stored).
   ${css.map((c) => `let wTile${c} = min(colTile0 + ${c}u, ${colTiles - 1}u) * 512u;`).join('\n  ')}
   ${mts.flatMap((m) => css.map((c) => `var acc${m}_${c} = ${result}();`)).join('\n  ')}
-  for (var it = 0u; it < ${iters}u; it++) {
-    ${us.flatMap(step).join('\n    ')}
-    ${us.flatMap(mma).join('\n    ')}
+  for (var c0 = 0u; c0 < ${chunks}u; c0++) {
+    ${KC > 0 ? stage : ''}
+    for (var it = 0u; it < ${iters}u; it++) {
+      ${us.flatMap(step).join('\n      ')}
+      ${us.flatMap(mma).join('\n      ')}
+    }
+    ${KC > 0 ? 'workgroupBarrier();' : ''}
   }
   ${epilogue.join('\n  ')}
 }
@@ -481,7 +517,7 @@ export class Int8MatmulOp {
       const tilesPerGroup = Math.min(rowTiles, SM_ROW_TILES_PER_GROUP);
       const shape = this.smShape(tilesPerGroup);
       const code = gemmW8A8SubgroupMatrixWgsl({ ...this.common(), ...shape });
-      const label = `matmul int8 w8a8 sm ${w.rows}x${w.cols} m${tilesPerGroup} s${shape.subgroups} k${shape.kSplit} c${shape.colTilesPerSubgroup} u${shape.unroll}`;
+      const label = `matmul int8 w8a8 sm ${w.rows}x${w.cols} m${tilesPerGroup} s${shape.subgroups} k${shape.kSplit} c${shape.colTilesPerSubgroup} u${shape.unroll} x${shape.stageSteps}`;
       const gp = gpu.pipeline(label, code);
       const [gx, gy] = gridFor(gpu, smGemmWorkgroups(w.rows, shape));
       return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm`, gbufs), grid: [gx, gy, Math.ceil(rowTiles / tilesPerGroup)] }];
@@ -495,7 +531,16 @@ export class Int8MatmulOp {
     const t = this.tuning;
     // About 32 subgroups per SM of an H200-sized GPU (132 SMs): enough loads in flight to stream the weights.
     const kSplit = t.smKSplit === 'auto' ? autoKSplit(this.weight.rows, t.smSubgroups, t.smColTiles, 4224) : t.smKSplit;
-    return { rowTiles, subgroups: t.smSubgroups, kSplit, colTilesPerSubgroup: t.smColTiles, unroll: t.smUnroll, subgroupSize: this.gpu.subgroupSize };
+    // The staged chunk: a multiple of kSplit·unroll steps, halved for 4 row tiles (workgroup memory), 0 to turn it off.
+    let stageSteps = 0;
+    if (t.smStageSteps > 0) {
+      const q = kSplit * t.smUnroll;
+      stageSteps = Math.ceil(t.smStageSteps / q) * q;
+      const budget = this.gpu.limits.maxComputeWorkgroupStorageSize;
+      while (stageSteps > q && smGemmWorkgroupBytes({ rowTiles, subgroups: t.smSubgroups, stageSteps }) > budget) stageSteps -= q;
+      if (smGemmWorkgroupBytes({ rowTiles, subgroups: t.smSubgroups, stageSteps }) > budget) stageSteps = 0;
+    }
+    return { rowTiles, subgroups: t.smSubgroups, kSplit, colTilesPerSubgroup: t.smColTiles, unroll: t.smUnroll, stageSteps, subgroupSize: this.gpu.subgroupSize };
   }
 
   /**
