@@ -1,7 +1,8 @@
 // Device probe: raw rates of the int8 building blocks (tensor-core MMA, dot4I8Packed, matrix loads from workgroup and
 // storage memory, staging), to find which one holds the int8 GEMMs and MLA kernels far below their ceilings.
 //
-//   node --import tsx bench/probe-rates.ts          # needs a GPU with i8 subgroup matrices (the H200)
+//   node --import tsx bench/probe-rates.ts                  # needs a GPU with i8 subgroup matrices (the H200)
+//   node --import tsx bench/probe-rates.ts --gemm-shapes    # only the int8 GEMM's structure taken apart
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { timeGpuPass, spinUpGpu } from './gpu-timing.ts';
 
@@ -235,6 +236,61 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   return list;
 }
 
+/**
+ * The int8 GEMM's structure taken apart on a gate_up-sized stream (136 MB of 512-byte tiles): runs of `run` tiles
+ * per subgroup, `wgs` workgroups of 8 subgroups, `u` loads per iteration, with or without a rotating set of four
+ * accumulators, a left tile loaded per step from a small storage buffer, and the GEMM's partial-tile epilogue.
+ */
+function gemmShapes(): Probe[] {
+  const bytes = 136 * 1024 * 1024;
+  const tiles = bytes / 512;
+  const list: Probe[] = [];
+  const variants: { name: string; run: number; u: number; chains: number; leftLoad: boolean; epilogue: boolean }[] = [
+    { name: 'runs 112, 4 chains', run: 112, u: 4, chains: 4, leftLoad: false, epilogue: false },
+    { name: 'runs 112, 1 chain', run: 112, u: 4, chains: 1, leftLoad: false, epilogue: false },
+    { name: 'runs 112, 4 chains, left from storage', run: 112, u: 4, chains: 4, leftLoad: true, epilogue: false },
+    { name: 'runs 112, 1 chain, left from storage, epilogue', run: 112, u: 4, chains: 1, leftLoad: true, epilogue: true },
+    { name: 'runs 28, 4 chains', run: 28, u: 4, chains: 4, leftLoad: false, epilogue: false },
+    { name: 'runs 28, 1 chain, left, epilogue', run: 28, u: 4, chains: 1, leftLoad: true, epilogue: true },
+    { name: 'runs 448, 4 chains', run: 448, u: 4, chains: 4, leftLoad: false, epilogue: false },
+    { name: 'runs 112, 4 chains, u8', run: 112, u: 8, chains: 4, leftLoad: false, epilogue: false },
+  ];
+  for (const v of variants) {
+    const wgs = Math.ceil(tiles / v.run / 8);
+    const cs = range(v.chains);
+    list.push({
+      name: `gemm shape: ${v.name} (${wgs} wgs)`,
+      groups: wgs,
+      work: bytes,
+      unit: 'GB/s',
+      big: true,
+      code: `${HEAD}var<workgroup> ws: array<i32, 4096>;
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  ${'for (var i = lid; i < 4096u; i += 256u) { ws[i] = i32(i * 2654435761u); }\n  workgroupBarrier();'}
+  var l = subgroupMatrixLoad<${L}>(&ws, 0u, false, 32u);
+  ${cs.map((c) => `var acc${c} = ${Acc}();`).join('\n  ')}
+  let base = (wid.x * 8u + sg) * ${v.run}u;
+  for (var i = 0u; i < ${v.run}u; i += ${v.u}u) {
+    ${range(v.u).map((k) => `let r${k} = subgroupMatrixLoad<${R}>(&big, min(base + i + ${k}u, ${tiles - 1}u) * 512u, true, 32u);`).join('\n    ')}
+    ${range(v.u).map((k) => (v.leftLoad ? `let l${k} = subgroupMatrixLoad<${L}>(&big, ((i + ${k}u) % 64u) * 512u, false, 32u);` : `let l${k} = l;`)).join('\n    ')}
+    ${range(v.u).map((k) => `acc${k % v.chains} = subgroupMatrixMultiplyAccumulate(l${k}, r${k}, acc${k % v.chains});`).join('\n    ')}
+  }
+  ${
+    v.epilogue
+      ? `subgroupMatrixStore(&ws, sg * 256u, acc0, false, 16u);
+  workgroupBarrier();
+  var sum = 0i;
+  for (var g = 0u; g < 8u; g++) { sum += ws[g * 256u + lid]; }
+  sink[wid.x * 256u + lid] = sum;`
+      : cs.map((c) => `subgroupMatrixStore(&sink, ((wid.x * 8u + sg) * 4u + ${c}u) * 256u, acc${c}, false, 16u);`).join('\n  ')
+  }
+}`,
+    });
+  }
+  return list;
+}
+
 const gpu = await openGpu();
 log(`adapter: ${gpu.adapterName}; subgroup size ${gpu.subgroupSize}; configs ${JSON.stringify(gpu.subgroupMatrixConfigs)}`);
 const sms = Number(process.env.PROBE_SMS ?? 132);
@@ -244,7 +300,8 @@ const chunk = new Int32Array(1 << 22);
 for (let i = 0; i < chunk.length; i++) chunk[i] = (i * 2654435761) | 0;
 for (let off = 0; off < bigBytes; off += chunk.byteLength) gpu.device.queue.writeBuffer(big, off, chunk);
 const sink = gpu.device.createBuffer({ size: sms * 8 * 4 * 8 * 4 * 256 * 4, usage: GPUBufferUsage.STORAGE });
-for (const p of probes(sms, bigBytes)) {
+const only = process.argv.includes('--gemm-shapes');
+for (const p of only ? gemmShapes() : [...probes(sms, bigBytes), ...gemmShapes()]) {
   try {
     const pipeline = gpu.pipeline(`rate ${p.name}`, p.code);
     const layout = pipeline.getBindGroupLayout(0);
