@@ -3,6 +3,7 @@
 //   npm run bench:int8                          # full shapes, rows 1…128 (needs a real GPU; ~1.3 GB of random int8 weights)
 //   npm run bench:int8 -- --quick               # small shapes, checks that it runs (SwiftShader: no subgroup matrices)
 //   options: --rows 1,8,16,32,64,128  --shapes qkv,o,gate_up,down,lm_head  --json out.json  --ceiling-gbs 4300  --ceiling-tops 1979  --all
+//            --spin-ms 300 (GPU warm-up before each timing)
 //
 // Every variant's output is compared with the dot4 W8A8 kernel's (the same i32 sums: expected identical) and with
 // float64 sums over the f32 activations and the dequantized weights (activation quantization error, ~1 %).
@@ -21,12 +22,14 @@ interface Args {
   ceilingGBs: number;
   ceilingTops: number;
   targetBytes: number;
+  /** GPU warm-up before each timing (ms): the H200 idles at 345 MHz and takes a while to clock up. */
+  spinMs: number;
   /** Shape names to run (qkv, o, gate_up, down, lm_head); empty = all. */
   shapes: string[];
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, all: false, rows: [1, 8, 16, 32, 64, 128], ceilingGBs: 4300, ceilingTops: 1979, targetBytes: 1.5e9, shapes: [] };
+  const a: Args = { quick: false, all: false, rows: [1, 8, 16, 32, 64, 128], ceilingGBs: 4300, ceilingTops: 1979, targetBytes: 1.5e9, spinMs: 300, shapes: [] };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const val = () => {
@@ -41,6 +44,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--shapes') a.shapes = val().split(',');
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
     else if (k === '--ceiling-tops') a.ceilingTops = Number(val());
+    else if (k === '--spin-ms') a.spinMs = Number(val());
     else throw new Error(`unknown option ${k}; see the top of bench/int8.ts`);
   }
   if (a.quick) {
@@ -147,7 +151,7 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
       const timed = async (stage: 'all' | 'quantize') => {
         const encode = (p: GPUComputePassEncoder) => { for (let i = 0; i < iterations; i++) op.encode(p, rows, stage); };
         await timeGpuPass(gpu, (p) => op.encode(p, rows, stage));
-        if (!args.quick) await spinUpGpu(gpu, encode, 30);
+        if (!args.quick) await spinUpGpu(gpu, encode, args.spinMs);
         return (await timeGpuPass(gpu, encode)).ns / 1e9 / iterations;
       };
       // The activation quantization alone, once per row count (the same kernel for every W8A8 variant).
