@@ -21,7 +21,7 @@
 import type { CacheDtype } from '../cache/kv-layout.ts';
 import { writeFileSync } from 'node:fs';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
-import type { ModelRunner, StepSequence } from '../engine/types.ts';
+import type { StepSequence } from '../engine/types.ts';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
 import { SYNTHETIC_MODELS, syntheticF16Model, type SyntheticModelName } from '../model/synthetic.ts';
@@ -183,6 +183,8 @@ interface ConfigResult {
   context: number;
   steps: number;
   msPerStep: number;
+  /** GPU time of the step's compute pass (timestamps; NaN without them): the rest of msPerStep is readback and host. */
+  gpuMsPerStep: number;
   tokPerS: number;
   weightBytes: number;
   kvBytesRead: number;
@@ -229,7 +231,8 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
   log(`${name}: weights generated in ${fmt(generateS)} s (${fmt(weightBytes / GB, 2)} GB of ${a.weightDtype} weights read per step); uploading, KV pool ${numBlocks} blocks × ${bs} tokens`);
 
   const t1 = performance.now();
-  const runner: ModelRunner = await createGpuRunner(gpu, m, {
+  const runner = await createGpuRunner(gpu, m, {
+    gpuTiming: true,
     blockSize: bs,
     numBlocks,
     weightDtype: a.weightDtype,
@@ -272,7 +275,11 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
           );
         for (let s = 0; s < a.warmup; s++) await step(s);
         const t = performance.now();
-        for (let s = a.warmup; s < a.warmup + a.steps; s++) await step(s);
+        let gpuMs = 0;
+        for (let s = a.warmup; s < a.warmup + a.steps; s++) {
+          await step(s);
+          gpuMs += runner.lastStepGpuMs ?? NaN;
+        }
         const ms = (performance.now() - t) / a.steps;
         // KV read per step: each sequence's cached tokens (ctx plus what warmup and the timed steps add, on average).
         const kvBytesRead = batch * (ctx + a.warmup + a.steps / 2) * runner.kvBytesPerToken;
@@ -283,6 +290,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
           context: ctx,
           steps: a.steps,
           msPerStep: ms,
+          gpuMsPerStep: gpuMs / a.steps,
           tokPerS: (batch * 1000) / ms,
           weightBytes,
           kvBytesRead,
@@ -359,7 +367,7 @@ async function main(): Promise<void> {
     lines.push(`  ${r.model.padEnd(16)} ${r.attention}  ${r.kvValuesPerTokenPerLayer} values/token/layer, ${r.kvBytesPerToken} B/token → ${r.kvBudgetTokens} tokens${ratio}`);
   }
   lines.push('');
-  const header = ['model', 'attn', 'batch', 'ctx', 'ms/step', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
+  const header = ['model', 'attn', 'batch', 'ctx', 'ms/step', 'GPU ms', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
   const rows = [header];
   for (const r of results) {
     for (const c of r.configs) {
@@ -369,6 +377,7 @@ async function main(): Promise<void> {
         String(c.batch),
         String(c.context),
         fmt(c.msPerStep, 2),
+        fmt(c.gpuMsPerStep, 2),
         fmt(c.tokPerS, 0),
         fmt(c.weightGBs, 0),
         fmt(c.totalGBs, 0),

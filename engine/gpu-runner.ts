@@ -36,6 +36,11 @@ export interface GpuRunnerOptions {
   matmulTuning?: Partial<MatmulTuning>;
   /** Replaces the per-layer attention block picked from the config (GQA built in, MLA from engine/mla-block.ts). */
   attentionBlock?: AttentionBlockFactory;
+  /**
+   * Time each step's compute pass with timestamp queries (adapters that have them): `lastStepGpuMs` then holds the
+   * GPU time of the last step, which benchmarks set against the wall clock (readback and host work in between).
+   */
+  gpuTiming?: boolean;
 }
 
 /** Activation buffers an attention block reads and writes; re-sent whenever they are reallocated. */
@@ -246,6 +251,8 @@ export interface RunnerDescription {
 export interface GpuModelRunner extends ModelRunner {
   stepCapture(seqs: StepSequence[]): Promise<CaptureStep>;
   describe(): RunnerDescription;
+  /** GPU time of the last step's compute pass (ms) with opts.gpuTiming on an adapter with timestamps, else null. */
+  readonly lastStepGpuMs: number | null;
 }
 
 class GpuRunner implements GpuModelRunner {
@@ -270,6 +277,10 @@ class GpuRunner implements GpuModelRunner {
   private captureReadback: GPUBuffer | undefined;
   private busy = false;
   private readonly weightDtype: LinearDtype;
+  /** Timestamp queries around the step's pass (opts.gpuTiming on an adapter with timestamp-query). */
+  private timing: { queries: GPUQuerySet; resolve: GPUBuffer; read: GPUBuffer } | undefined;
+  /** GPU time of the last step's compute pass (ms) when opts.gpuTiming is set and the adapter has timestamps. */
+  lastStepGpuMs: number | null = null;
 
   constructor(
     private gpu: GpuContext,
@@ -284,6 +295,13 @@ class GpuRunner implements GpuModelRunner {
     this.weightDtype = weightDtype;
     const c = config;
     this.adapterName = gpu.adapterName;
+    if (opts.gpuTiming && gpu.features.has('timestamp-query')) {
+      this.timing = {
+        queries: gpu.device.createQuerySet({ label: 'step timestamps', type: 'timestamp', count: 2 }),
+        resolve: gpu.device.createBuffer({ label: 'step timestamps resolve', size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC }),
+        read: gpu.device.createBuffer({ label: 'step timestamps read', size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      };
+    }
     this.blockSize = block.layout.blockSize;
     this.kvBytesPerToken = block.layout.bytesPerToken;
     const tokensPerSeqBlocks = Math.ceil(c.maxSeqLen / this.blockSize);
@@ -430,7 +448,11 @@ class GpuRunner implements GpuModelRunner {
       g.device.queue.writeBuffer(a.meta, 0, meta.data);
       this.block.prepare(meta);
       const enc = g.device.createCommandEncoder({ label: 'decoder step' });
-      let pass = enc.beginComputePass({ label: 'decoder step' });
+      const timing = capture ? undefined : this.timing;
+      let pass = enc.beginComputePass({
+        label: 'decoder step',
+        ...(timing ? { timestampWrites: { querySet: timing.queries, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {}),
+      });
       ops.embed.encode(pass, rows);
       for (let l = 0; l < nLayers; l++) {
         ops.attnNorm[l].encode(pass, rows);
@@ -455,6 +477,10 @@ class GpuRunner implements GpuModelRunner {
       pass.end();
       const bytes = nLogit * vocab * 4;
       if (bytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, bytes);
+      if (timing) {
+        enc.resolveQuerySet(timing.queries, 0, 2, timing.resolve, 0);
+        enc.copyBufferToBuffer(timing.resolve, 0, timing.read, 0, 16);
+      }
       g.device.queue.submit([enc.finish()]);
       let logits = new Float32Array(0);
       if (bytes === 0) {
@@ -463,6 +489,12 @@ class GpuRunner implements GpuModelRunner {
         await a.readback.mapAsync(GPUMapMode.READ, 0, bytes);
         logits = new Float32Array(a.readback.getMappedRange(0, bytes).slice(0));
         a.readback.unmap();
+      }
+      if (timing) {
+        await timing.read.mapAsync(GPUMapMode.READ, 0, 16);
+        const t = new BigUint64Array(timing.read.getMappedRange(0, 16).slice(0));
+        timing.read.unmap();
+        this.lastStepGpuMs = t[1] > t[0] ? Number(t[1] - t[0]) / 1e6 : null;
       }
       const attnInputs: Float32Array[] = [];
       if (capture) {
@@ -507,6 +539,11 @@ class GpuRunner implements GpuModelRunner {
 
   destroy(): void {
     if (this.act) for (const b of Object.values(this.act)) b.destroy();
+    if (this.timing) {
+      this.timing.queries.destroy();
+      this.timing.resolve.destroy();
+      this.timing.read.destroy();
+    }
     this.act = undefined;
     this.captureReadback?.destroy();
     this.captureReadback = undefined;

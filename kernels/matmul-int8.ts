@@ -28,9 +28,9 @@ export interface Int8MatmulTuning {
   gemvUnroll: number;
 }
 
-/** First-slice defaults (not yet tuned on the H200): 32 threads along K, 2 features per thread, 64-thread workgroups. */
+/** Defaults picked on the H200 (`npm run bench:int8 -- --spin-ms 1000`, BENCHMARKS.md): GEMV 8 groups × 2 steps; tensor cores 8 subgroups, K split per shape, activations read from storage. */
 export function defaultInt8MatmulTuning(): Int8MatmulTuning {
-  return { gemvMaxRows: 8, gemvGroups: 4, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smStageSteps: 16, smUnroll: 2 };
+  return { gemvMaxRows: 8, gemvGroups: 8, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smStageSteps: 0, smUnroll: 2 };
 }
 
 const range = (n: number) => [...Array(n).keys()];
