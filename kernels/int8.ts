@@ -93,7 +93,11 @@ export function tileInt8Rows(q: Pick<Int8Rows, 'rows' | 'stride' | 'packed'>): U
   for (let r = 0; r < q.rows; r++) {
     const src = r * words;
     const tileBase = Math.floor(r / 16) * INT8_TILE_WORDS + (r % 16) * 8;
-    for (let s = 0; s < steps; s++) out.set(q.packed.subarray(src + 8 * s, src + 8 * s + 8), tileBase + s * rowTiles * INT8_TILE_WORDS);
+    for (let s = 0; s < steps; s++) {
+      const d = tileBase + s * rowTiles * INT8_TILE_WORDS;
+      const o = src + 8 * s;
+      for (let i = 0; i < 8; i++) out[d + i] = q.packed[o + i];
+    }
   }
   return out;
 }
