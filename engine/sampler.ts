@@ -43,19 +43,19 @@ export interface SampleResult {
  * bias, penalties, temperature and truncation): vLLM v1's default `logprobs_mode = raw_logprobs`.
  */
 export function sampleNext(raw: Float32Array, params: SamplingParams, state: SequenceSamplingState): SampleResult {
-  const logits = Float64Array.from(raw);
-  applyLogitBias(logits, params.logitBias);
-  applyPenalties(logits, params, state.promptTokens, state.outputCounts);
+  const greedy = params.temperature < GREEDY_TEMPERATURE;
+  const untouched = params.logitBias.size === 0 && !hasPenalties(params);
   let tokenId: number;
-  if (params.temperature < GREEDY_TEMPERATURE) {
-    tokenId = argmax(logits);
+  if (greedy && untouched) {
+    // The f32 row orders exactly as its f64 copy would: no copy (a 152K-token row costs ~1 ms to copy in JS).
+    tokenId = argmax(raw);
   } else {
-    const inv = 1 / params.temperature;
-    for (let i = 0; i < logits.length; i++) logits[i] *= inv;
-    applyMinP(logits, params.minP);
-    applyTopK(logits, params.topK);
-    applyTopP(logits, params.topP);
-    tokenId = drawFromLogits(logits, state.rng.nextFloat());
+    // One reused f64 scratch row per vocabulary size: sampling runs synchronously, nothing keeps it.
+    const logits = scratchRow(raw.length, 0);
+    logits.set(raw);
+    applyLogitBias(logits, params.logitBias);
+    applyPenalties(logits, params, state.promptTokens, state.outputCounts);
+    tokenId = greedy ? argmax(logits) : sampleScaled(logits, params, state);
   }
   const result: SampleResult = { tokenId };
   if (params.logprobs !== null) {
@@ -63,6 +63,33 @@ export function sampleNext(raw: Float32Array, params: SamplingParams, state: Seq
     result.logprobs = { logprob: lp[tokenId], top: topN(lp, params.logprobs).map((i) => ({ tokenId: i, logprob: lp[i] })) };
   }
   return result;
+}
+
+/** Temperature, then min-p, top-k and top-p truncation (vLLM's order), then the inverse-CDF draw. */
+function sampleScaled(logits: Float64Array, params: SamplingParams, state: SequenceSamplingState): number {
+  const inv = 1 / params.temperature;
+  for (let i = 0; i < logits.length; i++) logits[i] *= inv;
+  applyMinP(logits, params.minP);
+  applyTopK(logits, params.topK);
+  applyTopP(logits, params.topP);
+  return drawFromLogits(logits, state.rng.nextFloat());
+}
+
+function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {
+  return p.repetitionPenalty !== 1 || p.frequencyPenalty !== 0 || p.presencePenalty !== 0;
+}
+
+const scratch = new Map<string, Float64Array>();
+
+/** A reused f64 row of `length` values (slot 0: the logits being sampled, 1: their probabilities). */
+function scratchRow(length: number, slot: 0 | 1): Float64Array {
+  const key = `${slot}:${length}`;
+  let row = scratch.get(key);
+  if (!row) {
+    row = new Float64Array(length);
+    scratch.set(key, row);
+  }
+  return row;
 }
 
 export function applyLogitBias(logits: Float64Array, bias: ReadonlyMap<number, number>): void {
@@ -97,15 +124,21 @@ export function applyPenalties(
 /** First index of the largest value (ties go to the lower token id). */
 export function argmax(v: ArrayLike<number>): number {
   let best = 0;
-  for (let i = 1; i < v.length; i++) if (v[i] > v[best]) best = i;
+  let bestValue = v[0];
+  for (let i = 1; i < v.length; i++) {
+    if (v[i] > bestValue) {
+      best = i;
+      bestValue = v[i];
+    }
+  }
   return best;
 }
 
 /** Softmax probabilities (float64; masked −∞ entries get 0). */
-export function softmax(logits: ArrayLike<number>): Float64Array {
+export function softmax(logits: ArrayLike<number>, out?: Float64Array): Float64Array {
   let max = -Infinity;
   for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
-  const p = new Float64Array(logits.length);
+  const p = out ?? new Float64Array(logits.length);
   let sum = 0;
   for (let i = 0; i < logits.length; i++) {
     const e = Math.exp(logits[i] - max);
@@ -150,7 +183,7 @@ export function applyTopK(logits: Float64Array, k: number): void {
  */
 export function applyTopP(logits: Float64Array, p: number): void {
   if (p >= 1) return;
-  const probs = softmax(logits);
+  const probs = softmax(logits, scratchRow(logits.length, 1));
   // The nucleus lies inside {i : prob_i ≥ t} as soon as that set holds ≥ p of the mass, so only it is sorted.
   let t = 0;
   for (let i = 0; i < probs.length; i++) if (probs[i] > t) t = probs[i];
@@ -160,22 +193,37 @@ export function applyTopP(logits: Float64Array, p: number): void {
     if (mass >= p || t === 0) break;
     t = t < 1e-300 ? 0 : t / 16;
   }
-  const candidates: number[] = [];
-  for (let i = 0; i < probs.length; i++) if (probs[i] >= t && probs[i] > 0) candidates.push(i);
-  candidates.sort((a, b) => probs[b] - probs[a] || a - b);
-  const keep = new Uint8Array(logits.length);
+  // The kept set in (probability desc, index asc) order is decided by the sorted values alone: sort just the
+  // candidates' probabilities (a native numeric sort), find how many are kept and the last kept value c, then keep
+  // every token above c and the first few (in index order) equal to it.
+  let n = 0;
+  for (let i = 0; i < probs.length; i++) if (probs[i] >= t && probs[i] > 0) n++;
+  const sorted = new Float64Array(n);
+  n = 0;
+  for (let i = 0; i < probs.length; i++) if (probs[i] >= t && probs[i] > 0) sorted[n++] = probs[i];
+  sorted.sort();
   let before = 0;
-  for (const i of candidates) {
-    if (before >= p) break;
-    keep[i] = 1;
-    before += probs[i];
+  let kept = 0;
+  for (let j = n - 1; j >= 0 && before < p; j--) {
+    before += sorted[j];
+    kept++;
   }
-  for (let i = 0; i < logits.length; i++) if (!keep[i]) logits[i] = -Infinity;
+  const c = sorted[n - kept];
+  let equalKept = 0;
+  for (let j = n - kept; j < n && sorted[j] === c; j++) equalKept++;
+  for (let i = 0; i < logits.length; i++) {
+    if (probs[i] > c) continue;
+    if (probs[i] === c && equalKept > 0) {
+      equalKept--;
+      continue;
+    }
+    logits[i] = -Infinity;
+  }
 }
 
 /** Inverse-CDF draw over softmax(logits) with a uniform u ∈ [0, 1). */
 export function drawFromLogits(logits: Float64Array, u: number): number {
-  const probs = softmax(logits);
+  const probs = softmax(logits, scratchRow(logits.length, 1));
   const target = u; // probs sum to 1 up to rounding
   let cum = 0;
   let last = -1;

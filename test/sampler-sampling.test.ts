@@ -12,6 +12,7 @@ import {
   newSamplingState,
   recordOutputToken,
   sampleNext,
+  softmax,
   topN,
 } from '../engine/sampler.ts';
 import { Rng } from '../engine/rng.ts';
@@ -90,6 +91,26 @@ test('top-p over a large flat-tailed vocabulary matches a full sort', () => {
   }
   assert.deepEqual(kept(v), want.sort((a, b) => a - b));
   assert.ok(want.length > 100);
+});
+
+test('top-p with many exact ties at the cutoff keeps the tied tokens in index order (vLLM sort order)', () => {
+  const rng = new Rng(11);
+  for (const p of [0.3, 0.5, 0.77, 0.95]) {
+    // Logits from a handful of values: whole groups of equal probabilities, one of them straddling the cutoff.
+    const logits = Float64Array.from({ length: 3000 }, () => Math.floor(rng.nextFloat() * 4));
+    const v = logits.slice();
+    applyTopP(v, p);
+    const probs = softmax(logits);
+    const order = [...probs.keys()].sort((a, b) => probs[b] - probs[a] || a - b);
+    const want: number[] = [];
+    let before = 0;
+    for (const i of order) {
+      if (before >= p) break;
+      want.push(i);
+      before += probs[i];
+    }
+    assert.deepEqual(kept(v), want.sort((a, b) => a - b), `p = ${p}`);
+  }
 });
 
 test('min-p masks tokens below min_p × the top probability', () => {
