@@ -2,7 +2,8 @@
 import { kvValuesPerToken, type GqaConfig, type ModelConfig } from '../model/config.ts';
 import { attendGqa, matvec, mlp, rmsnorm, rope, type Vec } from '../model/reference/ops.ts';
 import type { GqaLayerWeights, ModelWeights } from '../model/weights.ts';
-import type { ModelRunner, StepSequence } from './types.ts';
+import { argmax } from './sampler.ts';
+import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 
 export interface CpuRunnerOptions {
   blockSize: number;
@@ -50,9 +51,15 @@ export class CpuRunner implements ModelRunner {
   private readonly weights: ModelWeights;
 
   async step(seqs: StepSequence[]): Promise<Float32Array> {
+    if (seqs.some((s) => s.logits === 'argmax')) throw new Error("step: a sequence asks for 'argmax'; use stepOutput");
+    return (await this.stepOutput(seqs)).logits;
+  }
+
+  async stepOutput(seqs: StepSequence[]): Promise<StepOutput> {
     if (this.destroyed) throw new Error('the CPU runner was destroyed');
     const c = this.config;
     const rows: Vec[] = [];
+    const picks: number[] = [];
     for (const s of seqs) {
       const needBlocks = Math.ceil((s.startPos + s.tokens.length) / this.blockSize);
       if (s.blockTable.length < needBlocks) {
@@ -60,14 +67,17 @@ export class CpuRunner implements ModelRunner {
       }
       for (let i = 0; i < s.tokens.length; i++) {
         const pos = s.startPos + i;
-        const want = s.logits === 'all' || (s.logits === 'last' && i === s.tokens.length - 1);
+        const last = i === s.tokens.length - 1;
+        const want = s.logits === 'all' || (last && (s.logits === 'last' || s.logits === 'argmax'));
         const logits = this.token(s.tokens[i], pos, s.blockTable, want);
-        if (logits) rows.push(logits);
+        // The greedy pick over the f32 values a logits row would have carried (the GPU runner's semantics).
+        if (logits && s.logits === 'argmax') picks.push(argmax(Float32Array.from(logits)));
+        else if (logits) rows.push(logits);
       }
     }
     const out = new Float32Array(rows.length * c.vocabSize);
     rows.forEach((r, i) => out.set(r, i * c.vocabSize));
-    return out;
+    return { logits: out, argmax: Uint32Array.from(picks) };
   }
 
   copyBlocks(pairs: Array<[src: number, dst: number]>): void {

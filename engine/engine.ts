@@ -3,7 +3,7 @@ import { BlockPool } from '../cache/block-pool.ts';
 import { KvCacheManager } from '../cache/kv-manager.ts';
 import { IncrementalDetokenizer, tokenTextInContext } from '../model/detokenize.ts';
 import type { Tokenizer } from '../model/tokenizer.ts';
-import { logSoftmax, newSamplingState, recordOutputToken, sampleNext, topN, type SequenceSamplingState } from './sampler.ts';
+import { isPlainGreedy, logSoftmax, newSamplingState, recordOutputToken, sampleNext, topN, type SampleResult, type SequenceSamplingState } from './sampler.ts';
 import { Scheduler, type SchedRequest, type StepPlan } from './scheduler.ts';
 import { isStopToken, StopStringMatcher } from './stop.ts';
 import type {
@@ -291,17 +291,20 @@ class BatchingEngine implements Engine {
     this.account(plan);
     // A chunk with rows that predict prompt tokens of a prompt-logprobs request returns every row; others the last or none.
     const allRows = plan.chunks.map((c) => c.req.bypassPrefixCache === true && c.req.promptLogprobsN !== null && c.startPos < c.req.promptLength - 1);
+    // Plain greedy rows get their token picked where the logits are (one id comes back instead of a vocab row).
+    const picked = plan.chunks.map((c, i) => !allRows[i] && c.samples && isPlainGreedy(c.req.params));
     const seqs: StepSequence[] = plan.chunks.map((c, i) => ({
       tokens: c.req.tokens.slice(c.startPos, c.startPos + c.numNewTokens),
       startPos: c.startPos,
       blockTable: this.kv.blockTable(c.req.requestId),
-      logits: allRows[i] ? 'all' : c.samples ? 'last' : 'none',
+      logits: allRows[i] ? 'all' : picked[i] ? 'argmax' : c.samples ? 'last' : 'none',
     }));
     const t0 = performance.now();
     this.stepping = true;
     let logits: Float32Array;
+    let picks: Uint32Array;
     try {
-      logits = await this.runner.step(seqs);
+      ({ logits, argmax: picks } = await this.runner.stepOutput(seqs));
     } finally {
       this.stepping = false;
     }
@@ -310,17 +313,21 @@ class BatchingEngine implements Engine {
     this.counters.steps++;
 
     const vocab = this.info.config.vocabSize;
-    const rowsWanted = plan.chunks.reduce((n, c, i) => n + (allRows[i] ? c.numNewTokens : c.samples ? 1 : 0), 0);
-    if (logits.length < rowsWanted * vocab) {
-      throw new Error(`the runner returned ${logits.length / vocab} logits rows where the step asked for ${rowsWanted}`);
+    const rowsWanted = plan.chunks.reduce((n, c, i) => n + (allRows[i] ? c.numNewTokens : c.samples && !picked[i] ? 1 : 0), 0);
+    const picksWanted = picked.filter(Boolean).length;
+    if (logits.length < rowsWanted * vocab || picks.length < picksWanted) {
+      throw new Error(`the runner returned ${logits.length / vocab} logits rows and ${picks.length} picks where the step asked for ${rowsWanted} and ${picksWanted}`);
     }
     let row = 0;
+    let pick = 0;
     plan.chunks.forEach((c, i) => {
       const first = row;
-      row += allRows[i] ? c.numNewTokens : c.samples ? 1 : 0;
+      row += allRows[i] ? c.numNewTokens : c.samples && !picked[i] ? 1 : 0;
+      const tokenId = picked[i] ? picks[pick++] : -1;
       if (c.req.done || c.req.abortRequested) return;
       if (allRows[i]) this.recordPromptLogprobs(c.req, c.startPos, logits.subarray(first * vocab, row * vocab));
-      if (c.samples) this.emitToken(c.req, logits.subarray((row - 1) * vocab, row * vocab));
+      if (picked[i]) this.acceptToken(c.req, tokenId);
+      else if (c.samples) this.emitToken(c.req, logits.subarray((row - 1) * vocab, row * vocab));
     });
     // Cancellations that arrived during the step free their blocks now, before the next plan.
     for (const r of [...this.live.values()]) if (r.abortRequested && !r.done) this.finish(r, 'abort');
@@ -374,9 +381,14 @@ class BatchingEngine implements Engine {
     return tokenTextInContext(this.info.tokenizer, context, id) || this.info.tokenizer.idToToken(id);
   }
 
-  /** Samples a request's next token from its logits row, streams it, and ends the request when a stop condition holds. */
+  /** Samples a request's next token from its logits row, then accepts it. */
   private emitToken(r: EngineRequest, row: Float32Array): void {
     const { tokenId, logprobs } = sampleNext(row, r.params, r.sampling);
+    this.acceptToken(r, tokenId, logprobs);
+  }
+
+  /** Streams a request's next token and ends the request when a stop condition holds. */
+  private acceptToken(r: EngineRequest, tokenId: number, logprobs?: SampleResult['logprobs']): void {
     const context = r.tokens.slice(-6);
     recordOutputToken(r.sampling, tokenId);
     r.tokens.push(tokenId);

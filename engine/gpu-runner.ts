@@ -11,9 +11,10 @@ import { GpuKvPool } from '../cache/gpu-pool.ts';
 import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
 import type { GqaConfig, ModelConfig } from '../model/config.ts';
 import type { GqaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts';
-import type { ModelRunner, StepSequence } from './types.ts';
+import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 import { MlaBlock } from './mla-block.ts';
 import { Int8MatmulOp } from '../kernels/matmul-int8.ts';
+import { RowArgmax } from '../kernels/argmax.ts';
 
 export interface GpuRunnerOptions {
   /** Tokens per KV block (default 16). */
@@ -222,6 +223,7 @@ interface StepOps {
   down: LinearOp[];
   finalNorm: RmsNorm;
   lmHead: LinearOp;
+  argmax: RowArgmax;
 }
 
 /** What stepCapture returns: the step's logits and, per layer, xn rows [rows, dim] (f32, row-major, step row order). */
@@ -271,7 +273,7 @@ class GpuRunner implements GpuModelRunner {
   private attnStride: number;
   // Sized for capacity.rows / capacity.logitRows / capacity.metaWords; grown on demand.
   private capacity = { rows: 0, logitRows: 0, metaWords: 0 };
-  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback', GPUBuffer> | undefined;
+  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback' | 'picks' | 'picksReadback', GPUBuffer> | undefined;
   private ops: StepOps | undefined;
   /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
   private captureReadback: GPUBuffer | undefined;
@@ -347,6 +349,8 @@ class GpuRunner implements GpuModelRunner {
       xLogit: storageBuffer(g, 'logit rows (normed)', logitRows * this.dimStride * f),
       logits: storageBuffer(g, 'logits', logitRows * c.vocabSize * f),
       readback: g.device.createBuffer({ label: 'logits readback', size: Math.max(16, logitRows * c.vocabSize * f), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      picks: storageBuffer(g, 'greedy picks', Math.max(16, logitRows * 4)),
+      picksReadback: g.device.createBuffer({ label: 'greedy picks readback', size: Math.max(16, logitRows * 4), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
     };
     this.capacity = { rows, logitRows, metaWords };
     const a = this.act;
@@ -376,6 +380,7 @@ class GpuRunner implements GpuModelRunner {
       ),
       finalNorm: norm(this.finalNorm, true),
       lmHead: linearOp(g, this.lmHead, { meta: a.meta, rowsSlot: META_LOGIT_ROWS, x: a.xLogit, xStride: this.dimStride, y: a.logits, yStride: c.vocabSize }, t),
+      argmax: new RowArgmax(g, { meta: a.meta, logits: a.logits, picks: a.picks }, c.vocabSize),
     };
   }
 
@@ -394,7 +399,12 @@ class GpuRunner implements GpuModelRunner {
   }
 
   step(seqs: StepSequence[]): Promise<Float32Array> {
+    if (seqs.some((s) => s.logits === 'argmax')) return Promise.reject(new Error("step: a sequence asks for 'argmax'; use stepOutput"));
     return this.run(seqs, false).then((r) => r.logits);
+  }
+
+  stepOutput(seqs: StepSequence[]): Promise<StepOutput> {
+    return this.run(seqs, false).then(({ logits, argmax }) => ({ logits, argmax }));
   }
 
   /**
@@ -406,7 +416,7 @@ class GpuRunner implements GpuModelRunner {
     return this.run(seqs, true);
   }
 
-  private async run(seqs: StepSequence[], capture: boolean): Promise<CaptureStep> {
+  private async run(seqs: StepSequence[], capture: boolean): Promise<CaptureStep & StepOutput> {
     if (this.busy) throw new Error('step: the previous step of this runner has not finished; steps run one at a time');
     this.validate(seqs);
     const meta = buildStepMeta(seqs, {
@@ -417,7 +427,7 @@ class GpuRunner implements GpuModelRunner {
     });
     const vocab = this.config.vocabSize;
     const nLayers = this.layers.length;
-    if (meta.nRows === 0) return { logits: new Float32Array(0), attnInputs: capture ? this.layers.map(() => new Float32Array(0)) : [] };
+    if (meta.nRows === 0) return { logits: new Float32Array(0), argmax: new Uint32Array(0), attnInputs: capture ? this.layers.map(() => new Float32Array(0)) : [] };
     if (meta.nRows > this.capacity.rows || meta.nLogitRows > this.capacity.logitRows || meta.data.length > this.capacity.metaWords) {
       const grow = (need: number, have: number) => (need > have ? Math.max(need, Math.ceil(have * 1.5)) : have);
       this.allocate(
@@ -470,25 +480,34 @@ class GpuRunner implements GpuModelRunner {
         ops.down[l].encode(pass, rows);
       }
       const nLogit = meta.nLogitRows;
+      const nPicks = nLogit - meta.nFullLogitRows;
       if (nLogit > 0) {
         ops.finalNorm.encode(pass, nLogit);
         ops.lmHead.encode(pass, nLogit);
+        ops.argmax.encode(pass, nPicks);
       }
       pass.end();
-      const bytes = nLogit * vocab * 4;
+      // Only the full rows come back; 'argmax' rows (after them) send their pick.
+      const bytes = meta.nFullLogitRows * vocab * 4;
       if (bytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, bytes);
+      if (nPicks > 0) enc.copyBufferToBuffer(a.picks, 0, a.picksReadback, 0, nPicks * 4);
       if (timing) {
         enc.resolveQuerySet(timing.queries, 0, 2, timing.resolve, 0);
         enc.copyBufferToBuffer(timing.resolve, 0, timing.read, 0, 16);
       }
       g.device.queue.submit([enc.finish()]);
       let logits = new Float32Array(0);
-      if (bytes === 0) {
-        await g.device.queue.onSubmittedWorkDone();
-      } else {
+      let argmax = new Uint32Array(0);
+      if (bytes === 0 && nPicks === 0) await g.device.queue.onSubmittedWorkDone();
+      if (bytes > 0) {
         await a.readback.mapAsync(GPUMapMode.READ, 0, bytes);
         logits = new Float32Array(a.readback.getMappedRange(0, bytes).slice(0));
         a.readback.unmap();
+      }
+      if (nPicks > 0) {
+        await a.picksReadback.mapAsync(GPUMapMode.READ, 0, nPicks * 4);
+        argmax = new Uint32Array(a.picksReadback.getMappedRange(0, nPicks * 4).slice(0));
+        a.picksReadback.unmap();
       }
       if (timing) {
         await timing.read.mapAsync(GPUMapMode.READ, 0, 16);
@@ -512,7 +531,7 @@ class GpuRunner implements GpuModelRunner {
         rb.unmap();
       }
       g.checkErrors();
-      return { logits, attnInputs };
+      return { logits, argmax, attnInputs };
     } finally {
       this.busy = false;
     }

@@ -65,6 +65,14 @@ export function sampleNext(raw: Float32Array, params: SamplingParams, state: Seq
   return result;
 }
 
+/**
+ * Whether the next token is the plain arg max of the raw logits and nothing else of the row is needed (greedy, no
+ * logit bias, no penalties, no logprobs): the runner can then pick it on the GPU ('argmax' rows) and skip the row.
+ */
+export function isPlainGreedy(params: SamplingParams): boolean {
+  return params.temperature < GREEDY_TEMPERATURE && params.logitBias.size === 0 && !hasPenalties(params) && params.logprobs === null;
+}
+
 /** Temperature, then min-p, top-k and top-p truncation (vLLM's order), then the inverse-CDF draw. */
 function sampleScaled(logits: Float64Array, params: SamplingParams, state: SequenceSamplingState): number {
   const inv = 1 / params.temperature;

@@ -10,8 +10,19 @@ export interface StepSequence {
   startPos: number;
   /** Physical block ids covering positions [0, startPos + tokens.length), in order. */
   blockTable: number[];
-  /** Which rows' logits come back: none, the chunk's last token, or every token (perplexity). */
-  logits: 'none' | 'last' | 'all';
+  /**
+   * Which rows' logits come back: none, the chunk's last token, or every token (perplexity); 'argmax': the last
+   * token's greedy choice only (the runner picks it where the logits are, and reads back one id, not a vocab row).
+   */
+  logits: 'none' | 'last' | 'all' | 'argmax';
+}
+
+/** What a step returns: the logits rows of its 'last'/'all' sequences, and the token of each 'argmax' sequence. */
+export interface StepOutput {
+  /** [rows, vocab] in sequence order, 'argmax' sequences skipped. */
+  logits: Float32Array;
+  /** One greedy token per 'argmax' sequence, in sequence order (first index of the largest logit). */
+  argmax: Uint32Array;
 }
 
 /** Runs forward steps of one model on the GPU over its paged KV pool. */
@@ -22,8 +33,10 @@ export interface ModelRunner {
   /** KV cache bytes one token takes across all layers. */
   readonly kvBytesPerToken: number;
   readonly adapterName: string;
-  /** One batched forward step; logits rows [rows requested, vocab] in sequence order. */
+  /** One batched forward step; logits rows [rows requested, vocab] in sequence order (no 'argmax' sequences). */
   step(seqs: StepSequence[]): Promise<Float32Array>;
+  /** One batched forward step that may hold 'argmax' sequences. */
+  stepOutput(seqs: StepSequence[]): Promise<StepOutput>;
   /** Copies whole blocks' KV contents (copy-on-write of shared partial blocks). */
   copyBlocks(pairs: Array<[src: number, dst: number]>): void;
   destroy(): void;

@@ -6,7 +6,8 @@
 //   rowPos[nRows]        absolute position of each row in its sequence
 //   rowSeq[nRows]        sequence index of each row
 //   seqs[nSeqs * 4]      rowStart, nRows, ctxLen (tokens cached after this step), blockTable offset (absolute u32 index)
-//   logitRows[nLogit]    row index of each row whose logits come back
+//   logitRows[nLogit]    row index of each row whose logits are computed: the full rows ('all', 'last') first, in
+//                        sequence order, then the 'argmax' rows (only their greedy token comes back)
 //   blockTables          all sequences' block ids, concatenated
 
 export const META_ROWS = 0;
@@ -21,6 +22,8 @@ export const META_OFF_POS = 6;
 export const META_OFF_ROW_SEQ = 7;
 export const META_OFF_SEQS = 8;
 export const META_OFF_LOGIT_ROWS = 9;
+/** Full logits rows (the 'argmax' rows follow them in the logits buffer). */
+export const META_FULL_LOGIT_ROWS = 10;
 export const HEADER_WORDS = 16;
 
 /** What a step needs to know of one sequence (engine/types.ts StepSequence has this shape). */
@@ -28,14 +31,16 @@ export interface StepSeqInput {
   tokens: number[];
   startPos: number;
   blockTable: number[];
-  logits: 'none' | 'last' | 'all';
+  logits: 'none' | 'last' | 'all' | 'argmax';
 }
 
 export interface StepMeta {
   data: Uint32Array;
   nRows: number;
   nSeqs: number;
+  /** Logits rows computed: nFullLogitRows full rows, then one per 'argmax' sequence. */
   nLogitRows: number;
+  nFullLogitRows: number;
   chunkSize: number;
   maxChunks: number;
   /** Largest context length of any row (its position + 1). */
@@ -69,6 +74,7 @@ export function chooseChunkSize(sumCtx: number, nKvHeads: number, maxChunk: numb
 export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta {
   let nRows = 0;
   let nLogit = 0;
+  let nArgmax = 0;
   let btWords = 0;
   for (const [i, s] of seqs.entries()) {
     if (s.tokens.length === 0) throw new Error(`step: sequence ${i} has no tokens`);
@@ -86,7 +92,8 @@ export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta
       }
     }
     nRows += s.tokens.length;
-    nLogit += s.logits === 'all' ? s.tokens.length : s.logits === 'last' ? 1 : 0;
+    nLogit += s.logits === 'all' ? s.tokens.length : s.logits === 'last' || s.logits === 'argmax' ? 1 : 0;
+    if (s.logits === 'argmax') nArgmax++;
     btWords += need;
   }
   const offTokens = HEADER_WORDS;
@@ -98,6 +105,7 @@ export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta
   const data = new Uint32Array(offBt + btWords);
   let row = 0;
   let li = 0;
+  let ai = 0;
   let bt = offBt;
   let maxCtx = 0;
   let sumCtx = 0;
@@ -118,6 +126,7 @@ export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta
       maxCtx = Math.max(maxCtx, ctx);
       sumCtx += ctx;
       if (s.logits === 'all' || (s.logits === 'last' && t === s.tokens.length - 1)) data[offLogit + li++] = row;
+      if (s.logits === 'argmax' && t === s.tokens.length - 1) data[offLogit + nLogit - nArgmax + ai++] = row;
       row++;
     }
   }
@@ -135,7 +144,8 @@ export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta
   data[META_OFF_ROW_SEQ] = offRowSeq;
   data[META_OFF_SEQS] = offSeqs;
   data[META_OFF_LOGIT_ROWS] = offLogit;
-  return { data, nRows, nSeqs: seqs.length, nLogitRows: nLogit, chunkSize, maxChunks, maxCtx, sumCtx, rowPos };
+  data[META_FULL_LOGIT_ROWS] = nLogit - nArgmax;
+  return { data, nRows, nSeqs: seqs.length, nLogitRows: nLogit, nFullLogitRows: nLogit - nArgmax, chunkSize, maxChunks, maxCtx, sumCtx, rowPos };
 }
 
 /** WGSL declarations shared by kernels that read the step metadata (binding `binding` of group 0). */

@@ -200,12 +200,34 @@ test('refusals: queue full, too long for the pool or context, bad ids', async ()
   await engine.shutdown();
 });
 
+test("plain greedy requests ask the runner for 'argmax' picks; logprobs, penalties and sampling still get the row", async () => {
+  const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 64 });
+  const engine = createEngine({ runner, info });
+  const modes: string[] = [];
+  const realStep = runner.stepOutput.bind(runner);
+  runner.stepOutput = async (seqs) => {
+    for (const s of seqs) if (s.logits !== 'none') modes.push(s.logits);
+    return realStep(seqs);
+  };
+  const ids = prompt(STORY_STARTS[1]);
+  const plain = await collect(engine, { requestId: 'g', promptTokens: ids, params: samplingParams({ maxTokens: 6, ignoreEos: true }) });
+  assert.deepEqual(modes, Array(6).fill('argmax'));
+  modes.length = 0;
+  const withLogprobs = await collect(engine, { requestId: 'l', promptTokens: ids, params: samplingParams({ maxTokens: 6, ignoreEos: true, logprobs: 2 }) });
+  const penalized = await collect(engine, { requestId: 'p', promptTokens: ids, params: samplingParams({ maxTokens: 6, ignoreEos: true, presencePenalty: 0.5 }) });
+  assert.deepEqual(modes, Array(12).fill('last'));
+  // The GPU-side pick and the host's greedy sampler choose the same tokens.
+  assert.deepEqual(withLogprobs.tokenIds, plain.tokenIds);
+  assert.equal(penalized.tokenIds.length, 6);
+  await engine.shutdown();
+});
+
 test('a failing step makes the engine unhealthy and fails every request in flight', async () => {
   const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 32 });
   const engine = createEngine({ runner, info });
   let calls = 0;
-  const realStep = runner.step.bind(runner);
-  runner.step = async (seqs) => {
+  const realStep = runner.stepOutput.bind(runner);
+  runner.stepOutput = async (seqs) => {
     if (++calls === 3) throw new Error('device lost (test)');
     return realStep(seqs);
   };

@@ -143,6 +143,21 @@ test('stories260K: f16 weights and f16 cache stay within 1e-2 of the reference',
   }
 });
 
+test("stories260K: 'argmax' sequences return the first arg max of the row 'last' returns; full rows stay as they were", async () => {
+  const c = model.config as GqaConfig;
+  const text = model.tokenizer.encode('A little bird sang a song in the tall green tree every morning.');
+  const seqs = [text.slice(0, 9), text.slice(3, 7), text.slice(1, 12)].map((t, i) => ({ tokens: [c.bosId, ...t], startPos: 0, blockTable: [60 + i] }));
+  const full = await runner.step(seqs.map((s) => ({ ...s, logits: 'last' as const })));
+  // The same tokens into the same blocks again (idempotent), now picking on the GPU for the first and last sequence.
+  const out = await runner.stepOutput(seqs.map((s, i) => ({ ...s, logits: i === 1 ? ('last' as const) : ('argmax' as const) })));
+  const V = c.vocabSize;
+  assert.deepEqual([...out.argmax], [argmax(full, 0, V), argmax(full, 2 * V, V)]);
+  assert.deepEqual(out.logits, full.subarray(V, 2 * V), 'the full row comes back unchanged, alone');
+  await assert.rejects(runner.step([{ ...seqs[0], logits: 'argmax' }]), /use stepOutput/);
+  const none = await runner.stepOutput([{ ...seqs[0], logits: 'none' }]);
+  assert.equal(none.logits.length + none.argmax.length, 0);
+});
+
 test('runner rejects bad steps with readable errors, and MLA configs over GQA weights', async () => {
   await assert.rejects(runner.step([{ tokens: [600], startPos: 0, blockTable: [0], logits: 'last' }]), /outside the vocabulary of 512/);
   await assert.rejects(runner.step([{ tokens: [1, 2], startPos: 15, blockTable: [0], logits: 'last' }]), /needs 2 blocks of 16/);
