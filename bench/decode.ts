@@ -8,14 +8,17 @@
 //            --prefill-chunk 512  --kv-budget 16GiB (capacity line only)  --ceiling-gbs 4300  --seed 0
 //            --weight-dtype f16|int8  --kv-cache-dtype f16|f32|int8
 //            --layers N  --vocab N (smaller than the real model: smoke tests of the real widths)
+//            --logits full|argmax (full: every row's logits read back, as a sampling engine needs; argmax: the greedy
+//            pick made on the GPU and one id read back per row, as the engine does for plain greedy requests)
 //
 // How a configuration (B sequences, context C) is measured:
 //   1. One template sequence is prefilled once per model to the largest context, in chunks (untimed; its rate is shown).
 //   2. Each of the B sequences gets its own copy of the template's first C/blockSize KV blocks (copyBlocks, GPU side):
 //      distinct memory per sequence, so attention reads B·C tokens of KV from HBM as a real batch would.
 //   3. `warmup` decode steps (pipelines compile for this row count), then `steps` timed decode steps: every sequence one
-//      token, logits of every row read back ([B, vocab] f32 — part of the runner's step as the engine uses it). Tokens
-//      are fixed pseudo-random ids, not sampled: host sampling is not part of the figure.
+//      token, logits of every row read back ([B, vocab] f32 — part of the runner's step as the engine uses it for
+//      sampling), or with --logits argmax one greedy id per row. Tokens are fixed pseudo-random ids, not the picks:
+//      host sampling is not part of the figure.
 // Weights: syntheticF16Model (model/synthetic.ts): generated straight into packed f16, one layer's values shared on the
 // host, but every layer uploaded into its own GPU buffers (14.1 GB for Qwen2.5-7B), so each step streams all of them.
 import type { CacheDtype } from '../cache/kv-layout.ts';
@@ -35,6 +38,7 @@ interface Args {
   contexts: number[];
   steps: number;
   warmup: number;
+  logits: 'full' | 'argmax';
   prefillChunk: number;
   kvBudget: number;
   ceilingGBs: number;
@@ -74,6 +78,7 @@ function parseArgs(argv: string[]): Args {
     contexts: [512, 4096],
     steps: 32,
     warmup: 2,
+    logits: 'full',
     prefillChunk: 512,
     kvBudget: 16 * 2 ** 30,
     ceilingGBs: 4300,
@@ -101,6 +106,11 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--contexts') a.contexts = intList(val(), k);
     else if (k === '--steps') a.steps = intList(val(), k)[0];
     else if (k === '--warmup') a.warmup = Number(val());
+    else if (k === '--logits') {
+      const v = val();
+      if (v !== 'full' && v !== 'argmax') throw new Error(`--logits is full or argmax, got ${v}`);
+      a.logits = v;
+    }
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -265,12 +275,12 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
         runner.copyBlocks(pairs);
         copied = batch;
         const step = (s: number) =>
-          runner.step(
+          runner.stepOutput(
             Array.from({ length: batch }, (_, i): StepSequence => ({
               tokens: [tokenAt(i + 1, ctx + s, c.vocabSize, a.seed)],
               startPos: ctx + s,
               blockTable: seqBlocks(i),
-              logits: 'last',
+              logits: a.logits === 'argmax' ? 'argmax' : 'last',
             })),
           );
         for (let s = 0; s < a.warmup; s++) await step(s);
@@ -387,7 +397,10 @@ async function main(): Promise<void> {
       ]);
     }
   }
-  lines.push(`decode through the GPU runner on ${gpu.adapterName}: ${a.steps} timed steps after ${a.warmup} warm-up, logits [batch, vocab] read back every step`);
+  lines.push(
+    `decode through the GPU runner on ${gpu.adapterName}: ${a.steps} timed steps after ${a.warmup} warm-up, ` +
+      (a.logits === 'argmax' ? 'greedy picks on the GPU (one id per row read back)' : 'logits [batch, vocab] read back every step'),
+  );
   lines.push(table(rows));
   lines.push(
     `peers (../shared/gpu/README.md, H200, Qwen2.5-7B): PyTorch ${PEERS.pytorch.batch1} tok/s batch 1, ${PEERS.pytorch.b32ctx512} at 32 seqs ctx 512, ` +
