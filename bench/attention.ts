@@ -5,7 +5,7 @@
 //   npm run bench:attention -- --quick              # tiny contexts, checks that it runs (SwiftShader)
 //   npm run bench:attention -- --json out.json      # also write every measurement as JSON
 //   options: --batches 1,8,32,64  --contexts 1024,4096,16384  --ceiling-gbs 4300  --ceiling-tflops 67
-//            --target-ms 150 (GPU time per measurement)  --variants all|default (MLA workgroup/tile variants)
+//            --target-ms 150 (GPU time per measurement)  --spin-ms 300 (warm-up)  --variants all|default (MLA workgroup/tile variants)
 //            --prefill 512,2048|none (one prompt, every position a row: the absorbed form's prefill cost vs GQA)
 //
 // Synthetic data: cache values are a hash of their index (f16 in ±[1/16, 1)), generated on the GPU; block tables are
@@ -39,13 +39,15 @@ interface Args {
   ceilingGBs: number;
   ceilingTflops: number;
   targetMs: number;
+  /** GPU warm-up before each measurement (ms). */
+  spinMs: number;
   variants: 'all' | 'default';
   /** Prompt lengths for the prefill comparison (one sequence, every position a row). */
   prefill: number[];
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, batches: [1, 8, 32, 64], contexts: [1024, 4096, 16384], ceilingGBs: 4300, ceilingTflops: 67, targetMs: 150, variants: 'all', prefill: [512, 2048] };
+  const a: Args = { quick: false, batches: [1, 8, 32, 64], contexts: [1024, 4096, 16384], ceilingGBs: 4300, ceilingTflops: 67, targetMs: 150, spinMs: 300, variants: 'all', prefill: [512, 2048] };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const val = () => {
@@ -66,6 +68,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
     else if (k === '--ceiling-tflops') a.ceilingTflops = Number(val());
     else if (k === '--target-ms') a.targetMs = Number(val());
+    else if (k === '--spin-ms') a.spinMs = Number(val());
     else if (k === '--variants') {
       const v = val();
       if (v !== 'all' && v !== 'default') throw new Error(`--variants takes all or default, not ${v}`);
@@ -77,6 +80,7 @@ function parseArgs(argv: string[]): Args {
     if (!argv.includes('--contexts')) a.contexts = [40, 300];
     if (!argv.includes('--prefill')) a.prefill = [37];
     a.targetMs = Math.min(a.targetMs, 5);
+    if (!argv.includes('--spin-ms')) a.spinMs = 0;
     if (!argv.includes('--variants')) a.variants = 'default';
   }
   return a;
@@ -181,9 +185,15 @@ async function timePass(gpu: GpuContext, iterations: number, encodeOne: (pass: G
   });
 }
 
-/** Runs a few iterations (compiles, warms), then enough for ~targetMs of GPU time; µs per iteration. */
+/**
+ * Runs a few iterations (compiles), keeps the GPU busy for spinMs (the H200 idles at 345 MHz and clocks up only under
+ * sustained load: a variant timed right after a pipeline compile read up to 5× slow), then enough iterations for
+ * ~targetMs of GPU time; µs per iteration.
+ */
 async function measure(gpu: GpuContext, args: Args, encodeOne: (pass: GPUComputePassEncoder) => void): Promise<{ us: number; iterations: number; timestamps: boolean }> {
-  const warm = await timePass(gpu, 3, encodeOne);
+  let warm = await timePass(gpu, 3, encodeOne);
+  const t0 = performance.now();
+  while (performance.now() - t0 < args.spinMs) warm = await timePass(gpu, 3, encodeOne);
   const per = warm.ns / 3;
   const iterations = Math.max(3, Math.min(5000, Math.ceil((args.targetMs * 1e6) / Math.max(per, 1))));
   const r = await timePass(gpu, iterations, encodeOne);
