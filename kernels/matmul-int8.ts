@@ -28,9 +28,14 @@ export interface Int8MatmulTuning {
   gemvUnroll: number;
 }
 
-/** Defaults picked on the H200 (`npm run bench:int8 -- --spin-ms 1000`, BENCHMARKS.md): GEMV 8 groups × 2 steps; tensor cores 8 subgroups, K split per shape, activations read from storage. */
-export function defaultInt8MatmulTuning(): Int8MatmulTuning {
-  return { gemvMaxRows: 8, gemvGroups: 8, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smStageSteps: 0, smUnroll: 2 };
+/**
+ * Defaults picked on the H200 (`npm run bench:int8`, BENCHMARKS.md): GEMV 8 groups × 2 steps; tensor cores 8 subgroups,
+ * K split per shape, activations read from storage. With tensor cores, W8A8 takes over from 3 rows (at 8 rows it ran
+ * 1.8–3.4× faster than the weights-only GEMV, whose activation loads grow with the rows); without, the GEMV keeps up
+ * to 8 rows (the dot4 kernel is no faster there).
+ */
+export function defaultInt8MatmulTuning(tensorCores = false): Int8MatmulTuning {
+  return { gemvMaxRows: tensorCores ? 2 : 8, gemvGroups: 8, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smStageSteps: 0, smUnroll: 2 };
 }
 
 const range = (n: number) => [...Array(n).keys()];
@@ -452,7 +457,8 @@ export class Int8MatmulOp {
     private b: MatmulBindings,
     tuning: Partial<Int8MatmulTuning> = {},
   ) {
-    this.tuning = { ...defaultInt8MatmulTuning(), ...tuning };
+    const tensorCores = tuning.subgroupMatrix !== 'off' && hasInt8SubgroupMatrix(gpu);
+    this.tuning = { ...defaultInt8MatmulTuning(tensorCores), ...tuning };
     const t = this.tuning;
     const label = weight.label;
     if (b.xStride % 4 !== 0 || b.xStride < weight.cols) {
