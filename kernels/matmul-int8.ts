@@ -1,4 +1,4 @@
-// Matmul with int8 weights (per-output-channel scales): an f32-activation GEMV for few rows, W8A8 (dot4I8Packed, i32 sums) for many.
+// Matmul with int8 weights (per-output-channel scales, 512-byte tiles): an f32-activation GEMV for few rows, W8A8 (tensor cores, or dot4I8Packed: the same i32 sums) for many.
 import type { GpuContext } from './device.ts';
 import type { GpuInt8Matrix } from './int8.ts';
 import type { MatmulBindings } from './matmul.ts';
