@@ -499,7 +499,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   const results: Measurement[] = [];
   const outputs = new Map<string, Float32Array>();
   let want: Float64Array | undefined;
-  for (const mode of ['tensor-cores', 'emulate', 'off'] as const) {
+  for (const mode of ['tensor-cores', 'tc-scores', 'tc-values', 'emulate', 'off'] as const) {
     let att: MlaAttention;
     try {
       att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode });
@@ -533,22 +533,26 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
     results.push({
       kernel: 'mla-int8', mode: 'decode',
-      variant: mode === 'tensor-cores' ? 'int8 tensor cores' : mode === 'emulate' ? 'int8 dot4' : 'f32 over int8',
+      variant: mode === 'tensor-cores' ? 'int8 tensor cores' : mode === 'emulate' ? 'int8 dot4' : mode === 'off' ? 'f32 over int8' : `int8 ${mode} only`,
       batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps,
       cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased,
     });
   }
-  const tc = outputs.get('tensor-cores');
+  // Each tensor-core form against the dot4 form (the same integers): ~1e-6 when right; the per-phase forms say which
+  // phase of a wrong kernel is wrong.
   const d4 = outputs.get('emulate');
-  if (tc && d4) {
+  for (const [mode, variant] of [['tensor-cores', 'int8 tensor cores'], ['tc-scores', 'int8 tc-scores only'], ['tc-values', 'int8 tc-values only']] as const) {
+    const tc = outputs.get(mode);
+    const row = results.find((r) => r.variant === variant);
+    if (!tc || !d4 || !row) continue;
     let d = 0;
     let mx = 0;
     for (let i = 0; i < d4.length; i++) {
       d = Math.max(d, Number.isFinite(tc[i]) ? Math.abs(tc[i] - d4[i]) : Infinity);
       mx = Math.max(mx, Math.abs(d4[i]));
     }
-    process.stderr.write(`mla int8 b${batch} ctx${context}: tensor cores vs dot4 form max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
-    results[0].variant += ` (vs dot4 ${(d / mx).toExponential(1)})`;
+    process.stderr.write(`mla int8 b${batch} ctx${context}: ${mode} vs dot4 form max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
+    row.variant += ` (vs dot4 ${(d / mx).toExponential(1)})`;
   }
   qLatent.destroy();
   out.destroy();

@@ -113,11 +113,21 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 
 const NEG_BIG = '-3.0e38';
 
+/** Which products of the int8-product kernel run on subgroup matrices (the rest in the dot4I8Packed form). */
+export interface MlaTcProducts {
+  /** q̃q·cq and q_peq·k_peq (phase A). */
+  scores: boolean;
+  /** p′q·cq and the fold into f32 (phase B). */
+  values: boolean;
+}
+
 /**
- * The split kernel: grid (splits, 1, rows), `groups` × 32 threads. `tensorCores` picks subgroup-matrix products
- * (needs hardware subgroups of 32) or the dot4I8Packed form of the same integers.
+ * The split kernel: grid (splits, 1, rows), `groups` × 32 threads. `products` picks, for the scores and for the values,
+ * subgroup-matrix products (needs hardware subgroups of 32) or the dot4I8Packed form of the same integers: tensor
+ * cores for one phase only tells which phase goes wrong where the two forms disagree.
  */
-export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaTcPlan, tensorCores: boolean): string {
+export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaTcPlan, products: MlaTcProducts): string {
+  const tensorCores = products.scores || products.values;
   const R = f.kvLoraRank;
   const HP = p.headsPadded;
   const W = p.window;
@@ -141,7 +151,7 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
   // Every subgroup runs the same number of tile products (a subgroup whose index passes the tile count recomputes one
   // into a spare region): no subgroup-matrix call sits in a branch that splits the workgroup — the kernels verified on
   // the H200 only ever call them in workgroup-uniform control flow. Tile a's result lands in region a either way.
-  const phaseA = tensorCores
+  const phaseA = products.scores
     ? `for (var k = 0u; k < ${aPerGroup}u; k++) {
         let region = g + k * ${G}u;
         let a = region % ${aTiles}u;
@@ -163,7 +173,7 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
         subgroupMatrixStore(&stg, region * 512u + 256u, accP, false, 16u);
       }`
     : '';
-  const scoreInts = tensorCores
+  const scoreInts = products.scores
     ? `let a = (h / 16u) * 2u + t / 16u;
         let e = (h % 16u) * 16u + t % 16u;
         let sL = stg[a * 512u + e];
@@ -175,7 +185,7 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
         for (var w = ${LW}u; w < ${ROWW}u; w++) { sP += dot4I8Packed(u32(qq[qw + w]), u32(ct[t * ${ROWW}u + w])); }`;
 
   // Phase B: each group's output tiles T = g + k·G (head tile T / NT, latent tile T % NT) accumulate Σ_t p′q · cq.
-  const phaseB = tensorCores
+  const phaseB = products.values
     ? ks
         .map(
           (k) => `{
@@ -198,7 +208,7 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
         }
       }`;
   // Fold the window's integers into the f32 outputs: o = o · α + f32(O) · ps (element e = lane·8 + i of each tile).
-  const fold = tensorCores
+  const fold = products.values
     ? ks
         .map(
           (k) => `subgroupMatrixStore(&stg, g * 256u, acc${k}, false, 16u);
@@ -260,7 +270,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     lRun[lid] = 0.0;
   }
   var o: array<f32, ${KPG * 8}>;
-  ${tensorCores ? '' : `var oi: array<i32, ${KPG * 8}>;`}
+  ${products.values ? '' : `var oi: array<i32, ${KPG * 8}>;`}
 
   for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
     let n = min(${W}u, bnd.y - w0);
@@ -323,7 +333,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     workgroupBarrier();
 
     // Phase B: O = Σ_t p′q_t · cq_t over the window's sub-tiles.
-    ${tensorCores ? ks.map((k) => `var acc${k} = ${result}();`).join('\n    ') : `for (var k = 0u; k < ${KPG * 8}u; k++) { oi[k] = 0i; }`}
+    ${products.values ? ks.map((k) => `var acc${k} = ${result}();`).join('\n    ') : `for (var k = 0u; k < ${KPG * 8}u; k++) { oi[k] = 0i; }`}
     for (var s = 0u; s < subs; s++) {
       ${stageWgsl(f, p, WG)}
       workgroupBarrier();

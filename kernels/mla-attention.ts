@@ -64,9 +64,11 @@ export interface MlaAttentionTuning {
    * Over an int8 latent cache: 'off' (default) keeps the f32 kernel that unpacks int8 values; 'tensor-cores' runs the
    * int8-product kernel (kernels/mla-attention-tc.ts) on i8 subgroup matrices — experimental: on the H200 it disagreed
    * with its own dot4 form (relative 1.0) and took 4.3 ms at 32 × 4K, so nothing selects it by default; 'emulate'
-   * runs that kernel's integer arithmetic with dot4I8Packed (tests, and the reference the tensor-core form must match).
+   * runs that kernel's integer arithmetic with dot4I8Packed (tests, and the reference the tensor-core form must match);
+   * 'tc-scores' / 'tc-values' run only the score or only the value products on tensor cores (to find which phase
+   * disagrees with the dot4 form).
    */
-  int8Products: 'off' | 'tensor-cores' | 'emulate';
+  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values';
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
@@ -545,9 +547,10 @@ export class MlaAttention {
     const { gpu, shape, layout } = this;
     const mode = this.tuning.int8Products;
     if (layout.dtype !== 'int8' || mode === 'off') return undefined;
-    const tensorCores = mode === 'tensor-cores';
+    const products = { scores: mode === 'tensor-cores' || mode === 'tc-scores', values: mode === 'tensor-cores' || mode === 'tc-values' };
+    const tensorCores = products.scores || products.values;
     if (tensorCores && !mlaTcOnTensorCores(gpu)) {
-      throw new Error('MLA attention: int8Products tensor-cores needs i8 subgroup matrices and 32-wide subgroups; this adapter has none');
+      throw new Error(`MLA attention: int8Products ${mode} needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
     }
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     const plan = planMlaTc(shape.nHeads, f);
@@ -555,12 +558,12 @@ export class MlaAttention {
     if (plan.workgroupBytes > gpu.limits.maxComputeWorkgroupStorageSize) {
       throw new Error(`MLA int8-product attention needs ${plan.workgroupBytes} B of workgroup memory, the device allows ${gpu.limits.maxComputeWorkgroupStorageSize}`);
     }
-    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${tensorCores ? 'tc' : 'dot4'}`;
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${mode}`;
     return {
       plan,
       tensorCores,
       queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan)),
-      partialPipe: gpu.pipeline(`mla-attention int8 products ${key}`, mlaTcPartialWgsl(shape.nHeads, f, layout.blockSize, plan, tensorCores)),
+      partialPipe: gpu.pipeline(`mla-attention int8 products ${key}`, mlaTcPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
       rows: 0,
       partialGroups: [],
     };
