@@ -135,7 +135,8 @@ export function uploadQuantizedInt8(gpu: GpuContext, label: string, q: Int8Rows)
     // Unlike f32/f16 weights, int8 matrices are not split into pieces yet; a quarter of the f32 bytes rarely reaches the limit.
     throw new Error(`${label}: ${q.packed.byteLength} B of int8 weights exceed this GPU's storage binding limit of ${maxBinding} B; use --weight-dtype f16 for this model`);
   }
-  const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST;
+  // COPY_SRC: tests read the uploaded layout back.
+  const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
   const tiled = tileInt8Rows(q);
   const buffer = gpu.device.createBuffer({ label: `${label} int8`, size: Math.max(16, tiled.byteLength), usage });
   gpu.device.queue.writeBuffer(buffer, 0, tiled.buffer, tiled.byteOffset, tiled.byteLength);

@@ -572,6 +572,8 @@ export function syntheticF16Model(name: SyntheticModelName | ModelConfig, opts: 
       } else {
         out = { shape: t.shape, data: src.f32(n) };
       }
+      // One object for every layer that shares this stream: an int8 upload quantizes it once, not once per layer.
+      if (shareLayers) out.shared = true;
       cache.set(t.streamName, out);
     }
     return out;

@@ -10,6 +10,12 @@ export interface Tensor {
    * `data` a lazy getter so the f32 copy is only built if something reads it.
    */
   f16?: Uint32Array;
+  /**
+   * Optional: this Tensor object stands for the same weights in several places (synthetic models share one layer's
+   * tensors across all layers). Uploads may then keep forms derived from it (the int8 quantization) on the side for
+   * the object's lifetime; real checkpoints never set it, so nothing derived from their weights is kept.
+   */
+  shared?: boolean;
 }
 
 export interface MlpWeights {

@@ -4,6 +4,9 @@ import assert from 'node:assert/strict';
 import { destroyInt8Matrix, int8At, quantizeInt8Rows, tiledInt8Word, tileInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
 import { Int8MatmulOp, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
 import { fileGpu, freshSeed, randomArray, runMatmulCase } from './kernels-helpers.ts';
+import { quantizedPart, uploadLinear, destroyLinear } from '../kernels/linear.ts';
+import { readBack } from '../bench/gpu-timing.ts';
+import type { Tensor } from '../model/weights.ts';
 
 const gpu = fileGpu();
 
@@ -58,6 +61,27 @@ test('int8 GPU layout: every word of every row lands once in its 16 × 32 tile, 
   // K-major: tile (row tile 1, K step 2) starts at word (2·3 + 1)·128 (3 row tiles) and holds row 16's words 16…23 first.
   assert.equal(tiled[(2 * 3 + 1) * 128], 16 * words + 16 + 1);
   for (let i = 0; i < tiled.length; i++) if (!seen.has(i)) assert.equal(tiled[i], 0, `padding word ${i}`);
+});
+
+test('int8 uploadLinear: parts quantized one by one and stacked = the stacked matrix quantized; shared parts once', async () => {
+  const g = await gpu();
+  const seed = freshSeed();
+  const cols = 40;
+  const parts: Tensor[] = [5, 7, 3].map((r, i) => ({ shape: [r, cols], data: randomArray(r * cols, seed + i, 0.5 + i) }));
+  const stacked = new Float32Array(15 * cols);
+  parts.forEach((t, i) => stacked.set(t.data, [0, 5, 12][i] * cols));
+  const want = quantizeInt8Rows(stacked, 15, cols);
+  const w = uploadLinear(g, 'qkv', parts, 15, cols, 'int8');
+  assert.equal(w.dtype, 'int8');
+  const tiled = tileInt8Rows(want);
+  assert.deepEqual(new Uint32Array(await readBack(g, w.buffer, tiled.byteLength)), tiled, `seed ${seed}`);
+  assert.deepEqual(new Float32Array(await readBack(g, (w as { scales: GPUBuffer }).scales, 60)), want.scales);
+  destroyLinear(w);
+  // A shared tensor keeps its quantization (one per object); an ordinary one is quantized afresh every time.
+  const shared: Tensor = { ...parts[0], shared: true };
+  assert.equal(quantizedPart(shared, 'a'), quantizedPart(shared, 'b'));
+  assert.notEqual(quantizedPart(parts[0], 'a'), quantizedPart(parts[0], 'b'));
+  assert.deepEqual(quantizedPart(shared, 'a').packed, quantizedPart(parts[0], 'a').packed);
 });
 
 interface Case {
