@@ -88,6 +88,8 @@ test('random MLA model at 512 + 64 with two heads, biases and latent norms', asy
   );
 });
 
-test('random MLA model with f16 weights and f16 latent cache stays within 1e-2 of the reference on the same f16 weights', async () => {
-  await checkModel(tinyMlaConfig({ attentionBias: true }), { bar: 1e-2, cacheDtype: 'f16', weightDtype: 'f16' });
+test('random MLA model with f16 weights and f16 latent cache stays within 3e-2 of the reference on the same f16 weights', async () => {
+  // The f16 cache rounds every latent value (2^-11 relative) and 2 layers amplify it: 12 fresh seeds gave 1.5e-3 …
+  // 4.2e-3, and seed 599745172 1.07e-2 (near-cancelling logits of a random model); a wrong kernel is off by O(1).
+  await checkModel(tinyMlaConfig({ attentionBias: true }), { bar: 3e-2, cacheDtype: 'f16', weightDtype: 'f16' });
 });
