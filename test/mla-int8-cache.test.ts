@@ -502,7 +502,9 @@ test('mla attention int8 products (the tensor-core arithmetic, dot4 form) vs a f
     const { want } = referenceAndBound(res, c);
     const quantErr = relError(res.out, want);
     // p′ carries c's per-token scale: in this data token magnitudes vary 2^±3 (64×), so tokens far below a window's
-    // largest keep few of p′'s 7 bits and outputs move by up to ~10 %; on text the perplexity moves 0.5…1.2 % (below).
-    assert.ok(quantErr > 1e-5 && quantErr < 0.15, `${where}: relative error ${quantErr} vs unquantized float64 (expected 1e-5 … 0.15)`);
+    // largest keep few of p′'s 7 bits and outputs move a lot: 10 fresh seeds per shape gave 0.03…0.14, seed 730361765
+    // 0.169 (18 heads); on text the perplexity moves 0.5…1.2 % (below). The tight check is the one above; this one
+    // only says the quantization happened and stayed far from garbage (≥ 1).
+    assert.ok(quantErr > 1e-5 && quantErr < 0.4, `${where}: relative error ${quantErr} vs unquantized float64 (expected 1e-5 … 0.4)`);
   }
 });
