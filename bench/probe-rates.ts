@@ -37,6 +37,16 @@ function probes(sms: number, bigBytes: number): Probe[] {
   const store = cs.map((c) => `subgroupMatrixStore(&sink, ((wid.x * 8u + sg) * ${chains}u + ${c}u) * 256u, acc${c}, false, 16u);`).join('\n  ');
   const accs = cs.map((c) => `var acc${c} = ${Acc}();`).join('\n  ');
   const fill = `for (var i = lid; i < 4096u; i += 256u) { ws[i] = i32(i * 2654435761u); }\n  workgroupBarrier();`;
+  // A streaming probe: a fixed left tile, `chains` accumulators, `body` streams right tiles from storage into them.
+  const streamProbe = (body: string) => `${HEAD}var<workgroup> ws: array<i32, 4096>;
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  ${fill}
+  let l = subgroupMatrixLoad<${L}>(&ws, 0u, false, 32u);
+  ${accs}
+${body}
+  ${store}
+}`;
   // 1. MMA alone: operands in registers, four independent accumulators per subgroup.
   list.push({
     name: 'mma, operands in registers',
@@ -103,19 +113,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       work: bigBytes,
       unit: 'GB/s',
       big: true,
-      code: `${HEAD}var<workgroup> ws: array<i32, 4096>;
-@compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  ${fill}
-  let l = subgroupMatrixLoad<${L}>(&ws, 0u, false, 32u);
-  ${accs}
-  let total = nwg.x * 8u;
+      code: streamProbe(`  let total = nwg.x * 8u;
   for (var t = wid.x * 8u + sg; t < ${tiles}u; t += ${u}u * total) {
     ${range(u).map((k) => `let r${k} = subgroupMatrixLoad<${R}>(&big, min(t + ${k}u * total, ${tiles - 1}u) * 512u, true, 32u);`).join('\n    ')}
     ${range(u).map((k) => `acc${k % chains} = subgroupMatrixMultiplyAccumulate(l, r${k}, acc${k % chains});`).join('\n    ')}
-  }
-  ${store}
-}`,
+  }`),
     });
   }
   // 4b. The same tiles, but each subgroup streams its own run of 112 consecutive tiles (57 KB: one column tile of a
@@ -128,19 +130,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
       work: bigBytes,
       unit: 'GB/s',
       big: true,
-      code: `${HEAD}var<workgroup> ws: array<i32, 4096>;
-@compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  ${fill}
-  let l = subgroupMatrixLoad<${L}>(&ws, 0u, false, 32u);
-  ${accs}
-  let base = (wid.x * 8u + sg) * ${run}u;
+      code: streamProbe(`  let base = (wid.x * 8u + sg) * ${run}u;
   for (var i = 0u; i < ${run}u; i += ${u}u) {
     ${range(u).map((k) => `let r${k} = subgroupMatrixLoad<${R}>(&big, min(base + i + ${k}u, ${tiles - 1}u) * 512u, true, 32u);`).join('\n    ')}
     ${range(u).map((k) => `acc${k % chains} = subgroupMatrixMultiplyAccumulate(l, r${k}, acc${k % chains});`).join('\n    ')}
-  }
-  ${store}
-}`,
+  }`),
     });
   }
   // 5. The GEMM layout: weight rows of K = 4096 bytes, a right tile = 16 rows × 32 bytes (stride 4096); neighbouring
@@ -155,19 +149,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
       work: bigBytes,
       unit: 'GB/s',
       big: true,
-      code: `${HEAD}var<workgroup> ws: array<i32, 4096>;
-@compute @workgroup_size(256)
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  ${fill}
-  let l = subgroupMatrixLoad<${L}>(&ws, 0u, false, 32u);
-  ${accs}
-  let total = nwg.x * 8u;
+      code: streamProbe(`  let total = nwg.x * 8u;
   for (var t = wid.x * 8u + sg; t < ${rowTiles * kSteps}u; t += ${u}u * total) {
     ${range(u).map((k) => `let t${k} = min(t + ${k}u * total, ${rowTiles * kSteps - 1}u);\n    let r${k} = subgroupMatrixLoad<${R}>(&big, (t${k} / ${kSteps}u) * ${16 * K}u + (t${k} % ${kSteps}u) * 32u, true, ${K}u);`).join('\n    ')}
     ${range(u).map((k) => `acc${k % chains} = subgroupMatrixMultiplyAccumulate(l, r${k}, acc${k % chains});`).join('\n    ')}
-  }
-  ${store}
-}`,
+  }`),
     });
   }
   // 6. The same rows staged: each subgroup copies its 16 × 32·u bytes with vec4 loads into its own workgroup region, then
