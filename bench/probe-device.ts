@@ -84,8 +84,11 @@ fn main() {
   }
 }
 
-/** Right matrix loaded row-major (element (k, n) at k·stride + n): which units does the stride count? */
-async function probeRightRowMajor(gpu: GpuContext): Promise<void> {
+/**
+ * Right matrix loaded row-major (element (k, n) at k·stride + n) or column-major (at n·stride + k), from storage or
+ * from workgroup memory: which units do offset and stride count, and does the load read what the layout says?
+ */
+async function probeRightLoads(gpu: GpuContext): Promise<void> {
   const aBytes = new Int8Array(16 * 32);
   for (let i = 0; i < aBytes.length; i++) aBytes[i] = ((i * 37 + 11) % 23) - 11;
   const bBytes = new Int8Array(64 * 128);
@@ -93,7 +96,14 @@ async function probeRightRowMajor(gpu: GpuContext): Promise<void> {
   const a = buf(gpu, new Int32Array(aBytes.buffer));
   const b = buf(gpu, new Int32Array(bBytes.buffer));
   const c = buf(gpu, new Int32Array(256));
-  for (const [where, offB, strideB] of [['storage', 32, 64], ['workgroup', 32, 64], ['storage', 0, 16]] as const) {
+  const cases = [
+    ['storage', 32, 64, false],
+    ['workgroup', 32, 64, false],
+    ['storage', 0, 16, false],
+    ['storage', 32, 64, true],
+    ['workgroup', 32, 64, true],
+  ] as const;
+  for (const [where, offB, strideB, colMajor] of cases) {
     const wg = where === 'workgroup';
     const code = `
 enable chromium_experimental_subgroup_matrix;
@@ -106,11 +116,12 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   for (var i = lid; i < 2048u; i += 32u) { bw[i] = b[i]; }
   workgroupBarrier();
   let l = subgroupMatrixLoad<subgroup_matrix_left<i8, 32, 16>>(&a, 0u, false, 32u);
-  let r = subgroupMatrixLoad<subgroup_matrix_right<i8, 16, 32>>(&${wg ? 'bw' : 'b'}, ${offB}u, false, ${strideB}u);
+  let r = subgroupMatrixLoad<subgroup_matrix_right<i8, 16, 32>>(&${wg ? 'bw' : 'b'}, ${offB}u, ${colMajor}, ${strideB}u);
   let acc = subgroupMatrixMultiply<i32>(l, r);
   subgroupMatrixStore(&c, 0u, acc, false, 16u);
 }`;
-    const p = gpu.pipeline(`sm right row-major ${where} ${offB} ${strideB}`, code);
+    const layout = colMajor ? 'column-major' : 'row-major';
+    const p = gpu.pipeline(`sm right ${layout} ${where} ${offB} ${strideB}`, code);
     const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: [a, b, c].map((buffer, binding) => ({ binding, resource: { buffer } })) });
     const enc = gpu.device.createCommandEncoder();
     const pass = enc.beginComputePass();
@@ -127,13 +138,13 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         let ok = true;
         for (let m = 0; m < 16 && ok; m++) for (let n = 0; n < 16 && ok; n++) {
           let s = 0;
-          for (let k = 0; k < 32; k++) s += aBytes[m * 32 + k] * bBytes[offB * oMul + k * strideB * sMul + n];
+          for (let k = 0; k < 32; k++) s += aBytes[m * 32 + k] * bBytes[offB * oMul + (colMajor ? n * strideB * sMul + k : k * strideB * sMul + n)];
           if (s !== got[m * 16 + n]) ok = false;
         }
         if (ok) hyp.push(`${oName}, ${sName}`);
       }
     }
-    log(`sm right row-major from ${where}, offset ${offB} stride ${strideB}: matches [${hyp.join(' | ') || 'none'}]`);
+    log(`sm right ${layout} from ${where}, offset ${offB} stride ${strideB}: matches [${hyp.join(' | ') || 'none'}]`);
   }
 }
 
@@ -265,6 +276,6 @@ if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeSubgro
 else log('no subgroup matrix feature');
 if (!gpu.isSoftware && process.argv.includes('--stream')) await probeStream(gpu);
 if (process.argv.includes('--gemm')) await checkGemm(gpu);
-if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeRightRowMajor(gpu);
+if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeRightLoads(gpu);
 gpu.destroy();
 releaseGpu();

@@ -42,6 +42,27 @@ export interface GpuRunnerOptions {
    * GPU time of the last step, which benchmarks set against the wall clock (readback and host work in between).
    */
   gpuTiming?: boolean;
+  /**
+   * Command buffers a step is submitted in (default 4; 1 = the whole step at once). The host records hundreds of
+   * dispatches a step, and Dawn translates them at submit: submitting the first layers early lets the GPU run them
+   * while the host records the rest, instead of idling until the whole step is recorded.
+   */
+  submitChunks?: number;
+}
+
+/**
+ * The layers after which a step's command buffer is submitted (the last layer's buffer also carries the head): a short
+ * first chunk so the GPU starts soon, the rest in equal parts.
+ */
+export function submitBoundaries(nLayers: number, chunks: number): Set<number> {
+  const n = Math.max(1, Math.min(Math.floor(chunks), nLayers));
+  const out = new Set<number>();
+  if (n === 1) return out;
+  const first = Math.max(1, Math.floor(nLayers / (2 * n)));
+  out.add(first - 1);
+  for (let i = 1; i < n - 1; i++) out.add(first - 1 + Math.round(((nLayers - first) * i) / (n - 1)));
+  out.delete(nLayers - 1);
+  return out;
 }
 
 /** Activation buffers an attention block reads and writes; re-sent whenever they are reallocated. */
@@ -416,6 +437,12 @@ class GpuRunner implements GpuModelRunner {
     return this.run(seqs, true);
   }
 
+  private submitAfterCache: { nLayers: number; set: Set<number> } | undefined;
+  private submitAfter(nLayers: number): Set<number> {
+    if (this.submitAfterCache?.nLayers !== nLayers) this.submitAfterCache = { nLayers, set: submitBoundaries(nLayers, this.opts.submitChunks ?? 4) };
+    return this.submitAfterCache.set;
+  }
+
   private async run(seqs: StepSequence[], capture: boolean): Promise<CaptureStep & StepOutput> {
     if (this.busy) throw new Error('step: the previous step of this runner has not finished; steps run one at a time');
     this.validate(seqs);
@@ -457,12 +484,24 @@ class GpuRunner implements GpuModelRunner {
       const ops = this.ops!;
       g.device.queue.writeBuffer(a.meta, 0, meta.data);
       this.block.prepare(meta);
-      const enc = g.device.createCommandEncoder({ label: 'decoder step' });
       const timing = capture ? undefined : this.timing;
-      let pass = enc.beginComputePass({
-        label: 'decoder step',
-        ...(timing ? { timestampWrites: { querySet: timing.queries, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {}),
-      });
+      const boundaries = capture ? new Set<number>() : this.submitAfter(nLayers);
+      const lastChunkStart = Math.max(-1, ...boundaries) + 1;
+      // The step's first pass stamps its beginning and the last pass its end: with several submissions the span includes
+      // any wait for the host between them.
+      const beginPass = (label: string, firstLayer: number) => {
+        const first = firstLayer === 0;
+        const last = firstLayer === lastChunkStart;
+        if (!timing || !(first || last)) return enc.beginComputePass({ label });
+        const timestampWrites: GPUComputePassTimestampWrites = {
+          querySet: timing.queries,
+          ...(first ? { beginningOfPassWriteIndex: 0 } : {}),
+          ...(last ? { endOfPassWriteIndex: 1 } : {}),
+        };
+        return enc.beginComputePass({ label, timestampWrites });
+      };
+      let enc = g.device.createCommandEncoder({ label: 'decoder step' });
+      let pass = beginPass('decoder step', 0);
       ops.embed.encode(pass, rows);
       for (let l = 0; l < nLayers; l++) {
         ops.attnNorm[l].encode(pass, rows);
@@ -478,6 +517,12 @@ class GpuRunner implements GpuModelRunner {
         ops.gateUp[l].encode(pass, rows);
         ops.siluMul.encode(pass, rows);
         ops.down[l].encode(pass, rows);
+        if (boundaries.has(l)) {
+          pass.end();
+          g.device.queue.submit([enc.finish()]);
+          enc = g.device.createCommandEncoder({ label: `decoder step after layer ${l}` });
+          pass = beginPass(`decoder step after layer ${l}`, l + 1);
+        }
       }
       const nLogit = meta.nLogitRows;
       const nPicks = nLogit - meta.nFullLogitRows;

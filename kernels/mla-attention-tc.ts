@@ -146,8 +146,11 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
   const result = 'subgroup_matrix_result<i32, 16, 16>';
   const byte = (arr: string, i: string) => `unpack4xI8(u32(${arr}[(${i}) / 4u]))[(${i}) % 4u]`;
 
-  // Phase A: the score tiles (head tile, 16-token half) of a 32-token sub-tile, as i32 in stg[a·512 ..] (latent) and
-  // stg[a·512 + 256 ..] (rope), row-major 16 × 16.
+  // Phase A: the score tiles (head tile, 16-token half) of a 32-token sub-tile, transposed (token rows, head columns), as
+  // i32 in stg[a·512 ..] (latent) and stg[a·512 + 256 ..] (rope), row-major 16 × 16. The token rows are the left operand
+  // (row-major from workgroup memory) and the query heads the right one (column-major from storage): both load forms the
+  // verified kernels use (the GEMMs' weights, phase B's p′). The untransposed form read the cache tile as a column-major
+  // right operand from workgroup memory and came out wrong on the H200 (bench:attention, tc-scores vs dot4: 1.2).
   // Every subgroup runs the same number of tile products (a subgroup whose index passes the tile count recomputes one
   // into a spare region): no subgroup-matrix call sits in a branch that splits the workgroup — the kernels verified on
   // the H200 only ever call them in workgroup-uniform control flow. Tile a's result lands in region a either way.
@@ -160,13 +163,13 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
         var accL = ${result}();
         var accP = ${result}();
         for (var kk = 0u; kk < ${p.latentPad / 32}u; kk++) {
-          let l = subgroupMatrixLoad<${left}>(&qq, qByte + mt * ${16 * p.rowPad}u + kk * 32u, false, ${p.rowPad}u);
-          let rt = subgroupMatrixLoad<${right}>(&ct, tn * ${16 * p.rowPad}u + kk * 32u, true, ${p.rowPad}u);
+          let l = subgroupMatrixLoad<${left}>(&ct, tn * ${16 * p.rowPad}u + kk * 32u, false, ${p.rowPad}u);
+          let rt = subgroupMatrixLoad<${right}>(&qq, qByte + mt * ${16 * p.rowPad}u + kk * 32u, true, ${p.rowPad}u);
           accL = subgroupMatrixMultiplyAccumulate(l, rt, accL);
         }
         for (var kk = 0u; kk < ${p.ropePad / 32}u; kk++) {
-          let l = subgroupMatrixLoad<${left}>(&qq, qByte + mt * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, false, ${p.rowPad}u);
-          let rt = subgroupMatrixLoad<${right}>(&ct, tn * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, true, ${p.rowPad}u);
+          let l = subgroupMatrixLoad<${left}>(&ct, tn * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, false, ${p.rowPad}u);
+          let rt = subgroupMatrixLoad<${right}>(&qq, qByte + mt * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, true, ${p.rowPad}u);
           accP = subgroupMatrixMultiplyAccumulate(l, rt, accP);
         }
         subgroupMatrixStore(&stg, region * 512u, accL, false, 16u);
@@ -175,7 +178,7 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
     : '';
   const scoreInts = products.scores
     ? `let a = (h / 16u) * 2u + t / 16u;
-        let e = (h % 16u) * 16u + t % 16u;
+        let e = (t % 16u) * 16u + h % 16u;
         let sL = stg[a * 512u + e];
         let sP = stg[a * 512u + 256u + e];`
     : `var sL = 0i;

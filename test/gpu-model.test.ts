@@ -2,7 +2,7 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
-import { createGpuRunner } from '../engine/gpu-runner.ts';
+import { createGpuRunner, submitBoundaries } from '../engine/gpu-runner.ts';
 import type { ModelRunner, StepSequence } from '../engine/types.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
 import { ReferenceGqa } from '../model/reference/gqa.ts';
@@ -156,6 +156,41 @@ test("stories260K: 'argmax' sequences return the first arg max of the row 'last'
   await assert.rejects(runner.step([{ ...seqs[0], logits: 'argmax' }]), /use stepOutput/);
   const none = await runner.stepOutput([{ ...seqs[0], logits: 'none' }]);
   assert.equal(none.logits.length + none.argmax.length, 0);
+});
+
+test('submitBoundaries: a short first chunk, then equal parts; never after the last layer; one chunk = one submit', () => {
+  assert.deepEqual([...submitBoundaries(28, 4)].sort((a, b) => a - b), [2, 10, 19]);
+  assert.deepEqual([...submitBoundaries(5, 4)].sort((a, b) => a - b), [0, 1, 3]);
+  assert.deepEqual([...submitBoundaries(28, 1)], []);
+  assert.deepEqual([...submitBoundaries(2, 8)].sort((a, b) => a - b), [0]);
+  assert.deepEqual([...submitBoundaries(1, 4)], []);
+  for (const [n, k] of [[28, 4], [32, 6], [5, 3], [80, 8]]) {
+    const b = submitBoundaries(n, k);
+    assert.equal(b.size, Math.min(k, n) - 1, `${n} layers, ${k} chunks`);
+    assert.ok([...b].every((l) => Number.isInteger(l) && l >= 0 && l < n - 1));
+  }
+});
+
+test('stories260K: a step submitted in several command buffers gives the logits of one submitted whole; the GPU span is timed', async () => {
+  const c = model.config as GqaConfig;
+  const tokens = [c.bosId, ...model.tokenizer.encode('The sun was warm and the sky was blue.')];
+  const whole = await createGpuRunner(gpu, model, { weightDtype: 'f32', cacheDtype: 'f32', blockSize: 16, numBlocks: 8, submitChunks: 1 });
+  const split = await createGpuRunner(gpu, model, { weightDtype: 'f32', cacheDtype: 'f32', blockSize: 16, numBlocks: 8, submitChunks: 5, gpuTiming: true });
+  try {
+    const seq = { tokens, startPos: 0, blockTable: [1, 2], logits: 'all' as const };
+    const a = await whole.step([seq]);
+    const b = await split.step([seq]);
+    assert.deepEqual(b, a);
+    const next = { tokens: [argmax(a, (tokens.length - 1) * c.vocabSize, c.vocabSize)], startPos: tokens.length, blockTable: [1, 2], logits: 'last' as const };
+    assert.deepEqual(await split.step([next]), await whole.step([next]));
+    if (gpu.features.has('timestamp-query')) {
+      const ms = split.lastStepGpuMs;
+      assert.ok(ms !== null && ms > 0 && ms < 60_000, `GPU span ${ms} ms`);
+    }
+  } finally {
+    whole.destroy();
+    split.destroy();
+  }
 });
 
 test('runner rejects bad steps with readable errors, and MLA configs over GQA weights', async () => {
