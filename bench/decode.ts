@@ -10,6 +10,8 @@
 //            --layers N  --vocab N (smaller than the real model: smoke tests of the real widths)
 //            --logits full|argmax (full: every row's logits read back, as a sampling engine needs; argmax: the greedy
 //            pick made on the GPU and one id read back per row, as the engine does for plain greedy requests)
+//            --submit-chunks 1,4 (command buffers per step, each configuration timed with each: 1 = the whole step
+//            recorded before the GPU starts; more lets the GPU run the first layers while the host records the rest)
 //
 // How a configuration (B sequences, context C) is measured:
 //   1. One template sequence is prefilled once per model to the largest context, in chunks (untimed; its rate is shown).
@@ -39,6 +41,8 @@ interface Args {
   steps: number;
   warmup: number;
   logits: 'full' | 'argmax';
+  /** Command-buffer counts per step to time each configuration with (runner option submitChunks). */
+  submitChunks: number[];
   prefillChunk: number;
   kvBudget: number;
   ceilingGBs: number;
@@ -79,6 +83,7 @@ function parseArgs(argv: string[]): Args {
     steps: 32,
     warmup: 2,
     logits: 'full',
+    submitChunks: [4],
     prefillChunk: 512,
     kvBudget: 16 * 2 ** 30,
     ceilingGBs: 4300,
@@ -111,6 +116,7 @@ function parseArgs(argv: string[]): Args {
       if (v !== 'full' && v !== 'argmax') throw new Error(`--logits is full or argmax, got ${v}`);
       a.logits = v;
     }
+    else if (k === '--submit-chunks') a.submitChunks = intList(val(), k);
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -191,6 +197,8 @@ interface ConfigResult {
   attention: string;
   batch: number;
   context: number;
+  /** Command buffers each step was submitted in. */
+  submitChunks: number;
   steps: number;
   msPerStep: number;
   /** GPU time of the step's compute pass (timestamps; NaN without them): the rest of msPerStep is readback and host. */
@@ -235,7 +243,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
   if (maxCtx + a.warmup + a.steps > c.maxSeqLen) throw new Error(`${name}: context ${maxCtx} + ${a.warmup + a.steps} steps passes its ${c.maxSeqLen}-token context`);
   const bs = a.blockSize;
   const templateBlocks = maxCtx / bs;
-  const perSeq = Math.ceil((maxCtx + a.warmup + a.steps) / bs);
+  const perSeq = Math.ceil((maxCtx + (a.warmup + a.steps) * a.submitChunks.length) / bs);
   const numBlocks = templateBlocks + maxB * perSeq;
   const weightBytes = weightBytesPerStep(m.weights, a.weightDtype);
   log(`${name}: weights generated in ${fmt(generateS)} s (${fmt(weightBytes / GB, 2)} GB of ${a.weightDtype} weights read per step); uploading, KV pool ${numBlocks} blocks × ${bs} tokens`);
@@ -283,35 +291,41 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
               logits: a.logits === 'argmax' ? 'argmax' : 'last',
             })),
           );
-        for (let s = 0; s < a.warmup; s++) await step(s);
-        const t = performance.now();
-        let gpuMs = 0;
-        for (let s = a.warmup; s < a.warmup + a.steps; s++) {
-          await step(s);
-          gpuMs += runner.lastStepGpuMs ?? NaN;
+        // Positions keep growing across the submit-chunk settings; each setting warms up again (new pipelines: none).
+        let pos = 0;
+        for (const chunks of a.submitChunks) {
+          runner.submitChunks = chunks;
+          for (let s = 0; s < a.warmup; s++) await step(pos++);
+          const t = performance.now();
+          let gpuMs = 0;
+          for (let s = 0; s < a.steps; s++) {
+            await step(pos++);
+            gpuMs += runner.lastStepGpuMs ?? NaN;
+          }
+          const ms = (performance.now() - t) / a.steps;
+          // KV read per step: each sequence's cached tokens (ctx plus what warmup and the timed steps add, on average).
+          const kvBytesRead = batch * (ctx + pos - a.steps / 2) * runner.kvBytesPerToken;
+          const r: ConfigResult = {
+            model: name,
+            attention: c.attention,
+            batch,
+            context: ctx,
+            submitChunks: chunks,
+            steps: a.steps,
+            msPerStep: ms,
+            gpuMsPerStep: gpuMs / a.steps,
+            tokPerS: (batch * 1000) / ms,
+            weightBytes,
+            kvBytesRead,
+            weightGBs: weightBytes / (ms / 1000) / GB,
+            totalGBs: (weightBytes + kvBytesRead) / (ms / 1000) / GB,
+            ceilingFraction: (weightBytes + kvBytesRead) / (ms / 1000) / GB / a.ceilingGBs,
+            // Peers ran the full model: no comparison for reduced layers or vocabulary.
+            peers: a.layers === undefined && a.vocab === undefined ? peerFor(name, batch, ctx) : {},
+          };
+          configs.push(r);
+          log(`${name}: batch ${batch} ctx ${ctx}, ${chunks} submit(s) a step: ${fmt(ms, 2)} ms/step, ${fmt(r.tokPerS, 0)} tok/s, ${fmt(r.totalGBs, 0)} GB/s (weights + KV)`);
         }
-        const ms = (performance.now() - t) / a.steps;
-        // KV read per step: each sequence's cached tokens (ctx plus what warmup and the timed steps add, on average).
-        const kvBytesRead = batch * (ctx + a.warmup + a.steps / 2) * runner.kvBytesPerToken;
-        const r: ConfigResult = {
-          model: name,
-          attention: c.attention,
-          batch,
-          context: ctx,
-          steps: a.steps,
-          msPerStep: ms,
-          gpuMsPerStep: gpuMs / a.steps,
-          tokPerS: (batch * 1000) / ms,
-          weightBytes,
-          kvBytesRead,
-          weightGBs: weightBytes / (ms / 1000) / GB,
-          totalGBs: (weightBytes + kvBytesRead) / (ms / 1000) / GB,
-          ceilingFraction: (weightBytes + kvBytesRead) / (ms / 1000) / GB / a.ceilingGBs,
-          // Peers ran the full model: no comparison for reduced layers or vocabulary.
-          peers: a.layers === undefined && a.vocab === undefined ? peerFor(name, batch, ctx) : {},
-        };
-        configs.push(r);
-        log(`${name}: batch ${batch} ctx ${ctx}: ${fmt(ms, 2)} ms/step, ${fmt(r.tokPerS, 0)} tok/s, ${fmt(r.totalGBs, 0)} GB/s (weights + KV)`);
       }
     }
     const kvBudgetTokens = Math.floor(a.kvBudget / (bs * runner.kvBytesPerToken)) * bs;
@@ -377,7 +391,7 @@ async function main(): Promise<void> {
     lines.push(`  ${r.model.padEnd(16)} ${r.attention}  ${r.kvValuesPerTokenPerLayer} values/token/layer, ${r.kvBytesPerToken} B/token → ${r.kvBudgetTokens} tokens${ratio}`);
   }
   lines.push('');
-  const header = ['model', 'attn', 'batch', 'ctx', 'ms/step', 'GPU ms', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
+  const header = ['model', 'attn', 'batch', 'ctx', 'submits', 'ms/step', 'GPU ms', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
   const rows = [header];
   for (const r of results) {
     for (const c of r.configs) {
@@ -386,6 +400,7 @@ async function main(): Promise<void> {
         r.attention,
         String(c.batch),
         String(c.context),
+        String(c.submitChunks),
         fmt(c.msPerStep, 2),
         fmt(c.gpuMsPerStep, 2),
         fmt(c.tokPerS, 0),

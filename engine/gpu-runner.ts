@@ -276,6 +276,8 @@ export interface GpuModelRunner extends ModelRunner {
   describe(): RunnerDescription;
   /** GPU time of the last step's compute pass (ms) with opts.gpuTiming on an adapter with timestamps, else null. */
   readonly lastStepGpuMs: number | null;
+  /** Command buffers each step is submitted in (opts.submitChunks); benchmarks compare settings on one runner. */
+  submitChunks: number;
 }
 
 class GpuRunner implements GpuModelRunner {
@@ -316,6 +318,7 @@ class GpuRunner implements GpuModelRunner {
     private ropeTables: Map<number, GPUBuffer>,
   ) {
     this.weightDtype = weightDtype;
+    this.submitChunks = opts.submitChunks ?? 4;
     const c = config;
     this.adapterName = gpu.adapterName;
     if (opts.gpuTiming && gpu.features.has('timestamp-query')) {
@@ -437,10 +440,14 @@ class GpuRunner implements GpuModelRunner {
     return this.run(seqs, true);
   }
 
-  private submitAfterCache: { nLayers: number; set: Set<number> } | undefined;
+  submitChunks: number;
+  private submitAfterCache: { nLayers: number; chunks: number; set: Set<number> } | undefined;
   private submitAfter(nLayers: number): Set<number> {
-    if (this.submitAfterCache?.nLayers !== nLayers) this.submitAfterCache = { nLayers, set: submitBoundaries(nLayers, this.opts.submitChunks ?? 4) };
-    return this.submitAfterCache.set;
+    const cached = this.submitAfterCache;
+    if (cached?.nLayers === nLayers && cached.chunks === this.submitChunks) return cached.set;
+    const set = submitBoundaries(nLayers, this.submitChunks);
+    this.submitAfterCache = { nLayers, chunks: this.submitChunks, set };
+    return set;
   }
 
   private async run(seqs: StepSequence[], capture: boolean): Promise<CaptureStep & StepOutput> {
