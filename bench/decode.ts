@@ -12,6 +12,8 @@
 //            pick made on the GPU and one id read back per row, as the engine does for plain greedy requests)
 //            --submit-chunks 1,4 (command buffers per step, each configuration timed with each: 1 = the whole step
 //            recorded before the GPU starts; more lets the GPU run the first layers while the host records the rest)
+//            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
+//            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches)
 //
 // How a configuration (B sequences, context C) is measured:
 //   1. One template sequence is prefilled once per model to the largest context, in chunks (untimed; its rate is shown).
@@ -26,6 +28,7 @@
 import type { CacheDtype } from '../cache/kv-layout.ts';
 import { writeFileSync } from 'node:fs';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
+import { summarizeProfile } from '../engine/step-profile.ts';
 import type { StepSequence } from '../engine/types.ts';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
@@ -43,6 +46,8 @@ interface Args {
   logits: 'full' | 'argmax';
   /** Command-buffer counts per step to time each configuration with (runner option submitChunks). */
   submitChunks: number[];
+  /** After each configuration, one step with every dispatch timed on its own (stdout table). */
+  profile: boolean;
   prefillChunk: number;
   kvBudget: number;
   ceilingGBs: number;
@@ -84,6 +89,7 @@ function parseArgs(argv: string[]): Args {
     warmup: 2,
     logits: 'full',
     submitChunks: [4],
+    profile: false,
     prefillChunk: 512,
     kvBudget: 16 * 2 ** 30,
     ceilingGBs: 4300,
@@ -117,6 +123,7 @@ function parseArgs(argv: string[]): Args {
       a.logits = v;
     }
     else if (k === '--submit-chunks') a.submitChunks = intList(val(), k);
+    else if (k === '--profile') a.profile = true;
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -199,6 +206,8 @@ interface ConfigResult {
   context: number;
   /** Command buffers each step was submitted in. */
   submitChunks: number;
+  /** With --profile: GPU ms per step by pipeline label (one profiled step), largest first. */
+  profile?: Array<{ label: string; count: number; ms: number }>;
   steps: number;
   msPerStep: number;
   /** GPU time of the step's compute pass (timestamps; NaN without them): the rest of msPerStep is readback and host. */
@@ -230,6 +239,16 @@ interface ModelResult {
   configs: ConfigResult[];
 }
 
+/** A profiled step by pipeline: µs per step, dispatches, share; the sum against the plain step's GPU span. */
+function profileTable(title: string, prof: Array<{ label: string; count: number; ms: number }>, spanMs: number): string {
+  const sum = prof.reduce((t, e) => t + e.ms, 0);
+  const count = prof.reduce((t, e) => t + e.count, 0);
+  const lines = [`profile, ${title}: ${count} dispatches, their GPU times sum to ${fmt(sum, 2)} ms; the plain step's GPU span ${fmt(spanMs, 2)} ms`];
+  for (const e of prof.slice(0, 16)) lines.push(`  ${fmt(e.ms * 1000, 0).padStart(7)} µs  ${String(e.count).padStart(4)}×  ${fmt((100 * e.ms) / sum, 1).padStart(5)} %  ${e.label}`);
+  if (prof.length > 16) lines.push(`  ${fmt(prof.slice(16).reduce((t, e) => t + e.ms, 0) * 1000, 0).padStart(7)} µs  in ${prof.length - 16} more pipelines`);
+  return lines.join('\n');
+}
+
 const fmt = (v: number, d = 1) => (Number.isFinite(v) ? v.toFixed(d) : '—');
 const GB = 1e9;
 
@@ -243,7 +262,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
   if (maxCtx + a.warmup + a.steps > c.maxSeqLen) throw new Error(`${name}: context ${maxCtx} + ${a.warmup + a.steps} steps passes its ${c.maxSeqLen}-token context`);
   const bs = a.blockSize;
   const templateBlocks = maxCtx / bs;
-  const perSeq = Math.ceil((maxCtx + (a.warmup + a.steps) * a.submitChunks.length) / bs);
+  const perSeq = Math.ceil((maxCtx + (a.warmup + a.steps) * a.submitChunks.length + (a.profile ? 2 : 0)) / bs);
   const numBlocks = templateBlocks + maxB * perSeq;
   const weightBytes = weightBytesPerStep(m.weights, a.weightDtype);
   log(`${name}: weights generated in ${fmt(generateS)} s (${fmt(weightBytes / GB, 2)} GB of ${a.weightDtype} weights read per step); uploading, KV pool ${numBlocks} blocks × ${bs} tokens`);
@@ -323,6 +342,20 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
             // Peers ran the full model: no comparison for reduced layers or vocabulary.
             peers: a.layers === undefined && a.vocab === undefined ? peerFor(name, batch, ctx) : {},
           };
+          if (a.profile) {
+            await step(pos++); // the profiled step's own pipelines: none new, but keep the clocks where they were
+            const prof = await runner.stepProfile(
+              Array.from({ length: batch }, (_, i): StepSequence => ({
+                tokens: [tokenAt(i + 1, ctx + pos, c.vocabSize, a.seed)],
+                startPos: ctx + pos,
+                blockTable: seqBlocks(i),
+                logits: a.logits === 'argmax' ? 'argmax' : 'last',
+              })),
+            );
+            pos++;
+            r.profile = summarizeProfile(prof.dispatches);
+            console.log(profileTable(`${name} batch ${batch} ctx ${ctx}`, r.profile, r.gpuMsPerStep));
+          }
           configs.push(r);
           log(`${name}: batch ${batch} ctx ${ctx}, ${chunks} submit(s) a step: ${fmt(ms, 2)} ms/step, ${fmt(r.tokPerS, 0)} tok/s, ${fmt(r.totalGBs, 0)} GB/s (weights + KV)`);
         }

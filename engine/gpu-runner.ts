@@ -1,4 +1,5 @@
 // The GPU step runner: turns one batch of sequences (prefill chunks and decode tokens mixed) into one compute pass.
+import { StepProfiler, type DispatchTime } from './step-profile.ts';
 import type { GpuContext } from '../kernels/device.ts';
 import { GqaAttention, maxAttentionChunk } from '../kernels/attention.ts';
 import { EmbeddingGather, RmsNorm, Rope, ropeTable, SiluMul } from '../kernels/elementwise.ts';
@@ -273,6 +274,8 @@ export interface RunnerDescription {
 /** The GPU runner: the serving contract plus the calibration step. */
 export interface GpuModelRunner extends ModelRunner {
   stepCapture(seqs: StepSequence[]): Promise<CaptureStep>;
+  /** A step with every dispatch in a pass of its own, timed (adapters with timestamp-query; benchmarks). */
+  stepProfile(seqs: StepSequence[]): Promise<StepOutput & { dispatches: DispatchTime[] }>;
   describe(): RunnerDescription;
   /** GPU time of the last step's compute pass (ms) with opts.gpuTiming on an adapter with timestamps, else null. */
   readonly lastStepGpuMs: number | null;
@@ -300,6 +303,7 @@ class GpuRunner implements GpuModelRunner {
   private ops: StepOps | undefined;
   /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
   private captureReadback: GPUBuffer | undefined;
+  private profiler: StepProfiler | undefined;
   private busy = false;
   private readonly weightDtype: LinearDtype;
   /** Timestamp queries around the step's pass (opts.gpuTiming on an adapter with timestamp-query). */
@@ -424,11 +428,11 @@ class GpuRunner implements GpuModelRunner {
 
   step(seqs: StepSequence[]): Promise<Float32Array> {
     if (seqs.some((s) => s.logits === 'argmax')) return Promise.reject(new Error("step: a sequence asks for 'argmax'; use stepOutput"));
-    return this.run(seqs, false).then((r) => r.logits);
+    return this.run(seqs, 'step').then((r) => r.logits);
   }
 
   stepOutput(seqs: StepSequence[]): Promise<StepOutput> {
-    return this.run(seqs, false).then(({ logits, argmax }) => ({ logits, argmax }));
+    return this.run(seqs, 'step').then(({ logits, argmax }) => ({ logits, argmax }));
   }
 
   /**
@@ -437,7 +441,13 @@ class GpuRunner implements GpuModelRunner {
    * attention norm); plain `step` encodes none of this.
    */
   stepCapture(seqs: StepSequence[]): Promise<CaptureStep> {
-    return this.run(seqs, true);
+    return this.run(seqs, 'capture');
+  }
+
+  stepProfile(seqs: StepSequence[]): Promise<StepOutput & { dispatches: DispatchTime[] }> {
+    if (!this.gpu.features.has('timestamp-query')) return Promise.reject(new Error('stepProfile: this adapter has no timestamp queries'));
+    this.profiler ??= new StepProfiler(this.gpu.device);
+    return this.run(seqs, 'profile');
   }
 
   submitChunks: number;
@@ -450,7 +460,8 @@ class GpuRunner implements GpuModelRunner {
     return set;
   }
 
-  private async run(seqs: StepSequence[], capture: boolean): Promise<CaptureStep & StepOutput> {
+  private async run(seqs: StepSequence[], mode: 'step' | 'capture' | 'profile'): Promise<CaptureStep & StepOutput & { dispatches: DispatchTime[] }> {
+    const capture = mode === 'capture';
     if (this.busy) throw new Error('step: the previous step of this runner has not finished; steps run one at a time');
     this.validate(seqs);
     const meta = buildStepMeta(seqs, {
@@ -461,7 +472,7 @@ class GpuRunner implements GpuModelRunner {
     });
     const vocab = this.config.vocabSize;
     const nLayers = this.layers.length;
-    if (meta.nRows === 0) return { logits: new Float32Array(0), argmax: new Uint32Array(0), attnInputs: capture ? this.layers.map(() => new Float32Array(0)) : [] };
+    if (meta.nRows === 0) return { logits: new Float32Array(0), argmax: new Uint32Array(0), attnInputs: capture ? this.layers.map(() => new Float32Array(0)) : [], dispatches: [] };
     if (meta.nRows > this.capacity.rows || meta.nLogitRows > this.capacity.logitRows || meta.data.length > this.capacity.metaWords) {
       const grow = (need: number, have: number) => (need > have ? Math.max(need, Math.ceil(have * 1.5)) : have);
       this.allocate(
@@ -491,8 +502,9 @@ class GpuRunner implements GpuModelRunner {
       const ops = this.ops!;
       g.device.queue.writeBuffer(a.meta, 0, meta.data);
       this.block.prepare(meta);
-      const timing = capture ? undefined : this.timing;
-      const boundaries = capture ? new Set<number>() : this.submitAfter(nLayers);
+      const timing = mode === 'step' ? this.timing : undefined;
+      const boundaries = mode === 'step' ? this.submitAfter(nLayers) : new Set<number>();
+      const profiling = mode === 'profile' ? this.profiler! : undefined;
       const lastChunkStart = Math.max(-1, ...boundaries) + 1;
       // The step's first pass stamps its beginning and the last pass its end: with several submissions the span includes
       // any wait for the host between them.
@@ -508,7 +520,9 @@ class GpuRunner implements GpuModelRunner {
         return enc.beginComputePass({ label, timestampWrites });
       };
       let enc = g.device.createCommandEncoder({ label: 'decoder step' });
-      let pass = beginPass('decoder step', 0);
+      // Profiling: the ops record into a stand-in that puts each dispatch in a timestamped pass of its own.
+      const profilePass = profiling?.begin(enc);
+      let pass = profilePass ? (profilePass as unknown as GPUComputePassEncoder) : beginPass('decoder step', 0);
       ops.embed.encode(pass, rows);
       for (let l = 0; l < nLayers; l++) {
         ops.attnNorm[l].encode(pass, rows);
@@ -543,6 +557,7 @@ class GpuRunner implements GpuModelRunner {
       const bytes = meta.nFullLogitRows * vocab * 4;
       if (bytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, bytes);
       if (nPicks > 0) enc.copyBufferToBuffer(a.picks, 0, a.picksReadback, 0, nPicks * 4);
+      if (profilePass) profiling!.finish(enc, profilePass);
       if (timing) {
         enc.resolveQuerySet(timing.queries, 0, 2, timing.resolve, 0);
         enc.copyBufferToBuffer(timing.resolve, 0, timing.read, 0, 16);
@@ -567,6 +582,7 @@ class GpuRunner implements GpuModelRunner {
         timing.read.unmap();
         this.lastStepGpuMs = t[1] > t[0] ? Number(t[1] - t[0]) / 1e6 : null;
       }
+      const dispatches = profilePass ? await profiling!.times(profilePass) : [];
       const attnInputs: Float32Array[] = [];
       if (capture) {
         const rb = this.captureReadback!;
@@ -583,7 +599,7 @@ class GpuRunner implements GpuModelRunner {
         rb.unmap();
       }
       g.checkErrors();
-      return { logits, argmax, attnInputs };
+      return { logits, argmax, attnInputs, dispatches };
     } finally {
       this.busy = false;
     }
@@ -618,6 +634,8 @@ class GpuRunner implements GpuModelRunner {
     this.act = undefined;
     this.captureReadback?.destroy();
     this.captureReadback = undefined;
+    this.profiler?.destroy();
+    this.profiler = undefined;
     this.block.destroy();
     this.pool.destroy();
     for (const l of this.layers) {

@@ -3,6 +3,7 @@ import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { createGpuRunner, submitBoundaries } from '../engine/gpu-runner.ts';
+import { summarizeProfile } from '../engine/step-profile.ts';
 import type { ModelRunner, StepSequence } from '../engine/types.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
 import { ReferenceGqa } from '../model/reference/gqa.ts';
@@ -171,7 +172,7 @@ test('submitBoundaries: a short first chunk, then equal parts; never after the l
   }
 });
 
-test('stories260K: a step submitted in several command buffers gives the logits of one submitted whole; the GPU span is timed', async () => {
+test('stories260K: a step submitted in several command buffers gives the logits of one submitted whole; the GPU span is timed; a profiled step times each dispatch', async () => {
   const c = model.config as GqaConfig;
   const tokens = [c.bosId, ...model.tokenizer.encode('The sun was warm and the sky was blue.')];
   const whole = await createGpuRunner(gpu, model, { weightDtype: 'f32', cacheDtype: 'f32', blockSize: 16, numBlocks: 8, submitChunks: 1 });
@@ -186,6 +187,13 @@ test('stories260K: a step submitted in several command buffers gives the logits 
     if (gpu.features.has('timestamp-query')) {
       const ms = split.lastStepGpuMs;
       assert.ok(ms !== null && ms > 0 && ms < 60_000, `GPU span ${ms} ms`);
+      // Profiled: the same logits, one timed entry per dispatch, labelled by pipeline (every layer's norms, GEMVs, …).
+      const prof = await split.stepProfile([next]);
+      assert.deepEqual(prof.logits, await whole.step([next]));
+      assert.ok(prof.dispatches.length >= 1 + 6 * c.nLayers, `${prof.dispatches.length} dispatches`);
+      assert.ok(prof.dispatches.every((d) => d.label.length > 0 && d.label !== '(unlabelled)' && d.ms >= 0 && d.ms < 60_000));
+      const norms = summarizeProfile(prof.dispatches).filter((e) => e.label.startsWith('rmsnorm'));
+      assert.equal(norms.reduce((n, e) => n + e.count, 0), 2 * c.nLayers + 1, 'RMSNorm dispatches: two a layer and the final one');
     }
   } finally {
     whole.destroy();
