@@ -60,7 +60,7 @@ test('embedding gather: f32 and f16 tables, split into pieces, token ids from th
 test('rmsnorm over all rows and over the logit rows only (gather), odd dims', async () => {
   const g = await gpu();
   const seed = freshSeed();
-  for (const dim of [64, 173, 7]) {
+  for (const dim of [64, 173, 7, 1540, 601]) {
     for (const gather of [false, true]) {
       const m = buildStepMeta(stepOf(10, seed), metaOpts);
       const stride = pad8(dim);
