@@ -140,6 +140,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 export function quantizeRowsWgsl(p: { K: number; xStride: number; words: number; rowsSlot: number }): string {
   const steps = p.words / 8;
   const k4 = Math.ceil(p.K / 4);
+  const per = Math.ceil(p.words / 256);
   // Lanes of the last vec4 past K read as zero.
   const masked = (j: string) => (p.K % 4 === 0 ? `x[xb + ${j}]` : `select(vec4<f32>(0.0), x[xb + ${j}], vec4<u32>(4u * ${j}) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(${p.K}u))`);
   return /* wgsl */ `
@@ -155,8 +156,15 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let m = wid.x;
   let live = m < M;
   let xb = min(m, max(M, 1u) - 1u) * ${p.xStride / 4}u;
+  // The row's share of each thread stays in registers between the absmax and the write (one read of x).
+  var v: array<vec4<f32>, ${per}>;
   var a = vec4<f32>(0.0);
-  for (var j = lid; j < ${k4}u; j += 256u) { a = max(a, abs(${masked('j')})); }
+  for (var i = 0u; i < ${per}u; i++) {
+    let j = lid + i * 256u;
+    v[i] = vec4<f32>(0.0);
+    if (j < ${k4}u) { v[i] = ${masked('j')}; }
+    a = max(a, abs(v[i]));
+  }
   red[lid] = max(max(a.x, a.y), max(a.z, a.w));
   workgroupBarrier();
   for (var s = 128u; s > 0u; s >>= 1u) {
@@ -166,10 +174,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let absMax = red[0];
   let inv = select(0.0, 127.0 / absMax, absMax > 0.0);
   if (live) {
-    for (var j = lid; j < ${p.words}u; j += 256u) {
-      var v = vec4<f32>(0.0);
-      if (j < ${k4}u) { v = ${masked('j')}; }
-      xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('m', 'j', steps)}] = pack4xI8(vec4<i32>(clamp(round(v * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
+    for (var i = 0u; i < ${per}u; i++) {
+      let j = lid + i * 256u;
+      if (j < ${p.words}u) {
+        xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('m', 'j', steps)}] = pack4xI8(vec4<i32>(clamp(round(v[i] * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
+      }
     }
     if (lid == 0u) { xScale[m] = absMax / 127.0; }
   }
