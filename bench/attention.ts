@@ -16,11 +16,11 @@
 // variant only, in the "GQA int8" column.
 import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
-import { GqaAttention, maxAttentionChunk, type GqaAttentionTuning } from '../kernels/attention.ts';
+import { GqaAttention, GQA_TARGET_WORKGROUPS, maxAttentionChunk, type GqaAttentionTuning } from '../kernels/attention.ts';
 import { timeGpuPass } from './gpu-timing.ts';
 import { int8RowFormat, type Int8RowFormat } from '../kernels/kv-int8.ts';
 import { dequantizeLatentRowInt8, mlaInt8RowFormat, type MlaInt8RowFormat } from '../kernels/mla-kv-int8.ts';
-import { MlaAttention, DEFAULT_MLA_TUNING, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MlaAttention, DEFAULT_MLA_TUNING, MLA_TARGET_WORKGROUPS, mlaSplit, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { buildStepMeta, type StepMeta } from '../kernels/step-meta.ts';
 import { bindBuffers, f16BitsToF32, gridFor, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 
@@ -90,6 +90,8 @@ function parseArgs(argv: string[]): Args {
 const MLA_VARIANTS: Array<{ name: string; tuning: Partial<MlaAttentionTuning>; chunkScale: number }> = [
   { name: 'wg256 b2', tuning: {}, chunkScale: 1 },
   { name: 'wg256 b2 chunk×2', tuning: {}, chunkScale: 2 },
+  { name: 'wg256 b2 chunk÷2', tuning: {}, chunkScale: 0.5 },
+  { name: 'wg256 b2 chunk÷4', tuning: {}, chunkScale: 0.25 },
   { name: 'wg256 b1', tuning: { tokensPerThread: 1 }, chunkScale: 1 },
   { name: 'wg128 b2', tuning: { workgroupSize: 128 }, chunkScale: 1 },
   { name: 'wg256 b2 14h', tuning: { maxHeadsPerThread: 14 }, chunkScale: 1 },
@@ -311,13 +313,14 @@ function relErr(got: Float32Array, want: Float64Array): number {
 }
 
 /** Decode: one row per sequence at position context − 1. Prefill: every position 0..context − 1 of each sequence. */
-function metaFor(tables: number[][], context: number, poolBlocks: number, parallelHeads: number, maxChunk: number, chunkScale = 1, prefill = false): StepMeta {
+/** The step metadata the runner would build (its chunk from targetWorkgroups), the chunk scaled for a variant. */
+function metaFor(tables: number[][], context: number, poolBlocks: number, parallelHeads: number, maxChunk: number, targetWorkgroups: number, chunkScale = 1, prefill = false): StepMeta {
   const seqs = tables.map((blockTable) =>
     prefill
       ? { tokens: new Array<number>(context).fill(0), startPos: 0, blockTable, logits: 'none' as const }
       : { tokens: [0], startPos: context - 1, blockTable, logits: 'none' as const },
   );
-  const m = buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk });
+  const m = buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, targetWorkgroups });
   if (chunkScale === 1) return m;
   return buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, chunkSize: Math.max(16, Math.min(maxChunk, m.chunkSize * chunkScale)) });
 }
@@ -335,6 +338,7 @@ const GQA_VARIANTS: Array<{ name: string; tuning: Partial<GqaAttentionTuning>; c
   { name: 'wg128 u2', tuning: { workgroupSize: 128 }, chunkScale: 1 },
   { name: 'wg256 u2 chunk×2', tuning: {}, chunkScale: 2 },
   { name: 'wg256 u2 chunk÷2', tuning: {}, chunkScale: 0.5 },
+  { name: 'wg256 u2 chunk÷4', tuning: {}, chunkScale: 0.25 },
   { name: 'wg256 u2 no subgroups', tuning: { useSubgroups: false }, chunkScale: 1 },
 ];
 
@@ -357,7 +361,7 @@ async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
   const results: Measurement[] = [];
   let want: Float64Array | undefined;
   for (const v of variants) {
-    const m = metaFor(tables, context, pool.blocks, N_KV, chunkMax, v.chunkScale, prefill);
+    const m = metaFor(tables, context, pool.blocks, N_KV, chunkMax, GQA_TARGET_WORKGROUPS, v.chunkScale, prefill);
     if (v.chunkScale !== 1 && results.some((x) => x.chunk === m.chunkSize && x.variant.startsWith(v.name.split(' chunk')[0] + ' ('))) continue;
     const meta = uploadArray(gpu, 'meta', m.data);
     const att = new GqaAttention(gpu, shape, layout, { meta, qkv, qkvStride, out, outStride, layerCaches: [pool.buffer] }, v.tuning);
@@ -429,7 +433,7 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
     const shape = { nHeads: N_HEADS, kvLoraRank: R, qkRopeHeadDim: ROPE };
     // The runner's chunk policy (engine/gpu-runner.ts → buildStepMeta), optionally scaled.
     const headSplits = planMlaAttention(shape, { ...DEFAULT_MLA_TUNING, ...v.tuning }).headSplits;
-    const m = metaFor(tables, context, pool.blocks, headSplits, 1 << 16, v.chunkScale, prefill);
+    const m = metaFor(tables, context, pool.blocks, headSplits, 1 << 16, MLA_TARGET_WORKGROUPS, v.chunkScale, prefill);
     const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
@@ -493,18 +497,20 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   const qLatent = uploadArray(gpu, 'qLatent', qLatentData);
   const out = storageBuffer(gpu, 'mla int8 out', batch * outStride * 4);
   const shape = { nHeads: N_HEADS, kvLoraRank: R, qkRopeHeadDim: ROPE };
-  const headSplits = planMlaAttention(shape, DEFAULT_MLA_TUNING).headSplits;
-  const m = metaFor(tables, context, pool.blocks, headSplits, 1 << 16);
-  const meta = uploadArray(gpu, 'meta', m.data);
   const results: Measurement[] = [];
   const outputs = new Map<string, Float32Array>();
   let want: Float64Array | undefined;
   for (const mode of ['tensor-cores', 'tc-scores', 'tc-values', 'emulate', 'off'] as const) {
+    // The split the runner would choose for this kernel (the int8-product kernel: one workgroup per chunk and row).
+    const split = mlaSplit(shape, 'int8', { int8Products: mode });
+    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, 1 << 16, split.targetWorkgroups);
+    const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
       att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode });
     } catch (e) {
       process.stderr.write(`mla int8 ${mode}: ${(e as Error).message}\n`);
+      meta.destroy();
       continue;
     }
     att.prepare(m.nRows, m.maxChunks);
@@ -529,6 +535,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
       maxRelError = relErr(got, want);
     }
     att.destroy();
+    meta.destroy();
     const cacheBytes = batch * context * f.rowWords * 4;
     const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
     results.push({
@@ -556,7 +563,6 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   }
   qLatent.destroy();
   out.destroy();
-  meta.destroy();
   return results;
 }
 

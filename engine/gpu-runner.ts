@@ -1,7 +1,7 @@
 // The GPU step runner: turns one batch of sequences (prefill chunks and decode tokens mixed) into one compute pass.
 import { StepProfiler, type DispatchTime } from './step-profile.ts';
 import type { GpuContext } from '../kernels/device.ts';
-import { GqaAttention, maxAttentionChunk } from '../kernels/attention.ts';
+import { GqaAttention, GQA_TARGET_WORKGROUPS, maxAttentionChunk } from '../kernels/attention.ts';
 import { EmbeddingGather, RmsNorm, Rope, ropeTable, SiluMul } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import type { MatmulTuning } from '../kernels/matmul.ts';
@@ -92,6 +92,8 @@ export interface AttentionBlock {
   readonly maxChunk: number;
   /** Independent heads per row the split-K attention runs (kv heads for GQA), to size the split. */
   readonly parallelHeads: number;
+  /** Workgroups the split-K attention's partial pass aims for (the step's chunk size is chosen from it). */
+  readonly targetWorkgroups: number;
   bind(b: AttentionBindings): void;
   /** Before the step's pass is encoded (grows scratch buffers). */
   prepare(meta: StepMeta): void;
@@ -135,6 +137,7 @@ class GqaBlock implements AttentionBlock {
   readonly outWidth: number;
   readonly maxChunk: number;
   readonly parallelHeads: number;
+  readonly targetWorkgroups = GQA_TARGET_WORKGROUPS;
   private wqkv: LinearWeight[];
   private bqkv: GPUBuffer[];
   private qkvCols: number;
@@ -469,6 +472,7 @@ class GpuRunner implements GpuModelRunner {
       numBlocks: this.numBlocks,
       nKvHeads: this.block.parallelHeads,
       maxChunkSize: this.block.maxChunk,
+      targetWorkgroups: this.block.targetWorkgroups,
     });
     const vocab = this.config.vocabSize;
     const nLayers = this.layers.length;

@@ -12,7 +12,7 @@ import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
-import { DEFAULT_MLA_TUNING, MlaAttention, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MlaAttention, mlaSplit, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { HeadMatmul, uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
@@ -63,6 +63,7 @@ export class MlaBlock implements AttentionBlock {
   readonly outWidth: number;
   readonly maxChunk = 1 << 16;
   readonly parallelHeads: number;
+  readonly targetWorkgroups: number;
   private readonly config: MlaConfig;
   private readonly layers: MlaLayerGpu[];
   private readonly qCols: number;
@@ -96,7 +97,9 @@ export class MlaBlock implements AttentionBlock {
     this.qStride = pad8(this.qCols);
     this.latentStride = pad8(R + r);
     // Workgroups per row along heads in the widest attention variant (what long-context decode runs): sizes the split.
-    this.parallelHeads = planMlaAttention({ nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r }, { ...DEFAULT_MLA_TUNING, ...opts.attentionTuning }).headSplits;
+    const split = mlaSplit({ nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r }, ctx.cacheDtype, opts.attentionTuning);
+    this.parallelHeads = split.parallelHeads;
+    this.targetWorkgroups = split.targetWorkgroups;
     const g = ctx.gpu;
     const dt = ctx.weightDtype;
     // Projections follow the runner's linear dtype (int8 per output channel with --weight-dtype int8); the absorbed

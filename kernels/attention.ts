@@ -18,6 +18,13 @@ export interface GqaShape {
 }
 
 
+/**
+ * Workgroups the GQA partial pass aims for when the step's chunk size is chosen (buildStepMeta's targetWorkgroups).
+ * 1024, not 512: at 32 × 512 tokens, 512 workgroups left half the H200 idle (~55 µs a layer, bench:decode --profile);
+ * at 32 × 4K the chunk stays at its 512-token cap either way.
+ */
+export const GQA_TARGET_WORKGROUPS = 1024;
+
 /** Largest chunk whose scores (g heads × chunk) fit ~16 KiB of workgroup memory; a power of two in [16, 512]. */
 export function maxAttentionChunk(shape: GqaShape): number {
   const g = shape.nHeads / shape.nKvHeads;

@@ -144,6 +144,10 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
   const left = 'subgroup_matrix_left<i8, 32, 16>';
   const right = 'subgroup_matrix_right<i8, 16, 32>';
   const result = 'subgroup_matrix_result<i32, 16, 16>';
+  // Softmax threads: TPH a head, TPT tokens each (whole i32 words of p′).
+  const TPH = WG / HP;
+  const TPT = W / TPH;
+  if (!Number.isInteger(TPH) || TPT % 4 !== 0) throw new Error(`MLA int8-product softmax: ${WG} threads over ${HP} heads × ${W} tokens do not split into whole words`);
   const byte = (arr: string, i: string) => `unpack4xI8(u32(${arr}[(${i}) / 4u]))[(${i}) % 4u]`;
 
   // Phase A: the score tiles (head tile, 16-token half) of a 32-token sub-tile, transposed (token rows, head columns), as
@@ -251,6 +255,14 @@ var<workgroup> alpha: array<f32, ${HP}>;
 var<workgroup> pscale: array<f32, ${HP}>;
 var<workgroup> bounds: vec2<u32>;
 
+fn putRed(i: u32, v: vec2<f32>) {
+  stg[2u * i] = bitcast<i32>(v.x);
+  stg[2u * i + 1u] = bitcast<i32>(v.y);
+}
+fn getRed(i: u32) -> vec2<f32> {
+  return vec2<f32>(bitcast<f32>(stg[2u * i]), bitcast<f32>(stg[2u * i + 1u]));
+}
+
 @compute @workgroup_size(${WG})
 fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(subgroup_id) sgId: u32, ' : ''}@builtin(workgroup_id) wid: vec3<u32>) {
   let c = wid.x;
@@ -303,34 +315,60 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
       workgroupBarrier();
     }
 
-    // Softmax over the window per head; p′ = p · sc_t quantized per head.
-    if (lid < ${HP}u) {
-      let h = lid;
-      var mw = ${NEG_BIG};
-      for (var t = 0u; t < n; t++) { mw = max(mw, sc[h * ${W}u + t]); }
-      let mNew = max(mRun[h], mw);
-      let al = exp(mRun[h] - mNew);
+    // Softmax over the window per head, ${TPH} threads a head and ${TPT} tokens each (tree reductions in stg, free between the phases: f32 pairs as bits); p′ =
+    // p · sc_t quantized per head.
+    {
+      let h = lid / ${TPH}u;
+      let sub = lid % ${TPH}u;
+      let t0 = sub * ${TPT}u;
+      var mx = ${NEG_BIG};
+      for (var i = 0u; i < ${TPT}u; i++) {
+        if (t0 + i < n) { mx = max(mx, sc[h * ${W}u + t0 + i]); }
+      }
+      putRed(lid, vec2<f32>(mx, 0.0));
+      workgroupBarrier();
+      for (var st = ${TPH / 2}u; st > 0u; st >>= 1u) {
+        if (sub < st) { putRed(lid, vec2<f32>(max(getRed(lid).x, getRed(lid + st).x), 0.0)); }
+        workgroupBarrier();
+      }
+      let mOld = mRun[h];
+      let mNew = max(mOld, getRed(h * ${TPH}u).x);
+      var pp: array<f32, ${TPT}>;
       var l = 0.0;
       var pmax = 0.0;
-      for (var t = 0u; t < n; t++) {
-        let pt = exp(sc[h * ${W}u + t] - mNew);
-        l += pt;
-        let pp = pt * tokScale[t].x;
-        pmax = max(pmax, pp);
-        sc[h * ${W}u + t] = pp;
-      }
-      alpha[h] = al;
-      lRun[h] = lRun[h] * al + l;
-      mRun[h] = mNew;
-      pscale[h] = pmax / 127.0;
-      let inv = select(0.0, 127.0 / pmax, pmax > 0.0);
-      for (var q = 0u; q < ${W / 4}u; q++) {
-        var v = vec4<f32>(0.0);
-        for (var i = 0u; i < 4u; i++) {
-          let t = 4u * q + i;
-          if (t < n) { v[i] = sc[h * ${W}u + t] * inv; }
+      for (var i = 0u; i < ${TPT}u; i++) {
+        pp[i] = 0.0;
+        let t = t0 + i;
+        if (t < n) {
+          let pt = exp(sc[h * ${W}u + t] - mNew);
+          l += pt;
+          pp[i] = pt * tokScale[t].x;
+          pmax = max(pmax, pp[i]);
         }
-        pq[h * ${W / 4}u + q] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
+      }
+      workgroupBarrier();
+      putRed(lid, vec2<f32>(l, pmax));
+      workgroupBarrier();
+      for (var st = ${TPH / 2}u; st > 0u; st >>= 1u) {
+        if (sub < st) {
+          let u = getRed(lid);
+          let w = getRed(lid + st);
+          putRed(lid, vec2<f32>(u.x + w.x, max(u.y, w.y)));
+        }
+        workgroupBarrier();
+      }
+      let tot = getRed(h * ${TPH}u);
+      if (sub == 0u) {
+        let al = exp(mOld - mNew);
+        alpha[h] = al;
+        lRun[h] = lRun[h] * al + tot.x;
+        mRun[h] = mNew;
+        pscale[h] = tot.y / 127.0;
+      }
+      let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
+      for (var q = 0u; q < ${TPT / 4}u; q++) {
+        let v = vec4<f32>(pp[4u * q], pp[4u * q + 1u], pp[4u * q + 2u], pp[4u * q + 3u]) * inv;
+        pq[h * ${W / 4}u + t0 / 4u + q] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
       }
     }
     workgroupBarrier();

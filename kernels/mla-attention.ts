@@ -460,6 +460,25 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
+/** Workgroups the MLA partial pass aims for when the step's chunk size is chosen (buildStepMeta's targetWorkgroups). */
+export const MLA_TARGET_WORKGROUPS = 512;
+
+/**
+ * The int8-product kernel runs one workgroup per (chunk, row) for all heads, two 64-token windows in a 128-token
+ * chunk at 32 × 4K with this target (512-token chunks gave 256 workgroups of 8 windows each: 2 per SM).
+ */
+export const MLA_TC_TARGET_WORKGROUPS = 1024;
+
+/**
+ * How a step's context split is sized for the MLA kernel a layout and tuning select: parallel workgroups per row and
+ * chunk (head splits of the f32 kernel, 1 for the int8-product kernel) and the workgroups to aim for.
+ */
+export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: Partial<MlaAttentionTuning> = {}): { parallelHeads: number; targetWorkgroups: number } {
+  const t = { ...DEFAULT_MLA_TUNING, ...tuning };
+  if (cacheDtype === 'int8' && t.int8Products !== 'off') return { parallelHeads: 1, targetWorkgroups: MLA_TC_TARGET_WORKGROUPS };
+  return { parallelHeads: planMlaAttention(shape, t).headSplits, targetWorkgroups: MLA_TARGET_WORKGROUPS };
+}
+
 /** Context tokens per split for the MLA kernel: about `targetWorkgroups` workgroups, at least one tile, a power of two. */
 export function mlaChunkSize(sumCtx: number, plan: MlaAttentionPlan, targetWorkgroups = 528, maxChunk = 1 << 16): number {
   const want = Math.ceil((sumCtx * plan.headSplits) / targetWorkgroups);
