@@ -12,6 +12,7 @@
 //            pick made on the GPU and one id read back per row, as the engine does for plain greedy requests)
 //            --submit-chunks 1,4 (command buffers per step, each configuration timed with each: 1 = the whole step
 //            recorded before the GPU starts; more lets the GPU run the first layers while the host records the rest)
+//            --mla-int8-products off|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or the int8-product one)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches)
 //
@@ -29,6 +30,8 @@ import type { CacheDtype } from '../cache/kv-layout.ts';
 import { writeFileSync } from 'node:fs';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { summarizeProfile } from '../engine/step-profile.ts';
+import { mlaBlockFactory } from '../engine/mla-block.ts';
+import { DEFAULT_MLA_TUNING, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import type { StepSequence } from '../engine/types.ts';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
@@ -48,6 +51,8 @@ interface Args {
   submitChunks: number[];
   /** After each configuration, one step with every dispatch timed on its own (stdout table). */
   profile: boolean;
+  /** MLA over the int8 cache: which attention kernel (MlaAttentionTuning.int8Products). */
+  mlaInt8Products: MlaAttentionTuning['int8Products'];
   prefillChunk: number;
   kvBudget: number;
   ceilingGBs: number;
@@ -90,6 +95,7 @@ function parseArgs(argv: string[]): Args {
     logits: 'full',
     submitChunks: [4],
     profile: false,
+    mlaInt8Products: DEFAULT_MLA_TUNING.int8Products,
     prefillChunk: 512,
     kvBudget: 16 * 2 ** 30,
     ceilingGBs: 4300,
@@ -124,6 +130,11 @@ function parseArgs(argv: string[]): Args {
     }
     else if (k === '--submit-chunks') a.submitChunks = intList(val(), k);
     else if (k === '--profile') a.profile = true;
+    else if (k === '--mla-int8-products') {
+      const v = val();
+      if (v !== 'off' && v !== 'tensor-cores' && v !== 'emulate') throw new Error(`--mla-int8-products is off, tensor-cores or emulate, got ${v}`);
+      a.mlaInt8Products = v;
+    }
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -275,6 +286,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     weightDtype: a.weightDtype,
     cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
+    ...(c.attention === 'mla' ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products } }) } : {}),
   });
   const uploadS = (performance.now() - t1) / 1000;
   try {
