@@ -38,7 +38,10 @@ export interface SubgroupMatrixConfig {
  * allow_unsafe_apis. MLA_SERVE_SAFE_APIS=1 leaves it off (the int8 GEMMs then take the dot4I8Packed path).
  */
 export function defaultDawnFlags(): string[] {
-  return process.env.MLA_SERVE_SAFE_APIS === '1' ? [] : ['enable-dawn-features=allow_unsafe_apis'];
+  // Dawn rounds timestamps down to 2^16 ns by default (timing-attack hardening for browsers): per-dispatch profiles
+  // (runner.stepProfile) came back in steps of 65.5 µs on the H200. Unquantized timestamps only serve measurements.
+  const flags = ['disable-dawn-features=timestamp_quantization'];
+  return process.env.MLA_SERVE_SAFE_APIS === '1' ? flags : ['enable-dawn-features=allow_unsafe_apis', ...flags];
 }
 
 export interface GpuOptions {
