@@ -333,13 +333,12 @@ function figures(args: Args, us: number, cacheBytes: number, flops: number) {
 
 /** GQA kernel variants the benchmark tries (the default first); the table shows the fastest, the variant table all. */
 const GQA_VARIANTS: Array<{ name: string; tuning: Partial<GqaAttentionTuning>; chunkScale: number }> = [
-  { name: 'wg256 u2', tuning: {}, chunkScale: 1 },
-  { name: 'wg256 u4', tuning: { unroll: 4 }, chunkScale: 1 },
-  { name: 'wg128 u2', tuning: { workgroupSize: 128 }, chunkScale: 1 },
-  { name: 'wg256 u2 chunk×2', tuning: {}, chunkScale: 2 },
-  { name: 'wg256 u2 chunk÷2', tuning: {}, chunkScale: 0.5 },
-  { name: 'wg256 u2 chunk÷4', tuning: {}, chunkScale: 0.25 },
-  { name: 'wg256 u2 no subgroups', tuning: { useSubgroups: false }, chunkScale: 1 },
+  { name: 'wg128 u4', tuning: {}, chunkScale: 1 },
+  { name: 'wg256 u4', tuning: { workgroupSize: 256 }, chunkScale: 1 },
+  { name: 'wg128 u4 chunk×2', tuning: {}, chunkScale: 2 },
+  { name: 'wg128 u4 chunk÷2', tuning: {}, chunkScale: 0.5 },
+  { name: 'wg128 u2', tuning: { unroll: 2 }, chunkScale: 1 },
+  { name: 'wg128 u4 no subgroups', tuning: { useSubgroups: false }, chunkScale: 1 },
 ];
 
 async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number, prefill = false): Promise<Measurement[]> {

@@ -148,6 +148,115 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   }
 }
 
+/**
+ * The MLA int8-product kernel's score phase in isolation (kernels/mla-attention-tc.ts: 32 staged cache rows of 576 i8
+ * × 32 query heads, 4 result tiles, latent K 512 and rope K 64 accumulated apart, 8 subgroups): which forms agree with
+ * integer sums on the host. On the H200 the kernel's score phase disagreed with its dot4 form in two layouts.
+ */
+async function probeScoreTiles(gpu: GpuContext): Promise<void> {
+  const RP = 576;
+  const ctBytes = new Int8Array(32 * RP);
+  for (let i = 0; i < ctBytes.length; i++) ctBytes[i] = ((i * 29 + 7) % 31) - 15;
+  const qBytes = new Int8Array(2 * 32 * RP);
+  for (let i = 0; i < qBytes.length; i++) qBytes[i] = ((i * 41 + 3) % 27) - 13;
+  const ctIn = buf(gpu, new Int32Array(ctBytes.buffer));
+  const qq = buf(gpu, new Int32Array(qBytes.buffer));
+  const out = buf(gpu, new Int32Array(4096));
+  const qRow = 1;
+  const dot = (t: number, h: number, k0: number, k1: number) => {
+    let v = 0;
+    for (let k = k0; k < k1; k++) v += ctBytes[t * RP + k] * qBytes[(qRow * 32 + h) * RP + k];
+    return v;
+  };
+  const L = 'subgroup_matrix_left<i8, 32, 16>';
+  const Rt = 'subgroup_matrix_right<i8, 16, 32>';
+  const Res = 'subgroup_matrix_result<i32, 16, 16>';
+  const transposedLooped = `
+  let a = g % 4u;
+  var accL = ${Res}();
+  var accP = ${Res}();
+  for (var kk = 0u; kk < 16u; kk++) {
+    accL = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${L}>(&ct, (a % 2u) * ${16 * RP}u + kk * 32u, false, ${RP}u), subgroupMatrixLoad<${Rt}>(&qq, qByte + (a / 2u) * ${16 * RP}u + kk * 32u, true, ${RP}u), accL);
+  }
+  for (var kk = 0u; kk < 2u; kk++) {
+    accP = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${L}>(&ct, (a % 2u) * ${16 * RP}u + 512u + kk * 32u, false, ${RP}u), subgroupMatrixLoad<${Rt}>(&qq, qByte + (a / 2u) * ${16 * RP}u + 512u + kk * 32u, true, ${RP}u), accP);
+  }
+  subgroupMatrixStore(&stg, g * 512u, accL, false, 16u);
+  subgroupMatrixStore(&stg, g * 512u + 256u, accP, false, 16u);`;
+  const unrolled = (loadsFrom: 'transposed' | 'original') => {
+    const lines = [`let a = g % 4u;`, `var accL = ${Res}();`, `var accP = ${Res}();`];
+    for (let kk = 0; kk < 18; kk++) {
+      const acc = kk < 16 ? 'accL' : 'accP';
+      const off = kk * 32;
+      lines.push(
+        loadsFrom === 'transposed'
+          ? `${acc} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${L}>(&ct, (a % 2u) * ${16 * RP}u + ${off}u, false, ${RP}u), subgroupMatrixLoad<${Rt}>(&qq, qByte + (a / 2u) * ${16 * RP}u + ${off}u, true, ${RP}u), ${acc});`
+          : `${acc} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${L}>(&qq, qByte + (a / 2u) * ${16 * RP}u + ${off}u, false, ${RP}u), subgroupMatrixLoad<${Rt}>(&ct, (a % 2u) * ${16 * RP}u + ${off}u, true, ${RP}u), ${acc});`,
+      );
+    }
+    lines.push('subgroupMatrixStore(&stg, g * 512u, accL, false, 16u);', 'subgroupMatrixStore(&stg, g * 512u + 256u, accP, false, 16u);');
+    return lines.join('\n  ');
+  };
+  // The rope part alone in a fresh accumulator, latent alone: is one of the two sums the wrong one?
+  const variants: Array<[string, string, boolean]> = [
+    ['transposed, runtime loops', transposedLooped, true],
+    ['transposed, unrolled', unrolled('transposed'), true],
+    ['original (q left from storage, cache right column-major from workgroup), unrolled', unrolled('original'), false],
+  ];
+  for (const [name, body, transposed] of variants) {
+    const code = `
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
+@group(0) @binding(0) var<storage, read> ctIn: array<i32>;
+@group(0) @binding(1) var<storage, read> qq: array<i32>;
+@group(0) @binding(2) var<storage, read_write> outv: array<i32>;
+var<workgroup> ct: array<i32, ${(32 * RP) / 4}>;
+var<workgroup> stg: array<i32, 4096>;
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sgId: u32) {
+  for (var i = lid; i < ${(32 * RP) / 4}u; i += 256u) { ct[i] = ctIn[i]; }
+  workgroupBarrier();
+  let g = sgId;
+  let qByte = ${qRow * 32 * RP}u;
+  ${body}
+  workgroupBarrier();
+  for (var i = lid; i < 4096u; i += 256u) { outv[i] = stg[i]; }
+}`;
+    const p = gpu.pipeline(`score tiles ${name}`, code);
+    const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: [ctIn, qq, out].map((buffer, binding) => ({ binding, resource: { buffer } })) });
+    const enc = gpu.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    pass.setPipeline(p);
+    pass.setBindGroup(0, bg);
+    pass.dispatchWorkgroups(1);
+    pass.end();
+    gpu.device.queue.submit([enc.finish()]);
+    const got = await readI32(gpu, out, 4096);
+    gpu.checkErrors();
+    let bad = 0;
+    let first = '';
+    for (let g = 0; g < 8; g++) {
+      const a = g % 4;
+      for (let i = 0; i < 16; i++) {
+        for (let j = 0; j < 16; j++) {
+          // transposed: rows are tokens, columns heads; original: rows heads, columns tokens.
+          const t = (a % 2) * 16 + (transposed ? i : j);
+          const h = Math.floor(a / 2) * 16 + (transposed ? j : i);
+          for (const [part, k0, k1] of [[0, 0, 512], [256, 512, 576]] as const) {
+            const want = dot(t, h, k0, k1);
+            const v = got[g * 512 + part + i * 16 + j];
+            if (v !== want) {
+              bad++;
+              if (!first) first = `subgroup ${g} tile ${a} ${part ? 'rope' : 'latent'} (${i}, ${j}): got ${v}, want ${want}`;
+            }
+          }
+        }
+      }
+    }
+    log(`score tiles, ${name}: ${bad} of ${8 * 512} values wrong${first ? `; first: ${first}` : ''}`);
+  }
+}
+
 async function timePass(gpu: GpuContext, encode: (p: GPUComputePassEncoder) => void): Promise<{ ts: number; wall: number }> {
   const dev = gpu.device;
   const qs = dev.createQuerySet({ type: 'timestamp', count: 2 });
@@ -276,6 +385,9 @@ if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeSubgro
 else log('no subgroup matrix feature');
 if (!gpu.isSoftware && process.argv.includes('--stream')) await probeStream(gpu);
 if (process.argv.includes('--gemm')) await checkGemm(gpu);
-if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeRightLoads(gpu);
+if (gpu.features.has('chromium-experimental-subgroup-matrix')) {
+  await probeRightLoads(gpu);
+  await probeScoreTiles(gpu);
+}
 gpu.destroy();
 releaseGpu();

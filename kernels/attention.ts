@@ -20,10 +20,10 @@ export interface GqaShape {
 
 /**
  * Workgroups the GQA partial pass aims for when the step's chunk size is chosen (buildStepMeta's targetWorkgroups).
- * 1024, not 512: at 32 × 512 tokens, 512 workgroups left half the H200 idle (~55 µs a layer, bench:decode --profile);
- * at 32 × 4K the chunk stays at its 512-token cap either way.
+ * 1024 was tried against 512: at 32 × 512 the partial pass took 91 µs with 64-token chunks against 56 µs with 128
+ * (H200, bench:attention --variants all): fewer, longer chunks win.
  */
-export const GQA_TARGET_WORKGROUPS = 1024;
+export const GQA_TARGET_WORKGROUPS = 512;
 
 /** Largest chunk whose scores (g heads × chunk) fit ~16 KiB of workgroup memory; a power of two in [16, 512]. */
 export function maxAttentionChunk(shape: GqaShape): number {
@@ -84,7 +84,9 @@ export function planGqaAttention(shape: GqaShape, dtype: 'f32' | 'f16' | 'int8',
 }
 
 export function defaultGqaTuning(gpu: GpuContext, shape: GqaShape): GqaAttentionTuning {
-  return { workgroupSize: shape.headDim >= 64 ? 256 : 64, useSubgroups: gpu.features.has('subgroups'), maxLanesPerRow: 16, unroll: 4 };
+  // 128 threads, not 256: on the H200 at 32 × 4K 186 vs 222 µs, at 32 × 512 (64-token chunks) 58 vs 91 µs
+  // (bench:attention --batches 32 --contexts 512,4096 --variants all, 2026-12-04).
+  return { workgroupSize: shape.headDim >= 64 ? 128 : 64, useSubgroups: gpu.features.has('subgroups'), maxLanesPerRow: 16, unroll: 4 };
 }
 
 function partialWgsl(s: GqaShape, layout: PagedRows, qkvStride: number, chunkMax: number, plan: GqaAttentionPlan): string {

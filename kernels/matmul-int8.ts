@@ -544,8 +544,10 @@ export class Int8MatmulOp {
   /** The tensor-core kernel's shape for this weight (kSplit resolved). */
   smShape(rowTiles = SM_ROW_TILES_PER_GROUP): SmGemmShape {
     const t = this.tuning;
-    // About 32 subgroups per SM of an H200-sized GPU (132 SMs): enough loads in flight to stream the weights.
-    const kSplit = t.smKSplit === 'auto' ? autoKSplit(this.weight.rows, t.smSubgroups, t.smColTiles, 4224) : t.smKSplit;
+    // About 128 subgroups per SM of an H200-sized GPU (132 SMs) before K stops splitting: enough loads in flight to
+    // stream the weights. gate_up (2368 column tiles) at 32 rows: K split 8 84 µs, 2 (the old 4224 target) 96 µs
+    // (H200, bench:int8 --all --rows 32 --shapes gate_up,down --spin-ms 500, 2026-12-04).
+    const kSplit = t.smKSplit === 'auto' ? autoKSplit(this.weight.rows, t.smSubgroups, t.smColTiles, 16896) : t.smKSplit;
     // The staged chunk: a multiple of kSplit·unroll steps, halved for 4 row tiles (workgroup memory), 0 to turn it off.
     let stageSteps = 0;
     if (t.smStageSteps > 0) {

@@ -158,27 +158,25 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
   // Every subgroup runs the same number of tile products (a subgroup whose index passes the tile count recomputes one
   // into a spare region): no subgroup-matrix call sits in a branch that splits the workgroup — the kernels verified on
   // the H200 only ever call them in workgroup-uniform control flow. Tile a's result lands in region a either way.
+  // The products are unrolled here (no runtime loop around subgroup-matrix calls, accumulators declared once at function
+  // scope), the shape of phase B, which agrees with the dot4 form on the H200; the looped form of phase A did not.
   const phaseA = products.scores
-    ? `for (var k = 0u; k < ${aPerGroup}u; k++) {
-        let region = g + k * ${G}u;
-        let a = region % ${aTiles}u;
-        let mt = a / 2u;
-        let tn = a % 2u;
-        var accL = ${result}();
-        var accP = ${result}();
-        for (var kk = 0u; kk < ${p.latentPad / 32}u; kk++) {
-          let l = subgroupMatrixLoad<${left}>(&ct, tn * ${16 * p.rowPad}u + kk * 32u, false, ${p.rowPad}u);
-          let rt = subgroupMatrixLoad<${right}>(&qq, qByte + mt * ${16 * p.rowPad}u + kk * 32u, true, ${p.rowPad}u);
-          accL = subgroupMatrixMultiplyAccumulate(l, rt, accL);
-        }
-        for (var kk = 0u; kk < ${p.ropePad / 32}u; kk++) {
-          let l = subgroupMatrixLoad<${left}>(&ct, tn * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, false, ${p.rowPad}u);
-          let rt = subgroupMatrixLoad<${right}>(&qq, qByte + mt * ${16 * p.rowPad}u + ${p.latentPad}u + kk * 32u, true, ${p.rowPad}u);
-          accP = subgroupMatrixMultiplyAccumulate(l, rt, accP);
-        }
-        subgroupMatrixStore(&stg, region * 512u, accL, false, 16u);
-        subgroupMatrixStore(&stg, region * 512u + 256u, accP, false, 16u);
-      }`
+    ? [...Array(aPerGroup).keys()]
+        .map((k) => {
+          const region = `(g + ${k * G}u)`;
+          const prologue = `{
+        let a = ${region} % ${aTiles}u;
+        let lBase = (a % 2u) * ${16 * p.rowPad}u;
+        let qBase = qByte + (a / 2u) * ${16 * p.rowPad}u;
+        accL = ${result}();
+        accP = ${result}();`;
+          const step = (acc: string, off: number) =>
+            `        ${acc} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&ct, lBase + ${off}u, false, ${p.rowPad}u), subgroupMatrixLoad<${right}>(&qq, qBase + ${off}u, true, ${p.rowPad}u), ${acc});`;
+          const lat = [...Array(p.latentPad / 32).keys()].map((kk) => step('accL', kk * 32));
+          const rope = [...Array(p.ropePad / 32).keys()].map((kk) => step('accP', p.latentPad + kk * 32));
+          return [prologue, ...lat, ...rope, `        subgroupMatrixStore(&stg, ${region} * 512u, accL, false, 16u);`, `        subgroupMatrixStore(&stg, ${region} * 512u + 256u, accP, false, 16u);`, '      }'].join('\n');
+        })
+        .join('\n      ')
     : '';
   const scoreInts = products.scores
     ? `let a = (h / 16u) * 2u + t / 16u;
@@ -285,6 +283,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     lRun[lid] = 0.0;
   }
   var o: array<f32, ${KPG * 8}>;
+  ${products.scores ? `var accL: ${result};\n  var accP: ${result};` : ''}
   ${products.values ? '' : `var oi: array<i32, ${KPG * 8}>;`}
 
   for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
