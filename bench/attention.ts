@@ -20,7 +20,7 @@ import { GqaAttention, GQA_TARGET_WORKGROUPS, maxAttentionChunk, type GqaAttenti
 import { timeGpuPass } from './gpu-timing.ts';
 import { int8RowFormat, type Int8RowFormat } from '../kernels/kv-int8.ts';
 import { dequantizeLatentRowInt8, mlaInt8RowFormat, type MlaInt8RowFormat } from '../kernels/mla-kv-int8.ts';
-import { MlaAttention, DEFAULT_MLA_TUNING, MLA_TARGET_WORKGROUPS, mlaSplit, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MlaAttention, DEFAULT_MLA_TUNING, MLA_MAX_CHUNK, MLA_TARGET_WORKGROUPS, mlaSplit, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { buildStepMeta, type StepMeta } from '../kernels/step-meta.ts';
 import { bindBuffers, f16BitsToF32, gridFor, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 
@@ -432,7 +432,7 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
     const shape = { nHeads: N_HEADS, kvLoraRank: R, qkRopeHeadDim: ROPE };
     // The runner's chunk policy (engine/gpu-runner.ts → buildStepMeta), optionally scaled.
     const headSplits = planMlaAttention(shape, { ...DEFAULT_MLA_TUNING, ...v.tuning }).headSplits;
-    const m = metaFor(tables, context, pool.blocks, headSplits, 1 << 16, MLA_TARGET_WORKGROUPS, v.chunkScale, prefill);
+    const m = metaFor(tables, context, pool.blocks, headSplits, MLA_MAX_CHUNK, MLA_TARGET_WORKGROUPS, v.chunkScale, prefill);
     const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
@@ -499,14 +499,24 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   const results: Measurement[] = [];
   const outputs = new Map<string, Float32Array>();
   let want: Float64Array | undefined;
-  for (const mode of ['tensor-cores', 'tc-scores', 'tc-values', 'emulate', 'off'] as const) {
+  // The tensor-core form also with 32-token windows (less workgroup memory: 41 KB instead of 46 KB at these shapes).
+  const forms = [
+    ['tensor-cores', 64],
+    ['tensor-cores', 32],
+    ['tc-scores', 64],
+    ['tc-values', 64],
+    ['emulate', 64],
+    ['off', 64],
+  ] as const;
+  for (const [mode, window] of forms) {
+    const formKey = window === 64 ? mode : `${mode} w${window}`;
     // The split the runner would choose for this kernel (the int8-product kernel: one workgroup per chunk and row).
     const split = mlaSplit(shape, 'int8', { int8Products: mode });
-    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, 1 << 16, split.targetWorkgroups);
+    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, split.targetWorkgroups);
     const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
-      att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode });
+      att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode, int8Window: window });
     } catch (e) {
       process.stderr.write(`mla int8 ${mode}: ${(e as Error).message}\n`);
       meta.destroy();
@@ -515,7 +525,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     att.prepare(m.nRows, m.maxChunks);
     const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks, m.chunkSize));
     const got = await readF32(gpu, out, outStride);
-    outputs.set(mode, got);
+    outputs.set(formKey, got);
     let maxRelError = NaN;
     if (context <= 4096) {
       if (!want) {
@@ -539,7 +549,9 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
     results.push({
       kernel: 'mla-int8', mode: 'decode',
-      variant: mode === 'tensor-cores' ? 'int8 tensor cores' : mode === 'emulate' ? 'int8 dot4' : mode === 'off' ? 'f32 over int8' : `int8 ${mode} only`,
+      variant:
+        (mode === 'tensor-cores' ? 'int8 tensor cores' : mode === 'emulate' ? 'int8 dot4' : mode === 'off' ? 'f32 over int8' : `int8 ${mode} only`) +
+        (window === 64 ? '' : ` w${window}`),
       batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps,
       cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased,
     });
@@ -547,7 +559,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   // Each tensor-core form against the dot4 form (the same integers): ~1e-6 when right; the per-phase forms say which
   // phase of a wrong kernel is wrong.
   const d4 = outputs.get('emulate');
-  for (const [mode, variant] of [['tensor-cores', 'int8 tensor cores'], ['tc-scores', 'int8 tc-scores only'], ['tc-values', 'int8 tc-values only']] as const) {
+  for (const [mode, variant] of [['tensor-cores', 'int8 tensor cores'], ['tensor-cores w32', 'int8 tensor cores w32'], ['tc-scores', 'int8 tc-scores only'], ['tc-values', 'int8 tc-values only']] as const) {
     const tc = outputs.get(mode);
     const row = results.find((r) => r.variant === variant);
     if (!tc || !d4 || !row) continue;

@@ -20,10 +20,11 @@ export interface GqaShape {
 
 /**
  * Workgroups the GQA partial pass aims for when the step's chunk size is chosen (buildStepMeta's targetWorkgroups).
- * 1024 was tried against 512: at 32 × 512 the partial pass took 91 µs with 64-token chunks against 56 µs with 128
- * (H200, bench:attention --variants all): fewer, longer chunks win.
+ * Fewer, longer chunks win on the H200 (bench:attention --batches 32 --contexts 512,4096 --variants all, 2026-12-04):
+ * at 32 × 512 the 128-thread kernel took 58 / 38 / 28 µs with 64- / 128- / 256-token chunks (targets 1024 / 512 /
+ * 256); at 32 × 4K the chunk stays at its 512-token cap (186 µs) and 256-token chunks took 223.
  */
-export const GQA_TARGET_WORKGROUPS = 512;
+export const GQA_TARGET_WORKGROUPS = 256;
 
 /** Largest chunk whose scores (g heads × chunk) fit ~16 KiB of workgroup memory; a power of two in [16, 512]. */
 export function maxAttentionChunk(shape: GqaShape): number {

@@ -37,6 +37,7 @@ const pad = (n: number, m: number) => Math.ceil(n / m) * m;
 
 /** The plan for a shape, or why the int8-product kernel does not take it. */
 export function planMlaTc(nHeads: number, f: MlaInt8RowFormat, window = 64): MlaTcPlan | string {
+  if (!(window >= 32) || window % 32 !== 0) return `window ${window}: a multiple of 32 tokens`;
   if (nHeads > 32) return `${nHeads} heads: the int8-product kernel holds at most 32 heads per workgroup`;
   const headTiles = Math.ceil(nHeads / 16);
   const latentPad = pad(f.kvLoraRank, 32);

@@ -69,6 +69,8 @@ export interface MlaAttentionTuning {
    * disagrees with the dot4 form).
    */
   int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values';
+  /** Tokens per softmax window of the int8-product kernel (a multiple of 32; workgroup memory grows with it). */
+  int8Window: number;
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
@@ -78,6 +80,7 @@ export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
   maxHeadsPerWorkgroup: 32,
   qSliceValues: 0,
   int8Products: 'off',
+  int8Window: 64,
 };
 
 
@@ -460,8 +463,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
-/** Workgroups the MLA partial pass aims for when the step's chunk size is chosen (buildStepMeta's targetWorkgroups). */
-export const MLA_TARGET_WORKGROUPS = 512;
+/**
+ * Workgroups the f32 MLA partial pass aims for when the step's chunk size is chosen (buildStepMeta's targetWorkgroups),
+ * and the largest chunk (MLA_MAX_CHUNK). Longer chunks win on the H200 (bench:attention --batches 32 --contexts
+ * 512,4096 --variants all, 2026-12-04): at 32 × 512, 64-token chunks 124 µs against 238 µs for 32 (target 512); at
+ * 32 × 4K, 512-token chunks 659–729 µs against 782 µs for 256.
+ */
+export const MLA_TARGET_WORKGROUPS = 256;
+export const MLA_MAX_CHUNK = 512;
 
 /**
  * The int8-product kernel runs one workgroup per (chunk, row) for all heads, two 64-token windows in a 128-token
@@ -572,12 +581,12 @@ export class MlaAttention {
       throw new Error(`MLA attention: int8Products ${mode} needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
     }
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
-    const plan = planMlaTc(shape.nHeads, f);
+    const plan = planMlaTc(shape.nHeads, f, this.tuning.int8Window);
     if (typeof plan === 'string') throw new Error(`MLA int8-product attention: ${plan}`);
     if (plan.workgroupBytes > gpu.limits.maxComputeWorkgroupStorageSize) {
       throw new Error(`MLA int8-product attention needs ${plan.workgroupBytes} B of workgroup memory, the device allows ${gpu.limits.maxComputeWorkgroupStorageSize}`);
     }
-    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${mode}`;
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} ${mode} w${plan.window}`;
     return {
       plan,
       tensorCores,

@@ -469,17 +469,18 @@ function int8ProductsReference(res: StepResult, c: Step, chunkSize: number, wind
   return out;
 }
 
-test('mla attention int8 products (the tensor-core arithmetic, dot4 form) vs a float64 model of it; odd R, rope 8, several windows and splits', async () => {
-  for (const [shape, chunkSize, blockSize] of [
-    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4], // R and rope padded to 32 in the staged rows
-    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 128, 5], // windows of 64 inside a split, block size 5
-    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16], // two head tiles
+test('mla attention int8 products (the tensor-core arithmetic, dot4 form) vs a float64 model of it; odd R, rope 8, several windows and splits, windows of 64 and 32', async () => {
+  for (const [shape, chunkSize, blockSize, window] of [
+    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64], // R and rope padded to 32 in the staged rows
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 128, 5, 64], // windows of 64 inside a split, block size 5
+    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16, 64], // two head tiles
+    [{ nHeads: 18, kvLoraRank: 40, qkRopeHeadDim: 8 }, 128, 16, 32], // windows of 32: 4 a split, 4 tokens a softmax thread
   ] as const) {
     const seed = freshSeed();
-    const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning: { int8Products: 'emulate' } };
+    const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning: { int8Products: 'emulate', int8Window: window } };
     const res = await runStep(c, seed);
-    const where = `${JSON.stringify(shape)} chunk ${chunkSize} block ${blockSize} seed ${seed}`;
-    const model = int8ProductsReference(res, c, chunkSize);
+    const where = `${JSON.stringify(shape)} chunk ${chunkSize} block ${blockSize} window ${window} seed ${seed}`;
+    const model = int8ProductsReference(res, c, chunkSize, window);
     // Same integers, but the GPU's f32 exp and scales against float64: a p′ (or q) value that lies at a rounding half
     // can round the other way, moving that head's output by one quantization step of one token (ps·|cq|, up to a few
     // 1e-3 of the largest output when that token's |c| is 64× the window's typical one: seed 1343776503 gave 5.9e-3 at
