@@ -498,6 +498,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   const shape = { nHeads: N_HEADS, kvLoraRank: R, qkRopeHeadDim: ROPE };
   const results: Measurement[] = [];
   const outputs = new Map<string, Float32Array>();
+  const partials = new Map<string, { data: Float32Array; chunks: number; ctxChunks: number }>();
   let want: Float64Array | undefined;
   // The tensor-core form also with 32-token windows (less workgroup memory: 41 KB instead of 46 KB at these shapes).
   const forms = [
@@ -526,6 +527,8 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks, m.chunkSize));
     const got = await readF32(gpu, out, outStride);
     outputs.set(formKey, got);
+    // Row 0's split partials (m and l depend only on the scores): which heads and chunks a wrong form gets wrong.
+    partials.set(formKey, { data: await readF32(gpu, att.partialsBuffer!, N_HEADS * m.maxChunks * (R + 2)), chunks: m.maxChunks, ctxChunks: Math.ceil(context / m.chunkSize) });
     let maxRelError = NaN;
     if (context <= 4096) {
       if (!want) {
@@ -570,6 +573,30 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
       mx = Math.max(mx, Math.abs(d4[i]));
     }
     process.stderr.write(`mla int8 b${batch} ctx${context}: ${mode} vs dot4 form max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
+    const pt = partials.get(mode);
+    const pd = partials.get('emulate');
+    if (pt && pd && pt.chunks === pd.chunks) {
+      // m (the split's largest score) and l (Σ exp) of row 0, per head and chunk of the context.
+      const bad: string[] = [];
+      const heads = new Set<number>();
+      const chunks = new Set<number>();
+      for (let h = 0; h < N_HEADS; h++) {
+        for (let c = 0; c < pt.ctxChunks; c++) {
+          const i = (h * pt.chunks + c) * (R + 2);
+          const dm = Math.abs(pt.data[i] - pd.data[i]);
+          const dl = Math.abs(pt.data[i + 1] - pd.data[i + 1]) / Math.max(1e-30, Math.abs(pd.data[i + 1]));
+          if (!(dm <= 1e-3 * Math.max(1, Math.abs(pd.data[i])) && dl <= 1e-3)) {
+            heads.add(h);
+            chunks.add(c);
+            if (bad.length < 4) bad.push(`h${h} c${c}: m ${pt.data[i].toPrecision(5)} vs ${pd.data[i].toPrecision(5)}, l ${pt.data[i + 1].toPrecision(5)} vs ${pd.data[i + 1].toPrecision(5)}`);
+          }
+        }
+      }
+      const list = (x: Set<number>) => [...x].sort((a, b) => a - b).join(',');
+      process.stdout.write(
+        `partials ${mode} vs dot4, row 0, ${N_HEADS} heads × ${pt.ctxChunks} chunks: ${heads.size ? `heads [${list(heads)}], chunks [${list(chunks)}] differ; ${bad.join('; ')}` : 'm and l agree'}\n`,
+      );
+    }
     row.variant += ` (vs dot4 ${(d / mx).toExponential(1)})`;
   }
   qLatent.destroy();

@@ -597,6 +597,14 @@ export class MlaAttention {
     };
   }
 
+  /**
+   * The split partials of the last encoded step, [row][head][chunk][m, l, o(R)] f32 (benchmarks compare kernels by
+   * them: m and l depend only on the scores).
+   */
+  get partialsBuffer(): GPUBuffer | undefined {
+    return this.partials;
+  }
+
   /** Context tokens per split this kernel wants for a step whose rows' contexts sum to sumCtx. */
   chunkSizeFor(sumCtx: number, targetWorkgroups?: number): number {
     return mlaChunkSize(sumCtx, this.plan, targetWorkgroups);
