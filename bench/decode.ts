@@ -93,7 +93,7 @@ function parseArgs(argv: string[]): Args {
     steps: 32,
     warmup: 2,
     logits: 'full',
-    submitChunks: [4],
+    submitChunks: [6],
     profile: false,
     mlaInt8Products: DEFAULT_MLA_TUNING.int8Products,
     prefillChunk: 512,

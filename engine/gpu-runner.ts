@@ -44,25 +44,26 @@ export interface GpuRunnerOptions {
    */
   gpuTiming?: boolean;
   /**
-   * Command buffers a step is submitted in (default 4; 1 = the whole step at once). The host records hundreds of
-   * dispatches a step, and Dawn translates them at submit: submitting the first layers early lets the GPU run them
-   * while the host records the rest, instead of idling until the whole step is recorded.
+   * Command buffers a step is submitted in, at most (default 6; 1 = the whole step at once): chunks of 1, 2, 4, …
+   * layers (submitBoundaries). The host records hundreds of dispatches a step, and Dawn translates them at submit:
+   * submitting the first layers early lets the GPU run them while the host records the rest.
    */
   submitChunks?: number;
 }
 
 /**
- * The layers after which a step's command buffer is submitted (the last layer's buffer also carries the head): a short
- * first chunk so the GPU starts soon, the rest in equal parts.
+ * The layers after which a step's command buffer is submitted (the last layer's buffer also carries the head). Chunks
+ * double from one layer: the GPU starts after one layer's recording, and while it runs a chunk the host records the
+ * next, twice as long (recording a layer takes about half the GPU time of a layer at 32 rows on the H200: 4.5 ms of
+ * host for 28 layers against 8.8 ms of GPU). The last of at most `chunks` chunks takes the remaining layers.
  */
 export function submitBoundaries(nLayers: number, chunks: number): Set<number> {
-  const n = Math.max(1, Math.min(Math.floor(chunks), nLayers));
   const out = new Set<number>();
-  if (n === 1) return out;
-  const first = Math.max(1, Math.floor(nLayers / (2 * n)));
-  out.add(first - 1);
-  for (let i = 1; i < n - 1; i++) out.add(first - 1 + Math.round(((nLayers - first) * i) / (n - 1)));
-  out.delete(nLayers - 1);
+  let end = 0;
+  for (let size = 1, k = 1; k < Math.floor(chunks) && end + size < nLayers; k++, size *= 2) {
+    end += size;
+    out.add(end - 1);
+  }
   return out;
 }
 
@@ -325,7 +326,7 @@ class GpuRunner implements GpuModelRunner {
     private ropeTables: Map<number, GPUBuffer>,
   ) {
     this.weightDtype = weightDtype;
-    this.submitChunks = opts.submitChunks ?? 4;
+    this.submitChunks = opts.submitChunks ?? 6;
     const c = config;
     this.adapterName = gpu.adapterName;
     if (opts.gpuTiming && gpu.features.has('timestamp-query')) {
