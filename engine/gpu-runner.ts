@@ -7,6 +7,7 @@ import { KvWrite } from '../kernels/kv-write.ts';
 import type { MatmulTuning } from '../kernels/matmul.ts';
 import { buildStepMeta, HEADER_WORDS, META_LOGIT_ROWS, META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadWeight, type GpuMatrix, type WeightDtype } from '../kernels/tensors.ts';
+import { quantizedActivationBytes } from '../kernels/matmul-int8.ts';
 import { denseDtypeFor, destroyLinear, linearOp, uploadLinear, type LinearDtype, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
 import { GpuKvPool } from '../cache/gpu-pool.ts';
 import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
@@ -73,6 +74,8 @@ export interface AttentionBindings {
   /** Normed layer input [maxRows, xnStride]. */
   xn: GPUBuffer;
   xnStride: number;
+  /** xn quantized per row for int8 W8A8 projections (MatmulBindings.xQuantized), when the weights are int8. */
+  xnQuantized?: { xq: GPUBuffer; xScale: GPUBuffer };
   /** Attention output, the o_proj input [maxRows, outStride]. */
   out: GPUBuffer;
   outStride: number;
@@ -182,7 +185,7 @@ class GqaBlock implements AttentionBlock {
         linearOp(
           gpu,
           w,
-          { meta: b.meta, rowsSlot: META_ROWS, x: b.xn, xStride: b.xnStride, y: this.qkv!, yStride: this.qkvStride, bias: this.bqkv[l] },
+          { meta: b.meta, rowsSlot: META_ROWS, x: b.xn, xStride: b.xnStride, xQuantized: b.xnQuantized, y: this.qkv!, yStride: this.qkvStride, bias: this.bqkv[l] },
           this.ctx.matmulTuning,
         ),
     );
@@ -304,6 +307,8 @@ class GpuRunner implements GpuModelRunner {
   // Sized for capacity.rows / capacity.logitRows / capacity.metaWords; grown on demand.
   private capacity = { rows: 0, logitRows: 0, metaWords: 0 };
   private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback' | 'picks' | 'picksReadback', GPUBuffer> | undefined;
+  /** xn quantized per row by the layer norms for the int8 W8A8 projections that read xn (int8 weights only). */
+  private xnQ: { xq: GPUBuffer; xScale: GPUBuffer; words: number } | undefined;
   private ops: StepOps | undefined;
   /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
   private captureReadback: GPUBuffer | undefined;
@@ -387,11 +392,43 @@ class GpuRunner implements GpuModelRunner {
     this.capacity = { rows, logitRows, metaWords };
     const a = this.act;
     const t = this.opts.matmulTuning;
-    this.block.bind({ meta: a.meta, xn: a.xn, xnStride: this.dimStride, out: a.attn, outStride: this.attnStride, maxRows: rows, layerCaches: this.pool.layerBuffers });
+    // int8 weights: the attention and FFN norms also write xn quantized per row, the input of every W8A8 projection
+    // that reads xn (q/k/v or MLA q and kv_a, gate/up), which then record no quantize dispatch of their own.
+    this.xnQ?.xq.destroy();
+    this.xnQ?.xScale.destroy();
+    this.xnQ = undefined;
+    const gu = this.layers[0]?.wGateUp;
+    if (gu?.dtype === 'int8' && c.dim % 4 === 0) {
+      const words = gu.stride / 4;
+      this.xnQ = {
+        xq: storageBuffer(g, 'normed rows, int8', quantizedActivationBytes(rows, words)),
+        xScale: storageBuffer(g, 'normed rows, int8 scales', Math.max(16, Math.ceil(rows / 16) * 16 * 4)),
+        words,
+      };
+    }
+    const xQuantized = this.xnQ && { xq: this.xnQ.xq, xScale: this.xnQ.xScale };
+    this.block.bind({
+      meta: a.meta,
+      xn: a.xn,
+      xnStride: this.dimStride,
+      ...(xQuantized ? { xnQuantized: xQuantized } : {}),
+      out: a.attn,
+      outStride: this.attnStride,
+      maxRows: rows,
+      layerCaches: this.pool.layerBuffers,
+    });
     const norm = (w: GPUBuffer, gather = false) =>
       new RmsNorm(
         g,
-        { meta: a.meta, x: a.x, xStride: this.dimStride, weight: w, out: gather ? a.xLogit : a.xn, outStride: this.dimStride },
+        {
+          meta: a.meta,
+          x: a.x,
+          xStride: this.dimStride,
+          weight: w,
+          out: gather ? a.xLogit : a.xn,
+          outStride: this.dimStride,
+          ...(this.xnQ && !gather ? { quantized: this.xnQ } : {}),
+        },
         c.dim,
         c.rmsEps,
         gather,
@@ -404,7 +441,7 @@ class GpuRunner implements GpuModelRunner {
         (l) => linearOp(g, l.wo, { meta: a.meta, rowsSlot: META_ROWS, x: a.attn, xStride: this.attnStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
       ),
       gateUp: this.layers.map(
-        (l) => linearOp(g, l.wGateUp, { meta: a.meta, rowsSlot: META_ROWS, x: a.xn, xStride: this.dimStride, y: a.gateUp, yStride: this.gateUpStride }, t),
+        (l) => linearOp(g, l.wGateUp, { meta: a.meta, rowsSlot: META_ROWS, x: a.xn, xStride: this.dimStride, xQuantized, y: a.gateUp, yStride: this.gateUpStride }, t),
       ),
       siluMul: new SiluMul(g, { meta: a.meta, gateUp: a.gateUp, gateUpStride: this.gateUpStride, out: a.h, outStride: this.hiddenStride }, c.hiddenDim),
       down: this.layers.map(
@@ -631,6 +668,8 @@ class GpuRunner implements GpuModelRunner {
 
   destroy(): void {
     if (this.act) for (const b of Object.values(this.act)) b.destroy();
+    this.xnQ?.xq.destroy();
+    this.xnQ?.xScale.destroy();
     if (this.timing) {
       this.timing.queries.destroy();
       this.timing.resolve.destroy();

@@ -169,8 +169,9 @@ export class MlaBlock implements AttentionBlock {
     if (c.qkLatentLayernorm) a.cRaw = storageBuffer(g, 'mla latent rows before kv_a_layernorm', rows * pad8(R) * f);
     this.act = a;
     const t = this.ctx.matmulTuning;
+    // Projections of xn take the norm's int8 rows when the runner has them (int8 weights).
     const mm = (w: LinearWeight, x: GPUBuffer, xStride: number, y: GPUBuffer, yStride: number, bias?: GPUBuffer, yOffset = 0) =>
-      linearOp(g, w, { meta: b.meta, rowsSlot: META_ROWS, x, xStride, y, yStride, yOffset, bias }, t);
+      linearOp(g, w, { meta: b.meta, rowsSlot: META_ROWS, x, xStride, ...(x === b.xn && b.xnQuantized ? { xQuantized: b.xnQuantized } : {}), y, yStride, yOffset, bias }, t);
     const norm = (x: GPUBuffer, xStride: number, weight: GPUBuffer, out: GPUBuffer, outStride: number, dim: number) =>
       new RmsNorm(g, { meta: b.meta, x, xStride, weight, out, outStride }, dim, c.rmsEps);
 

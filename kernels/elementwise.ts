@@ -2,6 +2,7 @@
 import type { GpuContext } from './device.ts';
 import { metaWgsl, META_LOGIT_ROWS, META_ROWS } from './step-meta.ts';
 import { bindBuffers, gridFor, uploadArray, wgslF32, type GpuMatrix } from './tensors.ts';
+import { tiledWordWgsl, XQ_BASE_WORDS } from './matmul-int8.ts';
 import type { RopeLayout } from '../model/config.ts';
 
 const WG = 64;
@@ -85,7 +86,20 @@ export class RmsNorm {
 
   constructor(
     private gpu: GpuContext,
-    b: { meta: GPUBuffer; x: GPUBuffer; xStride: number; weight: GPUBuffer; out: GPUBuffer; outStride: number },
+    b: {
+      meta: GPUBuffer;
+      x: GPUBuffer;
+      xStride: number;
+      weight: GPUBuffer;
+      out: GPUBuffer;
+      outStride: number;
+      /**
+       * Also quantize each normed row for int8 W8A8 consumers (kernels/matmul-int8.ts layout: one scale a row, absmax
+       * / 127, `words` i32 words a row, K padded with zeros): the same bytes the consumers' own quantizer writes from
+       * `out`, so they skip it (MatmulBindings.xQuantized).
+       */
+      quantized?: { xq: GPUBuffer; xScale: GPUBuffer; words: number };
+    },
     readonly dim: number,
     eps: number,
     readonly gatherLogitRows = false,
@@ -98,12 +112,50 @@ export class RmsNorm {
     const L = vec ? 4 : 1;
     const T = vec ? 'vec4<f32>' : 'f32';
     const n = dim / L;
-    const per = Math.ceil(n / NORM_WG);
+    const q = b.quantized;
+    if (q && (!vec || q.words * 4 < dim || q.words % 8 !== 0)) {
+      throw new Error(`rmsnorm: a quantized output needs dim (${dim}) and strides in whole vec4s and ${q.words} words ≥ dim/4 in whole 32-value steps`);
+    }
+    // Registers a thread holds: its vec4s of the row, and for the quantized output the padding words past dim too.
+    const per = Math.ceil((q ? q.words : n) / NORM_WG);
+    const quant = !q
+      ? ''
+      : /* wgsl */ `
+  // Quantized copy: absmax of the normed row (a second reduction through red), then the tiled int8 words.
+  var a = 0.0;
+  for (var i = 0u; i < ${per}u; i++) {
+    let c = lid + i * ${NORM_WG}u;
+    if (c < ${n}u) {
+      let y = abs(v[i]);
+      a = max(a, max(max(y.x, y.y), max(y.z, y.w)));
+    }
+  }
+  workgroupBarrier();
+  red[lid] = a;
+  workgroupBarrier();
+  for (var s = ${NORM_WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+    workgroupBarrier();
+  }
+  let absMax = red[0];
+  let qinv = select(0.0, 127.0 / absMax, absMax > 0.0);
+  if (r < rows) {
+    for (var i = 0u; i < ${per}u; i++) {
+      let j = lid + i * ${NORM_WG}u;
+      if (j < ${q.words}u) {
+        var y = vec4<f32>(0.0);
+        if (j < ${n}u) { y = v[i]; }
+        xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('r', 'j', q.words / 8)}] = pack4xI8(vec4<i32>(clamp(round(y * qinv), vec4<f32>(-127.0), vec4<f32>(127.0))));
+      }
+    }
+    if (lid == 0u) { xScale[r] = absMax / 127.0; }
+  }`;
     const code = /* wgsl */ `
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> x: array<${T}>;
 @group(0) @binding(2) var<storage, read> weight: array<${T}>;
 @group(0) @binding(3) var<storage, read_write> out: array<${T}>;
+${q ? '@group(0) @binding(4) var<storage, read_write> xq: array<u32>;\n@group(0) @binding(5) var<storage, read_write> xScale: array<f32>;' : ''}
 var<workgroup> red: array<f32, ${NORM_WG}>;
 @compute @workgroup_size(${NORM_WG})
 fn main(${builtins}) {
@@ -127,15 +179,21 @@ fn main(${builtins}) {
     workgroupBarrier();
   }
   let inv = inverseSqrt(red[0] / ${dim}.0 + ${wgslF32(eps)});
+  for (var i = 0u; i < ${per}u; i++) {
+    let c = lid + i * ${NORM_WG}u;
+    if (c < ${n}u) { v[i] = v[i] * inv * weight[c]; }
+  }
   if (r < rows) {
     for (var i = 0u; i < ${per}u; i++) {
       let c = lid + i * ${NORM_WG}u;
-      if (c < ${n}u) { out[r * ${b.outStride / L}u + c] = v[i] * inv * weight[c]; }
+      if (c < ${n}u) { out[r * ${b.outStride / L}u + c] = v[i]; }
     }
-  }
+  }${q ? quant : ''}
 }`;
-    const pipeline = gpu.pipeline(`rmsnorm${gatherLogitRows ? ' gather' : ''}`, code);
-    this.d = { pipeline, bindGroup: bindBuffers(gpu, pipeline, 'rmsnorm', [b.meta, b.x, b.weight, b.out]) };
+    const pipeline = gpu.pipeline(`rmsnorm${gatherLogitRows ? ' gather' : ''}${q ? ' + int8 rows' : ''}`, code);
+    const bufs = [b.meta, b.x, b.weight, b.out];
+    if (q) bufs.push(q.xq, q.xScale);
+    this.d = { pipeline, bindGroup: bindBuffers(gpu, pipeline, 'rmsnorm', bufs) };
   }
 
   encode(pass: GPUComputePassEncoder, rows: number): void {

@@ -190,13 +190,22 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
  * Quantized activations start after one all-zero tile (never written): the subgroup-matrix kernel multiplies it in for
  * K steps past the end, so its matrix calls need no branch.
  */
-const XQ_BASE_WORDS = 128;
+export const XQ_BASE_WORDS = 128;
+
+/**
+ * Bytes of a quantized-activation buffer for `rows` rows of `words` i32 words (K padded to 32 values): the zero tile,
+ * then whole groups of row tiles (the tensor-core kernel's last z group loads all of its tiles).
+ */
+export function quantizedActivationBytes(rows: number, words: number): number {
+  const rowTiles = Math.ceil(Math.max(1, rows) / W8A8_TILE_M);
+  return (XQ_BASE_WORDS + Math.ceil(rowTiles / SM_ROW_TILES_PER_GROUP) * SM_ROW_TILES_PER_GROUP * W8A8_TILE_M * words) * 4;
+}
 
 /**
  * WGSL for the word index of (row, word) of the quantized activations: 16-row × 32-value tiles like the weights', but
  * row-tile-major (a row tile's K steps in order), `steps` K steps of 32 values per row.
  */
-function tiledWordWgsl(row: string, word: string, steps: number): string {
+export function tiledWordWgsl(row: string, word: string, steps: number): string {
   return `((${row} / 16u) * ${steps}u + ${word} / 8u) * 128u + (${row} % 16u) * 8u + ${word} % 8u`;
 }
 
@@ -517,17 +526,27 @@ export class Int8MatmulOp {
     const cap = rowTiles * W8A8_TILE_M;
     const words = w.stride / 4;
     // Whole groups of SM_ROW_TILES_PER_GROUP tiles: the last z group of the tensor-core kernel loads all of its tiles.
-    const xqBytes = (XQ_BASE_WORDS + Math.ceil(rowTiles / SM_ROW_TILES_PER_GROUP) * SM_ROW_TILES_PER_GROUP * W8A8_TILE_M * words) * 4;
-    if (!this.xq || this.xq.size < xqBytes) {
+    const xqBytes = quantizedActivationBytes(cap, words);
+    const pre = b.xQuantized;
+    if (pre && (pre.xq.size < xqBytes || pre.xScale.size < cap * 4)) {
+      throw new Error(`${w.label}: the pre-quantized input holds fewer than ${cap} rows (${pre.xq.size} B, ${xqBytes} B needed)`);
+    }
+    if (!pre && (!this.xq || this.xq.size < xqBytes)) {
       // Older, smaller scratch buffers stay alive: bind groups built earlier still point at them.
       const usage = GPUBufferUsage.STORAGE;
       this.xq = gpu.device.createBuffer({ label: `${w.label} quantized activations`, size: xqBytes, usage });
       this.xScale = gpu.device.createBuffer({ label: `${w.label} activation scales`, size: Math.max(16, cap * 4), usage });
     }
-    const qp = gpu.pipeline(`quantize rows int8 K${w.cols}`, quantizeRowsWgsl({ K: w.cols, xStride: b.xStride, words, rowsSlot: b.rowsSlot }));
-    const gbufs = [b.meta, this.xq, this.xScale!, w.buffer, w.scales, b.y];
+    const xq = pre ? pre.xq : this.xq!;
+    const xScale = pre ? pre.xScale : this.xScale!;
+    const gbufs = [b.meta, xq, xScale, w.buffer, w.scales, b.y];
     if (b.bias) gbufs.push(b.bias);
-    const quantize: Dispatch = { pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, this.xq, this.xScale!]), grid: [cap, 1, 1] };
+    // With a pre-quantized input the list holds the products alone.
+    const quantize: Dispatch[] = [];
+    if (!pre) {
+      const qp = gpu.pipeline(`quantize rows int8 K${w.cols}`, quantizeRowsWgsl({ K: w.cols, xStride: b.xStride, words, rowsSlot: b.rowsSlot }));
+      quantize.push({ pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, xq, xScale]), grid: [cap, 1, 1] });
+    }
     if (sm) {
       const tilesPerGroup = Math.min(rowTiles, SM_ROW_TILES_PER_GROUP);
       const shape = this.smShape(tilesPerGroup);
@@ -535,10 +554,10 @@ export class Int8MatmulOp {
       const label = `matmul int8 w8a8 sm ${w.rows}x${w.cols} m${tilesPerGroup} s${shape.subgroups} k${shape.kSplit} c${shape.colTilesPerSubgroup} u${shape.unroll} x${shape.stageSteps}`;
       const gp = gpu.pipeline(label, code);
       const [gx, gy] = gridFor(gpu, smGemmWorkgroups(w.rows, shape));
-      return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm`, gbufs), grid: [gx, gy, Math.ceil(rowTiles / tilesPerGroup)] }];
+      return [...quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8 sm`, gbufs), grid: [gx, gy, Math.ceil(rowTiles / tilesPerGroup)] }];
     }
     const gp = gpu.pipeline(`matmul int8 w8a8 ${w.rows}x${w.cols}`, gemmW8A8Wgsl(this.common()));
-    return [quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8`, gbufs), grid: [Math.ceil(w.rows / W8A8_TILE_N), rowTiles, 1] }];
+    return [...quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8`, gbufs), grid: [Math.ceil(w.rows / W8A8_TILE_N), rowTiles, 1] }];
   }
 
   /** The tensor-core kernel's shape for this weight (kSplit resolved). */
@@ -584,7 +603,10 @@ export class Int8MatmulOp {
       list = make();
       this.groups.set(key, list);
     }
-    const picked = stage === 'all' || list.length === 1 ? list : stage === 'quantize' ? list.slice(0, 1) : list.slice(1);
+    // The GEMV is one dispatch; a W8A8 path is [quantize, products], or [products] with a pre-quantized input.
+    const w8a8 = key.startsWith('w8a8');
+    const nq = w8a8 ? list.length - 1 : 0;
+    const picked = stage === 'all' || !w8a8 ? list : stage === 'quantize' ? list.slice(0, nq) : list.slice(nq);
     for (const g of picked) {
       pass.setPipeline(g.pipeline);
       pass.setBindGroup(0, g.bindGroup);

@@ -448,6 +448,12 @@ export interface MatmulBindings {
   bias?: GPUBuffer;
   /** y += result (fused residual add) instead of y = result. */
   accumulate?: boolean;
+  /**
+   * int8 weights only: x already quantized per row in the W8A8 layout (kernels/matmul-int8.ts, written by RmsNorm's
+   * quantized output), sized for every row count this op is encoded for. The W8A8 paths then record no quantize
+   * dispatch; the GEMV path (few rows) still reads x.
+   */
+  xQuantized?: { xq: GPUBuffer; xScale: GPUBuffer };
 }
 
 interface Dispatch {

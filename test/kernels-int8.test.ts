@@ -2,8 +2,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { destroyInt8Matrix, int8At, quantizeInt8Rows, tiledInt8Word, tileInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
-import { Int8MatmulOp, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
-import { fileGpu, freshSeed, randomArray, runMatmulCase } from './kernels-helpers.ts';
+import { Int8MatmulOp, quantizedActivationBytes, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
+import { RmsNorm } from '../kernels/elementwise.ts';
+import { pad8, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
+import { fileGpu, freshSeed, randomArray, runMatmulCase, strided } from './kernels-helpers.ts';
 import { quantizedPart, uploadLinear, destroyLinear } from '../kernels/linear.ts';
 import { readBack } from '../bench/gpu-timing.ts';
 import type { Tensor } from '../model/weights.ts';
@@ -247,5 +249,46 @@ test('int8 bounds are tight enough to catch a wrong weight scale (×1.2, or /255
       assert.ok(Number.isFinite(o.boundRatio), `broken scale ×${scaleFactor}: outputs must still be written (${report(c, o)})`);
       assert.ok(o.boundRatio > 1, `a broken scale ×${scaleFactor.toFixed(3)} passed: ${report(c, o)}`);
     }
+  }
+});
+
+test('RmsNorm with int8 rows out = the W8A8 quantizer over its f32 rows: identical products (W8A8 and GEMV paths), K padded', async () => {
+  const g = await gpu();
+  const seed = freshSeed();
+  // 72 values: 24 words padded to 32 (zero words the norm writes too); 20 and 37 rows take W8A8 here, 3 the GEMV.
+  for (const [M, N, K] of [
+    [20, 40, 72],
+    [37, 33, 128],
+    [3, 16, 72],
+  ] as const) {
+    const where = `M ${M} N ${N} K ${K} seed ${seed}`;
+    const stride = pad8(K);
+    const x = uploadArray(g, 'x', strided(randomArray(M * K, seed + K, 2), M, K, stride, 0));
+    const normW = uploadArray(g, 'norm weight', randomArray(K, seed + 1));
+    const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(M, 0, 1));
+    const weight = uploadInt8Matrix(g, 'test Wq', randomArray(N * K, seed + 2, 0.5), N, K);
+    const words = weight.stride / 4;
+    const q = { xq: storageBuffer(g, 'xq', quantizedActivationBytes(M, words)), xScale: storageBuffer(g, 'xScale', Math.ceil(M / 16) * 64), words };
+    const xn = storageBuffer(g, 'xn', M * stride * 4);
+    const xnPlain = storageBuffer(g, 'xn plain', M * stride * 4);
+    const y = [storageBuffer(g, 'y fused', M * N * 4), storageBuffer(g, 'y own quantizer', M * N * 4)];
+    const fused = new RmsNorm(g, { meta, x, xStride: stride, weight: normW, out: xn, outStride: stride, quantized: q }, K, 1e-5);
+    const plain = new RmsNorm(g, { meta, x, xStride: stride, weight: normW, out: xnPlain, outStride: stride }, K, 1e-5);
+    const b = { meta, rowsSlot: 0, x: xn, xStride: stride, yStride: N };
+    const ops = [new Int8MatmulOp(g, weight, { ...b, y: y[0], xQuantized: q }), new Int8MatmulOp(g, weight, { ...b, y: y[1] })];
+    const enc = g.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    fused.encode(pass, M);
+    plain.encode(pass, M);
+    for (const op of ops) op.encode(pass, M);
+    pass.end();
+    g.device.queue.submit([enc.finish()]);
+    const [a, bb] = [await readF32(g, y[0], M * N), await readF32(g, y[1], M * N)];
+    g.checkErrors();
+    assert.deepEqual(await readF32(g, xn, M * stride), await readF32(g, xnPlain, M * stride), `${where}: the f32 rows are the plain norm's`);
+    assert.ok(a.every(Number.isFinite), `${where}: finite products`);
+    assert.deepEqual(a, bb, `${where}: ${ops[0].path(M)} over the norm's int8 rows = over its own quantizer's`);
+    for (const buf of [x, normW, meta, q.xq, q.xScale, xn, xnPlain, ...y]) buf.destroy();
+    destroyInt8Matrix(weight);
   }
 });
