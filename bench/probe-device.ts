@@ -18,6 +18,22 @@ function buf(gpu: GpuContext, data: Int32Array | Uint32Array): GPUBuffer {
   return b;
 }
 
+/** Compiles `code`, runs one workgroup over `buffers` (bindings 0, 1, …) and reads `n` i32 back from `out`. */
+async function runOneWorkgroup(gpu: GpuContext, label: string, code: string, buffers: GPUBuffer[], out: GPUBuffer, n: number): Promise<Int32Array> {
+  const p = gpu.pipeline(label, code);
+  const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } })) });
+  const enc = gpu.device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  pass.setPipeline(p);
+  pass.setBindGroup(0, bg);
+  pass.dispatchWorkgroups(1);
+  pass.end();
+  gpu.device.queue.submit([enc.finish()]);
+  const got = await readI32(gpu, out, n);
+  gpu.checkErrors();
+  return got;
+}
+
 async function probeSubgroupMatrix(gpu: GpuContext): Promise<void> {
   // A: 64 rows × 128 i8 per row (row-major), B stored as [n][k] (so B as right matrix is column-major), i8 values.
   const rowsA = 64, colsA = 128;
@@ -121,17 +137,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   subgroupMatrixStore(&c, 0u, acc, false, 16u);
 }`;
     const layout = colMajor ? 'column-major' : 'row-major';
-    const p = gpu.pipeline(`sm right ${layout} ${where} ${offB} ${strideB}`, code);
-    const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: [a, b, c].map((buffer, binding) => ({ binding, resource: { buffer } })) });
-    const enc = gpu.device.createCommandEncoder();
-    const pass = enc.beginComputePass();
-    pass.setPipeline(p);
-    pass.setBindGroup(0, bg);
-    pass.dispatchWorkgroups(1);
-    pass.end();
-    gpu.device.queue.submit([enc.finish()]);
-    const got = await readI32(gpu, c, 256);
-    gpu.checkErrors();
+    const got = await runOneWorkgroup(gpu, `sm right ${layout} ${where} ${offB} ${strideB}`, code, [a, b, c], c, 256);
     const hyp: string[] = [];
     for (const [oName, oMul] of [['off i8', 1], ['off i32', 4]] as const) {
       for (const [sName, sMul] of [['stride i8', 1], ['stride i32', 4]] as const) {
@@ -222,17 +228,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sgId: u
   workgroupBarrier();
   for (var i = lid; i < 4096u; i += 256u) { outv[i] = stg[i]; }
 }`;
-    const p = gpu.pipeline(`score tiles ${name}`, code);
-    const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: [ctIn, qq, out].map((buffer, binding) => ({ binding, resource: { buffer } })) });
-    const enc = gpu.device.createCommandEncoder();
-    const pass = enc.beginComputePass();
-    pass.setPipeline(p);
-    pass.setBindGroup(0, bg);
-    pass.dispatchWorkgroups(1);
-    pass.end();
-    gpu.device.queue.submit([enc.finish()]);
-    const got = await readI32(gpu, out, 4096);
-    gpu.checkErrors();
+    const got = await runOneWorkgroup(gpu, `score tiles ${name}`, code, [ctIn, qq, out], out, 4096);
     let bad = 0;
     let first = '';
     for (let g = 0; g < 8; g++) {
