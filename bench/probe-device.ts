@@ -18,8 +18,12 @@ function buf(gpu: GpuContext, data: Int32Array | Uint32Array): GPUBuffer {
   return b;
 }
 
-/** Compiles `code`, runs one workgroup over `buffers` (bindings 0, 1, …) and reads `n` i32 back from `out`. */
+/**
+ * Compiles `code`, runs one workgroup over `buffers` (bindings 0, 1, …) and reads `n` i32 back from `out`; a
+ * validation error of the pipeline or the dispatch is thrown with its message.
+ */
 async function runOneWorkgroup(gpu: GpuContext, label: string, code: string, buffers: GPUBuffer[], out: GPUBuffer, n: number): Promise<Int32Array> {
+  gpu.device.pushErrorScope('validation');
   const p = gpu.pipeline(label, code);
   const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } })) });
   const enc = gpu.device.createCommandEncoder();
@@ -29,6 +33,8 @@ async function runOneWorkgroup(gpu: GpuContext, label: string, code: string, buf
   pass.dispatchWorkgroups(1);
   pass.end();
   gpu.device.queue.submit([enc.finish()]);
+  const err = await gpu.device.popErrorScope();
+  if (err) throw new Error(`validation: ${err.message}`);
   const got = await readI32(gpu, out, n);
   gpu.checkErrors();
   return got;
@@ -63,20 +69,7 @@ fn main() {
   subgroupMatrixStore(&c, 0u, acc, false, 16u);`}
 }`;
     try {
-      gpu.device.pushErrorScope('validation');
-      const p = gpu.pipeline(`sm probe ${offA} ${strideA}`, code);
-      const bg = gpu.device.createBindGroup({ layout: p.getBindGroupLayout(0), entries: [a, b, c].map((buffer, binding) => ({ binding, resource: { buffer } })) });
-      const enc = gpu.device.createCommandEncoder();
-      const pass = enc.beginComputePass();
-      pass.setPipeline(p);
-      pass.setBindGroup(0, bg);
-      pass.dispatchWorkgroups(1);
-      pass.end();
-      gpu.device.queue.submit([enc.finish()]);
-      const err = await gpu.device.popErrorScope();
-      if (err) { log(`sm ${offA}/${strideA}: validation ${err.message}`); continue; }
-      const got = await readI32(gpu, c, 256);
-      gpu.checkErrors();
+      const got = await runOneWorkgroup(gpu, `sm probe ${offA} ${strideA}`, code, [a, b, c], c, 256);
       // Hypotheses: offset counted in i8 (h8) or in i32 words (h32); stride counted in i8 (s8) or i32 (s32).
       const hyp: string[] = [];
       for (const [oName, oBytes] of [['off i8', offA], ['off i32', offA * 4]] as const) {
