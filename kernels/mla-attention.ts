@@ -62,8 +62,9 @@ export interface MlaAttentionTuning {
   qSliceValues: number;
   /**
    * Over an int8 latent cache: 'off' (default) keeps the f32 kernel that unpacks int8 values; 'tensor-cores' runs the
-   * int8-product kernel (kernels/mla-attention-tc.ts) on i8 subgroup matrices — experimental: on the H200 it disagreed
-   * with its own dot4 form (relative 1.0) and took 4.3 ms at 32 × 4K, so nothing selects it by default; 'emulate'
+   * int8-product kernel (kernels/mla-attention-tc.ts) on i8 subgroup matrices — experimental: on the H200 its score
+   * products disagree with its own dot4 form (0.8–1.3 of max |y|; the value products agree exactly, and the score
+   * tiles alone agree in bench/probe-device.ts), and it took ~1.2 ms at 32 × 4K, so nothing selects it by default; 'emulate'
    * runs that kernel's integer arithmetic with dot4I8Packed (tests, and the reference the tensor-core form must match);
    * 'tc-scores' / 'tc-values' run only the score or only the value products on tensor cores (to find which phase
    * disagrees with the dot4 form).
