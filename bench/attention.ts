@@ -505,6 +505,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     ['tensor-cores', 64],
     ['tensor-cores', 32],
     ['tc-scores', 64],
+    ['tc-scores-bare', 64],
     ['tc-values', 64],
     ['emulate', 64],
     ['off', 64],
@@ -562,7 +563,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   // Each tensor-core form against the dot4 form (the same integers): ~1e-6 when right; the per-phase forms say which
   // phase of a wrong kernel is wrong.
   const d4 = outputs.get('emulate');
-  for (const [mode, variant] of [['tensor-cores', 'int8 tensor cores'], ['tensor-cores w32', 'int8 tensor cores w32'], ['tc-scores', 'int8 tc-scores only'], ['tc-values', 'int8 tc-values only']] as const) {
+  for (const [mode, variant] of [['tensor-cores', 'int8 tensor cores'], ['tensor-cores w32', 'int8 tensor cores w32'], ['tc-scores', 'int8 tc-scores only'], ['tc-scores-bare', 'int8 tc-scores-bare only'], ['tc-values', 'int8 tc-values only']] as const) {
     const tc = outputs.get(mode);
     const row = results.find((r) => r.variant === variant);
     if (!tc || !d4 || !row) continue;

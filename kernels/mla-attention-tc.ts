@@ -120,6 +120,11 @@ export interface MlaTcProducts {
   scores: boolean;
   /** p′q·cq and the fold into f32 (phase B). */
   values: boolean;
+  /**
+   * Diagnosis only: no value products and no fold (the outputs stay zero), so the split partials' m and l — which
+   * depend on the scores alone — show whether the score phase is right without phase B's registers around it.
+   */
+  skipValues?: boolean;
 }
 
 /**
@@ -129,6 +134,7 @@ export interface MlaTcProducts {
  */
 export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaTcPlan, products: MlaTcProducts): string {
   const tensorCores = products.scores || products.values;
+  const skipB = products.skipValues === true;
   const R = f.kvLoraRank;
   const HP = p.headsPadded;
   const W = p.window;
@@ -235,6 +241,16 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
       }
     }`;
 
+  const phaseBWgsl = `// Phase B: O = Σ_t p′q_t · cq_t over the window's sub-tiles.
+    ${products.values ? ks.map((k) => `var acc${k} = ${result}();`).join('\n    ') : `for (var k = 0u; k < ${KPG * 8}u; k++) { oi[k] = 0i; }`}
+    for (var s = 0u; s < subs; s++) {
+      ${stageWgsl(f, p, WG)}
+      workgroupBarrier();
+      ${phaseB}
+      workgroupBarrier();
+    }
+    ${fold}`;
+
   return /* wgsl */ `${tensorCores ? 'enable chromium_experimental_subgroup_matrix;\ndiagnostic(off, chromium_experimental.subgroup_matrix_uniformity);' : ''}
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> qq: array<i32>;
@@ -285,7 +301,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
   }
   var o: array<f32, ${KPG * 8}>;
   ${products.scores ? `var accL: ${result};\n  var accP: ${result};` : ''}
-  ${products.values ? '' : `var oi: array<i32, ${KPG * 8}>;`}
+  ${products.values || skipB ? '' : `var oi: array<i32, ${KPG * 8}>;`}
 
   for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
     let n = min(${W}u, bnd.y - w0);
@@ -373,15 +389,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     }
     workgroupBarrier();
 
-    // Phase B: O = Σ_t p′q_t · cq_t over the window's sub-tiles.
-    ${products.values ? ks.map((k) => `var acc${k} = ${result}();`).join('\n    ') : `for (var k = 0u; k < ${KPG * 8}u; k++) { oi[k] = 0i; }`}
-    for (var s = 0u; s < subs; s++) {
-      ${stageWgsl(f, p, WG)}
-      workgroupBarrier();
-      ${phaseB}
-      workgroupBarrier();
-    }
-    ${fold}
+    ${skipB ? '// Phase B skipped (diagnosis: m and l only).' : phaseBWgsl}
   }
 
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];

@@ -66,10 +66,12 @@ export interface MlaAttentionTuning {
    * products disagree with its own dot4 form (0.8–1.3 of max |y|; the value products agree exactly, and the score
    * tiles alone agree in bench/probe-device.ts), and it took ~1.2 ms at 32 × 4K, so nothing selects it by default; 'emulate'
    * runs that kernel's integer arithmetic with dot4I8Packed (tests, and the reference the tensor-core form must match);
+   * 'tc-scores-bare' runs the scores on tensor cores and skips the value products (outputs zero; the split partials'
+   * m and l, which depend on the scores alone, show whether the score phase is right on its own: diagnosis only);
    * 'tc-scores' / 'tc-values' run only the score or only the value products on tensor cores (to find which phase
    * disagrees with the dot4 form).
    */
-  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values';
+  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare';
   /** Tokens per softmax window of the int8-product kernel (a multiple of 32; workgroup memory grows with it). */
   int8Window: number;
 }
@@ -576,7 +578,11 @@ export class MlaAttention {
     const { gpu, shape, layout } = this;
     const mode = this.tuning.int8Products;
     if (layout.dtype !== 'int8' || mode === 'off') return undefined;
-    const products = { scores: mode === 'tensor-cores' || mode === 'tc-scores', values: mode === 'tensor-cores' || mode === 'tc-values' };
+    const products = {
+      scores: mode === 'tensor-cores' || mode === 'tc-scores' || mode === 'tc-scores-bare',
+      values: mode === 'tensor-cores' || mode === 'tc-values',
+      skipValues: mode === 'tc-scores-bare',
+    };
     const tensorCores = products.scores || products.values;
     if (tensorCores && !mlaTcOnTensorCores(gpu)) {
       throw new Error(`MLA attention: int8Products ${mode} needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
