@@ -1,9 +1,8 @@
 // `mla-serve eval-ppl`: nats/token and perplexity of a model over a text file (BOS-prefixed paragraph chunks), batched runner steps.
 import { readFileSync } from 'node:fs';
-import { parseArgs } from 'node:util';
 import cliProgress from 'cli-progress';
 import { MAX_SEQS_PER_STEP, scoreWithRunner, textChunks } from '../engine/perplexity.ts';
-import { LOCAL_MODEL_OPTIONS, localDtypes, intOption, loadLocalModel, openLocalRunner, UsageError } from './local-runner.ts';
+import { localDtypes, intOption, loadLocalModel, openLocalRunner, parseLocalCommand, UsageError } from './local-runner.ts';
 
 export const EVAL_PPL_USAGE = `usage: mla-serve eval-ppl --model PATH --text FILE [options]
 
@@ -40,44 +39,26 @@ export interface PerplexityFigures {
 }
 
 export async function runEvalPpl(argv: string[]): Promise<number> {
-  let v;
-  try {
-    v = parseArgs({
-      args: argv,
-      allowPositionals: false,
-      options: {
-        ...LOCAL_MODEL_OPTIONS,
-        text: { type: 'string' },
-        'max-len': { type: 'string' },
-        limit: { type: 'string' },
-        'batch-tokens': { type: 'string' },
-      },
-    }).values;
-  } catch (err) {
-    process.stderr.write(`mla-serve eval-ppl: ${(err as Error).message}\n\n${EVAL_PPL_USAGE}`);
-    return 2;
-  }
-  if (v.help) {
-    process.stdout.write(EVAL_PPL_USAGE);
-    return 0;
-  }
-  let opts;
-  try {
-    if (!v.model) throw new UsageError('--model is required');
-    if (!v.text) throw new UsageError('--text is required');
-    opts = {
-      model: v.model,
-      text: v.text,
-      maxLen: v['max-len'] === undefined ? undefined : intOption(v['max-len'], '--max-len', 512, 2),
-      limit: v.limit === undefined ? Infinity : intOption(v.limit, '--limit', 1),
-      batchTokens: intOption(v['batch-tokens'], '--batch-tokens', 2048),
-      ...localDtypes(v),
-    };
-  } catch (err) {
-    if (!(err instanceof UsageError)) throw err;
-    process.stderr.write(`mla-serve eval-ppl: ${err.message}\n\n${EVAL_PPL_USAGE}`);
-    return 2;
-  }
+  const parsed = parseLocalCommand(
+    argv,
+    'eval-ppl',
+    EVAL_PPL_USAGE,
+    { text: { type: 'string' }, 'max-len': { type: 'string' }, limit: { type: 'string' }, 'batch-tokens': { type: 'string' } },
+    (v) => {
+      if (!v.model) throw new UsageError('--model is required');
+      if (!v.text) throw new UsageError('--text is required');
+      return {
+        model: v.model,
+        text: v.text,
+        maxLen: v['max-len'] === undefined ? undefined : intOption(v['max-len'], '--max-len', 512, 2),
+        limit: v.limit === undefined ? Infinity : intOption(v.limit, '--limit', 1),
+        batchTokens: intOption(v['batch-tokens'], '--batch-tokens', 2048),
+        ...localDtypes(v),
+      };
+    },
+  );
+  if (typeof parsed === 'number') return parsed;
+  const { values: v, opts } = parsed;
 
   let text: string;
   try {

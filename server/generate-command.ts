@@ -1,8 +1,7 @@
 // `mla-serve generate`: one prompt through the serving engine, the story streamed to stdout, then a line of figures (or --json).
-import { parseArgs } from 'node:util';
 import { createEngine } from '../engine/engine.ts';
 import type { SamplingParams } from '../engine/types.ts';
-import { LOCAL_MODEL_OPTIONS, localDtypes, intOption, loadLocalModel, numberOption, openLocalRunner, UsageError } from './local-runner.ts';
+import { localDtypes, intOption, loadLocalModel, numberOption, openLocalRunner, parseLocalCommand, UsageError } from './local-runner.ts';
 
 export const GENERATE_USAGE = `usage: mla-serve generate --model PATH [options]
 
@@ -47,52 +46,39 @@ export interface GenerateFigures {
 }
 
 export async function runGenerate(argv: string[]): Promise<number> {
-  let v;
-  try {
-    v = parseArgs({
-      args: argv,
-      allowPositionals: false,
-      options: {
-        ...LOCAL_MODEL_OPTIONS,
-        prompt: { type: 'string' },
-        'max-tokens': { type: 'string' },
-        temperature: { type: 'string' },
-        'top-k': { type: 'string' },
-        'top-p': { type: 'string' },
-        'min-p': { type: 'string' },
-        seed: { type: 'string' },
-        'ignore-eos': { type: 'boolean' },
-        'max-model-len': { type: 'string' },
-      },
-    }).values;
-  } catch (err) {
-    process.stderr.write(`mla-serve generate: ${(err as Error).message}\n\n${GENERATE_USAGE}`);
-    return 2;
-  }
-  if (v.help) {
-    process.stdout.write(GENERATE_USAGE);
-    return 0;
-  }
-  let opts;
-  try {
-    if (!v.model) throw new UsageError('--model is required');
-    opts = {
-      model: v.model,
-      prompt: v.prompt ?? '',
-      maxTokens: intOption(v['max-tokens'], '--max-tokens', 256),
-      temperature: numberOption(v.temperature, '--temperature', 1, (x) => x >= 0, '>= 0'),
-      topK: intOption(v['top-k'], '--top-k', -1, -1),
-      topP: numberOption(v['top-p'], '--top-p', 1, (x) => x > 0 && x <= 1, 'in (0, 1]'),
-      minP: numberOption(v['min-p'], '--min-p', 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
-      seed: v.seed === undefined ? undefined : intOption(v.seed, '--seed', 0, Number.MIN_SAFE_INTEGER),
-      ...localDtypes(v),
-      maxModelLen: v['max-model-len'] === undefined ? undefined : intOption(v['max-model-len'], '--max-model-len', 0),
-    };
-  } catch (err) {
-    if (!(err instanceof UsageError)) throw err;
-    process.stderr.write(`mla-serve generate: ${err.message}\n\n${GENERATE_USAGE}`);
-    return 2;
-  }
+  const parsed = parseLocalCommand(
+    argv,
+    'generate',
+    GENERATE_USAGE,
+    {
+      prompt: { type: 'string' },
+      'max-tokens': { type: 'string' },
+      temperature: { type: 'string' },
+      'top-k': { type: 'string' },
+      'top-p': { type: 'string' },
+      'min-p': { type: 'string' },
+      seed: { type: 'string' },
+      'ignore-eos': { type: 'boolean' },
+      'max-model-len': { type: 'string' },
+    },
+    (v) => {
+      if (!v.model) throw new UsageError('--model is required');
+      return {
+        model: v.model,
+        prompt: v.prompt ?? '',
+        maxTokens: intOption(v['max-tokens'], '--max-tokens', 256),
+        temperature: numberOption(v.temperature, '--temperature', 1, (x) => x >= 0, '>= 0'),
+        topK: intOption(v['top-k'], '--top-k', -1, -1),
+        topP: numberOption(v['top-p'], '--top-p', 1, (x) => x > 0 && x <= 1, 'in (0, 1]'),
+        minP: numberOption(v['min-p'], '--min-p', 0, (x) => x >= 0 && x <= 1, 'in [0, 1]'),
+        seed: v.seed === undefined ? undefined : intOption(v.seed, '--seed', 0, Number.MIN_SAFE_INTEGER),
+        ...localDtypes(v),
+        maxModelLen: v['max-model-len'] === undefined ? undefined : intOption(v['max-model-len'], '--max-model-len', 0),
+      };
+    },
+  );
+  if (typeof parsed === 'number') return parsed;
+  const { values: v, opts } = parsed;
 
   const model = await loadLocalModel(opts.model, { tokenizer: v.tokenizer, maxSeqLen: opts.maxModelLen });
   const tok = model.tokenizer;

@@ -1,4 +1,5 @@
 // What `generate` and `eval-ppl` share: option parsing helpers, loading a model, and opening its runner (GPU, or the CPU reference).
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { CpuRunner } from '../engine/cpu-runner.ts';
 import type { ModelRunner } from '../engine/types.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
@@ -16,6 +17,44 @@ export const LOCAL_MODEL_OPTIONS = {
   json: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
 } as const;
+
+type CommandOptions = NonNullable<ParseArgsConfig['options']>;
+/** The parsed flags of a local-model command: LOCAL_MODEL_OPTIONS and its own. */
+export type LocalCommandValues<O extends CommandOptions> = ReturnType<
+  typeof parseArgs<{ args: string[]; allowPositionals: false; options: typeof LOCAL_MODEL_OPTIONS & O }>
+>['values'];
+
+/**
+ * Parses a local-model command's flags and builds its options with `build` (which throws UsageError for bad values).
+ * --help prints the usage (exit code 0); an unknown flag or a UsageError prints the message and the usage to stderr
+ * (exit code 2). Returns the flags and options, or the exit code.
+ */
+export function parseLocalCommand<O extends CommandOptions, T>(
+  argv: string[],
+  command: string,
+  usage: string,
+  options: O,
+  build: (values: LocalCommandValues<O>) => T,
+): { values: LocalCommandValues<O>; opts: T } | number {
+  let values: LocalCommandValues<O>;
+  try {
+    values = parseArgs({ args: argv, allowPositionals: false, options: { ...LOCAL_MODEL_OPTIONS, ...options } }).values as LocalCommandValues<O>;
+  } catch (err) {
+    process.stderr.write(`mla-serve ${command}: ${(err as Error).message}\n\n${usage}`);
+    return 2;
+  }
+  if ((values as { help?: boolean }).help) {
+    process.stdout.write(usage);
+    return 0;
+  }
+  try {
+    return { values, opts: build(values) };
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    process.stderr.write(`mla-serve ${command}: ${err.message}\n\n${usage}`);
+    return 2;
+  }
+}
 
 /** The weight and KV cache dtypes of a local-model command's parsed flags (f16 unless given). */
 export function localDtypes(values: { 'weight-dtype'?: string; 'kv-cache-dtype'?: string; 'cache-dtype'?: string }): { weightDtype: WeightDtype; cacheDtype: CacheDtype } {
