@@ -28,7 +28,7 @@ async function freePort(): Promise<number> {
 }
 
 async function get(url: string): Promise<{ status: number; text: string }> {
-  const res = await request(url, { signal: AbortSignal.timeout(10_000) });
+  const res = await request(url, { signal: AbortSignal.timeout(60_000) });
   return { status: res.statusCode, text: await res.body.text() };
 }
 
@@ -78,7 +78,7 @@ test('bench against mla-serve serve: no failures, usage-consistent tokens, TTFT 
   );
   child.stderr?.on('data', (c: Buffer) => (stderr += c.toString('utf8')));
   try {
-    await waitHealthy(url, child, () => stderr, 60_000);
+    await waitHealthy(url, child, () => stderr, 300_000);
     const tokensBefore = await generationTokens(url);
 
     let out = '';

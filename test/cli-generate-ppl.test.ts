@@ -13,7 +13,7 @@ const MODEL = '../shared/models/stories260K/stories260K.gguf';
 const TEXT = '../shared/data/tinystories_valid_a.txt';
 
 function cli(args: string[]): { code: number; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, ['bin/mla-serve.js', ...args], { encoding: 'utf8', timeout: 300_000 });
+  const r = spawnSync(process.execPath, ['bin/mla-serve.js', ...args], { encoding: 'utf8', timeout: 900_000 });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
 

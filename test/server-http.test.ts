@@ -30,7 +30,7 @@ after(async () => {
 
 async function post(path: string, body: unknown, headers: Record<string, string> = {}): Promise<{ status: number; headers: Headers; text: string; json: () => unknown }> {
   const res = await fetch(`${base}${path}`, {
-    signal: AbortSignal.timeout(60_000),
+    signal: AbortSignal.timeout(300_000),
     method: 'POST',
     headers: { 'content-type': 'application/json', ...headers },
     body: typeof body === 'string' || body instanceof Uint8Array ? body : JSON.stringify(body),
@@ -61,7 +61,7 @@ async function cliGreedy(engine: TestEngines['engines'][number], prompt: string,
   const source = served.sources[served.engines.indexOf(engine)];
   const args = ['bin/mla-serve.js', 'generate', '--model', source, '--prompt', prompt, '--max-tokens', String(maxTokens), '--temperature', '0', '--json'];
   if (engine.info.config.attention === 'gqa') args.push('--cpu');
-  const { stdout } = await promisify(execFile)(process.execPath, args, { timeout: 120_000 });
+  const { stdout } = await promisify(execFile)(process.execPath, args, { timeout: 600_000 });
   return (JSON.parse(stdout) as { text: string }).text;
 }
 
@@ -390,12 +390,12 @@ test('a client that disconnects mid-stream cancels its request: KV usage rises d
   assert.equal(metricValue(during, 'vllm:num_requests_running', { model_name: GQA }), 1);
   ctl.abort();
   await reader.cancel().catch(() => {});
-  const deadline = performance.now() + 10_000;
+  const deadline = performance.now() + 60_000;
   let m = '';
   for (;;) {
     m = await metricsText();
     if (metricValue(m, 'mla_serve_kv_cache_blocks', { model_name: GQA, state: 'used' }) === 0 && metricValue(m, 'vllm:num_requests_running', { model_name: GQA }) === 0) break;
-    assert.ok(performance.now() < deadline, 'blocks still held 10 s after the client left');
+    assert.ok(performance.now() < deadline, 'blocks still held 60 s after the client left');
     await new Promise((r) => setTimeout(r, 20));
   }
   assert.equal(metricValue(m, 'mla_serve_request_success_total', { model_name: GQA, finish_reason: 'abort' }), aborted0 + 1);
@@ -416,7 +416,7 @@ test('a client that gives up on a non-streamed request cancels it too: blocks fr
     body: JSON.stringify({ model: GQA, prompt: 'Once upon a time', max_tokens: 200, temperature: 0, ignore_eos: true }),
     signal: ctl.signal,
   }).catch((e: Error) => e);
-  const deadline = performance.now() + 20_000;
+  const deadline = performance.now() + 60_000;
   const waitFor = async (what: string, ok: (m: string) => boolean): Promise<string> => {
     for (;;) {
       const m = await metricsText();

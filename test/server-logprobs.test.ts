@@ -54,7 +54,7 @@ interface CompletionChoice {
 }
 
 async function post(path: string, body: unknown): Promise<{ status: number; text: string }> {
-  const res = await fetch(`${base}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), signal: AbortSignal.timeout(60_000) });
+  const res = await fetch(`${base}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body), signal: AbortSignal.timeout(300_000) });
   return { status: res.status, text: await res.text() };
 }
 
