@@ -12,6 +12,9 @@
 //            pick made on the GPU and one id read back per row, as the engine does for plain greedy requests)
 //            --submit-chunks 1,4 (command buffers per step, each configuration timed with each: 1 = the whole step
 //            recorded before the GPU starts; more lets the GPU run the first layers while the host records the rest)
+//            --pipeline off,on (with --logits argmax; each configuration timed each way: on = every step's tokens
+//            are the previous step's picks, taken on the GPU, and step N + 1 is submitted before step N is read back,
+//            so the host records one step while the GPU runs the other; off = one step at a time)
 //            --mla-int8-products off|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or the int8-product one)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches)
@@ -49,6 +52,8 @@ interface Args {
   logits: 'full' | 'argmax';
   /** Command-buffer counts per step to time each configuration with (runner option submitChunks). */
   submitChunks: number[];
+  /** Pipelined (step N + 1 submitted before N is read back, tokens = the previous picks) or one step at a time. */
+  pipeline: boolean[];
   /** After each configuration, one step with every dispatch timed on its own (stdout table). */
   profile: boolean;
   /** MLA over the int8 cache: which attention kernel (MlaAttentionTuning.int8Products). */
@@ -94,6 +99,7 @@ function parseArgs(argv: string[]): Args {
     warmup: 2,
     logits: 'full',
     submitChunks: [6],
+    pipeline: [false],
     profile: false,
     mlaInt8Products: DEFAULT_MLA_TUNING.int8Products,
     prefillChunk: 512,
@@ -129,6 +135,12 @@ function parseArgs(argv: string[]): Args {
       a.logits = v;
     }
     else if (k === '--submit-chunks') a.submitChunks = intList(val(), k);
+    else if (k === '--pipeline') {
+      a.pipeline = val().split(',').map((v) => {
+        if (v !== 'on' && v !== 'off') throw new Error(`--pipeline takes on and/or off, got ${v}`);
+        return v === 'on';
+      });
+    }
     else if (k === '--profile') a.profile = true;
     else if (k === '--mla-int8-products') {
       const v = val();
@@ -217,6 +229,8 @@ interface ConfigResult {
   context: number;
   /** Command buffers each step was submitted in. */
   submitChunks: number;
+  /** Step N + 1 submitted before step N was read back (its tokens the picks of N, on the GPU). */
+  pipelined: boolean;
   /** With --profile: GPU ms per step by pipeline label (one profiled step), largest first. */
   profile?: Array<{ label: string; count: number; ms: number }>;
   steps: number;
@@ -273,7 +287,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
   if (maxCtx + a.warmup + a.steps > c.maxSeqLen) throw new Error(`${name}: context ${maxCtx} + ${a.warmup + a.steps} steps passes its ${c.maxSeqLen}-token context`);
   const bs = a.blockSize;
   const templateBlocks = maxCtx / bs;
-  const perSeq = Math.ceil((maxCtx + (a.warmup + a.steps) * a.submitChunks.length + (a.profile ? 2 : 0)) / bs);
+  const perSeq = Math.ceil((maxCtx + (a.warmup + a.steps) * a.submitChunks.length * a.pipeline.length + (a.profile ? 2 : 0)) / bs);
   const numBlocks = templateBlocks + maxB * perSeq;
   const weightBytes = weightBytesPerStep(m.weights, a.weightDtype);
   log(`${name}: weights generated in ${fmt(generateS)} s (${fmt(weightBytes / GB, 2)} GB of ${a.weightDtype} weights read per step); uploading, KV pool ${numBlocks} blocks × ${bs} tokens`);
@@ -313,26 +327,49 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
         }
         runner.copyBlocks(pairs);
         copied = batch;
-        const step = (s: number) =>
+        const step = (s: number, fromPicks = false) =>
           runner.stepOutput(
             Array.from({ length: batch }, (_, i): StepSequence => ({
               tokens: [tokenAt(i + 1, ctx + s, c.vocabSize, a.seed)],
               startPos: ctx + s,
               blockTable: seqBlocks(i),
               logits: a.logits === 'argmax' ? 'argmax' : 'last',
+              ...(fromPicks ? { previousPick: i } : {}),
             })),
           );
-        // Positions keep growing across the submit-chunk settings; each setting warms up again (new pipelines: none).
+        // Pipelined: the first step's tokens are fixed, every later one's are the picks of the step before, and one
+        // step is always in flight while the next is recorded and submitted.
+        const run = async (from: number, n: number, pipelined: boolean, onDone: () => void) => {
+          if (!pipelined) {
+            for (let s = 0; s < n; s++) {
+              await step(from + s);
+              onDone();
+            }
+            return;
+          }
+          let pending = step(from);
+          for (let s = 1; s < n; s++) {
+            const next = step(from + s, true);
+            await pending;
+            onDone();
+            pending = next;
+          }
+          await pending;
+          onDone();
+        };
+        // Positions keep growing across the settings; each setting warms up again (new pipelines: none).
         let pos = 0;
-        for (const chunks of a.submitChunks) {
+        for (const chunks of a.submitChunks) for (const pipelined of a.pipeline) {
+          if (pipelined && a.logits !== 'argmax') throw new Error('--pipeline on needs --logits argmax (the picks are the next tokens)');
           runner.submitChunks = chunks;
-          for (let s = 0; s < a.warmup; s++) await step(pos++);
+          await run(pos, a.warmup, pipelined, () => {});
+          pos += a.warmup;
           const t = performance.now();
           let gpuMs = 0;
-          for (let s = 0; s < a.steps; s++) {
-            await step(pos++);
+          await run(pos, a.steps, pipelined, () => {
             gpuMs += runner.lastStepGpuMs ?? NaN;
-          }
+          });
+          pos += a.steps;
           const ms = (performance.now() - t) / a.steps;
           // KV read per step: each sequence's cached tokens (ctx plus what warmup and the timed steps add, on average).
           const kvBytesRead = batch * (ctx + pos - a.steps / 2) * runner.kvBytesPerToken;
@@ -342,6 +379,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
             batch,
             context: ctx,
             submitChunks: chunks,
+            pipelined,
             steps: a.steps,
             msPerStep: ms,
             gpuMsPerStep: gpuMs / a.steps,
@@ -436,7 +474,7 @@ async function main(): Promise<void> {
     lines.push(`  ${r.model.padEnd(16)} ${r.attention}  ${r.kvValuesPerTokenPerLayer} values/token/layer, ${r.kvBytesPerToken} B/token → ${r.kvBudgetTokens} tokens${ratio}`);
   }
   lines.push('');
-  const header = ['model', 'attn', 'batch', 'ctx', 'submits', 'ms/step', 'GPU ms', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
+  const header = ['model', 'attn', 'batch', 'ctx', 'submits', 'pipelined', 'ms/step', 'GPU ms', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
   const rows = [header];
   for (const r of results) {
     for (const c of r.configs) {
@@ -446,6 +484,7 @@ async function main(): Promise<void> {
         String(c.batch),
         String(c.context),
         String(c.submitChunks),
+        c.pipelined ? 'yes' : 'no',
         fmt(c.msPerStep, 2),
         fmt(c.gpuMsPerStep, 2),
         fmt(c.tokPerS, 0),

@@ -49,6 +49,8 @@ export class CpuRunner implements ModelRunner {
   }
 
   private readonly weights: ModelWeights;
+  /** The last step's greedy picks (what a later step's previousPick names). */
+  private lastPicks: number[] = [];
 
   async step(seqs: StepSequence[]): Promise<Float32Array> {
     if (seqs.some((s) => s.logits === 'argmax')) throw new Error("step: a sequence asks for 'argmax'; use stepOutput");
@@ -60,6 +62,14 @@ export class CpuRunner implements ModelRunner {
     const c = this.config;
     const rows: Vec[] = [];
     const picks: number[] = [];
+    const previous = this.lastPicks;
+    for (const s of seqs) {
+      if (s.previousPick !== undefined) {
+        if (s.tokens.length !== 1 || !(s.previousPick >= 0 && s.previousPick < previous.length)) {
+          throw new Error(`step: previousPick ${s.previousPick} needs one token and a previous step with more than ${s.previousPick} greedy picks (it had ${previous.length})`);
+        }
+      }
+    }
     for (const s of seqs) {
       const needBlocks = Math.ceil((s.startPos + s.tokens.length) / this.blockSize);
       if (s.blockTable.length < needBlocks) {
@@ -69,7 +79,8 @@ export class CpuRunner implements ModelRunner {
         const pos = s.startPos + i;
         const last = i === s.tokens.length - 1;
         const want = s.logits === 'all' || (last && (s.logits === 'last' || s.logits === 'argmax'));
-        const logits = this.token(s.tokens[i], pos, s.blockTable, want);
+        const token = s.previousPick === undefined ? s.tokens[i] : previous[s.previousPick];
+        const logits = this.token(token, pos, s.blockTable, want);
         // The greedy pick over the f32 values a logits row would have carried (the GPU runner's semantics).
         if (logits && s.logits === 'argmax') picks.push(argmax(Float32Array.from(logits)));
         else if (logits) rows.push(logits);
@@ -77,6 +88,7 @@ export class CpuRunner implements ModelRunner {
     }
     const out = new Float32Array(rows.length * c.vocabSize);
     rows.forEach((r, i) => out.set(r, i * c.vocabSize));
+    this.lastPicks = picks;
     return { logits: out, argmax: Uint32Array.from(picks) };
   }
 

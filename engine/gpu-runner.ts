@@ -306,17 +306,26 @@ class GpuRunner implements GpuModelRunner {
   private attnStride: number;
   // Sized for capacity.rows / capacity.logitRows / capacity.metaWords; grown on demand.
   private capacity = { rows: 0, logitRows: 0, metaWords: 0 };
-  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback' | 'picks' | 'picksReadback', GPUBuffer> | undefined;
+  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback' | 'picks', GPUBuffer> | undefined;
+  /**
+   * Where a step's greedy picks and timestamps come back: two, used in turn, so a step can be submitted while the one
+   * before it is still running or being read back (steps whose tokens are the previous picks, see StepSequence).
+   */
+  private slots: Array<{ picksReadback: GPUBuffer; timing?: { queries: GPUQuerySet; resolve: GPUBuffer; read: GPUBuffer }; busy: boolean }> = [];
+  private nextSlot = 0;
+  /** Steps submitted and not yet read back; capture and profile steps run alone. */
+  private inFlight = 0;
+  private exclusive = false;
+  /** Greedy picks of the last submitted step: what previousPick may name. */
+  private lastSubmittedPicks = 0;
+  private logitsReadbackBusy = false;
   /** xn quantized per row by the layer norms for the int8 W8A8 projections that read xn (int8 weights only). */
   private xnQ: { xq: GPUBuffer; xScale: GPUBuffer; words: number } | undefined;
   private ops: StepOps | undefined;
   /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
   private captureReadback: GPUBuffer | undefined;
   private profiler: StepProfiler | undefined;
-  private busy = false;
   private readonly weightDtype: LinearDtype;
-  /** Timestamp queries around the step's pass (opts.gpuTiming on an adapter with timestamp-query). */
-  private timing: { queries: GPUQuerySet; resolve: GPUBuffer; read: GPUBuffer } | undefined;
   /** GPU time of the last step's compute pass (ms) when opts.gpuTiming is set and the adapter has timestamps. */
   lastStepGpuMs: number | null = null;
 
@@ -334,13 +343,6 @@ class GpuRunner implements GpuModelRunner {
     this.submitChunks = opts.submitChunks ?? 6;
     const c = config;
     this.adapterName = gpu.adapterName;
-    if (opts.gpuTiming && gpu.features.has('timestamp-query')) {
-      this.timing = {
-        queries: gpu.device.createQuerySet({ label: 'step timestamps', type: 'timestamp', count: 2 }),
-        resolve: gpu.device.createBuffer({ label: 'step timestamps resolve', size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC }),
-        read: gpu.device.createBuffer({ label: 'step timestamps read', size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
-      };
-    }
     this.blockSize = block.layout.blockSize;
     this.kvBytesPerToken = block.layout.bytesPerToken;
     const tokensPerSeqBlocks = Math.ceil(c.maxSeqLen / this.blockSize);
@@ -375,6 +377,20 @@ class GpuRunner implements GpuModelRunner {
     const g = this.gpu;
     const c = this.config;
     if (this.act) for (const b of Object.values(this.act)) b.destroy();
+    this.destroySlots();
+    const timed = this.opts.gpuTiming === true && g.features.has('timestamp-query');
+    this.slots = [0, 1].map((i) => ({
+      picksReadback: g.device.createBuffer({ label: `greedy picks readback ${i}`, size: Math.max(16, logitRows * 4), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      // Timestamp queries around the step (opts.gpuTiming on an adapter with timestamp-query).
+      timing: timed
+        ? {
+            queries: g.device.createQuerySet({ label: `step timestamps ${i}`, type: 'timestamp', count: 2 }),
+            resolve: g.device.createBuffer({ label: `step timestamps resolve ${i}`, size: 16, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC }),
+            read: g.device.createBuffer({ label: `step timestamps read ${i}`, size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+          }
+        : undefined,
+      busy: false,
+    }));
     const f = 4;
     this.act = {
       meta: storageBuffer(g, 'step metadata', metaWords * 4),
@@ -387,7 +403,6 @@ class GpuRunner implements GpuModelRunner {
       logits: storageBuffer(g, 'logits', logitRows * c.vocabSize * f),
       readback: g.device.createBuffer({ label: 'logits readback', size: Math.max(16, logitRows * c.vocabSize * f), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
       picks: storageBuffer(g, 'greedy picks', Math.max(16, logitRows * 4)),
-      picksReadback: g.device.createBuffer({ label: 'greedy picks readback', size: Math.max(16, logitRows * 4), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
     };
     this.capacity = { rows, logitRows, metaWords };
     const a = this.act;
@@ -503,8 +518,16 @@ class GpuRunner implements GpuModelRunner {
 
   private async run(seqs: StepSequence[], mode: 'step' | 'capture' | 'profile'): Promise<CaptureStep & StepOutput & { dispatches: DispatchTime[] }> {
     const capture = mode === 'capture';
-    if (this.busy) throw new Error('step: the previous step of this runner has not finished; steps run one at a time');
+    if (this.exclusive) throw new Error(`step: a capture or profile step of this runner has not finished; it runs alone`);
+    if (mode !== 'step' && this.inFlight > 0) throw new Error(`step: ${mode} runs alone, and ${this.inFlight} step(s) of this runner have not finished`);
+    if (this.slots[this.nextSlot].busy) throw new Error('step: two steps of this runner are in flight already; await one first');
     this.validate(seqs);
+    seqs.forEach((s, i) => {
+      if (s.previousPick === undefined) return;
+      if (s.tokens.length !== 1 || !Number.isInteger(s.previousPick) || s.previousPick < 0 || s.previousPick >= this.lastSubmittedPicks) {
+        throw new Error(`step: sequence ${i} takes previousPick ${s.previousPick}: it needs one token and a previous step with more than that many greedy picks (it had ${this.lastSubmittedPicks})`);
+      }
+    });
     const meta = buildStepMeta(seqs, {
       blockSize: this.blockSize,
       numBlocks: this.numBlocks,
@@ -516,6 +539,7 @@ class GpuRunner implements GpuModelRunner {
     const nLayers = this.layers.length;
     if (meta.nRows === 0) return { logits: new Float32Array(0), argmax: new Uint32Array(0), attnInputs: capture ? this.layers.map(() => new Float32Array(0)) : [], dispatches: [] };
     if (meta.nRows > this.capacity.rows || meta.nLogitRows > this.capacity.logitRows || meta.data.length > this.capacity.metaWords) {
+      if (this.inFlight > 0) throw new Error(`step: ${meta.nRows} rows need larger buffers, which cannot be made while a step is in flight; await it first`);
       const grow = (need: number, have: number) => (need > have ? Math.max(need, Math.ceil(have * 1.5)) : have);
       this.allocate(
         grow(meta.nRows, this.capacity.rows),
@@ -537,14 +561,24 @@ class GpuRunner implements GpuModelRunner {
       }
       this.captureReadback = this.gpu.device.createBuffer({ label: 'attention inputs readback', size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
     }
-    this.busy = true;
+    // Picked after any growth: allocate() makes new slots.
+    const slot = this.slots[this.nextSlot];
+    const fullBytes = meta.nFullLogitRows * vocab * 4;
+    if (fullBytes > 0 && this.logitsReadbackBusy) throw new Error('step: the step in flight reads back logits rows; await it before another step that does');
+    slot.busy = true;
+    this.nextSlot = (this.nextSlot + 1) % this.slots.length;
+    this.inFlight++;
+    this.exclusive = mode !== 'step';
+    if (fullBytes > 0) this.logitsReadbackBusy = true;
+    const previousPicks = this.lastSubmittedPicks;
+    this.lastSubmittedPicks = meta.nLogitRows - meta.nFullLogitRows;
     try {
       const g = this.gpu;
       const a = this.act!;
       const ops = this.ops!;
       g.device.queue.writeBuffer(a.meta, 0, meta.data);
       this.block.prepare(meta);
-      const timing = mode === 'step' ? this.timing : undefined;
+      const timing = mode === 'step' ? slot.timing : undefined;
       const boundaries = mode === 'step' ? this.submitAfter(nLayers) : new Set<number>();
       const profiling = mode === 'profile' ? this.profiler! : undefined;
       const lastChunkStart = Math.max(-1, ...boundaries) + 1;
@@ -562,6 +596,29 @@ class GpuRunner implements GpuModelRunner {
         return enc.beginComputePass({ label, timestampWrites });
       };
       let enc = g.device.createCommandEncoder({ label: 'decoder step' });
+      // Tokens that are the previous step's picks: copied on the GPU into the rows' token slots, over the placeholders
+      // writeBuffer put there (queue order: the previous step has written its picks by then). Runs of consecutive rows
+      // taking consecutive picks are one copy.
+      if (seqs.some((s) => s.previousPick !== undefined)) {
+        let row = 0;
+        let run: { row: number; pick: number; n: number } | undefined;
+        const flush = () => {
+          if (run) enc.copyBufferToBuffer(a.picks, run.pick * 4, a.meta, (HEADER_WORDS + run.row) * 4, run.n * 4);
+          run = undefined;
+        };
+        for (const s of seqs) {
+          const k = s.previousPick;
+          if (k !== undefined && k < previousPicks) {
+            if (run && run.row + run.n === row && run.pick + run.n === k) run.n++;
+            else {
+              flush();
+              run = { row, pick: k, n: 1 };
+            }
+          }
+          row += s.tokens.length;
+        }
+        flush();
+      }
       // Profiling: the ops record into a stand-in that puts each dispatch in a timestamped pass of its own.
       const profilePass = profiling?.begin(enc);
       let pass = profilePass ? (profilePass as unknown as GPUComputePassEncoder) : beginPass('decoder step', 0);
@@ -596,9 +653,9 @@ class GpuRunner implements GpuModelRunner {
       }
       pass.end();
       // Only the full rows come back; 'argmax' rows (after them) send their pick.
-      const bytes = meta.nFullLogitRows * vocab * 4;
+      const bytes = fullBytes;
       if (bytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, bytes);
-      if (nPicks > 0) enc.copyBufferToBuffer(a.picks, 0, a.picksReadback, 0, nPicks * 4);
+      if (nPicks > 0) enc.copyBufferToBuffer(a.picks, 0, slot.picksReadback, 0, nPicks * 4);
       if (profilePass) profiling!.finish(enc, profilePass);
       if (timing) {
         enc.resolveQuerySet(timing.queries, 0, 2, timing.resolve, 0);
@@ -614,9 +671,9 @@ class GpuRunner implements GpuModelRunner {
         a.readback.unmap();
       }
       if (nPicks > 0) {
-        await a.picksReadback.mapAsync(GPUMapMode.READ, 0, nPicks * 4);
-        argmax = new Uint32Array(a.picksReadback.getMappedRange(0, nPicks * 4).slice(0));
-        a.picksReadback.unmap();
+        await slot.picksReadback.mapAsync(GPUMapMode.READ, 0, nPicks * 4);
+        argmax = new Uint32Array(slot.picksReadback.getMappedRange(0, nPicks * 4).slice(0));
+        slot.picksReadback.unmap();
       }
       if (timing) {
         await timing.read.mapAsync(GPUMapMode.READ, 0, 16);
@@ -643,7 +700,10 @@ class GpuRunner implements GpuModelRunner {
       g.checkErrors();
       return { logits, argmax, attnInputs, dispatches };
     } finally {
-      this.busy = false;
+      slot.busy = false;
+      this.inFlight--;
+      this.exclusive = false;
+      if (fullBytes > 0) this.logitsReadbackBusy = false;
     }
   }
 
@@ -666,15 +726,21 @@ class GpuRunner implements GpuModelRunner {
     this.pool.copyBlocks(pairs);
   }
 
+  private destroySlots(): void {
+    for (const s of this.slots) {
+      s.picksReadback.destroy();
+      s.timing?.queries.destroy();
+      s.timing?.resolve.destroy();
+      s.timing?.read.destroy();
+    }
+    this.slots = [];
+  }
+
   destroy(): void {
     if (this.act) for (const b of Object.values(this.act)) b.destroy();
     this.xnQ?.xq.destroy();
     this.xnQ?.xScale.destroy();
-    if (this.timing) {
-      this.timing.queries.destroy();
-      this.timing.resolve.destroy();
-      this.timing.read.destroy();
-    }
+    this.destroySlots();
     this.act = undefined;
     this.captureReadback?.destroy();
     this.captureReadback = undefined;

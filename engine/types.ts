@@ -15,6 +15,12 @@ export interface StepSequence {
    * token's greedy choice only (the runner picks it where the logits are, and reads back one id, not a vocab row).
    */
   logits: 'none' | 'last' | 'all' | 'argmax';
+  /**
+   * The token is the previous step's greedy pick number k (its k-th 'argmax' sequence), taken where the pick already
+   * is: on the GPU, so this step can be submitted before the previous one has finished or been read back (tokens is
+   * then [any id]: one token, its value unused). The previous step is the last one submitted to this runner.
+   */
+  previousPick?: number;
 }
 
 /** What a step returns: the logits rows of its 'last'/'all' sequences, and the token of each 'argmax' sequence. */
@@ -35,7 +41,10 @@ export interface ModelRunner {
   readonly adapterName: string;
   /** One batched forward step; logits rows [rows requested, vocab] in sequence order (no 'argmax' sequences). */
   step(seqs: StepSequence[]): Promise<Float32Array>;
-  /** One batched forward step that may hold 'argmax' sequences. */
+  /**
+   * One batched forward step that may hold 'argmax' sequences. A step whose sequences all have previousPick may be
+   * submitted while the step before it is still in flight (at most two in flight; steps complete in order).
+   */
   stepOutput(seqs: StepSequence[]): Promise<StepOutput>;
   /** Copies whole blocks' KV contents (copy-on-write of shared partial blocks). */
   copyBlocks(pairs: Array<[src: number, dst: number]>): void;

@@ -159,6 +159,55 @@ test("stories260K: 'argmax' sequences return the first arg max of the row 'last'
   assert.equal(none.logits.length + none.argmax.length, 0);
 });
 
+test('stories260K: pipelined greedy steps (previousPick, submitted before the previous step is read back) give the ids of one step at a time; misuse is refused', async () => {
+  const c = model.config as GqaConfig;
+  const prompts = ['The cat sat on the mat.', 'Tom had a red ball', 'One day, a big'].map((t) => [c.bosId, ...model.tokenizer.encode(t)]);
+  const STEPS = 10;
+  // One step at a time, tokens sent from the host: the reference ids.
+  const tablesA = prompts.map((_, i) => [70 + 2 * i, 71 + 2 * i]);
+  let picks = (await runner.stepOutput(prompts.map((p, i) => ({ tokens: p, startPos: 0, blockTable: tablesA[i], logits: 'argmax' as const })))).argmax;
+  const want: number[][] = prompts.map((_, i) => [picks[i]]);
+  for (let s = 0; s < STEPS; s++) {
+    picks = (await runner.stepOutput(prompts.map((p, i) => ({ tokens: [picks[i]], startPos: p.length + s, blockTable: tablesA[i], logits: 'argmax' as const })))).argmax;
+    picks.forEach((id, i) => want[i].push(id));
+  }
+  // Pipelined, the sequences in reverse order from the second step on (pick k of the previous step is not row k).
+  const tablesB = prompts.map((_, i) => [80 + 2 * i, 81 + 2 * i]);
+  const order = (s: number) => (s === 0 ? [0, 1, 2] : [2, 1, 0]);
+  const got: number[][] = prompts.map(() => []);
+  const submit = (s: number) => {
+    const prev = s === 0 ? null : order(s - 1);
+    return runner.stepOutput(
+      order(s).map((i) =>
+        s === 0
+          ? { tokens: prompts[i], startPos: 0, blockTable: tablesB[i], logits: 'argmax' as const }
+          : { tokens: [0], previousPick: prev!.indexOf(i), startPos: prompts[i].length + s - 1, blockTable: tablesB[i], logits: 'argmax' as const },
+      ),
+    );
+  };
+  let pending = submit(0);
+  for (let s = 1; s <= STEPS + 1; s++) {
+    const next = s <= STEPS ? submit(s) : null;
+    const out = await pending;
+    order(s - 1).forEach((i, k) => got[i].push(out.argmax[k]));
+    if (!next) break;
+    pending = next;
+  }
+  assert.deepEqual(got, want);
+  assert.ok(new Set(want.flat()).size > 5, 'the continuations should not be one repeated token');
+
+  // Misuse: a third step in flight, a pick the previous step did not make, a capture beside a step in flight.
+  const one = (pos: number, extra: Partial<StepSequence> = {}): StepSequence[] => [{ tokens: [0], previousPick: 0, startPos: pos, blockTable: [90], logits: 'argmax', ...extra }];
+  await runner.stepOutput([{ tokens: [c.bosId], startPos: 0, blockTable: [90], logits: 'argmax' }]);
+  const first = runner.stepOutput(one(1));
+  const second = runner.stepOutput(one(2));
+  await assert.rejects(runner.stepOutput(one(3)), /two steps of this runner are in flight/);
+  await assert.rejects((runner as unknown as { stepCapture(s: StepSequence[]): Promise<unknown> }).stepCapture(one(3, { previousPick: undefined })), /runs alone/);
+  await Promise.all([first, second]);
+  await assert.rejects(runner.stepOutput(one(3, { previousPick: 1 })), /previousPick 1/);
+  await assert.rejects(runner.stepOutput(one(3, { tokens: [0, 0] })), /previousPick 0: it needs one token/);
+});
+
 test('submitBoundaries: chunks of 1, 2, 4, … layers, the last takes the rest; never after the last layer; one chunk = one submit', () => {
   const sorted = (x: Set<number>) => [...x].sort((a, b) => a - b);
   assert.deepEqual(sorted(submitBoundaries(28, 6)), [0, 2, 6, 14]); // 1, 2, 4, 8, 13 layers
