@@ -98,6 +98,27 @@ export class KvCacheManager {
     return true;
   }
 
+  /**
+   * Blocks `reserve` would have to add for the request to hold positions [0, numTokens): what a pipelined step needs.
+   */
+  blocksToReserve(req: KvRequest, numTokens: number): number {
+    return Math.max(0, this.blocksFor(numTokens) - (this.holdings.get(req.requestId)?.blocks.length ?? 0));
+  }
+
+  /**
+   * Makes a request that already holds blocks hold them for positions [0, numTokens), leaving the prefix-cache
+   * bookkeeping alone: for a step planned before the tokens it computes are known (the engine's pipelined decode),
+   * whose full blocks commit() indexes once they are. False, changing nothing, when the pool has too few free blocks.
+   */
+  reserve(req: KvRequest, numTokens: number): boolean {
+    const h = this.holdings.get(req.requestId);
+    if (!h) throw new Error(`request ${req.requestId} holds no KV blocks; reserve extends a running request`);
+    const needed = this.blocksToReserve(req, numTokens);
+    if (needed > this.pool.numFree) return false;
+    if (needed > 0) h.blocks.push(...this.pool.allocate(needed));
+    return true;
+  }
+
   /** After a step: the request's first numComputed tokens are in the cache; index its full blocks for reuse. */
   commit(req: KvRequest, numComputed: number): void {
     const h = this.holdings.get(req.requestId);

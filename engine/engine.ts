@@ -16,6 +16,7 @@ import type {
   PromptTokenLogprob,
   ServingEngine,
   StepObservation,
+  StepOutput,
   StepSequence,
 } from './types.ts';
 
@@ -48,6 +49,25 @@ export interface EngineOptions {
   cacheDtype?: string;
   /** Text delta stream per request, given the prompt as context (default: model/detokenize.ts IncrementalDetokenizer). */
   detokenizer?: (tokenizer: Tokenizer, promptTokens: number[]) => TextDeltaStream;
+  /**
+   * Pipelined decode (default true): while a step of greedy decodes runs, the next one is planned and submitted with
+   * the running step's picks as its tokens (on the device), so the host's recording, detokenizing and streaming
+   * overlap the device instead of alternating with it (vLLM's async scheduling). Admissions wait for a plan made after
+   * results, so it only runs while nothing waiting could be admitted; a row of a request that finished in the step
+   * before is computed and dropped.
+   */
+  pipelineDecode?: boolean;
+}
+
+/** A step handed to the runner and not yet processed. */
+interface SubmittedStep {
+  plan: StepPlan<EngineRequest>;
+  seqs: StepSequence[];
+  /** Per chunk: every row's logits come back (prompt logprobs); the greedy pick comes back instead of a row. */
+  allRows: boolean[];
+  picked: boolean[];
+  submittedAt: number;
+  result: Promise<StepOutput>;
 }
 
 /** The engine's extra figures beyond ServingEngine (tests and the CLI read them). */
@@ -93,6 +113,11 @@ class BatchingEngine implements Engine {
   private readonly live = new Map<string, EngineRequest>();
   private counters = { prefixCacheQueries: 0, prefixCacheHits: 0, promptTokens: 0, generationTokens: 0, steps: 0 };
   private stepping = false;
+  /** The pipelined step submitted behind the one being processed (its tokens are that one's picks). */
+  private next: SubmittedStep | null = null;
+  private readonly pipelineDecode: boolean;
+  private readonly maxNumSeqs: number;
+  private lastStepDoneAt = 0;
   private loopRunning = false;
   private accepting = true;
   private fatal: Error | null = null;
@@ -104,8 +129,10 @@ class BatchingEngine implements Engine {
     this.runner = opts.runner;
     this.pool = new BlockPool(opts.runner.numBlocks);
     this.kv = new KvCacheManager(this.pool, opts.runner.blockSize);
+    this.pipelineDecode = opts.pipelineDecode ?? true;
+    this.maxNumSeqs = opts.maxNumSeqs ?? 256;
     this.scheduler = new Scheduler<EngineRequest>(this.kv, {
-      maxNumSeqs: opts.maxNumSeqs ?? 256,
+      maxNumSeqs: this.maxNumSeqs,
       maxBatchedTokens: opts.maxBatchedTokens ?? 2048,
       maxQueue: opts.maxQueue ?? 1024,
     });
@@ -261,7 +288,7 @@ class BatchingEngine implements Engine {
 
   private async loop(): Promise<void> {
     while (!this.fatal) {
-      if (!this.scheduler.hasWork()) {
+      if (!this.scheduler.hasWork() && !this.next) {
         if (!this.accepting) return;
         await new Promise<void>((resolve) => {
           this.wake = resolve;
@@ -271,6 +298,11 @@ class BatchingEngine implements Engine {
       try {
         await this.step();
       } catch (err) {
+        // A pipelined step behind the failed one still runs on the device: let it end before the runner can go.
+        const behind = this.next;
+        this.next = null;
+        if (behind) await behind.result.catch(() => {});
+        this.stepping = false;
         this.fail(err instanceof Error ? err : new Error(String(err)));
         return;
       }
@@ -280,36 +312,35 @@ class BatchingEngine implements Engine {
   }
 
   private async step(): Promise<void> {
-    const plan = this.scheduler.schedule();
-    if (plan.chunks.length === 0) {
-      if (plan.preempted.length > 0 || this.scheduler.running.length > 0) return;
-      // Nothing runs and the head of the queue still cannot be admitted: fail it rather than spin.
-      const head = this.scheduler.waiting[0];
-      if (head) this.finishWithError(head, new Error(`request ${head.requestId} (${head.tokens.length} tokens) cannot be admitted: the KV pool has ${this.pool.numFree} free blocks of ${this.runner.blockSize} tokens and nothing running to wait for`));
-      return;
+    let current = this.next;
+    this.next = null;
+    if (!current) {
+      const plan = this.scheduler.schedule();
+      if (plan.chunks.length === 0) {
+        if (plan.preempted.length > 0 || this.scheduler.running.length > 0) return;
+        // Nothing runs and the head of the queue still cannot be admitted: fail it rather than spin.
+        const head = this.scheduler.waiting[0];
+        if (head) this.finishWithError(head, new Error(`request ${head.requestId} (${head.tokens.length} tokens) cannot be admitted: the KV pool has ${this.pool.numFree} free blocks of ${this.runner.blockSize} tokens and nothing running to wait for`));
+        return;
+      }
+      this.account(plan);
+      current = this.submit(plan, null);
     }
-    this.account(plan);
-    // A chunk with rows that predict prompt tokens of a prompt-logprobs request returns every row; others the last or none.
-    const allRows = plan.chunks.map((c) => c.req.bypassPrefixCache === true && c.req.promptLogprobsN !== null && c.startPos < c.req.promptLength - 1);
-    // Plain greedy rows get their token picked where the logits are (one id comes back instead of a vocab row).
-    const picked = plan.chunks.map((c, i) => !allRows[i] && c.samples && isPlainGreedy(c.req.params));
-    const seqs: StepSequence[] = plan.chunks.map((c, i) => ({
-      tokens: c.req.tokens.slice(c.startPos, c.startPos + c.numNewTokens),
-      startPos: c.startPos,
-      blockTable: this.kv.blockTable(c.req.requestId),
-      logits: allRows[i] ? 'all' : picked[i] ? 'argmax' : c.samples ? 'last' : 'none',
-    }));
-    const t0 = performance.now();
-    this.stepping = true;
-    let logits: Float32Array;
-    let picks: Uint32Array;
+    // While it runs, the step after it goes in too when it can be planned without its results.
+    if (this.pipelineDecode) this.next = this.pipelined(current);
+    let out: StepOutput;
     try {
-      ({ logits, argmax: picks } = await this.runner.stepOutput(seqs));
+      out = await current.result;
     } finally {
-      this.stepping = false;
+      if (!this.next) this.stepping = false;
     }
-    const seconds = (performance.now() - t0) / 1000;
-    this.scheduler.completeStep(plan);
+    const seconds = (performance.now() - Math.max(current.submittedAt, this.lastStepDoneAt)) / 1000;
+    this.lastStepDoneAt = performance.now();
+    const { plan, seqs, allRows, picked } = current;
+    const { logits, argmax: picks } = out;
+    // Rows of requests that ended before this step's results (a pipelined step's rows for a request that finished in
+    // the step before it, or one that failed) are dropped: their blocks are gone, nothing is committed for them.
+    this.scheduler.completeStep({ ...plan, chunks: plan.chunks.filter((c) => !c.req.done) });
     this.counters.steps++;
 
     const vocab = this.info.config.vocabSize;
@@ -329,11 +360,68 @@ class BatchingEngine implements Engine {
       if (picked[i]) this.acceptToken(c.req, tokenId);
       else if (c.samples) this.emitToken(c.req, logits.subarray((row - 1) * vocab, row * vocab));
     });
-    // Cancellations that arrived during the step free their blocks now, before the next plan.
+    // Cancellations that arrived during the step free their blocks now, before the next plan. (A pipelined step still
+    // in flight may write into them: the device runs steps in order, so whoever gets a block next writes after it.)
     for (const r of [...this.live.values()]) if (r.abortRequested && !r.done) this.finish(r, 'abort');
 
     const obs: StepObservation = { seconds, batchSize: seqs.length, tokens: seqs.reduce((n, s) => n + s.tokens.length, 0) };
     for (const l of this.listeners) l(obs);
+  }
+
+  /** Hands a plan to the runner; `previousPicks[i]` (pipelined steps) is chunk i's pick number in the step in flight. */
+  private submit(plan: StepPlan<EngineRequest>, previousPicks: number[] | null): SubmittedStep {
+    // A chunk with rows that predict prompt tokens of a prompt-logprobs request returns every row; others the last or none.
+    const allRows = plan.chunks.map((c) => c.req.bypassPrefixCache === true && c.req.promptLogprobsN !== null && c.startPos < c.req.promptLength - 1);
+    // Plain greedy rows get their token picked where the logits are (one id comes back instead of a vocab row).
+    const picked = plan.chunks.map((c, i) => !allRows[i] && c.samples && isPlainGreedy(c.req.params));
+    const seqs: StepSequence[] = plan.chunks.map((c, i) => ({
+      // A pipelined row's token is not known here: a placeholder id, replaced on the device by the pick it names.
+      tokens: previousPicks ? [0] : c.req.tokens.slice(c.startPos, c.startPos + c.numNewTokens),
+      startPos: c.startPos,
+      blockTable: this.kv.blockTable(c.req.requestId),
+      logits: allRows[i] ? 'all' : picked[i] ? 'argmax' : c.samples ? 'last' : 'none',
+      ...(previousPicks ? { previousPick: previousPicks[i] } : {}),
+    }));
+    this.stepping = true;
+    const result = this.runner.stepOutput(seqs);
+    // Awaited in its turn; a failure of a step nobody awaits yet must not count as unhandled meanwhile.
+    result.catch(() => {});
+    return { plan, seqs, allRows, picked, submittedAt: performance.now(), result };
+  }
+
+  /**
+   * The step after `cur`, submitted now with cur's greedy picks as its tokens, or null where it needs cur's results:
+   * a row that is not a plain greedy pick, a request that may be admitted, a pool without the blocks. Requests that
+   * cur's token ends for certain (max_tokens, the model's length) are left out; one that stops on a stop token or
+   * string is only known afterwards, and its row is dropped then.
+   */
+  private pipelined(cur: SubmittedStep): SubmittedStep | null {
+    const chunks = cur.plan.chunks;
+    if (chunks.length === 0 || !cur.picked.every(Boolean)) return null;
+    // A running request the step left out (token budget) would wait for as long as the pipeline runs.
+    const inStep = new Set(chunks.map((c) => c.req));
+    if (this.scheduler.running.some((r) => !inStep.has(r))) return null;
+    const head = this.scheduler.waiting[0];
+    if (head && this.scheduler.running.length < this.maxNumSeqs && this.kv.blocksFor(head.tokens.length) <= this.pool.numFree) return null;
+    // Every chunk is picked, so chunk k's pick is pick number k.
+    const going = chunks
+      .map((c, k) => ({ c, k, end: c.startPos + c.numNewTokens }))
+      .filter(({ c, end }) => !c.req.done && !c.req.abortRequested && c.req.completionTokens + 1 < c.req.params.maxTokens && end + 1 < this.info.maxModelLen);
+    if (going.length === 0) return null;
+    const need = going.reduce((n, { c, end }) => n + this.kv.blocksToReserve(c.req, end + 1), 0);
+    if (need > this.pool.numFree) return null;
+    for (const { c, end } of going) this.kv.reserve(c.req, end + 1);
+    const plan: StepPlan<EngineRequest> = {
+      chunks: going.map(({ c, end }) => ({ req: c.req, startPos: end, numNewTokens: 1, samples: true })),
+      preempted: [],
+      admitted: [],
+      prefixQueries: 0,
+      prefixHits: 0,
+    };
+    return this.submit(
+      plan,
+      going.map(({ k }) => k),
+    );
   }
 
   private account(plan: StepPlan<EngineRequest>): void {

@@ -178,6 +178,7 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
         maxNumSeqs: opts.maxNumSeqs,
         maxQueue: opts.maxQueue,
         cacheDtype: runtime.cacheDtype,
+        pipelineDecode: opts.asyncScheduling !== 'off',
       });
       models.push({ name: specs[i].name, source: m.path, engine });
     }

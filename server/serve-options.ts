@@ -32,7 +32,12 @@ export interface ServeOptions {
   weightDtype?: WeightDtypeOption;
   /** KV cache values of every served model (default f16). */
   kvCacheDtype?: KvCacheDtypeOption;
+  /** Pipelined greedy decode (engine option pipelineDecode; default on). */
+  asyncScheduling?: OnOff;
 }
+
+export const ON_OFF = ['on', 'off'] as const;
+export type OnOff = (typeof ON_OFF)[number];
 
 export const WEIGHT_DTYPES = ['f16', 'f32', 'int8'] as const;
 export type WeightDtypeOption = (typeof WEIGHT_DTYPES)[number];
@@ -80,6 +85,11 @@ is printed at start (the API key redacted).
                           channel; the embedding and MLA's W_UK/W_UV stay f16) [MLA_SERVE_WEIGHT_DTYPE]
   --kv-cache-dtype DTYPE  KV cache values of every model: f16 (default), f32, or int8 (a model whose attention
                           has no int8 cache yet refuses to start) [MLA_SERVE_KV_CACHE_DTYPE]
+  --async-scheduling on|off
+                          on (default): while a step of greedy decodes runs on the GPU, the next one is planned
+                          and submitted with its picks as tokens, so the host's work overlaps the GPU's; a
+                          request that stops is one step ahead of the GPU (its extra row is dropped)
+                          [MLA_SERVE_ASYNC_SCHEDULING]
   --log-level LEVEL       fatal, error, warn, info (one line per request), debug, trace, silent
                           (default info) [MLA_SERVE_LOG_LEVEL, else LOG_LEVEL]
 `;
@@ -190,6 +200,7 @@ const FIELDS: Field[] = [
   },
   { key: 'weightDtype', flag: 'weight-dtype', env: 'MLA_SERVE_WEIGHT_DTYPE', parse: enumField(WEIGHT_DTYPES), defaultValue: 'f16' },
   { key: 'kvCacheDtype', flag: 'kv-cache-dtype', env: 'MLA_SERVE_KV_CACHE_DTYPE', parse: enumField(KV_CACHE_DTYPES), defaultValue: 'f16' },
+  { key: 'asyncScheduling', flag: 'async-scheduling', env: 'MLA_SERVE_ASYNC_SCHEDULING', parse: enumField(ON_OFF), defaultValue: 'on' },
 ];
 
 /** The environment variable of each flag (README and tests). */

@@ -144,6 +144,58 @@ test('64 concurrent requests with a third aborted mid-way: the rest finish and e
   await engine.shutdown();
 });
 
+test('pipelined decode: the texts of one step at a time, with each greedy step submitted behind the running one; early ends, an abort and a sampled request leave no blocks', async () => {
+  type Watch = { pipelined: number; inFlight: number; maxInFlight: number };
+  const run = async (pipelineDecode: boolean) => {
+    const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 96 });
+    const engine = createEngine({ runner, info, maxNumSeqs: 16, pipelineDecode });
+    const watch: Watch = { pipelined: 0, inFlight: 0, maxInFlight: 0 };
+    const realStep = runner.stepOutput.bind(runner);
+    runner.stepOutput = (seqs) => {
+      if (seqs.some((s) => s.previousPick !== undefined)) watch.pipelined++;
+      watch.maxInFlight = Math.max(watch.maxInFlight, ++watch.inFlight);
+      const out = realStep(seqs);
+      // Settles on a later turn, as a device step does, so that the engine can submit behind it.
+      return new Promise((resolve, reject) => setTimeout(() => out.then(resolve, reject).finally(() => watch.inFlight--), 1));
+    };
+    const ac = new AbortController();
+    const runs = Array.from({ length: 14 }, (_, i) => {
+      // Lengths from 2 to 28 tokens, two with stop strings, one that may end on EOS, one sampled (rows come back, no pipelining while it runs).
+      const params = samplingParams({
+        maxTokens: 2 + ((i * 5) % 27),
+        ignoreEos: i !== 3,
+        ...(i === 4 || i === 9 ? { stop: [' the'] } : {}),
+        ...(i === 12 ? { temperature: 0.8, seed: 5, maxTokens: 10 } : {}),
+      });
+      return collect(engine, { requestId: `p${i}`, promptTokens: prompt(STORY_STARTS[i % 16]), params, ...(i === 7 ? { signal: ac.signal } : {}) }, (n) => {
+        if (i === 7 && n === 5) ac.abort();
+      });
+    });
+    const outs = await Promise.all(runs);
+    assert.equal(engine.heldBlocks(), 0, 'every block back');
+    const s = engine.stats();
+    assert.equal(s.running + s.waiting, 0);
+    await engine.shutdown();
+    return { outs, watch };
+  };
+  const plain = await run(false);
+  const piped = await run(true);
+  assert.equal(plain.watch.pipelined, 0);
+  assert.equal(plain.watch.maxInFlight, 1);
+  assert.ok(piped.watch.pipelined > 10, `only ${piped.watch.pipelined} pipelined steps`);
+  assert.equal(piped.watch.maxInFlight, 2);
+  for (const [i, o] of piped.outs.entries()) {
+    const p = plain.outs[i];
+    if (i === 7) {
+      assert.equal(o.finish.finishReason, 'abort');
+      assert.deepEqual(o.tokenIds, p.tokenIds.slice(0, o.tokenIds.length), 'the aborted request streamed the same tokens up to its end');
+      continue;
+    }
+    assert.deepEqual([o.text, o.tokenIds, o.finish.finishReason, o.finish.completionTokens], [p.text, p.tokenIds, p.finish.finishReason, p.finish.completionTokens], `p${i}`);
+  }
+  assert.ok(piped.outs.some((o) => o.finish.finishReason === 'stop'), 'a stop string or EOS ended a request');
+});
+
 test('seeded sampling: the same seed gives the same text alone and in a batch; another seed differs', async () => {
   const params = (seed: number) => samplingParams({ temperature: 1, topP: 0.9, maxTokens: 24, seed, ignoreEos: true });
   const engine = engineWith(64);

@@ -34,6 +34,7 @@ test('defaults with nothing given', () => {
     logLevel: 'info',
     weightDtype: 'f16',
     kvCacheDtype: 'f16',
+    asyncScheduling: 'on',
   });
   assert.ok(Object.values(sources).every((s) => s === 'default'));
 });
@@ -78,6 +79,8 @@ test('bad values: the error names the flag, variable or file key and the value',
   assert.throws(() => resolve(['--api-key', '  ']), /--api-key must be a non-empty key/);
   assert.throws(() => resolve(['--name', 'a', '--name', 'b', '--name', 'c']), /3 --name for the 2 default models/);
   assert.throws(() => resolve(['--bogus']), /Unknown option '--bogus'/);
+  assert.throws(() => resolve(['--async-scheduling', 'yes']), /--async-scheduling must be one of on, off; got "yes"/);
+  assert.equal(resolve([], { MLA_SERVE_ASYNC_SCHEDULING: 'off' }).options.asyncScheduling, 'off');
   assert.equal(resolveServeConfig(['--help']), 'help');
 });
 
