@@ -3,6 +3,7 @@
 //   npm run bench:int8                          # full shapes, rows 1…128 (needs a real GPU; ~1.3 GB of random int8 weights)
 //   npm run bench:int8 -- --quick               # small shapes, checks that it runs (SwiftShader: no subgroup matrices)
 //   options: --rows 1,8,16,32,64,128  --shapes qkv,o,gate_up,down,lm_head  --json out.json  --ceiling-gbs 4300  --ceiling-tops 1979  --all
+//            --sweep (tensor-core grid: kSplit auto/2/4/8 × 1/2/4 column tiles a subgroup × unroll 2/4, every variant listed)
 //            --spin-ms 300 (GPU warm-up before each timing)  --defaults (only each family's default tuning)
 //
 // Every variant's output is compared with the dot4 W8A8 kernel's (the same i32 sums: expected identical) and with
@@ -28,10 +29,12 @@ interface Args {
   spinMs: number;
   /** Shape names to run (qkv, o, gate_up, down, lm_head); empty = all. */
   shapes: string[];
+  /** Tensor-core variants: the grid kSplit × column tiles × unroll instead of the short list. */
+  sweep: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, all: false, rows: [1, 8, 16, 32, 64, 128], ceilingGBs: 4300, ceilingTops: 1979, targetBytes: 1.5e9, spinMs: 300, defaultsOnly: false, shapes: [] };
+  const a: Args = { quick: false, all: false, rows: [1, 8, 16, 32, 64, 128], ceilingGBs: 4300, ceilingTops: 1979, targetBytes: 1.5e9, spinMs: 300, defaultsOnly: false, shapes: [], sweep: false };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const val = () => {
@@ -48,6 +51,10 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--ceiling-tops') a.ceilingTops = Number(val());
     else if (k === '--spin-ms') a.spinMs = Number(val());
     else if (k === '--defaults') a.defaultsOnly = true;
+    else if (k === '--sweep') {
+      a.sweep = true;
+      a.all = true;
+    }
     else throw new Error(`unknown option ${k}; see the top of bench/int8.ts`);
   }
   if (a.quick) {
@@ -90,7 +97,7 @@ interface Variant {
   tuning: Partial<Int8MatmulTuning>;
 }
 
-function variantsFor(gpu: GpuContext, rows: number, quick: boolean): Variant[] {
+function variantsFor(gpu: GpuContext, rows: number, quick: boolean, sweep = false): Variant[] {
   // quick: one variant per family (the default tuning)
   const list: Variant[] = [];
   if (rows <= 8) {
@@ -104,7 +111,9 @@ function variantsFor(gpu: GpuContext, rows: number, quick: boolean): Variant[] {
     // [subgroups, kSplit, column tiles per subgroup, unroll, staged K steps]; the first is the default tuning.
     const sm: [number, number | 'auto', number, number, number][] = quick
       ? [[8, 'auto', 1, 2, 0]]
-      : [[8, 'auto', 1, 2, 0], [8, 'auto', 1, 2, 16], [8, 2, 1, 4, 0], [8, 'auto', 2, 2, 0], [8, 8, 1, 2, 0]];
+      : sweep
+        ? (['auto', 2, 4, 8] as const).flatMap((ks) => [1, 2, 4].flatMap((c) => [2, 4].map((u): [number, number | 'auto', number, number, number] => [8, ks, c, u, 0])))
+        : [[8, 'auto', 1, 2, 0], [8, 'auto', 1, 2, 16], [8, 2, 1, 4, 0], [8, 'auto', 2, 2, 0], [8, 8, 1, 2, 0]];
     for (const [sg, ks, c, u, x] of sm) {
       list.push({ name: `w8a8 sm s${sg} k${ks} c${c} u${u} x${x}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smKSplit: ks, smColTiles: c, smUnroll: u, smStageSteps: x } });
     }
@@ -147,7 +156,7 @@ async function benchShape(gpu: GpuContext, args: Args, n: number, k: number, see
   for (const rows of args.rows) {
     gpu.device.queue.writeBuffer(meta, 0, new Uint32Array(16).fill(rows, 0, 1));
     let dot4: Float32Array | undefined;
-    for (const v of variantsFor(gpu, rows, args.quick || args.defaultsOnly)) {
+    for (const v of variantsFor(gpu, rows, args.quick || args.defaultsOnly, args.sweep)) {
       const op = new Int8MatmulOp(gpu, w, { meta, rowsSlot: 0, x: xBuf, xStride, y: yBuf, yStride: n }, v.tuning);
       gpu.device.queue.writeBuffer(yBuf, 0, new Float32Array(maxRows * n).fill(NaN));
       const bytesPerIter = w.bytes + rows * k * 4 + rows * n * 4;
