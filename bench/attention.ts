@@ -23,6 +23,7 @@ import { dequantizeLatentRowInt8, mlaInt8RowFormat, type MlaInt8RowFormat } from
 import { MlaAttention, DEFAULT_MLA_TUNING, MLA_MAX_CHUNK, MLA_TARGET_WORKGROUPS, mlaSplit, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { buildStepMeta, type StepMeta } from '../kernels/step-meta.ts';
 import { bindBuffers, f16BitsToF32, gridFor, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
+import { checkMlaTcDump, describeMlaTcDump } from './mla-tc-dump.ts';
 
 const N_HEADS = 28;
 const N_KV = 4;
@@ -500,6 +501,15 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   const outputs = new Map<string, Float32Array>();
   const partials = new Map<string, { data: Float32Array; chunks: number; ctxChunks: number }>();
   let want: Float64Array | undefined;
+  // Stored words of row 0's token t (fillCacheInt8's hash).
+  const words = (t: number) => {
+    const row = tables[0][Math.floor(t / BLOCK)] * BLOCK + (t % BLOCK);
+    return Uint32Array.from({ length: f.rowWords }, (_, w) => {
+      const i = row * f.rowWords + w;
+      const h = hashWord(i, pool.seed);
+      return w >= f.scaleWord ? (0x3c000000 | (h & 0x7fffff)) >>> 0 : h;
+    });
+  };
   // The tensor-core form also with 32-token windows (less workgroup memory: 41 KB instead of 46 KB at these shapes).
   const forms = [
     ['tensor-cores', 64],
@@ -534,14 +544,6 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     if (context <= 4096) {
       if (!want) {
         const rows = new Float64Array(context * RV);
-        const words = (t: number) => {
-          const row = tables[0][Math.floor(t / BLOCK)] * BLOCK + (t % BLOCK);
-          return Uint32Array.from({ length: f.rowWords }, (_, w) => {
-            const i = row * f.rowWords + w;
-            const h = hashWord(i, pool.seed);
-            return w >= f.scaleWord ? (0x3c000000 | (h & 0x7fffff)) >>> 0 : h;
-          });
-        };
         for (let t = 0; t < context; t++) rows.set(dequantizeLatentRowInt8(words(t), f), t * RV);
         want = mlaReferenceRow(qLatentData, rows, context);
       }
@@ -599,6 +601,38 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
       );
     }
     row.variant += ` (vs dot4 ${(d / mx).toExponential(1)})`;
+  }
+  // What the score phase of (chunk 0, row 0) saw and made in its first window, each form against host integer
+  // arithmetic on the same inputs (bench/mla-tc-dump.ts): wrong staged rows, a wrong query, wrong tiles or wrong scaling.
+  for (const mode of ['emulate', 'tc-scores-bare', 'tc-scores', 'tensor-cores'] as const) {
+    const split = mlaSplit(shape, 'int8', { int8Products: mode });
+    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, split.targetWorkgroups);
+    const meta = uploadArray(gpu, 'meta', m.data);
+    try {
+      const att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode, int8Debug: true });
+      att.prepare(m.nRows, m.maxChunks);
+      const enc = gpu.device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      att.encode(pass, 0, m.nRows, m.maxChunks, m.chunkSize);
+      pass.end();
+      gpu.device.queue.submit([enc.finish()]);
+      const dump = att.int8DebugDump!;
+      const data = new Int32Array((await readF32(gpu, dump.buffer, dump.buffer.size / 4)).buffer);
+      const check = checkMlaTcDump(data, {
+        nHeads: N_HEADS,
+        format: f,
+        plan: dump.plan,
+        q: qLatentData.subarray(0, N_HEADS * RV),
+        rowWords: words,
+        windowTokens: Math.min(dump.plan.window, m.chunkSize, context),
+        tiles: mode !== 'emulate',
+      });
+      process.stdout.write(`score-phase dump ${mode}, b${batch} ctx${context} (chunk 0, row 0, first window): ${describeMlaTcDump(check, dump.plan)}\n`);
+      att.destroy();
+    } catch (e) {
+      process.stderr.write(`score-phase dump ${mode}: ${(e as Error).message}\n`);
+    }
+    meta.destroy();
   }
   qLatent.destroy();
   out.destroy();

@@ -125,6 +125,22 @@ export interface MlaTcProducts {
    * depend on the scores alone — show whether the score phase is right without phase B's registers around it.
    */
   skipValues?: boolean;
+  /**
+   * Diagnosis only: workgroup (chunk 0, row 0) also writes, to binding 5, what its first window's score phase saw and
+   * made (mlaTcDumpLayout): the staged cache rows of sub-tile 0, row 0's quantized query, the score tiles (tensor-core
+   * scores), and the window's f32 scores — so a host can tell a wrong input from a wrong product.
+   */
+  debug?: boolean;
+}
+
+/** Word offsets of the debug dump (MlaTcProducts.debug) and its size. */
+export function mlaTcDumpLayout(p: MlaTcPlan): { ct: number; qq: number; tiles: number; sc: number; words: number } {
+  const rowWords = p.rowPad / 4;
+  const ct = 0;
+  const qq = ct + 32 * rowWords;
+  const tiles = qq + p.headsPadded * rowWords;
+  const sc = tiles + p.headTiles * 2 * 512;
+  return { ct, qq, tiles, sc, words: sc + p.headsPadded * p.window };
 }
 
 /**
@@ -135,6 +151,7 @@ export interface MlaTcProducts {
 export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaTcPlan, products: MlaTcProducts): string {
   const tensorCores = products.scores || products.values;
   const skipB = products.skipValues === true;
+  const dump = products.debug ? mlaTcDumpLayout(p) : undefined;
   const R = f.kvLoraRank;
   const HP = p.headsPadded;
   const W = p.window;
@@ -257,6 +274,7 @@ ${metaWgsl(0)}
 @group(0) @binding(2) var<storage, read> qs: array<f32>;
 @group(0) @binding(3) var<storage, read> cache: array<u32>;
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+${dump ? '@group(0) @binding(5) var<storage, read_write> dbg: array<i32>;' : ''}
 ${cacheRowWgsl(blockSize)}
 var<workgroup> ct: array<i32, ${32 * ROWW}>;
 var<workgroup> stg: array<i32, ${stg}>;
@@ -319,6 +337,15 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
       workgroupBarrier();
       ${phaseA}
       workgroupBarrier();
+      ${
+        dump
+          ? `if (c == 0u && r == 0u && w0 == bnd.x && s == 0u) {
+        for (var i = lid; i < ${32 * ROWW}u; i += ${WG}u) { dbg[${dump.ct}u + i] = ct[i]; }
+        for (var i = lid; i < ${HP * ROWW}u; i += ${WG}u) { dbg[${dump.qq}u + i] = qq[qWord + i]; }
+        for (var i = lid; i < ${aTiles * 512}u; i += ${WG}u) { dbg[${dump.tiles}u + i] = stg[i]; }
+      }`
+          : ''
+      }
       for (var idx = lid; idx < ${HP * 32}u; idx += ${WG}u) {
         let h = idx / 32u;
         let t = idx % 32u;
@@ -330,6 +357,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
       }
       workgroupBarrier();
     }
+    ${dump ? `if (c == 0u && r == 0u && w0 == bnd.x) { for (var i = lid; i < ${HP * W}u; i += ${WG}u) { dbg[${dump.sc}u + i] = bitcast<i32>(sc[i]); } }` : ''}
 
     // Softmax over the window per head, ${TPH} threads a head and ${TPT} tokens each (tree reductions in stg, free between the phases: f32 pairs as bits); p′ =
     // p · sc_t quantized per head.

@@ -25,7 +25,7 @@ import { mlaInt8RowFormat, type MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
-import { mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
+import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
@@ -35,6 +35,8 @@ interface TcPath {
   partialPipe: GPUComputePipeline;
   qq?: GPUBuffer;
   qs?: GPUBuffer;
+  /** The debug dump (tuning.int8Debug). */
+  dump?: GPUBuffer;
   rows: number;
   queryGroup?: GPUBindGroup;
   partialGroups: GPUBindGroup[];
@@ -74,6 +76,8 @@ export interface MlaAttentionTuning {
   int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare';
   /** Tokens per softmax window of the int8-product kernel (a multiple of 32; workgroup memory grows with it). */
   int8Window: number;
+  /** Diagnosis only: the int8-product kernel dumps its first score window of (chunk 0, row 0) (int8DebugDump). */
+  int8Debug?: boolean;
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
@@ -582,6 +586,7 @@ export class MlaAttention {
       scores: mode === 'tensor-cores' || mode === 'tc-scores' || mode === 'tc-scores-bare',
       values: mode === 'tensor-cores' || mode === 'tc-values',
       skipValues: mode === 'tc-scores-bare',
+      debug: this.tuning.int8Debug === true,
     };
     const tensorCores = products.scores || products.values;
     if (tensorCores && !mlaTcOnTensorCores(gpu)) {
@@ -598,7 +603,8 @@ export class MlaAttention {
       plan,
       tensorCores,
       queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan)),
-      partialPipe: gpu.pipeline(`mla-attention int8 products ${key}`, mlaTcPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
+      partialPipe: gpu.pipeline(`mla-attention int8 products ${key}${products.debug ? ' debug' : ''}`, mlaTcPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
+      dump: products.debug ? storageBuffer(gpu, 'mla attention int8 debug dump', mlaTcDumpLayout(plan).words * 4) : undefined,
       rows: 0,
       partialGroups: [],
     };
@@ -610,6 +616,11 @@ export class MlaAttention {
    */
   get partialsBuffer(): GPUBuffer | undefined {
     return this.partials;
+  }
+
+  /** The int8-product kernel's debug dump and its plan (tuning.int8Debug), for a host check (bench/mla-tc-dump.ts). */
+  get int8DebugDump(): { buffer: GPUBuffer; plan: MlaTcPlan } | undefined {
+    return this.tc?.dump ? { buffer: this.tc.dump, plan: this.tc.plan } : undefined;
   }
 
   /** Context tokens per split this kernel wants for a step whose rows' contexts sum to sumCtx. */
@@ -680,7 +691,7 @@ export class MlaAttention {
       if (!tc.qq || rows > tc.rows) throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
       if (tc.partialGroups.length === 0) {
         tc.partialGroups = this.b.layerCaches.map((cache, l) =>
-          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!]),
+          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!, ...(tc.dump ? [tc.dump] : [])]),
         );
       }
       pass.setPipeline(tc.queryPipe);
@@ -704,5 +715,6 @@ export class MlaAttention {
     this.partials?.destroy();
     this.tc?.qq?.destroy();
     this.tc?.qs?.destroy();
+    this.tc?.dump?.destroy();
   }
 }

@@ -5,6 +5,8 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { MlaAttention, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { mlaTcDumpLayout, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
+import { checkMlaTcDump, describeMlaTcDump } from '../bench/mla-tc-dump.ts';
 import {
   MlaLatentWriteInt8,
   dequantizeLatentRowInt8,
@@ -52,6 +54,8 @@ interface StepResult {
   rowWords: (i: number, t: number) => Uint32Array;
   format: MlaInt8RowFormat;
   maxChunks: number;
+  /** The int8-product kernel's debug dump (tuning.int8Debug) and its plan. */
+  dump?: { words: Int32Array; plan: MlaTcPlan };
 }
 
 /**
@@ -125,6 +129,8 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const outRows = await readF32(g, out, nRows * outStride);
   const cacheF = await readF32(g, cacheBuf, cacheBuf.size / 4);
   const cache = new Uint32Array(cacheF.buffer, cacheF.byteOffset, cacheF.length);
+  const dumpInfo = attention?.int8DebugDump;
+  const dump = dumpInfo && { words: new Int32Array((await readF32(g, dumpInfo.buffer, dumpInfo.buffer.size / 4)).buffer), plan: dumpInfo.plan };
   attention?.destroy();
   for (const b of [cacheBuf, src, meta, qLatent, out]) b.destroy();
   const slot = (i: number, t: number) => tables[i][Math.floor(t / c.blockSize)] * c.blockSize + (t % c.blockSize);
@@ -135,6 +141,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
     rowWords: (i, t) => cache.slice(slot(i, t) * format.rowWords, (slot(i, t) + 1) * format.rowWords),
     format,
     maxChunks: m.maxChunks,
+    dump,
   };
 }
 
@@ -507,5 +514,33 @@ test('mla attention int8 products (the tensor-core arithmetic, dot4 form) vs a f
     // 0.169 (18 heads); on text the perplexity moves 0.5…1.2 % (below). The tight check is the one above; this one
     // only says the quantization happened and stayed far from garbage (≥ 1).
     assert.ok(quantErr > 1e-5 && quantErr < 0.4, `${where}: relative error ${quantErr} vs unquantized float64 (expected 1e-5 … 0.4)`);
+  }
+});
+
+test('int8-product kernel debug dump (dot4 form): staged rows, quantized query and window scores agree with the host check bench:attention applies to the tensor-core forms', async () => {
+  const shape = { nHeads: 18, kvLoraRank: 40, qkRopeHeadDim: 8 };
+  const seed = freshSeed();
+  // Row 0 is the first fresh token of a 90-token prefix: its chunk 0 (128 tokens) holds a full 64-token window.
+  const c: Step = { shape, blockSize: 16, seqs: [[90, 2], [5, 1]], chunkSize: 128, tuning: { int8Products: 'emulate', int8Debug: true } };
+  const res = await runStep(c, seed);
+  assert.ok(res.dump, 'no dump');
+  const inputs = {
+    nHeads: shape.nHeads,
+    format: res.format,
+    plan: res.dump.plan,
+    q: res.q.subarray(0, shape.nHeads * (shape.kvLoraRank + shape.qkRopeHeadDim)),
+    rowWords: (t: number) => res.rowWords(0, t),
+    windowTokens: 64,
+    tiles: false,
+  };
+  const check = checkMlaTcDump(res.dump.words, inputs);
+  assert.deepEqual([check.ctWrong, check.qqWrong, check.tilesWrong, check.scWrong], [0, 0, -1, 0], `seed ${seed}: ${describeMlaTcDump(check, res.dump.plan)}`);
+  // The check sees a wrong staged row, a wrong query byte and a wrong score.
+  const L = mlaTcDumpLayout(res.dump.plan);
+  for (const [at, what] of [[L.ct + 5, 'ct'], [L.qq + 3, 'qq'], [L.sc + 7, 'sc']] as const) {
+    const broken = res.dump.words.slice();
+    broken[at] ^= what === 'sc' ? 1 << 20 : 0x40404040;
+    const b = checkMlaTcDump(broken, inputs);
+    assert.ok(b.ctWrong + b.qqWrong + b.scWrong > 0, `a flipped ${what} word went unnoticed`);
   }
 });
