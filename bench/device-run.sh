@@ -1,0 +1,76 @@
+#!/bin/bash
+# The H200 measurements issue 7 still owes, in phases of under 10 minutes each (the device tool's limit per call).
+# On the development machine: `npm ci && ../shared/gpu/pack` once; then a device call with carry [".device"] and the
+# command `bash bench/device-run.sh PHASE` (PHASE: decode, attention, serve, sweep). Each phase writes its full output
+# under $OUT and prints a short summary at the end (what the device tool shows).
+#   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps (~5 min)
+#   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
+#   serve      served MLA vs GQA at one 600 MiB KV budget, async scheduling on (~6 min)
+#   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~4 min)
+set -u
+phase=${1:?usage: bench/device-run.sh decode|attention|serve|sweep}
+OUT=${OUT:-/tmp/device-run}
+mkdir -p "$OUT"
+source .device/enter.sh >/dev/null 2>&1
+t0=$(date +%s)
+el() { echo "[$(($(date +%s) - t0))s] $*" | tee -a "$OUT/log.txt"; }
+summary() { grep -v '^\s*$' "$1" | grep -v "^peers\|B/token\|^KV capacity" | tail -n "$2"; }
+
+case "$phase" in
+decode)
+  el gqa
+  timeout 200 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --batches 32,64 --contexts 512 \
+    --warmup 30 --steps 64 --logits argmax --pipeline off,on --json "$OUT/decode-gqa.json" >"$OUT/decode-gqa.txt" 2>"$OUT/decode-gqa.err"
+  el "rc=$?"
+  el mla
+  timeout 200 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 32,64 \
+    --contexts 512 --warmup 30 --steps 64 --logits argmax --pipeline off,on --json "$OUT/decode-mla.json" >"$OUT/decode-mla.txt" 2>"$OUT/decode-mla.err"
+  el "rc=$?"
+  summary "$OUT/decode-gqa.txt" 7
+  summary "$OUT/decode-mla.txt" 5
+  tail -n 3 "$OUT/decode-gqa.err" "$OUT/decode-mla.err"
+  ;;
+attention)
+  el attention
+  timeout 500 node --import tsx bench/attention.ts --batches 32 --contexts 512,4096 --variants default --prefill none \
+    --json "$OUT/attention.json" >"$OUT/attention.txt" 2>"$OUT/attention.err"
+  el "rc=$?"
+  grep "score-phase dump\|first:\|^ \{13\}" "$OUT/attention.txt" | cut -c1-300 | head -n 40
+  grep "vs dot4\|partials" "$OUT/attention.txt" "$OUT/attention.err" | cut -c1-300 | head -n 12
+  grep "µs\|int8\|gqa" "$OUT/attention.txt" | tail -n 16
+  ;;
+serve)
+  el serve
+  node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
+    --kv-cache-memory 600MiB --max-num-seqs 64 --port 8000 >"$OUT/serve.log" 2>&1 &
+  sp=$!
+  node -e "const t=Date.now(); (async()=>{ while(Date.now()-t<200000){ try{ const r=await fetch('http://127.0.0.1:8000/v1/models'); if(r.ok){ console.log('ready after',(Date.now()-t)/1000,'s'); return; } }catch{} await new Promise(r=>setTimeout(r,1000)); } console.log('not ready'); process.exit(1); })()" | tee -a "$OUT/log.txt"
+  el bench
+  timeout 240 node bin/mla-serve.js bench --url http://127.0.0.1:8000 --model qwen2.5-7b --model qwen2.5-7b-mla --num-prompts 48 \
+    --max-concurrency 48 --input-len 512 --output-len 128 --ignore-eos --seed 0 --no-progress --out "$OUT/report" >"$OUT/bench.txt" 2>&1
+  el "rc=$?"
+  kill $sp
+  sleep 1
+  grep -i "async\|kv" "$OUT/serve.log" | grep -v warning | head -n 6
+  grep -A32 "requests ok" "$OUT/bench.txt" | head -n 34
+  ;;
+sweep)
+  el sweep
+  timeout 500 node --import tsx bench/int8.ts --sweep --rows 32,64 --shapes gate_up,down,qkv,o --spin-ms 150 --json "$OUT/int8.json" \
+    >"$OUT/int8.txt" 2>"$OUT/int8.err"
+  el "rc=$?"
+  OUT="$OUT" node -e '
+const j = JSON.parse(require("fs").readFileSync(process.env.OUT + "/int8.json"));
+const by = {};
+for (const m of j.measurements) (by[m.shape + " rows " + m.rows] ??= []).push(m);
+for (const [k, ms] of Object.entries(by)) {
+  const sm = ms.filter((m) => m.variant.startsWith("w8a8 sm")).sort((a, b) => a.us - b.us);
+  const def = sm.find((m) => m.variant === "w8a8 sm s8 kauto c1 u2 x0");
+  console.log(k, "| default", def ? def.us.toFixed(1) : "?", "µs | best:", sm.slice(0, 4).map((m) => m.variant.slice(8) + " " + m.us.toFixed(1) + (m.vsDot4 > 0 ? " WRONG" : "")).join(" | "));
+}'
+  ;;
+*)
+  echo "unknown phase $phase" >&2
+  exit 2
+  ;;
+esac
