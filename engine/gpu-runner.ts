@@ -321,6 +321,8 @@ class GpuRunner implements GpuModelRunner {
   private logitsReadbackBusy = false;
   /** xn quantized per row by the layer norms for the int8 W8A8 projections that read xn (int8 weights only). */
   private xnQ: { xq: GPUBuffer; xScale: GPUBuffer; words: number } | undefined;
+  /** The MLP's hidden rows quantized per row by the SiLU·mul kernel for an int8 W8A8 down projection. */
+  private hQ: { xq: GPUBuffer; xScale: GPUBuffer; words: number } | undefined;
   private ops: StepOps | undefined;
   /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
   private captureReadback: GPUBuffer | undefined;
@@ -422,6 +424,20 @@ class GpuRunner implements GpuModelRunner {
       };
     }
     const xQuantized = this.xnQ && { xq: this.xnQ.xq, xScale: this.xnQ.xScale };
+    // Likewise SiLU·mul writes the hidden rows quantized for an int8 down projection (steps on its W8A8 path).
+    this.hQ?.xq.destroy();
+    this.hQ?.xScale.destroy();
+    this.hQ = undefined;
+    const down = this.layers[0]?.wDown;
+    if (down?.dtype === 'int8' && c.hiddenDim % 4 === 0 && this.gateUpStride % 4 === 0) {
+      const words = down.stride / 4;
+      this.hQ = {
+        xq: storageBuffer(g, 'mlp hidden rows, int8', quantizedActivationBytes(rows, words)),
+        xScale: storageBuffer(g, 'mlp hidden rows, int8 scales', Math.max(16, Math.ceil(rows / 16) * 16 * 4)),
+        words,
+      };
+    }
+    const hQuantized = this.hQ && { xq: this.hQ.xq, xScale: this.hQ.xScale };
     this.block.bind({
       meta: a.meta,
       xn: a.xn,
@@ -458,9 +474,14 @@ class GpuRunner implements GpuModelRunner {
       gateUp: this.layers.map(
         (l) => linearOp(g, l.wGateUp, { meta: a.meta, rowsSlot: META_ROWS, x: a.xn, xStride: this.dimStride, xQuantized, y: a.gateUp, yStride: this.gateUpStride }, t),
       ),
-      siluMul: new SiluMul(g, { meta: a.meta, gateUp: a.gateUp, gateUpStride: this.gateUpStride, out: a.h, outStride: this.hiddenStride }, c.hiddenDim),
+      siluMul: new SiluMul(
+        g,
+        { meta: a.meta, gateUp: a.gateUp, gateUpStride: this.gateUpStride, out: a.h, outStride: this.hiddenStride, ...(this.hQ ? { quantized: this.hQ } : {}) },
+        c.hiddenDim,
+      ),
       down: this.layers.map(
-        (l) => linearOp(g, l.wDown, { meta: a.meta, rowsSlot: META_ROWS, x: a.h, xStride: this.hiddenStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
+        (l) =>
+          linearOp(g, l.wDown, { meta: a.meta, rowsSlot: META_ROWS, x: a.h, xStride: this.hiddenStride, xQuantized: hQuantized, y: a.x, yStride: this.dimStride, accumulate: true }, t),
       ),
       finalNorm: norm(this.finalNorm, true),
       lmHead: linearOp(g, this.lmHead, { meta: a.meta, rowsSlot: META_LOGIT_ROWS, x: a.xLogit, xStride: this.dimStride, y: a.logits, yStride: c.vocabSize }, t),
@@ -635,8 +656,9 @@ class GpuRunner implements GpuModelRunner {
         ops.oProj[l].encode(pass, rows);
         ops.ffnNorm[l].encode(pass, rows);
         ops.gateUp[l].encode(pass, rows);
-        ops.siluMul.encode(pass, rows);
-        ops.down[l].encode(pass, rows);
+        const downOp = ops.down[l];
+        ops.siluMul.encode(pass, rows, this.hQ !== undefined && downOp instanceof Int8MatmulOp && downOp.path(rows) !== 'gemv');
+        downOp.encode(pass, rows);
         if (boundaries.has(l)) {
           pass.end();
           g.device.queue.submit([enc.finish()]);
@@ -740,6 +762,8 @@ class GpuRunner implements GpuModelRunner {
     if (this.act) for (const b of Object.values(this.act)) b.destroy();
     this.xnQ?.xq.destroy();
     this.xnQ?.xScale.destroy();
+    this.hQ?.xq.destroy();
+    this.hQ?.xScale.destroy();
     this.destroySlots();
     this.act = undefined;
     this.captureReadback?.destroy();

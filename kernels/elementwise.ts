@@ -204,13 +204,26 @@ fn main(${builtins}) {
   }
 }
 
-/** h[r, i] = silu(gu[r, i]) · gu[r, hidden + i]: gate and up come from one fused matmul. */
+/**
+ * h[r, i] = silu(gu[r, i]) · gu[r, hidden + i]: gate and up come from one fused matmul. With `quantized`, a second
+ * form writes h quantized per row for the int8 W8A8 down projection instead (one workgroup a row, the row's share in
+ * registers; the bytes and scale the projection's own quantizer would write from h, which it then skips:
+ * MatmulBindings.xQuantized); encode(pass, rows, true) records that form.
+ */
 export class SiluMul {
   private d: Dispatch;
+  private q: Dispatch | undefined;
 
   constructor(
     private gpu: GpuContext,
-    b: { meta: GPUBuffer; gateUp: GPUBuffer; gateUpStride: number; out: GPUBuffer; outStride: number },
+    b: {
+      meta: GPUBuffer;
+      gateUp: GPUBuffer;
+      gateUpStride: number;
+      out: GPUBuffer;
+      outStride: number;
+      quantized?: { xq: GPUBuffer; xScale: GPUBuffer; words: number };
+    },
     readonly hidden: number,
   ) {
     const code = /* wgsl */ `
@@ -229,9 +242,68 @@ fn main(${builtins}) {
 }`;
     const pipeline = gpu.pipeline('silu-mul', code);
     this.d = { pipeline, bindGroup: bindBuffers(gpu, pipeline, 'silu-mul', [b.meta, b.gateUp, b.out]) };
+    const q = b.quantized;
+    if (!q) return;
+    if (hidden % 4 !== 0 || b.gateUpStride % 4 !== 0 || q.words * 4 < hidden || q.words % 8 !== 0) {
+      throw new Error(`silu-mul: a quantized output needs hidden (${hidden}) and the gate/up stride in whole vec4s and ${q.words} words ≥ hidden/4 in whole 32-value steps`);
+    }
+    const n = hidden / 4;
+    const per = Math.ceil(q.words / NORM_WG);
+    const qcode = /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> gu: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> xq: array<u32>;
+@group(0) @binding(3) var<storage, read_write> xScale: array<f32>;
+var<workgroup> red: array<f32, ${NORM_WG}>;
+@compute @workgroup_size(${NORM_WG})
+fn main(${builtins}) {
+  let rows = metaRows();
+  let r = wid.x + wid.y * nwg.x;
+  let live = r < rows;
+  let gb = min(r, max(rows, 1u) - 1u) * ${b.gateUpStride / 4}u;
+  var v: array<vec4<f32>, ${per}>;
+  var a = vec4<f32>(0.0);
+  for (var i = 0u; i < ${per}u; i++) {
+    let j = lid + i * ${NORM_WG}u;
+    v[i] = vec4<f32>(0.0);
+    if (j < ${n}u) {
+      let g = gu[gb + j];
+      v[i] = g / (vec4<f32>(1.0) + exp(-g)) * gu[gb + ${n}u + j];
+    }
+    a = max(a, abs(v[i]));
+  }
+  red[lid] = max(max(a.x, a.y), max(a.z, a.w));
+  workgroupBarrier();
+  for (var s = ${NORM_WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
+    workgroupBarrier();
+  }
+  let absMax = red[0];
+  let inv = select(0.0, 127.0 / absMax, absMax > 0.0);
+  if (live) {
+    for (var i = 0u; i < ${per}u; i++) {
+      let j = lid + i * ${NORM_WG}u;
+      if (j < ${q.words}u) {
+        xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('r', 'j', q.words / 8)}] = pack4xI8(vec4<i32>(clamp(round(v[i] * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
+      }
+    }
+    if (lid == 0u) { xScale[r] = absMax / 127.0; }
+  }
+}`;
+    const qp = gpu.pipeline('silu-mul + int8 rows', qcode);
+    this.q = { pipeline: qp, bindGroup: bindBuffers(gpu, qp, 'silu-mul int8', [b.meta, b.gateUp, q.xq, q.xScale]) };
   }
 
-  encode(pass: GPUComputePassEncoder, rows: number): void {
+  /** `quantized`: the form that writes the int8 rows (and not h), for a step whose down projection runs W8A8. */
+  encode(pass: GPUComputePassEncoder, rows: number, quantized = false): void {
+    if (rows <= 0) return;
+    if (quantized) {
+      if (!this.q) throw new Error('silu-mul: made without a quantized output');
+      record(pass, this.q);
+      const [x, y] = gridFor(this.gpu, rows);
+      pass.dispatchWorkgroups(x, y);
+      return;
+    }
     record(pass, this.d);
     dispatchThreads(this.gpu, pass, rows * this.hidden);
   }

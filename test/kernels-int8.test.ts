@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { destroyInt8Matrix, int8At, quantizeInt8Rows, tiledInt8Word, tileInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
 import { Int8MatmulOp, quantizedActivationBytes, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
-import { RmsNorm } from '../kernels/elementwise.ts';
+import { RmsNorm, SiluMul } from '../kernels/elementwise.ts';
 import { pad8, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { fileGpu, freshSeed, randomArray, runMatmulCase, strided } from './kernels-helpers.ts';
 import { quantizedPart, uploadLinear, destroyLinear } from '../kernels/linear.ts';
@@ -249,6 +249,59 @@ test('int8 bounds are tight enough to catch a wrong weight scale (×1.2, or /255
       assert.ok(Number.isFinite(o.boundRatio), `broken scale ×${scaleFactor}: outputs must still be written (${report(c, o)})`);
       assert.ok(o.boundRatio > 1, `a broken scale ×${scaleFactor.toFixed(3)} passed: ${report(c, o)}`);
     }
+  }
+});
+
+test('SiluMul with int8 rows out = the W8A8 quantizer over the plain SiluMul rows: identical products, K padded; a 1 % scale error shows', async () => {
+  const g = await gpu();
+  const seed = freshSeed();
+  // hidden 72: 18 words padded to 24 (zero words written too); 20 and 37 rows on the W8A8 path.
+  for (const [M, N, hidden] of [
+    [20, 40, 72],
+    [37, 33, 256],
+  ] as const) {
+    const where = `M ${M} N ${N} hidden ${hidden} seed ${seed}`;
+    const guStride = 2 * hidden + 8;
+    const hStride = pad8(hidden);
+    // gate and up values of either sign, some large enough for silu's tails.
+    const gu = uploadArray(g, 'gate|up', strided(randomArray(M * 2 * hidden, seed + hidden, 6), M, 2 * hidden, guStride, 0));
+    const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(M, 0, 1));
+    const weight = uploadInt8Matrix(g, 'test Wdown', randomArray(N * hidden, seed + 2, 0.5), N, hidden);
+    const words = weight.stride / 4;
+    const q = { xq: storageBuffer(g, 'xq', quantizedActivationBytes(M, words)), xScale: storageBuffer(g, 'xScale', Math.ceil(M / 16) * 64), words };
+    const h = storageBuffer(g, 'h', M * hStride * 4);
+    const y = [storageBuffer(g, 'y fused', M * N * 4), storageBuffer(g, 'y own quantizer', M * N * 4)];
+    const silu = new SiluMul(g, { meta, gateUp: gu, gateUpStride: guStride, out: h, outStride: hStride, quantized: q }, hidden);
+    const b = { meta, rowsSlot: 0, x: h, xStride: hStride, yStride: N };
+    const ops = [new Int8MatmulOp(g, weight, { ...b, y: y[0], xQuantized: q }), new Int8MatmulOp(g, weight, { ...b, y: y[1] })];
+    assert.notEqual(ops[0].path(M), 'gemv');
+    const run = async () => {
+      const enc = g.device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      silu.encode(pass, M, true);
+      silu.encode(pass, M);
+      for (const op of ops) op.encode(pass, M);
+      pass.end();
+      g.device.queue.submit([enc.finish()]);
+      const out = [await readF32(g, y[0], M * N), await readF32(g, y[1], M * N)];
+      g.checkErrors();
+      return out;
+    };
+    const [a, bb] = await run();
+    assert.ok(a.every(Number.isFinite), `${where}: finite products`);
+    assert.deepEqual(a, bb, `${where}: ${ops[0].path(M)} over SiluMul's int8 rows = over its own quantizer's`);
+    // The products do read the fused rows: scales 1 % off change them.
+    const scales = await readF32(g, q.xScale, M);
+    const enc = g.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    ops[0].encode(pass, M);
+    pass.end();
+    g.device.queue.writeBuffer(q.xScale, 0, scales.map((v) => v * 1.01));
+    g.device.queue.submit([enc.finish()]);
+    const skewed = await readF32(g, y[0], M * N);
+    assert.ok(skewed.some((v, i) => v !== bb[i]), `${where}: a 1 % scale error did not change the products`);
+    for (const buf of [gu, meta, q.xq, q.xScale, h, ...y]) buf.destroy();
+    destroyInt8Matrix(weight);
   }
 });
 
