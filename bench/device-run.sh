@@ -49,6 +49,8 @@ serve)
   timeout 240 node bin/mla-serve.js bench --url http://127.0.0.1:8000 --model qwen2.5-7b --model qwen2.5-7b-mla --num-prompts 48 \
     --max-concurrency 48 --input-len 512 --output-len 128 --ignore-eos --seed 0 --no-progress --out "$OUT/report" >"$OUT/bench.txt" 2>&1
   el "rc=$?"
+  # Mean step time and rows per step of each model over the run (the server's own histograms).
+  node -e "fetch('http://127.0.0.1:8000/metrics').then(r=>r.text()).then(t=>{ const v={}; for (const l of t.split('\\n')) { const m=/^(mla_serve_(?:gpu_step_seconds|batch_size)_(?:sum|count))\\{model_name=\"([^\"]+)\"\\} (\\S+)/.exec(l); if (m) (v[m[2]] ??= {})[m[1]] = Number(m[3]); } for (const [k,x] of Object.entries(v)) console.log(k, 'steps', x.mla_serve_gpu_step_seconds_count, 'mean step ms', (1000*x.mla_serve_gpu_step_seconds_sum/x.mla_serve_gpu_step_seconds_count).toFixed(2), 'mean rows', (x.mla_serve_batch_size_sum/x.mla_serve_batch_size_count).toFixed(1)); })" | tee "$OUT/steps.txt"
   kill $sp
   sleep 1
   grep -i "async\|kv" "$OUT/serve.log" | grep -v warning | head -n 6
