@@ -7,8 +7,9 @@
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at one 600 MiB KV budget, async scheduling on (~6 min)
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~4 min)
+#   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|attention|serve|sweep}
+phase=${1:?usage: bench/device-run.sh decode|attention|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -70,6 +71,13 @@ for (const [k, ms] of Object.entries(by)) {
   const def = sm.find((m) => m.variant === "w8a8 sm s8 kauto c1 u2 x0");
   console.log(k, "| default", def ? def.us.toFixed(1) : "?", "µs | best:", sm.slice(0, 4).map((m) => m.variant.slice(8) + " " + m.us.toFixed(1) + (m.vsDot4 > 0 ? " WRONG" : "")).join(" | "));
 }'
+  ;;
+tests)
+  el tests
+  timeout 500 node --import tsx --test --test-reporter=spec test/kernels-int8.test.ts test/mla-int8-cache.test.ts test/gpu-model.test.ts \
+    >"$OUT/tests.txt" 2>&1
+  el "rc=$?"
+  grep "^✔\|^✖\|^ℹ" "$OUT/tests.txt" | cut -c1-200 | tail -n 40
   ;;
 *)
   echo "unknown phase $phase" >&2
