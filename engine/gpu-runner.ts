@@ -7,7 +7,6 @@ import { KvWrite } from '../kernels/kv-write.ts';
 import type { MatmulTuning } from '../kernels/matmul.ts';
 import { buildStepMeta, HEADER_WORDS, META_LOGIT_ROWS, META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, uploadWeight, type GpuMatrix, type WeightDtype } from '../kernels/tensors.ts';
-import { quantizedActivationBytes } from '../kernels/matmul-int8.ts';
 import { denseDtypeFor, destroyLinear, linearOp, uploadLinear, type LinearDtype, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
 import { GpuKvPool } from '../cache/gpu-pool.ts';
 import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
@@ -15,7 +14,7 @@ import type { GqaConfig, ModelConfig } from '../model/config.ts';
 import type { GqaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts';
 import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 import { MlaBlock } from './mla-block.ts';
-import { Int8MatmulOp } from '../kernels/matmul-int8.ts';
+import { createQuantizedRows, Int8MatmulOp, type QuantizedRows } from '../kernels/matmul-int8.ts';
 import { RowArgmax } from '../kernels/argmax.ts';
 
 export interface GpuRunnerOptions {
@@ -320,9 +319,9 @@ class GpuRunner implements GpuModelRunner {
   private lastSubmittedPicks = 0;
   private logitsReadbackBusy = false;
   /** xn quantized per row by the layer norms for the int8 W8A8 projections that read xn (int8 weights only). */
-  private xnQ: { xq: GPUBuffer; xScale: GPUBuffer; words: number } | undefined;
+  private xnQ: QuantizedRows | undefined;
   /** The MLP's hidden rows quantized per row by the SiLU·mul kernel for an int8 W8A8 down projection. */
-  private hQ: { xq: GPUBuffer; xScale: GPUBuffer; words: number } | undefined;
+  private hQ: QuantizedRows | undefined;
   private ops: StepOps | undefined;
   /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
   private captureReadback: GPUBuffer | undefined;
@@ -411,32 +410,17 @@ class GpuRunner implements GpuModelRunner {
     const t = this.opts.matmulTuning;
     // int8 weights: the attention and FFN norms also write xn quantized per row, the input of every W8A8 projection
     // that reads xn (q/k/v or MLA q and kv_a, gate/up), which then record no quantize dispatch of their own.
-    this.xnQ?.xq.destroy();
-    this.xnQ?.xScale.destroy();
-    this.xnQ = undefined;
-    const gu = this.layers[0]?.wGateUp;
-    if (gu?.dtype === 'int8' && c.dim % 4 === 0) {
-      const words = gu.stride / 4;
-      this.xnQ = {
-        xq: storageBuffer(g, 'normed rows, int8', quantizedActivationBytes(rows, words)),
-        xScale: storageBuffer(g, 'normed rows, int8 scales', Math.max(16, Math.ceil(rows / 16) * 16 * 4)),
-        words,
-      };
+    for (const q of [this.xnQ, this.hQ]) {
+      q?.xq.destroy();
+      q?.xScale.destroy();
     }
+    const gu = this.layers[0]?.wGateUp;
+    this.xnQ = gu?.dtype === 'int8' && c.dim % 4 === 0 ? createQuantizedRows(g, 'normed rows', rows, gu.stride / 4) : undefined;
     const xQuantized = this.xnQ && { xq: this.xnQ.xq, xScale: this.xnQ.xScale };
     // Likewise SiLU·mul writes the hidden rows quantized for an int8 down projection (steps on its W8A8 path).
-    this.hQ?.xq.destroy();
-    this.hQ?.xScale.destroy();
-    this.hQ = undefined;
     const down = this.layers[0]?.wDown;
-    if (down?.dtype === 'int8' && c.hiddenDim % 4 === 0 && this.gateUpStride % 4 === 0) {
-      const words = down.stride / 4;
-      this.hQ = {
-        xq: storageBuffer(g, 'mlp hidden rows, int8', quantizedActivationBytes(rows, words)),
-        xScale: storageBuffer(g, 'mlp hidden rows, int8 scales', Math.max(16, Math.ceil(rows / 16) * 16 * 4)),
-        words,
-      };
-    }
+    this.hQ =
+      down?.dtype === 'int8' && c.hiddenDim % 4 === 0 && this.gateUpStride % 4 === 0 ? createQuantizedRows(g, 'mlp hidden rows', rows, down.stride / 4) : undefined;
     const hQuantized = this.hQ && { xq: this.hQ.xq, xScale: this.hQ.xScale };
     this.block.bind({
       meta: a.meta,

@@ -2,7 +2,7 @@
 import type { GpuContext } from './device.ts';
 import { metaWgsl, META_LOGIT_ROWS, META_ROWS } from './step-meta.ts';
 import { bindBuffers, gridFor, uploadArray, wgslF32, type GpuMatrix } from './tensors.ts';
-import { tiledWordWgsl, XQ_BASE_WORDS } from './matmul-int8.ts';
+import { quantizeRowTailWgsl } from './matmul-int8.ts';
 import type { RopeLayout } from '../model/config.ts';
 
 const WG = 64;
@@ -118,38 +118,9 @@ export class RmsNorm {
     }
     // Registers a thread holds: its vec4s of the row, and for the quantized output the padding words past dim too.
     const per = Math.ceil((q ? q.words : n) / NORM_WG);
-    const quant = !q
-      ? ''
-      : /* wgsl */ `
-  // Quantized copy: absmax of the normed row (a second reduction through red), then the tiled int8 words.
-  var a = 0.0;
-  for (var i = 0u; i < ${per}u; i++) {
-    let c = lid + i * ${NORM_WG}u;
-    if (c < ${n}u) {
-      let y = abs(v[i]);
-      a = max(a, max(max(y.x, y.y), max(y.z, y.w)));
-    }
-  }
-  workgroupBarrier();
-  red[lid] = a;
-  workgroupBarrier();
-  for (var s = ${NORM_WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
-    workgroupBarrier();
-  }
-  let absMax = red[0];
-  let qinv = select(0.0, 127.0 / absMax, absMax > 0.0);
-  if (r < rows) {
-    for (var i = 0u; i < ${per}u; i++) {
-      let j = lid + i * ${NORM_WG}u;
-      if (j < ${q.words}u) {
-        var y = vec4<f32>(0.0);
-        if (j < ${n}u) { y = v[i]; }
-        xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('r', 'j', q.words / 8)}] = pack4xI8(vec4<i32>(clamp(round(y * qinv), vec4<f32>(-127.0), vec4<f32>(127.0))));
-      }
-    }
-    if (lid == 0u) { xScale[r] = absMax / 127.0; }
-  }`;
+    // Quantized copy: the normed row's vec4s are in v (zero past dim: never assigned there).
+    const quant = !q ? '' : `
+  ${quantizeRowTailWgsl({ per, words: q.words, wg: NORM_WG, row: 'r', live: 'r < rows' })}`;
     const code = /* wgsl */ `
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> x: array<${T}>;
@@ -262,33 +233,14 @@ fn main(${builtins}) {
   let live = r < rows;
   let gb = min(r, max(rows, 1u) - 1u) * ${b.gateUpStride / 4}u;
   var v: array<vec4<f32>, ${per}>;
-  var a = vec4<f32>(0.0);
   for (var i = 0u; i < ${per}u; i++) {
     let j = lid + i * ${NORM_WG}u;
-    v[i] = vec4<f32>(0.0);
     if (j < ${n}u) {
       let g = gu[gb + j];
       v[i] = g / (vec4<f32>(1.0) + exp(-g)) * gu[gb + ${n}u + j];
     }
-    a = max(a, abs(v[i]));
   }
-  red[lid] = max(max(a.x, a.y), max(a.z, a.w));
-  workgroupBarrier();
-  for (var s = ${NORM_WG / 2}u; s > 0u; s >>= 1u) {
-    if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
-    workgroupBarrier();
-  }
-  let absMax = red[0];
-  let inv = select(0.0, 127.0 / absMax, absMax > 0.0);
-  if (live) {
-    for (var i = 0u; i < ${per}u; i++) {
-      let j = lid + i * ${NORM_WG}u;
-      if (j < ${q.words}u) {
-        xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('r', 'j', q.words / 8)}] = pack4xI8(vec4<i32>(clamp(round(v[i] * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
-      }
-    }
-    if (lid == 0u) { xScale[r] = absMax / 127.0; }
-  }
+  ${quantizeRowTailWgsl({ per, words: q.words, wg: NORM_WG, row: 'r', live: 'live' })}
 }`;
     const qp = gpu.pipeline('silu-mul + int8 rows', qcode);
     this.q = { pipeline: qp, bindGroup: bindBuffers(gpu, qp, 'silu-mul int8', [b.meta, b.gateUp, q.xq, q.xScale]) };

@@ -2,7 +2,7 @@
 import type { GpuContext } from './device.ts';
 import type { GpuInt8Matrix } from './int8.ts';
 import type { MatmulBindings } from './matmul.ts';
-import { bindBuffers, gridFor } from './tensors.ts';
+import { bindBuffers, gridFor, storageBuffer } from './tensors.ts';
 
 export interface Int8MatmulTuning {
   /** Rows up to this go through the weights-only GEMV (f32 activations); above it, W8A8. */
@@ -158,32 +158,42 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let xb = min(m, max(M, 1u) - 1u) * ${p.xStride / 4}u;
   // The row's share of each thread stays in registers between the absmax and the write (one read of x).
   var v: array<vec4<f32>, ${per}>;
-  var a = vec4<f32>(0.0);
   for (var i = 0u; i < ${per}u; i++) {
     let j = lid + i * 256u;
-    v[i] = vec4<f32>(0.0);
     if (j < ${k4}u) { v[i] = ${masked('j')}; }
-    a = max(a, abs(v[i]));
   }
-  red[lid] = max(max(a.x, a.y), max(a.z, a.w));
+  ${quantizeRowTailWgsl({ per, words: p.words, wg: 256, row: 'm', live: 'live' })}
+}
+`;
+}
+
+/**
+ * The end of a one-row-a-workgroup kernel that writes its row quantized for W8A8 consumers (the layout above): `v`,
+ * an array<vec4<f32>, per>, holds the thread's vec4s of the row (vec4 j = lid + i·wg, zero past the row); `red` is a
+ * workgroup array<f32, wg> free to reuse; `xq` and `xScale` are the outputs. Writes row `row`'s words and scale when
+ * `live`. The quantizer, the RMSNorm and the SiLU·mul kernels all end with it, so their bytes agree to the bit.
+ */
+export function quantizeRowTailWgsl(o: { per: number; words: number; wg: number; row: string; live: string }): string {
+  return /* wgsl */ `var qa = vec4<f32>(0.0);
+  for (var i = 0u; i < ${o.per}u; i++) { qa = max(qa, abs(v[i])); }
   workgroupBarrier();
-  for (var s = 128u; s > 0u; s >>= 1u) {
+  red[lid] = max(max(qa.x, qa.y), max(qa.z, qa.w));
+  workgroupBarrier();
+  for (var s = ${o.wg / 2}u; s > 0u; s >>= 1u) {
     if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
     workgroupBarrier();
   }
-  let absMax = red[0];
-  let inv = select(0.0, 127.0 / absMax, absMax > 0.0);
-  if (live) {
-    for (var i = 0u; i < ${per}u; i++) {
-      let j = lid + i * 256u;
-      if (j < ${p.words}u) {
-        xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl('m', 'j', steps)}] = pack4xI8(vec4<i32>(clamp(round(v[i] * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
+  let qAbsMax = red[0];
+  let qInv = select(0.0, 127.0 / qAbsMax, qAbsMax > 0.0);
+  if (${o.live}) {
+    for (var i = 0u; i < ${o.per}u; i++) {
+      let j = lid + i * ${o.wg}u;
+      if (j < ${o.words}u) {
+        xq[${XQ_BASE_WORDS}u + ${tiledWordWgsl(o.row, 'j', o.words / 8)}] = pack4xI8(vec4<i32>(clamp(round(v[i] * qInv), vec4<f32>(-127.0), vec4<f32>(127.0))));
       }
     }
-    if (lid == 0u) { xScale[m] = absMax / 127.0; }
-  }
-}
-`;
+    if (lid == 0u) { xScale[${o.row}] = qAbsMax / 127.0; }
+  }`;
 }
 
 /**
@@ -199,6 +209,23 @@ export const XQ_BASE_WORDS = 128;
 export function quantizedActivationBytes(rows: number, words: number): number {
   const rowTiles = Math.ceil(Math.max(1, rows) / W8A8_TILE_M);
   return (XQ_BASE_WORDS + Math.ceil(rowTiles / SM_ROW_TILES_PER_GROUP) * SM_ROW_TILES_PER_GROUP * W8A8_TILE_M * words) * 4;
+}
+
+/** Buffers for `rows` rows quantized by a kernel ahead of their W8A8 consumers (MatmulBindings.xQuantized). */
+export interface QuantizedRows {
+  xq: GPUBuffer;
+  xScale: GPUBuffer;
+  /** i32 words a row (K padded to whole 32-value steps). */
+  words: number;
+}
+
+export function createQuantizedRows(gpu: GpuContext, label: string, rows: number, words: number): QuantizedRows {
+  return {
+    xq: storageBuffer(gpu, `${label}, int8`, quantizedActivationBytes(rows, words)),
+    // One scale a row of whole 16-row tiles (what a W8A8 op over that many rows checks for).
+    xScale: storageBuffer(gpu, `${label}, int8 scales`, Math.max(16, Math.ceil(rows / W8A8_TILE_M) * W8A8_TILE_M * 4)),
+    words,
+  };
 }
 
 /**
