@@ -237,6 +237,8 @@ interface ConfigResult {
   msPerStep: number;
   /** GPU time of the step's compute pass (timestamps; NaN without them): the rest of msPerStep is readback and host. */
   gpuMsPerStep: number;
+  /** Host time from the step call to its last submit (runner.lastStepRecordMs): planning and recording. */
+  recordMsPerStep: number;
   tokPerS: number;
   weightBytes: number;
   kvBytesRead: number;
@@ -366,8 +368,10 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
           pos += a.warmup;
           const t = performance.now();
           let gpuMs = 0;
+          let recordMs = 0;
           await run(pos, a.steps, pipelined, () => {
             gpuMs += runner.lastStepGpuMs ?? NaN;
+            recordMs += runner.lastStepRecordMs;
           });
           pos += a.steps;
           const ms = (performance.now() - t) / a.steps;
@@ -383,6 +387,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
             steps: a.steps,
             msPerStep: ms,
             gpuMsPerStep: gpuMs / a.steps,
+            recordMsPerStep: recordMs / a.steps,
             tokPerS: (batch * 1000) / ms,
             weightBytes,
             kvBytesRead,
@@ -474,7 +479,7 @@ async function main(): Promise<void> {
     lines.push(`  ${r.model.padEnd(16)} ${r.attention}  ${r.kvValuesPerTokenPerLayer} values/token/layer, ${r.kvBytesPerToken} B/token → ${r.kvBudgetTokens} tokens${ratio}`);
   }
   lines.push('');
-  const header = ['model', 'attn', 'batch', 'ctx', 'submits', 'pipelined', 'ms/step', 'GPU ms', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
+  const header = ['model', 'attn', 'batch', 'ctx', 'submits', 'pipelined', 'ms/step', 'GPU ms', 'record ms', 'tok/s', 'W GB/s', '(W+KV) GB/s', `% of ${fmt(a.ceilingGBs / 1000, 1)} TB/s`, 'vs PyTorch', 'vs llama.cpp'];
   const rows = [header];
   for (const r of results) {
     for (const c of r.configs) {
@@ -487,6 +492,7 @@ async function main(): Promise<void> {
         c.pipelined ? 'yes' : 'no',
         fmt(c.msPerStep, 2),
         fmt(c.gpuMsPerStep, 2),
+        fmt(c.recordMsPerStep, 2),
         fmt(c.tokPerS, 0),
         fmt(c.weightGBs, 0),
         fmt(c.totalGBs, 0),

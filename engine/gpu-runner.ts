@@ -285,6 +285,8 @@ export interface GpuModelRunner extends ModelRunner {
   describe(): RunnerDescription;
   /** GPU time of the last step's compute pass (ms) with opts.gpuTiming on an adapter with timestamps, else null. */
   readonly lastStepGpuMs: number | null;
+  /** Host time of the last step from the call to its last submit (ms). */
+  readonly lastStepRecordMs: number;
   /** Command buffers each step is submitted in (opts.submitChunks); benchmarks compare settings on one runner. */
   submitChunks: number;
 }
@@ -329,6 +331,11 @@ class GpuRunner implements GpuModelRunner {
   private readonly weightDtype: LinearDtype;
   /** GPU time of the last step's compute pass (ms) when opts.gpuTiming is set and the adapter has timestamps. */
   lastStepGpuMs: number | null = null;
+  /**
+   * Host time of the last step from the call to its last submit (ms): planning, recording and handing the command
+   * buffers to Dawn — what the host spends before it can wait; benchmarks set it against the GPU time.
+   */
+  lastStepRecordMs = 0;
 
   constructor(
     private gpu: GpuContext,
@@ -522,6 +529,7 @@ class GpuRunner implements GpuModelRunner {
   }
 
   private async run(seqs: StepSequence[], mode: 'step' | 'capture' | 'profile'): Promise<CaptureStep & StepOutput & { dispatches: DispatchTime[] }> {
+    const calledAt = performance.now();
     const capture = mode === 'capture';
     if (this.exclusive) throw new Error(`step: a capture or profile step of this runner has not finished; it runs alone`);
     if (mode !== 'step' && this.inFlight > 0) throw new Error(`step: ${mode} runs alone, and ${this.inFlight} step(s) of this runner have not finished`);
@@ -668,6 +676,7 @@ class GpuRunner implements GpuModelRunner {
         enc.copyBufferToBuffer(timing.resolve, 0, timing.read, 0, 16);
       }
       g.device.queue.submit([enc.finish()]);
+      this.lastStepRecordMs = performance.now() - calledAt;
       let logits = new Float32Array(0);
       let argmax = new Uint32Array(0);
       if (bytes === 0 && nPicks === 0) await g.device.queue.onSubmittedWorkDone();
