@@ -29,6 +29,7 @@ decode)
   el "rc=$?"
   summary "$OUT/decode-gqa.txt" 7
   summary "$OUT/decode-mla.txt" 5
+  grep -h "prefilled" "$OUT/decode-gqa.err" "$OUT/decode-mla.err" "$OUT/decode-gqa.txt" "$OUT/decode-mla.txt" | cut -c1-200
   tail -n 3 "$OUT/decode-gqa.err" "$OUT/decode-mla.err"
   ;;
 attention)

@@ -11,6 +11,16 @@ import { bindBuffers, uploadMatrix, wgslF32, type GpuMatrix, type WeightDtype } 
 
 const WG = 64;
 const MAX_ROWS_PER_THREAD = 8;
+/**
+ * From this many rows on (prefill chunks), a step takes the tiled kernel: 64 rows × 64 outputs of a head per
+ * workgroup, the x and W tiles staged in workgroup memory 16 k at a time, 4 × 4 outputs a thread. The one above
+ * reads x from storage for every k of every output pair, which caps it near 3 TFLOPS on the H200 (1.9 ms of a
+ * 32-row MLA step); where the tiled one starts to win is not measured yet (bench/device-run.sh decode reports
+ * the prefill rate, 512-row chunks).
+ */
+export const HEAD_MATMUL_TILED_MIN_ROWS = 128;
+const TILE = 64;
+const TILE_K = 16;
 
 export interface HeadMatmulSpec {
   nHeads: number;
@@ -127,9 +137,83 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
+/** The tiled kernel (HEAD_MATMUL_TILED_MIN_ROWS): grid (⌈N / 64⌉, nHeads, ⌈rows / 64⌉), 256 threads. */
+function headMatmulTiledWgsl(s: HeadMatmulSpec, w: GpuMatrix): string {
+  const f16 = w.dtype === 'f16';
+  const pass = s.passCols ?? 0;
+  const sc = wgslF32(s.scale);
+  // W element (k, n) of head h: f16 pairs packed in u32 words, or f32; zero past K and N.
+  const wAt = f16
+    ? `unpack2x16float(w[(h * ${s.K}u + k) * ${w.stride / 2}u + n / 2u])[n % 2u]`
+    : `w[(h * ${s.K}u + k) * ${w.stride}u + n]`;
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<${f16 ? 'u32' : 'f32'}>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+var<workgroup> xs: array<f32, ${TILE * TILE_K}>;
+var<workgroup> ws: array<f32, ${TILE_K * TILE}>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let M = stepMeta[${META_ROWS}];
+  let n0 = wid.x * ${TILE}u;
+  let h = wid.y;
+  let m0 = wid.z * ${TILE}u;
+  let tx = lid % 16u;
+  let ty = lid / 16u;
+  let mLast = max(M, 1u) - 1u;
+  var acc: array<vec4<f32>, 4>;
+  for (var k0 = 0u; k0 < ${s.K}u; k0 += ${TILE_K}u) {
+    // 64 × 16 of x and 16 × 64 of W: four values of each a thread.
+    for (var i = 0u; i < 4u; i++) {
+      let e = lid + i * 256u;
+      let xr = e / ${TILE_K}u;
+      let xk = k0 + e % ${TILE_K}u;
+      let row = min(m0 + xr, mLast);
+      xs[e] = select(0.0, x[row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + xk], xk < ${s.K}u);
+      let k = k0 + e / ${TILE}u;
+      let n = n0 + e % ${TILE}u;
+      ws[e] = select(0.0, ${wAt}, k < ${s.K}u && n < ${s.N}u);
+    }
+    workgroupBarrier();
+    for (var kk = 0u; kk < ${TILE_K}u; kk++) {
+      let wv = vec4<f32>(ws[kk * ${TILE}u + tx * 4u], ws[kk * ${TILE}u + tx * 4u + 1u], ws[kk * ${TILE}u + tx * 4u + 2u], ws[kk * ${TILE}u + tx * 4u + 3u]);
+      for (var i = 0u; i < 4u; i++) { acc[i] += xs[(ty * 4u + i) * ${TILE_K}u + kk] * wv; }
+    }
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < 4u; i++) {
+    let row = m0 + ty * 4u + i;
+    if (row < M) {
+      let yb = row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u;
+      for (var j = 0u; j < 4u; j++) {
+        let n = n0 + tx * 4u + j;
+        if (n < ${s.N}u) { y[yb + n] = acc[i][j] * ${sc}; }
+      }
+    }
+  }${
+    pass > 0
+      ? `
+  // The pass-through columns of the tile's rows, by the first column tile.
+  if (wid.x == 0u) {
+    for (var e = lid; e < ${TILE * pass}u; e += 256u) {
+      let row = m0 + e / ${pass}u;
+      let i = e % ${pass}u;
+      if (row < M) {
+        y[row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + ${s.N}u + i] = x[row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + ${s.K}u + i] * ${sc};
+      }
+    }
+  }`
+      : ''
+  }
+}`;
+}
+
 /** One per-head matmul site: weights and bindings fixed, rows chosen per dispatch (read from stepMeta's row count). */
 export class HeadMatmul {
   private variants = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
+  private tiled: { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup } | undefined;
 
   constructor(
     private gpu: GpuContext,
@@ -142,16 +226,27 @@ export class HeadMatmul {
     }
   }
 
+  /** A pipeline (labelled by shape, not by layer: every layer's site shares it) bound to this site's buffers. */
+  private bind(label: string, code: string): { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup } {
+    const pipeline = this.gpu.pipeline(label, code);
+    return { pipeline, bindGroup: bindBuffers(this.gpu, pipeline, this.weight.label, [this.b.meta, this.b.x, this.weight.pieces[0].buffer, this.b.y]) };
+  }
+
   encode(pass: GPUComputePassEncoder, rows: number): void {
     if (rows <= 0) return;
+    if (rows >= HEAD_MATMUL_TILED_MIN_ROWS) {
+      this.tiled ??= this.bind(`mla head-matmul ${this.spec.nHeads}×[${this.spec.K}→${this.spec.N}] ${this.weight.dtype} tiled`, headMatmulTiledWgsl(this.spec, this.weight));
+      pass.setPipeline(this.tiled.pipeline);
+      pass.setBindGroup(0, this.tiled.bindGroup);
+      pass.dispatchWorkgroups(Math.ceil(this.spec.N / TILE), this.spec.nHeads, Math.ceil(rows / TILE));
+      return;
+    }
     let mr = 1;
     while (mr < rows && mr < MAX_ROWS_PER_THREAD) mr *= 2;
     let v = this.variants.get(mr);
     if (!v) {
-      // Labelled by shape, not by layer: every layer's site shares one compiled pipeline.
       const { nHeads, K, N } = this.spec;
-      const pipeline = this.gpu.pipeline(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} mr${mr}`, headMatmulWgsl(this.spec, this.weight, mr));
-      v = { pipeline, bindGroup: bindBuffers(this.gpu, pipeline, this.weight.label, [this.b.meta, this.b.x, this.weight.pieces[0].buffer, this.b.y]) };
+      v = this.bind(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} mr${mr}`, headMatmulWgsl(this.spec, this.weight, mr));
       this.variants.set(mr, v);
     }
     pass.setPipeline(v.pipeline);

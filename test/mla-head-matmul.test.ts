@@ -1,8 +1,9 @@
-// Per-head batched matmul (MLA absorption and W_UV) vs float64: row counts across the rows-per-thread variants, K with
+// Per-head batched matmul (MLA absorption and W_UV) vs float64: row counts across the rows-per-thread variants and the
+// tiled kernel of prefill-sized steps, K with
 // and without the k split, odd N, pass-through columns, f32 and f16 weights, NaN-poisoned outputs.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { HeadMatmul, headMatmulKSplit, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
+import { HEAD_MATMUL_TILED_MIN_ROWS, HeadMatmul, headMatmulKSplit, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
 import { buildStepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
@@ -55,15 +56,17 @@ async function runCase(nHeads: number, K: number, N: number, passCols: number, r
   return relError(gotOut, want);
 }
 
-test('head matmul: absorption and W_UV shapes, every rows-per-thread variant, f32 and f16 weights', async () => {
+test('head matmul: absorption and W_UV shapes, every rows-per-thread variant and the tiled kernel, f32 and f16 weights', async () => {
   assert.equal(headMatmulKSplit(512), 4 * headMatmulKSplit(128));
   for (const dtype of ['f32', 'f16'] as const) {
     for (const [nHeads, K, N, passCols] of [
       [3, 16, 24, 4], // absorption: K = nope dims, N = R, q_pe passed through
       [2, 128, 40, 6], // k split in two
       [2, 512, 7, 0], // W_UV: K = R, odd N, k split in eight
+      [2, 20, 71, 3], // K not a whole number of the tiled kernel's 16-k steps, N past one 64-wide tile
     ] as const) {
-      for (const rows of [1, 3, 8, 13]) {
+      // 128 and 200 rows: the tiled kernel (a partial 64-row tile at 200).
+      for (const rows of [1, 3, 8, 13, HEAD_MATMUL_TILED_MIN_ROWS, 200]) {
         const err = await runCase(nHeads, K, N, passCols, rows, dtype);
         assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}: relative error ${err}`);
       }

@@ -80,6 +80,19 @@ test('converted stories260K at R = 16: 20 values per token per layer, GPU logits
   });
 });
 
+test('converted stories260K at R = 16: a 150-row prefill step (the tiled W_UK / W_UV kernel) gives the reference logits within 1e-4', async () => {
+  await withRunner(r16, async (runner, c) => {
+    const tokens = [c.bosId, ...source.tokenizer.encode(text.slice(0, 2000))].slice(0, 150);
+    assert.equal(tokens.length, 150);
+    const want = new ReferenceMla(c, mlaWeightsToF32(r16.weights)).forward(tokens);
+    const V = c.vocabSize;
+    const got = await runner.step([{ tokens, startPos: 0, blockTable: [20, 21, 22, 23, 24, 25, 26, 27, 28, 29], logits: 'all' }]);
+    let worst = 0;
+    for (let t = 0; t < tokens.length; t++) worst = Math.max(worst, relError(got.subarray(t * V, (t + 1) * V), want[t]));
+    assert.ok(worst <= 1e-4, `worst row's relative error ${worst}`);
+  });
+});
+
 test('converted stories260K at full rank: GPU greedy tokens from BOS equal the Stage-1 reference model for 100 tokens', async () => {
   await withRunner(full, async (runner, c) => {
     const stage1 = new ReferenceLatent(gqa, full.stage1);
