@@ -5,7 +5,7 @@
 # under $OUT and prints a short summary at the end (what the device tool shows).
 #   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps (~5 min)
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
-#   serve      served MLA vs GQA at one 600 MiB KV budget, async scheduling on (~6 min)
+#   serve      served MLA vs GQA at one 600 MiB KV budget, async scheduling on and off (~6 min)
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~4 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
@@ -42,21 +42,27 @@ attention)
   grep "µs\|int8\|gqa" "$OUT/attention.txt" | tail -n 16
   ;;
 serve)
-  el serve
-  node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
-    --kv-cache-memory 600MiB --max-num-seqs 64 --port 8000 >"$OUT/serve.log" 2>&1 &
-  sp=$!
-  node -e "const t=Date.now(); (async()=>{ while(Date.now()-t<200000){ try{ const r=await fetch('http://127.0.0.1:8000/v1/models'); if(r.ok){ console.log('ready after',(Date.now()-t)/1000,'s'); return; } }catch{} await new Promise(r=>setTimeout(r,1000)); } console.log('not ready'); process.exit(1); })()" | tee -a "$OUT/log.txt"
-  el bench
-  timeout 240 node bin/mla-serve.js bench --url http://127.0.0.1:8000 --model qwen2.5-7b --model qwen2.5-7b-mla --num-prompts 48 \
-    --max-concurrency 48 --input-len 512 --output-len 128 --ignore-eos --seed 0 --no-progress --out "$OUT/report" >"$OUT/bench.txt" 2>&1
-  el "rc=$?"
-  # Mean step time and rows per step of each model over the run (the server's own histograms).
-  node -e "fetch('http://127.0.0.1:8000/metrics').then(r=>r.text()).then(t=>{ const v={}; for (const l of t.split('\\n')) { const m=/^(mla_serve_(?:gpu_step_seconds|batch_size)_(?:sum|count))\\{model_name=\"([^\"]+)\"\\} (\\S+)/.exec(l); if (m) (v[m[2]] ??= {})[m[1]] = Number(m[3]); } for (const [k,x] of Object.entries(v)) console.log(k, 'steps', x.mla_serve_gpu_step_seconds_count, 'mean step ms', (1000*x.mla_serve_gpu_step_seconds_sum/x.mla_serve_gpu_step_seconds_count).toFixed(2), 'mean rows', (x.mla_serve_batch_size_sum/x.mla_serve_batch_size_count).toFixed(1)); })" | tee "$OUT/steps.txt"
-  kill $sp
-  sleep 1
-  grep -i "async\|kv" "$OUT/serve.log" | grep -v warning | head -n 6
-  grep -A32 "requests ok" "$OUT/bench.txt" | head -n 34
+  # Async scheduling on, then off (each start uploads both 7B models: ~2 min), the same load each time.
+  for mode in on off; do
+    el "serve async-scheduling $mode"
+    node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
+      --kv-cache-memory 600MiB --max-num-seqs 64 --async-scheduling $mode --port 8000 >"$OUT/serve-$mode.log" 2>&1 &
+    sp=$!
+    node -e "const t=Date.now(); (async()=>{ while(Date.now()-t<200000){ try{ const r=await fetch('http://127.0.0.1:8000/v1/models'); if(r.ok){ console.log('ready after',(Date.now()-t)/1000,'s'); return; } }catch{} await new Promise(r=>setTimeout(r,1000)); } console.log('not ready'); process.exit(1); })()" | tee -a "$OUT/log.txt"
+    el bench
+    timeout 150 node bin/mla-serve.js bench --url http://127.0.0.1:8000 --model qwen2.5-7b --model qwen2.5-7b-mla --num-prompts 48 \
+      --max-concurrency 48 --input-len 512 --output-len 128 --ignore-eos --seed 0 --no-progress --out "$OUT/report-$mode" >"$OUT/bench-$mode.txt" 2>&1
+    el "rc=$?"
+    # Mean step time and rows per step of each model over the run (the server's own histograms).
+    node -e "fetch('http://127.0.0.1:8000/metrics').then(r=>r.text()).then(t=>{ const v={}; for (const l of t.split('\\n')) { const m=/^(mla_serve_(?:gpu_step_seconds|batch_size)_(?:sum|count))\\{model_name=\"([^\"]+)\"\\} (\\S+)/.exec(l); if (m) (v[m[2]] ??= {})[m[1]] = Number(m[3]); } for (const [k,x] of Object.entries(v)) console.log(k, 'steps', x.mla_serve_gpu_step_seconds_count, 'mean step ms', (1000*x.mla_serve_gpu_step_seconds_sum/x.mla_serve_gpu_step_seconds_count).toFixed(2), 'mean rows', (x.mla_serve_batch_size_sum/x.mla_serve_batch_size_count).toFixed(1)); })" | tee "$OUT/steps-$mode.txt"
+    kill $sp
+    wait $sp 2>/dev/null
+  done
+  for mode in on off; do
+    echo "== async scheduling $mode"
+    cat "$OUT/steps-$mode.txt"
+    grep -A32 "requests ok" "$OUT/bench-$mode.txt" | head -n 34
+  done
   ;;
 sweep)
   el sweep
