@@ -495,15 +495,6 @@ export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: P
   return { parallelHeads: planMlaAttention(shape, t).headSplits, targetWorkgroups: MLA_TARGET_WORKGROUPS };
 }
 
-/** Context tokens per split for the MLA kernel: about `targetWorkgroups` workgroups, at least one tile, a power of two. */
-export function mlaChunkSize(sumCtx: number, plan: MlaAttentionPlan, targetWorkgroups = 528, maxChunk = 1 << 16): number {
-  const want = Math.ceil((sumCtx * plan.headSplits) / targetWorkgroups);
-  let c = 16;
-  while (c < plan.tileTokens) c *= 2;
-  while (c < want && c < maxChunk) c *= 2;
-  return c;
-}
-
 /** One compiled workgroup size of the partial kernel, with its bind groups (an 'auto' layout is per pipeline). */
 interface PartialVariant {
   tuning: MlaAttentionTuning;
@@ -621,11 +612,6 @@ export class MlaAttention {
   /** The int8-product kernel's debug dump and its plan (tuning.int8Debug), for a host check (bench/mla-tc-dump.ts). */
   get int8DebugDump(): { buffer: GPUBuffer; plan: MlaTcPlan } | undefined {
     return this.tc?.dump ? { buffer: this.tc.dump, plan: this.tc.plan } : undefined;
-  }
-
-  /** Context tokens per split this kernel wants for a step whose rows' contexts sum to sumCtx. */
-  chunkSizeFor(sumCtx: number, targetWorkgroups?: number): number {
-    return mlaChunkSize(sumCtx, this.plan, targetWorkgroups);
   }
 
   /** The workgroup size a step with this context chunk runs. */

@@ -2,7 +2,7 @@
 // contexts crossing block, tile and chunk boundaries, f32 and f16 caches, R/r/heads combos incl. 512 + 64.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { MlaAttention, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
 import { poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
@@ -69,11 +69,12 @@ async function runCase(c: Case): Promise<{ err: number; maxChunks: number; seed:
   const out = storageBuffer(g, 'out', 4 * outStride * nRows);
   const writer = new KvWrite(g, layout, { meta, src, srcStride: RV, srcOffset: 0, layerCaches: [cacheBuf] });
   const attention = new MlaAttention(g, c.shape, layout, { meta, qLatent, out, outStride, layerCaches: [cacheBuf] }, c.tuning);
-  const metaOpts = { blockSize: c.blockSize, numBlocks: totalBlocks, nKvHeads: 1, maxChunkSize: 1 << 16 };
+  // The split the runner would make (MlaBlock: mlaSplit, chunks of at most MLA_MAX_CHUNK) unless the case fixes a chunk.
+  const split = mlaSplit(c.shape, layout.dtype, c.tuning);
+  const metaOpts = { blockSize: c.blockSize, numBlocks: totalBlocks, nKvHeads: split.parallelHeads, maxChunkSize: MLA_MAX_CHUNK, targetWorkgroups: split.targetWorkgroups };
 
   const run = async (seqs: StepSeqInput[], rows: Float32Array, attend: boolean) => {
-    const sumCtx = seqs.reduce((a, s) => a + s.tokens.length * (s.startPos + s.tokens.length), 0);
-    const m = buildStepMeta(seqs, { ...metaOpts, chunkSize: c.chunkSize ?? attention.chunkSizeFor(sumCtx) });
+    const m = buildStepMeta(seqs, { ...metaOpts, chunkSize: c.chunkSize });
     g.device.queue.writeBuffer(meta, 0, m.data);
     g.device.queue.writeBuffer(src, 0, rows);
     if (attend) attention.prepare(m.nRows, m.maxChunks);

@@ -4,7 +4,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
-import { MlaAttention, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { mlaTcDumpLayout, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
 import { checkMlaTcDump, describeMlaTcDump } from '../bench/mla-tc-dump.ts';
 import {
@@ -98,10 +98,11 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const out = storageBuffer(g, 'out', 4 * outStride * Math.max(1, nRows));
   const writer = new MlaLatentWriteInt8(g, format, c.blockSize, { meta, src, srcStride, srcOffset: 0, layerCaches: [cacheBuf] });
   const attention = c.writeOnly ? undefined : new MlaAttention(g, c.shape, layout, { meta, qLatent, out, outStride, layerCaches: [cacheBuf] }, c.tuning);
-  const metaOpts = { blockSize: c.blockSize, numBlocks: totalBlocks, nKvHeads: 1, maxChunkSize: 1 << 16 };
+  // The split the runner would make (MlaBlock: mlaSplit, chunks of at most MLA_MAX_CHUNK) unless the case fixes a chunk.
+  const split = mlaSplit(c.shape, layout.dtype, c.tuning);
+  const metaOpts = { blockSize: c.blockSize, numBlocks: totalBlocks, nKvHeads: split.parallelHeads, maxChunkSize: MLA_MAX_CHUNK, targetWorkgroups: split.targetWorkgroups };
   const run = async (seqs: StepSeqInput[], rows: Float32Array[], attend: boolean) => {
-    const sumCtx = seqs.reduce((a, s) => a + s.tokens.length * (s.startPos + s.tokens.length), 0);
-    const m = buildStepMeta(seqs, { ...metaOpts, chunkSize: c.chunkSize ?? attention?.chunkSizeFor(sumCtx) ?? 16 });
+    const m = buildStepMeta(seqs, { ...metaOpts, chunkSize: c.chunkSize });
     g.device.queue.writeBuffer(meta, 0, m.data);
     const strided = new Float32Array(rows.length * srcStride).fill(NaN);
     rows.forEach((row, i) => strided.set(row, i * srcStride));
