@@ -423,17 +423,15 @@ class GpuRunner implements GpuModelRunner {
     }
     const gu = this.layers[0]?.wGateUp;
     this.xnQ = gu?.dtype === 'int8' && c.dim % 4 === 0 ? createQuantizedRows(g, 'normed rows', rows, gu.stride / 4) : undefined;
-    const xQuantized = this.xnQ && { xq: this.xnQ.xq, xScale: this.xnQ.xScale };
     // Likewise SiLU·mul writes the hidden rows quantized for an int8 down projection (steps on its W8A8 path).
     const down = this.layers[0]?.wDown;
     this.hQ =
       down?.dtype === 'int8' && c.hiddenDim % 4 === 0 && this.gateUpStride % 4 === 0 ? createQuantizedRows(g, 'mlp hidden rows', rows, down.stride / 4) : undefined;
-    const hQuantized = this.hQ && { xq: this.hQ.xq, xScale: this.hQ.xScale };
     this.block.bind({
       meta: a.meta,
       xn: a.xn,
       xnStride: this.dimStride,
-      ...(xQuantized ? { xnQuantized: xQuantized } : {}),
+      ...(this.xnQ ? { xnQuantized: this.xnQ } : {}),
       out: a.attn,
       outStride: this.attnStride,
       maxRows: rows,
@@ -463,7 +461,7 @@ class GpuRunner implements GpuModelRunner {
         (l) => linearOp(g, l.wo, { meta: a.meta, rowsSlot: META_ROWS, x: a.attn, xStride: this.attnStride, y: a.x, yStride: this.dimStride, accumulate: true }, t),
       ),
       gateUp: this.layers.map(
-        (l) => linearOp(g, l.wGateUp, { meta: a.meta, rowsSlot: META_ROWS, x: a.xn, xStride: this.dimStride, xQuantized, y: a.gateUp, yStride: this.gateUpStride }, t),
+        (l) => linearOp(g, l.wGateUp, { meta: a.meta, rowsSlot: META_ROWS, x: a.xn, xStride: this.dimStride, xQuantized: this.xnQ, y: a.gateUp, yStride: this.gateUpStride }, t),
       ),
       siluMul: new SiluMul(
         g,
@@ -472,7 +470,7 @@ class GpuRunner implements GpuModelRunner {
       ),
       down: this.layers.map(
         (l) =>
-          linearOp(g, l.wDown, { meta: a.meta, rowsSlot: META_ROWS, x: a.h, xStride: this.hiddenStride, xQuantized: hQuantized, y: a.x, yStride: this.dimStride, accumulate: true }, t),
+          linearOp(g, l.wDown, { meta: a.meta, rowsSlot: META_ROWS, x: a.h, xStride: this.hiddenStride, xQuantized: this.hQ, y: a.x, yStride: this.dimStride, accumulate: true }, t),
       ),
       finalNorm: norm(this.finalNorm, true),
       lmHead: linearOp(g, this.lmHead, { meta: a.meta, rowsSlot: META_LOGIT_ROWS, x: a.xLogit, xStride: this.dimStride, y: a.logits, yStride: c.vocabSize }, t),
@@ -583,7 +581,6 @@ class GpuRunner implements GpuModelRunner {
     this.inFlight++;
     this.exclusive = mode !== 'step';
     if (fullBytes > 0) this.logitsReadbackBusy = true;
-    const previousPicks = this.lastSubmittedPicks;
     this.lastSubmittedPicks = meta.nLogitRows - meta.nFullLogitRows;
     try {
       const g = this.gpu;
@@ -621,7 +618,7 @@ class GpuRunner implements GpuModelRunner {
         };
         for (const s of seqs) {
           const k = s.previousPick;
-          if (k !== undefined && k < previousPicks) {
+          if (k !== undefined) {
             if (run && run.row + run.n === row && run.pick + run.n === k) run.n++;
             else {
               flush();
@@ -667,8 +664,7 @@ class GpuRunner implements GpuModelRunner {
       }
       pass.end();
       // Only the full rows come back; 'argmax' rows (after them) send their pick.
-      const bytes = fullBytes;
-      if (bytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, bytes);
+      if (fullBytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, fullBytes);
       if (nPicks > 0) enc.copyBufferToBuffer(a.picks, 0, slot.picksReadback, 0, nPicks * 4);
       if (profilePass) profiling!.finish(enc, profilePass);
       if (timing) {
@@ -679,10 +675,10 @@ class GpuRunner implements GpuModelRunner {
       this.lastStepRecordMs = performance.now() - calledAt;
       let logits = new Float32Array(0);
       let argmax = new Uint32Array(0);
-      if (bytes === 0 && nPicks === 0) await g.device.queue.onSubmittedWorkDone();
-      if (bytes > 0) {
-        await a.readback.mapAsync(GPUMapMode.READ, 0, bytes);
-        logits = new Float32Array(a.readback.getMappedRange(0, bytes).slice(0));
+      if (fullBytes === 0 && nPicks === 0) await g.device.queue.onSubmittedWorkDone();
+      if (fullBytes > 0) {
+        await a.readback.mapAsync(GPUMapMode.READ, 0, fullBytes);
+        logits = new Float32Array(a.readback.getMappedRange(0, fullBytes).slice(0));
         a.readback.unmap();
       }
       if (nPicks > 0) {

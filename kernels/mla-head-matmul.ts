@@ -14,8 +14,8 @@ const MAX_ROWS_PER_THREAD = 8;
 /**
  * From this many rows on (prefill chunks), a step takes the tiled kernel: 64 rows × 64 outputs of a head per
  * workgroup, the x and W tiles staged in workgroup memory 16 k at a time, 4 × 4 outputs a thread. The one above
- * reads x from storage for every k of every output pair, which caps it near 3 TFLOPS on the H200 (1.9 ms of a
- * 32-row MLA step); where the tiled one starts to win is not measured yet (bench/device-run.sh decode reports
+ * reads x from storage for every k of every output pair (by estimate ~3 TFLOPS on the H200: the W_UK / W_UV products
+ * took 1.9 ms of a 32-row MLA step, BENCHMARKS.md); where the tiled one starts to win is not measured yet (bench/device-run.sh decode reports
  * the prefill rate, 512-row chunks).
  */
 export const HEAD_MATMUL_TILED_MIN_ROWS = 128;
