@@ -8,11 +8,12 @@
 //            --prefill-chunk 512  --kv-budget 16GiB (capacity line only)  --ceiling-gbs 4300  --seed 0
 //            --weight-dtype f16|int8  --kv-cache-dtype f16|f32|int8
 //            --layers N  --vocab N (smaller than the real model: smoke tests of the real widths)
-//            --logits full|argmax (full: every row's logits read back, as a sampling engine needs; argmax: the greedy
-//            pick made on the GPU and one id read back per row, as the engine does for plain greedy requests)
+//            --logits full|argmax|sample (full: every row's logits read back, as host sampling needs; argmax: the greedy
+//            pick made on the GPU and one id read back per row, as the engine does for plain greedy requests; sample: a
+//            draw made on the GPU per row with temperature 0.8, top-k 50, top-p 0.95, as for plain sampled requests)
 //            --submit-chunks 1,4 (command buffers per step, each configuration timed with each: 1 = the whole step
 //            recorded before the GPU starts; more lets the GPU run the first layers while the host records the rest)
-//            --pipeline off,on (with --logits argmax; each configuration timed each way: on = every step's tokens
+//            --pipeline off,on (with --logits argmax or sample; each configuration timed each way: on = every step's tokens
 //            are the previous step's picks, taken on the GPU, and step N + 1 is submitted before step N is read back,
 //            so the host records one step while the GPU runs the other; off = one step at a time)
 //            --mla-int8-products off|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or the int8-product one)
@@ -49,7 +50,7 @@ interface Args {
   contexts: number[];
   steps: number;
   warmup: number;
-  logits: 'full' | 'argmax';
+  logits: 'full' | 'argmax' | 'sample';
   /** Command-buffer counts per step to time each configuration with (runner option submitChunks). */
   submitChunks: number[];
   /** Pipelined (step N + 1 submitted before N is read back, tokens = the previous picks) or one step at a time. */
@@ -131,7 +132,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--warmup') a.warmup = Number(val());
     else if (k === '--logits') {
       const v = val();
-      if (v !== 'full' && v !== 'argmax') throw new Error(`--logits is full or argmax, got ${v}`);
+      if (v !== 'full' && v !== 'argmax' && v !== 'sample') throw new Error(`--logits is full, argmax or sample, got ${v}`);
       a.logits = v;
     }
     else if (k === '--submit-chunks') a.submitChunks = intList(val(), k);
@@ -329,13 +330,20 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
         }
         runner.copyBlocks(pairs);
         copied = batch;
+        // What each row asks for: its logits row, a greedy pick, or a draw (a fixed pseudo-random u per row and step).
+        const rowLogits = (i: number, s: number): Pick<StepSequence, 'logits' | 'sample'> =>
+          a.logits === 'full'
+            ? { logits: 'last' }
+            : a.logits === 'argmax'
+              ? { logits: 'argmax' }
+              : { logits: 'sample', sample: { temperature: 0.8, topK: 50, topP: 0.95, minP: 0, u: tokenAt(i + 7, ctx + s, 1 << 20, a.seed) / (1 << 20) } };
         const step = (s: number, fromPicks = false) =>
           runner.stepOutput(
             Array.from({ length: batch }, (_, i): StepSequence => ({
               tokens: [tokenAt(i + 1, ctx + s, c.vocabSize, a.seed)],
               startPos: ctx + s,
               blockTable: seqBlocks(i),
-              logits: a.logits === 'argmax' ? 'argmax' : 'last',
+              ...rowLogits(i, s),
               ...(fromPicks ? { previousPick: i } : {}),
             })),
           );
@@ -362,7 +370,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
         // Positions keep growing across the settings; each setting warms up again (new pipelines: none).
         let pos = 0;
         for (const chunks of a.submitChunks) for (const pipelined of a.pipeline) {
-          if (pipelined && a.logits !== 'argmax') throw new Error('--pipeline on needs --logits argmax (the picks are the next tokens)');
+          if (pipelined && a.logits === 'full') throw new Error('--pipeline on needs --logits argmax or sample (the picks are the next tokens)');
           runner.submitChunks = chunks;
           await run(pos, a.warmup, pipelined, () => {});
           pos += a.warmup;
@@ -404,7 +412,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
                 tokens: [tokenAt(i + 1, ctx + pos, c.vocabSize, a.seed)],
                 startPos: ctx + pos,
                 blockTable: seqBlocks(i),
-                logits: a.logits === 'argmax' ? 'argmax' : 'last',
+                ...rowLogits(i, pos),
               })),
             );
             pos++;
@@ -504,7 +512,11 @@ async function main(): Promise<void> {
   }
   lines.push(
     `decode through the GPU runner on ${gpu.adapterName}: ${a.steps} timed steps after ${a.warmup} warm-up, ` +
-      (a.logits === 'argmax' ? 'greedy picks on the GPU (one id per row read back)' : 'logits [batch, vocab] read back every step'),
+      (a.logits === 'argmax'
+        ? 'greedy picks on the GPU (one id per row read back)'
+        : a.logits === 'sample'
+          ? 'draws on the GPU (temperature 0.8, top-k 50, top-p 0.95; one id per row read back)'
+          : 'logits [batch, vocab] read back every step'),
   );
   lines.push(table(rows));
   lines.push(

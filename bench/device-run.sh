@@ -3,7 +3,8 @@
 # On the development machine: `npm ci && ../shared/gpu/pack` once; then a device call with carry [".device"] and the
 # command `bash bench/device-run.sh PHASE` (PHASE: decode, attention, serve, sweep). Each phase writes its full output
 # under $OUT and prints a short summary at the end (what the device tool shows).
-#   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps (~5 min)
+#   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps, and GQA
+#              at 32 drawing sampled tokens on the GPU (~6 min)
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at one 600 MiB KV budget, async scheduling on and off (~6 min)
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~4 min)
@@ -27,7 +28,13 @@ decode)
   timeout 200 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 32,64 \
     --contexts 512 --warmup 30 --steps 64 --logits argmax --pipeline off,on --json "$OUT/decode-mla.json" >"$OUT/decode-mla.txt" 2>"$OUT/decode-mla.err"
   el "rc=$?"
+  el gqa-sample
+  # The same 32-sequence step drawing its tokens on the GPU (temperature 0.8, top-k 50, top-p 0.95): the pick kernel's cost.
+  timeout 120 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --batches 32 --contexts 512 \
+    --warmup 30 --steps 64 --logits sample --pipeline on --json "$OUT/decode-gqa-sample.json" >"$OUT/decode-gqa-sample.txt" 2>"$OUT/decode-gqa-sample.err"
+  el "rc=$?"
   summary "$OUT/decode-gqa.txt" 7
+  summary "$OUT/decode-gqa-sample.txt" 3
   summary "$OUT/decode-mla.txt" 5
   grep -h "prefilled" "$OUT/decode-gqa.err" "$OUT/decode-mla.err" "$OUT/decode-gqa.txt" "$OUT/decode-mla.txt" | cut -c1-200
   tail -n 3 "$OUT/decode-gqa.err" "$OUT/decode-mla.err"

@@ -2,7 +2,7 @@
 import { kvValuesPerToken, type GqaConfig, type ModelConfig } from '../model/config.ts';
 import { attendGqa, matvec, mlp, rmsnorm, rope, type Vec } from '../model/reference/ops.ts';
 import type { GqaLayerWeights, ModelWeights } from '../model/weights.ts';
-import { argmax } from './sampler.ts';
+import { argmax, pickSamplingError, samplePick } from './sampler.ts';
 import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 
 export interface CpuRunnerOptions {
@@ -49,11 +49,11 @@ export class CpuRunner implements ModelRunner {
   }
 
   private readonly weights: ModelWeights;
-  /** The last step's greedy picks (what a later step's previousPick names). */
+  /** The last step's picks (what a later step's previousPick names). */
   private lastPicks: number[] = [];
 
   async step(seqs: StepSequence[]): Promise<Float32Array> {
-    if (seqs.some((s) => s.logits === 'argmax')) throw new Error("step: a sequence asks for 'argmax'; use stepOutput");
+    if (seqs.some((s) => s.logits === 'argmax' || s.logits === 'sample')) throw new Error(`step: a sequence asks for a pick; use stepOutput`);
     return (await this.stepOutput(seqs)).logits;
   }
 
@@ -63,12 +63,14 @@ export class CpuRunner implements ModelRunner {
     const rows: Vec[] = [];
     const picks: number[] = [];
     const previous = this.lastPicks;
-    for (const s of seqs) {
+    for (const [i, s] of seqs.entries()) {
       if (s.previousPick !== undefined) {
         if (s.tokens.length !== 1 || !(s.previousPick >= 0 && s.previousPick < previous.length)) {
-          throw new Error(`step: previousPick ${s.previousPick} needs one token and a previous step with more than ${s.previousPick} greedy picks (it had ${previous.length})`);
+          throw new Error(`step: previousPick ${s.previousPick} needs one token and a previous step with more than ${s.previousPick} picks (it had ${previous.length})`);
         }
       }
+      const bad = s.logits === 'sample' ? pickSamplingError(s.sample) : null;
+      if (bad) throw new Error(`step: sequence ${i}: ${bad}`);
     }
     for (const s of seqs) {
       const needBlocks = Math.ceil((s.startPos + s.tokens.length) / this.blockSize);
@@ -78,18 +80,19 @@ export class CpuRunner implements ModelRunner {
       for (let i = 0; i < s.tokens.length; i++) {
         const pos = s.startPos + i;
         const last = i === s.tokens.length - 1;
-        const want = s.logits === 'all' || (last && (s.logits === 'last' || s.logits === 'argmax'));
+        const want = s.logits === 'all' || (last && s.logits !== 'none');
         const token = s.previousPick === undefined ? s.tokens[i] : previous[s.previousPick];
         const logits = this.token(token, pos, s.blockTable, want);
-        // The greedy pick over the f32 values a logits row would have carried (the GPU runner's semantics).
+        // Picks over the f32 values a logits row would have carried (the GPU runner's semantics; draws in float64).
         if (logits && s.logits === 'argmax') picks.push(argmax(Float32Array.from(logits)));
+        else if (logits && s.logits === 'sample') picks.push(samplePick(Float32Array.from(logits), s.sample!));
         else if (logits) rows.push(logits);
       }
     }
     const out = new Float32Array(rows.length * c.vocabSize);
     rows.forEach((r, i) => out.set(r, i * c.vocabSize));
     this.lastPicks = picks;
-    return { logits: out, argmax: Uint32Array.from(picks) };
+    return { logits: out, picks: Uint32Array.from(picks) };
   }
 
   copyBlocks(pairs: Array<[src: number, dst: number]>): void {

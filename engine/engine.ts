@@ -3,7 +3,7 @@ import { BlockPool } from '../cache/block-pool.ts';
 import { KvCacheManager } from '../cache/kv-manager.ts';
 import { IncrementalDetokenizer, tokenTextInContext } from '../model/detokenize.ts';
 import type { Tokenizer } from '../model/tokenizer.ts';
-import { isPlainGreedy, logSoftmax, newSamplingState, recordOutputToken, sampleNext, topN, type SampleResult, type SequenceSamplingState } from './sampler.ts';
+import { isPlainGreedy, isPlainSample, logSoftmax, newSamplingState, pickSampling, recordOutputToken, sampleNext, topN, type SampleResult, type SequenceSamplingState } from './sampler.ts';
 import { Scheduler, type SchedRequest, type StepPlan } from './scheduler.ts';
 import { isStopToken, StopStringMatcher } from './stop.ts';
 import type {
@@ -50,20 +50,26 @@ export interface EngineOptions {
   /** Text delta stream per request, given the prompt as context (default: model/detokenize.ts IncrementalDetokenizer). */
   detokenizer?: (tokenizer: Tokenizer, promptTokens: number[]) => TextDeltaStream;
   /**
-   * Pipelined decode (default true): while a step of greedy decodes runs, the next one is planned and submitted with
+   * Pipelined decode (default true): while a step of picked decodes (greedy or drawn on the runner) runs, the next one is planned and submitted with
    * the running step's picks as its tokens (on the device), so the host's recording, detokenizing and streaming
    * overlap the device instead of alternating with it (vLLM's async scheduling). Admissions wait for a plan made after
    * results, so it only runs while nothing waiting could be admitted; a row of a request that finished in the step
    * before is computed and dropped.
    */
   pipelineDecode?: boolean;
+  /**
+   * Sampled requests without logit bias, penalties or logprobs draw their tokens on the runner (default true): a
+   * 'sample' row with the request's settings and its next uniform, so one id comes back instead of a vocab row and the
+   * step can be pipelined like greedy ones. Off: every sampled row comes back and is sampled on the host.
+   */
+  samplePicks?: boolean;
 }
 
 /** A step handed to the runner and not yet processed. */
 interface SubmittedStep {
   plan: StepPlan<EngineRequest>;
   seqs: StepSequence[];
-  /** Per chunk: every row's logits come back (prompt logprobs); the greedy pick comes back instead of a row. */
+  /** Per chunk: every row's logits come back (prompt logprobs); the token is picked on the runner (no row back). */
   allRows: boolean[];
   picked: boolean[];
   submittedAt: number;
@@ -116,6 +122,7 @@ class BatchingEngine implements Engine {
   /** The pipelined step submitted behind the one being processed (its tokens are that one's picks). */
   private next: SubmittedStep | null = null;
   private readonly pipelineDecode: boolean;
+  private readonly samplePicks: boolean;
   private readonly maxNumSeqs: number;
   private lastStepDoneAt = 0;
   private loopRunning = false;
@@ -130,6 +137,7 @@ class BatchingEngine implements Engine {
     this.pool = new BlockPool(opts.runner.numBlocks);
     this.kv = new KvCacheManager(this.pool, opts.runner.blockSize);
     this.pipelineDecode = opts.pipelineDecode ?? true;
+    this.samplePicks = opts.samplePicks ?? true;
     this.maxNumSeqs = opts.maxNumSeqs ?? 256;
     this.scheduler = new Scheduler<EngineRequest>(this.kv, {
       maxNumSeqs: this.maxNumSeqs,
@@ -337,7 +345,7 @@ class BatchingEngine implements Engine {
     const seconds = (performance.now() - Math.max(current.submittedAt, this.lastStepDoneAt)) / 1000;
     this.lastStepDoneAt = performance.now();
     const { plan, seqs, allRows, picked } = current;
-    const { logits, argmax: picks } = out;
+    const { logits, picks } = out;
     // Rows of requests that ended before this step's results (a pipelined step's rows for a request that finished in
     // the step before it, or one that failed) are dropped: their blocks are gone, nothing is committed for them.
     this.scheduler.completeStep({ ...plan, chunks: plan.chunks.filter((c) => !c.req.done) });
@@ -372,14 +380,21 @@ class BatchingEngine implements Engine {
   private submit(plan: StepPlan<EngineRequest>, previousPicks: number[] | null): SubmittedStep {
     // A chunk with rows that predict prompt tokens of a prompt-logprobs request returns every row; others the last or none.
     const allRows = plan.chunks.map((c) => c.req.bypassPrefixCache === true && c.req.promptLogprobsN !== null && c.startPos < c.req.promptLength - 1);
-    // Plain greedy rows get their token picked where the logits are (one id comes back instead of a vocab row).
-    const picked = plan.chunks.map((c, i) => !allRows[i] && c.samples && isPlainGreedy(c.req.params));
+    // Plain greedy rows and plain sampled ones get their token picked where the logits are (one id comes back instead
+    // of a vocab row); a sampled row takes the request's next uniform now, as the host sampler would for that token.
+    const kinds = plan.chunks.map((c, i) => {
+      if (allRows[i] || !c.samples) return null;
+      if (isPlainGreedy(c.req.params)) return 'argmax' as const;
+      return this.samplePicks && isPlainSample(c.req.params) ? ('sample' as const) : null;
+    });
+    const picked = kinds.map((k) => k !== null);
     const seqs: StepSequence[] = plan.chunks.map((c, i) => ({
       // A pipelined row's token is not known here: a placeholder id, replaced on the device by the pick it names.
       tokens: previousPicks ? [0] : c.req.tokens.slice(c.startPos, c.startPos + c.numNewTokens),
       startPos: c.startPos,
       blockTable: this.kv.blockTable(c.req.requestId),
-      logits: allRows[i] ? 'all' : picked[i] ? 'argmax' : c.samples ? 'last' : 'none',
+      logits: allRows[i] ? 'all' : (kinds[i] ?? (c.samples ? 'last' : 'none')),
+      ...(kinds[i] === 'sample' ? { sample: pickSampling(c.req.params, c.req.sampling) } : {}),
       ...(previousPicks ? { previousPick: previousPicks[i] } : {}),
     }));
     this.stepping = true;
@@ -390,8 +405,8 @@ class BatchingEngine implements Engine {
   }
 
   /**
-   * The step after `cur`, submitted now with cur's greedy picks as its tokens, or null where it needs cur's results:
-   * a row that is not a plain greedy pick, a request that may be admitted, a pool without the blocks. Requests that
+   * The step after `cur`, submitted now with cur's picks as its tokens, or null where it needs cur's results:
+   * a row that is not picked on the runner, a request that may be admitted, a pool without the blocks. Requests that
    * cur's token ends for certain (max_tokens, the model's length) are left out; one that stops on a stop token or
    * string is only known afterwards, and its row is dropped then.
    */

@@ -15,7 +15,8 @@ import type { GqaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts'
 import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 import { MlaBlock } from './mla-block.ts';
 import { createQuantizedRows, Int8MatmulOp, type QuantizedRows } from '../kernels/matmul-int8.ts';
-import { RowArgmax } from '../kernels/argmax.ts';
+import { PICK_PARAM_WORDS, RowPick, writePickParams, type PickSpec } from '../kernels/pick.ts';
+import { pickSamplingError } from './sampler.ts';
 
 export interface GpuRunnerOptions {
   /** Tokens per KV block (default 16). */
@@ -251,7 +252,7 @@ interface StepOps {
   down: LinearOp[];
   finalNorm: RmsNorm;
   lmHead: LinearOp;
-  argmax: RowArgmax;
+  pick: RowPick;
 }
 
 /** What stepCapture returns: the step's logits and, per layer, xn rows [rows, dim] (f32, row-major, step row order). */
@@ -307,9 +308,9 @@ class GpuRunner implements GpuModelRunner {
   private attnStride: number;
   // Sized for capacity.rows / capacity.logitRows / capacity.metaWords; grown on demand.
   private capacity = { rows: 0, logitRows: 0, metaWords: 0 };
-  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback' | 'picks', GPUBuffer> | undefined;
+  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback' | 'pickParams' | 'picks', GPUBuffer> | undefined;
   /**
-   * Where a step's greedy picks and timestamps come back: two, used in turn, so a step can be submitted while the one
+   * Where a step's picks and timestamps come back: two, used in turn, so a step can be submitted while the one
    * before it is still running or being read back (steps whose tokens are the previous picks, see StepSequence).
    */
   private slots: Array<{ picksReadback: GPUBuffer; timing?: { queries: GPUQuerySet; resolve: GPUBuffer; read: GPUBuffer }; busy: boolean }> = [];
@@ -317,7 +318,7 @@ class GpuRunner implements GpuModelRunner {
   /** Steps submitted and not yet read back; capture and profile steps run alone. */
   private inFlight = 0;
   private exclusive = false;
-  /** Greedy picks of the last submitted step: what previousPick may name. */
+  /** Picks of the last submitted step: what previousPick may name. */
   private lastSubmittedPicks = 0;
   private logitsReadbackBusy = false;
   /** xn quantized per row by the layer norms for the int8 W8A8 projections that read xn (int8 weights only). */
@@ -388,7 +389,7 @@ class GpuRunner implements GpuModelRunner {
     this.destroySlots();
     const timed = this.opts.gpuTiming === true && g.features.has('timestamp-query');
     this.slots = [0, 1].map((i) => ({
-      picksReadback: g.device.createBuffer({ label: `greedy picks readback ${i}`, size: Math.max(16, logitRows * 4), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      picksReadback: g.device.createBuffer({ label: `picks readback ${i}`, size: Math.max(16, logitRows * 4), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
       // Timestamp queries around the step (opts.gpuTiming on an adapter with timestamp-query).
       timing: timed
         ? {
@@ -410,7 +411,8 @@ class GpuRunner implements GpuModelRunner {
       xLogit: storageBuffer(g, 'logit rows (normed)', logitRows * this.dimStride * f),
       logits: storageBuffer(g, 'logits', logitRows * c.vocabSize * f),
       readback: g.device.createBuffer({ label: 'logits readback', size: Math.max(16, logitRows * c.vocabSize * f), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
-      picks: storageBuffer(g, 'greedy picks', Math.max(16, logitRows * 4)),
+      pickParams: storageBuffer(g, 'pick settings', logitRows * PICK_PARAM_WORDS * 4),
+      picks: storageBuffer(g, 'picks', Math.max(16, logitRows * 4)),
     };
     this.capacity = { rows, logitRows, metaWords };
     const a = this.act;
@@ -474,7 +476,7 @@ class GpuRunner implements GpuModelRunner {
       ),
       finalNorm: norm(this.finalNorm, true),
       lmHead: linearOp(g, this.lmHead, { meta: a.meta, rowsSlot: META_LOGIT_ROWS, x: a.xLogit, xStride: this.dimStride, y: a.logits, yStride: c.vocabSize }, t),
-      argmax: new RowArgmax(g, { meta: a.meta, logits: a.logits, picks: a.picks }, c.vocabSize),
+      pick: new RowPick(g, { meta: a.meta, logits: a.logits, params: a.pickParams, picks: a.picks }, c.vocabSize),
     };
   }
 
@@ -489,16 +491,18 @@ class GpuRunner implements GpuModelRunner {
       for (const t of s.tokens) {
         if (!Number.isInteger(t) || t < 0 || t >= c.vocabSize) throw new Error(`step: sequence ${i} has token id ${t}, outside the vocabulary of ${c.vocabSize}`);
       }
+      const bad = s.logits === 'sample' ? pickSamplingError(s.sample) : null;
+      if (bad) throw new Error(`step: sequence ${i}: ${bad}`);
     });
   }
 
   step(seqs: StepSequence[]): Promise<Float32Array> {
-    if (seqs.some((s) => s.logits === 'argmax')) return Promise.reject(new Error("step: a sequence asks for 'argmax'; use stepOutput"));
+    if (seqs.some((s) => s.logits === 'argmax' || s.logits === 'sample')) return Promise.reject(new Error('step: a sequence asks for a pick; use stepOutput'));
     return this.run(seqs, 'step').then((r) => r.logits);
   }
 
   stepOutput(seqs: StepSequence[]): Promise<StepOutput> {
-    return this.run(seqs, 'step').then(({ logits, argmax }) => ({ logits, argmax }));
+    return this.run(seqs, 'step').then(({ logits, picks }) => ({ logits, picks }));
   }
 
   /**
@@ -536,9 +540,10 @@ class GpuRunner implements GpuModelRunner {
     seqs.forEach((s, i) => {
       if (s.previousPick === undefined) return;
       if (s.tokens.length !== 1 || !Number.isInteger(s.previousPick) || s.previousPick < 0 || s.previousPick >= this.lastSubmittedPicks) {
-        throw new Error(`step: sequence ${i} takes previousPick ${s.previousPick}: it needs one token and a previous step with more than that many greedy picks (it had ${this.lastSubmittedPicks})`);
+        throw new Error(`step: sequence ${i} takes previousPick ${s.previousPick}: it needs one token and a previous step with more than that many picks (it had ${this.lastSubmittedPicks})`);
       }
     });
+    const pickSpecs = seqs.flatMap((s): PickSpec[] => (s.logits === 'argmax' ? [{ kind: 'argmax' }] : s.logits === 'sample' ? [{ kind: 'sample', ...s.sample! }] : []));
     const meta = buildStepMeta(seqs, {
       blockSize: this.blockSize,
       numBlocks: this.numBlocks,
@@ -548,7 +553,7 @@ class GpuRunner implements GpuModelRunner {
     });
     const vocab = this.config.vocabSize;
     const nLayers = this.layers.length;
-    if (meta.nRows === 0) return { logits: new Float32Array(0), argmax: new Uint32Array(0), attnInputs: capture ? this.layers.map(() => new Float32Array(0)) : [], dispatches: [] };
+    if (meta.nRows === 0) return { logits: new Float32Array(0), picks: new Uint32Array(0), attnInputs: capture ? this.layers.map(() => new Float32Array(0)) : [], dispatches: [] };
     if (meta.nRows > this.capacity.rows || meta.nLogitRows > this.capacity.logitRows || meta.data.length > this.capacity.metaWords) {
       if (this.inFlight > 0) throw new Error(`step: ${meta.nRows} rows need larger buffers, which cannot be made while a step is in flight; await it first`);
       const grow = (need: number, have: number) => (need > have ? Math.max(need, Math.ceil(have * 1.5)) : have);
@@ -587,6 +592,11 @@ class GpuRunner implements GpuModelRunner {
       const a = this.act!;
       const ops = this.ops!;
       g.device.queue.writeBuffer(a.meta, 0, meta.data);
+      if (pickSpecs.length > 0) {
+        const words = new Uint32Array(pickSpecs.length * PICK_PARAM_WORDS);
+        pickSpecs.forEach((p, k) => writePickParams(words, k, p));
+        g.device.queue.writeBuffer(a.pickParams, 0, words);
+      }
       this.block.prepare(meta);
       const timing = mode === 'step' ? slot.timing : undefined;
       const boundaries = mode === 'step' ? this.submitAfter(nLayers) : new Set<number>();
@@ -660,10 +670,10 @@ class GpuRunner implements GpuModelRunner {
       if (nLogit > 0) {
         ops.finalNorm.encode(pass, nLogit);
         ops.lmHead.encode(pass, nLogit);
-        ops.argmax.encode(pass, nPicks);
+        ops.pick.encode(pass, nPicks);
       }
       pass.end();
-      // Only the full rows come back; 'argmax' rows (after them) send their pick.
+      // Only the full rows come back; pick rows (after them) send their token.
       if (fullBytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, fullBytes);
       if (nPicks > 0) enc.copyBufferToBuffer(a.picks, 0, slot.picksReadback, 0, nPicks * 4);
       if (profilePass) profiling!.finish(enc, profilePass);
@@ -674,7 +684,7 @@ class GpuRunner implements GpuModelRunner {
       g.device.queue.submit([enc.finish()]);
       this.lastStepRecordMs = performance.now() - calledAt;
       let logits = new Float32Array(0);
-      let argmax = new Uint32Array(0);
+      let picks = new Uint32Array(0);
       if (fullBytes === 0 && nPicks === 0) await g.device.queue.onSubmittedWorkDone();
       if (fullBytes > 0) {
         await a.readback.mapAsync(GPUMapMode.READ, 0, fullBytes);
@@ -683,7 +693,7 @@ class GpuRunner implements GpuModelRunner {
       }
       if (nPicks > 0) {
         await slot.picksReadback.mapAsync(GPUMapMode.READ, 0, nPicks * 4);
-        argmax = new Uint32Array(slot.picksReadback.getMappedRange(0, nPicks * 4).slice(0));
+        picks = new Uint32Array(slot.picksReadback.getMappedRange(0, nPicks * 4).slice(0));
         slot.picksReadback.unmap();
       }
       if (timing) {
@@ -709,7 +719,7 @@ class GpuRunner implements GpuModelRunner {
         rb.unmap();
       }
       g.checkErrors();
-      return { logits, argmax, attnInputs, dispatches };
+      return { logits, picks, attnInputs, dispatches };
     } finally {
       slot.busy = false;
       this.inFlight--;

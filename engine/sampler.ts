@@ -75,12 +75,59 @@ export function isPlainGreedy(params: SamplingParams): boolean {
 
 /** Temperature, then min-p, top-k and top-p truncation (vLLM's order), then the inverse-CDF draw. */
 function sampleScaled(logits: Float64Array, params: SamplingParams, state: SequenceSamplingState): number {
-  const inv = 1 / params.temperature;
+  return drawScaled(logits, params, state.rng.nextFloat());
+}
+
+/** sampleScaled with the uniform given; `logits` (float64, scratch) is overwritten. */
+function drawScaled(logits: Float64Array, p: Pick<SamplingParams, 'temperature' | 'minP' | 'topK' | 'topP'>, u: number): number {
+  const inv = 1 / p.temperature;
   for (let i = 0; i < logits.length; i++) logits[i] *= inv;
-  applyMinP(logits, params.minP);
-  applyTopK(logits, params.topK);
-  applyTopP(logits, params.topP);
-  return drawFromLogits(logits, state.rng.nextFloat());
+  applyMinP(logits, p.minP);
+  applyTopK(logits, p.topK);
+  applyTopP(logits, p.topP);
+  return drawFromLogits(logits, u);
+}
+
+/**
+ * Whether the runner can draw the token where the logits are (a 'sample' row, kernels/pick.ts): a sampled request
+ * without logit bias, penalties or logprobs, which need the whole row on the host.
+ */
+export function isPlainSample(params: SamplingParams): boolean {
+  return params.temperature >= GREEDY_TEMPERATURE && params.logitBias.size === 0 && !hasPenalties(params) && params.logprobs === null;
+}
+
+/** What a 'sample' row of a step draws with: the request's truncation settings and its next uniform. */
+export interface PickSampling {
+  temperature: number;
+  /** 0 = off. */
+  topK: number;
+  topP: number;
+  minP: number;
+  /** The request's next draw from its Rng, in [0, 1). */
+  u: number;
+}
+
+/** The settings of a request's next 'sample' row; takes one uniform from its Rng, as sampleNext would. */
+export function pickSampling(params: SamplingParams, state: SequenceSamplingState): PickSampling {
+  return { temperature: params.temperature, topK: Math.max(0, params.topK), topP: params.topP, minP: params.minP, u: state.rng.nextFloat() };
+}
+
+/** Why a step's 'sample' settings are unusable (a runner refuses the step), or null. */
+export function pickSamplingError(s: PickSampling | undefined): string | null {
+  if (!s) return "a 'sample' sequence needs its sample settings";
+  if (!(s.temperature >= GREEDY_TEMPERATURE) || !Number.isFinite(s.temperature)) return `sample temperature ${s.temperature} is not a positive finite number`;
+  if (!Number.isInteger(s.topK) || s.topK < 0) return `sample topK ${s.topK} is not an integer ≥ 0`;
+  if (!(s.topP > 0 && s.topP <= 1)) return `sample topP ${s.topP} is outside (0, 1]`;
+  if (!(s.minP >= 0 && s.minP <= 1)) return `sample minP ${s.minP} is outside [0, 1]`;
+  if (!(s.u >= 0 && s.u < 1)) return `sample u ${s.u} is outside [0, 1)`;
+  return null;
+}
+
+/** The token a 'sample' row draws, in float64 on the host (the CPU runner; the GPU kernel's reference). */
+export function samplePick(raw: ArrayLike<number>, s: PickSampling): number {
+  const logits = scratchRow(raw.length, 0);
+  logits.set(raw);
+  return drawScaled(logits, s, s.u);
 }
 
 function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {

@@ -1,6 +1,7 @@
 // Contracts between the HTTP face, the serving engine and the GPU step runner.
 import type { ModelConfig } from '../model/config.ts';
 import type { Tokenizer } from '../model/tokenizer.ts';
+import type { PickSampling } from './sampler.ts';
 
 /** One sequence's share of a forward step: a prompt chunk or one decode token. */
 export interface StepSequence {
@@ -11,24 +12,27 @@ export interface StepSequence {
   /** Physical block ids covering positions [0, startPos + tokens.length), in order. */
   blockTable: number[];
   /**
-   * Which rows' logits come back: none, the chunk's last token, or every token (perplexity); 'argmax': the last
-   * token's greedy choice only (the runner picks it where the logits are, and reads back one id, not a vocab row).
+   * Which rows' logits come back: none, the chunk's last token, or every token (perplexity). 'argmax' and 'sample' are
+   * picks: the last token's greedy choice, or a draw with `sample`'s settings (engine/sampler.ts samplePick), made where
+   * the logits are; one id comes back, not a vocab row.
    */
-  logits: 'none' | 'last' | 'all' | 'argmax';
+  logits: 'none' | 'last' | 'all' | 'argmax' | 'sample';
+  /** The draw of a 'sample' sequence. */
+  sample?: PickSampling;
   /**
-   * The token is the previous step's greedy pick number k (its k-th 'argmax' sequence), taken where the pick already
+   * The token is the previous step's pick number k (its k-th 'argmax' or 'sample' sequence), taken where the pick already
    * is: on the GPU, so this step can be submitted before the previous one has finished or been read back (tokens is
    * then [any id]: one token, its value unused). The previous step is the last one submitted to this runner.
    */
   previousPick?: number;
 }
 
-/** What a step returns: the logits rows of its 'last'/'all' sequences, and the token of each 'argmax' sequence. */
+/** What a step returns: the logits rows of its 'last'/'all' sequences, and the token of each pick sequence. */
 export interface StepOutput {
-  /** [rows, vocab] in sequence order, 'argmax' sequences skipped. */
+  /** [rows, vocab] in sequence order, pick sequences skipped. */
   logits: Float32Array;
-  /** One greedy token per 'argmax' sequence, in sequence order (first index of the largest logit). */
-  argmax: Uint32Array;
+  /** One token per 'argmax' or 'sample' sequence, in sequence order ('argmax': the first index of the largest logit). */
+  picks: Uint32Array;
 }
 
 /** Runs forward steps of one model on the GPU over its paged KV pool. */
@@ -39,10 +43,10 @@ export interface ModelRunner {
   /** KV cache bytes one token takes across all layers. */
   readonly kvBytesPerToken: number;
   readonly adapterName: string;
-  /** One batched forward step; logits rows [rows requested, vocab] in sequence order (no 'argmax' sequences). */
+  /** One batched forward step; logits rows [rows requested, vocab] in sequence order (no pick sequences). */
   step(seqs: StepSequence[]): Promise<Float32Array>;
   /**
-   * One batched forward step that may hold 'argmax' sequences. A step whose sequences all have previousPick may be
+   * One batched forward step that may hold pick sequences. A step whose sequences all have previousPick may be
    * submitted while the step before it is still in flight (at most two in flight; steps complete in order).
    */
   stepOutput(seqs: StepSequence[]): Promise<StepOutput>;

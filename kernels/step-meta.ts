@@ -7,7 +7,7 @@
 //   rowSeq[nRows]        sequence index of each row
 //   seqs[nSeqs * 4]      rowStart, nRows, ctxLen (tokens cached after this step), blockTable offset (absolute u32 index)
 //   logitRows[nLogit]    row index of each row whose logits are computed: the full rows ('all', 'last') first, in
-//                        sequence order, then the 'argmax' rows (only their greedy token comes back)
+//                        sequence order, then the pick rows ('argmax', 'sample': only their token comes back)
 //   blockTables          all sequences' block ids, concatenated
 
 export const META_ROWS = 0;
@@ -22,7 +22,7 @@ export const META_OFF_POS = 6;
 export const META_OFF_ROW_SEQ = 7;
 export const META_OFF_SEQS = 8;
 export const META_OFF_LOGIT_ROWS = 9;
-/** Full logits rows (the 'argmax' rows follow them in the logits buffer). */
+/** Full logits rows (the pick rows follow them in the logits buffer). */
 export const META_FULL_LOGIT_ROWS = 10;
 export const HEADER_WORDS = 16;
 
@@ -31,14 +31,14 @@ export interface StepSeqInput {
   tokens: number[];
   startPos: number;
   blockTable: number[];
-  logits: 'none' | 'last' | 'all' | 'argmax';
+  logits: 'none' | 'last' | 'all' | 'argmax' | 'sample';
 }
 
 export interface StepMeta {
   data: Uint32Array;
   nRows: number;
   nSeqs: number;
-  /** Logits rows computed: nFullLogitRows full rows, then one per 'argmax' sequence. */
+  /** Logits rows computed: nFullLogitRows full rows, then one per pick ('argmax', 'sample') sequence. */
   nLogitRows: number;
   nFullLogitRows: number;
   chunkSize: number;
@@ -74,7 +74,7 @@ export function chooseChunkSize(sumCtx: number, nKvHeads: number, maxChunk: numb
 export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta {
   let nRows = 0;
   let nLogit = 0;
-  let nArgmax = 0;
+  let nPicks = 0;
   let btWords = 0;
   for (const [i, s] of seqs.entries()) {
     if (s.tokens.length === 0) throw new Error(`step: sequence ${i} has no tokens`);
@@ -92,8 +92,8 @@ export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta
       }
     }
     nRows += s.tokens.length;
-    nLogit += s.logits === 'all' ? s.tokens.length : s.logits === 'last' || s.logits === 'argmax' ? 1 : 0;
-    if (s.logits === 'argmax') nArgmax++;
+    nLogit += s.logits === 'all' ? s.tokens.length : s.logits === 'none' ? 0 : 1;
+    if (s.logits === 'argmax' || s.logits === 'sample') nPicks++;
     btWords += need;
   }
   const offTokens = HEADER_WORDS;
@@ -126,7 +126,7 @@ export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta
       maxCtx = Math.max(maxCtx, ctx);
       sumCtx += ctx;
       if (s.logits === 'all' || (s.logits === 'last' && t === s.tokens.length - 1)) data[offLogit + li++] = row;
-      if (s.logits === 'argmax' && t === s.tokens.length - 1) data[offLogit + nLogit - nArgmax + ai++] = row;
+      if ((s.logits === 'argmax' || s.logits === 'sample') && t === s.tokens.length - 1) data[offLogit + nLogit - nPicks + ai++] = row;
       row++;
     }
   }
@@ -144,8 +144,8 @@ export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta
   data[META_OFF_ROW_SEQ] = offRowSeq;
   data[META_OFF_SEQS] = offSeqs;
   data[META_OFF_LOGIT_ROWS] = offLogit;
-  data[META_FULL_LOGIT_ROWS] = nLogit - nArgmax;
-  return { data, nRows, nSeqs: seqs.length, nLogitRows: nLogit, nFullLogitRows: nLogit - nArgmax, chunkSize, maxChunks, maxCtx, sumCtx, rowPos };
+  data[META_FULL_LOGIT_ROWS] = nLogit - nPicks;
+  return { data, nRows, nSeqs: seqs.length, nLogitRows: nLogit, nFullLogitRows: nLogit - nPicks, chunkSize, maxChunks, maxCtx, sumCtx, rowPos };
 }
 
 /** WGSL declarations shared by kernels that read the step metadata (binding `binding` of group 0). */

@@ -144,15 +144,16 @@ test('64 concurrent requests with a third aborted mid-way: the rest finish and e
   await engine.shutdown();
 });
 
-test('pipelined decode: the texts of one step at a time, with each greedy step submitted behind the running one; early ends, an abort and a sampled request leave no blocks', async () => {
-  type Watch = { pipelined: number; inFlight: number; maxInFlight: number };
-  const run = async (pipelineDecode: boolean) => {
+test('pipelined decode with picks on the runner: the texts of one step at a time with host sampling; early ends, an abort and sampled requests leave no blocks', async () => {
+  type Watch = { pipelined: number; sampledPipelined: number; inFlight: number; maxInFlight: number };
+  const run = async (pipelineDecode: boolean, samplePicks: boolean) => {
     const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 96 });
-    const engine = createEngine({ runner, info, maxNumSeqs: 16, pipelineDecode });
-    const watch: Watch = { pipelined: 0, inFlight: 0, maxInFlight: 0 };
+    const engine = createEngine({ runner, info, maxNumSeqs: 16, pipelineDecode, samplePicks });
+    const watch: Watch = { pipelined: 0, sampledPipelined: 0, inFlight: 0, maxInFlight: 0 };
     const realStep = runner.stepOutput.bind(runner);
     runner.stepOutput = (seqs) => {
       if (seqs.some((s) => s.previousPick !== undefined)) watch.pipelined++;
+      if (seqs.some((s) => s.previousPick !== undefined && s.logits === 'sample')) watch.sampledPipelined++;
       watch.maxInFlight = Math.max(watch.maxInFlight, ++watch.inFlight);
       const out = realStep(seqs);
       // Settles on a later turn, as a device step does, so that the engine can submit behind it.
@@ -160,12 +161,13 @@ test('pipelined decode: the texts of one step at a time, with each greedy step s
     };
     const ac = new AbortController();
     const runs = Array.from({ length: 14 }, (_, i) => {
-      // Lengths from 2 to 28 tokens, two with stop strings, one that may end on EOS, one sampled (rows come back, no pipelining while it runs).
+      // Lengths from 2 to 28 tokens, two with stop strings, one that may end on EOS, two sampled (top-p; top-k with min-p).
       const params = samplingParams({
         maxTokens: 2 + ((i * 5) % 27),
         ignoreEos: i !== 3,
         ...(i === 4 || i === 9 ? { stop: [' the'] } : {}),
-        ...(i === 12 ? { temperature: 0.8, seed: 5, maxTokens: 10 } : {}),
+        ...(i === 12 ? { temperature: 0.8, topP: 0.9, seed: 5, maxTokens: 10 } : {}),
+        ...(i === 13 ? { temperature: 1.2, topK: 20, minP: 0.02, seed: 11, maxTokens: 24 } : {}),
       });
       return collect(engine, { requestId: `p${i}`, promptTokens: prompt(STORY_STARTS[i % 16]), params, ...(i === 7 ? { signal: ac.signal } : {}) }, (n) => {
         if (i === 7 && n === 5) ac.abort();
@@ -178,11 +180,14 @@ test('pipelined decode: the texts of one step at a time, with each greedy step s
     await engine.shutdown();
     return { outs, watch };
   };
-  const plain = await run(false);
-  const piped = await run(true);
+  // One step at a time with every sampled row drawn on the host, against pipelined steps with draws on the runner:
+  // the CPU runner draws in float64 with the request's next uniform, so even the sampled texts must agree.
+  const plain = await run(false, false);
+  const piped = await run(true, true);
   assert.equal(plain.watch.pipelined, 0);
   assert.equal(plain.watch.maxInFlight, 1);
   assert.ok(piped.watch.pipelined > 10, `only ${piped.watch.pipelined} pipelined steps`);
+  assert.ok(piped.watch.sampledPipelined > 5, `only ${piped.watch.sampledPipelined} pipelined steps held a sampled row`);
   assert.equal(piped.watch.maxInFlight, 2);
   for (const [i, o] of piped.outs.entries()) {
     const p = plain.outs[i];
@@ -252,9 +257,9 @@ test('refusals: queue full, too long for the pool or context, bad ids', async ()
   await engine.shutdown();
 });
 
-test("plain greedy requests ask the runner for 'argmax' picks; logprobs, penalties and sampling still get the row", async () => {
+test("plain greedy requests ask the runner for 'argmax' picks, plain sampled ones for 'sample' draws; logprobs and penalties still get the row", async () => {
   const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 64 });
-  const engine = createEngine({ runner, info });
+  const engine = createEngine({ runner, info, pipelineDecode: false });
   const modes: string[] = [];
   const realStep = runner.stepOutput.bind(runner);
   runner.stepOutput = async (seqs) => {
@@ -271,7 +276,24 @@ test("plain greedy requests ask the runner for 'argmax' picks; logprobs, penalti
   // The GPU-side pick and the host's greedy sampler choose the same tokens.
   assert.deepEqual(withLogprobs.tokenIds, plain.tokenIds);
   assert.equal(penalized.tokenIds.length, 6);
+  modes.length = 0;
+  const sampledParams = samplingParams({ maxTokens: 8, ignoreEos: true, temperature: 0.9, topP: 0.95, seed: 3 });
+  const sampled = await collect(engine, { requestId: 's', promptTokens: ids, params: sampledParams });
+  assert.deepEqual(modes, Array(8).fill('sample'));
   await engine.shutdown();
+  // With draws on the host instead: the row comes back, the same tokens come out (same uniforms, both in float64).
+  const hostRunner = new CpuRunner(model, { blockSize: 16, numBlocks: 64 });
+  const hostEngine = createEngine({ runner: hostRunner, info, samplePicks: false });
+  const hostModes: string[] = [];
+  const hostStep = hostRunner.stepOutput.bind(hostRunner);
+  hostRunner.stepOutput = async (seqs) => {
+    for (const s of seqs) if (s.logits !== 'none') hostModes.push(s.logits);
+    return hostStep(seqs);
+  };
+  const onHost = await collect(hostEngine, { requestId: 's', promptTokens: ids, params: sampledParams });
+  assert.deepEqual(hostModes, Array(8).fill('last'));
+  assert.deepEqual(onHost.tokenIds, sampled.tokenIds);
+  await hostEngine.shutdown();
 });
 
 test('a failing step makes the engine unhealthy and fails every request in flight', async () => {

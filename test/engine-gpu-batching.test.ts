@@ -1,4 +1,5 @@
-// The engine over the GPU runner (SwiftShader here, f32), batching: 16 concurrent = one by one = float64 reference; 64 with aborts.
+// The engine over the GPU runner (SwiftShader here, f32), batching: 16 concurrent = one by one = float64 reference; 64 with
+// aborts; sampled requests drawn on the GPU = drawn on the host.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { collect, samplingParams, STORY_STARTS } from './engine-helpers.ts';
@@ -51,4 +52,30 @@ test('GPU: 64 concurrent requests with a third aborted mid-way; all others finis
   assert.equal(s.running + s.waiting, 0);
   assert.equal(engine.healthy(), true);
   await engine.shutdown(0);
+});
+
+test('GPU: seeded sampled requests drawn on the GPU (pipelined) give the tokens the host sampler draws from the read-back rows', async () => {
+  const settings = [
+    { temperature: 0.8, topP: 0.9 },
+    { temperature: 1, topK: 20 },
+    { temperature: 1.1, minP: 0.05 },
+    { temperature: 0.7, topK: 40, topP: 0.95, minP: 0.01 },
+  ];
+  const reqs = STORY_STARTS.slice(0, 10).map((s, i) => ({
+    requestId: `s${i}`,
+    promptTokens: prompt(s),
+    // Two greedy requests among eight sampled ones, each with its own seed.
+    params: samplingParams({ maxTokens: 8, ignoreEos: true, ...(i < 8 ? { ...settings[i % 4], seed: 100 + i } : {}) }),
+  }));
+  const run = async (samplePicks: boolean) => {
+    const engine = await engineWith(64, { samplePicks });
+    const outs = await Promise.all(reqs.map((r) => collect(engine, r)));
+    assert.equal(engine.stats().kv.usedBlocks, 0);
+    await engine.shutdown(0);
+    return outs.map((o) => o.tokenIds);
+  };
+  const onGpu = await run(true);
+  const onHost = await run(false);
+  assert.deepEqual(onGpu, onHost);
+  assert.ok(new Set(onGpu.map((ids) => ids.join())).size >= 8, 'the seeded requests should not all draw alike');
 });

@@ -12,7 +12,7 @@ import { STORIES_GGUF } from './engine-helpers.ts';
 
 export interface GpuEngineFixture {
   /** An engine over a fresh runner whose pool has `numBlocks` blocks of 16 tokens. */
-  engineWith(numBlocks: number, opts?: { maxNumSeqs?: number }): Promise<Engine>;
+  engineWith(numBlocks: number, opts?: { maxNumSeqs?: number; samplePicks?: boolean; pipelineDecode?: boolean }): Promise<Engine>;
   /** BOS + the encoded text. */
   prompt(text: string): number[];
   /** The encoded text without BOS. */

@@ -8,7 +8,8 @@ import type { ModelRunner, StepSequence } from '../engine/types.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
 import { ReferenceGqa } from '../model/reference/gqa.ts';
 import type { GqaConfig } from '../model/config.ts';
-import { relError } from './kernels-helpers.ts';
+import { decisionMargin, freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { samplePick } from '../engine/sampler.ts';
 
 const MODEL = '../shared/models/stories260K/stories260K.bin';
 let gpu: GpuContext;
@@ -152,11 +153,44 @@ test("stories260K: 'argmax' sequences return the first arg max of the row 'last'
   // The same tokens into the same blocks again (idempotent), now picking on the GPU for the first and last sequence.
   const out = await runner.stepOutput(seqs.map((s, i) => ({ ...s, logits: i === 1 ? ('last' as const) : ('argmax' as const) })));
   const V = c.vocabSize;
-  assert.deepEqual([...out.argmax], [argmax(full, 0, V), argmax(full, 2 * V, V)]);
+  assert.deepEqual([...out.picks], [argmax(full, 0, V), argmax(full, 2 * V, V)]);
   assert.deepEqual(out.logits, full.subarray(V, 2 * V), 'the full row comes back unchanged, alone');
   await assert.rejects(runner.step([{ ...seqs[0], logits: 'argmax' }]), /use stepOutput/);
   const none = await runner.stepOutput([{ ...seqs[0], logits: 'none' }]);
-  assert.equal(none.logits.length + none.argmax.length, 0);
+  assert.equal(none.logits.length + none.picks.length, 0);
+});
+
+test("stories260K: 'sample' sequences draw what the host draws from the row 'last' returns (temperature, top-k, top-p, min-p)", async () => {
+  const c = model.config as GqaConfig;
+  const text = model.tokenizer.encode('The sun was warm and the flowers were bright, so the children ran to the garden.');
+  const seqs = Array.from({ length: 8 }, (_, i) => ({ tokens: [c.bosId, ...text.slice(i, i + 3 + i)], startPos: 0, blockTable: [60 + i] }));
+  const full = await runner.step(seqs.map((s) => ({ ...s, logits: 'last' as const })));
+  const V = c.vocabSize;
+  const seed = freshSeed();
+  const us = randomArray(seqs.length * 4, seed, 0.5).map((u) => u + 0.5);
+  const settings = [
+    { temperature: 1, topK: 0, topP: 1, minP: 0 },
+    { temperature: 0.7, topK: 10, topP: 1, minP: 0 },
+    { temperature: 1.2, topK: 0, topP: 0.8, minP: 0 },
+    { temperature: 0.9, topK: 30, topP: 0.9, minP: 0.05 },
+  ];
+  let compared = 0;
+  for (let round = 0; round < 4; round++) {
+    // Every other sequence samples, the rest pick greedily: both kinds in one dispatch, in sequence order.
+    const specs = seqs.map((_, i) => ({ ...settings[(i + round) % settings.length], u: us[round * seqs.length + i] }));
+    const out = await runner.stepOutput(seqs.map((s, i) => (i % 2 === 0 ? { ...s, logits: 'sample' as const, sample: specs[i] } : { ...s, logits: 'argmax' as const })));
+    assert.equal(out.logits.length, 0);
+    seqs.forEach((_, i) => {
+      const row = full.subarray(i * V, (i + 1) * V);
+      if (i % 2 === 1) return assert.equal(out.picks[i], argmax(row), `greedy row ${i}`);
+      if (decisionMargin(row, specs[i]) <= 1e-5) return;
+      compared++;
+      assert.equal(out.picks[i], samplePick(row, specs[i]), `seed ${seed}, round ${round}, row ${i}: ${JSON.stringify(specs[i])}`);
+    });
+  }
+  assert.ok(compared >= 12, `only ${compared} of 16 draws compared (seed ${seed})`);
+  await assert.rejects(runner.stepOutput([{ ...seqs[0], logits: 'sample' }]), /needs its sample settings/);
+  await assert.rejects(runner.stepOutput([{ ...seqs[0], logits: 'sample', sample: { ...settings[0], u: 1 } }]), /u 1 is outside/);
 });
 
 test('stories260K: pipelined greedy steps (previousPick, submitted before the previous step is read back) give the ids of one step at a time; misuse is refused', async () => {
@@ -165,10 +199,10 @@ test('stories260K: pipelined greedy steps (previousPick, submitted before the pr
   const STEPS = 10;
   // One step at a time, tokens sent from the host: the reference ids.
   const tablesA = prompts.map((_, i) => [70 + 2 * i, 71 + 2 * i]);
-  let picks = (await runner.stepOutput(prompts.map((p, i) => ({ tokens: p, startPos: 0, blockTable: tablesA[i], logits: 'argmax' as const })))).argmax;
+  let picks = (await runner.stepOutput(prompts.map((p, i) => ({ tokens: p, startPos: 0, blockTable: tablesA[i], logits: 'argmax' as const })))).picks;
   const want: number[][] = prompts.map((_, i) => [picks[i]]);
   for (let s = 0; s < STEPS; s++) {
-    picks = (await runner.stepOutput(prompts.map((p, i) => ({ tokens: [picks[i]], startPos: p.length + s, blockTable: tablesA[i], logits: 'argmax' as const })))).argmax;
+    picks = (await runner.stepOutput(prompts.map((p, i) => ({ tokens: [picks[i]], startPos: p.length + s, blockTable: tablesA[i], logits: 'argmax' as const })))).picks;
     picks.forEach((id, i) => want[i].push(id));
   }
   // Pipelined, the sequences in reverse order from the second step on (pick k of the previous step is not row k).
@@ -189,7 +223,7 @@ test('stories260K: pipelined greedy steps (previousPick, submitted before the pr
   for (let s = 1; s <= STEPS + 1; s++) {
     const next = s <= STEPS ? submit(s) : null;
     const out = await pending;
-    order(s - 1).forEach((i, k) => got[i].push(out.argmax[k]));
+    order(s - 1).forEach((i, k) => got[i].push(out.picks[k]));
     if (!next) break;
     pending = next;
   }

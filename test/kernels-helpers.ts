@@ -3,6 +3,7 @@ import { after } from 'node:test';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import type { MatmulBindings } from '../kernels/matmul.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
+import type { PickSampling } from '../engine/sampler.ts';
 
 /**
  * The test file's GPU, opened on first use (quietly: no SwiftShader fallback line), destroyed after the file's tests
@@ -118,4 +119,57 @@ export async function runMatmulCase<Op extends { encode(pass: GPUComputePassEnco
   made.destroy();
   for (const buf of [meta, xBuf, yBuf, biasBuf]) buf?.destroy();
   return { w, x, b, y0, got, op: made.op };
+}
+
+/**
+ * How far (in probability, or relative logit for the cuts) the float64 decision lies from flipping: the draw's u from
+ * the nearest cumulative boundary, top-p's p from the kept mass on either side, min-p's and top-k's cuts from the
+ * nearest value. The GPU works in f32, so only cases with a margin well past f32 rounding must match exactly.
+ */
+export function decisionMargin(raw: Float32Array, s: PickSampling): number {
+  const y = Array.from(raw, (v) => v / s.temperature);
+  const m = Math.max(...y);
+  let margin = Infinity;
+  let kept = y.map(() => true);
+  if (s.minP > 0) {
+    const cut = m + Math.log(s.minP);
+    for (const v of y) margin = Math.min(margin, Math.abs(v - cut) / Math.max(1, Math.abs(cut)));
+    kept = y.map((v) => v >= cut);
+  }
+  if (s.topK > 0 && s.topK < y.length) {
+    const sorted = [...y].sort((a, b) => b - a);
+    const gap = sorted[s.topK - 1] - sorted[s.topK];
+    if (gap > 0) margin = Math.min(margin, gap / Math.max(1, Math.abs(sorted[s.topK])));
+    kept = kept.map((k, i) => k && y[i] >= sorted[s.topK - 1]);
+  }
+  const e = y.map((v, i) => (kept[i] ? Math.exp(v - m) : 0));
+  const z = e.reduce((a, b) => a + b, 0);
+  if (s.topP < 1) {
+    const desc = e.filter((v) => v > 0).sort((a, b) => b - a);
+    let before = 0;
+    for (const v of desc) {
+      margin = Math.min(margin, Math.abs(before / z - s.topP));
+      if (before / z >= s.topP) break;
+      before += v;
+    }
+    margin = Math.min(margin, Math.abs(before / z - s.topP));
+    // The draw's boundaries below are those of the host's kept set; a top-p cut far from p leaves it as computed.
+    const keptIds = new Set<number>();
+    const order = e.map((v, i) => i).filter((i) => e[i] > 0).sort((a, b) => e[b] - e[a] || a - b);
+    let acc = 0;
+    for (const i of order) {
+      if (acc / z >= s.topP) break;
+      keptIds.add(i);
+      acc += e[i];
+    }
+    for (let i = 0; i < e.length; i++) if (!keptIds.has(i)) e[i] = 0;
+  }
+  const total = e.reduce((a, b) => a + b, 0);
+  let cum = 0;
+  for (const v of e) {
+    if (v <= 0) continue;
+    cum += v / total;
+    margin = Math.min(margin, Math.abs(cum - s.u));
+  }
+  return margin;
 }
