@@ -53,7 +53,8 @@ serve)
   for mode in on off; do
     el "serve async-scheduling $mode"
     node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
-      --kv-cache-memory 600MiB --max-num-seqs 64 --async-scheduling $mode --port 8000 >"$OUT/serve-$mode.log" 2>&1 &
+      --kv-cache-memory 600MiB --max-num-seqs 64 --async-scheduling $mode --step-trace "$OUT/steps-$mode.jsonl" --port 8000 \
+      >"$OUT/serve-$mode.log" 2>&1 &
     sp=$!
     node -e "const t=Date.now(); (async()=>{ while(Date.now()-t<200000){ try{ const r=await fetch('http://127.0.0.1:8000/v1/models'); if(r.ok){ console.log('ready after',(Date.now()-t)/1000,'s'); return; } }catch{} await new Promise(r=>setTimeout(r,1000)); } console.log('not ready'); process.exit(1); })()" | tee -a "$OUT/log.txt"
     el bench
@@ -68,6 +69,8 @@ serve)
   for mode in on off; do
     echo "== async scheduling $mode"
     cat "$OUT/steps-$mode.txt"
+    # Decode-only steps against steps with prompt rows, per model (wall and GPU ms): where the served TPOT goes.
+    node --import tsx bench/step-trace.ts "$OUT/steps-$mode.jsonl"
     grep -A32 "requests ok" "$OUT/bench-$mode.txt" | head -n 34
   done
   ;;

@@ -372,7 +372,16 @@ class BatchingEngine implements Engine {
     // in flight may write into them: the device runs steps in order, so whoever gets a block next writes after it.)
     for (const r of [...this.live.values()]) if (r.abortRequested && !r.done) this.finish(r, 'abort');
 
-    const obs: StepObservation = { seconds, batchSize: seqs.length, tokens: seqs.reduce((n, s) => n + s.tokens.length, 0) };
+    const tokens = seqs.reduce((n, s) => n + s.tokens.length, 0);
+    const decodeRows = plan.chunks.filter((c) => c.numNewTokens === 1 && c.startPos >= c.req.promptLength).length;
+    const obs: StepObservation = {
+      seconds,
+      batchSize: seqs.length,
+      tokens,
+      promptTokens: tokens - decodeRows,
+      pipelined: seqs.some((s) => s.previousPick !== undefined),
+      ...(out.gpuMs !== undefined ? { gpuSeconds: out.gpuMs / 1000 } : {}),
+    };
     for (const l of this.listeners) l(obs);
   }
 

@@ -502,7 +502,7 @@ class GpuRunner implements GpuModelRunner {
   }
 
   stepOutput(seqs: StepSequence[]): Promise<StepOutput> {
-    return this.run(seqs, 'step').then(({ logits, picks }) => ({ logits, picks }));
+    return this.run(seqs, 'step').then(({ logits, picks, gpuMs }) => ({ logits, picks, ...(gpuMs !== undefined ? { gpuMs } : {}) }));
   }
 
   /**
@@ -685,6 +685,7 @@ class GpuRunner implements GpuModelRunner {
       this.lastStepRecordMs = performance.now() - calledAt;
       let logits = new Float32Array(0);
       let picks = new Uint32Array(0);
+      let gpuMs: number | undefined;
       if (fullBytes === 0 && nPicks === 0) await g.device.queue.onSubmittedWorkDone();
       if (fullBytes > 0) {
         await a.readback.mapAsync(GPUMapMode.READ, 0, fullBytes);
@@ -701,6 +702,7 @@ class GpuRunner implements GpuModelRunner {
         const t = new BigUint64Array(timing.read.getMappedRange(0, 16).slice(0));
         timing.read.unmap();
         this.lastStepGpuMs = t[1] > t[0] ? Number(t[1] - t[0]) / 1e6 : null;
+        if (this.lastStepGpuMs !== null) gpuMs = this.lastStepGpuMs;
       }
       const dispatches = profilePass ? await profiling!.times(profilePass) : [];
       const attnInputs: Float32Array[] = [];
@@ -719,7 +721,7 @@ class GpuRunner implements GpuModelRunner {
         rb.unmap();
       }
       g.checkErrors();
-      return { logits, picks, attnInputs, dispatches };
+      return { logits, picks, gpuMs, attnInputs, dispatches };
     } finally {
       slot.busy = false;
       this.inFlight--;

@@ -33,6 +33,8 @@ export interface StepOutput {
   logits: Float32Array;
   /** One token per 'argmax' or 'sample' sequence, in sequence order ('argmax': the first index of the largest logit). */
   picks: Uint32Array;
+  /** The step's GPU span (ms) where the runner times steps. */
+  gpuMs?: number;
 }
 
 /** Runs forward steps of one model on the GPU over its paged KV pool. */
@@ -167,6 +169,12 @@ export interface StepObservation {
   seconds: number;
   batchSize: number; // sequences in the step
   tokens: number; // rows in the step
+  /** Rows that compute prompt tokens (prefill chunks, recomputes after preemption); the rest are decode rows. */
+  promptTokens: number;
+  /** Submitted behind the step before it, its tokens that step's picks (async scheduling). */
+  pipelined: boolean;
+  /** The step's GPU span by timestamps, where the runner times steps (RunnerOptions.gpuTiming). */
+  gpuSeconds?: number;
 }
 
 /** One hosted model's serving engine: continuous batching over its own KV pool. */

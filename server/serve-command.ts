@@ -1,6 +1,6 @@
 // `mla-serve serve`: load the models, give each its share of the KV budget on one GPU, start the HTTP app, drain on SIGTERM.
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { createWriteStream, existsSync, mkdirSync, readFileSync, renameSync, rmSync, type WriteStream } from 'node:fs';
 import { homedir } from 'node:os';
 import { basename, extname, join, resolve } from 'node:path';
 import { createEngine, type Engine } from '../engine/engine.ts';
@@ -161,12 +161,22 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
 
   const gpu = await openGpu({ log });
   const runners: ModelRunner[] = [];
+  let trace: WriteStream | undefined;
   try {
+    if (opts.stepTrace) {
+      const path = opts.stepTrace;
+      trace = createWriteStream(path, { flags: 'a' });
+      await new Promise<void>((resolve, reject) => {
+        trace!.once('open', () => resolve());
+        trace!.once('error', (err) => reject(new Error(`--step-trace ${path}: ${err.message}`)));
+      });
+    }
+    const startedAt = performance.now();
     const share = Math.floor(opts.kvCacheMemory / specs.length);
     const models: ServedModel[] = [];
     for (let i = 0; i < specs.length; i++) {
       const m = loaded[i];
-      const runner = await createGpuRunner(gpu, m, { blockSize: opts.blockSize, kvCacheBytes: share, cacheDtype: cacheDtypes[i], weightDtype });
+      const runner = await createGpuRunner(gpu, m, { blockSize: opts.blockSize, kvCacheBytes: share, cacheDtype: cacheDtypes[i], weightDtype, gpuTiming: trace !== undefined });
       runners.push(runner);
       const runtime = modelRuntime(runner.describe());
       if (runtime.cacheDtype !== cacheDtypes[i] || runtime.weightDtype !== weightDtype) {
@@ -180,7 +190,24 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
         cacheDtype: runtime.cacheDtype,
         pipelineDecode: opts.asyncScheduling !== 'off',
       });
-      models.push({ name: specs[i].name, source: m.path, engine });
+      const name = specs[i].name;
+      if (trace) {
+        const out = trace;
+        engine.onStep((o) => {
+          const line = {
+            model: name,
+            t: Number(((performance.now() - startedAt) / 1000).toFixed(4)),
+            seconds: Number(o.seconds.toFixed(6)),
+            gpuSeconds: o.gpuSeconds === undefined ? null : Number(o.gpuSeconds.toFixed(6)),
+            seqs: o.batchSize,
+            rows: o.tokens,
+            promptRows: o.promptTokens,
+            pipelined: o.pipelined,
+          };
+          out.write(`${JSON.stringify(line)}\n`);
+        });
+      }
+      models.push({ name, source: m.path, engine });
     }
     let closed = false;
     return {
@@ -191,11 +218,13 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
         closed = true;
         // shutdown() also destroys each runner; a second destroy would free buffers twice.
         await Promise.all(models.map((s) => s.engine.shutdown(0)));
+        if (trace) await new Promise<void>((resolve) => trace!.end(() => resolve()));
         gpu.destroy();
         releaseGpu();
       },
     };
   } catch (err) {
+    trace?.destroy();
     for (const r of runners) r.destroy();
     gpu.destroy();
     releaseGpu();

@@ -32,8 +32,10 @@ export interface ServeOptions {
   weightDtype?: WeightDtypeOption;
   /** KV cache values of every served model (default f16). */
   kvCacheDtype?: KvCacheDtypeOption;
-  /** Pipelined greedy decode (engine option pipelineDecode; default on). */
+  /** Pipelined decode of picked rows (engine option pipelineDecode; default on). */
   asyncScheduling?: OnOff;
+  /** JSON-lines file that gets one line per engine step (null/absent: none). */
+  stepTrace?: string | null;
 }
 
 export const ON_OFF = ['on', 'off'] as const;
@@ -86,10 +88,13 @@ is printed at start (the API key redacted).
   --kv-cache-dtype DTYPE  KV cache values of every model: f16 (default), f32, or int8 (a model whose attention
                           has no int8 cache yet refuses to start) [MLA_SERVE_KV_CACHE_DTYPE]
   --async-scheduling on|off
-                          on (default): while a step of greedy decodes runs on the GPU, the next one is planned
-                          and submitted with its picks as tokens, so the host's work overlaps the GPU's; a
-                          request that stops is one step ahead of the GPU (its extra row is dropped)
-                          [MLA_SERVE_ASYNC_SCHEDULING]
+                          on (default): while a step of decodes picked on the GPU (greedy, or sampled without
+                          penalties, logit bias or logprobs) runs, the next one is planned and submitted with
+                          its picks as tokens, so the host's work overlaps the GPU's; a request that stops is
+                          one step ahead of the GPU (its extra row is dropped) [MLA_SERVE_ASYNC_SCHEDULING]
+  --step-trace FILE       append one JSON line per engine step to FILE: model, time, wall and GPU seconds,
+                          sequences, rows, prompt rows, pipelined; to see where served time goes (steps are
+                          then GPU-timed where the adapter has timestamps) [MLA_SERVE_STEP_TRACE]
   --log-level LEVEL       fatal, error, warn, info (one line per request), debug, trace, silent
                           (default info) [MLA_SERVE_LOG_LEVEL, else LOG_LEVEL]
 `;
@@ -201,6 +206,7 @@ const FIELDS: Field[] = [
   { key: 'weightDtype', flag: 'weight-dtype', env: 'MLA_SERVE_WEIGHT_DTYPE', parse: enumField(WEIGHT_DTYPES), defaultValue: 'f16' },
   { key: 'kvCacheDtype', flag: 'kv-cache-dtype', env: 'MLA_SERVE_KV_CACHE_DTYPE', parse: enumField(KV_CACHE_DTYPES), defaultValue: 'f16' },
   { key: 'asyncScheduling', flag: 'async-scheduling', env: 'MLA_SERVE_ASYNC_SCHEDULING', parse: enumField(ON_OFF), defaultValue: 'on' },
+  { key: 'stepTrace', flag: 'step-trace', env: 'MLA_SERVE_STEP_TRACE', parse: textField('a file path'), defaultValue: null },
 ];
 
 /** The environment variable of each flag (README and tests). */

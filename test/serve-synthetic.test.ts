@@ -1,8 +1,12 @@
 // `mla-serve serve --synthetic` over real HTTP (SwiftShader): the tiny-qwen2 pair (GQA and its MLA shape), one greedy
-// completion each, checked token by token against the float64 reference forward of the same synthetic weights.
+// completion each, checked token by token against the float64 reference forward of the same synthetic weights; the
+// --step-trace file they leave.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createServer } from 'node:net';
 import { request } from 'undici';
 import { BYTE_OFFSET, ByteTokenizer } from '../model/byte-tokenizer.ts';
@@ -58,12 +62,15 @@ test('byte tokenizer: bytes round trip, specials decode to nothing, other ids ar
   assert.deepEqual(new ByteTokenizer(100, null, null).encode('\u00ff'), [BYTE_OFFSET + (0xc3 % 97), BYTE_OFFSET + (0xbf % 97)]);
 });
 
-test('serve --synthetic tiny-qwen2 --synthetic tiny-qwen2-mla: one greedy completion each over HTTP = the float64 reference', { timeout: 600_000 }, async () => {
+test('serve --synthetic tiny-qwen2 --synthetic tiny-qwen2-mla: one greedy completion each over HTTP = the float64 reference; one trace line per step', { timeout: 600_000 }, async () => {
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
   let stderr = '';
   let stdout = '';
-  const args = ['bin/mla-serve.js', 'serve', '--port', String(port), '--kv-cache-memory', '1MiB', '--max-model-len', '128'];
+  const dir = mkdtempSync(join(tmpdir(), 'mla-serve-trace-'));
+  const tracePath = join(dir, 'steps.jsonl');
+  const prompts = new Map<string, number>();
+  const args = ['bin/mla-serve.js', 'serve', '--port', String(port), '--kv-cache-memory', '1MiB', '--max-model-len', '128', '--step-trace', tracePath];
   for (const name of PAIR) args.push('--synthetic', name);
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LOG_LEVEL: 'warn' } });
   child.stdout!.on('data', (c: Buffer) => (stdout += c.toString('utf8')));
@@ -87,6 +94,7 @@ test('serve --synthetic tiny-qwen2 --synthetic tiny-qwen2-mla: one greedy comple
       const { config, weights } = syntheticF16Model(name, { seed: 0 });
       const tokenizer = new ByteTokenizer(config.vocabSize, config.bosId, config.eosId);
       const prompt = [config.bosId, ...tokenizer.encode('Once upon a synthetic time')];
+      prompts.set(name, prompt.length);
       const res = await call(`${url}/v1/completions`, { model: name, prompt, max_tokens: MAX_TOKENS, temperature: 0, ignore_eos: true, logprobs: 0 });
       assert.equal(res.status, 200, JSON.stringify(res.json));
       const body = res.json;
@@ -115,7 +123,27 @@ test('serve --synthetic tiny-qwen2 --synthetic tiny-qwen2-mla: one greedy comple
         logits = ref.forward([id])[0];
       });
     }
+    // The trace is complete once the server has exited: per model, one prefill step of the whole prompt, then one
+    // decode row a step (the request's first token comes from the prefill step).
+    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    child.kill('SIGTERM');
+    await exited;
+    const lines = readFileSync(tracePath, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
+    for (const name of PAIR) {
+      const steps = lines.filter((l) => l.model === name);
+      assert.equal(steps.length, MAX_TOKENS, `${name}: ${JSON.stringify(steps)}`);
+      assert.deepEqual(
+        steps.map((s) => [s.seqs, s.rows, s.promptRows]),
+        [[1, prompts.get(name), prompts.get(name)], ...Array(MAX_TOKENS - 1).fill([1, 1, 0])],
+      );
+      for (const s of steps) {
+        assert.ok(s.seconds > 0 && s.t > 0 && typeof s.pipelined === 'boolean', JSON.stringify(s));
+        assert.ok(s.gpuSeconds === null || s.gpuSeconds > 0, JSON.stringify(s));
+      }
+    }
+    assert.ok(lines.every((l, i) => i === 0 || l.t >= lines[i - 1].t), 'trace lines in time order');
   } finally {
+    rmSync(dir, { recursive: true, force: true });
     if (child.exitCode === null) {
       const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
       child.kill('SIGTERM');
