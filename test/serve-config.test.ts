@@ -35,6 +35,7 @@ test('defaults with nothing given', () => {
     weightDtype: 'f16',
     kvCacheDtype: 'f16',
     asyncScheduling: 'on',
+    stepTrace: null,
   });
   assert.ok(Object.values(sources).every((s) => s === 'default'));
 });
