@@ -47,6 +47,9 @@ attention)
   grep "score-phase dump\|first:\|^ \{13\}" "$OUT/attention.txt" | cut -c1-300 | head -n 40
   grep "vs dot4\|partials" "$OUT/attention.txt" "$OUT/attention.err" | cut -c1-300 | head -n 12
   grep "µs\|int8\|gqa" "$OUT/attention.txt" | tail -n 16
+  # The score tiles in isolation, with the kernel's workgroup-memory load too (bench/probe-device.ts).
+  timeout 120 node --import tsx bench/probe-device.ts >"$OUT/probe.txt" 2>&1
+  grep "score tiles" "$OUT/probe.txt" | cut -c1-200
   ;;
 serve)
   # Async scheduling on, then off (each start uploads both 7B models: ~2 min), the same load each time.

@@ -160,7 +160,7 @@ async function probeScoreTiles(gpu: GpuContext): Promise<void> {
   for (let i = 0; i < qBytes.length; i++) qBytes[i] = ((i * 41 + 3) % 27) - 13;
   const ctIn = buf(gpu, new Int32Array(ctBytes.buffer));
   const qq = buf(gpu, new Int32Array(qBytes.buffer));
-  const out = buf(gpu, new Int32Array(4096));
+  const out = buf(gpu, new Int32Array(4097));
   const qRow = 1;
   const dot = (t: number, h: number, k0: number, k1: number) => {
     let v = 0;
@@ -196,13 +196,16 @@ async function probeScoreTiles(gpu: GpuContext): Promise<void> {
     lines.push('subgroupMatrixStore(&stg, g * 512u, accL, false, 16u);', 'subgroupMatrixStore(&stg, g * 512u + 256u, accP, false, 16u);');
     return lines.join('\n  ');
   };
-  // The rope part alone in a fresh accumulator, latent alone: is one of the two sums the wrong one?
-  const variants: Array<[string, string, boolean]> = [
-    ['transposed, runtime loops', transposedLooped, true],
-    ['transposed, unrolled', unrolled('transposed'), true],
-    ['original (q left from storage, cache right column-major from workgroup), unrolled', unrolled('original'), false],
+  // The rope part alone in a fresh accumulator, latent alone: is one of the two sums the wrong one? The last variant
+  // adds 12 KB of workgroup memory (46.4 KB in all, as the whole MLA kernel at 28 heads holds): does a strided
+  // column-major load from storage go wrong only when workgroup memory is that full?
+  const variants: Array<[string, string, boolean, number]> = [
+    ['transposed, runtime loops', transposedLooped, true, 0],
+    ['transposed, unrolled', unrolled('transposed'), true, 0],
+    ['original (q left from storage, cache right column-major from workgroup), unrolled', unrolled('original'), false, 0],
+    ['transposed, unrolled, 46.4 KB of workgroup memory', unrolled('transposed'), true, 3000],
   ];
-  for (const [name, body, transposed] of variants) {
+  for (const [name, body, transposed, padWords] of variants) {
     const code = `
 enable chromium_experimental_subgroup_matrix;
 diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
@@ -211,15 +214,18 @@ diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
 @group(0) @binding(2) var<storage, read_write> outv: array<i32>;
 var<workgroup> ct: array<i32, ${(32 * RP) / 4}>;
 var<workgroup> stg: array<i32, 4096>;
+${padWords ? `var<workgroup> padw: array<i32, ${padWords}>;` : ''}
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sgId: u32) {
   for (var i = lid; i < ${(32 * RP) / 4}u; i += 256u) { ct[i] = ctIn[i]; }
+  ${padWords ? `for (var i = lid; i < ${padWords}u; i += 256u) { padw[i] = i32(i); }` : ''}
   workgroupBarrier();
   let g = sgId;
   let qByte = ${qRow * 32 * RP}u;
   ${body}
   workgroupBarrier();
   for (var i = lid; i < 4096u; i += 256u) { outv[i] = stg[i]; }
+  ${padWords ? `if (lid == 0u) { outv[4096] = padw[${padWords - 1}u]; }` : ''}
 }`;
     const got = await runOneWorkgroup(gpu, `score tiles ${name}`, code, [ctIn, qq, out], out, 4096);
     let bad = 0;

@@ -61,8 +61,21 @@ export function mlaTcOnTensorCores(gpu: GpuContext): boolean {
 }
 
 /**
- * Query quantization: one workgroup per (head slot, row). qLatent[r, h, 0..R+r) f32 → qq[r, hp] as rowPad int8 bytes
- * ([q̃ | pad | q_pe | pad], four per i32) and qs[r, hp] = (scale of q̃, scale of q_pe); padded heads are zero.
+ * Where word w (bytes 4w … 4w + 3 of [q̃ | pad | q_pe | pad]) of row r's head h lies in qq: in tiles of 512 bytes, one
+ * per (row, 16-head tile, 32-byte K step), each 16 heads × 32 bytes (a head's 32 K values contiguous). A tile is then
+ * the right operand [32 K × 16 heads] column-major with stride 32, the very load the tensor-core GEMMs make of their
+ * K-major weight tiles (verified on the H200), rather than a strided read across whole 576-byte query rows.
+ */
+function qqWordWgsl(p: MlaTcPlan): string {
+  return `fn qqWord(r: u32, h: u32, w: u32) -> u32 {
+  return ((r * ${p.headTiles}u + h / 16u) * ${p.rowPad / 32}u + w / 8u) * 128u + (h % 16u) * 8u + w % 8u;
+}`;
+}
+
+/**
+ * Query quantization: one workgroup per (head slot, row). qLatent[r, h, 0..R+r) f32 → row r's head h in qq as rowPad
+ * int8 bytes ([q̃ | pad | q_pe | pad], four per i32, tiled: qqWordWgsl) and qs[r, hp] = (scale of q̃, scale of q_pe);
+ * padded heads are zero.
  */
 export function mlaTcQueryWgsl(nHeads: number, f: MlaInt8RowFormat, p: MlaTcPlan): string {
   const R = f.kvLoraRank;
@@ -74,6 +87,7 @@ export function mlaTcQueryWgsl(nHeads: number, f: MlaInt8RowFormat, p: MlaTcPlan
 @group(0) @binding(1) var<storage, read_write> qq: array<i32>;
 @group(0) @binding(2) var<storage, read_write> qs: array<f32>;
 var<workgroup> red: array<vec2<f32>, 64>;
+${qqWordWgsl(p)}
 
 @compute @workgroup_size(64)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -94,7 +108,6 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   }
   let absMax = select(vec2<f32>(0.0), red[0], live);
   let inv = select(vec2<f32>(0.0), 127.0 / absMax, absMax > vec2<f32>(0.0));
-  let ob = (row * ${p.headsPadded}u + h) * ${words}u;
   for (var w = lid; w < ${words}u; w += 64u) {
     var v = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
@@ -102,7 +115,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       if (live && b < ${R}u) { v[i] = qLatent[qb + b] * inv.x; }
       if (live && b >= ${p.latentPad}u && b - ${p.latentPad}u < ${r}u) { v[i] = qLatent[qb + ${R}u + b - ${p.latentPad}u] * inv.y; }
     }
-    qq[ob + w] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
+    qq[qqWord(row, h, w)] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
   }
   if (lid == 0u) {
     qs[2u * (row * ${p.headsPadded}u + h)] = absMax.x / 127.0;
@@ -176,9 +189,11 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
 
   // Phase A: the score tiles (head tile, 16-token half) of a 32-token sub-tile, transposed (token rows, head columns), as
   // i32 in stg[a·512 ..] (latent) and stg[a·512 + 256 ..] (rope), row-major 16 × 16. The token rows are the left operand
-  // (row-major from workgroup memory) and the query heads the right one (column-major from storage): both load forms the
-  // verified kernels use (the GEMMs' weights, phase B's p′). The untransposed form read the cache tile as a column-major
-  // right operand from workgroup memory and came out wrong on the H200 (bench:attention, tc-scores vs dot4: 1.2).
+  // (row-major from workgroup memory, as phase B's p′) and the query heads the right one: 512-byte tiles read
+  // column-major with stride 32 from storage, exactly the GEMMs' weight loads (qqWordWgsl). The untransposed form read
+  // the cache tile as a column-major right operand from workgroup memory and came out wrong on the H200 (bench:attention,
+  // tc-scores vs dot4: 1.2); so did this one while it read the query column-major with stride 576 across whole query
+  // rows, although that load alone, in a probe kernel with less workgroup memory, was right (bench/probe-device.ts).
   // Every subgroup runs the same number of tile products (a subgroup whose index passes the tile count recomputes one
   // into a spare region): no subgroup-matrix call sits in a branch that splits the workgroup — the kernels verified on
   // the H200 only ever call them in workgroup-uniform control flow. Tile a's result lands in region a either way.
@@ -191,11 +206,11 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
           const prologue = `{
         let a = ${region} % ${aTiles}u;
         let lBase = (a % 2u) * ${16 * p.rowPad}u;
-        let qBase = qByte + (a / 2u) * ${16 * p.rowPad}u;
+        let qBase = qByte + (a / 2u) * ${(p.rowPad / 32) * 512}u;
         accL = ${result}();
         accP = ${result}();`;
           const step = (acc: string, off: number) =>
-            `        ${acc} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&ct, lBase + ${off}u, false, ${p.rowPad}u), subgroupMatrixLoad<${right}>(&qq, qBase + ${off}u, true, ${p.rowPad}u), ${acc});`;
+            `        ${acc} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&ct, lBase + ${off}u, false, ${p.rowPad}u), subgroupMatrixLoad<${right}>(&qq, qBase + ${(off / 32) * 512}u, true, 32u), ${acc});`;
           const lat = [...Array(p.latentPad / 32).keys()].map((kk) => step('accL', kk * 32));
           const rope = [...Array(p.ropePad / 32).keys()].map((kk) => step('accP', p.latentPad + kk * 32));
           return [prologue, ...lat, ...rope, `        subgroupMatrixStore(&stg, ${region} * 512u, accL, false, 16u);`, `        subgroupMatrixStore(&stg, ${region} * 512u + 256u, accP, false, 16u);`, '      }'].join('\n');
@@ -209,9 +224,8 @@ export function mlaTcPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize:
         let sP = stg[a * 512u + 256u + e];`
     : `var sL = 0i;
         var sP = 0i;
-        let qw = qWord + h * ${ROWW}u;
-        for (var w = 0u; w < ${LW}u; w++) { sL += dot4I8Packed(u32(qq[qw + w]), u32(ct[t * ${ROWW}u + w])); }
-        for (var w = ${LW}u; w < ${ROWW}u; w++) { sP += dot4I8Packed(u32(qq[qw + w]), u32(ct[t * ${ROWW}u + w])); }`;
+        for (var w = 0u; w < ${LW}u; w++) { sL += dot4I8Packed(u32(qq[qqWord(r, h, w)]), u32(ct[t * ${ROWW}u + w])); }
+        for (var w = ${LW}u; w < ${ROWW}u; w++) { sP += dot4I8Packed(u32(qq[qqWord(r, h, w)]), u32(ct[t * ${ROWW}u + w])); }`;
 
   // Phase B: each group's output tiles T = g + k·G (head tile T / NT, latent tile T % NT) accumulate Σ_t p′q · cq.
   const phaseB = products.values
@@ -276,6 +290,7 @@ ${metaWgsl(0)}
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
 ${dump ? '@group(0) @binding(5) var<storage, read_write> dbg: array<i32>;' : ''}
 ${cacheRowWgsl(blockSize)}
+${qqWordWgsl(p)}
 var<workgroup> ct: array<i32, ${32 * ROWW}>;
 var<workgroup> stg: array<i32, ${stg}>;
 var<workgroup> sc: array<f32, ${HP * W}>;
@@ -311,8 +326,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
   let bt = seqBlockTable(rowSeq(r));
   let g = ${tensorCores ? 'sgId' : 'lid / 32u'};
   let lane = lid % 32u;
-  let qWord = r * ${HP * ROWW}u;
-  let qByte = qWord * 4u;
+  let qByte = r * ${HP * p.rowPad}u;
   if (lid < ${HP}u) {
     mRun[lid] = ${NEG_BIG};
     lRun[lid] = 0.0;
@@ -341,7 +355,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
         dump
           ? `if (c == 0u && r == 0u && w0 == bnd.x && s == 0u) {
         for (var i = lid; i < ${32 * ROWW}u; i += ${WG}u) { dbg[${dump.ct}u + i] = ct[i]; }
-        for (var i = lid; i < ${HP * ROWW}u; i += ${WG}u) { dbg[${dump.qq}u + i] = qq[qWord + i]; }
+        for (var i = lid; i < ${HP * ROWW}u; i += ${WG}u) { dbg[${dump.qq}u + i] = qq[qqWord(0u, i / ${ROWW}u, i % ${ROWW}u)]; }
         for (var i = lid; i < ${aTiles * 512}u; i += ${WG}u) { dbg[${dump.tiles}u + i] = stg[i]; }
       }`
           : ''
