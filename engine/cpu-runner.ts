@@ -2,7 +2,7 @@
 import { kvValuesPerToken, type GqaConfig, type ModelConfig } from '../model/config.ts';
 import { attendGqa, matvec, mlp, rmsnorm, rope, type Vec } from '../model/reference/ops.ts';
 import type { GqaLayerWeights, ModelWeights } from '../model/weights.ts';
-import { argmax, pickSamplingError, samplePick } from './sampler.ts';
+import { pickAdjustError, pickOnHost, pickSamplingError } from './sampler.ts';
 import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 
 export interface CpuRunnerOptions {
@@ -69,7 +69,7 @@ export class CpuRunner implements ModelRunner {
           throw new Error(`step: previousPick ${s.previousPick} needs one token and a previous step with more than ${s.previousPick} picks (it had ${previous.length})`);
         }
       }
-      const bad = s.logits === 'sample' ? pickSamplingError(s.sample) : null;
+      const bad = (s.logits === 'sample' ? pickSamplingError(s.sample) : null) ?? (s.adjust ? pickAdjustError(s, this.config.vocabSize) : null);
       if (bad) throw new Error(`step: sequence ${i}: ${bad}`);
     }
     for (const s of seqs) {
@@ -83,9 +83,8 @@ export class CpuRunner implements ModelRunner {
         const want = s.logits === 'all' || (last && s.logits !== 'none');
         const token = s.previousPick === undefined ? s.tokens[i] : previous[s.previousPick];
         const logits = this.token(token, pos, s.blockTable, want);
-        // Picks over the f32 values a logits row would have carried (the GPU runner's semantics; draws in float64).
-        if (logits && s.logits === 'argmax') picks.push(argmax(Float32Array.from(logits)));
-        else if (logits && s.logits === 'sample') picks.push(samplePick(Float32Array.from(logits), s.sample!));
+        // Picks over the f32 values a logits row would have carried (the GPU runner's semantics), in float64.
+        if (logits && (s.logits === 'argmax' || s.logits === 'sample')) picks.push(pickOnHost(Float32Array.from(logits), s.logits === 'sample' ? s.sample! : null, s.adjust));
         else if (logits) rows.push(logits);
       }
     }

@@ -3,7 +3,20 @@ import { BlockPool } from '../cache/block-pool.ts';
 import { KvCacheManager } from '../cache/kv-manager.ts';
 import { IncrementalDetokenizer, tokenTextInContext } from '../model/detokenize.ts';
 import type { Tokenizer } from '../model/tokenizer.ts';
-import { isPlainGreedy, isPlainSample, logSoftmax, newSamplingState, pickSampling, recordOutputToken, sampleNext, topN, type SampleResult, type SequenceSamplingState } from './sampler.ts';
+import {
+  GREEDY_TEMPERATURE,
+  isPlainGreedy,
+  logitAdjustments,
+  logSoftmax,
+  MAX_PICK_ADJUSTMENTS,
+  newSamplingState,
+  pickSampling,
+  recordOutputToken,
+  sampleNext,
+  topN,
+  type SampleResult,
+  type SequenceSamplingState,
+} from './sampler.ts';
 import { Scheduler, type SchedRequest, type StepPlan } from './scheduler.ts';
 import { isStopToken, StopStringMatcher } from './stop.ts';
 import type {
@@ -58,9 +71,11 @@ export interface EngineOptions {
    */
   pipelineDecode?: boolean;
   /**
-   * Sampled requests without logit bias, penalties or logprobs draw their tokens on the runner (default true): a
-   * 'sample' row with the request's settings and its next uniform, so one id comes back instead of a vocab row and the
-   * step can be pipelined like greedy ones. Off: every sampled row comes back and is sampled on the host.
+   * Requests without logprobs get their tokens picked on the runner (default true): a 'sample' row with the request's
+   * settings and its next uniform, or an 'argmax' row, after the request's logit bias and penalties (up to
+   * MAX_PICK_ADJUSTMENTS tokens of them), so one id comes back instead of a vocab row. Rows without bias or penalties
+   * can be pipelined like greedy ones. Off: only plain greedy rows are picked; every other row comes back and is
+   * sampled on the host.
    */
   samplePicks?: boolean;
 }
@@ -72,6 +87,8 @@ interface SubmittedStep {
   /** Per chunk: every row's logits come back (prompt logprobs); the token is picked on the runner (no row back). */
   allRows: boolean[];
   picked: boolean[];
+  /** Some chunk's pick applies logit bias or penalties (such a step is not pipelined: penalties follow the output). */
+  adjusted: boolean;
   submittedAt: number;
   result: Promise<StepOutput>;
 }
@@ -389,28 +406,37 @@ class BatchingEngine implements Engine {
   private submit(plan: StepPlan<EngineRequest>, previousPicks: number[] | null): SubmittedStep {
     // A chunk with rows that predict prompt tokens of a prompt-logprobs request returns every row; others the last or none.
     const allRows = plan.chunks.map((c) => c.req.bypassPrefixCache === true && c.req.promptLogprobsN !== null && c.startPos < c.req.promptLength - 1);
-    // Plain greedy rows and plain sampled ones get their token picked where the logits are (one id comes back instead
-    // of a vocab row); a sampled row takes the request's next uniform now, as the host sampler would for that token.
-    const kinds = plan.chunks.map((c, i) => {
+    // Rows without logprobs get their token picked where the logits are (one id comes back instead of a vocab row),
+    // after the request's bias and penalties; a sampled row takes the request's next uniform now, as the host sampler
+    // would for that token.
+    const rows = plan.chunks.map((c, i) => {
+      const p = c.req.params;
       if (allRows[i] || !c.samples) return null;
-      if (isPlainGreedy(c.req.params)) return 'argmax' as const;
-      return this.samplePicks && isPlainSample(c.req.params) ? ('sample' as const) : null;
+      if (isPlainGreedy(p)) return { kind: 'argmax' as const, adjust: null };
+      if (!this.samplePicks || p.logprobs !== null) return null;
+      const adjust = logitAdjustments(p, c.req.sampling);
+      if (adjust && adjust.ids.length > MAX_PICK_ADJUSTMENTS) return null;
+      return { kind: p.temperature < GREEDY_TEMPERATURE ? ('argmax' as const) : ('sample' as const), adjust };
     });
-    const picked = kinds.map((k) => k !== null);
-    const seqs: StepSequence[] = plan.chunks.map((c, i) => ({
-      // A pipelined row's token is not known here: a placeholder id, replaced on the device by the pick it names.
-      tokens: previousPicks ? [0] : c.req.tokens.slice(c.startPos, c.startPos + c.numNewTokens),
-      startPos: c.startPos,
-      blockTable: this.kv.blockTable(c.req.requestId),
-      logits: allRows[i] ? 'all' : (kinds[i] ?? (c.samples ? 'last' : 'none')),
-      ...(kinds[i] === 'sample' ? { sample: pickSampling(c.req.params, c.req.sampling) } : {}),
-      ...(previousPicks ? { previousPick: previousPicks[i] } : {}),
-    }));
+    const picked = rows.map((k) => k !== null);
+    const seqs: StepSequence[] = plan.chunks.map((c, i) => {
+      const r = rows[i];
+      return {
+        // A pipelined row's token is not known here: a placeholder id, replaced on the device by the pick it names.
+        tokens: previousPicks ? [0] : c.req.tokens.slice(c.startPos, c.startPos + c.numNewTokens),
+        startPos: c.startPos,
+        blockTable: this.kv.blockTable(c.req.requestId),
+        logits: allRows[i] ? 'all' : (r?.kind ?? (c.samples ? 'last' : 'none')),
+        ...(r?.kind === 'sample' ? { sample: pickSampling(c.req.params, c.req.sampling) } : {}),
+        ...(r?.adjust ? { adjust: r.adjust } : {}),
+        ...(previousPicks ? { previousPick: previousPicks[i] } : {}),
+      };
+    });
     this.stepping = true;
     const result = this.runner.stepOutput(seqs);
     // Awaited in its turn; a failure of a step nobody awaits yet must not count as unhandled meanwhile.
     result.catch(() => {});
-    return { plan, seqs, allRows, picked, submittedAt: performance.now(), result };
+    return { plan, seqs, allRows, picked, adjusted: rows.some((r) => r?.adjust), submittedAt: performance.now(), result };
   }
 
   /**
@@ -421,7 +447,7 @@ class BatchingEngine implements Engine {
    */
   private pipelined(cur: SubmittedStep): SubmittedStep | null {
     const chunks = cur.plan.chunks;
-    if (chunks.length === 0 || !cur.picked.every(Boolean)) return null;
+    if (chunks.length === 0 || !cur.picked.every(Boolean) || cur.adjusted) return null;
     // A running request the step left out (token budget) would wait for as long as the pipeline runs.
     const inStep = new Set(chunks.map((c) => c.req));
     if (this.scheduler.running.some((r) => !inStep.has(r))) return null;

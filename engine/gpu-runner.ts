@@ -15,8 +15,8 @@ import type { GqaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts'
 import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 import { MlaBlock } from './mla-block.ts';
 import { createQuantizedRows, Int8MatmulOp, type QuantizedRows } from '../kernels/matmul-int8.ts';
-import { PICK_PARAM_WORDS, RowPick, writePickParams, type PickSpec } from '../kernels/pick.ts';
-import { pickSamplingError } from './sampler.ts';
+import { PICK_ADJUST_WORDS, PICK_PARAM_WORDS, RowPick, writePickAdjustments, writePickParams, type PickSpec } from '../kernels/pick.ts';
+import { pickAdjustError, pickSamplingError } from './sampler.ts';
 
 export interface GpuRunnerOptions {
   /** Tokens per KV block (default 16). */
@@ -329,6 +329,9 @@ class GpuRunner implements GpuModelRunner {
   /** Mapped-read buffer for stepCapture's xn rows; made on first use, so plain steps never pay for it. */
   private captureReadback: GPUBuffer | undefined;
   private profiler: StepProfiler | undefined;
+  /** Pick rows' logit adjustments (bias, penalties) of a step, PICK_ADJUST_WORDS each; grown between steps. */
+  private pickAdjust: GPUBuffer | undefined;
+  private pickAdjustEntries = 0;
   private readonly weightDtype: LinearDtype;
   /** GPU time of the last step's compute pass (ms) when opts.gpuTiming is set and the adapter has timestamps. */
   lastStepGpuMs: number | null = null;
@@ -476,7 +479,7 @@ class GpuRunner implements GpuModelRunner {
       ),
       finalNorm: norm(this.finalNorm, true),
       lmHead: linearOp(g, this.lmHead, { meta: a.meta, rowsSlot: META_LOGIT_ROWS, x: a.xLogit, xStride: this.dimStride, y: a.logits, yStride: c.vocabSize }, t),
-      pick: new RowPick(g, { meta: a.meta, logits: a.logits, params: a.pickParams, picks: a.picks }, c.vocabSize),
+      pick: this.pickOp(),
     };
   }
 
@@ -491,7 +494,7 @@ class GpuRunner implements GpuModelRunner {
       for (const t of s.tokens) {
         if (!Number.isInteger(t) || t < 0 || t >= c.vocabSize) throw new Error(`step: sequence ${i} has token id ${t}, outside the vocabulary of ${c.vocabSize}`);
       }
-      const bad = s.logits === 'sample' ? pickSamplingError(s.sample) : null;
+      const bad = (s.logits === 'sample' ? pickSamplingError(s.sample) : null) ?? pickAdjustError(s, c.vocabSize);
       if (bad) throw new Error(`step: sequence ${i}: ${bad}`);
     });
   }
@@ -563,6 +566,15 @@ class GpuRunner implements GpuModelRunner {
         grow(meta.data.length + HEADER_WORDS, this.capacity.metaWords),
       );
     }
+    const pickRows = seqs.filter((s) => s.logits === 'argmax' || s.logits === 'sample');
+    const adjustEntries = pickRows.reduce((n, s) => n + (s.adjust?.ids.length ?? 0), 0);
+    if (adjustEntries > this.pickAdjustEntries) {
+      if (this.inFlight > 0) throw new Error(`step: ${adjustEntries} logit adjustments need a larger buffer, which cannot be made while a step is in flight; await it first`);
+      this.pickAdjustEntries = Math.max(adjustEntries, Math.ceil(this.pickAdjustEntries * 1.5));
+      this.pickAdjust?.destroy();
+      this.pickAdjust = undefined;
+      this.ops!.pick = this.pickOp();
+    }
     const rows = meta.nRows;
     // One layer's xn rows as the runner holds them (row stride dimStride), copied back to back per layer.
     const layerBytes = rows * this.dimStride * 4;
@@ -594,8 +606,16 @@ class GpuRunner implements GpuModelRunner {
       g.device.queue.writeBuffer(a.meta, 0, meta.data);
       if (pickSpecs.length > 0) {
         const words = new Uint32Array(pickSpecs.length * PICK_PARAM_WORDS);
-        pickSpecs.forEach((p, k) => writePickParams(words, k, p));
+        const entries = adjustEntries > 0 ? new Uint32Array(adjustEntries * PICK_ADJUST_WORDS) : undefined;
+        let first = 0;
+        pickSpecs.forEach((p, k) => {
+          const adj = pickRows[k].adjust;
+          writePickParams(words, k, p, { first, count: adj?.ids.length ?? 0 });
+          if (adj && entries) writePickAdjustments(entries, first, adj);
+          first += adj?.ids.length ?? 0;
+        });
         g.device.queue.writeBuffer(a.pickParams, 0, words);
+        if (entries) g.device.queue.writeBuffer(this.pickAdjust!, 0, entries);
       }
       this.block.prepare(meta);
       const timing = mode === 'step' ? slot.timing : undefined;
@@ -749,6 +769,14 @@ class GpuRunner implements GpuModelRunner {
     this.pool.copyBlocks(pairs);
   }
 
+  /** The pick op over the current activation buffers and adjustments buffer (made at pickAdjustEntries entries). */
+  private pickOp(): RowPick {
+    const a = this.act!;
+    this.pickAdjustEntries = Math.max(this.pickAdjustEntries, 1024);
+    this.pickAdjust ??= storageBuffer(this.gpu, 'pick logit adjustments', this.pickAdjustEntries * PICK_ADJUST_WORDS * 4);
+    return new RowPick(this.gpu, { meta: a.meta, logits: a.logits, params: a.pickParams, picks: a.picks, adjust: this.pickAdjust }, this.config.vocabSize);
+  }
+
   private destroySlots(): void {
     for (const s of this.slots) {
       s.picksReadback.destroy();
@@ -769,6 +797,8 @@ class GpuRunner implements GpuModelRunner {
     this.act = undefined;
     this.captureReadback?.destroy();
     this.captureReadback = undefined;
+    this.pickAdjust?.destroy();
+    this.pickAdjust = undefined;
     this.profiler?.destroy();
     this.profiler = undefined;
     this.block.destroy();

@@ -88,14 +88,6 @@ function drawScaled(logits: Float64Array, p: Pick<SamplingParams, 'temperature' 
   return drawFromLogits(logits, u);
 }
 
-/**
- * Whether the runner can draw the token where the logits are (a 'sample' row, kernels/pick.ts): a sampled request
- * without logit bias, penalties or logprobs, which need the whole row on the host.
- */
-export function isPlainSample(params: SamplingParams): boolean {
-  return params.temperature >= GREEDY_TEMPERATURE && params.logitBias.size === 0 && !hasPenalties(params) && params.logprobs === null;
-}
-
 /** What a 'sample' row of a step draws with: the request's truncation settings and its next uniform. */
 export interface PickSampling {
   temperature: number;
@@ -123,14 +115,101 @@ export function pickSamplingError(s: PickSampling | undefined): string | null {
   return null;
 }
 
-/** The token a 'sample' row draws, in float64 on the host (the CPU runner; the GPU kernel's reference). */
-export function samplePick(raw: ArrayLike<number>, s: PickSampling): number {
-  const logits = scratchRow(raw.length, 0);
-  logits.set(raw);
-  return drawScaled(logits, s, s.u);
+/** Most tokens a row's adjustments may list for its pick to be made on the runner (a repetition penalty lists the whole prompt); past it the row comes back and is sampled on the host. */
+export const MAX_PICK_ADJUSTMENTS = 4096;
+
+/**
+ * A request's logit bias and penalties as changes to single tokens, which a runner applies before its pick:
+ * v' = rep(v + bias) − subtract, with rep(x) = x > 0 ? x / r : x · r (r = repetition, 1 = none): applyLogitBias then
+ * applyPenalties, token by token. Ids are distinct.
+ */
+export interface LogitAdjustments {
+  ids: number[];
+  bias: number[];
+  repetition: number[];
+  subtract: number[];
 }
 
-function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {
+/** The adjustments of a request's next token (null: none): logit bias, repetition over prompt and output, frequency and presence over the output. */
+export function logitAdjustments(params: SamplingParams, state: SequenceSamplingState): LogitAdjustments | null {
+  const at = new Map<number, number>();
+  const a: LogitAdjustments = { ids: [], bias: [], repetition: [], subtract: [] };
+  const entry = (id: number) => {
+    let k = at.get(id);
+    if (k === undefined) {
+      k = a.ids.length;
+      at.set(id, k);
+      a.ids.push(id);
+      a.bias.push(0);
+      a.repetition.push(1);
+      a.subtract.push(0);
+    }
+    return k;
+  };
+  for (const [id, b] of params.logitBias) if (Number.isInteger(id) && id >= 0) a.bias[entry(id)] += b;
+  if (params.repetitionPenalty !== 1) {
+    for (const id of state.promptTokens) a.repetition[entry(id)] = params.repetitionPenalty;
+    for (const id of state.outputCounts.keys()) a.repetition[entry(id)] = params.repetitionPenalty;
+  }
+  if (params.frequencyPenalty !== 0 || params.presencePenalty !== 0) {
+    for (const [id, count] of state.outputCounts) a.subtract[entry(id)] = params.frequencyPenalty * count + params.presencePenalty;
+  }
+  return a.ids.length > 0 ? a : null;
+}
+
+/** Applies adjustments to a float64 row (ids outside the row are skipped, as applyLogitBias does). */
+export function applyLogitAdjustments(logits: Float64Array, a: LogitAdjustments): void {
+  a.ids.forEach((id, k) => {
+    if (id < 0 || id >= logits.length) return;
+    let v = logits[id] + a.bias[k];
+    const r = a.repetition[k];
+    if (r !== 1) v = v > 0 ? v / r : v * r;
+    logits[id] = v - a.subtract[k];
+  });
+}
+
+/** Why a step sequence's adjustments are unusable (only pick rows take them), or null. */
+export function pickAdjustError(s: { logits: string; adjust?: LogitAdjustments }, vocab: number): string | null {
+  if (!s.adjust) return null;
+  if (s.logits !== 'argmax' && s.logits !== 'sample') return `adjustments come with 'argmax' or 'sample' rows, not '${s.logits}'`;
+  return logitAdjustmentsError(s.adjust, vocab);
+}
+
+/** Why a step's adjustments are unusable for a row of `vocab` logits, or null. */
+export function logitAdjustmentsError(a: LogitAdjustments, vocab: number): string | null {
+  const n = a.ids.length;
+  if (a.bias.length !== n || a.repetition.length !== n || a.subtract.length !== n) return 'adjustments: ids, bias, repetition and subtract differ in length';
+  const seen = new Set<number>();
+  for (let k = 0; k < n; k++) {
+    const id = a.ids[k];
+    if (!Number.isInteger(id) || id < 0 || id >= vocab) return `adjustments: token id ${id} is outside the vocabulary of ${vocab}`;
+    if (seen.has(id)) return `adjustments: token id ${id} is listed twice`;
+    seen.add(id);
+    if (!Number.isFinite(a.bias[k]) || !(a.repetition[k] > 0) || !Number.isFinite(a.repetition[k]) || !Number.isFinite(a.subtract[k])) {
+      return `adjustments: token ${id} has bias ${a.bias[k]}, repetition ${a.repetition[k]}, subtract ${a.subtract[k]}`;
+    }
+  }
+  return null;
+}
+
+/**
+ * The token a pick row makes, in float64 on the host (the CPU runner; the GPU kernel's reference): the adjustments,
+ * then the greedy arg max or the draw.
+ */
+export function pickOnHost(raw: ArrayLike<number>, sample: PickSampling | null, adjust?: LogitAdjustments | null): number {
+  const logits = scratchRow(raw.length, 0);
+  logits.set(raw);
+  if (adjust) applyLogitAdjustments(logits, adjust);
+  return sample ? drawScaled(logits, sample, sample.u) : argmax(logits);
+}
+
+/** The token a 'sample' row draws (pickOnHost without adjustments). */
+export function samplePick(raw: ArrayLike<number>, s: PickSampling): number {
+  return pickOnHost(raw, s);
+}
+
+/** Whether a request penalizes tokens (repetition, frequency, presence): its changes depend on its output so far. */
+export function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {
   return p.repetitionPenalty !== 1 || p.frequencyPenalty !== 0 || p.presencePenalty !== 0;
 }
 

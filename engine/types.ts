@@ -1,7 +1,7 @@
 // Contracts between the HTTP face, the serving engine and the GPU step runner.
 import type { ModelConfig } from '../model/config.ts';
 import type { Tokenizer } from '../model/tokenizer.ts';
-import type { PickSampling } from './sampler.ts';
+import type { LogitAdjustments, PickSampling } from './sampler.ts';
 
 /** One sequence's share of a forward step: a prompt chunk or one decode token. */
 export interface StepSequence {
@@ -19,6 +19,8 @@ export interface StepSequence {
   logits: 'none' | 'last' | 'all' | 'argmax' | 'sample';
   /** The draw of a 'sample' sequence. */
   sample?: PickSampling;
+  /** Logit bias and penalties a pick sequence applies to its row before the pick. */
+  adjust?: LogitAdjustments;
   /**
    * The token is the previous step's pick number k (its k-th 'argmax' or 'sample' sequence), taken where the pick already
    * is: on the GPU, so this step can be submitted before the previous one has finished or been read back (tokens is

@@ -1,6 +1,6 @@
 // Token picks on the GPU: greedy (the first index of a row's largest logit) or a seeded draw with temperature, min-p,
-// top-k and top-p, so a request without penalties, logit bias or logprobs reads back one token id instead of a
-// vocabulary-wide row (152K floats for Qwen2.5) and costs no host sampling (1.6–7 ms a row in JS at that size).
+// top-k and top-p, after the row's logit bias and penalties, so a request without logprobs reads back one token id
+// instead of a vocabulary-wide row (152K floats for Qwen2.5) and costs no host sampling (1.6–7 ms a row in JS).
 import type { GpuContext } from './device.ts';
 import { META_FULL_LOGIT_ROWS, META_LOGIT_ROWS } from './step-meta.ts';
 import { bindBuffers, gridFor } from './tensors.ts';
@@ -9,15 +9,22 @@ const WG = 256;
 
 /** Words of one pick row's settings in the params buffer. */
 export const PICK_PARAM_WORDS = 8;
+/** Words of one logit adjustment: token id, bias, repetition factor, subtrahend (f32 as bits). */
+export const PICK_ADJUST_WORDS = 4;
 
-/** How one pick row chooses its token: greedy, or a draw (engine/sampler.ts samplePick has the same semantics). */
+/** How one pick row chooses its token: greedy, or a draw (engine/sampler.ts pickOnHost has the same semantics). */
 export type PickSpec = { kind: 'argmax' } | { kind: 'sample'; temperature: number; topK: number; topP: number; minP: number; u: number };
 
-/** Writes pick row k's settings: [mode, 1/temperature, top-k (0 = off), top-p, min-p, u] (f32 as bits). */
-export function writePickParams(out: Uint32Array, k: number, spec: PickSpec): void {
+/**
+ * Writes pick row k's settings: [mode, 1/temperature, top-k (0 = off), top-p, min-p, u, first adjustment, adjustments]
+ * (f32 as bits); its adjustments are entries [first, first + count) of the adjustments buffer.
+ */
+export function writePickParams(out: Uint32Array, k: number, spec: PickSpec, adjust: { first: number; count: number } = { first: 0, count: 0 }): void {
   const o = k * PICK_PARAM_WORDS;
   const f = new Float32Array(out.buffer, out.byteOffset + o * 4, PICK_PARAM_WORDS);
   out.fill(0, o, o + PICK_PARAM_WORDS);
+  out[o + 6] = adjust.first;
+  out[o + 7] = adjust.count;
   if (spec.kind === 'argmax') return;
   out[o] = 1;
   f[1] = 1 / spec.temperature;
@@ -27,8 +34,22 @@ export function writePickParams(out: Uint32Array, k: number, spec: PickSpec): vo
   f[5] = spec.u;
 }
 
+/** Packs a row's adjustments (engine/sampler.ts LogitAdjustments) at entry `first` of an adjustments array. */
+export function writePickAdjustments(out: Uint32Array, first: number, a: { ids: number[]; bias: number[]; repetition: number[]; subtract: number[] }): void {
+  const f = new Float32Array(out.buffer, out.byteOffset, out.length);
+  a.ids.forEach((id, k) => {
+    const w = (first + k) * PICK_ADJUST_WORDS;
+    out[w] = id;
+    f[w + 1] = a.bias[k];
+    f[w + 2] = a.repetition[k];
+    f[w + 3] = a.subtract[k];
+  });
+}
+
 /**
  * One workgroup per pick row (logits rows META_FULL_LOGIT_ROWS … META_LOGIT_ROWS − 1), its settings at params[8k].
+ * First the row's adjustments change its logits in place (v' = rep(v + bias) − subtract; pick rows are never read
+ * back), then:
  *
  * Greedy: each thread keeps the largest value it sees and its first index, then a tree keeps the larger value, the lower
  * index on ties; NaN never wins; a row with no comparable value gives 0.
@@ -50,9 +71,10 @@ export function pickWgsl(vocab: number): string {
   const slice = Math.ceil(vocab / WG);
   return /* wgsl */ `
 @group(0) @binding(0) var<storage, read> stepMeta: array<u32>;
-@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> params: array<u32>;
 @group(0) @binding(3) var<storage, read_write> picks: array<u32>;
+@group(0) @binding(4) var<storage, read> adjust: array<u32>;
 var<workgroup> redF: array<f32, ${WG}>;
 var<workgroup> redU: array<u32, ${WG}>;
 var<workgroup> hist: array<atomic<u32>, 256>;
@@ -113,6 +135,20 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   if (row >= stepMeta[${META_LOGIT_ROWS}]) { return; }
   let base = row * ${vocab}u;
   let pw = k * ${PICK_PARAM_WORDS}u;
+
+  let nAdjust = params[pw + 7u];
+  if (nAdjust > 0u) {
+    let first = params[pw + 6u];
+    for (var e = lid; e < nAdjust; e += ${WG}u) {
+      let w = (first + e) * ${PICK_ADJUST_WORDS}u;
+      let at = base + adjust[w];
+      var v = logits[at] + bitcast<f32>(adjust[w + 1u]);
+      let r = bitcast<f32>(adjust[w + 2u]);
+      if (r != 1.0) { v = select(v * r, v / r, v > 0.0); }
+      logits[at] = v - bitcast<f32>(adjust[w + 3u]);
+    }
+    storageBarrier();
+  }
 
   if (params[pw] == 0u) {
     var bv = bitcast<f32>(0xff7fffffu); // -FLT_MAX: every finite value ties or beats it
@@ -329,11 +365,11 @@ export class RowPick {
 
   constructor(
     private gpu: GpuContext,
-    b: { meta: GPUBuffer; logits: GPUBuffer; params: GPUBuffer; picks: GPUBuffer },
+    b: { meta: GPUBuffer; logits: GPUBuffer; params: GPUBuffer; picks: GPUBuffer; adjust: GPUBuffer },
     vocab: number,
   ) {
     this.pipeline = gpu.pipeline(`pick rows v${vocab}`, pickWgsl(vocab));
-    this.bindGroup = bindBuffers(gpu, this.pipeline, 'pick rows', [b.meta, b.logits, b.params, b.picks]);
+    this.bindGroup = bindBuffers(gpu, this.pipeline, 'pick rows', [b.meta, b.logits, b.params, b.picks, b.adjust]);
   }
 
   encode(pass: GPUComputePassEncoder, rows: number): void {

@@ -168,6 +168,8 @@ test('pipelined decode with picks on the runner: the texts of one step at a time
         ...(i === 4 || i === 9 ? { stop: [' the'] } : {}),
         ...(i === 12 ? { temperature: 0.8, topP: 0.9, seed: 5, maxTokens: 10 } : {}),
         ...(i === 13 ? { temperature: 1.2, topK: 20, minP: 0.02, seed: 11, maxTokens: 24 } : {}),
+        // Penalties follow the output: steps holding this row are not pipelined.
+        ...(i === 11 ? { presencePenalty: 0.7, maxTokens: 9 } : {}),
       });
       return collect(engine, { requestId: `p${i}`, promptTokens: prompt(STORY_STARTS[i % 16]), params, ...(i === 7 ? { signal: ac.signal } : {}) }, (n) => {
         if (i === 7 && n === 5) ac.abort();
@@ -257,13 +259,13 @@ test('refusals: queue full, too long for the pool or context, bad ids', async ()
   await engine.shutdown();
 });
 
-test("plain greedy requests ask the runner for 'argmax' picks, plain sampled ones for 'sample' draws; logprobs and penalties still get the row", async () => {
+test("greedy requests ask the runner for 'argmax' picks, sampled ones for 'sample' draws, with their bias and penalties; logprobs still get the row; the same tokens as host sampling", async () => {
   const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 64 });
   const engine = createEngine({ runner, info, pipelineDecode: false });
   const modes: string[] = [];
   const realStep = runner.stepOutput.bind(runner);
   runner.stepOutput = async (seqs) => {
-    for (const s of seqs) if (s.logits !== 'none') modes.push(s.logits);
+    for (const s of seqs) if (s.logits !== 'none') modes.push(s.adjust ? `${s.logits}+adjust` : s.logits);
     return realStep(seqs);
   };
   const ids = prompt(STORY_STARTS[1]);
@@ -271,17 +273,18 @@ test("plain greedy requests ask the runner for 'argmax' picks, plain sampled one
   assert.deepEqual(modes, Array(6).fill('argmax'));
   modes.length = 0;
   const withLogprobs = await collect(engine, { requestId: 'l', promptTokens: ids, params: samplingParams({ maxTokens: 6, ignoreEos: true, logprobs: 2 }) });
-  const penalized = await collect(engine, { requestId: 'p', promptTokens: ids, params: samplingParams({ maxTokens: 6, ignoreEos: true, presencePenalty: 0.5 }) });
-  assert.deepEqual(modes, Array(12).fill('last'));
+  assert.deepEqual(modes, Array(6).fill('last'));
   // The GPU-side pick and the host's greedy sampler choose the same tokens.
   assert.deepEqual(withLogprobs.tokenIds, plain.tokenIds);
-  assert.equal(penalized.tokenIds.length, 6);
-  modes.length = 0;
-  const sampledParams = samplingParams({ maxTokens: 8, ignoreEos: true, temperature: 0.9, topP: 0.95, seed: 3 });
-  const sampled = await collect(engine, { requestId: 's', promptTokens: ids, params: sampledParams });
-  assert.deepEqual(modes, Array(8).fill('sample'));
-  await engine.shutdown();
-  // With draws on the host instead: the row comes back, the same tokens come out (same uniforms, both in float64).
+  // Sampled, penalized (greedy and sampled), biased: picks with their changes; the same tokens as host sampling.
+  const cases = [
+    { temperature: 0.9, topP: 0.95, seed: 3 },
+    { presencePenalty: 1.5, frequencyPenalty: 0.5 },
+    { temperature: 1.1, topK: 30, repetitionPenalty: 1.4, seed: 4 },
+    { temperature: 0.8, logitBias: new Map([[ids[2], 3], [ids[3], -100]]), seed: 9 },
+  ];
+  // Presence and frequency penalties have nothing to change before the first token.
+  const wantModes = [Array(8).fill('sample'), ['argmax', ...Array(7).fill('argmax+adjust')], Array(8).fill('sample+adjust'), Array(8).fill('sample+adjust')];
   const hostRunner = new CpuRunner(model, { blockSize: 16, numBlocks: 64 });
   const hostEngine = createEngine({ runner: hostRunner, info, samplePicks: false });
   const hostModes: string[] = [];
@@ -290,9 +293,18 @@ test("plain greedy requests ask the runner for 'argmax' picks, plain sampled one
     for (const s of seqs) if (s.logits !== 'none') hostModes.push(s.logits);
     return hostStep(seqs);
   };
-  const onHost = await collect(hostEngine, { requestId: 's', promptTokens: ids, params: sampledParams });
-  assert.deepEqual(hostModes, Array(8).fill('last'));
-  assert.deepEqual(onHost.tokenIds, sampled.tokenIds);
+  for (const [k, extra] of cases.entries()) {
+    modes.length = 0;
+    hostModes.length = 0;
+    const p = samplingParams({ maxTokens: 8, ignoreEos: true, ...extra });
+    const onRunner = await collect(engine, { requestId: `s${k}`, promptTokens: ids, params: p });
+    const onHost = await collect(hostEngine, { requestId: `s${k}`, promptTokens: ids, params: p });
+    assert.deepEqual(modes, wantModes[k], `case ${k}`);
+    assert.deepEqual(hostModes, Array(8).fill('last'), `case ${k}`);
+    assert.deepEqual(onRunner.tokenIds, onHost.tokenIds, `case ${k}`);
+    if (k === 1) assert.ok(new Set(onRunner.tokenIds).size >= 6, `presence and frequency penalties should spread the greedy picks: ${onRunner.tokenIds}`);
+  }
+  await engine.shutdown();
   await hostEngine.shutdown();
 });
 

@@ -54,18 +54,18 @@ test('GPU: 64 concurrent requests with a third aborted mid-way; all others finis
   await engine.shutdown(0);
 });
 
-test('GPU: seeded sampled requests drawn on the GPU (pipelined) give the tokens the host sampler draws from the read-back rows', async () => {
+test('GPU: seeded sampled and penalized requests picked on the GPU give the tokens the host sampler picks from the read-back rows', async () => {
   const settings = [
     { temperature: 0.8, topP: 0.9 },
-    { temperature: 1, topK: 20 },
-    { temperature: 1.1, minP: 0.05 },
+    { temperature: 1, topK: 20, presencePenalty: 0.8 },
+    { temperature: 1.1, minP: 0.05, repetitionPenalty: 1.3 },
     { temperature: 0.7, topK: 40, topP: 0.95, minP: 0.01 },
   ];
   const reqs = STORY_STARTS.slice(0, 10).map((s, i) => ({
     requestId: `s${i}`,
     promptTokens: prompt(s),
-    // Two greedy requests among eight sampled ones, each with its own seed.
-    params: samplingParams({ maxTokens: 8, ignoreEos: true, ...(i < 8 ? { ...settings[i % 4], seed: 100 + i } : {}) }),
+    // Two greedy requests (one with a frequency penalty) among eight sampled ones, each with its own seed.
+    params: samplingParams({ maxTokens: 8, ignoreEos: true, ...(i < 8 ? { ...settings[i % 4], seed: 100 + i } : i === 9 ? { frequencyPenalty: 1 } : {}) }),
   }));
   const run = async (samplePicks: boolean) => {
     const engine = await engineWith(64, { samplePicks });

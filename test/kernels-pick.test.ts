@@ -1,29 +1,41 @@
 // The GPU picks (kernels/pick.ts) against the host: greedy rows = the host's argmax (ties, −∞, NaN); sampled rows =
-// engine/sampler.ts samplePick in float64 (temperature, min-p, top-k, top-p with ties, the inverse-CDF draw).
+// engine/sampler.ts samplePick in float64 (temperature, min-p, top-k, top-p with ties, the inverse-CDF draw); logit
+// bias and penalties applied first = pickOnHost.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { PICK_PARAM_WORDS, RowPick, writePickParams, type PickSpec } from '../kernels/pick.ts';
+import { PICK_ADJUST_WORDS, PICK_PARAM_WORDS, RowPick, writePickAdjustments, writePickParams, type PickSpec } from '../kernels/pick.ts';
 import { HEADER_WORDS, META_FULL_LOGIT_ROWS, META_LOGIT_ROWS } from '../kernels/step-meta.ts';
 import { storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { readBack } from '../bench/gpu-timing.ts';
-import { argmax, samplePick, type PickSampling } from '../engine/sampler.ts';
+import { applyLogitAdjustments, argmax, pickOnHost, samplePick, type LogitAdjustments, type PickSampling } from '../engine/sampler.ts';
 import { decisionMargin, fileGpu, freshSeed, randomArray } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
-/** Runs the pick kernel over `rows` (the first `full` rows are full logits rows it must skip) with one spec per pick row. */
-async function runPicks(vocab: number, rows: Float32Array, full: number, specs: PickSpec[]): Promise<number[]> {
+/**
+ * Runs the pick kernel over `rows` (the first `full` rows are full logits rows it must skip) with one spec per pick row
+ * and, per pick row, its logit adjustments (or none).
+ */
+async function runPicks(vocab: number, rows: Float32Array, full: number, specs: PickSpec[], adjusts: Array<LogitAdjustments | null> = []): Promise<number[]> {
   const g = await gpu();
   const meta = new Uint32Array(HEADER_WORDS);
   meta[META_LOGIT_ROWS] = full + specs.length;
   meta[META_FULL_LOGIT_ROWS] = full;
   const params = new Uint32Array(specs.length * PICK_PARAM_WORDS);
-  specs.forEach((s, k) => writePickParams(params, k, s));
+  const entries = new Uint32Array(Math.max(4, adjusts.reduce((n, a) => n + (a?.ids.length ?? 0), 0) * PICK_ADJUST_WORDS));
+  let first = 0;
+  specs.forEach((s, k) => {
+    const a = adjusts[k];
+    writePickParams(params, k, s, { first, count: a?.ids.length ?? 0 });
+    if (a) writePickAdjustments(entries, first, a);
+    first += a?.ids.length ?? 0;
+  });
   const metaBuf = uploadArray(g, 'meta', meta);
   const logits = uploadArray(g, 'logits', rows);
   const paramBuf = uploadArray(g, 'pick params', params);
+  const adjustBuf = uploadArray(g, 'pick adjustments', entries);
   const picks = storageBuffer(g, 'picks', Math.max(16, specs.length * 4));
-  const op = new RowPick(g, { meta: metaBuf, logits, params: paramBuf, picks }, vocab);
+  const op = new RowPick(g, { meta: metaBuf, logits, params: paramBuf, picks, adjust: adjustBuf }, vocab);
   const enc = g.device.createCommandEncoder();
   const pass = enc.beginComputePass();
   op.encode(pass, specs.length);
@@ -31,7 +43,7 @@ async function runPicks(vocab: number, rows: Float32Array, full: number, specs: 
   g.device.queue.submit([enc.finish()]);
   const got = [...new Uint32Array(await readBack(g, picks, specs.length * 4))];
   g.checkErrors();
-  for (const b of [metaBuf, logits, paramBuf, picks]) b.destroy();
+  for (const b of [metaBuf, logits, paramBuf, adjustBuf, picks]) b.destroy();
   return got;
 }
 
@@ -135,4 +147,45 @@ test('sampled picks: top-p keeps the first tied tokens in index order; NaN and �
     const host = c.spec.kind === 'argmax' ? argmax(c.row) : samplePick(c.row, c.spec);
     assert.equal(host, c.want, `case ${i}`);
   });
+});
+
+test('logit bias and penalties (repetition, frequency, presence) change the row before greedy and sampled picks = pickOnHost', async () => {
+  const seed = freshSeed();
+  const vocab = 900;
+  const n = 12;
+  const rows = new Float32Array(n * vocab);
+  for (let r = 0; r < n; r++) rows.set(randomArray(vocab, seed + 131 * r, r % 2 ? 6 : 2), r * vocab);
+  const rnd = randomArray(n * 200, seed ^ 0x2545f491, 0.5).map((v) => v + 0.5);
+  const specs: PickSpec[] = [];
+  const adjusts: LogitAdjustments[] = [];
+  for (let r = 0; r < n; r++) {
+    // Distinct ids: the row's top few (so the changes matter), then spread ones; bias ±5, repetition 1.3 on some,
+    // a frequency/presence subtrahend on others.
+    const row = rows.subarray(r * vocab, (r + 1) * vocab);
+    const top = [...row.keys()].sort((a, b) => row[b] - row[a]).slice(0, 4);
+    const ids = [...new Set([...top, ...Array.from({ length: 40 }, (_, i) => Math.floor(rnd[r * 200 + i] * vocab))])];
+    adjusts.push({
+      ids,
+      bias: ids.map((_, i) => (i % 3 === 0 ? (rnd[r * 200 + 50 + i] - 0.5) * 10 : 0)),
+      repetition: ids.map((_, i) => (i % 2 === 0 ? 1.3 : 1)),
+      subtract: ids.map((_, i) => (i % 4 === 1 ? rnd[r * 200 + 100 + i] * 3 : 0)),
+    });
+    specs.push(r < 4 ? { kind: 'argmax' } : { kind: 'sample', temperature: 0.9, topK: r % 3 === 0 ? 20 : 0, topP: r % 2 ? 0.9 : 1, minP: 0, u: rnd[r * 200 + 199] });
+  }
+  const got = await runPicks(vocab, rows, 0, specs, adjusts);
+  let compared = 0;
+  for (let r = 0; r < n; r++) {
+    const row = rows.subarray(r * vocab, (r + 1) * vocab);
+    const s = specs[r];
+    const want = pickOnHost(row, s.kind === 'sample' ? s : null, adjusts[r]);
+    const adjusted = Float64Array.from(row);
+    applyLogitAdjustments(adjusted, adjusts[r]);
+    if (s.kind === 'sample' && decisionMargin(Float32Array.from(adjusted), s) <= 1e-5) continue;
+    compared++;
+    assert.equal(got[r], want, `seed ${seed}, row ${r} (${s.kind})`);
+  }
+  assert.ok(compared >= n - 2, `only ${compared} of ${n} compared (seed ${seed})`);
+  // The adjustments moved picks: without them at least one greedy row picks differently.
+  const plain = await runPicks(vocab, rows, 0, specs);
+  assert.ok(plain.some((id, r) => id !== got[r]), `seed ${seed}: the adjustments changed no pick`);
 });

@@ -2,12 +2,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
+  applyLogitAdjustments,
+  applyLogitBias,
   applyMinP,
   applyPenalties,
   applyTopK,
   applyTopP,
   argmax,
   drawFromLogits,
+  logitAdjustments,
   logSoftmax,
   newSamplingState,
   recordOutputToken,
@@ -196,4 +199,30 @@ test('output counts feed the frequency penalty between tokens', () => {
   }
   // 2 → 0.5 after one use → token 1 (1) wins; then both at ≤ 0.5 and −0.5 …
   assert.deepEqual(picks, [0, 1, 0, 2]);
+});
+
+test('logitAdjustments: bias and penalties as per-token changes = applyLogitBias then applyPenalties', () => {
+  const rng = new Rng(42);
+  for (let trial = 0; trial < 20; trial++) {
+    const vocab = 60;
+    const raw = Float64Array.from({ length: vocab }, () => (rng.nextFloat() - 0.5) * 8);
+    const pick = () => Math.floor(rng.nextFloat() * vocab);
+    const p = params({
+      logitBias: new Map(Array.from({ length: 5 }, () => [pick(), (rng.nextFloat() - 0.5) * 20] as [number, number])),
+      repetitionPenalty: trial % 3 === 0 ? 1 : 1 + rng.nextFloat(),
+      frequencyPenalty: trial % 4 === 1 ? 0 : rng.nextFloat(),
+      presencePenalty: trial % 5 === 2 ? 0 : rng.nextFloat(),
+    });
+    const st = newSamplingState(p, Array.from({ length: 8 }, pick));
+    for (let i = 0; i < 10; i++) recordOutputToken(st, pick());
+    const want = raw.slice();
+    applyLogitBias(want, p.logitBias);
+    applyPenalties(want, p, st.promptTokens, st.outputCounts);
+    const a = logitAdjustments(p, st)!;
+    assert.equal(new Set(a.ids).size, a.ids.length, 'distinct ids');
+    const got = raw.slice();
+    applyLogitAdjustments(got, a);
+    for (let i = 0; i < vocab; i++) assert.ok(Math.abs(got[i] - want[i]) < 1e-12, `trial ${trial} id ${i}: ${got[i]} vs ${want[i]}`);
+  }
+  assert.equal(logitAdjustments(params({}), newSamplingState(params({}), [1, 2])), null);
 });
