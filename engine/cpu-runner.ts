@@ -2,7 +2,7 @@
 import { kvValuesPerToken, type GqaConfig, type ModelConfig } from '../model/config.ts';
 import { attendGqa, matvec, mlp, rmsnorm, rope, type Vec } from '../model/reference/ops.ts';
 import type { GqaLayerWeights, ModelWeights } from '../model/weights.ts';
-import { pickAdjustError, pickOnHost, pickSamplingError } from './sampler.ts';
+import { pickAdjustError, pickOnHost, pickSamplingError, rawLogprobs, type SampledLogprobs } from './sampler.ts';
 import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 
 export interface CpuRunnerOptions {
@@ -62,6 +62,7 @@ export class CpuRunner implements ModelRunner {
     const c = this.config;
     const rows: Vec[] = [];
     const picks: number[] = [];
+    const pickLogprobs: Array<SampledLogprobs | null> = [];
     const previous = this.lastPicks;
     for (const [i, s] of seqs.entries()) {
       if (s.previousPick !== undefined) {
@@ -69,7 +70,7 @@ export class CpuRunner implements ModelRunner {
           throw new Error(`step: previousPick ${s.previousPick} needs one token and a previous step with more than ${s.previousPick} picks (it had ${previous.length})`);
         }
       }
-      const bad = (s.logits === 'sample' ? pickSamplingError(s.sample) : null) ?? (s.adjust ? pickAdjustError(s, this.config.vocabSize) : null);
+      const bad = (s.logits === 'sample' ? pickSamplingError(s.sample) : null) ?? pickAdjustError(s, this.config.vocabSize);
       if (bad) throw new Error(`step: sequence ${i}: ${bad}`);
     }
     for (const s of seqs) {
@@ -84,14 +85,18 @@ export class CpuRunner implements ModelRunner {
         const token = s.previousPick === undefined ? s.tokens[i] : previous[s.previousPick];
         const logits = this.token(token, pos, s.blockTable, want);
         // Picks over the f32 values a logits row would have carried (the GPU runner's semantics), in float64.
-        if (logits && (s.logits === 'argmax' || s.logits === 'sample')) picks.push(pickOnHost(Float32Array.from(logits), s.logits === 'sample' ? s.sample! : null, s.adjust));
-        else if (logits) rows.push(logits);
+        if (logits && (s.logits === 'argmax' || s.logits === 'sample')) {
+          const row = Float32Array.from(logits);
+          const id = pickOnHost(row, s.logits === 'sample' ? s.sample! : null, s.adjust);
+          picks.push(id);
+          pickLogprobs.push(s.logprobs === undefined ? null : rawLogprobs(row, id, s.logprobs));
+        } else if (logits) rows.push(logits);
       }
     }
     const out = new Float32Array(rows.length * c.vocabSize);
     rows.forEach((r, i) => out.set(r, i * c.vocabSize));
     this.lastPicks = picks;
-    return { logits: out, picks: Uint32Array.from(picks) };
+    return { logits: out, picks: Uint32Array.from(picks), pickLogprobs };
   }
 
   copyBlocks(pairs: Array<[src: number, dst: number]>): void {

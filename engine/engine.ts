@@ -71,11 +71,11 @@ export interface EngineOptions {
    */
   pipelineDecode?: boolean;
   /**
-   * Requests without logprobs get their tokens picked on the runner (default true): a 'sample' row with the request's
-   * settings and its next uniform, or an 'argmax' row, after the request's logit bias and penalties (up to
-   * MAX_PICK_ADJUSTMENTS tokens of them), so one id comes back instead of a vocab row. Rows without bias or penalties
-   * can be pipelined like greedy ones. Off: only plain greedy rows are picked; every other row comes back and is
-   * sampled on the host.
+   * Every request's tokens are picked on the runner (default true): a 'sample' row with the request's settings and its
+   * next uniform, or an 'argmax' row, after the request's logit bias and penalties (up to MAX_PICK_ADJUSTMENTS tokens
+   * of them), with its raw logprobs where it wants them, so one id (and ≤ 20 logprobs) comes back instead of a vocab
+   * row. Rows without bias or penalties can be pipelined like greedy ones. Off: only plain greedy rows are picked;
+   * every other row comes back and is sampled on the host.
    */
   samplePicks?: boolean;
 }
@@ -379,10 +379,11 @@ class BatchingEngine implements Engine {
     plan.chunks.forEach((c, i) => {
       const first = row;
       row += allRows[i] ? c.numNewTokens : c.samples && !picked[i] ? 1 : 0;
-      const tokenId = picked[i] ? picks[pick++] : -1;
+      const k = picked[i] ? pick++ : -1;
+      const tokenId = k >= 0 ? picks[k] : -1;
       if (c.req.done || c.req.abortRequested) return;
       if (allRows[i]) this.recordPromptLogprobs(c.req, c.startPos, logits.subarray(first * vocab, row * vocab));
-      if (picked[i]) this.acceptToken(c.req, tokenId);
+      if (picked[i]) this.acceptToken(c.req, tokenId, out.pickLogprobs?.[k] ?? undefined);
       else if (c.samples) this.emitToken(c.req, logits.subarray((row - 1) * vocab, row * vocab));
     });
     // Cancellations that arrived during the step free their blocks now, before the next plan. (A pipelined step still
@@ -413,7 +414,7 @@ class BatchingEngine implements Engine {
       const p = c.req.params;
       if (allRows[i] || !c.samples) return null;
       if (isPlainGreedy(p)) return { kind: 'argmax' as const, adjust: null };
-      if (!this.samplePicks || p.logprobs !== null) return null;
+      if (!this.samplePicks) return null;
       const adjust = logitAdjustments(p, c.req.sampling);
       if (adjust && adjust.ids.length > MAX_PICK_ADJUSTMENTS) return null;
       return { kind: p.temperature < GREEDY_TEMPERATURE ? ('argmax' as const) : ('sample' as const), adjust };
@@ -429,6 +430,7 @@ class BatchingEngine implements Engine {
         logits: allRows[i] ? 'all' : (r?.kind ?? (c.samples ? 'last' : 'none')),
         ...(r?.kind === 'sample' ? { sample: pickSampling(c.req.params, c.req.sampling) } : {}),
         ...(r?.adjust ? { adjust: r.adjust } : {}),
+        ...(r && c.req.params.logprobs !== null ? { logprobs: c.req.params.logprobs } : {}),
         ...(previousPicks ? { previousPick: previousPicks[i] } : {}),
       };
     });

@@ -15,8 +15,8 @@ import type { GqaLayerWeights, ModelWeights, Tensor } from '../model/weights.ts'
 import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 import { MlaBlock } from './mla-block.ts';
 import { createQuantizedRows, Int8MatmulOp, type QuantizedRows } from '../kernels/matmul-int8.ts';
-import { PICK_ADJUST_WORDS, PICK_PARAM_WORDS, RowPick, writePickAdjustments, writePickParams, type PickSpec } from '../kernels/pick.ts';
-import { pickAdjustError, pickSamplingError } from './sampler.ts';
+import { PICK_ADJUST_WORDS, PICK_INFO_WORDS, PICK_PARAM_WORDS, readPickLogprobs, RowPick, writePickAdjustments, writePickParams, type PickSpec } from '../kernels/pick.ts';
+import { pickAdjustError, pickSamplingError, type SampledLogprobs } from './sampler.ts';
 
 export interface GpuRunnerOptions {
   /** Tokens per KV block (default 16). */
@@ -308,7 +308,7 @@ class GpuRunner implements GpuModelRunner {
   private attnStride: number;
   // Sized for capacity.rows / capacity.logitRows / capacity.metaWords; grown on demand.
   private capacity = { rows: 0, logitRows: 0, metaWords: 0 };
-  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback' | 'pickParams' | 'picks', GPUBuffer> | undefined;
+  private act: Record<'meta' | 'x' | 'xn' | 'attn' | 'gateUp' | 'h' | 'xLogit' | 'logits' | 'readback' | 'pickParams' | 'picks' | 'pickInfo', GPUBuffer> | undefined;
   /**
    * Where a step's picks and timestamps come back: two, used in turn, so a step can be submitted while the one
    * before it is still running or being read back (steps whose tokens are the previous picks, see StepSequence).
@@ -392,7 +392,8 @@ class GpuRunner implements GpuModelRunner {
     this.destroySlots();
     const timed = this.opts.gpuTiming === true && g.features.has('timestamp-query');
     this.slots = [0, 1].map((i) => ({
-      picksReadback: g.device.createBuffer({ label: `picks readback ${i}`, size: Math.max(16, logitRows * 4), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
+      // Picks, then (for rows that asked) their logprobs.
+      picksReadback: g.device.createBuffer({ label: `picks readback ${i}`, size: Math.max(16, logitRows * (1 + PICK_INFO_WORDS) * 4), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
       // Timestamp queries around the step (opts.gpuTiming on an adapter with timestamp-query).
       timing: timed
         ? {
@@ -416,6 +417,7 @@ class GpuRunner implements GpuModelRunner {
       readback: g.device.createBuffer({ label: 'logits readback', size: Math.max(16, logitRows * c.vocabSize * f), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }),
       pickParams: storageBuffer(g, 'pick settings', logitRows * PICK_PARAM_WORDS * 4),
       picks: storageBuffer(g, 'picks', Math.max(16, logitRows * 4)),
+      pickInfo: storageBuffer(g, 'pick logprobs', logitRows * PICK_INFO_WORDS * 4),
     };
     this.capacity = { rows, logitRows, metaWords };
     const a = this.act;
@@ -505,7 +507,12 @@ class GpuRunner implements GpuModelRunner {
   }
 
   stepOutput(seqs: StepSequence[]): Promise<StepOutput> {
-    return this.run(seqs, 'step').then(({ logits, picks, gpuMs }) => ({ logits, picks, ...(gpuMs !== undefined ? { gpuMs } : {}) }));
+    return this.run(seqs, 'step').then(({ logits, picks, pickLogprobs, gpuMs }) => ({
+      logits,
+      picks,
+      ...(pickLogprobs ? { pickLogprobs } : {}),
+      ...(gpuMs !== undefined ? { gpuMs } : {}),
+    }));
   }
 
   /**
@@ -568,6 +575,7 @@ class GpuRunner implements GpuModelRunner {
     }
     const pickRows = seqs.filter((s) => s.logits === 'argmax' || s.logits === 'sample');
     const adjustEntries = pickRows.reduce((n, s) => n + (s.adjust?.ids.length ?? 0), 0);
+    const wantLogprobs = pickRows.some((s) => s.logprobs !== undefined);
     if (adjustEntries > this.pickAdjustEntries) {
       if (this.inFlight > 0) throw new Error(`step: ${adjustEntries} logit adjustments need a larger buffer, which cannot be made while a step is in flight; await it first`);
       this.pickAdjustEntries = Math.max(adjustEntries, Math.ceil(this.pickAdjustEntries * 1.5));
@@ -610,7 +618,7 @@ class GpuRunner implements GpuModelRunner {
         let first = 0;
         pickSpecs.forEach((p, k) => {
           const adj = pickRows[k].adjust;
-          writePickParams(words, k, p, { first, count: adj?.ids.length ?? 0 });
+          writePickParams(words, k, p, { first, count: adj?.ids.length ?? 0, logprobs: pickRows[k].logprobs ?? null });
           if (adj && entries) writePickAdjustments(entries, first, adj);
           first += adj?.ids.length ?? 0;
         });
@@ -696,6 +704,7 @@ class GpuRunner implements GpuModelRunner {
       // Only the full rows come back; pick rows (after them) send their token.
       if (fullBytes > 0) enc.copyBufferToBuffer(a.logits, 0, a.readback, 0, fullBytes);
       if (nPicks > 0) enc.copyBufferToBuffer(a.picks, 0, slot.picksReadback, 0, nPicks * 4);
+      if (wantLogprobs) enc.copyBufferToBuffer(a.pickInfo, 0, slot.picksReadback, nPicks * 4, nPicks * PICK_INFO_WORDS * 4);
       if (profilePass) profiling!.finish(enc, profilePass);
       if (timing) {
         enc.resolveQuerySet(timing.queries, 0, 2, timing.resolve, 0);
@@ -712,10 +721,17 @@ class GpuRunner implements GpuModelRunner {
         logits = new Float32Array(a.readback.getMappedRange(0, fullBytes).slice(0));
         a.readback.unmap();
       }
+      let pickLogprobs: Array<SampledLogprobs | null> | undefined;
       if (nPicks > 0) {
-        await slot.picksReadback.mapAsync(GPUMapMode.READ, 0, nPicks * 4);
-        picks = new Uint32Array(slot.picksReadback.getMappedRange(0, nPicks * 4).slice(0));
+        const bytes = nPicks * (wantLogprobs ? 1 + PICK_INFO_WORDS : 1) * 4;
+        await slot.picksReadback.mapAsync(GPUMapMode.READ, 0, bytes);
+        const words = new Uint32Array(slot.picksReadback.getMappedRange(0, bytes).slice(0));
         slot.picksReadback.unmap();
+        picks = words.subarray(0, nPicks);
+        if (wantLogprobs) {
+          const info = words.subarray(nPicks);
+          pickLogprobs = pickRows.map((s, k) => (s.logprobs === undefined ? null : readPickLogprobs(info, k)));
+        }
       }
       if (timing) {
         await timing.read.mapAsync(GPUMapMode.READ, 0, 16);
@@ -741,7 +757,7 @@ class GpuRunner implements GpuModelRunner {
         rb.unmap();
       }
       g.checkErrors();
-      return { logits, picks, gpuMs, attnInputs, dispatches };
+      return { logits, picks, ...(pickLogprobs ? { pickLogprobs } : {}), gpuMs, attnInputs, dispatches };
     } finally {
       slot.busy = false;
       this.inFlight--;
@@ -774,7 +790,7 @@ class GpuRunner implements GpuModelRunner {
     const a = this.act!;
     this.pickAdjustEntries = Math.max(this.pickAdjustEntries, 1024);
     this.pickAdjust ??= storageBuffer(this.gpu, 'pick logit adjustments', this.pickAdjustEntries * PICK_ADJUST_WORDS * 4);
-    return new RowPick(this.gpu, { meta: a.meta, logits: a.logits, params: a.pickParams, picks: a.picks, adjust: this.pickAdjust }, this.config.vocabSize);
+    return new RowPick(this.gpu, { meta: a.meta, logits: a.logits, params: a.pickParams, picks: a.picks, adjust: this.pickAdjust, info: a.pickInfo }, this.config.vocabSize);
   }
 
   private destroySlots(): void {

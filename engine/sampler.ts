@@ -58,10 +58,7 @@ export function sampleNext(raw: Float32Array, params: SamplingParams, state: Seq
     tokenId = greedy ? argmax(logits) : sampleScaled(logits, params, state);
   }
   const result: SampleResult = { tokenId };
-  if (params.logprobs !== null) {
-    const lp = logSoftmax(raw);
-    result.logprobs = { logprob: lp[tokenId], top: topN(lp, params.logprobs).map((i) => ({ tokenId: i, logprob: lp[i] })) };
-  }
+  if (params.logprobs !== null) result.logprobs = rawLogprobs(raw, tokenId, params.logprobs);
   return result;
 }
 
@@ -168,8 +165,12 @@ export function applyLogitAdjustments(logits: Float64Array, a: LogitAdjustments)
   });
 }
 
-/** Why a step sequence's adjustments are unusable (only pick rows take them), or null. */
-export function pickAdjustError(s: { logits: string; adjust?: LogitAdjustments }, vocab: number): string | null {
+/** Why a step sequence's adjustments or logprobs are unusable (only pick rows take them), or null. */
+export function pickAdjustError(s: { logits: string; adjust?: LogitAdjustments; logprobs?: number }, vocab: number): string | null {
+  if (s.logprobs !== undefined) {
+    if (s.logits !== 'argmax' && s.logits !== 'sample') return `logprobs come with 'argmax' or 'sample' rows, not '${s.logits}'`;
+    if (!Number.isInteger(s.logprobs) || s.logprobs < 0 || s.logprobs > Math.min(20, vocab)) return `logprobs ${s.logprobs} is not an integer in 0 … ${Math.min(20, vocab)}`;
+  }
   if (!s.adjust) return null;
   if (s.logits !== 'argmax' && s.logits !== 'sample') return `adjustments come with 'argmax' or 'sample' rows, not '${s.logits}'`;
   return logitAdjustmentsError(s.adjust, vocab);
@@ -201,6 +202,12 @@ export function pickOnHost(raw: ArrayLike<number>, sample: PickSampling | null, 
   logits.set(raw);
   if (adjust) applyLogitAdjustments(logits, adjust);
   return sample ? drawScaled(logits, sample, sample.u) : argmax(logits);
+}
+
+/** Raw logprobs of a row (before bias, penalties, temperature): the token's and the n most likely (vLLM's raw_logprobs). */
+export function rawLogprobs(raw: ArrayLike<number>, tokenId: number, n: number): SampledLogprobs {
+  const lp = logSoftmax(raw);
+  return { logprob: lp[tokenId], top: topN(lp, n).map((i) => ({ tokenId: i, logprob: lp[i] })) };
 }
 
 /** The token a 'sample' row draws (pickOnHost without adjustments). */

@@ -1,7 +1,7 @@
 // Contracts between the HTTP face, the serving engine and the GPU step runner.
 import type { ModelConfig } from '../model/config.ts';
 import type { Tokenizer } from '../model/tokenizer.ts';
-import type { LogitAdjustments, PickSampling } from './sampler.ts';
+import type { LogitAdjustments, PickSampling, SampledLogprobs } from './sampler.ts';
 
 /** One sequence's share of a forward step: a prompt chunk or one decode token. */
 export interface StepSequence {
@@ -21,6 +21,8 @@ export interface StepSequence {
   sample?: PickSampling;
   /** Logit bias and penalties a pick sequence applies to its row before the pick. */
   adjust?: LogitAdjustments;
+  /** A pick sequence also returns its token's raw logprob and this many most likely tokens' (0 … 20). */
+  logprobs?: number;
   /**
    * The token is the previous step's pick number k (its k-th 'argmax' or 'sample' sequence), taken where the pick already
    * is: on the GPU, so this step can be submitted before the previous one has finished or been read back (tokens is
@@ -35,6 +37,8 @@ export interface StepOutput {
   logits: Float32Array;
   /** One token per 'argmax' or 'sample' sequence, in sequence order ('argmax': the first index of the largest logit). */
   picks: Uint32Array;
+  /** Per pick, its logprobs (raw: before bias, penalties, temperature) where the sequence asked for them, else null. */
+  pickLogprobs?: Array<SampledLogprobs | null>;
   /** The step's GPU span (ms) where the runner times steps. */
   gpuMs?: number;
 }

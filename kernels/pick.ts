@@ -8,23 +8,38 @@ import { bindBuffers, gridFor } from './tensors.ts';
 const WG = 256;
 
 /** Words of one pick row's settings in the params buffer. */
-export const PICK_PARAM_WORDS = 8;
+export const PICK_PARAM_WORDS = 12;
+/** Most top logprobs a pick row returns (OpenAI's limit). */
+export const MAX_TOP_LOGPROBS = 20;
+/**
+ * Words of one pick row's logprobs in the info buffer: [log-sum-exp of the raw row, the chosen token's raw logit,
+ * n, 0, n top ids, (padding to 20), n top raw logits] (f32 as bits).
+ */
+export const PICK_INFO_WORDS = 4 + 2 * MAX_TOP_LOGPROBS;
 /** Words of one logit adjustment: token id, bias, repetition factor, subtrahend (f32 as bits). */
 export const PICK_ADJUST_WORDS = 4;
 
 /** How one pick row chooses its token: greedy, or a draw (engine/sampler.ts pickOnHost has the same semantics). */
 export type PickSpec = { kind: 'argmax' } | { kind: 'sample'; temperature: number; topK: number; topP: number; minP: number; u: number };
 
+/** Where a pick row's adjustments lie in the adjustments buffer, and how many top logprobs it wants (null: none). */
+export interface PickExtras {
+  first: number;
+  count: number;
+  logprobs: number | null;
+}
+
 /**
- * Writes pick row k's settings: [mode, 1/temperature, top-k (0 = off), top-p, min-p, u, first adjustment, adjustments]
- * (f32 as bits); its adjustments are entries [first, first + count) of the adjustments buffer.
+ * Writes pick row k's settings: [mode, 1/temperature, top-k (0 = off), top-p, min-p, u, first adjustment, adjustments,
+ * logprobs + 1 (0: none)] (f32 as bits); its adjustments are entries [first, first + count) of the adjustments buffer.
  */
-export function writePickParams(out: Uint32Array, k: number, spec: PickSpec, adjust: { first: number; count: number } = { first: 0, count: 0 }): void {
+export function writePickParams(out: Uint32Array, k: number, spec: PickSpec, extras: PickExtras = { first: 0, count: 0, logprobs: null }): void {
   const o = k * PICK_PARAM_WORDS;
   const f = new Float32Array(out.buffer, out.byteOffset + o * 4, PICK_PARAM_WORDS);
   out.fill(0, o, o + PICK_PARAM_WORDS);
-  out[o + 6] = adjust.first;
-  out[o + 7] = adjust.count;
+  out[o + 6] = extras.first;
+  out[o + 7] = extras.count;
+  out[o + 8] = extras.logprobs === null ? 0 : extras.logprobs + 1;
   if (spec.kind === 'argmax') return;
   out[o] = 1;
   f[1] = 1 / spec.temperature;
@@ -47,38 +62,44 @@ export function writePickAdjustments(out: Uint32Array, first: number, a: { ids: 
 }
 
 /**
- * One workgroup per pick row (logits rows META_FULL_LOGIT_ROWS … META_LOGIT_ROWS − 1), its settings at params[8k].
- * First the row's adjustments change its logits in place (v' = rep(v + bias) − subtract; pick rows are never read
- * back), then:
- *
- * Greedy: each thread keeps the largest value it sees and its first index, then a tree keeps the larger value, the lower
- * index on ties; NaN never wins; a row with no comparable value gives 0.
- *
- * A draw, in the host sampler's order, on y = logit / temperature (f32), with an order-preserving u32 key per value
- * (NaN lowest, never kept):
- *  1. m = max y; min-p keeps y ≥ m + ln(min_p).
- *  2. top-k: the k-th largest key, exactly, by a radix select (4 passes of 8 bits, a 256-bin count histogram each);
- *     keys below it go.
- *  3. top-p over the rest, e = exp(y − m): the boundary key c by the same radix select on probability mass (fixed
- *     point, 2³¹ = the kept mass, so the integer sums are exact and the result does not depend on thread timing):
- *     every key above c stays, and of the tokens equal to c the first few in index order, as many as the mass needs
- *     to reach top_p (the host's sorted rule).
- *  4. The inverse-CDF draw in index order: each thread sums e over a contiguous slice of the row, the slices' sums are
- *     scanned in order, and the thread whose slice holds u · total walks it to the token.
+ * One workgroup per pick row (logits rows META_FULL_LOGIT_ROWS … META_LOGIT_ROWS − 1), its settings at params[12k]:
+ *  0. With logprobs: on the raw row, its log-sum-exp and its n most likely tokens (a radix select of the n-th largest
+ *     key, then those above it and the first tied ones in index order), into info[44k …] (PICK_INFO_WORDS).
+ *  1. The row's adjustments change its logits in place (v' = rep(v + bias) − subtract; pick rows are never read back).
+ *  2. The pick. Greedy: each thread keeps the largest value it sees and its first index, then a tree keeps the larger
+ *     value, the lower index on ties; NaN never wins; a row with no comparable value gives 0. A draw, in the host
+ *     sampler's order, on y = logit / temperature (f32), with an order-preserving u32 key per value (NaN lowest, never
+ *     kept):
+ *     a. m = max y; min-p keeps y ≥ m + ln(min_p).
+ *     b. top-k: the k-th largest key, exactly, by a radix select (4 passes of 8 bits, a 256-bin count histogram each);
+ *        keys below it go.
+ *     c. top-p over the rest, e = exp(y − m): the boundary key c by the same radix select on probability mass (fixed
+ *        point, 2³¹ = the kept mass, so the integer sums are exact and the result does not depend on thread timing):
+ *        every key above c stays, and of the tokens equal to c the first few in index order, as many as the mass
+ *        needs to reach top_p (the host's sorted rule).
+ *     d. The inverse-CDF draw in index order: each thread sums e over a contiguous slice of the row, the slices' sums
+ *        are scanned in order, and the thread whose slice holds u · total walks it to the token.
+ *  3. With logprobs: the chosen token's raw logit (its adjustment undone where it had one) into the info.
  * f32 against the host's float64 moves a choice only where u or a cut lies within rounding of a boundary.
  */
 export function pickWgsl(vocab: number): string {
   const slice = Math.ceil(vocab / WG);
+  const NONE = '0xffffffffu';
   return /* wgsl */ `
 @group(0) @binding(0) var<storage, read> stepMeta: array<u32>;
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> params: array<u32>;
 @group(0) @binding(3) var<storage, read_write> picks: array<u32>;
 @group(0) @binding(4) var<storage, read> adjust: array<u32>;
+@group(0) @binding(5) var<storage, read_write> info: array<u32>;
 var<workgroup> redF: array<f32, ${WG}>;
 var<workgroup> redU: array<u32, ${WG}>;
 var<workgroup> hist: array<atomic<u32>, 256>;
 var<workgroup> bc: vec4<u32>;
+var<workgroup> chosenW: u32;
+var<workgroup> candCount: atomic<u32>;
+var<workgroup> candId: array<u32, ${MAX_TOP_LOGPROBS}>;
+var<workgroup> candVal: array<f32, ${MAX_TOP_LOGPROBS}>;
 
 fn better(v: f32, i: u32, w: f32, j: u32) -> bool {
   return v > w || (v == w && i < j);
@@ -123,61 +144,165 @@ fn sumAll(lid: u32, v: f32) -> f32 {
   return r;
 }
 
+// Exclusive prefix of each thread's count, in thread order (redU; read it after the call).
+fn scanCounts(lid: u32, n: u32) {
+  redU[lid] = n;
+  workgroupBarrier();
+  if (lid == 0u) {
+    var acc = 0u;
+    for (var t = 0u; t < ${WG}u; t++) {
+      let c = redU[t];
+      redU[t] = acc;
+      acc += c;
+    }
+  }
+  workgroupBarrier();
+}
+
 // Fixed-point probability mass of e: scale = 2³¹ / the kept mass, so the masses of a row sum to 2³¹ (+ rounding).
 fn massOf(e: f32, scale: f32) -> u32 {
   return u32(min(e * scale + 0.5, 4294967040.0));
 }
 
-@compute @workgroup_size(${WG})
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let k = wid.x + wid.y * nwg.x;
-  let row = stepMeta[${META_FULL_LOGIT_ROWS}] + k;
-  if (row >= stepMeta[${META_LOGIT_ROWS}]) { return; }
-  let base = row * ${vocab}u;
-  let pw = k * ${PICK_PARAM_WORDS}u;
-
-  let nAdjust = params[pw + 7u];
-  if (nAdjust > 0u) {
-    let first = params[pw + 6u];
-    for (var e = lid; e < nAdjust; e += ${WG}u) {
-      let w = (first + e) * ${PICK_ADJUST_WORDS}u;
-      let at = base + adjust[w];
-      var v = logits[at] + bitcast<f32>(adjust[w + 1u]);
-      let r = bitcast<f32>(adjust[w + 2u]);
-      if (r != 1.0) { v = select(v * r, v / r, v > 0.0); }
-      logits[at] = v - bitcast<f32>(adjust[w + 3u]);
+// The k-th largest key of the row's values × mul (1 ≤ k ≤ vocab), exactly: radix select, 8 bits a pass from the top.
+fn kthKey(lid: u32, base: u32, k: u32, mul: f32) -> u32 {
+  var prefix = 0u;
+  var pmask = 0u;
+  var remaining = k;
+  for (var d = 0u; d < 4u; d++) {
+    let shift = 24u - 8u * d;
+    atomicStore(&hist[lid], 0u);
+    workgroupBarrier();
+    for (var i = lid; i < ${vocab}u; i += ${WG}u) {
+      let key = orderKey(logits[base + i] * mul);
+      if ((key & pmask) == prefix) { atomicAdd(&hist[(key >> shift) & 255u], 1u); }
     }
-    storageBarrier();
+    workgroupBarrier();
+    if (lid == 0u) {
+      var above = 0u;
+      var b = 255u;
+      loop {
+        let c = atomicLoad(&hist[b]);
+        if (above + c >= remaining || b == 0u) { break; }
+        above += c;
+        b -= 1u;
+      }
+      bc = vec4<u32>(prefix | (b << shift), remaining - above, 0u, 0u);
+    }
+    let r = workgroupUniformLoad(&bc);
+    prefix = r.x;
+    remaining = r.y;
+    pmask |= 255u << shift;
   }
+  return prefix;
+}
 
-  if (params[pw] == 0u) {
-    var bv = bitcast<f32>(0xff7fffffu); // -FLT_MAX: every finite value ties or beats it
-    var bi = 0xffffffffu;
+// Step 0: the raw row's log-sum-exp and its n most likely tokens (value desc, index asc), into info at iw.
+fn rawLogprobs(lid: u32, base: u32, n: u32, iw: u32) {
+  var mx = bitcast<f32>(0xff7fffffu);
+  for (var i = lid; i < ${vocab}u; i += ${WG}u) {
+    let v = logits[base + i];
+    if (!isNan(v)) { mx = max(mx, v); }
+  }
+  let m = maxAll(lid, mx);
+  var se = 0.0;
+  for (var i = lid; i < ${vocab}u; i += ${WG}u) {
+    let v = logits[base + i];
+    if (!isNan(v)) { se += exp(v - m); }
+  }
+  let s = sumAll(lid, se);
+  if (n > 0u) {
+    let kk = kthKey(lid, base, n, 1.0);
+    if (lid == 0u) { atomicStore(&candCount, 0u); }
+    workgroupBarrier();
     for (var i = lid; i < ${vocab}u; i += ${WG}u) {
       let v = logits[base + i];
-      if (better(v, i, bv, bi)) { bv = v; bi = i; }
-    }
-    redF[lid] = bv;
-    redU[lid] = bi;
-    workgroupBarrier();
-    for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
-      if (lid < s && better(redF[lid + s], redU[lid + s], redF[lid], redU[lid])) {
-        redF[lid] = redF[lid + s];
-        redU[lid] = redU[lid + s];
+      if (orderKey(v) > kk) {
+        let slot = atomicAdd(&candCount, 1u);
+        candId[slot] = i;
+        candVal[slot] = v;
       }
-      workgroupBarrier();
     }
-    if (lid == 0u) { picks[k] = select(redU[0], 0u, redU[0] == 0xffffffffu); }
-    return;
+    workgroupBarrier();
+    let above = atomicLoad(&candCount);
+    // The rest of the n: the first tokens equal to the n-th largest, in index order (contiguous slices, ranked).
+    let s0 = lid * ${slice}u;
+    let s1 = min(s0 + ${slice}u, ${vocab}u);
+    var eq = 0u;
+    for (var i = s0; i < s1; i++) {
+      if (orderKey(logits[base + i]) == kk) { eq++; }
+    }
+    scanCounts(lid, eq);
+    var rank = redU[lid];
+    for (var i = s0; i < s1; i++) {
+      let v = logits[base + i];
+      if (orderKey(v) == kk) {
+        if (above + rank < n) {
+          candId[above + rank] = i;
+          candVal[above + rank] = v;
+        }
+        rank++;
+      }
+    }
+    workgroupBarrier();
   }
+  if (lid == 0u) {
+    // Insertion sort of the n candidates: value desc, index asc.
+    for (var a = 1u; a < n; a++) {
+      let id = candId[a];
+      let v = candVal[a];
+      var j = a;
+      loop {
+        if (j == 0u) { break; }
+        let pv = candVal[j - 1u];
+        let pid = candId[j - 1u];
+        if (!(v > pv || (v == pv && id < pid))) { break; }
+        candId[j] = pid;
+        candVal[j] = pv;
+        j -= 1u;
+      }
+      candId[j] = id;
+      candVal[j] = v;
+    }
+    info[iw] = bitcast<u32>(m + log(s));
+    info[iw + 2u] = n;
+    for (var a = 0u; a < n; a++) {
+      info[iw + 4u + a] = candId[a];
+      info[iw + ${4 + MAX_TOP_LOGPROBS}u + a] = bitcast<u32>(candVal[a]);
+    }
+  }
+  workgroupBarrier();
+}
 
+fn greedyPick(lid: u32, base: u32) -> u32 {
+  var bv = bitcast<f32>(0xff7fffffu); // -FLT_MAX: every finite value ties or beats it
+  var bi = ${NONE};
+  for (var i = lid; i < ${vocab}u; i += ${WG}u) {
+    let v = logits[base + i];
+    if (better(v, i, bv, bi)) { bv = v; bi = i; }
+  }
+  redF[lid] = bv;
+  redU[lid] = bi;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s && better(redF[lid + s], redU[lid + s], redF[lid], redU[lid])) {
+      redF[lid] = redF[lid + s];
+      redU[lid] = redU[lid + s];
+    }
+    workgroupBarrier();
+  }
+  if (lid == 0u) { chosenW = select(redU[0], 0u, redU[0] == ${NONE}); }
+  return workgroupUniformLoad(&chosenW);
+}
+
+fn drawPick(lid: u32, base: u32, pw: u32) -> u32 {
   let invT = bitcast<f32>(params[pw + 1u]);
   let topK = params[pw + 2u];
   let topP = bitcast<f32>(params[pw + 3u]);
   let minP = bitcast<f32>(params[pw + 4u]);
   let u = bitcast<f32>(params[pw + 5u]);
 
-  // 1. The maximum, and min-p's cut.
+  // a. The maximum, and min-p's cut.
   var mx = bitcast<f32>(0xff7fffffu);
   for (var i = lid; i < ${vocab}u; i += ${WG}u) {
     let y = logits[base + i] * invT;
@@ -187,38 +312,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   var cutKey = 1u;
   if (minP > 0.0) { cutKey = max(cutKey, orderKey(m + log(minP))); }
 
-  // 2. top-k: the k-th largest key (radix select, 8 bits a pass from the top).
-  if (topK > 0u && topK < ${vocab}u) {
-    var prefix = 0u;
-    var pmask = 0u;
-    var remaining = topK;
-    for (var d = 0u; d < 4u; d++) {
-      let shift = 24u - 8u * d;
-      atomicStore(&hist[lid], 0u);
-      workgroupBarrier();
-      for (var i = lid; i < ${vocab}u; i += ${WG}u) {
-        let key = orderKey(logits[base + i] * invT);
-        if ((key & pmask) == prefix) { atomicAdd(&hist[(key >> shift) & 255u], 1u); }
-      }
-      workgroupBarrier();
-      if (lid == 0u) {
-        var above = 0u;
-        var b = 255u;
-        loop {
-          let c = atomicLoad(&hist[b]);
-          if (above + c >= remaining || b == 0u) { break; }
-          above += c;
-          b -= 1u;
-        }
-        bc = vec4<u32>(prefix | (b << shift), remaining - above, 0u, 0u);
-      }
-      let r = workgroupUniformLoad(&bc);
-      prefix = r.x;
-      remaining = r.y;
-      pmask |= 255u << shift;
-    }
-    cutKey = max(cutKey, prefix);
-  }
+  // b. top-k: keys below the k-th largest go.
+  if (topK > 0u && topK < ${vocab}u) { cutKey = max(cutKey, kthKey(lid, base, topK, invT)); }
 
   // The kept mass so far (the maximum is always kept: its key tops both cuts).
   var zs = 0.0;
@@ -228,9 +323,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   }
   let z = sumAll(lid, zs);
 
-  // 3. top-p: the boundary key c (keys above it are kept; of those equal to it, the first eqKeep in index order).
+  // c. top-p: the boundary key c (keys above it are kept; of those equal to it, the first eqKeep in index order).
   var cKey = cutKey;
-  var eqKeep = 0xffffffffu;
+  var eqKeep = ${NONE};
   if (topP < 1.0) {
     let scale = 2147483648.0 / z;
     let want = u32(topP * 2147483648.0);
@@ -270,24 +365,14 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
   }
 
-  // 4. The draw. Thread t's slice is [t·${slice}, (t + 1)·${slice}); first the ranks of its tokens equal to c.
+  // d. The draw. Thread t's slice is [t·${slice}, (t + 1)·${slice}); first the ranks of its tokens equal to c.
   let s0 = lid * ${slice}u;
   let s1 = min(s0 + ${slice}u, ${vocab}u);
   var eq = 0u;
   for (var i = s0; i < s1; i++) {
     if (orderKey(logits[base + i] * invT) == cKey) { eq++; }
   }
-  redU[lid] = eq;
-  workgroupBarrier();
-  if (lid == 0u) {
-    var acc = 0u;
-    for (var t = 0u; t < ${WG}u; t++) {
-      let n = redU[t];
-      redU[t] = acc;
-      acc += n;
-    }
-  }
-  workgroupBarrier();
+  scanCounts(lid, eq);
   var rank = redU[lid];
   var part = 0.0;
   for (var i = s0; i < s1; i++) {
@@ -311,7 +396,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     let goal = u * total;
     var acc = 0.0;
-    var w = 0xffffffffu;
+    var w = ${NONE};
     for (var t = 0u; t < ${WG}u; t++) {
       let p = redF[t];
       if (p > 0.0 && acc + p > goal) {
@@ -320,7 +405,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       }
       acc += p;
     }
-    if (w == 0xffffffffu) {
+    if (w == ${NONE}) {
       w = last;
       acc = total - redF[last];
     }
@@ -331,8 +416,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     var cum = bitcast<f32>(r.y);
     let goal = bitcast<f32>(r.z);
     var rk = redU[lid];
-    var chosen = 0xffffffffu;
-    var lastKept = 0xffffffffu;
+    var chosen = ${NONE};
+    var lastKept = ${NONE};
     for (var i = s0; i < s1; i++) {
       let y = logits[base + i] * invT;
       let key = orderKey(y);
@@ -351,8 +436,61 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         }
       }
     }
-    if (chosen == 0xffffffffu) { chosen = lastKept; }
-    picks[k] = select(chosen, 0u, chosen == 0xffffffffu);
+    if (chosen == ${NONE}) { chosen = lastKept; }
+    chosenW = select(chosen, 0u, chosen == ${NONE});
+  }
+  return workgroupUniformLoad(&chosenW);
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let k = wid.x + wid.y * nwg.x;
+  let row = stepMeta[${META_FULL_LOGIT_ROWS}] + k;
+  if (row >= stepMeta[${META_LOGIT_ROWS}]) { return; }
+  let base = row * ${vocab}u;
+  let pw = k * ${PICK_PARAM_WORDS}u;
+  let iw = k * ${PICK_INFO_WORDS}u;
+
+  let logprobs = params[pw + 8u];
+  if (logprobs > 0u) { rawLogprobs(lid, base, logprobs - 1u, iw); }
+
+  let nAdjust = params[pw + 7u];
+  let first = params[pw + 6u];
+  if (nAdjust > 0u) {
+    for (var e = lid; e < nAdjust; e += ${WG}u) {
+      let w = (first + e) * ${PICK_ADJUST_WORDS}u;
+      let at = base + adjust[w];
+      var v = logits[at] + bitcast<f32>(adjust[w + 1u]);
+      let r = bitcast<f32>(adjust[w + 2u]);
+      if (r != 1.0) { v = select(v * r, v / r, v > 0.0); }
+      logits[at] = v - bitcast<f32>(adjust[w + 3u]);
+    }
+    storageBarrier();
+  }
+
+  var chosen = 0u;
+  if (params[pw] == 0u) {
+    chosen = greedyPick(lid, base);
+  } else {
+    chosen = drawPick(lid, base, pw);
+  }
+  if (lid == 0u) {
+    picks[k] = chosen;
+    if (logprobs > 0u) {
+      // The chosen token's raw logit: its adjustment undone where it had one (v = rep⁻¹(v' + subtract) − bias).
+      var v = logits[base + chosen];
+      for (var e = 0u; e < nAdjust; e++) {
+        let w = (first + e) * ${PICK_ADJUST_WORDS}u;
+        if (adjust[w] == chosen) {
+          let r = bitcast<f32>(adjust[w + 2u]);
+          var x = v + bitcast<f32>(adjust[w + 3u]);
+          if (r != 1.0) { x = select(x / r, x * r, x > 0.0); }
+          v = x - bitcast<f32>(adjust[w + 1u]);
+          break;
+        }
+      }
+      info[iw + 1u] = bitcast<u32>(v);
+    }
   }
 }
 `;
@@ -365,11 +503,11 @@ export class RowPick {
 
   constructor(
     private gpu: GpuContext,
-    b: { meta: GPUBuffer; logits: GPUBuffer; params: GPUBuffer; picks: GPUBuffer; adjust: GPUBuffer },
+    b: { meta: GPUBuffer; logits: GPUBuffer; params: GPUBuffer; picks: GPUBuffer; adjust: GPUBuffer; info: GPUBuffer },
     vocab: number,
   ) {
     this.pipeline = gpu.pipeline(`pick rows v${vocab}`, pickWgsl(vocab));
-    this.bindGroup = bindBuffers(gpu, this.pipeline, 'pick rows', [b.meta, b.logits, b.params, b.picks, b.adjust]);
+    this.bindGroup = bindBuffers(gpu, this.pipeline, 'pick rows', [b.meta, b.logits, b.params, b.picks, b.adjust, b.info]);
   }
 
   encode(pass: GPUComputePassEncoder, rows: number): void {
@@ -379,4 +517,14 @@ export class RowPick {
     pass.setBindGroup(0, this.bindGroup);
     pass.dispatchWorkgroups(x, y);
   }
+}
+
+/** A pick row's logprobs from its info words: the chosen token's raw logprob and the top n (raw logit − log-sum-exp). */
+export function readPickLogprobs(info: Uint32Array, k: number): { logprob: number; top: Array<{ tokenId: number; logprob: number }> } {
+  const o = k * PICK_INFO_WORDS;
+  const f = new Float32Array(info.buffer, info.byteOffset, info.length);
+  const lse = f[o];
+  const n = info[o + 2];
+  const top = Array.from({ length: n }, (_, a) => ({ tokenId: info[o + 4 + a], logprob: f[o + 4 + MAX_TOP_LOGPROBS + a] - lse }));
+  return { logprob: f[o + 1] - lse, top };
 }

@@ -259,13 +259,13 @@ test('refusals: queue full, too long for the pool or context, bad ids', async ()
   await engine.shutdown();
 });
 
-test("greedy requests ask the runner for 'argmax' picks, sampled ones for 'sample' draws, with their bias and penalties; logprobs still get the row; the same tokens as host sampling", async () => {
+test("greedy requests ask the runner for 'argmax' picks, sampled ones for 'sample' draws, with their bias, penalties and logprobs; the same tokens and logprobs as host sampling", async () => {
   const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 64 });
   const engine = createEngine({ runner, info, pipelineDecode: false });
   const modes: string[] = [];
   const realStep = runner.stepOutput.bind(runner);
   runner.stepOutput = async (seqs) => {
-    for (const s of seqs) if (s.logits !== 'none') modes.push(s.adjust ? `${s.logits}+adjust` : s.logits);
+    for (const s of seqs) if (s.logits !== 'none') modes.push(`${s.logits}${s.adjust ? '+adjust' : ''}${s.logprobs !== undefined ? `+logprobs ${s.logprobs}` : ''}`);
     return realStep(seqs);
   };
   const ids = prompt(STORY_STARTS[1]);
@@ -273,7 +273,7 @@ test("greedy requests ask the runner for 'argmax' picks, sampled ones for 'sampl
   assert.deepEqual(modes, Array(6).fill('argmax'));
   modes.length = 0;
   const withLogprobs = await collect(engine, { requestId: 'l', promptTokens: ids, params: samplingParams({ maxTokens: 6, ignoreEos: true, logprobs: 2 }) });
-  assert.deepEqual(modes, Array(6).fill('last'));
+  assert.deepEqual(modes, Array(6).fill('argmax+logprobs 2'));
   // The GPU-side pick and the host's greedy sampler choose the same tokens.
   assert.deepEqual(withLogprobs.tokenIds, plain.tokenIds);
   // Sampled, penalized (greedy and sampled), biased: picks with their changes; the same tokens as host sampling.
@@ -282,9 +282,16 @@ test("greedy requests ask the runner for 'argmax' picks, sampled ones for 'sampl
     { presencePenalty: 1.5, frequencyPenalty: 0.5 },
     { temperature: 1.1, topK: 30, repetitionPenalty: 1.4, seed: 4 },
     { temperature: 0.8, logitBias: new Map([[ids[2], 3], [ids[3], -100]]), seed: 9 },
+    { temperature: 0.7, logprobs: 3, presencePenalty: 0.3, seed: 5 },
   ];
   // Presence and frequency penalties have nothing to change before the first token.
-  const wantModes = [Array(8).fill('sample'), ['argmax', ...Array(7).fill('argmax+adjust')], Array(8).fill('sample+adjust'), Array(8).fill('sample+adjust')];
+  const wantModes = [
+    Array(8).fill('sample'),
+    ['argmax', ...Array(7).fill('argmax+adjust')],
+    Array(8).fill('sample+adjust'),
+    Array(8).fill('sample+adjust'),
+    ['sample+logprobs 3', ...Array(7).fill('sample+adjust+logprobs 3')],
+  ];
   const hostRunner = new CpuRunner(model, { blockSize: 16, numBlocks: 64 });
   const hostEngine = createEngine({ runner: hostRunner, info, samplePicks: false });
   const hostModes: string[] = [];
@@ -302,6 +309,10 @@ test("greedy requests ask the runner for 'argmax' picks, sampled ones for 'sampl
     assert.deepEqual(modes, wantModes[k], `case ${k}`);
     assert.deepEqual(hostModes, Array(8).fill('last'), `case ${k}`);
     assert.deepEqual(onRunner.tokenIds, onHost.tokenIds, `case ${k}`);
+    // Logprobs (raw, top 3): the runner's equal the host's, entry for entry.
+    const lps = (o: typeof onRunner) => o.events.flatMap((e) => (e.type === 'token' ? (e.logprobs ?? []) : []));
+    assert.deepEqual(lps(onRunner), lps(onHost), `case ${k}`);
+    if (k === 4) assert.equal(lps(onRunner).length, 8);
     if (k === 1) assert.ok(new Set(onRunner.tokenIds).size >= 6, `presence and frequency penalties should spread the greedy picks: ${onRunner.tokenIds}`);
   }
   await engine.shutdown();

@@ -64,18 +64,39 @@ test('GPU: seeded sampled and penalized requests picked on the GPU give the toke
   const reqs = STORY_STARTS.slice(0, 10).map((s, i) => ({
     requestId: `s${i}`,
     promptTokens: prompt(s),
-    // Two greedy requests (one with a frequency penalty) among eight sampled ones, each with its own seed.
-    params: samplingParams({ maxTokens: 8, ignoreEos: true, ...(i < 8 ? { ...settings[i % 4], seed: 100 + i } : i === 9 ? { frequencyPenalty: 1 } : {}) }),
+    // Two greedy requests (one with a frequency penalty) among eight sampled ones, each with its own seed; two want
+    // their logprobs (top 4).
+    params: samplingParams({
+      maxTokens: 8,
+      ignoreEos: true,
+      ...(i < 8 ? { ...settings[i % 4], seed: 100 + i } : i === 9 ? { frequencyPenalty: 1 } : {}),
+      ...(i === 2 || i === 8 ? { logprobs: 4 } : {}),
+    }),
   }));
   const run = async (samplePicks: boolean) => {
     const engine = await engineWith(64, { samplePicks });
     const outs = await Promise.all(reqs.map((r) => collect(engine, r)));
     assert.equal(engine.stats().kv.usedBlocks, 0);
     await engine.shutdown(0);
-    return outs.map((o) => o.tokenIds);
+    return outs;
   };
   const onGpu = await run(true);
   const onHost = await run(false);
-  assert.deepEqual(onGpu, onHost);
-  assert.ok(new Set(onGpu.map((ids) => ids.join())).size >= 8, 'the seeded requests should not all draw alike');
+  assert.deepEqual(
+    onGpu.map((o) => o.tokenIds),
+    onHost.map((o) => o.tokenIds),
+  );
+  assert.ok(new Set(onGpu.map((o) => o.tokenIds.join())).size >= 8, 'the seeded requests should not all draw alike');
+  // Logprobs computed on the GPU (f32) against the host's float64 log-softmax of the read-back rows.
+  const lps = (o: (typeof onGpu)[number]) => o.events.flatMap((e) => (e.type === 'token' ? (e.logprobs ?? []) : []));
+  for (const i of [2, 8]) {
+    const [g, h] = [lps(onGpu[i]), lps(onHost[i])];
+    assert.equal(g.length, 8);
+    g.forEach((e, t) => {
+      assert.equal(e.tokenId, h[t].tokenId);
+      assert.ok(Math.abs(e.logprob - h[t].logprob) < 1e-4, `request ${i} token ${t}: ${e.logprob} vs ${h[t].logprob}`);
+      assert.deepEqual(e.top.map((x) => x.tokenId), h[t].top.map((x) => x.tokenId), `request ${i} token ${t}`);
+      e.top.forEach((x, a) => assert.ok(Math.abs(x.logprob - h[t].top[a].logprob) < 1e-4));
+    });
+  }
 });

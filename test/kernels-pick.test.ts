@@ -3,11 +3,11 @@
 // bias and penalties applied first = pickOnHost.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { PICK_ADJUST_WORDS, PICK_PARAM_WORDS, RowPick, writePickAdjustments, writePickParams, type PickSpec } from '../kernels/pick.ts';
+import { PICK_ADJUST_WORDS, PICK_INFO_WORDS, PICK_PARAM_WORDS, readPickLogprobs, RowPick, writePickAdjustments, writePickParams, type PickSpec } from '../kernels/pick.ts';
 import { HEADER_WORDS, META_FULL_LOGIT_ROWS, META_LOGIT_ROWS } from '../kernels/step-meta.ts';
 import { storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { readBack } from '../bench/gpu-timing.ts';
-import { applyLogitAdjustments, argmax, pickOnHost, samplePick, type LogitAdjustments, type PickSampling } from '../engine/sampler.ts';
+import { applyLogitAdjustments, argmax, pickOnHost, rawLogprobs, samplePick, type LogitAdjustments, type PickSampling, type SampledLogprobs } from '../engine/sampler.ts';
 import { decisionMargin, fileGpu, freshSeed, randomArray } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
@@ -17,6 +17,18 @@ const gpu = fileGpu();
  * and, per pick row, its logit adjustments (or none).
  */
 async function runPicks(vocab: number, rows: Float32Array, full: number, specs: PickSpec[], adjusts: Array<LogitAdjustments | null> = []): Promise<number[]> {
+  return (await runPicksWithLogprobs(vocab, rows, full, specs, adjusts, [])).picks;
+}
+
+/** runPicks, with per pick row the number of top logprobs it asks for (null: none); the logprobs read back too. */
+async function runPicksWithLogprobs(
+  vocab: number,
+  rows: Float32Array,
+  full: number,
+  specs: PickSpec[],
+  adjusts: Array<LogitAdjustments | null>,
+  logprobs: Array<number | null>,
+): Promise<{ picks: number[]; logprobs: Array<SampledLogprobs | null> }> {
   const g = await gpu();
   const meta = new Uint32Array(HEADER_WORDS);
   meta[META_LOGIT_ROWS] = full + specs.length;
@@ -26,7 +38,7 @@ async function runPicks(vocab: number, rows: Float32Array, full: number, specs: 
   let first = 0;
   specs.forEach((s, k) => {
     const a = adjusts[k];
-    writePickParams(params, k, s, { first, count: a?.ids.length ?? 0 });
+    writePickParams(params, k, s, { first, count: a?.ids.length ?? 0, logprobs: logprobs[k] ?? null });
     if (a) writePickAdjustments(entries, first, a);
     first += a?.ids.length ?? 0;
   });
@@ -35,16 +47,18 @@ async function runPicks(vocab: number, rows: Float32Array, full: number, specs: 
   const paramBuf = uploadArray(g, 'pick params', params);
   const adjustBuf = uploadArray(g, 'pick adjustments', entries);
   const picks = storageBuffer(g, 'picks', Math.max(16, specs.length * 4));
-  const op = new RowPick(g, { meta: metaBuf, logits, params: paramBuf, picks, adjust: adjustBuf }, vocab);
+  const info = storageBuffer(g, 'pick logprobs', specs.length * PICK_INFO_WORDS * 4);
+  const op = new RowPick(g, { meta: metaBuf, logits, params: paramBuf, picks, adjust: adjustBuf, info }, vocab);
   const enc = g.device.createCommandEncoder();
   const pass = enc.beginComputePass();
   op.encode(pass, specs.length);
   pass.end();
   g.device.queue.submit([enc.finish()]);
   const got = [...new Uint32Array(await readBack(g, picks, specs.length * 4))];
+  const infoWords = new Uint32Array(await readBack(g, info, specs.length * PICK_INFO_WORDS * 4));
   g.checkErrors();
-  for (const b of [metaBuf, logits, paramBuf, adjustBuf, picks]) b.destroy();
-  return got;
+  for (const b of [metaBuf, logits, paramBuf, adjustBuf, picks, info]) b.destroy();
+  return { picks: got, logprobs: specs.map((_, k) => (logprobs[k] === null || logprobs[k] === undefined ? null : readPickLogprobs(infoWords, k))) };
 }
 
 test('greedy pick rows = the host argmax (first index of the largest value), after the full rows', async () => {
@@ -188,4 +202,39 @@ test('logit bias and penalties (repetition, frequency, presence) change the row 
   // The adjustments moved picks: without them at least one greedy row picks differently.
   const plain = await runPicks(vocab, rows, 0, specs);
   assert.ok(plain.some((id, r) => id !== got[r]), `seed ${seed}: the adjustments changed no pick`);
+});
+
+test("logprobs of pick rows: the raw row's log-softmax of the chosen token (its adjustment undone) and the top n, ties in index order", async () => {
+  const seed = freshSeed();
+  const vocab = 777;
+  const n = 8;
+  const rows = new Float32Array(n * vocab);
+  for (let r = 0; r < n; r++) rows.set(randomArray(vocab, seed + 17 * r, 4), r * vocab);
+  // Row 7: ties — ids 5, 300 and 600 share the largest value, ids 10 and 20 the next.
+  const tied = rows.subarray(7 * vocab, 8 * vocab);
+  tied.fill(-3);
+  for (const i of [600, 5, 300]) tied[i] = 2;
+  for (const i of [20, 10]) tied[i] = 1;
+  const rnd = randomArray(n, seed ^ 0x68e31da4, 0.5).map((v) => v + 0.5);
+  const specs: PickSpec[] = Array.from({ length: n }, (_, r) => (r % 2 ? { kind: 'sample', temperature: 1.2, topK: 0, topP: 0.95, minP: 0, u: rnd[r] } : { kind: 'argmax' }));
+  // Rows 2 and 3 push their chosen token with a bias (and row 3 a repetition penalty): its logprob stays the raw one.
+  const adjusts: Array<LogitAdjustments | null> = specs.map((_, r) => (r === 2 || r === 3 ? { ids: [11, 12], bias: [30, 30], repetition: [1, r === 3 ? 1.5 : 1], subtract: [0, 0.5] } : null));
+  const wants = [0, 1, 5, 20, 3, 0, 2, 4];
+  const got = await runPicksWithLogprobs(vocab, rows, 0, specs, adjusts, wants.map((w, r) => (r === 6 ? null : w)));
+  for (let r = 0; r < n; r++) {
+    const row = rows.subarray(r * vocab, (r + 1) * vocab);
+    const id = got.picks[r];
+    if (r === 2 || r === 3) assert.ok(id === 11 || id === 12, `row ${r}: the bias should win, got ${id}`);
+    if (r === 6) {
+      assert.equal(got.logprobs[r], null);
+      continue;
+    }
+    const want = rawLogprobs(row, id, wants[r]);
+    const lp = got.logprobs[r]!;
+    const where = `seed ${seed}, row ${r}`;
+    assert.ok(Math.abs(lp.logprob - want.logprob) < 1e-5, `${where}: logprob ${lp.logprob} vs ${want.logprob}`);
+    assert.deepEqual(lp.top.map((t) => t.tokenId), want.top.map((t) => t.tokenId), where);
+    lp.top.forEach((t, a) => assert.ok(Math.abs(t.logprob - want.top[a].logprob) < 1e-5, `${where}: top ${a}`));
+  }
+  assert.deepEqual(got.logprobs[7]!.top.map((t) => t.tokenId), [5, 300, 600, 10]);
 });
