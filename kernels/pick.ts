@@ -159,9 +159,34 @@ fn scanCounts(lid: u32, n: u32) {
   workgroupBarrier();
 }
 
+// Whether a token with this key survives the cuts: above c, or equal to c and among the first eqKeep such in index
+// order (rank counts them, in order), and not below min-p's and top-k's cut.
+fn kept(key: u32, cKey: u32, eqKeep: u32, cutKey: u32, rank: ptr<function, u32>) -> bool {
+  var keep = key > cKey;
+  if (key == cKey) {
+    keep = *rank < eqKeep;
+    *rank += 1u;
+  }
+  return keep && key >= cutKey;
+}
+
 // Fixed-point probability mass of e: scale = 2³¹ / the kept mass, so the masses of a row sum to 2³¹ (+ rounding).
 fn massOf(e: f32, scale: f32) -> u32 {
   return u32(min(e * scale + 0.5, 4294967040.0));
+}
+
+// The histogram bin where a running sum from the top bin down, starting at start, reaches want (bin 0 if it never
+// does), and the sum of the bins above it plus start.
+fn topBin(start: u32, want: u32) -> vec2<u32> {
+  var above = start;
+  var b = 255u;
+  loop {
+    let c = atomicLoad(&hist[b]);
+    if (above + c >= want || b == 0u) { break; }
+    above += c;
+    b -= 1u;
+  }
+  return vec2<u32>(b, above);
 }
 
 // The k-th largest key of the row's values × mul (1 ≤ k ≤ vocab), exactly: radix select, 8 bits a pass from the top.
@@ -179,15 +204,8 @@ fn kthKey(lid: u32, base: u32, k: u32, mul: f32) -> u32 {
     }
     workgroupBarrier();
     if (lid == 0u) {
-      var above = 0u;
-      var b = 255u;
-      loop {
-        let c = atomicLoad(&hist[b]);
-        if (above + c >= remaining || b == 0u) { break; }
-        above += c;
-        b -= 1u;
-      }
-      bc = vec4<u32>(prefix | (b << shift), remaining - above, 0u, 0u);
+      let t = topBin(0u, remaining);
+      bc = vec4<u32>(prefix | (t.x << shift), remaining - t.y, 0u, 0u);
     }
     let r = workgroupUniformLoad(&bc);
     prefix = r.x;
@@ -343,15 +361,8 @@ fn drawPick(lid: u32, base: u32, pw: u32) -> u32 {
       }
       workgroupBarrier();
       if (lid == 0u) {
-        var above = massAbove;
-        var b = 255u;
-        loop {
-          let c = atomicLoad(&hist[b]);
-          if (above + c >= want || b == 0u) { break; }
-          above += c;
-          b -= 1u;
-        }
-        bc = vec4<u32>(prefix | (b << shift), above, 0u, 0u);
+        let t = topBin(massAbove, want);
+        bc = vec4<u32>(prefix | (t.x << shift), t.y, 0u, 0u);
       }
       let r = workgroupUniformLoad(&bc);
       prefix = r.x;
@@ -377,13 +388,7 @@ fn drawPick(lid: u32, base: u32, pw: u32) -> u32 {
   var part = 0.0;
   for (var i = s0; i < s1; i++) {
     let y = logits[base + i] * invT;
-    let key = orderKey(y);
-    var keep = key > cKey;
-    if (key == cKey) {
-      keep = rank < eqKeep;
-      rank++;
-    }
-    if (keep && key >= cutKey) { part += exp(y - m); }
+    if (kept(orderKey(y), cKey, eqKeep, cutKey, &rank)) { part += exp(y - m); }
   }
   redF[lid] = part;
   workgroupBarrier();
@@ -420,14 +425,8 @@ fn drawPick(lid: u32, base: u32, pw: u32) -> u32 {
     var lastKept = ${NONE};
     for (var i = s0; i < s1; i++) {
       let y = logits[base + i] * invT;
-      let key = orderKey(y);
-      var keep = key > cKey;
-      if (key == cKey) {
-        keep = rk < eqKeep;
-        rk++;
-      }
       let e = exp(y - m);
-      if (keep && key >= cutKey && e > 0.0) {
+      if (kept(orderKey(y), cKey, eqKeep, cutKey, &rk) && e > 0.0) {
         lastKept = i;
         cum += e;
         if (cum > goal) {
