@@ -7,7 +7,7 @@
 #              at 32 drawing sampled tokens on the GPU (~6 min)
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at one 600 MiB KV budget, async scheduling on and off (~6 min)
-#   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~4 min)
+#   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
 phase=${1:?usage: bench/device-run.sh decode|attention|serve|sweep|tests}

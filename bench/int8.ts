@@ -3,7 +3,8 @@
 //   npm run bench:int8                          # full shapes, rows 1…128 (needs a real GPU; ~1.3 GB of random int8 weights)
 //   npm run bench:int8 -- --quick               # small shapes, checks that it runs (SwiftShader: no subgroup matrices)
 //   options: --rows 1,8,16,32,64,128  --shapes qkv,o,gate_up,down,lm_head  --json out.json  --ceiling-gbs 4300  --ceiling-tops 1979  --all
-//            --sweep (tensor-core grid: kSplit auto/2/4/8 × 1/2/4 column tiles a subgroup × unroll 2/4, every variant listed)
+//            --sweep (tensor-core grid: kSplit auto/2/4/8 × 1/2/4 column tiles a subgroup × unroll 2/4/8 (≤ 16 weight
+//            tiles in flight a subgroup), every variant listed)
 //            --spin-ms 300 (GPU warm-up before each timing)  --defaults (only each family's default tuning)
 //
 // Every variant's output is compared with the dot4 W8A8 kernel's (the same i32 sums: expected identical) and with
@@ -112,7 +113,9 @@ function variantsFor(gpu: GpuContext, rows: number, quick: boolean, sweep = fals
     const sm: [number, number | 'auto', number, number, number][] = quick
       ? [[8, 'auto', 1, 2, 0]]
       : sweep
-        ? (['auto', 2, 4, 8] as const).flatMap((ks) => [1, 2, 4].flatMap((c) => [2, 4].map((u): [number, number | 'auto', number, number, number] => [8, ks, c, u, 0])))
+        ? (['auto', 2, 4, 8] as const).flatMap((ks) =>
+            [1, 2, 4].flatMap((c) => [2, 4, 8].filter((u) => c * u <= 16).map((u): [number, number | 'auto', number, number, number] => [8, ks, c, u, 0])),
+          )
         : [[8, 'auto', 1, 2, 0], [8, 'auto', 1, 2, 16], [8, 2, 1, 4, 0], [8, 'auto', 2, 2, 0], [8, 8, 1, 2, 0]];
     for (const [sg, ks, c, u, x] of sm) {
       list.push({ name: `w8a8 sm s${sg} k${ks} c${c} u${u} x${x}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smKSplit: ks, smColTiles: c, smUnroll: u, smStageSteps: x } });
