@@ -35,6 +35,9 @@ decode)
   el "rc=$?"
   summary "$OUT/decode-gqa.txt" 7
   summary "$OUT/decode-gqa-sample.txt" 3
+  # The pick kernel alone, 32 rows × 152064, every sampling path, against the host's sampleNext.
+  timeout 120 node --import tsx bench/sampler.ts --gpu >"$OUT/sampler.txt" 2>&1
+  tail -n 16 "$OUT/sampler.txt"
   summary "$OUT/decode-mla.txt" 5
   grep -h "prefilled" "$OUT/decode-gqa.err" "$OUT/decode-mla.err" "$OUT/decode-gqa.txt" "$OUT/decode-mla.txt" | cut -c1-200
   tail -n 3 "$OUT/decode-gqa.err" "$OUT/decode-mla.err"
