@@ -17,6 +17,7 @@
 //            are the previous step's picks, taken on the GPU, and step N + 1 is submitted before step N is read back,
 //            so the host records one step while the GPU runs the other; off = one step at a time)
 //            --mla-int8-products off|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or the int8-product one)
+//            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches)
 //
@@ -59,6 +60,8 @@ interface Args {
   profile: boolean;
   /** MLA over the int8 cache: which attention kernel (MlaAttentionTuning.int8Products). */
   mlaInt8Products: MlaAttentionTuning['int8Products'];
+  /** MLA: steps of at least this many rows take the tiled W_UK / W_UV kernel (undefined: the default threshold). */
+  mlaHeadTiledFrom?: number;
   prefillChunk: number;
   kvBudget: number;
   ceilingGBs: number;
@@ -148,6 +151,7 @@ function parseArgs(argv: string[]): Args {
       if (v !== 'off' && v !== 'tensor-cores' && v !== 'emulate') throw new Error(`--mla-int8-products is off, tensor-cores or emulate, got ${v}`);
       a.mlaInt8Products = v;
     }
+    else if (k === '--mla-head-tiled-from') a.mlaHeadTiledFrom = intList(val(), k)[0];
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -303,7 +307,9 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     weightDtype: a.weightDtype,
     cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
-    ...(c.attention === 'mla' ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products } }) } : {}),
+    ...(c.attention === 'mla'
+      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}) }) }
+      : {}),
   });
   const uploadS = (performance.now() - t1) / 1000;
   try {

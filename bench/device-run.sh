@@ -3,8 +3,8 @@
 # On the development machine: `npm ci && ../shared/gpu/pack` once; then a device call with carry [".device"] and the
 # command `bash bench/device-run.sh PHASE` (PHASE: decode, attention, serve, sweep). Each phase writes its full output
 # under $OUT and prints a short summary at the end (what the device tool shows).
-#   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps, and GQA
-#              at 32 drawing sampled tokens on the GPU (~6 min)
+#   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps; MLA with the
+#              tiled head products from 16 rows; GQA at 32 drawing sampled tokens on the GPU; the pick kernel (~8 min)
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min)
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
@@ -28,12 +28,19 @@ decode)
   timeout 200 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 32,64 \
     --contexts 512 --warmup 30 --steps 64 --logits argmax --pipeline off,on --json "$OUT/decode-mla.json" >"$OUT/decode-mla.txt" 2>"$OUT/decode-mla.err"
   el "rc=$?"
+  el mla-head-tiled
+  # The same MLA steps with the tiled W_UK / W_UV kernel from 16 rows on (default: from 128): which is faster at 32 / 64.
+  timeout 200 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 32,64 \
+    --contexts 512 --warmup 30 --steps 64 --logits argmax --pipeline on --mla-head-tiled-from 16 --json "$OUT/decode-mla-tiled.json" \
+    >"$OUT/decode-mla-tiled.txt" 2>"$OUT/decode-mla-tiled.err"
+  el "rc=$?"
   el gqa-sample
   # The same 32-sequence step drawing its tokens on the GPU (temperature 0.8, top-k 50, top-p 0.95): the pick kernel's cost.
   timeout 120 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --batches 32 --contexts 512 \
     --warmup 30 --steps 64 --logits sample --pipeline on --json "$OUT/decode-gqa-sample.json" >"$OUT/decode-gqa-sample.txt" 2>"$OUT/decode-gqa-sample.err"
   el "rc=$?"
   summary "$OUT/decode-gqa.txt" 7
+  summary "$OUT/decode-mla-tiled.txt" 3
   summary "$OUT/decode-gqa-sample.txt" 3
   # The pick kernel alone, 32 rows × 152064, every sampling path, against the host's sampleNext.
   timeout 120 node --import tsx bench/sampler.ts --gpu >"$OUT/sampler.txt" 2>&1

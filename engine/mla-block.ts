@@ -56,6 +56,8 @@ function rowsOf(t: Tensor, r0: number, n: number): Tensor {
 
 export interface MlaBlockOptions {
   attentionTuning?: Partial<MlaAttentionTuning>;
+  /** Steps of at least this many rows take the tiled W_UK / W_UV kernel (HeadMatmulOptions.tiledMinRows). */
+  headTiledMinRows?: number;
 }
 
 export class MlaBlock implements AttentionBlock {
@@ -175,6 +177,7 @@ export class MlaBlock implements AttentionBlock {
     const norm = (x: GPUBuffer, xStride: number, weight: GPUBuffer, out: GPUBuffer, outStride: number, dim: number) =>
       new RmsNorm(g, { meta: b.meta, x, xStride, weight, out, outStride }, dim, c.rmsEps);
 
+    const headOpts = this.opts.headTiledMinRows === undefined ? {} : { tiledMinRows: this.opts.headTiledMinRows };
     this.ops = this.layers.map((lg) => {
       const q: Array<LinearOp | RmsNorm> = [];
       if (lg.qProj) {
@@ -213,12 +216,14 @@ export class MlaBlock implements AttentionBlock {
         },
         lg.wUk,
         { meta: b.meta, x: a.q, y: a.qLatent },
+        headOpts,
       );
       const wUv = new HeadMatmul(
         g,
         { nHeads: c.nHeads, K: R, N: dv, xStride: c.nHeads * R, xOffset: 0, xHeadStride: R, yStride: b.outStride, yOffset: 0, yHeadStride: dv, scale: 1 },
         lg.wUv,
         { meta: b.meta, x: a.oHat, y: b.out },
+        headOpts,
       );
       return { q, kv, absorb, wUv };
     });

@@ -12,15 +12,26 @@ import { bindBuffers, uploadMatrix, wgslF32, type GpuMatrix, type WeightDtype } 
 const WG = 64;
 const MAX_ROWS_PER_THREAD = 8;
 /**
- * From this many rows on (prefill chunks), a step takes the tiled kernel: 64 rows × 64 outputs of a head per
- * workgroup, the x and W tiles staged in workgroup memory 16 k at a time, 4 × 4 outputs a thread. The one above
- * reads x from storage for every k of every output pair (by estimate ~3 TFLOPS on the H200: the W_UK / W_UV products
- * took 1.9 ms of a 32-row MLA step, BENCHMARKS.md); where the tiled one starts to win is not measured yet (bench/device-run.sh decode reports
- * the prefill rate, 512-row chunks).
+ * From this many rows on (prefill chunks), a step takes the tiled kernel by default: 64 (or 32, 16) rows × 64 outputs
+ * of a head per workgroup, the x and W tiles staged in workgroup memory 16 k at a time, 4 × 4 outputs a thread. The one
+ * above reads x from storage for every k of every output pair and W once per 8 rows (by estimate ~3 TFLOPS on the
+ * H200: the W_UK / W_UV products took 1.9 ms of a 32-row MLA step, BENCHMARKS.md); where the tiled one starts to win
+ * is not measured yet: HeadMatmulOptions.tiledMinRows (bench:decode --mla-head-tiled-from) moves the threshold, and
+ * bench/device-run.sh decode times decode steps both ways.
  */
 export const HEAD_MATMUL_TILED_MIN_ROWS = 128;
 const TILE = 64;
 const TILE_K = 16;
+
+/** Rows of the tiled kernel's tile for a step: 64 from 64 rows on, else the fewest of 16 and 32 that hold them. */
+export function headTileRows(rows: number): 16 | 32 | 64 {
+  return rows >= 48 ? 64 : rows > 16 ? 32 : 16;
+}
+
+export interface HeadMatmulOptions {
+  /** Steps of at least this many rows take the tiled kernel (default HEAD_MATMUL_TILED_MIN_ROWS). */
+  tiledMinRows?: number;
+}
 
 export interface HeadMatmulSpec {
   nHeads: number;
@@ -137,8 +148,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
-/** The tiled kernel (HEAD_MATMUL_TILED_MIN_ROWS): grid (⌈N / 64⌉, nHeads, ⌈rows / 64⌉), 256 threads. */
-function headMatmulTiledWgsl(s: HeadMatmulSpec, w: GpuMatrix): string {
+/** The tiled kernel: grid (⌈N / 64⌉, nHeads, ⌈rows / tm⌉), tm / 4 × 16 threads, each 4 rows × 4 outputs. */
+function headMatmulTiledWgsl(s: HeadMatmulSpec, w: GpuMatrix, tm: number): string {
+  const T = (tm / 4) * 16;
   const f16 = w.dtype === 'f16';
   const pass = s.passCols ?? 0;
   const sc = wgslF32(s.scale);
@@ -151,27 +163,28 @@ ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<${f16 ? 'u32' : 'f32'}>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-var<workgroup> xs: array<f32, ${TILE * TILE_K}>;
+var<workgroup> xs: array<f32, ${tm * TILE_K}>;
 var<workgroup> ws: array<f32, ${TILE_K * TILE}>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(${T})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let M = stepMeta[${META_ROWS}];
   let n0 = wid.x * ${TILE}u;
   let h = wid.y;
-  let m0 = wid.z * ${TILE}u;
+  let m0 = wid.z * ${tm}u;
   let tx = lid % 16u;
   let ty = lid / 16u;
   let mLast = max(M, 1u) - 1u;
   var acc: array<vec4<f32>, 4>;
   for (var k0 = 0u; k0 < ${s.K}u; k0 += ${TILE_K}u) {
-    // 64 × 16 of x and 16 × 64 of W: four values of each a thread.
-    for (var i = 0u; i < 4u; i++) {
-      let e = lid + i * 256u;
+    // ${tm} × 16 of x (four values a thread) and 16 × 64 of W.
+    for (var e = lid; e < ${tm * TILE_K}u; e += ${T}u) {
       let xr = e / ${TILE_K}u;
       let xk = k0 + e % ${TILE_K}u;
       let row = min(m0 + xr, mLast);
       xs[e] = select(0.0, x[row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + xk], xk < ${s.K}u);
+    }
+    for (var e = lid; e < ${TILE_K * TILE}u; e += ${T}u) {
       let k = k0 + e / ${TILE}u;
       let n = n0 + e % ${TILE}u;
       ws[e] = select(0.0, ${wAt}, k < ${s.K}u && n < ${s.N}u);
@@ -197,7 +210,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       ? `
   // The pass-through columns of the tile's rows, by the first column tile.
   if (wid.x == 0u) {
-    for (var e = lid; e < ${TILE * pass}u; e += 256u) {
+    for (var e = lid; e < ${tm * pass}u; e += ${T}u) {
       let row = m0 + e / ${pass}u;
       let i = e % ${pass}u;
       if (row < M) {
@@ -213,14 +226,17 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 /** One per-head matmul site: weights and bindings fixed, rows chosen per dispatch (read from stepMeta's row count). */
 export class HeadMatmul {
   private variants = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
-  private tiled: { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup } | undefined;
+  private tiled = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
+  private readonly tiledMinRows: number;
 
   constructor(
     private gpu: GpuContext,
     readonly spec: HeadMatmulSpec,
     readonly weight: GpuMatrix,
     private b: { meta: GPUBuffer; x: GPUBuffer; y: GPUBuffer },
+    opts: HeadMatmulOptions = {},
   ) {
+    this.tiledMinRows = opts.tiledMinRows ?? HEAD_MATMUL_TILED_MIN_ROWS;
     if (weight.rows !== spec.nHeads * spec.K || weight.cols !== spec.N) {
       throw new Error(`${weight.label}: per-head weights are [${weight.rows}, ${weight.cols}], expected [${spec.nHeads}·${spec.K}, ${spec.N}]`);
     }
@@ -234,11 +250,16 @@ export class HeadMatmul {
 
   encode(pass: GPUComputePassEncoder, rows: number): void {
     if (rows <= 0) return;
-    if (rows >= HEAD_MATMUL_TILED_MIN_ROWS) {
-      this.tiled ??= this.bind(`mla head-matmul ${this.spec.nHeads}×[${this.spec.K}→${this.spec.N}] ${this.weight.dtype} tiled`, headMatmulTiledWgsl(this.spec, this.weight));
-      pass.setPipeline(this.tiled.pipeline);
-      pass.setBindGroup(0, this.tiled.bindGroup);
-      pass.dispatchWorkgroups(Math.ceil(this.spec.N / TILE), this.spec.nHeads, Math.ceil(rows / TILE));
+    if (rows >= this.tiledMinRows) {
+      const tm = headTileRows(rows);
+      let t = this.tiled.get(tm);
+      if (!t) {
+        t = this.bind(`mla head-matmul ${this.spec.nHeads}×[${this.spec.K}→${this.spec.N}] ${this.weight.dtype} tiled ${tm}`, headMatmulTiledWgsl(this.spec, this.weight, tm));
+        this.tiled.set(tm, t);
+      }
+      pass.setPipeline(t.pipeline);
+      pass.setBindGroup(0, t.bindGroup);
+      pass.dispatchWorkgroups(Math.ceil(this.spec.N / TILE), this.spec.nHeads, Math.ceil(rows / tm));
       return;
     }
     let mr = 1;

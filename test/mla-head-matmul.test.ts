@@ -1,16 +1,16 @@
 // Per-head batched matmul (MLA absorption and W_UV) vs float64: row counts across the rows-per-thread variants and the
-// tiled kernel of prefill-sized steps, K with
+// tiled kernel (prefill-sized steps, and decode-sized ones in 16-, 32- and 64-row tiles), K with
 // and without the k split, odd N, pass-through columns, f32 and f16 weights, NaN-poisoned outputs.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { HEAD_MATMUL_TILED_MIN_ROWS, HeadMatmul, headMatmulKSplit, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
+import { HEAD_MATMUL_TILED_MIN_ROWS, HeadMatmul, headMatmulKSplit, headTileRows, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
 import { buildStepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
-async function runCase(nHeads: number, K: number, N: number, passCols: number, rows: number, dtype: 'f32' | 'f16'): Promise<number> {
+async function runCase(nHeads: number, K: number, N: number, passCols: number, rows: number, dtype: 'f32' | 'f16', tiledMinRows?: number): Promise<number> {
   const g = await gpu();
   const seed = freshSeed();
   const xHeadStride = K + passCols + 3; // gaps between heads' inputs
@@ -25,7 +25,7 @@ async function runCase(nHeads: number, K: number, N: number, passCols: number, r
   const x = uploadArray(g, 'x', xData);
   const y = storageBuffer(g, 'y', rows * yStride * 4);
   const meta = uploadArray(g, 'meta', buildStepMeta([{ tokens: new Array(rows).fill(0), startPos: 0, blockTable: [0], logits: 'none' }], { blockSize: 4096, numBlocks: 1, nKvHeads: 1, maxChunkSize: 16 }).data);
-  const op = new HeadMatmul(g, spec, weight, { meta, x, y });
+  const op = new HeadMatmul(g, spec, weight, { meta, x, y }, tiledMinRows === undefined ? {} : { tiledMinRows });
   poisonBuffer(g, y);
   const enc = g.device.createCommandEncoder();
   const pass = enc.beginComputePass();
@@ -69,6 +69,12 @@ test('head matmul: absorption and W_UV shapes, every rows-per-thread variant and
       for (const rows of [1, 3, 8, 13, HEAD_MATMUL_TILED_MIN_ROWS, 200]) {
         const err = await runCase(nHeads, K, N, passCols, rows, dtype);
         assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}: relative error ${err}`);
+      }
+      // The tiled kernel for decode-sized steps too (tiledMinRows 1): 16-, 32- and 64-row tiles, partial ones.
+      for (const rows of [1, 13, 17, 40, 64]) {
+        assert.equal(headTileRows(rows), rows <= 16 ? 16 : rows < 48 ? 32 : 64);
+        const err = await runCase(nHeads, K, N, passCols, rows, dtype, 1);
+        assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}, tiled ${headTileRows(rows)}: relative error ${err}`);
       }
     }
   }
