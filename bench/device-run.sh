@@ -1,16 +1,17 @@
 #!/bin/bash
 # The H200 measurements issue 7 still owes, in phases of under 10 minutes each (the device tool's limit per call).
 # On the development machine: `npm ci && ../shared/gpu/pack` once; then a device call with carry [".device"] and the
-# command `bash bench/device-run.sh PHASE` (PHASE: decode, attention, serve, sweep). Each phase writes its full output
+# command `bash bench/device-run.sh PHASE` (PHASE: decode, extras, attention, serve, sweep, tests). Each phase writes its full output
 # under $OUT and prints a short summary at the end (what the device tool shows).
-#   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps; MLA with the
-#              tiled head products from 16 rows; GQA at 32 drawing sampled tokens on the GPU; the pick kernel (~8 min)
+#   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps (~5 min)
+#   extras     MLA decode with the tiled head products from 16 rows; GQA at 32 drawing sampled tokens on the GPU; the
+#              pick kernel alone for every sampling path (~4 min)
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min)
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|attention|serve|sweep|tests}
+phase=${1:?usage: bench/device-run.sh decode|extras|attention|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -28,6 +29,12 @@ decode)
   timeout 200 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 32,64 \
     --contexts 512 --warmup 30 --steps 64 --logits argmax --pipeline off,on --json "$OUT/decode-mla.json" >"$OUT/decode-mla.txt" 2>"$OUT/decode-mla.err"
   el "rc=$?"
+  summary "$OUT/decode-gqa.txt" 7
+  summary "$OUT/decode-mla.txt" 5
+  grep -h "prefilled" "$OUT/decode-gqa.err" "$OUT/decode-mla.err" "$OUT/decode-gqa.txt" "$OUT/decode-mla.txt" | cut -c1-200
+  tail -n 3 "$OUT/decode-gqa.err" "$OUT/decode-mla.err"
+  ;;
+extras)
   el mla-head-tiled
   # The same MLA steps with the tiled W_UK / W_UV kernel from 16 rows on (default: from 128): which is faster at 32 / 64.
   timeout 200 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 32,64 \
@@ -39,15 +46,11 @@ decode)
   timeout 120 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --batches 32 --contexts 512 \
     --warmup 30 --steps 64 --logits sample --pipeline on --json "$OUT/decode-gqa-sample.json" >"$OUT/decode-gqa-sample.txt" 2>"$OUT/decode-gqa-sample.err"
   el "rc=$?"
-  summary "$OUT/decode-gqa.txt" 7
-  summary "$OUT/decode-mla-tiled.txt" 3
-  summary "$OUT/decode-gqa-sample.txt" 3
   # The pick kernel alone, 32 rows × 152064, every sampling path, against the host's sampleNext.
   timeout 120 node --import tsx bench/sampler.ts --gpu >"$OUT/sampler.txt" 2>&1
+  summary "$OUT/decode-mla-tiled.txt" 3
+  summary "$OUT/decode-gqa-sample.txt" 3
   tail -n 16 "$OUT/sampler.txt"
-  summary "$OUT/decode-mla.txt" 5
-  grep -h "prefilled" "$OUT/decode-gqa.err" "$OUT/decode-mla.err" "$OUT/decode-gqa.txt" "$OUT/decode-mla.txt" | cut -c1-200
-  tail -n 3 "$OUT/decode-gqa.err" "$OUT/decode-mla.err"
   ;;
 attention)
   el attention
