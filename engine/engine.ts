@@ -9,6 +9,7 @@ import {
   logitAdjustments,
   logSoftmax,
   MAX_PICK_ADJUSTMENTS,
+  MAX_PICK_LOGPROBS,
   newSamplingState,
   pickSampling,
   recordOutputToken,
@@ -407,9 +408,10 @@ class BatchingEngine implements Engine {
   private submit(plan: StepPlan<EngineRequest>, previousPicks: number[] | null): SubmittedStep {
     // A chunk with rows that predict prompt tokens of a prompt-logprobs request returns every row; others the last or none.
     const allRows = plan.chunks.map((c) => c.req.bypassPrefixCache === true && c.req.promptLogprobsN !== null && c.startPos < c.req.promptLength - 1);
-    // Rows without logprobs get their token picked where the logits are (one id comes back instead of a vocab row),
-    // after the request's bias and penalties; a sampled row takes the request's next uniform now, as the host sampler
-    // would for that token.
+    // Sampling rows get their token picked where the logits are (one id, and the raw logprobs asked for, come back
+    // instead of a vocab row), after the request's bias and penalties; a sampled row takes the request's next uniform
+    // now, as the host sampler would for that token. Past the runner's limits (adjustments, top logprobs) the row
+    // comes back and is sampled here.
     const rows = plan.chunks.map((c, i) => {
       const p = c.req.params;
       if (allRows[i] || !c.samples) return null;
@@ -417,6 +419,7 @@ class BatchingEngine implements Engine {
       if (!this.samplePicks) return null;
       const adjust = logitAdjustments(p, c.req.sampling);
       if (adjust && adjust.ids.length > MAX_PICK_ADJUSTMENTS) return null;
+      if (p.logprobs !== null && p.logprobs > Math.min(MAX_PICK_LOGPROBS, this.info.config.vocabSize)) return null;
       return { kind: p.temperature < GREEDY_TEMPERATURE ? ('argmax' as const) : ('sample' as const), adjust };
     });
     const picked = rows.map((k) => k !== null);

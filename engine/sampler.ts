@@ -112,6 +112,9 @@ export function pickSamplingError(s: PickSampling | undefined): string | null {
   return null;
 }
 
+/** Most top logprobs a pick row returns (OpenAI's limit; kernels/pick.ts MAX_TOP_LOGPROBS sizes its output to it). */
+export const MAX_PICK_LOGPROBS = 20;
+
 /** Most tokens a row's adjustments may list for its pick to be made on the runner (a repetition penalty lists the whole prompt); past it the row comes back and is sampled on the host. */
 export const MAX_PICK_ADJUSTMENTS = 4096;
 
@@ -169,7 +172,8 @@ export function applyLogitAdjustments(logits: Float64Array, a: LogitAdjustments)
 export function pickAdjustError(s: { logits: string; adjust?: LogitAdjustments; logprobs?: number }, vocab: number): string | null {
   if (s.logprobs !== undefined) {
     if (s.logits !== 'argmax' && s.logits !== 'sample') return `logprobs come with 'argmax' or 'sample' rows, not '${s.logits}'`;
-    if (!Number.isInteger(s.logprobs) || s.logprobs < 0 || s.logprobs > Math.min(20, vocab)) return `logprobs ${s.logprobs} is not an integer in 0 … ${Math.min(20, vocab)}`;
+    const most = Math.min(MAX_PICK_LOGPROBS, vocab);
+    if (!Number.isInteger(s.logprobs) || s.logprobs < 0 || s.logprobs > most) return `logprobs ${s.logprobs} is not an integer in 0 … ${most}`;
   }
   if (!s.adjust) return null;
   if (s.logits !== 'argmax' && s.logits !== 'sample') return `adjustments come with 'argmax' or 'sample' rows, not '${s.logits}'`;
@@ -177,7 +181,7 @@ export function pickAdjustError(s: { logits: string; adjust?: LogitAdjustments; 
 }
 
 /** Why a step's adjustments are unusable for a row of `vocab` logits, or null. */
-export function logitAdjustmentsError(a: LogitAdjustments, vocab: number): string | null {
+function logitAdjustmentsError(a: LogitAdjustments, vocab: number): string | null {
   const n = a.ids.length;
   if (a.bias.length !== n || a.repetition.length !== n || a.subtract.length !== n) return 'adjustments: ids, bias, repetition and subtract differ in length';
   const seen = new Set<number>();
@@ -216,7 +220,7 @@ export function samplePick(raw: ArrayLike<number>, s: PickSampling): number {
 }
 
 /** Whether a request penalizes tokens (repetition, frequency, presence): its changes depend on its output so far. */
-export function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {
+function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {
   return p.repetitionPenalty !== 1 || p.frequencyPenalty !== 0 || p.presencePenalty !== 0;
 }
 

@@ -9,7 +9,7 @@ const WG = 256;
 
 /** Words of one pick row's settings in the params buffer. */
 export const PICK_PARAM_WORDS = 12;
-/** Most top logprobs a pick row returns (OpenAI's limit). */
+/** Most top logprobs a pick row returns (OpenAI's limit; engine/sampler.ts MAX_PICK_LOGPROBS, which the runners check). */
 export const MAX_TOP_LOGPROBS = 20;
 /**
  * Words of one pick row's logprobs in the info buffer: [log-sum-exp of the raw row, the chosen token's raw logit,

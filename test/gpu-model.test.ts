@@ -289,6 +289,14 @@ test('runner rejects bad steps with readable errors, and MLA configs over GQA we
   await assert.rejects(runner.step([{ tokens: [600], startPos: 0, blockTable: [0], logits: 'last' }]), /outside the vocabulary of 512/);
   await assert.rejects(runner.step([{ tokens: [1, 2], startPos: 15, blockTable: [0], logits: 'last' }]), /needs 2 blocks of 16/);
   await assert.rejects(runner.step([{ tokens: [1], startPos: 0, blockTable: [500], logits: 'last' }]), /block table entry 0 is 500/);
+  // Pick rows: logprobs and adjustments only on picks, within the limits, distinct ids inside the vocabulary.
+  const pick = { tokens: [1], startPos: 0, blockTable: [0], logits: 'argmax' as const };
+  const adjust = (ids: number[]) => ({ ids, bias: ids.map(() => 1), repetition: ids.map(() => 1), subtract: ids.map(() => 0) });
+  await assert.rejects(runner.stepOutput([{ ...pick, logits: 'last', logprobs: 2 }]), /logprobs come with 'argmax' or 'sample' rows/);
+  await assert.rejects(runner.stepOutput([{ ...pick, logprobs: 21 }]), /logprobs 21 is not an integer in 0 … 20/);
+  await assert.rejects(runner.stepOutput([{ ...pick, adjust: adjust([3, 3]) }]), /token id 3 is listed twice/);
+  await assert.rejects(runner.stepOutput([{ ...pick, adjust: adjust([512]) }]), /token id 512 is outside the vocabulary of 512/);
+  await assert.rejects(runner.stepOutput([{ ...pick, logits: 'none', adjust: adjust([5]) }]), /adjustments come with 'argmax' or 'sample' rows/);
   const mla = { ...model.config, attention: 'mla' } as unknown as LoadedModel['config'];
   await assert.rejects(createGpuRunner(gpu, { config: mla, weights: model.weights }), /layer 0 is gqa; an MLA model/);
 });
