@@ -8,7 +8,7 @@
 //   options: --rows 32  --vocab 152064  --repeats 5  --gpu
 // The row is flat-ish (sin-based logits over ±4 plus every 13th token +3): a wide nucleus, top-p's worst case; real
 // model rows are peakier. Every figure is the median over repeats of one step's rows.
-import { logitAdjustments, newSamplingState, pickOnHost, pickSampling, recordOutputToken, sampleNext, GREEDY_TEMPERATURE } from '../engine/sampler.ts';
+import { logitAdjustments, newSamplingState, pickOnHost, pickSampling, recordOutputToken, sampleNext, samplingParams, GREEDY_TEMPERATURE } from '../engine/sampler.ts';
 import type { SamplingParams } from '../engine/types.ts';
 import { openGpu, releaseGpu } from '../kernels/device.ts';
 import { HEADER_WORDS, META_FULL_LOGIT_ROWS, META_LOGIT_ROWS } from '../kernels/step-meta.ts';
@@ -45,10 +45,7 @@ const time = (f: () => void) => median(Array.from({ length: a.repeats }, () => {
   return performance.now() - t;
 }));
 
-const params = (p: Partial<SamplingParams>): SamplingParams => ({
-  maxTokens: 16, temperature: 1, topP: 1, topK: -1, minP: 0, presencePenalty: 0, frequencyPenalty: 0, repetitionPenalty: 1,
-  logitBias: new Map(), seed: 1, stop: [], stopTokenIds: [], ignoreEos: false, logprobs: null, ...p,
-});
+const params = (p: Partial<SamplingParams>): SamplingParams => samplingParams({ temperature: 1, seed: 1, ...p });
 const cases: [string, Partial<SamplingParams>][] = [
   ['greedy', { temperature: 0 }],
   ['greedy + presence penalty 0.5', { temperature: 0, presencePenalty: 0.5 }],

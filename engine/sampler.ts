@@ -14,6 +14,26 @@ export interface SequenceSamplingState {
   outputCounts: Map<number, number>;
 }
 
+/** Neutral settings (greedy, nothing truncated, biased or penalized, no stops, 16 tokens: OpenAI's default), with overrides. */
+export function samplingParams(p: Partial<SamplingParams> = {}): SamplingParams {
+  return {
+    maxTokens: 16,
+    temperature: 0,
+    topP: 1,
+    topK: -1,
+    minP: 0,
+    presencePenalty: 0,
+    frequencyPenalty: 0,
+    repetitionPenalty: 1,
+    logitBias: new Map(),
+    stop: [],
+    stopTokenIds: [],
+    ignoreEos: false,
+    logprobs: null,
+    ...p,
+  };
+}
+
 export function newSamplingState(params: SamplingParams, promptTokens: readonly number[]): SequenceSamplingState {
   return {
     rng: new Rng(params.seed ?? Rng.randomSeed()),

@@ -1,6 +1,6 @@
 // `mla-serve generate`: one prompt through the serving engine, the story streamed to stdout, then a line of figures (or --json).
 import { createEngine } from '../engine/engine.ts';
-import type { SamplingParams } from '../engine/types.ts';
+import { samplingParams } from '../engine/sampler.ts';
 import { localDtypes, intOption, loadLocalModel, numberOption, openLocalRunner, parseLocalCommand, UsageError } from './local-runner.ts';
 
 export const GENERATE_USAGE = `usage: mla-serve generate --model PATH [options]
@@ -98,22 +98,15 @@ export async function runGenerate(argv: string[]): Promise<number> {
   });
   const runner = local.runner;
   const engine = createEngine({ runner, info: { name: opts.model, config: model.config, tokenizer: tok, maxModelLen }, cacheDtype: v.cpu ? 'f64' : opts.cacheDtype });
-  const params: SamplingParams = {
+  const params = samplingParams({
     maxTokens,
     temperature: opts.temperature,
     topP: opts.topP,
     topK: opts.topK,
     minP: opts.minP,
-    presencePenalty: 0,
-    frequencyPenalty: 0,
-    repetitionPenalty: 1,
-    logitBias: new Map(),
     seed: opts.seed,
-    stop: [],
-    stopTokenIds: [],
     ignoreEos: v['ignore-eos'] ?? false,
-    logprobs: null,
-  };
+  });
 
   try {
     if (!v.json) process.stdout.write(opts.prompt);

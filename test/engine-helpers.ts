@@ -1,25 +1,12 @@
 // Shared by the engine tests: stories260K, request building, and draining a request's event stream.
+import { samplingParams as neutralParams } from '../engine/sampler.ts';
 import type { GenerationEvent, GenerationRequest, SamplingParams, ServingEngine } from '../engine/types.ts';
 
 export const STORIES_GGUF = '../shared/models/stories260K/stories260K.gguf';
 
+/** Greedy, 32 tokens, nothing else set (engine/sampler.ts samplingParams), with overrides. */
 export function samplingParams(p: Partial<SamplingParams> = {}): SamplingParams {
-  return {
-    maxTokens: 32,
-    temperature: 0,
-    topP: 1,
-    topK: -1,
-    minP: 0,
-    presencePenalty: 0,
-    frequencyPenalty: 0,
-    repetitionPenalty: 1,
-    logitBias: new Map(),
-    stop: [],
-    stopTokenIds: [],
-    ignoreEos: false,
-    logprobs: null,
-    ...p,
-  };
+  return neutralParams({ maxTokens: 32, ...p });
 }
 
 export type FinishEvent = Extract<GenerationEvent, { type: 'finish' }>;

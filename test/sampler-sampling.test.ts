@@ -15,30 +15,15 @@ import {
   newSamplingState,
   recordOutputToken,
   sampleNext,
+  samplingParams,
   softmax,
   topN,
 } from '../engine/sampler.ts';
 import { Rng } from '../engine/rng.ts';
 import type { SamplingParams } from '../engine/types.ts';
 
-function params(p: Partial<SamplingParams> = {}): SamplingParams {
-  return {
-    maxTokens: 16,
-    temperature: 1,
-    topP: 1,
-    topK: -1,
-    minP: 0,
-    presencePenalty: 0,
-    frequencyPenalty: 0,
-    repetitionPenalty: 1,
-    logitBias: new Map(),
-    stop: [],
-    stopTokenIds: [],
-    ignoreEos: false,
-    logprobs: null,
-    ...p,
-  };
-}
+/** Temperature 1, the rest neutral. */
+const params = (p: Partial<SamplingParams> = {}): SamplingParams => samplingParams({ temperature: 1, ...p });
 
 /** Logits whose softmax is exactly `probs`. */
 const logitsOf = (probs: number[]) => Float64Array.from(probs, (p) => Math.log(p));
