@@ -7,7 +7,7 @@ import { KvWrite } from '../kernels/kv-write.ts';
 import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { attendGqa } from '../model/reference/ops.ts';
-import { fileGpu, freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError, shuffledPaging, strided, unstride } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
@@ -31,13 +31,7 @@ async function runCase(c: Case): Promise<{ err: number; chunk: number; maxChunks
   const qkvStride = pad8(qkvCols);
   const outStride = pad8(nHeads * D);
   const layout = { rowValues, blockSize: c.blockSize, dtype: c.dtype };
-  const totalBlocks = c.seqs.reduce((a, [k, n]) => a + Math.ceil((k + n) / c.blockSize), 0) + 3;
-  // Shuffled block ids so that sequences' blocks interleave in the pool.
-  const ids = [...Array(totalBlocks).keys()];
-  const rnd = randomArray(totalBlocks, seed + 7);
-  ids.sort((a, b) => rnd[a] - rnd[b]);
-  let next = 0;
-  const tables = c.seqs.map(([k, n]) => ids.slice(next, (next += Math.ceil((k + n) / c.blockSize))));
+  const { totalBlocks, tables } = shuffledPaging(c.seqs, c.blockSize, seed);
   // Every token's K (roped or not, it does not matter here) and V, and the step rows' q.
   const kv = c.seqs.map(([k, n], i) => randomArray((k + n) * rowValues, seed + 100 + i));
   const cacheBuf = storageBuffer(g, 'cache', totalBlocks * c.blockSize * rowValues * (c.dtype === 'f16' ? 2 : 4));

@@ -4,6 +4,7 @@ import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import type { MatmulBindings } from '../kernels/matmul.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import type { PickSampling } from '../engine/sampler.ts';
+import type { StepSeqInput } from '../kernels/step-meta.ts';
 
 /**
  * The test file's GPU, opened on first use (quietly: no SwiftShader fallback line), destroyed after the file's tests
@@ -172,4 +173,29 @@ export function decisionMargin(raw: Float32Array, s: PickSampling): number {
     margin = Math.min(margin, Math.abs(cum - s.u));
   }
   return margin;
+}
+
+/**
+ * Paging for kernel tests of sequences that hold [cached, fresh] tokens: a pool of their blocks plus 3 spare, block ids
+ * shuffled (seeded) so that the sequences' blocks interleave; each sequence's table; a token's row slot in the pool;
+ * and the two steps a test runs: the cached prefixes (sequences with any), then every sequence's fresh tokens.
+ */
+export function shuffledPaging(
+  seqs: ReadonlyArray<readonly [cached: number, fresh: number]>,
+  blockSize: number,
+  seed: number,
+): { totalBlocks: number; tables: number[][]; slot: (seq: number, t: number) => number; prefixStep: StepSeqInput[]; freshStep: StepSeqInput[] } {
+  const totalBlocks = seqs.reduce((a, [k, n]) => a + Math.ceil((k + n) / blockSize), 0) + 3;
+  const ids = [...Array(totalBlocks).keys()];
+  const rnd = randomArray(totalBlocks, seed + 7);
+  ids.sort((a, b) => rnd[a] - rnd[b]);
+  let next = 0;
+  const tables = seqs.map(([k, n]) => ids.slice(next, (next += Math.ceil((k + n) / blockSize))));
+  return {
+    totalBlocks,
+    tables,
+    slot: (i, t) => tables[i][Math.floor(t / blockSize)] * blockSize + (t % blockSize),
+    prefixStep: seqs.flatMap(([k], i) => (k ? [{ tokens: new Array<number>(k).fill(0), startPos: 0, blockTable: tables[i], logits: 'none' as const }] : [])),
+    freshStep: seqs.map(([k, n], i) => ({ tokens: new Array<number>(n).fill(0), startPos: k, blockTable: tables[i], logits: 'none' as const })),
+  };
 }

@@ -16,7 +16,7 @@ import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { scoreWithRunner, textChunks } from '../engine/perplexity.ts';
 import { loadModel } from '../model/load.ts';
 import { cacheDtypeOption } from '../server/local-runner.ts';
-import { fileGpu, freshSeed, randomArray, relError, strided, unstride } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError, shuffledPaging, strided, unstride } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
@@ -58,12 +58,8 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const qkvCols = (nHeads + 2 * nKvHeads) * D;
   const qkvStride = pad8(qkvCols);
   const outStride = pad8(nHeads * D);
-  const totalBlocks = c.seqs.reduce((a, [k, n]) => a + Math.ceil((k + n) / c.blockSize), 0) + 3;
-  const ids = [...Array(totalBlocks).keys()];
-  const rnd = randomArray(totalBlocks, seed + 7);
-  ids.sort((a, b) => rnd[a] - rnd[b]);
-  let next = 0;
-  const tables = c.seqs.map(([k, n]) => ids.slice(next, (next += Math.ceil((k + n) / c.blockSize))));
+  const paging = shuffledPaging(c.seqs, c.blockSize, seed);
+  const { totalBlocks } = paging;
   // Groups of very different magnitudes (×2^-6 … ×2^3): each (token, head, K/V) must get its own scale.
   const kv =
     c.kv ??
@@ -104,20 +100,13 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
     return rows;
   };
   const prefix = c.seqs.flatMap(([k], i) => Array.from({ length: k }, (_, t) => [i, t, 0] as [number, number, number]));
-  if (prefix.length) {
-    const seqs = c.seqs.flatMap(([k], i) => (k ? [{ tokens: new Array(k).fill(0), startPos: 0, blockTable: tables[i], logits: 'none' as const }] : []));
-    await run(seqs, kvRowsOf(prefix), false);
-  }
+  if (prefix.length) await run(paging.prefixStep, kvRowsOf(prefix), false);
   const fresh = c.seqs.flatMap(([k, n], i) => Array.from({ length: n }, (_, t) => [i, k + t, 0] as [number, number, number]));
   const rows = kvRowsOf(fresh);
   const q = randomArray(nRows * nHeads * D, seed + 3);
   for (let r = 0; r < nRows; r++) rows.set(q.subarray(r * nHeads * D, (r + 1) * nHeads * D), r * qkvCols);
   poisonBuffer(g, out);
-  const m = await run(
-    c.seqs.map(([k, n], i) => ({ tokens: new Array(n).fill(0), startPos: k, blockTable: tables[i], logits: 'none' })),
-    rows,
-    true,
-  );
+  const m = await run(paging.freshStep, rows, true);
   const outRows = unstride(await readF32(g, out, nRows * outStride), nRows, nHeads * D, outStride);
   const cacheF = await readF32(g, cacheBuf, cacheBuf.size / 4);
   attention.destroy();
@@ -127,7 +116,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
     q,
     kv,
     cache: new Uint32Array(cacheF.buffer, cacheF.byteOffset, cacheF.length),
-    rowOf: (i, t) => tables[i][Math.floor(t / c.blockSize)] * c.blockSize + (t % c.blockSize),
+    rowOf: paging.slot,
     format,
     maxChunks: m.maxChunks,
     plan: attention.plan,

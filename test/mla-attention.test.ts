@@ -6,7 +6,7 @@ import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TU
 import { KvWrite } from '../kernels/kv-write.ts';
 import { buildStepMeta, type StepSeqInput } from '../kernels/step-meta.ts';
 import { poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
-import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError, shuffledPaging } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
@@ -49,12 +49,7 @@ async function runCase(c: Case): Promise<{ err: number; maxChunks: number; seed:
   const { nHeads, kvLoraRank: R, qkRopeHeadDim: r } = c.shape;
   const RV = R + r;
   const layout = { rowValues: RV, blockSize: c.blockSize, dtype: c.dtype };
-  const totalBlocks = c.seqs.reduce((a, [k, n]) => a + Math.ceil((k + n) / c.blockSize), 0) + 3;
-  const ids = [...Array(totalBlocks).keys()];
-  const rnd = randomArray(totalBlocks, seed + 7);
-  ids.sort((a, b) => rnd[a] - rnd[b]);
-  let next = 0;
-  const tables = c.seqs.map(([k, n]) => ids.slice(next, (next += Math.ceil((k + n) / c.blockSize))));
+  const { totalBlocks, tables } = shuffledPaging(c.seqs, c.blockSize, seed);
   // Latent rows of every token; scaled so that softmax is far from uniform.
   const latent = c.seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + 100 + i));
   const nRows = c.seqs.reduce((a, [, n]) => a + n, 0);

@@ -28,7 +28,7 @@ import { loadModel } from '../model/load.ts';
 import { attendLatentRows } from '../model/reference/mla.ts';
 import { convertToMla, mlaWeightsToF32 } from '../model/transmla/convert.ts';
 import { calibrationSplit } from '../server/convert-command.ts';
-import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, randomArray, relError, shuffledPaging } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
@@ -68,12 +68,8 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const RV = R + r;
   const format = mlaInt8RowFormat(R, r);
   const layout = { rowValues: RV, blockSize: c.blockSize, dtype: 'int8' as const };
-  const totalBlocks = c.seqs.reduce((a, [k, n]) => a + Math.ceil((k + n) / c.blockSize), 0) + 3;
-  const ids = [...Array(totalBlocks).keys()];
-  const rnd = randomArray(totalBlocks, seed + 7);
-  ids.sort((a, b) => rnd[a] - rnd[b]);
-  let next = 0;
-  const tables = c.seqs.map(([k, n]) => ids.slice(next, (next += Math.ceil((k + n) / c.blockSize))));
+  const paging = shuffledPaging(c.seqs, c.blockSize, seed);
+  const { totalBlocks } = paging;
   // c around 1 · 2^±3 and k_pe ×8 of it, per token: each part of each token needs its own scale.
   const latent =
     c.latent ??
@@ -119,11 +115,10 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
     return m;
   };
   const rowOf = (i: number, t: number) => latent[i].subarray(t * RV, (t + 1) * RV);
-  const prefix = c.seqs.flatMap(([k], i) => (k ? [{ tokens: new Array(k).fill(0), startPos: 0, blockTable: tables[i], logits: 'none' as const }] : []));
-  if (prefix.length) await run(prefix, c.seqs.flatMap(([k], i) => Array.from({ length: k }, (_, t) => rowOf(i, t))), false);
+  if (paging.prefixStep.length) await run(paging.prefixStep, c.seqs.flatMap(([k], i) => Array.from({ length: k }, (_, t) => rowOf(i, t))), false);
   poisonBuffer(g, out);
   const m = await run(
-    c.seqs.map(([k, n], i) => ({ tokens: new Array(n).fill(0), startPos: k, blockTable: tables[i], logits: 'none' })),
+    paging.freshStep,
     c.seqs.flatMap(([k, n], i) => Array.from({ length: n }, (_, t) => rowOf(i, k + t))),
     true,
   );
@@ -134,7 +129,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const dump = dumpInfo && { words: new Int32Array((await readF32(g, dumpInfo.buffer, dumpInfo.buffer.size / 4)).buffer), plan: dumpInfo.plan };
   attention?.destroy();
   for (const b of [cacheBuf, src, meta, qLatent, out]) b.destroy();
-  const slot = (i: number, t: number) => tables[i][Math.floor(t / c.blockSize)] * c.blockSize + (t % c.blockSize);
+  const slot = paging.slot;
   return {
     latent,
     q,
