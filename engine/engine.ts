@@ -5,6 +5,7 @@ import { IncrementalDetokenizer, tokenTextInContext } from '../model/detokenize.
 import type { Tokenizer } from '../model/tokenizer.ts';
 import {
   GREEDY_TEMPERATURE,
+  hasPenalties,
   isPlainGreedy,
   logitAdjustments,
   logSoftmax,
@@ -75,7 +76,7 @@ export interface EngineOptions {
    * Every request's tokens are picked on the runner (default true): a 'sample' row with the request's settings and its
    * next uniform, or an 'argmax' row, after the request's logit bias and penalties (up to MAX_PICK_ADJUSTMENTS tokens
    * of them), with its raw logprobs where it wants them, so one id (and ≤ 20 logprobs) comes back instead of a vocab
-   * row. Rows without bias or penalties can be pipelined like greedy ones. Off: only plain greedy rows are picked;
+   * row. Rows without penalties can be pipelined like greedy ones. Off: only plain greedy rows are picked;
    * every other row comes back and is sampled on the host.
    */
   samplePicks?: boolean;
@@ -88,8 +89,8 @@ interface SubmittedStep {
   /** Per chunk: every row's logits come back (prompt logprobs); the token is picked on the runner (no row back). */
   allRows: boolean[];
   picked: boolean[];
-  /** Some chunk's pick applies logit bias or penalties (such a step is not pipelined: penalties follow the output). */
-  adjusted: boolean;
+  /** Some chunk's pick applies penalties: they follow the output, so the step after it waits for its tokens. */
+  penalized: boolean;
   submittedAt: number;
   result: Promise<StepOutput>;
 }
@@ -441,7 +442,8 @@ class BatchingEngine implements Engine {
     const result = this.runner.stepOutput(seqs);
     // Awaited in its turn; a failure of a step nobody awaits yet must not count as unhandled meanwhile.
     result.catch(() => {});
-    return { plan, seqs, allRows, picked, adjusted: rows.some((r) => r?.adjust), submittedAt: performance.now(), result };
+    const penalized = plan.chunks.some((c, i) => rows[i]?.adjust && hasPenalties(c.req.params));
+    return { plan, seqs, allRows, picked, penalized, submittedAt: performance.now(), result };
   }
 
   /**
@@ -452,7 +454,9 @@ class BatchingEngine implements Engine {
    */
   private pipelined(cur: SubmittedStep): SubmittedStep | null {
     const chunks = cur.plan.chunks;
-    if (chunks.length === 0 || !cur.picked.every(Boolean) || cur.adjusted) return null;
+    // (Logit bias alone is the same every step: the planned step's adjustments are a subset of cur's, so the runner's
+    // adjustments buffer, sized for cur, holds them.)
+    if (chunks.length === 0 || !cur.picked.every(Boolean) || cur.penalized) return null;
     // A running request the step left out (token budget) would wait for as long as the pipeline runs.
     const inStep = new Set(chunks.map((c) => c.req));
     if (this.scheduler.running.some((r) => !inStep.has(r))) return null;

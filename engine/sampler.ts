@@ -240,7 +240,7 @@ export function samplePick(raw: ArrayLike<number>, s: PickSampling): number {
 }
 
 /** Whether a request penalizes tokens (repetition, frequency, presence): its changes depend on its output so far. */
-function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {
+export function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {
   return p.repetitionPenalty !== 1 || p.frequencyPenalty !== 0 || p.presencePenalty !== 0;
 }
 
