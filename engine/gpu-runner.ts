@@ -553,7 +553,8 @@ class GpuRunner implements GpuModelRunner {
         throw new Error(`step: sequence ${i} takes previousPick ${s.previousPick}: it needs one token and a previous step with more than that many picks (it had ${this.lastSubmittedPicks})`);
       }
     });
-    const pickSpecs = seqs.flatMap((s): PickSpec[] => (s.logits === 'argmax' ? [{ kind: 'argmax' }] : s.logits === 'sample' ? [{ kind: 'sample', ...s.sample! }] : []));
+    const pickRows = seqs.filter((s) => s.logits === 'argmax' || s.logits === 'sample');
+    const pickSpecs = pickRows.map((s): PickSpec => (s.logits === 'sample' ? { kind: 'sample', ...s.sample! } : { kind: 'argmax' }));
     const meta = buildStepMeta(seqs, {
       blockSize: this.blockSize,
       numBlocks: this.numBlocks,
@@ -573,7 +574,6 @@ class GpuRunner implements GpuModelRunner {
         grow(meta.data.length + HEADER_WORDS, this.capacity.metaWords),
       );
     }
-    const pickRows = seqs.filter((s) => s.logits === 'argmax' || s.logits === 'sample');
     const adjustEntries = pickRows.reduce((n, s) => n + (s.adjust?.ids.length ?? 0), 0);
     const wantLogprobs = pickRows.some((s) => s.logprobs !== undefined);
     if (adjustEntries > this.pickAdjustEntries) {

@@ -234,10 +234,6 @@ export function rawLogprobs(raw: ArrayLike<number>, tokenId: number, n: number):
   return { logprob: lp[tokenId], top: topN(lp, n).map((i) => ({ tokenId: i, logprob: lp[i] })) };
 }
 
-/** The token a 'sample' row draws (pickOnHost without adjustments). */
-export function samplePick(raw: ArrayLike<number>, s: PickSampling): number {
-  return pickOnHost(raw, s);
-}
 
 /** Whether a request penalizes tokens (repetition, frequency, presence): its changes depend on its output so far. */
 export function hasPenalties(p: Pick<SamplingParams, 'repetitionPenalty' | 'frequencyPenalty' | 'presencePenalty'>): boolean {

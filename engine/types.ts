@@ -13,7 +13,7 @@ export interface StepSequence {
   blockTable: number[];
   /**
    * Which rows' logits come back: none, the chunk's last token, or every token (perplexity). 'argmax' and 'sample' are
-   * picks: the last token's greedy choice, or a draw with `sample`'s settings (engine/sampler.ts samplePick), made where
+   * picks: the last token's greedy choice, or a draw with `sample`'s settings (engine/sampler.ts pickOnHost), made where
    * the logits are; one id comes back, not a vocab row.
    */
   logits: 'none' | 'last' | 'all' | 'argmax' | 'sample';

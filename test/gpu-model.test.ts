@@ -9,7 +9,7 @@ import { loadModel, type LoadedModel } from '../model/load.ts';
 import { ReferenceGqa } from '../model/reference/gqa.ts';
 import type { GqaConfig } from '../model/config.ts';
 import { decisionMargin, freshSeed, randomArray, relError } from './kernels-helpers.ts';
-import { samplePick } from '../engine/sampler.ts';
+import { pickOnHost } from '../engine/sampler.ts';
 
 const MODEL = '../shared/models/stories260K/stories260K.bin';
 let gpu: GpuContext;
@@ -185,7 +185,7 @@ test("stories260K: 'sample' sequences draw what the host draws from the row 'las
       if (i % 2 === 1) return assert.equal(out.picks[i], argmax(row), `greedy row ${i}`);
       if (decisionMargin(row, specs[i]) <= 1e-5) return;
       compared++;
-      assert.equal(out.picks[i], samplePick(row, specs[i]), `seed ${seed}, round ${round}, row ${i}: ${JSON.stringify(specs[i])}`);
+      assert.equal(out.picks[i], pickOnHost(row, specs[i]), `seed ${seed}, round ${round}, row ${i}: ${JSON.stringify(specs[i])}`);
     });
   }
   assert.ok(compared >= 12, `only ${compared} of 16 draws compared (seed ${seed})`);

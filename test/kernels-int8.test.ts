@@ -2,7 +2,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { destroyInt8Matrix, int8At, quantizeInt8Rows, tiledInt8Word, tileInt8Rows, uploadInt8Matrix } from '../kernels/int8.ts';
-import { Int8MatmulOp, quantizedActivationBytes, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
+import { createQuantizedRows, Int8MatmulOp, type Int8MatmulPath, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
 import { RmsNorm, SiluMul } from '../kernels/elementwise.ts';
 import { pad8, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { fileGpu, freshSeed, randomArray, runMatmulCase, strided } from './kernels-helpers.ts';
@@ -268,7 +268,7 @@ test('SiluMul with int8 rows out = the W8A8 quantizer over the plain SiluMul row
     const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(M, 0, 1));
     const weight = uploadInt8Matrix(g, 'test Wdown', randomArray(N * hidden, seed + 2, 0.5), N, hidden);
     const words = weight.stride / 4;
-    const q = { xq: storageBuffer(g, 'xq', quantizedActivationBytes(M, words)), xScale: storageBuffer(g, 'xScale', Math.ceil(M / 16) * 64), words };
+    const q = createQuantizedRows(g, 'x', M, words);
     const h = storageBuffer(g, 'h', M * hStride * 4);
     const y = [storageBuffer(g, 'y fused', M * N * 4), storageBuffer(g, 'y own quantizer', M * N * 4)];
     const silu = new SiluMul(g, { meta, gateUp: gu, gateUpStride: guStride, out: h, outStride: hStride, quantized: q }, hidden);
@@ -321,7 +321,7 @@ test('RmsNorm with int8 rows out = the W8A8 quantizer over its f32 rows: identic
     const meta = uploadArray(g, 'meta', new Uint32Array(16).fill(M, 0, 1));
     const weight = uploadInt8Matrix(g, 'test Wq', randomArray(N * K, seed + 2, 0.5), N, K);
     const words = weight.stride / 4;
-    const q = { xq: storageBuffer(g, 'xq', quantizedActivationBytes(M, words)), xScale: storageBuffer(g, 'xScale', Math.ceil(M / 16) * 64), words };
+    const q = createQuantizedRows(g, 'x', M, words);
     const xn = storageBuffer(g, 'xn', M * stride * 4);
     const xnPlain = storageBuffer(g, 'xn plain', M * stride * 4);
     const y = [storageBuffer(g, 'y fused', M * N * 4), storageBuffer(g, 'y own quantizer', M * N * 4)];

@@ -1,5 +1,5 @@
 // The GPU picks (kernels/pick.ts) against the host: greedy rows = the host's argmax (ties, −∞, NaN); sampled rows =
-// engine/sampler.ts samplePick in float64 (temperature, min-p, top-k, top-p with ties, the inverse-CDF draw); logit
+// engine/sampler.ts pickOnHost in float64 (temperature, min-p, top-k, top-p with ties, the inverse-CDF draw); logit
 // bias and penalties applied first = pickOnHost.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -7,7 +7,7 @@ import { PICK_ADJUST_WORDS, PICK_INFO_WORDS, PICK_PARAM_WORDS, readPickLogprobs,
 import { HEADER_WORDS, META_FULL_LOGIT_ROWS, META_LOGIT_ROWS } from '../kernels/step-meta.ts';
 import { storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { readBack } from '../bench/gpu-timing.ts';
-import { applyLogitAdjustments, argmax, pickOnHost, rawLogprobs, samplePick, type LogitAdjustments, type PickSampling, type SampledLogprobs } from '../engine/sampler.ts';
+import { applyLogitAdjustments, argmax, pickOnHost, rawLogprobs, type LogitAdjustments, type PickSampling, type SampledLogprobs } from '../engine/sampler.ts';
 import { decisionMargin, fileGpu, freshSeed, randomArray } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
@@ -111,7 +111,7 @@ test('sampled pick rows = the host draw (temperature, min-p, top-k, top-p, u) on
   let exact = 0;
   for (let r = 0; r < n; r++) {
     const row = rows.subarray(r * vocab, (r + 1) * vocab);
-    const want = samplePick(row, specs[r]);
+    const want = pickOnHost(row, specs[r]);
     const margin = decisionMargin(row, specs[r]);
     const what = `seed ${seed}, row ${r} (${JSON.stringify(specs[r])}), margin ${margin.toExponential(2)}`;
     if (margin > 1e-5) {
@@ -158,7 +158,7 @@ test('sampled picks: top-p keeps the first tied tokens in index order; NaN and �
   // The host agrees on every case without NaN (its float64 softmax does not skip NaN).
   cases.forEach((c, i) => {
     if (c.spec.kind === 'sample' && c.row === nanRow) return;
-    const host = c.spec.kind === 'argmax' ? argmax(c.row) : samplePick(c.row, c.spec);
+    const host = c.spec.kind === 'argmax' ? argmax(c.row) : pickOnHost(c.row, c.spec);
     assert.equal(host, c.want, `case ${i}`);
   });
 });
