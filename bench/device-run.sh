@@ -66,15 +66,17 @@ attention)
   ;;
 serve)
   # Served MLA against GQA at two KV budgets (GQA's pool full in both; the tighter one is where MLA's 1.81× capacity
-  # counts most), async scheduling on; SERVE_RUNS="600MiB:on 600MiB:off" compares async scheduling instead. Each start
+  # counts most), async scheduling on; SERVE_RUNS="600MiB:on 600MiB:off" compares async scheduling instead, and a third
+  # field sets --max-num-batched-tokens ("600MiB:on:512": prompts in 512-row chunks). Each start
   # uploads both 7B models (~2 min); the same load each time.
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
-    budget=${run%%:*}
-    mode=${run##*:}
-    tag="$budget-$mode"
-    el "serve kv $budget async-scheduling $mode"
+    IFS=: read -r budget mode tokens <<<"$run"
+    tokens=${tokens:-2048}
+    tag="$budget-$mode-$tokens"
+    el "serve kv $budget async-scheduling $mode max-num-batched-tokens $tokens"
     node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
-      --kv-cache-memory "$budget" --max-num-seqs 64 --async-scheduling "$mode" --step-trace "$OUT/steps-$tag.jsonl" --port 8000 \
+      --kv-cache-memory "$budget" --max-num-seqs 64 --async-scheduling "$mode" --max-num-batched-tokens "$tokens" \
+      --step-trace "$OUT/steps-$tag.jsonl" --port 8000 \
       >"$OUT/serve-$tag.log" 2>&1 &
     sp=$!
     node -e "const t=Date.now(); (async()=>{ while(Date.now()-t<200000){ try{ const r=await fetch('http://127.0.0.1:8000/v1/models'); if(r.ok){ console.log('ready after',(Date.now()-t)/1000,'s'); return; } }catch{} await new Promise(r=>setTimeout(r,1000)); } console.log('not ready'); process.exit(1); })()" | tee -a "$OUT/log.txt"
@@ -86,8 +88,9 @@ serve)
     wait $sp 2>/dev/null
   done
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
-    tag="${run%%:*}-${run##*:}"
-    echo "== KV budget ${run%%:*}, async scheduling ${run##*:}"
+    IFS=: read -r budget mode tokens <<<"$run"
+    tag="$budget-$mode-${tokens:-2048}"
+    echo "== KV budget $budget, async scheduling $mode, max-num-batched-tokens ${tokens:-2048}"
     # Decode-only steps against steps with prompt rows, per model (wall and GPU ms): where the served TPOT goes.
     node --import tsx bench/step-trace.ts "$OUT/steps-$tag.jsonl"
     grep -A32 "requests ok" "$OUT/bench-$tag.txt" | head -n 34

@@ -186,6 +186,7 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
         runner,
         info: { name: specs[i].name, config: m.config, tokenizer: m.tokenizer, maxModelLen: m.config.maxSeqLen, chatTemplate: m.chatTemplate, runtime },
         maxNumSeqs: opts.maxNumSeqs,
+        maxBatchedTokens: opts.maxNumBatchedTokens,
         maxQueue: opts.maxQueue,
         cacheDtype: runtime.cacheDtype,
         pipelineDecode: opts.asyncScheduling !== 'off',

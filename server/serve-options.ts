@@ -19,6 +19,8 @@ export interface ServeOptions {
   kvCacheMemory: number;
   blockSize: number;
   maxNumSeqs: number;
+  /** Most token rows in one step (decode rows + prompt chunks); long prompts are prefilled in chunks of this size. */
+  maxNumBatchedTokens?: number;
   /** null: each model's own trained context. */
   maxModelLen: number | null;
   maxQueue: number;
@@ -75,6 +77,10 @@ is printed at start (the API key redacted).
                           split evenly between the models [MLA_SERVE_KV_CACHE_MEMORY]
   --block-size N          tokens per KV block (default 16) [MLA_SERVE_BLOCK_SIZE]
   --max-num-seqs N        most sequences in one batched step (default 64) [MLA_SERVE_MAX_NUM_SEQS]
+  --max-num-batched-tokens N
+                          most token rows in one step, decode rows and prompt chunks together (default 2048);
+                          smaller: decodes wait less behind long prompts (lower TPOT), larger: faster prefill
+                          (lower TTFT) [MLA_SERVE_MAX_NUM_BATCHED_TOKENS]
   --max-model-len N       context length to serve (default: the model's trained context; 0 = same)
                           [MLA_SERVE_MAX_MODEL_LEN]
   --max-queue N           most waiting requests before 429 (default 256) [MLA_SERVE_MAX_QUEUE]
@@ -188,6 +194,7 @@ const FIELDS: Field[] = [
   },
   { key: 'blockSize', flag: 'block-size', env: 'MLA_SERVE_BLOCK_SIZE', parse: intField(1), defaultValue: 16 },
   { key: 'maxNumSeqs', flag: 'max-num-seqs', env: 'MLA_SERVE_MAX_NUM_SEQS', parse: intField(1), defaultValue: 64 },
+  { key: 'maxNumBatchedTokens', flag: 'max-num-batched-tokens', env: 'MLA_SERVE_MAX_NUM_BATCHED_TOKENS', parse: intField(1), defaultValue: 2048 },
   { key: 'maxModelLen', flag: 'max-model-len', env: 'MLA_SERVE_MAX_MODEL_LEN', parse: (raw, label) => intField(0)(raw, label) || null, defaultValue: null },
   { key: 'maxQueue', flag: 'max-queue', env: 'MLA_SERVE_MAX_QUEUE', parse: intField(1), defaultValue: 256 },
   { key: 'shutdownTimeout', flag: 'shutdown-timeout', env: 'MLA_SERVE_SHUTDOWN_TIMEOUT', parse: intField(0), defaultValue: 30 },

@@ -27,6 +27,7 @@ test('defaults with nothing given', () => {
     kvCacheMemory: 2 * 2 ** 30,
     blockSize: 16,
     maxNumSeqs: 64,
+    maxNumBatchedTokens: 2048,
     maxModelLen: null,
     maxQueue: 256,
     shutdownTimeout: 30,

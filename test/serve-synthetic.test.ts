@@ -17,6 +17,8 @@ import { syntheticF16Model } from '../model/synthetic.ts';
 
 const PAIR = ['tiny-qwen2', 'tiny-qwen2-mla'] as const;
 const MAX_TOKENS = 4;
+/** --max-num-batched-tokens of the traced server: its prompts (27 tokens) prefill in two steps. */
+const STEP_TOKENS = 16;
 
 async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -70,7 +72,7 @@ test('serve --synthetic tiny-qwen2 --synthetic tiny-qwen2-mla: one greedy comple
   const dir = mkdtempSync(join(tmpdir(), 'mla-serve-trace-'));
   const tracePath = join(dir, 'steps.jsonl');
   const prompts = new Map<string, number>();
-  const args = ['bin/mla-serve.js', 'serve', '--port', String(port), '--kv-cache-memory', '1MiB', '--max-model-len', '128', '--step-trace', tracePath];
+  const args = ['bin/mla-serve.js', 'serve', '--port', String(port), '--kv-cache-memory', '1MiB', '--max-model-len', '128', '--step-trace', tracePath, '--max-num-batched-tokens', String(STEP_TOKENS)];
   for (const name of PAIR) args.push('--synthetic', name);
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LOG_LEVEL: 'warn' } });
   child.stdout!.on('data', (c: Buffer) => (stdout += c.toString('utf8')));
@@ -123,18 +125,20 @@ test('serve --synthetic tiny-qwen2 --synthetic tiny-qwen2-mla: one greedy comple
         logits = ref.forward([id])[0];
       });
     }
-    // The trace is complete once the server has exited: per model, one prefill step of the whole prompt, then one
-    // decode row a step (the request's first token comes from the prefill step).
+    // The trace is complete once the server has exited: per model, the prompt in chunks of --max-num-batched-tokens,
+    // then one decode row a step (the request's first token comes from the last prefill step).
     const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
     child.kill('SIGTERM');
     await exited;
     const lines = readFileSync(tracePath, 'utf8').trim().split('\n').map((l) => JSON.parse(l));
     for (const name of PAIR) {
       const steps = lines.filter((l) => l.model === name);
-      assert.equal(steps.length, MAX_TOKENS, `${name}: ${JSON.stringify(steps)}`);
+      const n = prompts.get(name)!;
+      assert.ok(n > STEP_TOKENS && n <= 2 * STEP_TOKENS, `prompt of ${n} tokens: two chunks`);
+      assert.equal(steps.length, MAX_TOKENS + 1, `${name}: ${JSON.stringify(steps)}`);
       assert.deepEqual(
         steps.map((s) => [s.seqs, s.rows, s.promptRows]),
-        [[1, prompts.get(name), prompts.get(name)], ...Array(MAX_TOKENS - 1).fill([1, 1, 0])],
+        [[1, STEP_TOKENS, STEP_TOKENS], [1, n - STEP_TOKENS, n - STEP_TOKENS], ...Array(MAX_TOKENS - 1).fill([1, 1, 0])],
       );
       for (const s of steps) {
         assert.ok(s.seconds > 0 && s.t > 0 && typeof s.pipelined === 'boolean', JSON.stringify(s));
