@@ -2,7 +2,7 @@
 import { kvValuesPerToken, type GqaConfig, type ModelConfig } from '../model/config.ts';
 import { attendGqa, matvec, mlp, rmsnorm, rope, type Vec } from '../model/reference/ops.ts';
 import type { GqaLayerWeights, ModelWeights } from '../model/weights.ts';
-import { pickAdjustError, pickOnHost, pickSamplingError, rawLogprobs, type SampledLogprobs } from './sampler.ts';
+import { pickAdjustError, pickOnHost, pickSamplingError, rawLogprobs, withPendingToken, type SampledLogprobs } from './sampler.ts';
 import type { ModelRunner, StepOutput, StepSequence } from './types.ts';
 
 export interface CpuRunnerOptions {
@@ -87,7 +87,8 @@ export class CpuRunner implements ModelRunner {
         // Picks over the f32 values a logits row would have carried (the GPU runner's semantics), in float64.
         if (logits && (s.logits === 'argmax' || s.logits === 'sample')) {
           const row = Float32Array.from(logits);
-          const id = pickOnHost(row, s.logits === 'sample' ? s.sample! : null, s.adjust);
+          const adjust = s.adjust && withPendingToken(s.adjust, token);
+          const id = pickOnHost(row, s.logits === 'sample' ? s.sample! : null, adjust);
           picks.push(id);
           pickLogprobs.push(s.logprobs === undefined ? null : rawLogprobs(row, id, s.logprobs));
         } else if (logits) rows.push(logits);

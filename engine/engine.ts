@@ -5,13 +5,13 @@ import { IncrementalDetokenizer, tokenTextInContext } from '../model/detokenize.
 import type { Tokenizer } from '../model/tokenizer.ts';
 import {
   GREEDY_TEMPERATURE,
-  hasPenalties,
   isPlainGreedy,
   logitAdjustments,
   logSoftmax,
   MAX_PICK_ADJUSTMENTS,
   MAX_PICK_LOGPROBS,
   newSamplingState,
+  pendingPenalty,
   pickSampling,
   recordOutputToken,
   sampleNext,
@@ -89,8 +89,6 @@ interface SubmittedStep {
   /** Per chunk: every row's logits come back (prompt logprobs); the token is picked on the runner (no row back). */
   allRows: boolean[];
   picked: boolean[];
-  /** Some chunk's pick applies penalties: they follow the output, so the step after it waits for its tokens. */
-  penalized: boolean;
   submittedAt: number;
   result: Promise<StepOutput>;
 }
@@ -418,8 +416,12 @@ class BatchingEngine implements Engine {
       if (allRows[i] || !c.samples) return null;
       if (isPlainGreedy(p)) return { kind: 'argmax' as const, adjust: null };
       if (!this.samplePicks) return null;
-      const adjust = logitAdjustments(p, c.req.sampling);
-      if (adjust && adjust.ids.length > MAX_PICK_ADJUSTMENTS) return null;
+      // A pipelined row's input token is the step in flight's pick, which the request's output does not hold yet:
+      // the runner adds its penalties (pending) where the token is.
+      const known = logitAdjustments(p, c.req.sampling);
+      const pending = previousPicks ? pendingPenalty(p) : null;
+      const adjust = pending ? { ...(known ?? { ids: [], bias: [], repetition: [], subtract: [], output: [] }), pending } : known;
+      if (adjust && adjust.ids.length + (pending ? 1 : 0) > MAX_PICK_ADJUSTMENTS) return null;
       if (p.logprobs !== null && p.logprobs > Math.min(MAX_PICK_LOGPROBS, this.info.config.vocabSize)) return null;
       return { kind: p.temperature < GREEDY_TEMPERATURE ? ('argmax' as const) : ('sample' as const), adjust };
     });
@@ -442,8 +444,7 @@ class BatchingEngine implements Engine {
     const result = this.runner.stepOutput(seqs);
     // Awaited in its turn; a failure of a step nobody awaits yet must not count as unhandled meanwhile.
     result.catch(() => {});
-    const penalized = plan.chunks.some((c, i) => rows[i]?.adjust && hasPenalties(c.req.params));
-    return { plan, seqs, allRows, picked, penalized, submittedAt: performance.now(), result };
+    return { plan, seqs, allRows, picked, submittedAt: performance.now(), result };
   }
 
   /**
@@ -454,9 +455,7 @@ class BatchingEngine implements Engine {
    */
   private pipelined(cur: SubmittedStep): SubmittedStep | null {
     const chunks = cur.plan.chunks;
-    // (Logit bias alone is the same every step: the planned step's adjustments are a subset of cur's, so the runner's
-    // adjustments buffer, sized for cur, holds them.)
-    if (chunks.length === 0 || !cur.picked.every(Boolean) || cur.penalized) return null;
+    if (chunks.length === 0 || !cur.picked.every(Boolean)) return null;
     // A running request the step left out (token budget) would wait for as long as the pipeline runs.
     const inStep = new Set(chunks.map((c) => c.req));
     if (this.scheduler.running.some((r) => !inStep.has(r))) return null;

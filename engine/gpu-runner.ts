@@ -331,6 +331,8 @@ class GpuRunner implements GpuModelRunner {
   private profiler: StepProfiler | undefined;
   /** Pick rows' logit adjustments (bias, penalties) of a step, PICK_ADJUST_WORDS each; grown between steps. */
   private pickAdjust: GPUBuffer | undefined;
+  /** Adjustments buffers replaced while a step that reads them was in flight; destroyed when none is. */
+  private retiredAdjust: GPUBuffer[] = [];
   private pickAdjustEntries = 0;
   private readonly weightDtype: LinearDtype;
   /** GPU time of the last step's compute pass (ms) when opts.gpuTiming is set and the adapter has timestamps. */
@@ -553,7 +555,14 @@ class GpuRunner implements GpuModelRunner {
         throw new Error(`step: sequence ${i} takes previousPick ${s.previousPick}: it needs one token and a previous step with more than that many picks (it had ${this.lastSubmittedPicks})`);
       }
     });
-    const pickRows = seqs.filter((s) => s.logits === 'argmax' || s.logits === 'sample');
+    const isPick = (s: StepSequence) => s.logits === 'argmax' || s.logits === 'sample';
+    const pickRows = seqs.filter(isPick);
+    // Each pick sequence's last step row: its input token is the pending output token of adjustments with `pending`.
+    const pickLastRows: number[] = [];
+    seqs.reduce((row, s) => {
+      if (isPick(s)) pickLastRows.push(row + s.tokens.length - 1);
+      return row + s.tokens.length;
+    }, 0);
     const pickSpecs = pickRows.map((s): PickSpec => (s.logits === 'sample' ? { kind: 'sample', ...s.sample! } : { kind: 'argmax' }));
     const meta = buildStepMeta(seqs, {
       blockSize: this.blockSize,
@@ -577,9 +586,11 @@ class GpuRunner implements GpuModelRunner {
     const adjustEntries = pickRows.reduce((n, s) => n + (s.adjust?.ids.length ?? 0), 0);
     const wantLogprobs = pickRows.some((s) => s.logprobs !== undefined);
     if (adjustEntries > this.pickAdjustEntries) {
-      if (this.inFlight > 0) throw new Error(`step: ${adjustEntries} logit adjustments need a larger buffer, which cannot be made while a step is in flight; await it first`);
+      // A step in flight may still read the old buffer (penalized rows grow by a token a step while pipelined): it goes
+      // once no step is in flight.
       this.pickAdjustEntries = Math.max(adjustEntries, Math.ceil(this.pickAdjustEntries * 1.5));
-      this.pickAdjust?.destroy();
+      if (this.pickAdjust && this.inFlight > 0) this.retiredAdjust.push(this.pickAdjust);
+      else this.pickAdjust?.destroy();
       this.pickAdjust = undefined;
       this.ops!.pick = this.pickOp();
     }
@@ -618,7 +629,8 @@ class GpuRunner implements GpuModelRunner {
         let first = 0;
         pickSpecs.forEach((p, k) => {
           const adj = pickRows[k].adjust;
-          writePickParams(words, k, p, { first, count: adj?.ids.length ?? 0, logprobs: pickRows[k].logprobs ?? null });
+          const pending = adj?.pending ? { row: pickLastRows[k], penalty: adj.pending } : null;
+          writePickParams(words, k, p, { first, count: adj?.ids.length ?? 0, logprobs: pickRows[k].logprobs ?? null, pending });
           if (adj && entries) writePickAdjustments(entries, first, adj);
           first += adj?.ids.length ?? 0;
         });
@@ -761,6 +773,7 @@ class GpuRunner implements GpuModelRunner {
     } finally {
       slot.busy = false;
       this.inFlight--;
+      if (this.inFlight === 0) for (const b of this.retiredAdjust.splice(0)) b.destroy();
       this.exclusive = false;
       if (fullBytes > 0) this.logitsReadbackBusy = false;
     }
@@ -815,6 +828,7 @@ class GpuRunner implements GpuModelRunner {
     this.captureReadback = undefined;
     this.pickAdjust?.destroy();
     this.pickAdjust = undefined;
+    for (const b of this.retiredAdjust.splice(0)) b.destroy();
     this.profiler?.destroy();
     this.profiler = undefined;
     this.block.destroy();

@@ -148,12 +148,55 @@ export interface LogitAdjustments {
   bias: number[];
   repetition: number[];
   subtract: number[];
+  /** Per entry: the token is among the output tokens counted here (its presence penalty is in `subtract`). Absent: none is. */
+  output?: boolean[];
+  /**
+   * The penalties of one more output token that these adjustments do not count yet: the row's own input token (the
+   * sequence's last token in the step), which a pipelined step only has on the device (the previous step's pick).
+   * The runner adds it where it knows the token (withPendingToken).
+   */
+  pending?: PendingPenalty;
+}
+
+/** A request's penalties for one more output token (LogitAdjustments.pending). */
+export interface PendingPenalty {
+  repetition: number;
+  frequency: number;
+  presence: number;
+}
+
+/** The penalties a request's next output token adds (null: it has none). */
+export function pendingPenalty(params: SamplingParams): PendingPenalty | null {
+  return hasPenalties(params) ? { repetition: params.repetitionPenalty, frequency: params.frequencyPenalty, presence: params.presencePenalty } : null;
+}
+
+/**
+ * The adjustments with `a.pending` counted for `token` (a copy without `pending`; `a` itself if it has none):
+ * the token's entry takes the repetition penalty, the frequency penalty once more and the presence penalty if it
+ * was no output token yet; a token without an entry gets one. What logitAdjustments gives once the token is known.
+ */
+export function withPendingToken(a: LogitAdjustments, token: number): LogitAdjustments {
+  const p = a.pending;
+  if (!p) return a;
+  const out: LogitAdjustments = { ids: [...a.ids], bias: [...a.bias], repetition: [...a.repetition], subtract: [...a.subtract], output: a.ids.map((_, k) => a.output?.[k] ?? false) };
+  let k = out.ids.indexOf(token);
+  if (k < 0) {
+    k = out.ids.push(token) - 1;
+    out.bias.push(0);
+    out.repetition.push(1);
+    out.subtract.push(0);
+    out.output!.push(false);
+  }
+  out.repetition[k] = p.repetition;
+  out.subtract[k] += p.frequency + (out.output![k] ? 0 : p.presence);
+  out.output![k] = true;
+  return out;
 }
 
 /** The adjustments of a request's next token (null: none): logit bias, repetition over prompt and output, frequency and presence over the output. */
 export function logitAdjustments(params: SamplingParams, state: SequenceSamplingState): LogitAdjustments | null {
   const at = new Map<number, number>();
-  const a: LogitAdjustments = { ids: [], bias: [], repetition: [], subtract: [] };
+  const a: LogitAdjustments = { ids: [], bias: [], repetition: [], subtract: [], output: [] };
   const entry = (id: number) => {
     let k = at.get(id);
     if (k === undefined) {
@@ -163,6 +206,7 @@ export function logitAdjustments(params: SamplingParams, state: SequenceSampling
       a.bias.push(0);
       a.repetition.push(1);
       a.subtract.push(0);
+      a.output!.push(false);
     }
     return k;
   };
@@ -174,11 +218,16 @@ export function logitAdjustments(params: SamplingParams, state: SequenceSampling
   if (params.frequencyPenalty !== 0 || params.presencePenalty !== 0) {
     for (const [id, count] of state.outputCounts) a.subtract[entry(id)] = params.frequencyPenalty * count + params.presencePenalty;
   }
+  for (const id of state.outputCounts.keys()) {
+    const k = at.get(id);
+    if (k !== undefined) a.output![k] = true;
+  }
   return a.ids.length > 0 ? a : null;
 }
 
 /** Applies adjustments to a float64 row (ids outside the row are skipped, as applyLogitBias does). */
 export function applyLogitAdjustments(logits: Float64Array, a: LogitAdjustments): void {
+  if (a.pending) throw new Error('adjustments with a pending token: resolve them with withPendingToken first');
   a.ids.forEach((id, k) => {
     if (id < 0 || id >= logits.length) return;
     let v = logits[id] + a.bias[k];
@@ -203,7 +252,13 @@ export function pickAdjustError(s: { logits: string; adjust?: LogitAdjustments; 
 /** Why a step's adjustments are unusable for a row of `vocab` logits, or null. */
 function logitAdjustmentsError(a: LogitAdjustments, vocab: number): string | null {
   const n = a.ids.length;
-  if (a.bias.length !== n || a.repetition.length !== n || a.subtract.length !== n) return 'adjustments: ids, bias, repetition and subtract differ in length';
+  if (a.bias.length !== n || a.repetition.length !== n || a.subtract.length !== n || (a.output && a.output.length !== n)) {
+    return 'adjustments: ids, bias, repetition, subtract and output differ in length';
+  }
+  const p = a.pending;
+  if (p && (!(p.repetition > 0) || !Number.isFinite(p.repetition) || !Number.isFinite(p.frequency) || !Number.isFinite(p.presence))) {
+    return `adjustments: pending penalties repetition ${p.repetition}, frequency ${p.frequency}, presence ${p.presence}`;
+  }
   const seen = new Set<number>();
   for (let k = 0; k < n; k++) {
     const id = a.ids[k];

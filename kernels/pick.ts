@@ -2,13 +2,14 @@
 // top-k and top-p, after the row's logit bias and penalties, so a request without logprobs reads back one token id
 // instead of a vocabulary-wide row (152K floats for Qwen2.5) and costs no host sampling (1.6–7 ms a row in JS).
 import type { GpuContext } from './device.ts';
-import { META_FULL_LOGIT_ROWS, META_LOGIT_ROWS } from './step-meta.ts';
+import type { PendingPenalty } from '../engine/sampler.ts';
+import { META_FULL_LOGIT_ROWS, META_LOGIT_ROWS, metaWgsl } from './step-meta.ts';
 import { bindBuffers, gridFor } from './tensors.ts';
 
 const WG = 256;
 
 /** Words of one pick row's settings in the params buffer. */
-export const PICK_PARAM_WORDS = 12;
+export const PICK_PARAM_WORDS = 16;
 /** Most top logprobs a pick row returns (OpenAI's limit; engine/sampler.ts MAX_PICK_LOGPROBS, which the runners check). */
 export const MAX_TOP_LOGPROBS = 20;
 /**
@@ -16,22 +17,31 @@ export const MAX_TOP_LOGPROBS = 20;
  * n, 0, n top ids, (padding to 20), n top raw logits] (f32 as bits).
  */
 export const PICK_INFO_WORDS = 4 + 2 * MAX_TOP_LOGPROBS;
-/** Words of one logit adjustment: token id, bias, repetition factor, subtrahend (f32 as bits). */
+/**
+ * Words of one logit adjustment: token id (bit 31 set: the token is an output token already counted, so a pending
+ * token adds no presence penalty to it), bias, repetition factor, subtrahend (f32 as bits).
+ */
 export const PICK_ADJUST_WORDS = 4;
+const OUTPUT_BIT = 0x80000000;
 
 /** How one pick row chooses its token: greedy, or a draw (engine/sampler.ts pickOnHost has the same semantics). */
 export type PickSpec = { kind: 'argmax' } | { kind: 'sample'; temperature: number; topK: number; topP: number; minP: number; u: number };
 
-/** Where a pick row's adjustments lie in the adjustments buffer, and how many top logprobs it wants (null: none). */
+/**
+ * Where a pick row's adjustments lie in the adjustments buffer, how many top logprobs it wants (null: none), and the
+ * penalties of a pending output token (LogitAdjustments.pending): step row `row`'s input token, read on the device.
+ */
 export interface PickExtras {
   first: number;
   count: number;
   logprobs: number | null;
+  pending?: { row: number; penalty: PendingPenalty } | null;
 }
 
 /**
  * Writes pick row k's settings: [mode, 1/temperature, top-k (0 = off), top-p, min-p, u, first adjustment, adjustments,
- * logprobs + 1 (0: none)] (f32 as bits); its adjustments are entries [first, first + count) of the adjustments buffer.
+ * logprobs + 1 (0: none), pending token's step row + 1 (0: none), its repetition, frequency and presence penalties]
+ * (f32 as bits); its adjustments are entries [first, first + count) of the adjustments buffer.
  */
 export function writePickParams(out: Uint32Array, k: number, spec: PickSpec, extras: PickExtras = { first: 0, count: 0, logprobs: null }): void {
   const o = k * PICK_PARAM_WORDS;
@@ -40,6 +50,12 @@ export function writePickParams(out: Uint32Array, k: number, spec: PickSpec, ext
   out[o + 6] = extras.first;
   out[o + 7] = extras.count;
   out[o + 8] = extras.logprobs === null ? 0 : extras.logprobs + 1;
+  if (extras.pending) {
+    out[o + 9] = extras.pending.row + 1;
+    f[10] = extras.pending.penalty.repetition;
+    f[11] = extras.pending.penalty.frequency;
+    f[12] = extras.pending.penalty.presence;
+  }
   if (spec.kind === 'argmax') return;
   out[o] = 1;
   f[1] = 1 / spec.temperature;
@@ -50,11 +66,11 @@ export function writePickParams(out: Uint32Array, k: number, spec: PickSpec, ext
 }
 
 /** Packs a row's adjustments (engine/sampler.ts LogitAdjustments) at entry `first` of an adjustments array. */
-export function writePickAdjustments(out: Uint32Array, first: number, a: { ids: number[]; bias: number[]; repetition: number[]; subtract: number[] }): void {
+export function writePickAdjustments(out: Uint32Array, first: number, a: { ids: number[]; bias: number[]; repetition: number[]; subtract: number[]; output?: boolean[] }): void {
   const f = new Float32Array(out.buffer, out.byteOffset, out.length);
   a.ids.forEach((id, k) => {
     const w = (first + k) * PICK_ADJUST_WORDS;
-    out[w] = id;
+    out[w] = (id | (a.output?.[k] ? OUTPUT_BIT : 0)) >>> 0;
     f[w + 1] = a.bias[k];
     f[w + 2] = a.repetition[k];
     f[w + 3] = a.subtract[k];
@@ -65,7 +81,10 @@ export function writePickAdjustments(out: Uint32Array, first: number, a: { ids: 
  * One workgroup per pick row (logits rows META_FULL_LOGIT_ROWS … META_LOGIT_ROWS − 1), its settings at params[12k]:
  *  0. With logprobs: on the raw row, its log-sum-exp and its n most likely tokens (a radix select of the n-th largest
  *     key, then those above it and the first tied ones in index order), into info[44k …] (PICK_INFO_WORDS).
- *  1. The row's adjustments change its logits in place (v' = rep(v + bias) − subtract; pick rows are never read back).
+ *  1. The row's adjustments change its logits in place (v' = rep(v + bias) − subtract; pick rows are never read back);
+ *     a pending output token (a pipelined step's input token, which the host does not know yet) takes its penalties
+ *     on top: its entry's repetition becomes the penalty, its subtrahend grows by the frequency penalty and, unless
+ *     the entry was an output token already, the presence penalty; a token without an entry gets one.
  *  2. The pick. Greedy: each thread keeps the largest value it sees and its first index, then a tree keeps the larger
  *     value, the lower index on ties; NaN never wins; a row with no comparable value gives 0. A draw, in the host
  *     sampler's order, on y = logit / temperature (f32), with an order-preserving u32 key per value (NaN lowest, never
@@ -86,7 +105,7 @@ export function pickWgsl(vocab: number): string {
   const slice = Math.ceil(vocab / WG);
   const NONE = '0xffffffffu';
   return /* wgsl */ `
-@group(0) @binding(0) var<storage, read> stepMeta: array<u32>;
+${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> params: array<u32>;
 @group(0) @binding(3) var<storage, read_write> picks: array<u32>;
@@ -97,6 +116,7 @@ var<workgroup> redU: array<u32, ${WG}>;
 var<workgroup> hist: array<atomic<u32>, 256>;
 var<workgroup> bc: vec4<u32>;
 var<workgroup> chosenW: u32;
+var<workgroup> pendingListed: u32;
 var<workgroup> candCount: atomic<u32>;
 var<workgroup> candId: array<u32, ${MAX_TOP_LOGPROBS}>;
 var<workgroup> candVal: array<f32, ${MAX_TOP_LOGPROBS}>;
@@ -441,6 +461,32 @@ fn drawPick(lid: u32, base: u32, pw: u32) -> u32 {
   return workgroupUniformLoad(&chosenW);
 }
 
+// One token's change: v' = rep(v + bias) − sub, rep(x) = x > 0 ? x / r : x · r.
+struct Adj { bias: f32, rep: f32, sub: f32 }
+
+fn adjusted(v: f32, a: Adj) -> f32 {
+  var x = v + a.bias;
+  if (a.rep != 1.0) { x = select(x * a.rep, x / a.rep, x > 0.0); }
+  return x - a.sub;
+}
+
+fn unadjusted(v: f32, a: Adj) -> f32 {
+  var x = v + a.sub;
+  if (a.rep != 1.0) { x = select(x / a.rep, x * a.rep, x > 0.0); }
+  return x - a.bias;
+}
+
+// Entry w's change, with the pending output token's penalties on top where it is that token.
+fn entryAdj(w: u32, pending: u32, pw: u32) -> Adj {
+  var a = Adj(bitcast<f32>(adjust[w + 1u]), bitcast<f32>(adjust[w + 2u]), bitcast<f32>(adjust[w + 3u]));
+  if ((adjust[w] & 0x7fffffffu) == pending) {
+    a.rep = bitcast<f32>(params[pw + 10u]);
+    let counted = (adjust[w] & 0x80000000u) != 0u;
+    a.sub += bitcast<f32>(params[pw + 11u]) + select(bitcast<f32>(params[pw + 12u]), 0.0, counted);
+  }
+  return a;
+}
+
 @compute @workgroup_size(${WG})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let k = wid.x + wid.y * nwg.x;
@@ -455,15 +501,22 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 
   let nAdjust = params[pw + 7u];
   let first = params[pw + 6u];
-  if (nAdjust > 0u) {
+  let pendingRow = params[pw + 9u];
+  var pending = ${NONE};
+  if (pendingRow > 0u) { pending = rowToken(pendingRow - 1u); }
+  let pend = Adj(0.0, bitcast<f32>(params[pw + 10u]), bitcast<f32>(params[pw + 11u]) + bitcast<f32>(params[pw + 12u]));
+  if (nAdjust > 0u || pendingRow > 0u) {
+    if (lid == 0u) { pendingListed = 0u; }
+    workgroupBarrier();
     for (var e = lid; e < nAdjust; e += ${WG}u) {
       let w = (first + e) * ${PICK_ADJUST_WORDS}u;
-      let at = base + adjust[w];
-      var v = logits[at] + bitcast<f32>(adjust[w + 1u]);
-      let r = bitcast<f32>(adjust[w + 2u]);
-      if (r != 1.0) { v = select(v * r, v / r, v > 0.0); }
-      logits[at] = v - bitcast<f32>(adjust[w + 3u]);
+      let id = adjust[w] & 0x7fffffffu;
+      if (id == pending) { pendingListed = 1u; }
+      let at = base + id;
+      logits[at] = adjusted(logits[at], entryAdj(w, pending, pw));
     }
+    workgroupBarrier();
+    if (lid == 0u && pending < ${vocab}u && pendingListed == 0u) { logits[base + pending] = adjusted(logits[base + pending], pend); }
     storageBarrier();
   }
 
@@ -478,16 +531,16 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     if (logprobs > 0u) {
       // The chosen token's raw logit: its adjustment undone where it had one (v = rep⁻¹(v' + subtract) − bias).
       var v = logits[base + chosen];
+      var listed = false;
       for (var e = 0u; e < nAdjust; e++) {
         let w = (first + e) * ${PICK_ADJUST_WORDS}u;
-        if (adjust[w] == chosen) {
-          let r = bitcast<f32>(adjust[w + 2u]);
-          var x = v + bitcast<f32>(adjust[w + 3u]);
-          if (r != 1.0) { x = select(x / r, x * r, x > 0.0); }
-          v = x - bitcast<f32>(adjust[w + 1u]);
+        if ((adjust[w] & 0x7fffffffu) == chosen) {
+          v = unadjusted(v, entryAdj(w, pending, pw));
+          listed = true;
           break;
         }
       }
+      if (!listed && chosen == pending) { v = unadjusted(v, pend); }
       info[iw + 1u] = bitcast<u32>(v);
     }
   }

@@ -144,17 +144,18 @@ test('64 concurrent requests with a third aborted mid-way: the rest finish and e
   await engine.shutdown();
 });
 
-test('pipelined decode with picks on the runner: the texts of one step at a time with host sampling; early ends, an abort and sampled requests leave no blocks', async () => {
-  type Watch = { pipelined: number; sampledPipelined: number; biasedPipelined: number; inFlight: number; maxInFlight: number };
+test('pipelined decode with picks on the runner: the texts of one step at a time with host sampling; early ends, an abort, sampled and penalized requests leave no blocks', async () => {
+  type Watch = { pipelined: number; sampledPipelined: number; biasedPipelined: number; penalizedPipelined: number; inFlight: number; maxInFlight: number };
   const run = async (pipelineDecode: boolean, samplePicks: boolean) => {
     const runner = new CpuRunner(model, { blockSize: 16, numBlocks: 96 });
     const engine = createEngine({ runner, info, maxNumSeqs: 16, pipelineDecode, samplePicks });
-    const watch: Watch = { pipelined: 0, sampledPipelined: 0, biasedPipelined: 0, inFlight: 0, maxInFlight: 0 };
+    const watch: Watch = { pipelined: 0, sampledPipelined: 0, biasedPipelined: 0, penalizedPipelined: 0, inFlight: 0, maxInFlight: 0 };
     const realStep = runner.stepOutput.bind(runner);
     runner.stepOutput = (seqs) => {
       if (seqs.some((s) => s.previousPick !== undefined)) watch.pipelined++;
       if (seqs.some((s) => s.previousPick !== undefined && s.logits === 'sample')) watch.sampledPipelined++;
-      if (seqs.some((s) => s.previousPick !== undefined && s.adjust)) watch.biasedPipelined++;
+      if (seqs.some((s) => s.previousPick !== undefined && s.adjust && !s.adjust.pending)) watch.biasedPipelined++;
+      if (seqs.some((s) => s.previousPick !== undefined && s.adjust?.pending)) watch.penalizedPipelined++;
       watch.maxInFlight = Math.max(watch.maxInFlight, ++watch.inFlight);
       const out = realStep(seqs);
       // Settles on a later turn, as a device step does, so that the engine can submit behind it.
@@ -169,8 +170,8 @@ test('pipelined decode with picks on the runner: the texts of one step at a time
         ...(i === 4 || i === 9 ? { stop: [' the'] } : {}),
         ...(i === 12 ? { temperature: 0.8, topP: 0.9, seed: 5, maxTokens: 10 } : {}),
         ...(i === 13 ? { temperature: 1.2, topK: 20, minP: 0.02, seed: 11, maxTokens: 24 } : {}),
-        // Penalties follow the output: steps holding this row are not pipelined; a logit bias is static: they are.
-        ...(i === 11 ? { presencePenalty: 0.7, maxTokens: 9 } : {}),
+        // Penalties follow the output: a pipelined row's input token (the pick in flight) is added on the runner.
+        ...(i === 11 ? { presencePenalty: 0.7, frequencyPenalty: 0.5, repetitionPenalty: 1.2, maxTokens: 18 } : {}),
         ...(i === 10 ? { logitBias: new Map([[prompt(STORY_STARTS[10])[2], 2.5]]), maxTokens: 20 } : {}),
       });
       return collect(engine, { requestId: `p${i}`, promptTokens: prompt(STORY_STARTS[i % 16]), params, ...(i === 7 ? { signal: ac.signal } : {}) }, (n) => {
@@ -193,6 +194,7 @@ test('pipelined decode with picks on the runner: the texts of one step at a time
   assert.ok(piped.watch.pipelined > 10, `only ${piped.watch.pipelined} pipelined steps`);
   assert.ok(piped.watch.sampledPipelined > 5, `only ${piped.watch.sampledPipelined} pipelined steps held a sampled row`);
   assert.ok(piped.watch.biasedPipelined > 3, `only ${piped.watch.biasedPipelined} pipelined steps held the biased row`);
+  assert.ok(piped.watch.penalizedPipelined > 5, `only ${piped.watch.penalizedPipelined} pipelined steps held the penalized row`);
   assert.equal(piped.watch.maxInFlight, 2);
   for (const [i, o] of piped.outs.entries()) {
     const p = plain.outs[i];

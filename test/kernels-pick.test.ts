@@ -4,10 +4,24 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { PICK_ADJUST_WORDS, PICK_INFO_WORDS, PICK_PARAM_WORDS, readPickLogprobs, RowPick, writePickAdjustments, writePickParams, type PickSpec } from '../kernels/pick.ts';
-import { HEADER_WORDS, META_FULL_LOGIT_ROWS, META_LOGIT_ROWS } from '../kernels/step-meta.ts';
+import { HEADER_WORDS, META_FULL_LOGIT_ROWS, META_LOGIT_ROWS, META_OFF_TOKENS } from '../kernels/step-meta.ts';
 import { storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { readBack } from '../bench/gpu-timing.ts';
-import { applyLogitAdjustments, argmax, pickOnHost, rawLogprobs, type LogitAdjustments, type PickSampling, type SampledLogprobs } from '../engine/sampler.ts';
+import {
+  applyLogitAdjustments,
+  argmax,
+  logitAdjustments,
+  newSamplingState,
+  pendingPenalty,
+  pickOnHost,
+  rawLogprobs,
+  recordOutputToken,
+  samplingParams,
+  withPendingToken,
+  type LogitAdjustments,
+  type PickSampling,
+  type SampledLogprobs,
+} from '../engine/sampler.ts';
 import { decisionMargin, fileGpu, freshSeed, randomArray } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
@@ -28,17 +42,22 @@ async function runPicksWithLogprobs(
   specs: PickSpec[],
   adjusts: Array<LogitAdjustments | null>,
   logprobs: Array<number | null>,
-): Promise<{ picks: number[]; logprobs: Array<SampledLogprobs | null> }> {
+  tokens: number[] = [],
+): Promise<{ picks: number[]; logprobs: Array<SampledLogprobs | null>; adjusted: Float32Array }> {
   const g = await gpu();
-  const meta = new Uint32Array(HEADER_WORDS);
+  // `tokens`: the step rows' input tokens; pick row k's pending token (adjustments with `pending`) is row k's.
+  const meta = new Uint32Array(HEADER_WORDS + tokens.length);
   meta[META_LOGIT_ROWS] = full + specs.length;
   meta[META_FULL_LOGIT_ROWS] = full;
+  meta[META_OFF_TOKENS] = HEADER_WORDS;
+  meta.set(tokens, HEADER_WORDS);
   const params = new Uint32Array(specs.length * PICK_PARAM_WORDS);
   const entries = new Uint32Array(Math.max(4, adjusts.reduce((n, a) => n + (a?.ids.length ?? 0), 0) * PICK_ADJUST_WORDS));
   let first = 0;
   specs.forEach((s, k) => {
     const a = adjusts[k];
-    writePickParams(params, k, s, { first, count: a?.ids.length ?? 0, logprobs: logprobs[k] ?? null });
+    const pending = a?.pending ? { row: k, penalty: a.pending } : null;
+    writePickParams(params, k, s, { first, count: a?.ids.length ?? 0, logprobs: logprobs[k] ?? null, pending });
     if (a) writePickAdjustments(entries, first, a);
     first += a?.ids.length ?? 0;
   });
@@ -56,9 +75,11 @@ async function runPicksWithLogprobs(
   g.device.queue.submit([enc.finish()]);
   const got = [...new Uint32Array(await readBack(g, picks, specs.length * 4))];
   const infoWords = new Uint32Array(await readBack(g, info, specs.length * PICK_INFO_WORDS * 4));
+  // The rows as the picks saw them: the adjustments are applied in place.
+  const adjusted = new Float32Array(await readBack(g, logits, rows.byteLength));
   g.checkErrors();
   for (const b of [metaBuf, logits, paramBuf, adjustBuf, picks, info]) b.destroy();
-  return { picks: got, logprobs: specs.map((_, k) => (logprobs[k] === null || logprobs[k] === undefined ? null : readPickLogprobs(infoWords, k))) };
+  return { picks: got, logprobs: specs.map((_, k) => (logprobs[k] === null || logprobs[k] === undefined ? null : readPickLogprobs(infoWords, k))), adjusted };
 }
 
 test('greedy pick rows = the host argmax (first index of the largest value), after the full rows', async () => {
@@ -237,4 +258,63 @@ test("logprobs of pick rows: the raw row's log-softmax of the chosen token (its 
     lp.top.forEach((t, a) => assert.ok(Math.abs(t.logprob - want.top[a].logprob) < 1e-5, `${where}: top ${a}`));
   }
   assert.deepEqual(got.logprobs[7]!.top.map((t) => t.tokenId), [5, 300, 600, 10]);
+});
+
+test("a pending output token (a pipelined row's input, read on the device) takes its penalties = withPendingToken on the host", async () => {
+  const seed = freshSeed();
+  const vocab = 997;
+  const n = 8;
+  const rows = new Float32Array(n * vocab);
+  for (let r = 0; r < n; r++) rows.set(randomArray(vocab, seed + 71 * r, 3), r * vocab);
+  const rnd = randomArray(n * 8, seed ^ 0x1b873593, 0.5).map((v) => v + 0.5);
+  const specs: PickSpec[] = [];
+  const adjusts: LogitAdjustments[] = [];
+  const tokens: number[] = [];
+  const wants: Array<number | null> = [];
+  for (let r = 0; r < n; r++) {
+    const row = rows.subarray(r * vocab, (r + 1) * vocab);
+    const best = argmax(Float64Array.from(row));
+    // A request with every penalty: prompt 5, 6, 7; output 11, 12, 11; a bias on 3 and on the row's best token. Rows 6
+    // and 7 have no output yet and pull their pending token up (negative penalties), so it is picked and its raw
+    // logprob undone.
+    const p = samplingParams({
+      logitBias: new Map([[3, 1.5], [best, 0.25]]),
+      repetitionPenalty: r === 1 ? 1 : 1.4,
+      frequencyPenalty: r >= 6 ? -30 : 2,
+      presencePenalty: r === 2 ? 0 : r >= 6 ? -30 : 3,
+    });
+    const st = newSamplingState(p, [5, 6, 7]);
+    for (const t of r >= 6 ? [] : [11, 12, 11]) recordOutputToken(st, t);
+    // The pending token: an output token, a prompt token, a biased one, the row's best, one without an entry.
+    const pending = [11, 5, 3, best, 500, best, 600, 5][r];
+    tokens.push(pending);
+    adjusts.push({ ...logitAdjustments(p, st)!, pending: pendingPenalty(p)! });
+    specs.push(r % 2 ? { kind: 'sample', temperature: 0.8, topK: r === 3 ? 30 : 0, topP: 0.95, minP: 0, u: rnd[r] } : { kind: 'argmax' });
+    wants.push(r >= 5 ? 3 : null);
+  }
+  const got = await runPicksWithLogprobs(vocab, rows, 0, specs, adjusts, wants, tokens);
+  let compared = 0;
+  for (let r = 0; r < n; r++) {
+    const row = rows.subarray(r * vocab, (r + 1) * vocab);
+    const s = specs[r];
+    const resolved = withPendingToken(adjusts[r], tokens[r]);
+    const where = `seed ${seed}, row ${r} (${s.kind}, pending ${tokens[r]})`;
+    if (r >= 6) assert.equal(got.picks[r], tokens[r], `${where}: the pulled-up pending token is picked`);
+    const adjusted = Float64Array.from(row);
+    applyLogitAdjustments(adjusted, resolved);
+    // The row after its adjustments, value for value (f32 arithmetic against float64).
+    const onGpu = got.adjusted.subarray(r * vocab, (r + 1) * vocab);
+    for (let i = 0; i < vocab; i++) assert.ok(Math.abs(onGpu[i] - adjusted[i]) <= 1e-5 * Math.max(1, Math.abs(adjusted[i])), `${where}: token ${i} adjusted to ${onGpu[i]}, host ${adjusted[i]}`);
+    if (s.kind === 'sample' && decisionMargin(Float32Array.from(adjusted), s) <= 1e-5) continue;
+    compared++;
+    assert.equal(got.picks[r], pickOnHost(row, s.kind === 'sample' ? s : null, resolved), where);
+    if (wants[r] !== null) {
+      const want = rawLogprobs(row, got.picks[r], wants[r]!);
+      assert.ok(Math.abs(got.logprobs[r]!.logprob - want.logprob) < 1e-5, `${where}: logprob ${got.logprobs[r]!.logprob} vs ${want.logprob}`);
+    }
+  }
+  assert.ok(compared >= n - 2, `only ${compared} of ${n} compared (seed ${seed})`);
+  // The pending tokens matter: without them row 6 (its pending token has no other entry) picks something else.
+  const without = await runPicks(vocab, rows, 0, specs, adjusts.map(({ pending: _, ...a }) => a));
+  assert.ok(without.some((id, r) => id !== got.picks[r]), `seed ${seed}: the pending tokens changed no pick`);
 });

@@ -13,11 +13,13 @@ import {
   logitAdjustments,
   logSoftmax,
   newSamplingState,
+  pendingPenalty,
   recordOutputToken,
   sampleNext,
   samplingParams,
   softmax,
   topN,
+  withPendingToken,
 } from '../engine/sampler.ts';
 import { Rng } from '../engine/rng.ts';
 import type { SamplingParams } from '../engine/types.ts';
@@ -210,4 +212,34 @@ test('logitAdjustments: bias and penalties as per-token changes = applyLogitBias
     for (let i = 0; i < vocab; i++) assert.ok(Math.abs(got[i] - want[i]) < 1e-12, `trial ${trial} id ${i}: ${got[i]} vs ${want[i]}`);
   }
   assert.equal(logitAdjustments(params({}), newSamplingState(params({}), [1, 2])), null);
+});
+
+test('withPendingToken: the adjustments before a token, with the token pending, = the adjustments after it', () => {
+  const rng = new Rng(7);
+  const vocab = 40;
+  for (let trial = 0; trial < 12; trial++) {
+    const p = params({
+      logitBias: new Map([[3, 2.5], [9, -4]]),
+      repetitionPenalty: trial % 3 === 0 ? 1 : 1.3,
+      frequencyPenalty: trial % 4 === 1 ? 0 : 0.4,
+      presencePenalty: trial % 2 === 0 ? 0 : 0.7,
+    });
+    const st = newSamplingState(p, [5, 6, 7]);
+    for (const t of [11, 12, 11]) recordOutputToken(st, t);
+    // An output token (11), a prompt token (5), a biased one (3), one with no entry (20), and a random one.
+    for (const token of [11, 5, 3, 20, Math.floor(rng.nextFloat() * vocab)]) {
+      const before = logitAdjustments(p, st)!;
+      const pending = withPendingToken({ ...before, pending: pendingPenalty(p)! }, token);
+      assert.equal(pending.pending, undefined);
+      const after = newSamplingState(p, [5, 6, 7]);
+      for (const t of [11, 12, 11, token]) recordOutputToken(after, t);
+      const raw = Float64Array.from({ length: vocab }, () => (rng.nextFloat() - 0.5) * 8);
+      const want = raw.slice();
+      applyLogitAdjustments(want, logitAdjustments(p, after)!);
+      const got = raw.slice();
+      applyLogitAdjustments(got, pending);
+      for (let i = 0; i < vocab; i++) assert.ok(Math.abs(got[i] - want[i]) < 1e-12, `trial ${trial} token ${token} id ${i}: ${got[i]} vs ${want[i]}`);
+    }
+  }
+  assert.equal(pendingPenalty(params({ logitBias: new Map([[1, 1]]) })), null);
 });
