@@ -94,10 +94,10 @@ is printed at start (the API key redacted).
   --kv-cache-dtype DTYPE  KV cache values of every model: f16 (default), f32, or int8 (a model whose attention
                           has no int8 cache yet refuses to start) [MLA_SERVE_KV_CACHE_DTYPE]
   --async-scheduling on|off
-                          on (default): while a step of decodes picked on the GPU (no penalties) runs, the next
-                          one is planned and submitted with
-                          its picks as tokens, so the host's work overlaps the GPU's; a request that stops is
-                          one step ahead of the GPU (its extra row is dropped) [MLA_SERVE_ASYNC_SCHEDULING]
+                          on (default): while a step of decodes picked on the GPU runs, the next one is planned
+                          and submitted with its picks as tokens, so the host's work overlaps the GPU's; a request
+                          that stops is one step ahead of the GPU (its extra row is dropped)
+                          [MLA_SERVE_ASYNC_SCHEDULING]
   --step-trace FILE       append one JSON line per engine step to FILE: model, time, wall and GPU seconds,
                           sequences, rows, prompt rows, pipelined; to see where served time goes (steps are
                           then GPU-timed where the adapter has timestamps) [MLA_SERVE_STEP_TRACE]
