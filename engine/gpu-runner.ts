@@ -98,6 +98,8 @@ export interface AttentionBlock {
   readonly parallelHeads: number;
   /** Workgroups the split-K attention's partial pass aims for (the step's chunk size is chosen from it). */
   readonly targetWorkgroups: number;
+  /** Smallest context chunk of the split (default 16 tokens). */
+  readonly minChunk?: number;
   bind(b: AttentionBindings): void;
   /** Before the step's pass is encoded (grows scratch buffers). */
   prepare(meta: StepMeta): void;
@@ -569,6 +571,7 @@ class GpuRunner implements GpuModelRunner {
       numBlocks: this.numBlocks,
       nKvHeads: this.block.parallelHeads,
       maxChunkSize: this.block.maxChunk,
+      ...(this.block.minChunk ? { minChunkSize: this.block.minChunk } : {}),
       targetWorkgroups: this.block.targetWorkgroups,
     });
     const vocab = this.config.vocabSize;

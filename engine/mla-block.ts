@@ -12,7 +12,7 @@ import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
-import { MLA_MAX_CHUNK, MlaAttention, mlaSplit, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { HeadMatmul, uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
@@ -64,6 +64,7 @@ export class MlaBlock implements AttentionBlock {
   readonly layout: MlaKvLayout;
   readonly outWidth: number;
   readonly maxChunk = MLA_MAX_CHUNK;
+  readonly minChunk = MLA_MIN_CHUNK;
   readonly parallelHeads: number;
   readonly targetWorkgroups: number;
   private readonly config: MlaConfig;

@@ -513,7 +513,7 @@ export class Int8MatmulOp {
       throw new Error(`${label}: int8 GEMV workgroup of ${t.gemvGroups}×32 threads exceeds the device limit`);
     }
     if (t.gemvMaxRows < 0 || t.gemvMaxRows > 8) throw new Error(`${label}: int8 gemvMaxRows ${t.gemvMaxRows} must be 0..8`);
-    if (t.smColTiles !== 1 && t.smColTiles !== 2) throw new Error(`${label}: int8 smColTiles ${t.smColTiles} must be 1 or 2`);
+    if (![1, 2, 4].includes(t.smColTiles)) throw new Error(`${label}: int8 smColTiles ${t.smColTiles} must be 1, 2 or 4`);
     if (t.smKSplit !== 'auto' && t.smSubgroups % t.smKSplit !== 0) throw new Error(`${label}: int8 smKSplit ${t.smKSplit} must divide smSubgroups ${t.smSubgroups}`);
   }
 

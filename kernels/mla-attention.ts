@@ -478,6 +478,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
  */
 export const MLA_TARGET_WORKGROUPS = 256;
 export const MLA_MAX_CHUNK = 512;
+/**
+ * The smallest chunk: a split's partials (m, l and 512 f32 of ô for each of 28 heads, ~57 KB) are written and read
+ * back by the merge, against 584 B of int8 cache read per token, so chunks of 16 tokens (what MLA_TARGET_WORKGROUPS
+ * chose for 8 rows × 512) moved 6× more partial bytes than cache bytes: on the H200 (2026-12-05, 8 × 512,
+ * bench:decode --profile) the partial pass took 77 µs a layer and the merge 47 µs.
+ */
+export const MLA_MIN_CHUNK = 64;
 
 /**
  * The int8-product kernel runs one workgroup per (chunk, row) for all heads, two 64-token windows in a 128-token

@@ -1,23 +1,21 @@
 // Per-head batched matmul of MLA: y[row, h, n] = scale · Σ_k W_h[k, n] · x[row, h, k] — the absorption q̃ = W_UKᵀ q_nope and ô → W_UV.
 //
-// The per-head weights are stored k-major (W_h[k][n], a GpuMatrix [nHeads·K, N]) so that the threads of a
-// workgroup, one output pair each, read consecutive words for every k while x[row, h, k] is the same address for
-// all of them (a broadcast). Long K (W_UV: K = R = 512) splits each pair's k loop over up to 8 threads, summed in
-// workgroup memory, so that a decode step has enough workgroups (28 heads × 64 pairs alone would be 28 × 1). Optional pass-through columns copy x's values after the K inputs of each head into
-// y after the N outputs (scaled): the absorption uses them to place scale · q_pe next to scale · q̃.
+// The per-head weights are stored k-major (W_h[k][n], a GpuMatrix [nHeads·K, N]). Decode steps take a kernel that
+// streams them (each thread 8 outputs × its k slice, many 16-byte loads in flight, up to 8 rows at once); prefill
+// chunks a tiled one (x and W tiles staged in workgroup memory). Optional pass-through columns copy x's values after
+// the K inputs of each head into y after the N outputs (scaled): the absorption uses them to place scale · q_pe next
+// to scale · q̃.
 import type { GpuContext } from './device.ts';
 import { META_ROWS, metaWgsl } from './step-meta.ts';
 import { bindBuffers, uploadMatrix, wgslF32, type GpuMatrix, type WeightDtype } from './tensors.ts';
 
-const WG = 64;
 const MAX_ROWS_PER_THREAD = 8;
 /**
  * From this many rows on (prefill chunks), a step takes the tiled kernel by default: 64 (or 32, 16) rows × 64 outputs
- * of a head per workgroup, the x and W tiles staged in workgroup memory 16 k at a time, 4 × 4 outputs a thread. The one
- * above reads x from storage for every k of every output pair and W once per 8 rows (by estimate ~3 TFLOPS on the
- * H200: the W_UK / W_UV products took 1.9 ms of a 32-row MLA step, BENCHMARKS.md); where the tiled one starts to win
- * is not measured yet: HeadMatmulOptions.tiledMinRows (bench:decode --mla-head-tiled-from) moves the threshold, and
- * bench/device-run.sh decode times decode steps both ways.
+ * of a head per workgroup, the x and W tiles staged in workgroup memory 16 k at a time, 4 × 4 outputs a thread. Below
+ * it the streaming kernel reads W once per 8 rows. On the H200 (2026-12-05) the tiled kernel from 16 rows made MLA
+ * decode slower (18.9 against 14.7 ms a 32-row step); HeadMatmulOptions.tiledMinRows (bench:decode
+ * --mla-head-tiled-from) moves the threshold.
  */
 export const HEAD_MATMUL_TILED_MIN_ROWS = 128;
 const TILE = 64;
@@ -80,70 +78,98 @@ export function uploadHeadMatrices(
   return m;
 }
 
-/** Threads that split one output pair's k loop (their partial sums meet in workgroup memory): long K, more threads. */
-export function headMatmulKSplit(K: number): number {
-  let ks = 1;
-  while (ks < 8 && K / (2 * ks) >= 64) ks *= 2;
-  return ks;
-}
+/** Threads of the decode kernel's workgroup: 32 k slices × 8 column groups of 8 outputs. */
+const WIDE_SLICES = 32;
+const WIDE_GROUPS = 8;
+/** Most k steps a thread loads before it multiplies (its loads in flight at once). */
+const WIDE_UNROLL = 16;
 
+/**
+ * The decode kernel: grid (⌈N / 64⌉, nHeads, ⌈rows / mr⌉), 256 threads = 32 k slices × 8 column groups. A thread
+ * loads 8 consecutive outputs' weights (one 16-byte word of f16, two of f32) for each of its k values — up to 16 of
+ * them before multiplying, so the whole matrix is in flight at once (a decode step's W_UK / W_UV are ~3.7 MB a layer,
+ * read once: the older one-pair-a-thread kernel had too few loads in flight and ran at ~100 GB/s) — times its mr rows'
+ * x values; the slices' partial sums meet in workgroup memory, one row at a time.
+ */
 function headMatmulWgsl(s: HeadMatmulSpec, w: GpuMatrix, mr: number): string {
   const f16 = w.dtype === 'f16';
-  const NP = Math.ceil(s.N / 2);
   const pass = s.passCols ?? 0;
-  const KS = headMatmulKSplit(s.K);
-  const PPW = WG / KS; // output pairs per workgroup
+  const groups = Math.ceil(s.N / 8);
+  const KL = Math.ceil(s.K / WIDE_SLICES);
+  const U = Math.min(KL, WIDE_UNROLL);
+  const chunks = Math.ceil(KL / U);
   const ms = [...Array(mr).keys()];
-  const wRow = w.stride / 2; // words (f16) or pairs (f32) per k
-  const loadW = f16 ? `unpack2x16float(w[(h * ${s.K}u + k) * ${wRow}u + p])` : `w[(h * ${s.K}u + k) * ${wRow}u + p]`;
+  const us = [...Array(U).keys()];
+  const WGS = WIDE_SLICES * WIDE_GROUPS;
   const sc = wgslF32(s.scale);
-  const store = (m: number, v: string) => `if (row0 + ${m}u < M) {
-      let o${m} = ${v} * ${sc};
-      y[yb${m} + 2u * p] = o${m}.x;
-      ${s.N % 2 === 1 ? `if (2u * p + 1u < ${s.N}u) { y[yb${m} + 2u * p + 1u] = o${m}.y; }` : `y[yb${m} + 2u * p + 1u] = o${m}.y;`}
-    }`;
+  // Weights of (head h, k) for column group gc: vec4<u32> of 8 f16 (w.stride / 8 per k), or two vec4<f32>.
+  const load = (u: number) =>
+    f16
+      ? `let wq${u} = w[(h * ${s.K}u + kc${u}) * ${w.stride / 8}u + gc];
+      let lo${u} = vec4<f32>(unpack2x16float(wq${u}.x), unpack2x16float(wq${u}.y));
+      let hi${u} = vec4<f32>(unpack2x16float(wq${u}.z), unpack2x16float(wq${u}.w));`
+      : `let lo${u} = w[((h * ${s.K}u + kc${u}) * ${w.stride / 8}u + gc) * 2u];
+      let hi${u} = w[((h * ${s.K}u + kc${u}) * ${w.stride / 8}u + gc) * 2u + 1u];`;
   return /* wgsl */ `
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<${f16 ? 'u32' : 'vec2<f32>'}>;
+@group(0) @binding(2) var<storage, read> w: array<${f16 ? 'vec4<u32>' : 'vec4<f32>'}>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-${KS > 1 ? `var<workgroup> red: array<vec2<f32>, ${WG * mr}>;` : ''}
+var<workgroup> red: array<f32, ${WGS * 8}>;
 
-@compute @workgroup_size(${WG})
+@compute @workgroup_size(${WGS})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let M = stepMeta[${META_ROWS}];
-  let pl = lid % ${PPW}u;
-  let ks = lid / ${PPW}u;
-  let p = wid.x * ${PPW}u + pl;
+  let cg = lid % ${WIDE_GROUPS}u;
+  let sl = lid / ${WIDE_GROUPS}u;
+  let g = wid.x * ${WIDE_GROUPS}u + cg;
+  let gc = min(g, ${groups - 1}u);
   let h = wid.y;
   let row0 = wid.z * ${mr}u;
   let mLast = max(M, 1u) - 1u;
   ${ms.map((m) => `let xb${m} = min(row0 + ${m}u, mLast) * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u;`).join('\n  ')}
-  ${ms.map((m) => `let yb${m} = (row0 + ${m}u) * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u;`).join('\n  ')}
-  ${ms.map((m) => `var acc${m} = vec2<f32>(0.0);`).join('\n  ')}
-  if (p < ${NP}u) {
-    for (var k = ks; k < ${s.K}u; k += ${KS}u) {
-      let wk = ${loadW};
-      ${ms.map((m) => `acc${m} += x[xb${m} + k] * wk;`).join('\n      ')}
-    }
+  ${ms.map((m) => `var lo${m}acc = vec4<f32>(0.0);\n  var hi${m}acc = vec4<f32>(0.0);`).join('\n  ')}
+  for (var c = 0u; c < ${chunks}u; c++) {
+    ${us.map((u) => `let k${u} = (c * ${U}u + ${u}u) * ${WIDE_SLICES}u + sl;\n    let kc${u} = min(k${u}, ${s.K - 1}u);`).join('\n    ')}
+    ${us.map(load).join('\n    ')}
+    ${us
+      .map((u) =>
+        ms
+          .map((m) => `{ let xv = select(0.0, x[xb${m} + kc${u}], k${u} < ${s.K}u); lo${m}acc += xv * lo${u}; hi${m}acc += xv * hi${u}; }`)
+          .join('\n    '),
+      )
+      .join('\n    ')}
   }
-  ${
-    KS > 1
-      ? `${ms.map((m) => `red[lid * ${mr}u + ${m}u] = acc${m};`).join('\n  ')}
+  // The 32 slices' sums of each output, a row at a time: thread o < 64 adds up output o of the workgroup's 64.
+  ${ms
+    .map(
+      (m) => `for (var j = 0u; j < 4u; j++) {
+    red[lid * 8u + j] = lo${m}acc[j];
+    red[lid * 8u + 4u + j] = hi${m}acc[j];
+  }
   workgroupBarrier();
-  if (ks == 0u && p < ${NP}u) {
-    for (var q = 1u; q < ${KS}u; q++) {
-      ${ms.map((m) => `acc${m} += red[(q * ${PPW}u + pl) * ${mr}u + ${m}u];`).join('\n      ')}
-    }
-    ${ms.map((m) => store(m, `acc${m}`)).join('\n    ')}
-  }`
-      : `if (p < ${NP}u) {
-    ${ms.map((m) => store(m, `acc${m}`)).join('\n    ')}
-  }`
+  if (lid < ${WIDE_GROUPS * 8}u && row0 + ${m}u < M) {
+    let n = wid.x * ${WIDE_GROUPS * 8}u + lid;
+    var sum = 0.0;
+    for (var q = 0u; q < ${WIDE_SLICES}u; q++) { sum += red[(q * ${WIDE_GROUPS}u + lid / 8u) * 8u + lid % 8u]; }
+    if (n < ${s.N}u) { y[(row0 + ${m}u) * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + n] = sum * ${sc}; }
   }
-  if (ks == 0u && p >= ${NP}u && p < ${NP + pass}u) {
-    let i = p - ${NP}u;
-    ${ms.map((m) => `if (row0 + ${m}u < M) { y[yb${m} + ${s.N}u + i] = x[xb${m} + ${s.K}u + i] * ${sc}; }`).join('\n    ')}
+  workgroupBarrier();`,
+    )
+    .join('\n  ')}${
+    pass > 0
+      ? `
+  // The pass-through columns of the workgroup's rows, by the first column tile.
+  if (wid.x == 0u) {
+    for (var e = lid; e < ${mr * pass}u; e += ${WGS}u) {
+      let row = row0 + e / ${pass}u;
+      let i = e % ${pass}u;
+      if (row < M) {
+        y[row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + ${s.N}u + i] = x[row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + ${s.K}u + i] * ${sc};
+      }
+    }
+  }`
+      : ''
   }
 }`;
 }
@@ -272,7 +298,6 @@ export class HeadMatmul {
     }
     pass.setPipeline(v.pipeline);
     pass.setBindGroup(0, v.bindGroup);
-    const slots = Math.ceil(this.spec.N / 2) + (this.spec.passCols ?? 0);
-    pass.dispatchWorkgroups(Math.ceil(slots / (WG / headMatmulKSplit(this.spec.K))), this.spec.nHeads, Math.ceil(rows / mr));
+    pass.dispatchWorkgroups(Math.ceil(this.spec.N / (8 * WIDE_GROUPS)), this.spec.nHeads, Math.ceil(rows / mr));
   }
 }

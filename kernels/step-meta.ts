@@ -59,13 +59,15 @@ export interface MetaOptions {
   maxChunkSize: number;
   /** Workgroups the split should aim for (enough to fill the GPU). */
   targetWorkgroups?: number;
+  /** Smallest chunk the split may choose (default 16): a kernel whose partials are large against a chunk's cache reads wants more. */
+  minChunkSize?: number;
   nKvHeads: number;
 }
 
-/** Chunk size for the split-K attention: small enough to give ~targetWorkgroups workgroups, ≥ 16 tokens. */
-export function chooseChunkSize(sumCtx: number, nKvHeads: number, maxChunk: number, target: number): number {
+/** Chunk size for the split-K attention: small enough to give ~targetWorkgroups workgroups, ≥ minChunk (16) tokens. */
+export function chooseChunkSize(sumCtx: number, nKvHeads: number, maxChunk: number, target: number, minChunk = 16): number {
   const want = Math.ceil((sumCtx * nKvHeads) / target);
-  let c = 16;
+  let c = minChunk;
   while (c < want && c < maxChunk) c *= 2;
   return Math.min(c, maxChunk);
 }
@@ -131,7 +133,7 @@ export function buildStepMeta(seqs: StepSeqInput[], opts: MetaOptions): StepMeta
     }
   }
   const chunkSize =
-    opts.chunkSize ?? chooseChunkSize(sumCtx, opts.nKvHeads, opts.maxChunkSize, opts.targetWorkgroups ?? 512);
+    opts.chunkSize ?? chooseChunkSize(sumCtx, opts.nKvHeads, opts.maxChunkSize, opts.targetWorkgroups ?? 512, opts.minChunkSize);
   if (chunkSize > opts.maxChunkSize) throw new Error(`attention chunk ${chunkSize} exceeds the kernel's maximum of ${opts.maxChunkSize}`);
   const maxChunks = Math.max(1, Math.ceil(maxCtx / chunkSize));
   data[META_ROWS] = nRows;

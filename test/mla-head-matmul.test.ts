@@ -1,9 +1,9 @@
-// Per-head batched matmul (MLA absorption and W_UV) vs float64: row counts across the rows-per-thread variants and the
-// tiled kernel (prefill-sized steps, and decode-sized ones in 16-, 32- and 64-row tiles), K with
-// and without the k split, odd N, pass-through columns, f32 and f16 weights, NaN-poisoned outputs.
+// Per-head batched matmul (MLA absorption and W_UV) vs float64: row counts across the streaming kernel's rows-per-
+// workgroup variants and the tiled kernel (prefill-sized steps, and decode-sized ones in 16-, 32- and 64-row tiles),
+// K below, at and past the 32 k slices, odd N, pass-through columns, f32 and f16 weights, NaN-poisoned outputs.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { HEAD_MATMUL_TILED_MIN_ROWS, HeadMatmul, headMatmulKSplit, headTileRows, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
+import { HEAD_MATMUL_TILED_MIN_ROWS, HeadMatmul, headTileRows, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
 import { buildStepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
@@ -57,12 +57,14 @@ async function runCase(nHeads: number, K: number, N: number, passCols: number, r
 }
 
 test('head matmul: absorption and W_UV shapes, every rows-per-thread variant and the tiled kernel, f32 and f16 weights', async () => {
-  assert.equal(headMatmulKSplit(512), 4 * headMatmulKSplit(128));
   for (const dtype of ['f32', 'f16'] as const) {
     for (const [nHeads, K, N, passCols] of [
       [3, 16, 24, 4], // absorption: K = nope dims, N = R, q_pe passed through
-      [2, 128, 40, 6], // k split in two
-      [2, 512, 7, 0], // W_UV: K = R, odd N, k split in eight
+      [2, 128, 40, 6], // 4 k a slice, N past 32 but not a whole 64-output workgroup
+      [2, 512, 7, 0], // W_UV: K = R (16 k a slice), odd N
+      [3, 128, 512, 64], // Qwen2.5-7B's absorption shape: 8 column groups of 8 per workgroup, whole
+      [2, 512, 128, 0], // and its W_UV shape
+      [2, 33, 9, 1], // K one past the 32 slices (slice 0 takes a second k), N one past a column group
       [2, 20, 71, 3], // K not a whole number of the tiled kernel's 16-k steps, N past one 64-wide tile
     ] as const) {
       // 128 and 200 rows: the tiled kernel (a partial 64-row tile at 200).
