@@ -37,6 +37,12 @@ interface MlaLayerGpu {
   kvAPeProj?: LinearWeight;
   kvAPeBias?: GPUBuffer;
   kvANorm?: GPUBuffer;
+  /**
+   * Without q LoRA and kv_a_layernorm (TransMLA's conversions): kv_a_proj_with_mqa and q_proj as one matrix, rows
+   * [c | k_pe | q], so one GEMM (and one RoPE) serves both; kvAProj and qProj are then absent.
+   */
+  qkvAProj?: LinearWeight;
+  qkvABias?: GPUBuffer;
   /** W_UK per head, k-major [nHeads·dn, R]; W_UV per head, k-major [nHeads·R, dv] (f16/f32 even with int8 projections). */
   wUk: GpuMatrix;
   wUv: GpuMatrix;
@@ -70,12 +76,15 @@ export class MlaBlock implements AttentionBlock {
   private readonly config: MlaConfig;
   private readonly layers: MlaLayerGpu[];
   private readonly qCols: number;
+  /** q and the latent rows [c | k_pe]: separate buffers, or (fused) one buffer of rows [c | k_pe | q]. */
+  private readonly fused: boolean;
   private readonly qStride: number;
+  private readonly qOffset: number;
   private readonly latentStride: number;
   private act: Record<string, GPUBuffer> = {};
   private ops: MlaLayerOps[] = [];
-  private ropeQ: Rope | undefined;
-  private ropeK: Rope | undefined;
+  /** One RoPE over k_pe and every head's q_pe where the fused row puts them a head stride apart, else two. */
+  private ropes: Rope[] = [];
   /** f16/f32: the plain paged write; int8 (--kv-cache-dtype int8): quantizes c and k_pe, one scale each. */
   private kvWrite: KvWrite | MlaLatentWriteInt8 | undefined;
   private attention: MlaAttention | undefined;
@@ -97,8 +106,10 @@ export class MlaBlock implements AttentionBlock {
     this.layout = new MlaKvLayout(c, ctx.blockSize, ctx.cacheDtype);
     this.outWidth = c.nHeads * dv;
     this.qCols = c.nHeads * (dn + r);
-    this.qStride = pad8(this.qCols);
-    this.latentStride = pad8(R + r);
+    this.fused = c.qLoraRank === null && !c.qkLatentLayernorm;
+    this.latentStride = this.fused ? pad8(R + r + this.qCols) : pad8(R + r);
+    this.qStride = this.fused ? this.latentStride : pad8(this.qCols);
+    this.qOffset = this.fused ? R + r : 0;
     // Workgroups per row along heads in the widest attention variant (what long-context decode runs): sizes the split.
     const split = mlaSplit({ nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r }, ctx.cacheDtype, opts.attentionTuning);
     this.parallelHeads = split.parallelHeads;
@@ -118,7 +129,17 @@ export class MlaBlock implements AttentionBlock {
         return t;
       };
       const out: Partial<MlaLayerGpu> = {};
-      if (c.qLoraRank === null) {
+      if (this.fused) {
+        const kva = shape(w.kvAProj, 'kv_a_proj_with_mqa', [R + r, c.dim]);
+        const qp = shape(w.qProj, 'q_proj', [this.qCols, c.dim]);
+        out.qkvAProj = uploadLinear(g, `layer ${l} kv_a_proj_with_mqa + q_proj`, [kva, qp], R + r + this.qCols, c.dim, lt);
+        if (w.kvAProjBias || w.qProjBias) {
+          const bias = new Float32Array(R + r + this.qCols);
+          if (w.kvAProjBias) bias.set(w.kvAProjBias.data, 0);
+          if (w.qProjBias) bias.set(w.qProjBias.data, R + r);
+          out.qkvABias = uploadArray(g, `layer ${l} kv_a_proj + q_proj bias`, bias);
+        }
+      } else if (c.qLoraRank === null) {
         out.qProj = uploadLinear(g, `layer ${l} q_proj`, [shape(w.qProj, 'q_proj', [this.qCols, c.dim])], this.qCols, c.dim, lt);
         if (w.qProjBias) out.qProjBias = uploadArray(g, `layer ${l} q_proj bias`, w.qProjBias.data);
       } else {
@@ -128,7 +149,9 @@ export class MlaBlock implements AttentionBlock {
         if (c.qkLatentLayernorm) out.qANorm = uploadArray(g, `layer ${l} q_a_layernorm`, shape(w.qANorm, 'q_a_layernorm', [qr]).data);
       }
       const kva = shape(w.kvAProj, 'kv_a_proj_with_mqa', [R + r, c.dim]);
-      if (c.qkLatentLayernorm) {
+      if (this.fused) {
+        // (uploaded with q_proj above)
+      } else if (c.qkLatentLayernorm) {
         out.kvACProj = uploadLinear(g, `layer ${l} kv_a_proj (latent rows)`, [rowsOf(kva, 0, R)], R, c.dim, lt);
         out.kvAPeProj = uploadLinear(g, `layer ${l} kv_a_proj (rope rows)`, [rowsOf(kva, R, r)], r, c.dim, lt);
         if (w.kvAProjBias) {
@@ -159,8 +182,9 @@ export class MlaBlock implements AttentionBlock {
     this.destroyActivations();
     const f = 4;
     const a: Record<string, GPUBuffer> = {
-      q: storageBuffer(g, 'mla q rows', rows * this.qStride * f),
-      latent: storageBuffer(g, 'mla latent rows [c | k_pe]', rows * this.latentStride * f),
+      ...(this.fused
+        ? { latent: storageBuffer(g, 'mla latent and q rows [c | k_pe | q]', rows * this.latentStride * f) }
+        : { q: storageBuffer(g, 'mla q rows', rows * this.qStride * f), latent: storageBuffer(g, 'mla latent rows [c | k_pe]', rows * this.latentStride * f) }),
       qLatent: storageBuffer(g, 'mla absorbed queries', rows * c.nHeads * (R + r) * f),
       oHat: storageBuffer(g, 'mla latent outputs', rows * c.nHeads * R * f),
     };
@@ -171,6 +195,7 @@ export class MlaBlock implements AttentionBlock {
     }
     if (c.qkLatentLayernorm) a.cRaw = storageBuffer(g, 'mla latent rows before kv_a_layernorm', rows * pad8(R) * f);
     this.act = a;
+    const qRows = this.fused ? a.latent : a.q;
     const t = this.ctx.matmulTuning;
     // Projections of xn take the norm's int8 rows when the runner has them (int8 weights).
     const mm = (w: LinearWeight, x: GPUBuffer, xStride: number, y: GPUBuffer, yStride: number, bias?: GPUBuffer, yOffset = 0) =>
@@ -181,7 +206,9 @@ export class MlaBlock implements AttentionBlock {
     const headOpts = this.opts.headTiledMinRows === undefined ? {} : { tiledMinRows: this.opts.headTiledMinRows };
     this.ops = this.layers.map((lg) => {
       const q: Array<LinearOp | RmsNorm> = [];
-      if (lg.qProj) {
+      if (lg.qkvAProj) {
+        q.push(mm(lg.qkvAProj, b.xn, b.xnStride, a.latent, this.latentStride, lg.qkvABias));
+      } else if (lg.qProj) {
         q.push(mm(lg.qProj, b.xn, b.xnStride, a.q, this.qStride, lg.qProjBias));
       } else {
         q.push(mm(lg.qAProj!, b.xn, b.xnStride, a.qa, qaStride));
@@ -193,7 +220,9 @@ export class MlaBlock implements AttentionBlock {
         q.push(mm(lg.qBProj!, qIn, qaStride, a.q, this.qStride));
       }
       const kv: Array<LinearOp | RmsNorm> = [];
-      if (lg.kvAProj) {
+      if (lg.qkvAProj) {
+        // (made by the fused projection above)
+      } else if (lg.kvAProj) {
         kv.push(mm(lg.kvAProj, b.xn, b.xnStride, a.latent, this.latentStride, lg.kvAProjBias));
       } else {
         kv.push(mm(lg.kvACProj!, b.xn, b.xnStride, a.cRaw, pad8(R), lg.kvACBias));
@@ -207,7 +236,7 @@ export class MlaBlock implements AttentionBlock {
           K: dn,
           N: R,
           xStride: this.qStride,
-          xOffset: 0,
+          xOffset: this.qOffset,
           xHeadStride: dn + r,
           yStride: c.nHeads * (R + r),
           yOffset: 0,
@@ -216,7 +245,7 @@ export class MlaBlock implements AttentionBlock {
           passCols: r,
         },
         lg.wUk,
-        { meta: b.meta, x: a.q, y: a.qLatent },
+        { meta: b.meta, x: qRows, y: a.qLatent },
         headOpts,
       );
       const wUv = new HeadMatmul(
@@ -229,16 +258,21 @@ export class MlaBlock implements AttentionBlock {
       return { q, kv, absorb, wUv };
     });
     const table = this.ctx.ropeTable(r);
-    this.ropeQ = new Rope(
-      g,
-      { meta: b.meta, table, x: a.q, xStride: this.qStride },
-      { nHeads: c.nHeads, colOffset: 0, headStride: dn + r, ropeOffset: dn, dims: r, layout: c.ropeLayout },
-    );
-    this.ropeK = new Rope(
-      g,
-      { meta: b.meta, table, x: a.latent, xStride: this.latentStride },
-      { nHeads: 1, colOffset: R, headStride: r, ropeOffset: 0, dims: r, layout: c.ropeLayout },
-    );
+    const ropeSpan = { headStride: dn + r, ropeOffset: dn, dims: r, layout: c.ropeLayout };
+    if (this.fused && R >= dn) {
+      // Rows [c | k_pe | q heads]: with head 0 starting at R − dn, k_pe is head 0's rotated part and q head h is head
+      // h + 1, so one dispatch rotates all of them.
+      this.ropes = [new Rope(g, { meta: b.meta, table, x: a.latent, xStride: this.latentStride }, { ...ropeSpan, nHeads: c.nHeads + 1, colOffset: R - dn })];
+    } else {
+      this.ropes = [
+        new Rope(g, { meta: b.meta, table, x: qRows, xStride: this.qStride }, { ...ropeSpan, nHeads: c.nHeads, colOffset: this.qOffset }),
+        new Rope(
+          g,
+          { meta: b.meta, table, x: a.latent, xStride: this.latentStride },
+          { nHeads: 1, colOffset: R, headStride: r, ropeOffset: 0, dims: r, layout: c.ropeLayout },
+        ),
+      ];
+    }
     const latentRows = { meta: b.meta, src: a.latent, srcStride: this.latentStride, srcOffset: 0, layerCaches: b.layerCaches };
     this.kvWrite = this.layout.latentInt8
       ? new MlaLatentWriteInt8(g, this.layout.latentInt8, this.layout.blockSize, latentRows)
@@ -261,8 +295,7 @@ export class MlaBlock implements AttentionBlock {
     const ops = this.ops[layer];
     for (const op of ops.q) op.encode(pass, rows);
     for (const op of ops.kv) op.encode(pass, rows);
-    this.ropeQ!.encode(pass, rows);
-    this.ropeK!.encode(pass, rows);
+    for (const rope of this.ropes) rope.encode(pass, rows);
     this.kvWrite!.encode(pass, layer, rows);
     ops.absorb.encode(pass, rows);
     this.attention!.encode(pass, layer, rows, meta.maxChunks, meta.chunkSize);
@@ -278,10 +311,10 @@ export class MlaBlock implements AttentionBlock {
   destroy(): void {
     this.destroyActivations();
     for (const l of this.layers) {
-      for (const m of [l.qProj, l.qAProj, l.qBProj, l.kvAProj, l.kvACProj, l.kvAPeProj]) if (m) destroyLinear(m);
+      for (const m of [l.qkvAProj, l.qProj, l.qAProj, l.qBProj, l.kvAProj, l.kvACProj, l.kvAPeProj]) if (m) destroyLinear(m);
       destroyMatrix(l.wUk);
       destroyMatrix(l.wUv);
-      for (const buf of [l.qProjBias, l.qANorm, l.kvAProjBias, l.kvACBias, l.kvAPeBias, l.kvANorm]) buf?.destroy();
+      for (const buf of [l.qkvABias, l.qProjBias, l.qANorm, l.kvAProjBias, l.kvACBias, l.kvAPeBias, l.kvANorm]) buf?.destroy();
     }
   }
 }

@@ -73,8 +73,14 @@ async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16';
   }
 }
 
-test('random MLA model, q_proj with biases, no latent norms, interleaved RoPE: GPU logits ≤ 1e-4 of the reference', async () => {
+test('random MLA model, q_proj with biases, no latent norms (fused q + kv_a, one RoPE), interleaved RoPE: GPU logits ≤ 1e-4 of the reference', async () => {
   await checkModel(tinyMlaConfig({ attentionBias: true }), { bar: 1e-4 });
+});
+
+test('random MLA model, kv_lora_rank below the nope dims: the fused q + kv_a projection with two RoPE dispatches', async () => {
+  // Without q LoRA and latent norms the block fuses kv_a_proj and q_proj (rows [c | k_pe | q]) and rotates k_pe with
+  // the q heads in one dispatch where R ≥ dn; here R < dn, so k_pe and q_pe take a dispatch each.
+  await checkModel(tinyMlaConfig({ kvLoraRank: 8, qkNopeHeadDim: 12, attentionBias: true }), { bar: 1e-4 });
 });
 
 test('random MLA model, q_a/q_b with q_a_layernorm and kv_a_layernorm (DeepSeek style), rotate-half RoPE', async () => {
