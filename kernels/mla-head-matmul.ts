@@ -78,6 +78,23 @@ export function uploadHeadMatrices(
   return m;
 }
 
+/** Both kernels' pass-through columns: y[row, h, N + i] = scale · x[row, h, K + i] for the workgroup's `rows` rows from `first`. */
+function passThroughWgsl(s: HeadMatmulSpec, first: string, rows: number, threads: number): string {
+  const pass = s.passCols ?? 0;
+  if (pass === 0) return '';
+  return `
+  // The pass-through columns of the workgroup's rows, by the first column tile.
+  if (wid.x == 0u) {
+    for (var e = lid; e < ${rows * pass}u; e += ${threads}u) {
+      let row = ${first} + e / ${pass}u;
+      let i = e % ${pass}u;
+      if (row < M) {
+        y[row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + ${s.N}u + i] = x[row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + ${s.K}u + i] * ${wgslF32(s.scale)};
+      }
+    }
+  }`;
+}
+
 /** Threads of the decode kernel's workgroup: 32 k slices × 8 column groups of 8 outputs. */
 const WIDE_SLICES = 32;
 const WIDE_GROUPS = 8;
@@ -93,7 +110,6 @@ const WIDE_UNROLL = 16;
  */
 function headMatmulWgsl(s: HeadMatmulSpec, w: GpuMatrix, mr: number): string {
   const f16 = w.dtype === 'f16';
-  const pass = s.passCols ?? 0;
   const groups = Math.ceil(s.N / 8);
   const KL = Math.ceil(s.K / WIDE_SLICES);
   const U = Math.min(KL, WIDE_UNROLL);
@@ -156,21 +172,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   }
   workgroupBarrier();`,
     )
-    .join('\n  ')}${
-    pass > 0
-      ? `
-  // The pass-through columns of the workgroup's rows, by the first column tile.
-  if (wid.x == 0u) {
-    for (var e = lid; e < ${mr * pass}u; e += ${WGS}u) {
-      let row = row0 + e / ${pass}u;
-      let i = e % ${pass}u;
-      if (row < M) {
-        y[row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + ${s.N}u + i] = x[row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + ${s.K}u + i] * ${sc};
-      }
-    }
-  }`
-      : ''
-  }
+    .join('\n  ')}${passThroughWgsl(s, 'row0', mr, WGS)}
 }`;
 }
 
@@ -178,7 +180,6 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 function headMatmulTiledWgsl(s: HeadMatmulSpec, w: GpuMatrix, tm: number): string {
   const T = (tm / 4) * 16;
   const f16 = w.dtype === 'f16';
-  const pass = s.passCols ?? 0;
   const sc = wgslF32(s.scale);
   // W element (k, n) of head h: f16 pairs packed in u32 words, or f32; zero past K and N.
   const wAt = f16
@@ -231,21 +232,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         if (n < ${s.N}u) { y[yb + n] = acc[i][j] * ${sc}; }
       }
     }
-  }${
-    pass > 0
-      ? `
-  // The pass-through columns of the tile's rows, by the first column tile.
-  if (wid.x == 0u) {
-    for (var e = lid; e < ${tm * pass}u; e += ${T}u) {
-      let row = m0 + e / ${pass}u;
-      let i = e % ${pass}u;
-      if (row < M) {
-        y[row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + ${s.N}u + i] = x[row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + ${s.K}u + i] * ${sc};
-      }
-    }
-  }`
-      : ''
-  }
+  }${passThroughWgsl(s, 'm0', tm, T)}
 }`;
 }
 
