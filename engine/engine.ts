@@ -76,7 +76,7 @@ export interface EngineOptions {
    * Every request's tokens are picked on the runner (default true): a 'sample' row with the request's settings and its
    * next uniform, or an 'argmax' row, after the request's logit bias and penalties (up to MAX_PICK_ADJUSTMENTS tokens
    * of them), with its raw logprobs where it wants them, so one id (and ≤ 20 logprobs) comes back instead of a vocab
-   * row. Rows without penalties can be pipelined like greedy ones. Off: only plain greedy rows are picked;
+   * row. Picked rows pipeline like greedy ones (a penalized row's in-flight token is added on the runner). Off: only plain greedy rows are picked;
    * every other row comes back and is sampled on the host.
    */
   samplePicks?: boolean;

@@ -129,8 +129,8 @@ export class MlaBlock implements AttentionBlock {
         return t;
       };
       const out: Partial<MlaLayerGpu> = {};
+      const kva = shape(w.kvAProj, 'kv_a_proj_with_mqa', [R + r, c.dim]);
       if (this.fused) {
-        const kva = shape(w.kvAProj, 'kv_a_proj_with_mqa', [R + r, c.dim]);
         const qp = shape(w.qProj, 'q_proj', [this.qCols, c.dim]);
         out.qkvAProj = uploadLinear(g, `layer ${l} kv_a_proj_with_mqa + q_proj`, [kva, qp], R + r + this.qCols, c.dim, lt);
         if (w.kvAProjBias || w.qProjBias) {
@@ -148,10 +148,7 @@ export class MlaBlock implements AttentionBlock {
         out.qBProj = uploadLinear(g, `layer ${l} q_b_proj`, [shape(w.qBProj, 'q_b_proj', [this.qCols, qr])], this.qCols, qr, lt);
         if (c.qkLatentLayernorm) out.qANorm = uploadArray(g, `layer ${l} q_a_layernorm`, shape(w.qANorm, 'q_a_layernorm', [qr]).data);
       }
-      const kva = shape(w.kvAProj, 'kv_a_proj_with_mqa', [R + r, c.dim]);
-      if (this.fused) {
-        // (uploaded with q_proj above)
-      } else if (c.qkLatentLayernorm) {
+      if (c.qkLatentLayernorm) {
         out.kvACProj = uploadLinear(g, `layer ${l} kv_a_proj (latent rows)`, [rowsOf(kva, 0, R)], R, c.dim, lt);
         out.kvAPeProj = uploadLinear(g, `layer ${l} kv_a_proj (rope rows)`, [rowsOf(kva, R, r)], r, c.dim, lt);
         if (w.kvAProjBias) {
@@ -159,7 +156,7 @@ export class MlaBlock implements AttentionBlock {
           out.kvAPeBias = uploadArray(g, `layer ${l} kv_a_proj bias (rope)`, w.kvAProjBias.data.subarray(R, R + r));
         }
         out.kvANorm = uploadArray(g, `layer ${l} kv_a_layernorm`, shape(w.kvANorm, 'kv_a_layernorm', [R]).data);
-      } else {
+      } else if (!this.fused) {
         out.kvAProj = uploadLinear(g, `layer ${l} kv_a_proj_with_mqa`, [kva], R + r, c.dim, lt);
         if (w.kvAProjBias) out.kvAProjBias = uploadArray(g, `layer ${l} kv_a_proj bias`, w.kvAProjBias.data);
       }
@@ -220,12 +217,10 @@ export class MlaBlock implements AttentionBlock {
         q.push(mm(lg.qBProj!, qIn, qaStride, a.q, this.qStride));
       }
       const kv: Array<LinearOp | RmsNorm> = [];
-      if (lg.qkvAProj) {
-        // (made by the fused projection above)
-      } else if (lg.kvAProj) {
+      if (lg.kvAProj) {
         kv.push(mm(lg.kvAProj, b.xn, b.xnStride, a.latent, this.latentStride, lg.kvAProjBias));
-      } else {
-        kv.push(mm(lg.kvACProj!, b.xn, b.xnStride, a.cRaw, pad8(R), lg.kvACBias));
+      } else if (lg.kvACProj) {
+        kv.push(mm(lg.kvACProj, b.xn, b.xnStride, a.cRaw, pad8(R), lg.kvACBias));
         kv.push(norm(a.cRaw, pad8(R), lg.kvANorm!, a.latent, this.latentStride, R));
         kv.push(mm(lg.kvAPeProj!, b.xn, b.xnStride, a.latent, this.latentStride, lg.kvAPeBias, R));
       }

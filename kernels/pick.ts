@@ -78,7 +78,7 @@ export function writePickAdjustments(out: Uint32Array, first: number, a: { ids: 
 }
 
 /**
- * One workgroup per pick row (logits rows META_FULL_LOGIT_ROWS … META_LOGIT_ROWS − 1), its settings at params[12k]:
+ * One workgroup per pick row (logits rows META_FULL_LOGIT_ROWS … META_LOGIT_ROWS − 1), its settings at params[16k]:
  *  0. With logprobs: on the raw row, its log-sum-exp and its n most likely tokens (a radix select of the n-th largest
  *     key, then those above it and the first tied ones in index order), into info[44k …] (PICK_INFO_WORDS).
  *  1. The row's adjustments change its logits in place (v' = rep(v + bias) − subtract; pick rows are never read back);
@@ -476,10 +476,13 @@ fn unadjusted(v: f32, a: Adj) -> f32 {
   return x - a.bias;
 }
 
+// Entry w's token (bit 31 marks a counted output token).
+fn adjustId(w: u32) -> u32 { return adjust[w] & 0x7fffffffu; }
+
 // Entry w's change, with the pending output token's penalties on top where it is that token.
 fn entryAdj(w: u32, pending: u32, pw: u32) -> Adj {
   var a = Adj(bitcast<f32>(adjust[w + 1u]), bitcast<f32>(adjust[w + 2u]), bitcast<f32>(adjust[w + 3u]));
-  if ((adjust[w] & 0x7fffffffu) == pending) {
+  if (adjustId(w) == pending) {
     a.rep = bitcast<f32>(params[pw + 10u]);
     let counted = (adjust[w] & 0x80000000u) != 0u;
     a.sub += bitcast<f32>(params[pw + 11u]) + select(bitcast<f32>(params[pw + 12u]), 0.0, counted);
@@ -510,7 +513,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     workgroupBarrier();
     for (var e = lid; e < nAdjust; e += ${WG}u) {
       let w = (first + e) * ${PICK_ADJUST_WORDS}u;
-      let id = adjust[w] & 0x7fffffffu;
+      let id = adjustId(w);
       if (id == pending) { pendingListed = 1u; }
       let at = base + id;
       logits[at] = adjusted(logits[at], entryAdj(w, pending, pw));
@@ -534,7 +537,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       var listed = false;
       for (var e = 0u; e < nAdjust; e++) {
         let w = (first + e) * ${PICK_ADJUST_WORDS}u;
-        if ((adjust[w] & 0x7fffffffu) == chosen) {
+        if (adjustId(w) == chosen) {
           v = unadjusted(v, entryAdj(w, pending, pw));
           listed = true;
           break;

@@ -26,6 +26,13 @@ import { decisionMargin, fileGpu, freshSeed, randomArray } from './kernels-helpe
 
 const gpu = fileGpu();
 
+/** n random rows of `vocab` logits, row r from seed + step · r with spread `scale` (or scale(r)). */
+function randomRows(n: number, vocab: number, seed: number, step: number, scale: number | ((r: number) => number)): Float32Array {
+  const rows = new Float32Array(n * vocab);
+  for (let r = 0; r < n; r++) rows.set(randomArray(vocab, seed + step * r, typeof scale === 'number' ? scale : scale(r)), r * vocab);
+  return rows;
+}
+
 /**
  * Runs the pick kernel over `rows` (the first `full` rows are full logits rows it must skip) with one spec per pick row
  * and, per pick row, its logit adjustments (or none).
@@ -124,8 +131,7 @@ test('sampled pick rows = the host draw (temperature, min-p, top-k, top-p, u) on
   const rowsPerSetting = 6;
   const n = settings.length * rowsPerSetting;
   // Peaky rows (scale 8: a handful of tokens hold the mass) and flat ones (scale 1: hundreds do), alternately.
-  const rows = new Float32Array(n * vocab);
-  for (let r = 0; r < n; r++) rows.set(randomArray(vocab, seed + 7919 * r, r % 2 === 0 ? 8 : 1), r * vocab);
+  const rows = randomRows(n, vocab, seed, 7919, (r) => (r % 2 === 0 ? 8 : 1));
   const us = randomArray(n, seed ^ 0x5bd1e995, 0.5).map((v) => v + 0.5);
   const specs: PickSampling[] = Array.from({ length: n }, (_, r) => ({ ...settings[Math.floor(r / rowsPerSetting)], u: us[r] }));
   const got = await runPicks(vocab, rows, 0, specs.map((s) => ({ kind: 'sample', ...s })));
@@ -188,8 +194,7 @@ test('logit bias and penalties (repetition, frequency, presence) change the row 
   const seed = freshSeed();
   const vocab = 900;
   const n = 12;
-  const rows = new Float32Array(n * vocab);
-  for (let r = 0; r < n; r++) rows.set(randomArray(vocab, seed + 131 * r, r % 2 ? 6 : 2), r * vocab);
+  const rows = randomRows(n, vocab, seed, 131, (r) => (r % 2 ? 6 : 2));
   const rnd = randomArray(n * 200, seed ^ 0x2545f491, 0.5).map((v) => v + 0.5);
   const specs: PickSpec[] = [];
   const adjusts: LogitAdjustments[] = [];
@@ -229,8 +234,7 @@ test("logprobs of pick rows: the raw row's log-softmax of the chosen token (its 
   const seed = freshSeed();
   const vocab = 777;
   const n = 8;
-  const rows = new Float32Array(n * vocab);
-  for (let r = 0; r < n; r++) rows.set(randomArray(vocab, seed + 17 * r, 4), r * vocab);
+  const rows = randomRows(n, vocab, seed, 17, 4);
   // Row 7: ties — ids 5, 300 and 600 share the largest value, ids 10 and 20 the next.
   const tied = rows.subarray(7 * vocab, 8 * vocab);
   tied.fill(-3);
@@ -264,8 +268,7 @@ test("a pending output token (a pipelined row's input, read on the device) takes
   const seed = freshSeed();
   const vocab = 997;
   const n = 8;
-  const rows = new Float32Array(n * vocab);
-  for (let r = 0; r < n; r++) rows.set(randomArray(vocab, seed + 71 * r, 3), r * vocab);
+  const rows = randomRows(n, vocab, seed, 71, 3);
   const rnd = randomArray(n * 8, seed ^ 0x1b873593, 0.5).map((v) => v + 0.5);
   const specs: PickSpec[] = [];
   const adjusts: LogitAdjustments[] = [];
