@@ -66,7 +66,7 @@ export function mlaTcOnTensorCores(gpu: GpuContext): boolean {
  * the right operand [32 K × 16 heads] column-major with stride 32, the very load the tensor-core GEMMs make of their
  * K-major weight tiles (verified on the H200), rather than a strided read across whole 576-byte query rows.
  */
-function qqWordWgsl(p: MlaTcPlan): string {
+export function qqWordWgsl(p: MlaTcPlan): string {
   return `fn qqWord(r: u32, h: u32, w: u32) -> u32 {
   return ((r * ${p.headTiles}u + h / 16u) * ${p.rowPad / 32}u + w / 8u) * 128u + (h % 16u) * 8u + w % 8u;
 }`;
@@ -86,7 +86,7 @@ export function mlaTcQueryWgsl(nHeads: number, f: MlaInt8RowFormat, p: MlaTcPlan
 @group(0) @binding(0) var<storage, read> qLatent: array<f32>;
 @group(0) @binding(1) var<storage, read_write> qq: array<i32>;
 @group(0) @binding(2) var<storage, read_write> qs: array<f32>;
-var<workgroup> red: array<vec2<f32>, 64>;
+var<workgroup> red: array<vec2<u32>, 64>;
 ${qqWordWgsl(p)}
 
 @compute @workgroup_size(64)
@@ -95,9 +95,12 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let row = wid.y;
   let live = h < ${nHeads}u;
   let qb = (row * ${nHeads}u + min(h, ${nHeads - 1}u)) * ${RV}u;
-  var a = vec2<f32>(0.0);
+  // |x| as bits: non-negative floats order like their u32 patterns, and NaN / Inf sort above every finite value, so a
+  // non-finite query value gives its part a NaN or Inf scale (scores NaN, as with f32 products) instead of being dropped
+  // by a float max.
+  var a = vec2<u32>(0u);
   for (var k = lid; k < ${RV}u; k += 64u) {
-    let v = abs(qLatent[qb + k]);
+    let v = bitcast<u32>(qLatent[qb + k]) & 0x7fffffffu;
     if (k < ${R}u) { a.x = max(a.x, v); } else { a.y = max(a.y, v); }
   }
   red[lid] = a;
@@ -106,7 +109,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
     workgroupBarrier();
   }
-  let absMax = select(vec2<f32>(0.0), red[0], live);
+  let absMax = select(vec2<f32>(0.0), bitcast<vec2<f32>>(red[0]), live);
   let inv = select(vec2<f32>(0.0), 127.0 / absMax, absMax > vec2<f32>(0.0));
   for (var w = lid; w < ${words}u; w += 64u) {
     var v = vec4<f32>(0.0);
@@ -455,14 +458,17 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
 `;
 }
 
-/** Stages sub-tile s (32 tokens from tokRow) into ct as [c | 0 | k_pe | 0] rows of rowPad bytes; zero rows past n. */
-function stageWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number): string {
+/**
+ * Stages `tokens` rows (window tokens first … first + tokens − 1, their cache rows in tokRow) as [c | 0 | k_pe | 0] rows of
+ * rowPad bytes; rows past n are zero. `store(v)` writes word v of staged row t, word w.
+ */
+export function stageRowsWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number, tokens: number, first: string, store: (v: string) => string): string {
   const ROWW = p.rowPad / 4;
   const LW = p.latentPad / 4;
-  return `for (var idx = lid; idx < ${32 * ROWW}u; idx += ${WG}u) {
+  return `for (var idx = lid; idx < ${tokens * ROWW}u; idx += ${WG}u) {
         let t = idx / ${ROWW}u;
         let w = idx % ${ROWW}u;
-        let tw = s * 32u + t;
+        let tw = ${first} + t;
         var v = 0u;
         if (tw < n) {
           let rb = tokRow[tw] * ${f.rowWords}u;
@@ -472,6 +478,11 @@ function stageWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number): string {
             v = cache[rb + ${f.ropeWord}u + w - ${LW}u];
           }
         }
-        ct[idx] = bitcast<i32>(v);
+        ${store('v')}
       }`;
+}
+
+/** Stages sub-tile s (32 tokens) into ct, row after row. */
+function stageWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number): string {
+  return stageRowsWgsl(f, p, WG, 32, 's * 32u', (v) => `ct[idx] = bitcast<i32>(${v});`);
 }

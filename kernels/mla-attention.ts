@@ -26,10 +26,13 @@ import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
+import { mlaDot4PartialWgsl, planMlaDot4, type MlaDot4Plan } from './mla-attention-dot4.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
   plan: MlaTcPlan;
+  /** The dot4 kernel's plan ('dot4'); absent for the tc kernel and its diagnosis forms. */
+  dot4?: MlaDot4Plan;
   tensorCores: boolean;
   queryPipe: GPUComputePipeline;
   partialPipe: GPUComputePipeline;
@@ -71,11 +74,15 @@ export interface MlaAttentionTuning {
    * 'tc-scores-bare' runs the scores on tensor cores and skips the value products (outputs zero; the split partials'
    * m and l, which depend on the scores alone, show whether the score phase is right on its own: diagnosis only);
    * 'tc-scores' / 'tc-values' run only the score or only the value products on tensor cores (to find which phase
-   * disagrees with the dot4 form).
+   * disagrees with the dot4 form); 'dot4' runs the same integer arithmetic in kernels/mla-attention-dot4.ts, laid out
+   * for speed rather than to mirror the tensor-core tiles (its window is the largest multiple of 32 up to int8Window
+   * whose workgroup memory the device has).
    */
-  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare';
+  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare' | 'dot4';
   /** Tokens per softmax window of the int8-product kernel (a multiple of 32; workgroup memory grows with it). */
   int8Window: number;
+  /** 'dot4': stage the quantized query in workgroup memory (default: where it fits) or read it from storage. */
+  int8QueryStaged?: boolean;
   /** Diagnosis only: the int8-product kernel dumps its first score window of (chunk 0, row 0) (int8DebugDump). */
   int8Debug?: boolean;
 }
@@ -491,6 +498,11 @@ export const MLA_MIN_CHUNK = 64;
  * chunk at 32 × 4K with this target (512-token chunks gave 256 workgroups of 8 windows each: 2 per SM).
  */
 export const MLA_TC_TARGET_WORKGROUPS = 1024;
+/**
+ * The dot4 kernel's target: its splits write 28 × 514 f32 of partials each (57 KB, read back by the merge), so 512
+ * workgroups (256-token chunks at 32 × 4K: 30 MB of partials against 77 MB of cache) rather than 1024 (59 MB).
+ */
+export const MLA_DOT4_TARGET_WORKGROUPS = 512;
 
 /**
  * How a step's context split is sized for the MLA kernel a layout and tuning select: parallel workgroups per row and
@@ -498,7 +510,9 @@ export const MLA_TC_TARGET_WORKGROUPS = 1024;
  */
 export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: Partial<MlaAttentionTuning> = {}): { parallelHeads: number; targetWorkgroups: number } {
   const t = { ...DEFAULT_MLA_TUNING, ...tuning };
-  if (cacheDtype === 'int8' && t.int8Products !== 'off') return { parallelHeads: 1, targetWorkgroups: MLA_TC_TARGET_WORKGROUPS };
+  if (cacheDtype === 'int8' && t.int8Products !== 'off') {
+    return { parallelHeads: 1, targetWorkgroups: t.int8Products === 'dot4' ? MLA_DOT4_TARGET_WORKGROUPS : MLA_TC_TARGET_WORKGROUPS };
+  }
   return { parallelHeads: planMlaAttention(shape, t).headSplits, targetWorkgroups: MLA_TARGET_WORKGROUPS };
 }
 
@@ -571,9 +585,18 @@ export class MlaAttention {
     this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, splitKMergeWgsl(shape.nHeads, shape.kvLoraRank, b.outStride));
   }
 
-  /** Which kernel computes the scores and values: 'f32', 'int8 tensor cores' or 'int8 dot4' (the same integers). */
-  get products(): 'f32' | 'int8 tensor cores' | 'int8 dot4' {
-    return this.tc ? (this.tc.tensorCores ? 'int8 tensor cores' : 'int8 dot4') : 'f32';
+  /**
+   * Which kernel computes the scores and values: 'f32', 'int8 tensor cores', 'int8 dot4' (the fast dot4 kernel) or
+   * 'int8 dot4 (tc layout)' (the tensor-core kernel's own dot4 form; the same integers throughout).
+   */
+  get products(): 'f32' | 'int8 tensor cores' | 'int8 dot4' | 'int8 dot4 (tc layout)' {
+    if (!this.tc) return 'f32';
+    return this.tc.tensorCores ? 'int8 tensor cores' : this.tc.dot4 ? 'int8 dot4' : 'int8 dot4 (tc layout)';
+  }
+
+  /** The dot4 kernel's plan (int8Products 'dot4'), for reports and tests. */
+  get dot4Plan(): MlaDot4Plan | undefined {
+    return this.tc?.dot4;
   }
 
   private makeTcPath(): TcPath | undefined {
@@ -591,6 +614,8 @@ export class MlaAttention {
       throw new Error(`MLA attention: int8Products ${mode} needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
     }
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
+    if (mode === 'dot4') return this.makeDot4Path(f);
+    if (this.tuning.int8QueryStaged !== undefined) throw new Error(`MLA attention: int8QueryStaged applies to int8Products 'dot4', not '${mode}'`);
     const plan = planMlaTc(shape.nHeads, f, this.tuning.int8Window);
     if (typeof plan === 'string') throw new Error(`MLA int8-product attention: ${plan}`);
     if (plan.workgroupBytes > gpu.limits.maxComputeWorkgroupStorageSize) {
@@ -606,6 +631,36 @@ export class MlaAttention {
       rows: 0,
       partialGroups: [],
     };
+  }
+
+  private makeDot4Path(f: MlaInt8RowFormat): TcPath {
+    const { gpu, shape, layout } = this;
+    if (this.tuning.int8Debug) throw new Error(`MLA attention: int8Debug dumps the tensor-core kernel's tiles; int8Products 'dot4' has none`);
+    const limit = gpu.limits.maxComputeWorkgroupStorageSize;
+    let why = '';
+    for (let window = this.tuning.int8Window; window >= 32; window -= 32) {
+      const plan = planMlaTc(shape.nHeads, f, window);
+      if (typeof plan === 'string') {
+        why = plan;
+        continue;
+      }
+      const dot4 = planMlaDot4(shape.nHeads, plan, limit, this.tuning.int8QueryStaged);
+      if (typeof dot4 === 'string') {
+        why = dot4;
+        continue;
+      }
+      const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
+      return {
+        plan,
+        dot4,
+        tensorCores: false,
+        queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan)),
+        partialPipe: gpu.pipeline(`mla-attention int8 dot4 ${key}${dot4.queryStaged ? ' q staged' : ''}`, mlaDot4PartialWgsl(shape.nHeads, f, layout.blockSize, plan, dot4)),
+        rows: 0,
+        partialGroups: [],
+      };
+    }
+    throw new Error(`MLA int8 dot4 attention: ${why || `int8Window ${this.tuning.int8Window} is below 32 tokens`}`);
   }
 
   /**

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { mlaTcDumpLayout, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
+import type { MlaDot4Plan } from '../kernels/mla-attention-dot4.ts';
 import { checkMlaTcDump, describeMlaTcDump } from '../bench/mla-tc-dump.ts';
 import {
   MlaLatentWriteInt8,
@@ -43,6 +44,8 @@ interface Step {
   latent?: Float32Array[];
   /** Skip the attention (write-only cases). */
   writeOnly?: boolean;
+  /** Changes the random queries [row][head][R + r] before they are uploaded. */
+  editQuery?: (q: Float32Array) => void;
 }
 
 interface StepResult {
@@ -54,6 +57,10 @@ interface StepResult {
   rowWords: (i: number, t: number) => Uint32Array;
   format: MlaInt8RowFormat;
   maxChunks: number;
+  /** The step's context split. */
+  chunkSize: number;
+  /** The dot4 kernel's plan (int8Products 'dot4'). */
+  dot4?: MlaDot4Plan;
   /** The int8-product kernel's debug dump (tuning.int8Debug) and its plan. */
   dump?: { words: Int32Array; plan: MlaTcPlan };
 }
@@ -82,6 +89,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const nRows = c.seqs.reduce((a, [, n]) => a + n, 0);
   // Query scaled so that softmax is far from uniform.
   const q = randomArray(nRows * nHeads * RV, seed + 3, 2 / Math.sqrt(RV));
+  c.editQuery?.(q);
   const cacheBuf = storageBuffer(g, 'int8 latent cache', totalBlocks * c.blockSize * format.rowWords * 4);
   poisonBuffer(g, cacheBuf);
   const maxTok = Math.max(1, c.seqs.reduce((a, [k, n]) => a + k + n, 0));
@@ -125,6 +133,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const outRows = await readF32(g, out, nRows * outStride);
   const cacheF = await readF32(g, cacheBuf, cacheBuf.size / 4);
   const cache = new Uint32Array(cacheF.buffer, cacheF.byteOffset, cacheF.length);
+  const dot4 = attention?.dot4Plan;
   const dumpInfo = attention?.int8DebugDump;
   const dump = dumpInfo && { words: new Int32Array((await readF32(g, dumpInfo.buffer, dumpInfo.buffer.size / 4)).buffer), plan: dumpInfo.plan };
   attention?.destroy();
@@ -137,6 +146,8 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
     rowWords: (i, t) => cache.slice(slot(i, t) * format.rowWords, (slot(i, t) + 1) * format.rowWords),
     format,
     maxChunks: m.maxChunks,
+    chunkSize: m.chunkSize,
+    dot4,
     dump,
   };
 }
@@ -385,6 +396,11 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
     const dProducts = products.perplexity / base.perplexity - 1;
     console.log(`  int8 products (tensor-core arithmetic, dot4 form): ppl ${products.perplexity.toFixed(4)} (${(100 * dProducts).toFixed(3)} %)`);
     assert.ok(Math.abs(dProducts) <= 0.05, `int8-product attention perplexity ${products.perplexity} vs f32 cache ${base.perplexity}`);
+    // The same arithmetic in the dot4 kernel (windows of 64 here, as the emulated form): the same perplexity but for
+    // f32 sums taken in another order.
+    const dot4 = await score('int8', 'dot4');
+    console.log(`  int8 products, dot4 kernel: ppl ${dot4.perplexity.toFixed(4)} (${(100 * (dot4.perplexity / base.perplexity - 1)).toFixed(3)} %)`);
+    assert.ok(Math.abs(dot4.perplexity / products.perplexity - 1) <= 1e-3, `dot4 kernel perplexity ${dot4.perplexity} vs the emulated form's ${products.perplexity}`);
     assert.equal(int8.predicted, base.predicted);
     assert.ok(base.predicted > 700, `only ${base.predicted} tokens scored`);
     const delta = int8.perplexity / base.perplexity - 1;
@@ -482,35 +498,83 @@ test('mla attention int8 products (the tensor-core arithmetic, dot4 form) vs a f
     const seed = freshSeed();
     const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning: { int8Products: 'emulate', int8Window: window } };
     const res = await runStep(c, seed);
-    const where = `${JSON.stringify(shape)} chunk ${chunkSize} block ${blockSize} window ${window} seed ${seed}`;
-    const model = int8ProductsReference(res, c, chunkSize, window);
-    // Same integers, but the GPU's f32 exp and scales against float64: a p′ (or q) value that lies at a rounding half
-    // can round the other way, moving that head's output by one quantization step of one token (ps·|cq|, up to a few
-    // 1e-3 of the largest output when that token's |c| is 64× the window's typical one: seed 1343776503 gave 5.9e-3 at
-    // one of 648 heads). So: every head within 5e-2, and at most 1 % of the heads beyond 1e-4; a wrong kernel moves all.
-    const R = shape.kvLoraRank;
-    let maxOut = 0;
-    for (const v of model) maxOut = Math.max(maxOut, Math.abs(v));
-    let off = 0;
-    let worst = 0;
-    for (let rh = 0; rh < model.length / R; rh++) {
-      let e = 0;
-      for (let x = 0; x < R; x++) e = Math.max(e, Math.abs(res.out[rh * R + x] - model[rh * R + x]));
-      e /= maxOut;
-      worst = Math.max(worst, e);
-      if (e > 1e-4) off++;
-    }
-    const heads = model.length / R;
-    assert.ok(worst <= 5e-2 && off <= Math.max(1, heads / 100), `${where}: ${off} of ${heads} heads beyond 1e-4 of the float64 model of the int8-product arithmetic, worst ${worst}`);
-    // Against the unquantized float64 attention: the query and p′ quantization on top of the cache's.
-    const { want } = referenceAndBound(res, c);
-    const quantErr = relError(res.out, want);
-    // p′ carries c's per-token scale: in this data token magnitudes vary 2^±3 (64×), so tokens far below a window's
-    // largest keep few of p′'s 7 bits and outputs move a lot: 10 fresh seeds per shape gave 0.03…0.14, seed 730361765
-    // 0.169 (18 heads); on text the perplexity moves 0.5…1.2 % (below). The tight check is the one above; this one
-    // only says the quantization happened and stayed far from garbage (≥ 1).
-    assert.ok(quantErr > 1e-5 && quantErr < 0.4, `${where}: relative error ${quantErr} vs unquantized float64 (expected 1e-5 … 0.4)`);
+    checkInt8Products(res, c, `${JSON.stringify(shape)} chunk ${chunkSize} block ${blockSize} window ${window} seed ${seed}`);
   }
+});
+
+/**
+ * An int8-product kernel's output against the float64 model of its arithmetic (tight) and against unquantized float64
+ * attention (loose: only that the query and p′ quantization happened and stayed far from garbage).
+ */
+function checkInt8Products(res: StepResult, c: Step, where: string): void {
+  const window = res.dot4?.window ?? c.tuning?.int8Window ?? DEFAULT_MLA_TUNING.int8Window;
+  const model = int8ProductsReference(res, c, res.chunkSize, window);
+  // Same integers, but the GPU's f32 exp and scales against float64: a p′ (or q) value that lies at a rounding half
+  // can round the other way, moving that head's output by one quantization step of one token (ps·|cq|, up to a few
+  // 1e-3 of the largest output when that token's |c| is 64× the window's typical one: seed 1343776503 gave 5.9e-3 at
+  // one of 648 heads). So: every head within 5e-2, and at most 1 % of the heads beyond 1e-4; a wrong kernel moves all.
+  const R = c.shape.kvLoraRank;
+  let maxOut = 0;
+  for (const v of model) maxOut = Math.max(maxOut, Math.abs(v));
+  let off = 0;
+  let worst = 0;
+  for (let rh = 0; rh < model.length / R; rh++) {
+    let e = 0;
+    for (let x = 0; x < R; x++) e = Math.max(e, Math.abs(res.out[rh * R + x] - model[rh * R + x]));
+    e /= maxOut;
+    worst = Math.max(worst, e);
+    if (e > 1e-4) off++;
+  }
+  const heads = model.length / R;
+  assert.ok(worst <= 5e-2 && off <= Math.max(1, heads / 100), `${where}: ${off} of ${heads} heads beyond 1e-4 of the float64 model of the int8-product arithmetic, worst ${worst}`);
+  // Against the unquantized float64 attention: the query and p′ quantization on top of the cache's.
+  const { want } = referenceAndBound(res, c);
+  const quantErr = relError(res.out, want);
+  // p′ carries c's per-token scale: in this data token magnitudes vary 2^±3 (64×), so tokens far below a window's
+  // largest keep few of p′'s 7 bits and outputs move a lot: 10 fresh seeds per shape gave 0.03…0.14, seed 730361765
+  // 0.169 (18 heads); on text the perplexity moves 0.5…1.2 % (below). The tight check is the one above; this one
+  // only says the quantization happened and stayed far from garbage (≥ 1).
+  assert.ok(quantErr > 1e-5 && quantErr < 0.4, `${where}: relative error ${quantErr} vs unquantized float64 (expected 1e-5 … 0.4)`);
+}
+
+test('mla attention int8 dot4 kernel vs the float64 model of the int8-product arithmetic: query staged and read from storage, windows of 32 and 64, partial windows, up to 32 heads, the Qwen2.5-7B row shape', async () => {
+  for (const [shape, chunkSize, blockSize, window, queryStaged] of [
+    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, true], // chunks shorter than a window; 4 value parts a head
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 128, 5, 64, false], // two windows a split, block size 5, R not a multiple of 4
+    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16, 32, true], // a partial head quad
+    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false], // the most heads, 2 windows a split
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined], // Qwen2.5-7B's MLA row, the runner's own split
+  ] as const) {
+    const seed = freshSeed();
+    const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning: { int8Products: 'dot4', int8Window: window, int8QueryStaged: queryStaged } };
+    const res = await runStep(c, seed);
+    assert.ok(res.dot4, 'no dot4 plan');
+    if (queryStaged !== undefined) assert.equal(res.dot4.queryStaged, queryStaged);
+    checkInt8Products(res, c, `${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.dot4.window} q ${res.dot4.queryStaged ? 'staged' : 'storage'} seed ${seed}`);
+  }
+});
+
+test('mla attention int8 dot4 kernel: a NaN in a cached row or in a query value reaches exactly the rows and heads that use it', async () => {
+  const shape = { nHeads: 5, kvLoraRank: 20, qkRopeHeadDim: 8 };
+  const RV = 28;
+  const seqs: Array<[number, number]> = [[40, 1], [3, 4], [6, 2]];
+  const seed = freshSeed();
+  const latent = seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + i));
+  latent[0][37 * RV + 5] = NaN; // seq 0, token 37, in c: the decode row at position 40 sees it
+  latent[1][4 * RV + 20 + 2] = NaN; // seq 1, token 4, in k_pe: only rows at position ≥ 4 see it
+  // And a NaN in one query value: row 6 (seq 2's second row), head 3, in q_pe.
+  const editQuery = (q: Float32Array) => (q[(6 * 5 + 3) * RV + 23] = NaN);
+  const res = await runStep({ shape, blockSize: 4, seqs, latent, chunkSize: 16, tuning: { int8Products: 'dot4' }, editQuery }, seed);
+  const rowOut = (row: number) => res.out.subarray(row * 5 * 20, (row + 1) * 5 * 20);
+  const head = (row: number, h: number) => res.out.subarray((row * 5 + h) * 20, (row * 5 + h + 1) * 20);
+  assert.ok(rowOut(0).every(Number.isNaN), 'seq 0 decode row: every head reads the NaN row');
+  for (let row = 1; row <= 4; row++) {
+    const pos = 3 + row - 1;
+    const values = rowOut(row);
+    assert.ok(pos >= 4 ? values.every(Number.isNaN) : values.every(Number.isFinite), `seq 1 row at position ${pos}`);
+  }
+  assert.ok(rowOut(5).every(Number.isFinite), 'seq 2 never sees a NaN cache row');
+  for (let h = 0; h < 5; h++) assert.ok(h === 3 ? head(6, h).every(Number.isNaN) : head(6, h).every(Number.isFinite), `row 6 head ${h}: only head 3's query holds the NaN`);
 });
 
 test('int8-product kernel debug dump (dot4 form): staged rows, quantized query and window scores agree with the host check bench:attention applies to the tensor-core forms', async () => {

@@ -1,0 +1,321 @@
+// Absorbed MLA decode attention over the int8 latent cache with both products as int8 dot products (dot4I8Packed),
+// laid out for speed: the arithmetic of kernels/mla-attention-tc.ts (same integers, same windows), without its tiles.
+import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
+import { NEG_BIG } from './split-merge.ts';
+import { qqWordWgsl, stageRowsWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
+import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
+
+/**
+ * Why int8 dot products: the f32 kernel over the int8 cache is bound by f32 arithmetic (~13 TFLOP/s of the H200's 67
+ * at 32 × 4K), and each dot4I8Packed is 4 multiply-adds (120 TOPS measured in registers, bench/probe-rates.ts), on
+ * values the cache already stores as packed int8 — the f32 kernel unpacks and scales every one of them first.
+ *
+ * One workgroup of 256 threads per (row, chunk), all heads; the chunk in windows of W tokens (a multiple of 32):
+ *  stage:   the window's rows [c | k_pe] into workgroup memory, a row every S4 vec4 (S4 odd: the score phase's 16-byte
+ *           loads of 32 tokens at one offset fall in distinct banks);
+ *  scores:  thread = (head quad, token): 4 heads × W/32 tokens of i32 sums, latent and rope apart (their scales
+ *           differ); a warp is one head quad, so its query loads are uniform (workgroup memory or L1);
+ *  softmax: 8 threads a head, online over the window as in the tc kernel; p′ = p · sc_t quantized per head;
+ *  values:  thread = (latent word, head part): the 4 values of one cache word for HPT heads; four tokens' words are
+ *           transposed in registers into one word per value (4 tokens each), so Σ_t p′_t · c_t is a dot4 of p′'s word
+ *           (4 tokens) with it; i32 sums over the window, then o = o · α + f32(O) · ps.
+ */
+export interface MlaDot4Plan {
+  window: number;
+  /** Head quads of the score phase (one warp each) and tokens per score thread. */
+  headQuads: number;
+  tokensPerScoreThread: number;
+  /** Words of a staged row (latent part padded, then rope padded) and of its latent part. */
+  rowWords: number;
+  latentWords: number;
+  /** vec4 slots per staged row in workgroup memory. */
+  rowStride4: number;
+  /** Value phase: threads per head part (one per latent word), parts, heads per thread. */
+  valueWords: number;
+  valueParts: number;
+  headsPerValueThread: number;
+  /** Whether the quantized query is staged in workgroup memory (else read from storage, L1-cached). */
+  queryStaged: boolean;
+  workgroupBytes: number;
+}
+
+const WG = 256;
+
+/**
+ * The plan for a shape, or why this kernel does not take it. `storageLimit` is the device's workgroup memory: the
+ * query is staged there when it fits (`queryStaged` forces either way).
+ */
+export function planMlaDot4(nHeads: number, tc: MlaTcPlan, storageLimit: number, queryStaged?: boolean): MlaDot4Plan | string {
+  const W = tc.window;
+  if (W > 128) return `window ${W}: at most 128 tokens (a softmax thread holds W / 8 probabilities)`;
+  const headQuads = Math.ceil(nHeads / 4);
+  const rowWords = tc.rowPad / 4;
+  const latentWords = tc.latentPad / 4;
+  const rowStride4 = rowWords / 4 + ((rowWords / 4) % 2 === 0 ? 1 : 0);
+  if (latentWords > WG) return `kv_lora_rank ${tc.latentPad}: the value phase takes at most ${4 * WG} latent values`;
+  const valueParts = Math.min(nHeads, Math.floor(WG / latentWords));
+  const headsPerValueThread = Math.ceil(nHeads / valueParts);
+  if (headsPerValueThread > 16) return `${nHeads} heads over ${valueParts} value parts: more than 16 heads a thread`;
+  const base = 16 * W * rowStride4 + 4 * nHeads * W + nHeads * W + 8 * WG + 12 * W + 16 * nHeads + 8;
+  const queryBytes = 4 * nHeads * rowWords;
+  const staged = queryStaged ?? base + queryBytes <= storageLimit;
+  const workgroupBytes = base + (staged ? queryBytes : 0);
+  if (workgroupBytes > storageLimit) return `${workgroupBytes} B of workgroup memory at window ${W}, the device allows ${storageLimit}`;
+  return {
+    window: W,
+    headQuads,
+    tokensPerScoreThread: W / 32,
+    rowWords,
+    latentWords,
+    rowStride4,
+    valueWords: latentWords,
+    valueParts,
+    headsPerValueThread,
+    queryStaged: staged,
+    workgroupBytes,
+  };
+}
+
+/** The split kernel: grid (chunks, 1, rows), 256 threads; writes the f32 kernel's partials (m, l, o per head). */
+export function mlaDot4PartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, tc: MlaTcPlan, p: MlaDot4Plan): string {
+  const H = nHeads;
+  const R = f.kvLoraRank;
+  const W = p.window;
+  const S4 = p.rowStride4;
+  const RW4 = p.rowWords / 4;
+  const LW4 = p.latentWords / 4;
+  const HPT = p.headsPerValueThread;
+  const TPT = W / 8;
+  const ks = [0, 1, 2, 3];
+  const bs = [...Array(p.tokensPerScoreThread).keys()];
+  const vs = [...Array(HPT).keys()];
+  const qLoad = (k: number) => (p.queryStaged ? `qsm[qh${k} * ${RW4}u + w4]` : `qq[qb${k} + (w4 >> 1u) * 32u + (w4 & 1u)]`);
+  // One part (latent or rope) of the score sums: every 16 bytes of the row against each head's 16 query bytes.
+  const scoreLoop = (from: number, to: number, acc: string) => `for (var w4 = ${from}u; w4 < ${to}u; w4++) {
+        ${bs.map((b) => `let c${b} = ct[(tl + ${32 * b}u) * ${S4}u + w4];`).join('\n        ')}
+        ${ks
+          .map(
+            (k) => `{
+          let qv = ${qLoad(k)};
+          ${bs.map((b) => `${acc}${b}[${k}] += dot4I8Packed(qv.x, c${b}.x) + dot4I8Packed(qv.y, c${b}.y) + dot4I8Packed(qv.z, c${b}.z) + dot4I8Packed(qv.w, c${b}.w);`).join('\n          ')}
+        }`,
+          )
+          .join('\n        ')}
+      }`;
+
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> qq: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> qs: array<f32>;
+@group(0) @binding(3) var<storage, read> cache: array<u32>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+${cacheRowWgsl(blockSize)}
+${qqWordWgsl(tc)}
+var<workgroup> ct: array<vec4<u32>, ${W * S4}>;
+${p.queryStaged ? `var<workgroup> qsm: array<vec4<u32>, ${H * RW4}>;` : ''}
+var<workgroup> sc: array<f32, ${H * W}>;
+var<workgroup> pq: array<u32, ${(H * W) / 4}>;
+var<workgroup> red: array<vec2<f32>, ${WG}>;
+var<workgroup> tokScale: array<vec2<f32>, ${W}>;
+var<workgroup> tokRow: array<u32, ${W}>;
+var<workgroup> mRun: array<f32, ${H}>;
+var<workgroup> lRun: array<f32, ${H}>;
+var<workgroup> alpha: array<f32, ${H}>;
+var<workgroup> pscale: array<f32, ${H}>;
+var<workgroup> bounds: vec2<u32>;
+
+/** vec4 index of head h's query words 4·w4 … 4·w4 + 3 in row r's tiled query (qqWord at w4 = 0 is 8-word aligned). */
+fn qBase(r: u32, h: u32) -> u32 {
+  return qqWord(r, h, 0u) / 4u;
+}
+
+/**
+ * Four tokens' words of one latent word (w_i: values 4d … 4d + 3 of token i) → one word per value (bytes: tokens 0 … 3).
+ */
+fn transpose4(w0: u32, w1: u32, w2: u32, w3: u32) -> vec4<u32> {
+  let a0 = (w0 & 0x00ff00ffu) | ((w1 & 0x00ff00ffu) << 8u);
+  let a1 = ((w0 >> 8u) & 0x00ff00ffu) | (w1 & 0xff00ff00u);
+  let b0 = (w2 & 0x00ff00ffu) | ((w3 & 0x00ff00ffu) << 8u);
+  let b1 = ((w2 >> 8u) & 0x00ff00ffu) | (w3 & 0xff00ff00u);
+  return vec4<u32>((a0 & 0xffffu) | (b0 << 16u), (a1 & 0xffffu) | (b1 << 16u), (a0 >> 16u) | (b0 & 0xffff0000u), (a1 >> 16u) | (b1 & 0xffff0000u));
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let c = wid.x;
+  let r = wid.z;
+  let chunk = stepMeta[${META_CHUNK}];
+  if (lid == 0u) {
+    let ctx = rowPos(r) + 1u;
+    let start = c * chunk;
+    bounds = vec2<u32>(start, select(start, min(start + chunk, ctx), start < ctx));
+  }
+  let bnd = workgroupUniformLoad(&bounds);
+  if (bnd.y <= bnd.x) { return; }
+  let bt = seqBlockTable(rowSeq(r));
+  if (lid < ${H}u) {
+    mRun[lid] = ${NEG_BIG};
+    lRun[lid] = 0.0;
+  }
+  // Score threads: head quad hq (a warp), token tl (+ 32 b).
+  let hq = lid / 32u;
+  let tl = lid % 32u;
+  let scoreThread = hq < ${p.headQuads}u;
+  ${ks
+    .map(
+      (k) => `let qh${k} = min(hq * 4u + ${k}u, ${H - 1}u);
+  let qb${k} = qBase(r, qh${k});
+  let sq${k} = vec2<f32>(qs[2u * (r * ${tc.headsPadded}u + qh${k})], qs[2u * (r * ${tc.headsPadded}u + qh${k}) + 1u]);`,
+    )
+    .join('\n  ')}
+  ${
+    p.queryStaged
+      ? `for (var i = lid; i < ${H * RW4}u; i += ${WG}u) {
+    let w4 = i % ${RW4}u;
+    qsm[i] = qq[qBase(r, i / ${RW4}u) + (w4 >> 1u) * 32u + (w4 & 1u)];
+  }`
+      : ''
+  }
+  // Value threads: latent word dq, head part hp (heads hp·${HPT} …).
+  let dq = lid % ${p.valueWords}u;
+  let hp = lid / ${p.valueWords}u;
+  let valueThread = hp < ${p.valueParts}u;
+  ${vs.map((k) => `let vh${k} = min(hp * ${HPT}u + ${k}u, ${H - 1}u);\n  var o${k} = vec4<f32>(0.0);`).join('\n  ')}
+
+  for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
+    let n = min(${W}u, bnd.y - w0);
+    for (var j = lid; j < ${W}u; j += ${WG}u) {
+      let row = cacheRow(bt, w0 + min(j, n - 1u));
+      tokRow[j] = row;
+      tokScale[j] = select(vec2<f32>(0.0), vec2<f32>(bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord}u]), bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord + 1}u])), j < n);
+    }
+    workgroupBarrier();
+    ${stageRowsWgsl(f, tc, WG, W, '0u', (v) => `ct[t * ${S4}u + w / 4u][w % 4u] = ${v};`)}
+    workgroupBarrier();
+
+    if (scoreThread) {
+      ${bs.map((b) => `var aL${b} = vec4<i32>(0);\n      var aP${b} = vec4<i32>(0);`).join('\n      ')}
+      ${scoreLoop(0, LW4, 'aL')}
+      ${scoreLoop(LW4, RW4, 'aP')}
+      ${bs
+        .map((b) =>
+          ks
+            .map(
+              (k) => `if (hq * 4u + ${k}u < ${H}u) {
+        let t = tl + ${32 * b}u;
+        let ts = tokScale[t];
+        sc[qh${k} * ${W}u + t] = select(${NEG_BIG}, f32(aL${b}[${k}]) * sq${k}.x * ts.x + f32(aP${b}[${k}]) * sq${k}.y * ts.y, t < n);
+      }`,
+            )
+            .join('\n      '),
+        )
+        .join('\n      ')}
+    }
+    workgroupBarrier();
+
+    // Softmax over the window, 8 threads a head (slots past the heads idle but keep the barriers), ${TPT} tokens each.
+    {
+      let h = min(lid / 8u, ${H - 1}u);
+      let live = lid / 8u < ${H}u;
+      let sub = lid % 8u;
+      let t0 = sub * ${TPT}u;
+      var mx = ${NEG_BIG};
+      // A non-finite score (a NaN or Inf cache or query scale) poisons the head: float max and exp need not carry NaN
+      // (SwiftShader's max drops it and its exp(NaN) is +Inf), so it is found from the bits and l set to NaN below.
+      var bad = 0.0;
+      for (var i = 0u; i < ${TPT}u; i++) {
+        if (t0 + i < n) {
+          let s = sc[h * ${W}u + t0 + i];
+          mx = max(mx, s);
+          bad = select(bad, 1.0, (bitcast<u32>(s) & 0x7f800000u) == 0x7f800000u);
+        }
+      }
+      red[lid] = vec2<f32>(mx, bad);
+      workgroupBarrier();
+      for (var st = 4u; st > 0u; st >>= 1u) {
+        if (sub < st) { red[lid] = max(red[lid], red[lid + st]); }
+        workgroupBarrier();
+      }
+      let mOld = mRun[h];
+      let mNew = max(mOld, red[lid - sub].x);
+      let poisoned = red[lid - sub].y > 0.0;
+      var pp: array<f32, ${TPT}>;
+      var l = 0.0;
+      var pmax = 0.0;
+      for (var i = 0u; i < ${TPT}u; i++) {
+        pp[i] = 0.0;
+        let t = t0 + i;
+        if (t < n) {
+          let pt = exp(sc[h * ${W}u + t] - mNew);
+          l += pt;
+          pp[i] = pt * tokScale[t].x;
+          pmax = max(pmax, pp[i]);
+        }
+      }
+      workgroupBarrier();
+      red[lid] = vec2<f32>(l, pmax);
+      workgroupBarrier();
+      for (var st = 4u; st > 0u; st >>= 1u) {
+        if (sub < st) { red[lid] = vec2<f32>(red[lid].x + red[lid + st].x, max(red[lid].y, red[lid + st].y)); }
+        workgroupBarrier();
+      }
+      let tot = red[lid - sub];
+      if (live && sub == 0u) {
+        let al = exp(mOld - mNew);
+        alpha[h] = al;
+        let lNew = lRun[h] * al + tot.x;
+        lRun[h] = select(lNew, bitcast<f32>(bitcast<u32>(lNew) | 0x7fc00000u), poisoned);
+        mRun[h] = mNew;
+        pscale[h] = tot.y / 127.0;
+      }
+      let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
+      if (live) {
+        for (var q = 0u; q < ${TPT / 4}u; q++) {
+          let v = vec4<f32>(pp[4u * q], pp[4u * q + 1u], pp[4u * q + 2u], pp[4u * q + 3u]) * inv;
+          pq[h * ${W / 4}u + t0 / 4u + q] = pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0))));
+        }
+      }
+    }
+    workgroupBarrier();
+
+    if (valueThread) {
+      ${vs.map((k) => `var acc${k} = vec4<i32>(0);`).join('\n      ')}
+      for (var tq = 0u; tq < ${W / 4}u; tq++) {
+        let at = 4u * tq * ${S4}u + dq / 4u;
+        let e = dq % 4u;
+        let cv = transpose4(ct[at][e], ct[at + ${S4}u][e], ct[at + ${2 * S4}u][e], ct[at + ${3 * S4}u][e]);
+        ${vs
+          .map(
+            (k) => `{
+          let pw = pq[vh${k} * ${W / 4}u + tq];
+          acc${k} += vec4<i32>(dot4I8Packed(pw, cv.x), dot4I8Packed(pw, cv.y), dot4I8Packed(pw, cv.z), dot4I8Packed(pw, cv.w));
+        }`,
+          )
+          .join('\n        ')}
+      }
+      ${vs.map((k) => `o${k} = o${k} * alpha[vh${k}] + vec4<f32>(acc${k}) * pscale[vh${k}];`).join('\n      ')}
+    }
+    workgroupBarrier();
+  }
+
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  if (valueThread) {
+    ${vs
+      .map(
+        (k) => `if (hp * ${HPT}u + ${k}u < ${H}u) {
+      let base = ((r * ${H}u + vh${k}) * maxChunks + c) * ${R + 2}u + 2u + 4u * dq;
+      for (var d = 0u; d < 4u; d++) {
+        if (4u * dq + d < ${R}u) { partials[base + d] = o${k}[d]; }
+      }
+    }`,
+      )
+      .join('\n    ')}
+  }
+  if (lid < ${H}u) {
+    let base = ((r * ${H}u + lid) * maxChunks + c) * ${R + 2}u;
+    partials[base] = mRun[lid];
+    partials[base + 1u] = lRun[lid];
+  }
+}
+`;
+}
