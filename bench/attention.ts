@@ -7,6 +7,8 @@
 //   options: --batches 1,8,32,64  --contexts 1024,4096,16384  --ceiling-gbs 4300  --ceiling-tflops 67
 //            --target-ms 150 (GPU time per measurement)  --spin-ms 300 (warm-up)  --variants all|default (MLA workgroup/tile variants)
 //            --prefill 512,2048|none (one prompt, every position a row: the absorbed form's prefill cost vs GQA)
+//            --mla-int8 all|fast|FORM,FORM (MLA over the int8 cache; fast = the dot4 kernel's forms and the f32 kernel;
+//            forms: MLA_INT8_FORMS below)
 //
 // Synthetic data: cache values are a hash of their index (f16 in ±[1/16, 1)), generated on the GPU; block tables are
 // a fixed shuffle of the pool (pages scattered as a running server leaves them). Each measurement records many
@@ -45,10 +47,23 @@ interface Args {
   variants: 'all' | 'default';
   /** Prompt lengths for the prefill comparison (one sequence, every position a row). */
   prefill: number[];
+  /** MLA over the int8 cache: the forms to run (MLA_INT8_FORMS keys). */
+  mlaInt8: string[];
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { quick: false, batches: [1, 8, 32, 64], contexts: [1024, 4096, 16384], ceilingGBs: 4300, ceilingTflops: 67, targetMs: 150, spinMs: 300, variants: 'all', prefill: [512, 2048] };
+  const a: Args = {
+    quick: false,
+    batches: [1, 8, 32, 64],
+    contexts: [1024, 4096, 16384],
+    ceilingGBs: 4300,
+    ceilingTflops: 67,
+    targetMs: 150,
+    spinMs: 300,
+    variants: 'all',
+    prefill: [512, 2048],
+    mlaInt8: MLA_INT8_FORMS.map((f) => f.key),
+  };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const val = () => {
@@ -70,7 +85,12 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--ceiling-tflops') a.ceilingTflops = Number(val());
     else if (k === '--target-ms') a.targetMs = Number(val());
     else if (k === '--spin-ms') a.spinMs = Number(val());
-    else if (k === '--variants') {
+    else if (k === '--mla-int8') {
+      const v = val();
+      const keys = MLA_INT8_FORMS.map((f) => f.key);
+      a.mlaInt8 = v === 'all' ? keys : v === 'fast' ? MLA_INT8_FORMS.filter((f) => f.fast).map((f) => f.key) : v.split(',');
+      for (const key of a.mlaInt8) if (!keys.includes(key)) throw new Error(`--mla-int8: no form "${key}"; forms: ${keys.join(', ')}`);
+    } else if (k === '--variants') {
       const v = val();
       if (v !== 'all' && v !== 'default') throw new Error(`--variants takes all or default, not ${v}`);
       a.variants = v;
@@ -101,6 +121,26 @@ const MLA_VARIANTS: Array<{ name: string; tuning: Partial<MlaAttentionTuning>; c
   { name: 'wg256 b2 q64 chunk×2', tuning: { qSliceValues: 64 }, chunkScale: 2 },
   // 7 heads × 4 tokens per thread: half the query loads per FMA, each latent row read by 4 head groups.
   { name: 'wg256 b4 7h', tuning: { tokensPerThread: 4, maxHeadsPerThread: 7 }, chunkScale: 1 },
+];
+
+/**
+ * MLA over the int8 cache: the int8-product kernels (tensor cores where the adapter has i8 subgroup matrices, their
+ * dot4 form in the tc layout, the dot4 kernel) and the f32 kernel unpacking int8 ('off'). `targetScale` multiplies the
+ * workgroups the context split aims for (mlaSplit's target).
+ */
+const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Products']; window: number; tuning?: Partial<MlaAttentionTuning>; targetScale?: number; variant: string; fast?: boolean }> = [
+  { key: 'tensor-cores', mode: 'tensor-cores', window: 64, variant: 'int8 tensor cores' },
+  // 32-token windows: less workgroup memory (41 KB instead of 46 KB at these shapes).
+  { key: 'tensor-cores w32', mode: 'tensor-cores', window: 32, variant: 'int8 tensor cores w32' },
+  { key: 'tc-scores', mode: 'tc-scores', window: 64, variant: 'int8 tc-scores only' },
+  { key: 'tc-scores-bare', mode: 'tc-scores-bare', window: 64, variant: 'int8 tc-scores-bare only' },
+  { key: 'tc-values', mode: 'tc-values', window: 64, variant: 'int8 tc-values only' },
+  { key: 'emulate', mode: 'emulate', window: 64, variant: 'int8 dot4, tc layout' },
+  { key: 'dot4', mode: 'dot4', window: 64, variant: 'int8 dot4', fast: true },
+  { key: 'dot4 q-storage', mode: 'dot4', window: 64, tuning: { int8QueryStaged: false }, variant: 'int8 dot4', fast: true },
+  { key: 'dot4 target×2', mode: 'dot4', window: 64, targetScale: 2, variant: 'int8 dot4, 2× workgroups', fast: true },
+  { key: 'dot4 target÷2', mode: 'dot4', window: 64, targetScale: 0.5, variant: 'int8 dot4, ½ workgroups', fast: true },
+  { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];
 
 // ---- synthetic cache values: the same hash on the GPU (fill kernel) and on the CPU (check) ----
@@ -510,27 +550,19 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
       return w >= f.scaleWord ? (0x3c000000 | (h & 0x7fffff)) >>> 0 : h;
     });
   };
-  // The tensor-core form also with 32-token windows (less workgroup memory: 41 KB instead of 46 KB at these shapes).
-  const forms = [
-    ['tensor-cores', 64],
-    ['tensor-cores', 32],
-    ['tc-scores', 64],
-    ['tc-scores-bare', 64],
-    ['tc-values', 64],
-    ['emulate', 64],
-    ['off', 64],
-  ] as const;
-  for (const [mode, window] of forms) {
-    const formKey = window === 64 ? mode : `${mode} w${window}`;
-    // The split the runner would choose for this kernel (the int8-product kernel: one workgroup per chunk and row).
-    const split = mlaSplit(shape, 'int8', { int8Products: mode });
-    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, split.targetWorkgroups);
+  for (const form of MLA_INT8_FORMS.filter((f) => args.mlaInt8.includes(f.key))) {
+    const { key: formKey, mode, window } = form;
+    const tuning: Partial<MlaAttentionTuning> = { int8Products: mode, int8Window: window, ...form.tuning };
+    // The split the runner would choose for this kernel (the int8-product kernels: one workgroup per chunk and row).
+    const split = mlaSplit(shape, 'int8', tuning);
+    const target = Math.round(split.targetWorkgroups * (form.targetScale ?? 1));
+    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, target);
     const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
-      att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode, int8Window: window });
+      att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, tuning);
     } catch (e) {
-      process.stderr.write(`mla int8 ${mode}: ${(e as Error).message}\n`);
+      process.stderr.write(`mla int8 ${formKey}: ${(e as Error).message}\n`);
       meta.destroy();
       continue;
     }
@@ -555,9 +587,8 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
     results.push({
       kernel: 'mla-int8', mode: 'decode',
-      variant:
-        (mode === 'tensor-cores' ? 'int8 tensor cores' : mode === 'emulate' ? 'int8 dot4' : mode === 'off' ? 'f32 over int8' : `int8 ${mode} only`) +
-        (window === 64 ? '' : ` w${window}`),
+      // The dot4 kernel's window and query placement are what the plan made of the form's wishes and the device's memory.
+      variant: form.variant + (att.dot4Plan ? ` w${att.dot4Plan.window}${att.dot4Plan.queryStaged ? '' : ', query from storage'}` : ''),
       batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps,
       cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased,
     });
@@ -604,7 +635,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   }
   // What the score phase of (chunk 0, row 0) saw and made in its first window, each form against host integer
   // arithmetic on the same inputs (bench/mla-tc-dump.ts): wrong staged rows, a wrong query, wrong tiles or wrong scaling.
-  for (const mode of ['emulate', 'tc-scores-bare', 'tc-scores', 'tensor-cores'] as const) {
+  for (const mode of (['emulate', 'tc-scores-bare', 'tc-scores', 'tensor-cores'] as const).filter((k) => args.mlaInt8.includes(k))) {
     const split = mlaSplit(shape, 'int8', { int8Products: mode });
     const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, split.targetWorkgroups);
     const meta = uploadArray(gpu, 'meta', m.data);
@@ -760,10 +791,13 @@ async function main(): Promise<void> {
       `${rows.some((r) => r[0].endsWith('*')) ? '\n* pool smaller than batch×ctx: sequences share blocks (cache hits possible)' : ''}\n`,
   );
   console.log(table(rows));
-  const int8Rows = [['MLA over int8 cache (584 B/token)', 'variant', 'µs', 'vs GQA f16', 'GB/s', 'TFLOP/s', 'err vs f64 (dequantized)']];
+  // MLA over the int8 cache, every form, against GQA over the int8 cache (the goal's comparison) and GQA f16.
+  const int8Rows = [['MLA over int8 cache (584 B/token)', 'variant', 'chunk', 'µs', 'vs GQA int8', 'vs GQA f16', 'GB/s', 'TFLOP/s', 'err vs f64 (dequantized)']];
   for (const m of decode.filter((m) => m.kernel === 'mla-int8')) {
     const g = fastest('gqa', m.batch, m.context);
-    int8Rows.push([`${m.batch}×${m.context}`, m.variant, fmt(m.usPerLayerStep), g ? fmt(m.usPerLayerStep / g.usPerLayerStep, 2) : '—', fmt(m.gbPerS, 0), fmt(m.tflops, 1), errText(m.maxRelError)]);
+    const g8 = fastest('gqa-int8', m.batch, m.context);
+    const vs = (x: Measurement | undefined) => (x ? fmt(m.usPerLayerStep / x.usPerLayerStep, 2) : '—');
+    int8Rows.push([`${m.batch}×${m.context}`, m.variant, String(m.chunk), fmt(m.usPerLayerStep), vs(g8), vs(g), fmt(m.gbPerS, 0), fmt(m.tflops, 1), errText(m.maxRelError)]);
   }
   if (int8Rows.length > 1) console.log('\n' + table(int8Rows));
 }

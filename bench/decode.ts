@@ -16,7 +16,7 @@
 //            --pipeline off,on (with --logits argmax or sample; each configuration timed each way: on = every step's tokens
 //            are the previous step's picks, taken on the GPU, and step N + 1 is submitted before step N is read back,
 //            so the host records one step while the GPU runs the other; off = one step at a time)
-//            --mla-int8-products off|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or the int8-product one)
+//            --mla-int8-products off|dot4|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or an int8-product one)
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches)
@@ -148,7 +148,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--profile') a.profile = true;
     else if (k === '--mla-int8-products') {
       const v = val();
-      if (v !== 'off' && v !== 'tensor-cores' && v !== 'emulate') throw new Error(`--mla-int8-products is off, tensor-cores or emulate, got ${v}`);
+      if (v !== 'off' && v !== 'tensor-cores' && v !== 'emulate' && v !== 'dot4') throw new Error(`--mla-int8-products is off, dot4, tensor-cores or emulate, got ${v}`);
       a.mlaInt8Products = v;
     }
     else if (k === '--mla-head-tiled-from') a.mlaHeadTiledFrom = intList(val(), k)[0];

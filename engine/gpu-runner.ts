@@ -100,6 +100,8 @@ export interface AttentionBlock {
   readonly targetWorkgroups: number;
   /** Smallest context chunk of the split (default 16 tokens). */
   readonly minChunk?: number;
+  /** What computes the attention's products (RunnerDescription.attentionProducts); 'f32' when absent. */
+  readonly products?: AttentionProducts;
   bind(b: AttentionBindings): void;
   /** Before the step's pass is encoded (grows scratch buffers). */
   prepare(meta: StepMeta): void;
@@ -122,6 +124,13 @@ export interface AttentionBlockContext {
 }
 
 export type AttentionBlockFactory = (ctx: AttentionBlockContext) => AttentionBlock;
+
+/**
+ * The arithmetic of the attention's score and value products: 'f32' (whatever the cache stores), 'int8-dot4' (MLA over
+ * the int8 cache: query and probabilities quantized too, dot4I8Packed), 'int8-tensor-cores' (the same on subgroup
+ * matrices), 'int8-dot4-tc-layout' (the tensor-core kernel's own dot4 form).
+ */
+export type AttentionProducts = 'f32' | 'int8-dot4' | 'int8-tensor-cores' | 'int8-dot4-tc-layout';
 
 function concatRows(label: string, parts: Array<Tensor | undefined>, rowsOf: number[], cols: number): Float32Array {
   const out = new Float32Array(rowsOf.reduce((a, b) => a + b, 0) * cols);
@@ -273,6 +282,7 @@ export interface RunnerDescription {
   denseDtype: WeightDtype;
   cacheDtype: CacheDtype;
   kvBytesPerToken: number;
+  attentionProducts: AttentionProducts;
   /**
    * Int8 projections only: the kernels a step of up to `gemvMaxRows` rows takes (weights-only GEMV) and the one larger
    * steps take (W8A8: 'w8a8' on dot4I8Packed, 'w8a8-sm' on subgroup matrices), as the ops chose them on this adapter.
@@ -793,6 +803,7 @@ class GpuRunner implements GpuModelRunner {
       denseDtype: denseDtypeFor(this.weightDtype),
       cacheDtype: this.block.layout.dtype,
       kvBytesPerToken: this.kvBytesPerToken,
+      attentionProducts: this.block.products ?? 'f32',
       int8Matmul: int8 && { gemvMaxRows: int8.tuning.gemvMaxRows, fewRows: int8.path(1), batched: int8.path(int8.tuning.gemvMaxRows + 1) },
     };
   }

@@ -19,7 +19,7 @@ import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from 
 import { MlaKvLayout } from '../cache/mla-layout.ts';
 import type { MlaConfig } from '../model/config.ts';
 import type { MlaLayerWeights, Tensor } from '../model/weights.ts';
-import type { AttentionBindings, AttentionBlock, AttentionBlockContext } from './gpu-runner.ts';
+import type { AttentionBindings, AttentionBlock, AttentionBlockContext, AttentionProducts } from './gpu-runner.ts';
 
 /** One layer's MLA weights on the GPU. */
 interface MlaLayerGpu {
@@ -88,6 +88,11 @@ export class MlaBlock implements AttentionBlock {
   /** f16/f32: the plain paged write; int8 (--kv-cache-dtype int8): quantizes c and k_pe, one scale each. */
   private kvWrite: KvWrite | MlaLatentWriteInt8 | undefined;
   private attention: MlaAttention | undefined;
+
+  get products(): AttentionProducts {
+    const p = this.attention?.products ?? 'f32';
+    return p === 'f32' ? 'f32' : p === 'int8 tensor cores' ? 'int8-tensor-cores' : p === 'int8 dot4' ? 'int8-dot4' : 'int8-dot4-tc-layout';
+  }
 
   constructor(
     private ctx: AttentionBlockContext,

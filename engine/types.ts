@@ -137,12 +137,16 @@ export interface ModelInfo {
   runtime?: ModelRuntime;
 }
 
-/** Weight and cache dtypes and the int8 matmul kernels ('none' without int8 weights) a served model runs with. */
+/**
+ * Weight and cache dtypes, the int8 matmul kernels ('none' without int8 weights) and the attention products
+ * (RunnerDescription.attentionProducts) a served model runs with.
+ */
 export interface ModelRuntime {
   adapter: string;
   weightDtype: string;
   cacheDtype: string;
   int8Matmul: string;
+  attentionProducts: string;
 }
 
 /** KV pool figures for /metrics and the start-up banner. */

@@ -112,8 +112,10 @@ export class ServerMetrics {
     });
     new Gauge({
       name: 'mla_serve_model_info',
-      help: 'How a model runs (value 1): weight dtype, KV cache dtype, int8 matmul kernels (few-row+batched, none without int8 weights), adapter.',
-      labelNames: ['model_name', 'attention', 'weight_dtype', 'cache_dtype', 'int8_matmul', 'adapter'],
+      help:
+        'How a model runs (value 1): weight dtype, KV cache dtype, int8 matmul kernels (few-row+batched, none without int8 weights), ' +
+        'attention products (f32, or int8-dot4 / int8-tensor-cores for MLA over an int8 cache), adapter.',
+      labelNames: ['model_name', 'attention', 'weight_dtype', 'cache_dtype', 'int8_matmul', 'attention_products', 'adapter'],
       registers,
       collect() {
         this.reset();
@@ -127,6 +129,7 @@ export class ServerMetrics {
               weight_dtype: rt?.weightDtype ?? 'unknown',
               cache_dtype: s.kv.cacheDtype,
               int8_matmul: rt?.int8Matmul ?? 'unknown',
+              attention_products: rt?.attentionProducts ?? 'unknown',
               adapter: rt?.adapter ?? 'unknown',
             },
             1,

@@ -8,6 +8,7 @@ import { createGpuRunner, type RunnerDescription } from '../engine/gpu-runner.ts
 import type { ModelRuntime, ModelRunner } from '../engine/types.ts';
 import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
+import { mlaBlockFactory } from '../engine/mla-block.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { type GpuContext, openGpu, releaseGpu } from '../kernels/device.ts';
 import { resolveModelPath } from '../model/hub.ts';
@@ -136,7 +137,7 @@ export function checkKvCacheDtype(name: string, config: ModelConfig, dtype: KvCa
 /** A runner's description as the banner and /metrics show it. */
 export function modelRuntime(d: RunnerDescription): ModelRuntime {
   const int8Matmul = d.int8Matmul ? `${d.int8Matmul.fewRows}+${d.int8Matmul.batched}` : 'none';
-  return { adapter: d.adapter, weightDtype: d.weightDtype, cacheDtype: d.cacheDtype, int8Matmul };
+  return { adapter: d.adapter, weightDtype: d.weightDtype, cacheDtype: d.cacheDtype, int8Matmul, attentionProducts: d.attentionProducts };
 }
 
 /** Loads every model, splits the KV budget evenly in bytes, and starts one engine per model on one GPU. */
@@ -156,6 +157,9 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
     loaded.push(await loadModel(path, opts.maxModelLen === null ? {} : { maxSeqLen: opts.maxModelLen }));
   }
   const weightDtype = opts.weightDtype ?? 'f16';
+  if (opts.mlaInt8Attention === 'dot4' && opts.kvCacheDtype !== 'int8') {
+    throw new UsageError(`--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 (the cache is ${opts.kvCacheDtype ?? 'f16'})`);
+  }
   // Every model checked before the first upload: a refused one fails the start, not a request later.
   const cacheDtypes = loaded.map((m, i) => checkKvCacheDtype(specs[i].name, m.config, opts.kvCacheDtype ?? 'f16', opts.blockSize));
 
@@ -176,7 +180,16 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
     const models: ServedModel[] = [];
     for (let i = 0; i < specs.length; i++) {
       const m = loaded[i];
-      const runner = await createGpuRunner(gpu, m, { blockSize: opts.blockSize, kvCacheBytes: share, cacheDtype: cacheDtypes[i], weightDtype, gpuTiming: trace !== undefined });
+      // MLA over an int8 cache: the products as --mla-int8-attention asks (f32 on unpacked values, or int8 dot4).
+      const int8Products = opts.mlaInt8Attention === 'dot4' && m.config.attention === 'mla' && cacheDtypes[i] === 'int8' ? 'dot4' : undefined;
+      const runner = await createGpuRunner(gpu, m, {
+        blockSize: opts.blockSize,
+        kvCacheBytes: share,
+        cacheDtype: cacheDtypes[i],
+        weightDtype,
+        gpuTiming: trace !== undefined,
+        ...(int8Products ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products } }) } : {}),
+      });
       runners.push(runner);
       const runtime = modelRuntime(runner.describe());
       if (runtime.cacheDtype !== cacheDtypes[i] || runtime.weightDtype !== weightDtype) {
@@ -247,7 +260,8 @@ export function banner(url: string, served: ServedEngines): string[] {
     const attention = m.engine.info.config.attention;
     lines.push(
       `  ${m.name.padEnd(width)}  ${attention}  KV ${formatBytes(s.capacityBytes)} (${s.capacityBytes} bytes) = ${s.numBlocks} blocks × ${s.blockSize} tokens = ${s.numBlocks * s.blockSize} tokens` +
-        ` at ${s.bytesPerToken} B/token (${s.cacheDtype}); ${weightsLine(m.engine.info.runtime)}; max_model_len ${m.engine.info.maxModelLen}; from ${m.source}`,
+        ` at ${s.bytesPerToken} B/token (${s.cacheDtype}); ${weightsLine(m.engine.info.runtime)}; ` +
+        `attention products ${m.engine.info.runtime?.attentionProducts ?? '(not reported)'}; max_model_len ${m.engine.info.maxModelLen}; from ${m.source}`,
     );
   }
   return lines;

@@ -144,6 +144,7 @@ test('serve with --weight-dtype int8 --kv-cache-dtype f32: /metrics reports the 
       weight_dtype: 'int8',
       cache_dtype: 'f32',
       int8_matmul: tensorCores ? 'gemv+w8a8-sm' : 'gemv+w8a8',
+      attention_products: 'f32',
       adapter: served.gpu.adapterName,
     });
     assert.equal(modelValue(samples, 'mla_serve_model_info', m.name), 1);
@@ -153,7 +154,7 @@ test('serve with --weight-dtype int8 --kv-cache-dtype f32: /metrics reports the 
   const lines = banner('http://127.0.0.1:0', served);
   for (const m of served.models) {
     const line = lines.find((l) => l.trimStart().startsWith(`${m.name} `))!;
-    assert.match(line, /\(f32\); weights int8 \(int8 matmul gemv\+w8a8(-sm)?\)/);
+    assert.match(line, /\(f32\); weights int8 \(int8 matmul gemv\+w8a8(-sm)?\); attention products f32;/);
   }
   await served.close();
   open = undefined;
@@ -171,6 +172,31 @@ test('serve with the defaults: f16 weights and cache, no int8 kernels, on /metri
   }
   await served.close();
   open = undefined;
+});
+
+test('serve --kv-cache-dtype int8 --mla-int8-attention dot4: the MLA model computes its attention in int8 dot products (on /metrics and in the banner), the GQA model in f32; both serve text', async () => {
+  const served = (open = await openServedEngines(serveOptions({ kvCacheDtype: 'int8', mlaInt8Attention: 'dot4' }), () => {}));
+  const { samples } = await scrapeServed(served);
+  const lines = banner('http://127.0.0.1:0', served);
+  for (const m of served.models) {
+    const want = m.engine.info.config.attention === 'mla' ? 'int8-dot4' : 'f32';
+    const info = modelLabels(samples, 'mla_serve_model_info', m.name);
+    assert.deepEqual([info?.cache_dtype, info?.attention_products], ['int8', want], m.name);
+    assert.match(lines.find((l) => l.trimStart().startsWith(`${m.name} `))!, new RegExp(`; attention products ${want};`));
+  }
+  await served.close();
+  open = undefined;
+});
+
+test('--mla-int8-attention: f32 by default, dot4 by flag or MLA_SERVE_MLA_INT8_ATTENTION; dot4 without an int8 cache refused at start', async () => {
+  assert.equal(resolve([]).options.mlaInt8Attention, 'f32');
+  assert.equal(resolve(['--mla-int8-attention', 'dot4']).options.mlaInt8Attention, 'dot4');
+  assert.equal(resolve([], { MLA_SERVE_MLA_INT8_ATTENTION: 'dot4' }).options.mlaInt8Attention, 'dot4');
+  assert.throws(() => resolve(['--mla-int8-attention', 'fp8']), (e: Error) => e instanceof UsageError && /--mla-int8-attention must be one of f32, dot4; got "fp8"/.test(e.message));
+  await assert.rejects(
+    openServedEngines(serveOptions({ mlaInt8Attention: 'dot4' }), () => {}),
+    (e: Error) => e instanceof UsageError && /--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 \(the cache is f16\)/.test(e.message),
+  );
 });
 
 test('serve --kv-cache-dtype int8 with a model whose attention has no int8 cache: start fails naming it', async (t) => {
