@@ -6,12 +6,15 @@
 #   decode     GQA and MLA int8 decode at 32 and 64 sequences, one step at a time against pipelined steps (~5 min)
 #   extras     MLA decode with the tiled head products from 16 rows; GQA at 32 drawing sampled tokens on the GPU; the
 #              pick kernel alone for every sampling path (~4 min)
+#   dot4       the dot4 MLA kernel (int8Products 'dot4') against the f32 one and GQA: attention at 8 and 32 rows × 512,
+#              4K and 16K; MLA decode at 8 and 32 sequences with each, profiled (~5 min)
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
-#   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min)
+#   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min); a run "600MiB:on:512:dot4"
+#              serves the MLA model with --mla-int8-attention dot4
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|extras|attention|serve|sweep|tests}
+phase=${1:?usage: bench/device-run.sh decode|extras|dot4|attention|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -52,6 +55,28 @@ extras)
   summary "$OUT/decode-gqa-sample.txt" 3
   tail -n 16 "$OUT/sampler.txt"
   ;;
+dot4)
+  el attention-dot4
+  # The dot4 forms, the f32 kernel over int8 and GQA (f16 and int8) at the served batch sizes and the goal's contexts.
+  timeout 240 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096,16384 --variants default --prefill none \
+    --mla-int8 fast --json "$OUT/attention-dot4.json" >"$OUT/attention-dot4.txt" 2>"$OUT/attention-dot4.err"
+  el "rc=$?"
+  for products in off dot4; do
+    el "decode-mla-$products"
+    timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products "$products" \
+      --json "$OUT/decode-mla-$products.json" >"$OUT/decode-mla-$products.txt" 2>"$OUT/decode-mla-$products.err"
+    el "rc=$?"
+  done
+  grep -A40 "^MLA over int8 cache" "$OUT/attention-dot4.txt" | head -n 40
+  tail -n 3 "$OUT/attention-dot4.err"
+  for products in off dot4; do
+    echo "== MLA decode, attention products $products"
+    summary "$OUT/decode-mla-$products.txt" 4
+    grep -i "attention" "$OUT/decode-mla-$products.txt" | head -n 6
+    tail -n 2 "$OUT/decode-mla-$products.err"
+  done
+  ;;
 attention)
   el attention
   timeout 500 node --import tsx bench/attention.ts --batches 32 --contexts 512,4096 --variants default --prefill none \
@@ -70,12 +95,14 @@ serve)
   # field sets --max-num-batched-tokens ("600MiB:on:512": prompts in 512-row chunks). Each start
   # uploads both 7B models (~2 min); the same load each time.
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
-    IFS=: read -r budget mode tokens <<<"$run"
+    IFS=: read -r budget mode tokens products <<<"$run"
     tokens=${tokens:-2048}
-    tag="$budget-$mode-$tokens"
-    el "serve kv $budget async-scheduling $mode max-num-batched-tokens $tokens"
+    products=${products:-f32}
+    tag="$budget-$mode-$tokens-$products"
+    el "serve kv $budget async-scheduling $mode max-num-batched-tokens $tokens mla-int8-attention $products"
     node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
       --kv-cache-memory "$budget" --max-num-seqs 64 --async-scheduling "$mode" --max-num-batched-tokens "$tokens" \
+      --mla-int8-attention "$products" \
       --step-trace "$OUT/steps-$tag.jsonl" --port 8000 \
       >"$OUT/serve-$tag.log" 2>&1 &
     sp=$!
@@ -88,9 +115,9 @@ serve)
     wait $sp 2>/dev/null
   done
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
-    IFS=: read -r budget mode tokens <<<"$run"
-    tag="$budget-$mode-${tokens:-2048}"
-    echo "== KV budget $budget, async scheduling $mode, max-num-batched-tokens ${tokens:-2048}"
+    IFS=: read -r budget mode tokens products <<<"$run"
+    tag="$budget-$mode-${tokens:-2048}-${products:-f32}"
+    echo "== KV budget $budget, async scheduling $mode, max-num-batched-tokens ${tokens:-2048}, mla-int8-attention ${products:-f32}"
     # Decode-only steps against steps with prompt rows, per model (wall and GPU ms): where the served TPOT goes.
     node --import tsx bench/step-trace.ts "$OUT/steps-$tag.jsonl"
     grep -A32 "requests ok" "$OUT/bench-$tag.txt" | head -n 34
