@@ -30,6 +30,11 @@ export interface MlaTcDumpCheck {
   scWrong: number;
   /** The first few differences, readable. */
   first: string[];
+  /**
+   * Where tiles are wrong: how many of the wrong latent integers each guess at the fault reproduces exactly (the best
+   * four), so one device run says more than "wrong".
+   */
+  guesses: Array<{ guess: string; matches: number; of: number }>;
 }
 
 const i8 = (word: number, byte: number) => ((word >>> (8 * byte)) << 24) >> 24;
@@ -165,7 +170,73 @@ export function checkMlaTcDump(dump: Int32Array, o: MlaTcDumpInputs): MlaTcDumpC
       note(`sc head ${Math.floor(i / p.window)} token ${i % p.window}: ${got}, want ${want[i]}`);
     }
   }
-  return { ctWrong, qqWrong, tilesWrong, scWrong, first };
+  return { ctWrong, qqWrong, tilesWrong, scWrong, first, guesses: tilesWrong > 0 ? guessTileFault(dump, o) : [] };
+}
+
+/**
+ * Guesses at what wrong latent score tiles computed instead of Σ_k q̃q·cq, each scored by how many of the wrong
+ * integers it reproduces exactly: a subset of the 32-value K steps (only the first, only the last, the first j, the
+ * last j: an accumulator reset or a loop cut short), operands transposed in the tile (tokens for heads), another tile's
+ * result (a region mix-up), the query's K steps shifted by ±1 against the rows' (an offset off by a step), the bytes
+ * read unsigned (u8 × u8, i8 × u8), and every row read as row 0 or the query as head 0 (a stride read as 0).
+ */
+export function guessTileFault(dump: Int32Array, o: MlaTcDumpInputs): Array<{ guess: string; matches: number; of: number }> {
+  const { plan: p } = o;
+  const L = mlaTcDumpLayout(p);
+  const rowW = p.rowPad / 4;
+  const steps = p.latentPad / 32;
+  const u8 = (word: number, byte: number) => (word >>> (8 * byte)) & 0xff;
+  const qByte = (h: number, b: number, signed = true) => (signed ? i8 : u8)(dump[L.qq + h * rowW + (b >> 2)], b & 3);
+  const cByte = (t: number, b: number, signed = true) => (signed ? i8 : u8)(dump[L.ct + t * rowW + (b >> 2)], b & 3);
+  // Per K step partial sums of token t against head h, with the query's step shifted by `shift`.
+  const stepSum = (t: number, h: number, k: number, shift = 0, qs = true, cs = true) => {
+    const kq = k + shift;
+    if (kq < 0 || kq >= steps) return 0;
+    let s = 0;
+    for (let i = 0; i < 32; i++) s += qByte(h, 32 * kq + i, qs) * cByte(t, 32 * k + i, cs);
+    return s;
+  };
+  const range = (t: number, h: number, from: number, to: number, shift = 0, qs = true, cs = true) => {
+    let s = 0;
+    for (let k = from; k < to; k++) s += stepSum(t, h, k, shift, qs, cs);
+    return s;
+  };
+  const tokenOf = (a: number, e: number) => (a % 2) * 16 + Math.floor(e / 16);
+  const headOf = (a: number, e: number) => Math.floor(a / 2) * 16 + (e % 16);
+  const guesses: Array<{ guess: string; value: (a: number, e: number) => number }> = [
+    { guess: 'first K step only', value: (a, e) => stepSum(tokenOf(a, e), headOf(a, e), 0) },
+    { guess: 'last K step only', value: (a, e) => stepSum(tokenOf(a, e), headOf(a, e), steps - 1) },
+    { guess: 'tokens and heads transposed in the tile', value: (a, e) => range(Math.floor(a / 2) * 16 + (e % 16), (a % 2) * 16 + Math.floor(e / 16), 0, steps) },
+    { guess: 'query K step + 1 against the rows', value: (a, e) => range(tokenOf(a, e), headOf(a, e), 0, steps, 1) },
+    { guess: 'query K step − 1 against the rows', value: (a, e) => range(tokenOf(a, e), headOf(a, e), 0, steps, -1) },
+    { guess: 'u8 × u8', value: (a, e) => range(tokenOf(a, e), headOf(a, e), 0, steps, 0, false, false) },
+    { guess: 'query i8 × rows u8', value: (a, e) => range(tokenOf(a, e), headOf(a, e), 0, steps, 0, true, false) },
+    { guess: 'query u8 × rows i8', value: (a, e) => range(tokenOf(a, e), headOf(a, e), 0, steps, 0, false, true) },
+    { guess: 'every row read as the tile\'s first', value: (a, e) => range((a % 2) * 16, headOf(a, e), 0, steps) },
+    { guess: 'every head read as the tile\'s first', value: (a, e) => range(tokenOf(a, e), Math.floor(a / 2) * 16, 0, steps) },
+  ];
+  for (let j = 2; j < steps; j++) {
+    guesses.push({ guess: `first ${j} K steps`, value: (a, e) => range(tokenOf(a, e), headOf(a, e), 0, j) });
+    guesses.push({ guess: `last ${j} K steps`, value: (a, e) => range(tokenOf(a, e), headOf(a, e), steps - j, steps) });
+  }
+  for (let a2 = 0; a2 < p.headTiles * 2; a2++) {
+    guesses.push({ guess: `tile ${a2}'s result`, value: (_a, e) => range(tokenOf(a2, e), headOf(a2, e), 0, steps) });
+  }
+  // Only the wrong integers count (a zero padding head is "right" under most guesses).
+  const wrong: Array<[a: number, e: number]> = [];
+  for (let a = 0; a < p.headTiles * 2; a++) {
+    for (let e = 0; e < 256; e++) if (dump[L.tiles + a * 512 + e] !== range(tokenOf(a, e), headOf(a, e), 0, steps)) wrong.push([a, e]);
+  }
+  const of = wrong.length;
+  return guesses
+    .map(({ guess, value }) => {
+      let matches = 0;
+      for (const [a, e] of wrong) if (dump[L.tiles + a * 512 + e] === value(a, e)) matches++;
+      return { guess, matches, of };
+    })
+    .filter((g) => g.matches > 0)
+    .sort((x, y) => y.matches - x.matches)
+    .slice(0, 4);
 }
 
 /** One line per check, for a benchmark's output. */
@@ -175,6 +246,7 @@ export function describeMlaTcDump(c: MlaTcDumpCheck, p: MlaTcPlan): string {
     `staged rows ${c.ctWrong}/${32 * rowW} words wrong; query ${c.qqWrong}/${p.headsPadded * p.rowPad} bytes wrong; ` +
     `score tiles ${c.tilesWrong < 0 ? 'n/a (dot4)' : `${c.tilesWrong}/${p.headTiles * 2 * 256} wrong`}; ` +
     `f32 scores ${c.scWrong}/${p.headsPadded * p.window} wrong` +
+    (c.guesses.length ? `\n      the wrong latent integers match: ${c.guesses.map((g) => `${g.guess} ${g.matches}/${g.of}`).join('; ')}` : '') +
     (c.first.length ? `\n      first: ${c.first.join('\n             ')}` : '')
   );
 }

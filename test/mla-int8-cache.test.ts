@@ -577,7 +577,7 @@ test('mla attention int8 dot4 kernel: a NaN in a cached row or in a query value 
   for (let h = 0; h < 5; h++) assert.ok(h === 3 ? head(6, h).every(Number.isNaN) : head(6, h).every(Number.isFinite), `row 6 head ${h}: only head 3's query holds the NaN`);
 });
 
-test('int8-product kernel debug dump (dot4 form): staged rows, quantized query and window scores agree with the host check bench:attention applies to the tensor-core forms', async () => {
+test('int8-product kernel debug dump (dot4 form): staged rows, quantized query and window scores agree with the host check bench:attention applies to the tensor-core forms; planted tile faults are named', async () => {
   const shape = { nHeads: 18, kvLoraRank: 40, qkRopeHeadDim: 8 };
   const seed = freshSeed();
   // Row 0 is the first fresh token of a 90-token prefix: its chunk 0 (128 tokens) holds a full 64-token window.
@@ -604,4 +604,42 @@ test('int8-product kernel debug dump (dot4 form): staged rows, quantized query a
     const b = checkMlaTcDump(broken, inputs);
     assert.ok(b.ctWrong + b.qqWrong + b.scWrong > 0, `a flipped ${what} word went unnoticed`);
   }
+  // Score tiles as the tensor-core forms dump them (region a: tokens (a % 2)·16…, heads ⌊a / 2⌋·16…, [token][head]
+  // latent then rope), planted from the dumped query and rows: right ones pass, and two planted faults — every tile
+  // transposed, and tile 1 holding tile 2's result — are named by the guesses.
+  const p = res.dump.plan;
+  const rowW = p.rowPad / 4;
+  const byte = (w: number, b: number) => ((res.dump!.words[w + (b >> 2)] >>> (8 * (b & 3))) << 24) >> 24;
+  const sums = (t: number, h: number) => {
+    let sL = 0;
+    let sP = 0;
+    for (let b = 0; b < p.rowPad; b++) {
+      const prod = byte(L.qq + h * rowW, b) * byte(L.ct + t * rowW, b);
+      if (b < p.latentPad) sL += prod;
+      else sP += prod;
+    }
+    return [sL, sP];
+  };
+  const plant = (at: (a: number, e: number) => [t: number, h: number]) => {
+    const words = res.dump!.words.slice();
+    for (let a = 0; a < p.headTiles * 2; a++) {
+      for (let e = 0; e < 256; e++) {
+        const [sL, sP] = sums(...at(a, e));
+        words[L.tiles + a * 512 + e] = sL;
+        words[L.tiles + a * 512 + 256 + e] = sP;
+      }
+    }
+    return checkMlaTcDump(words, { ...inputs, tiles: true });
+  };
+  const right = plant((a, e) => [(a % 2) * 16 + Math.floor(e / 16), Math.floor(a / 2) * 16 + (e % 16)]);
+  assert.deepEqual([right.tilesWrong, right.guesses], [0, []], describeMlaTcDump(right, p));
+  const transposed = plant((a, e) => [Math.floor(a / 2) * 16 + (e % 16), (a % 2) * 16 + Math.floor(e / 16)]);
+  assert.ok(transposed.tilesWrong > 0);
+  assert.equal(transposed.guesses[0]?.guess, 'tokens and heads transposed in the tile', describeMlaTcDump(transposed, p));
+  assert.equal(transposed.guesses[0].matches, transposed.guesses[0].of);
+  const mixed = plant((a, e) => {
+    const src = a === 1 ? 2 : a;
+    return [(src % 2) * 16 + Math.floor(e / 16), Math.floor(src / 2) * 16 + (e % 16)];
+  });
+  assert.equal(mixed.guesses[0]?.guess, "tile 2's result", describeMlaTcDump(mixed, p));
 });
