@@ -161,3 +161,10 @@ test('gqa attention: long context (300 tokens) with the default chunk policy, bl
   const { err } = await runCase({ shape: { nHeads: 8, nKvHeads: 4, headDim: 8 }, dtype: 'f32', blockSize: 16, seqs: [[299, 1], [250, 9], [3, 2]] });
   assert.ok(err <= 1e-4, `relative error ${err}`);
 });
+
+test('gqa attention: more than 256 split chunks in a row (the merge stages chunk weights 256 at a time), head dim past the merge workgroup (160)', async () => {
+  // 4,200 tokens in chunks of 16: 263 chunks for the decode row; head dim 160 = one full and one partial pass of 128.
+  const { err, maxChunks } = await runCase({ shape: { nHeads: 2, nKvHeads: 1, headDim: 160 }, dtype: 'f32', blockSize: 16, seqs: [[4199, 1], [40, 2]], chunkSize: 16 });
+  assert.ok(maxChunks > 256, `only ${maxChunks} chunks`);
+  assert.ok(err <= 1e-4, `relative error ${err}`);
+});
