@@ -18,6 +18,7 @@
 //            so the host records one step while the GPU runs the other; off = one step at a time)
 //            --mla-int8-products off|dot4|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or an int8-product one)
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
+//            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 32)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches)
 //
@@ -62,6 +63,7 @@ interface Args {
   mlaInt8Products: MlaAttentionTuning['int8Products'];
   /** MLA: steps of at least this many rows take the tiled W_UK / W_UV kernel (undefined: the default threshold). */
   mlaHeadTiledFrom?: number;
+  mlaHeadSlices?: 8 | 16 | 32;
   prefillChunk: number;
   kvBudget: number;
   ceilingGBs: number;
@@ -152,6 +154,11 @@ function parseArgs(argv: string[]): Args {
       a.mlaInt8Products = v;
     }
     else if (k === '--mla-head-tiled-from') a.mlaHeadTiledFrom = intList(val(), k)[0];
+    else if (k === '--mla-head-slices') {
+      const v = intList(val(), k)[0];
+      if (v !== 8 && v !== 16 && v !== 32) throw new Error(`--mla-head-slices is 8, 16 or 32, got ${v}`);
+      a.mlaHeadSlices = v;
+    }
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -308,7 +315,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
     ...(c.attention === 'mla'
-      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}) }) }
+      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}) }) }
       : {}),
   });
   const uploadS = (performance.now() - t1) / 1000;

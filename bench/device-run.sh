@@ -8,13 +8,15 @@
 #              pick kernel alone for every sampling path (~4 min)
 #   dot4       the dot4 MLA kernel (int8Products 'dot4') against the f32 one and GQA: attention at 8 and 32 rows × 512,
 #              4K and 16K; MLA decode at 8 and 32 sequences with each, profiled (~5 min)
+#   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 16 k slices (default 32), profiled
+#              (~3 min)
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min); a run "600MiB:on:512:dot4"
 #              serves the MLA model with --mla-int8-attention dot4
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|extras|dot4|attention|serve|sweep|tests}
+phase=${1:?usage: bench/device-run.sh decode|extras|dot4|heads|attention|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -75,6 +77,21 @@ dot4)
     summary "$OUT/decode-mla-$products.txt" 4
     grep -i "attention" "$OUT/decode-mla-$products.txt" | head -n 6
     tail -n 2 "$OUT/decode-mla-$products.err"
+  done
+  ;;
+heads)
+  for slices in 8 16; do
+    el "decode-mla-heads-$slices"
+    timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 --mla-head-slices "$slices" \
+      --json "$OUT/decode-mla-heads-$slices.json" >"$OUT/decode-mla-heads-$slices.txt" 2>"$OUT/decode-mla-heads-$slices.err"
+    el "rc=$?"
+  done
+  for slices in 8 16; do
+    echo "== MLA decode, dot4 attention, head products with $slices k slices"
+    summary "$OUT/decode-mla-heads-$slices.txt" 4
+    grep "head-matmul" "$OUT/decode-mla-heads-$slices.txt" | head -n 8
+    tail -n 2 "$OUT/decode-mla-heads-$slices.err"
   done
   ;;
 attention)

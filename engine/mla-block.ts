@@ -64,6 +64,8 @@ export interface MlaBlockOptions {
   attentionTuning?: Partial<MlaAttentionTuning>;
   /** Steps of at least this many rows take the tiled W_UK / W_UV kernel (HeadMatmulOptions.tiledMinRows). */
   headTiledMinRows?: number;
+  /** K slices of the W_UK / W_UV decode kernel (HeadMatmulOptions.kSlices). */
+  headKSlices?: 8 | 16 | 32;
 }
 
 export class MlaBlock implements AttentionBlock {
@@ -205,7 +207,10 @@ export class MlaBlock implements AttentionBlock {
     const norm = (x: GPUBuffer, xStride: number, weight: GPUBuffer, out: GPUBuffer, outStride: number, dim: number) =>
       new RmsNorm(g, { meta: b.meta, x, xStride, weight, out, outStride }, dim, c.rmsEps);
 
-    const headOpts = this.opts.headTiledMinRows === undefined ? {} : { tiledMinRows: this.opts.headTiledMinRows };
+    const headOpts = {
+      ...(this.opts.headTiledMinRows === undefined ? {} : { tiledMinRows: this.opts.headTiledMinRows }),
+      ...(this.opts.headKSlices === undefined ? {} : { kSlices: this.opts.headKSlices }),
+    };
     this.ops = this.layers.map((lg) => {
       const q: Array<LinearOp | RmsNorm> = [];
       if (lg.qkvAProj) {

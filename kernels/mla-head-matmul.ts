@@ -29,6 +29,11 @@ export function headTileRows(rows: number): 16 | 32 | 64 {
 export interface HeadMatmulOptions {
   /** Steps of at least this many rows take the tiled kernel (default HEAD_MATMUL_TILED_MIN_ROWS). */
   tiledMinRows?: number;
+  /**
+   * K slices of the decode kernel's workgroup (8, 16 or 32; default 32): threads = slices × 8 column groups. Fewer
+   * slices give each thread more k values in flight and the slices' reduction fewer terms.
+   */
+  kSlices?: 8 | 16 | 32;
 }
 
 export interface HeadMatmulSpec {
@@ -95,28 +100,33 @@ function passThroughWgsl(s: HeadMatmulSpec, first: string, rows: number, threads
   }`;
 }
 
-/** Threads of the decode kernel's workgroup: 32 k slices × 8 column groups of 8 outputs. */
+/** Threads of the decode kernel's workgroup: k slices (default 32) × 8 column groups of 8 outputs. */
 const WIDE_SLICES = 32;
 const WIDE_GROUPS = 8;
+/** Workgroup memory of the decode kernel's reduction (f32 values): as many rows at once as fit. */
+const REDUCE_FLOATS = 4096;
 /** Most k steps a thread loads before it multiplies (its loads in flight at once). */
 const WIDE_UNROLL = 16;
 
 /**
- * The decode kernel: grid (⌈N / 64⌉, nHeads, ⌈rows / mr⌉), 256 threads = 32 k slices × 8 column groups. A thread
- * loads 8 consecutive outputs' weights (one 16-byte word of f16, two of f32) for each of its k values — up to 16 of
- * them before multiplying, so the whole matrix is in flight at once (a decode step's W_UK / W_UV are ~3.7 MB a layer,
- * read once: the older one-pair-a-thread kernel had too few loads in flight and ran at ~100 GB/s) — times its mr rows'
- * x values; the slices' partial sums meet in workgroup memory, one row at a time.
+ * The decode kernel: grid (⌈N / 64⌉, nHeads, ⌈rows / mr⌉), slices × 8 column groups of threads. A thread loads 8
+ * consecutive outputs' weights (one 16-byte word of f16, two of f32) for each of its k values — up to 16 of them before
+ * multiplying, so the whole matrix is in flight at once (a decode step's W_UK / W_UV are ~3.7 MB a layer, read once:
+ * the older one-pair-a-thread kernel had too few loads in flight and ran at ~100 GB/s) — times its mr rows' x values;
+ * the slices' partial sums meet in workgroup memory, as many rows at a time as REDUCE_FLOATS holds (32 slices: 2).
  */
-function headMatmulWgsl(s: HeadMatmulSpec, w: GpuMatrix, mr: number): string {
+function headMatmulWgsl(s: HeadMatmulSpec, w: GpuMatrix, mr: number, slices: number): string {
   const f16 = w.dtype === 'f16';
   const groups = Math.ceil(s.N / 8);
-  const KL = Math.ceil(s.K / WIDE_SLICES);
+  const KL = Math.ceil(s.K / slices);
   const U = Math.min(KL, WIDE_UNROLL);
   const chunks = Math.ceil(KL / U);
   const ms = [...Array(mr).keys()];
   const us = [...Array(U).keys()];
-  const WGS = WIDE_SLICES * WIDE_GROUPS;
+  const WGS = slices * WIDE_GROUPS;
+  // Rows reduced per round (one barrier pair each), and the rounds.
+  const perRound = Math.max(1, Math.min(mr, Math.floor(REDUCE_FLOATS / (WGS * 8))));
+  const rounds = [...Array(Math.ceil(mr / perRound)).keys()];
   const sc = wgslF32(s.scale);
   // Weights of (head h, k) for column group gc: vec4<u32> of 8 f16 (w.stride / 8 per k), or two vec4<f32>.
   const load = (u: number) =>
@@ -131,7 +141,7 @@ ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<${f16 ? 'vec4<u32>' : 'vec4<f32>'}>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
-var<workgroup> red: array<f32, ${WGS * 8}>;
+var<workgroup> red: array<f32, ${WGS * 8 * perRound}>;
 
 @compute @workgroup_size(${WGS})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -146,7 +156,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   ${ms.map((m) => `let xb${m} = min(row0 + ${m}u, mLast) * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u;`).join('\n  ')}
   ${ms.map((m) => `var lo${m}acc = vec4<f32>(0.0);\n  var hi${m}acc = vec4<f32>(0.0);`).join('\n  ')}
   for (var c = 0u; c < ${chunks}u; c++) {
-    ${us.map((u) => `let k${u} = (c * ${U}u + ${u}u) * ${WIDE_SLICES}u + sl;\n    let kc${u} = min(k${u}, ${s.K - 1}u);`).join('\n    ')}
+    ${us.map((u) => `let k${u} = (c * ${U}u + ${u}u) * ${slices}u + sl;\n    let kc${u} = min(k${u}, ${s.K - 1}u);`).join('\n    ')}
     ${us.map(load).join('\n    ')}
     ${us
       .map((u) =>
@@ -156,22 +166,31 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       )
       .join('\n    ')}
   }
-  // The 32 slices' sums of each output, a row at a time: thread o < 64 adds up output o of the workgroup's 64.
-  ${ms
-    .map(
-      (m) => `for (var j = 0u; j < 4u; j++) {
-    red[lid * 8u + j] = lo${m}acc[j];
-    red[lid * 8u + 4u + j] = hi${m}acc[j];
-  }
+  // The slices' sums of each output, ${perRound} row(s) a round: entry e = (row in round) · 64 + output adds up that
+  // output over the slices.
+  ${rounds
+    .map((q) => {
+      const rs = ms.slice(q * perRound, (q + 1) * perRound);
+      return `${rs
+        .map(
+          (m, i) => `for (var j = 0u; j < 4u; j++) {
+    red[${i * WGS * 8}u + lid * 8u + j] = lo${m}acc[j];
+    red[${i * WGS * 8}u + lid * 8u + 4u + j] = hi${m}acc[j];
+  }`,
+        )
+        .join('\n  ')}
   workgroupBarrier();
-  if (lid < ${WIDE_GROUPS * 8}u && row0 + ${m}u < M) {
-    let n = wid.x * ${WIDE_GROUPS * 8}u + lid;
+  for (var e = lid; e < ${rs.length * WIDE_GROUPS * 8}u; e += ${WGS}u) {
+    let i = e / ${WIDE_GROUPS * 8}u;
+    let o = e % ${WIDE_GROUPS * 8}u;
+    let row = row0 + ${q * perRound}u + i;
+    let n = wid.x * ${WIDE_GROUPS * 8}u + o;
     var sum = 0.0;
-    for (var q = 0u; q < ${WIDE_SLICES}u; q++) { sum += red[(q * ${WIDE_GROUPS}u + lid / 8u) * 8u + lid % 8u]; }
-    if (n < ${s.N}u) { y[(row0 + ${m}u) * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + n] = sum * ${sc}; }
+    for (var sq = 0u; sq < ${slices}u; sq++) { sum += red[i * ${WGS * 8}u + (sq * ${WIDE_GROUPS}u + o / 8u) * 8u + o % 8u]; }
+    if (row < M && n < ${s.N}u) { y[row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + n] = sum * ${sc}; }
   }
-  workgroupBarrier();`,
-    )
+  workgroupBarrier();`;
+    })
     .join('\n  ')}${passThroughWgsl(s, 'row0', mr, WGS)}
 }`;
 }
@@ -241,6 +260,7 @@ export class HeadMatmul {
   private variants = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private tiled = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private readonly tiledMinRows: number;
+  private readonly kSlices: number;
 
   constructor(
     private gpu: GpuContext,
@@ -250,6 +270,8 @@ export class HeadMatmul {
     opts: HeadMatmulOptions = {},
   ) {
     this.tiledMinRows = opts.tiledMinRows ?? HEAD_MATMUL_TILED_MIN_ROWS;
+    this.kSlices = opts.kSlices ?? WIDE_SLICES;
+    if (![8, 16, 32].includes(this.kSlices)) throw new Error(`head matmul: kSlices ${this.kSlices}; 8, 16 or 32`);
     if (weight.rows !== spec.nHeads * spec.K || weight.cols !== spec.N) {
       throw new Error(`${weight.label}: per-head weights are [${weight.rows}, ${weight.cols}], expected [${spec.nHeads}·${spec.K}, ${spec.N}]`);
     }
@@ -280,7 +302,7 @@ export class HeadMatmul {
     let v = this.variants.get(mr);
     if (!v) {
       const { nHeads, K, N } = this.spec;
-      v = this.bind(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} mr${mr}`, headMatmulWgsl(this.spec, this.weight, mr));
+      v = this.bind(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} mr${mr} s${this.kSlices}`, headMatmulWgsl(this.spec, this.weight, mr, this.kSlices));
       this.variants.set(mr, v);
     }
     pass.setPipeline(v.pipeline);

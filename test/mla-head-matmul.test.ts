@@ -10,7 +10,7 @@ import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts'
 
 const gpu = fileGpu();
 
-async function runCase(nHeads: number, K: number, N: number, passCols: number, rows: number, dtype: 'f32' | 'f16', tiledMinRows?: number): Promise<number> {
+async function runCase(nHeads: number, K: number, N: number, passCols: number, rows: number, dtype: 'f32' | 'f16', tiledMinRows?: number, kSlices?: 8 | 16 | 32): Promise<number> {
   const g = await gpu();
   const seed = freshSeed();
   const xHeadStride = K + passCols + 3; // gaps between heads' inputs
@@ -25,7 +25,7 @@ async function runCase(nHeads: number, K: number, N: number, passCols: number, r
   const x = uploadArray(g, 'x', xData);
   const y = storageBuffer(g, 'y', rows * yStride * 4);
   const meta = uploadArray(g, 'meta', buildStepMeta([{ tokens: new Array(rows).fill(0), startPos: 0, blockTable: [0], logits: 'none' }], { blockSize: 4096, numBlocks: 1, nKvHeads: 1, maxChunkSize: 16 }).data);
-  const op = new HeadMatmul(g, spec, weight, { meta, x, y }, tiledMinRows === undefined ? {} : { tiledMinRows });
+  const op = new HeadMatmul(g, spec, weight, { meta, x, y }, { ...(tiledMinRows === undefined ? {} : { tiledMinRows }), ...(kSlices ? { kSlices } : {}) });
   poisonBuffer(g, y);
   const enc = g.device.createCommandEncoder();
   const pass = enc.beginComputePass();
@@ -56,7 +56,7 @@ async function runCase(nHeads: number, K: number, N: number, passCols: number, r
   return relError(gotOut, want);
 }
 
-test('head matmul: absorption and W_UV shapes, every rows-per-thread variant and the tiled kernel, f32 and f16 weights', async () => {
+test('head matmul: absorption and W_UV shapes, every rows-per-thread variant, 8/16/32 k slices and the tiled kernel, f32 and f16 weights', async () => {
   for (const dtype of ['f32', 'f16'] as const) {
     for (const [nHeads, K, N, passCols] of [
       [3, 16, 24, 4], // absorption: K = nope dims, N = R, q_pe passed through
@@ -71,6 +71,13 @@ test('head matmul: absorption and W_UV shapes, every rows-per-thread variant and
       for (const rows of [1, 3, 8, 13, HEAD_MATMUL_TILED_MIN_ROWS, 200]) {
         const err = await runCase(nHeads, K, N, passCols, rows, dtype);
         assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}: relative error ${err}`);
+      }
+      // The decode kernel with 8 and 16 k slices (64 / 128 threads: all 8 rows reduced in one round, or 4).
+      for (const kSlices of [8, 16] as const) {
+        for (const rows of [1, 5, 8]) {
+          const err = await runCase(nHeads, K, N, passCols, rows, dtype, undefined, kSlices);
+          assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}, ${kSlices} k slices: relative error ${err}`);
+        }
       }
       // The tiled kernel for decode-sized steps too (tiledMinRows 1): 16-, 32- and 64-row tiles, partial ones.
       for (const rows of [1, 13, 17, 40, 64]) {
