@@ -527,15 +527,17 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
  * MLA over the int8 latent cache, three ways: products on tensor cores ('tensor-cores'; only where the adapter has i8
  * subgroup matrices), the same integers with dot4I8Packed ('emulate'), and the f32 kernel unpacking int8 ('off').
  * maxRelError: tensor cores vs dot4 (same integers: ~1e-6), the others vs float64 over the dequantized cache.
+ * prefill: one prompt of `context` tokens, every position a row (the fast forms only, no checks).
  */
-async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number): Promise<Measurement[]> {
+async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: number, context: number, prefill = false): Promise<Measurement[]> {
   const f = pool.mlaInt8!;
   const RV = R + ROPE;
   const outStride = N_HEADS * R;
+  const rows = prefill ? batch * context : batch;
   const { tables, aliased } = blockTables(batch, context, pool.blocks);
-  const qLatentData = randomF32(batch * N_HEADS * RV, 11, 1 / Math.sqrt(RV));
+  const qLatentData = randomF32(rows * N_HEADS * RV, 11, 1 / Math.sqrt(RV));
   const qLatent = uploadArray(gpu, 'qLatent', qLatentData);
-  const out = storageBuffer(gpu, 'mla int8 out', batch * outStride * 4);
+  const out = storageBuffer(gpu, 'mla int8 out', rows * outStride * 4);
   const shape = { nHeads: N_HEADS, kvLoraRank: R, qkRopeHeadDim: ROPE };
   const results: Measurement[] = [];
   const outputs = new Map<string, Float32Array>();
@@ -550,13 +552,13 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
       return w >= f.scaleWord ? (0x3c000000 | (h & 0x7fffff)) >>> 0 : h;
     });
   };
-  for (const form of MLA_INT8_FORMS.filter((f) => args.mlaInt8.includes(f.key))) {
+  for (const form of MLA_INT8_FORMS.filter((f) => args.mlaInt8.includes(f.key) && (!prefill || f.fast))) {
     const { key: formKey, mode, window } = form;
     const tuning: Partial<MlaAttentionTuning> = { int8Products: mode, int8Window: window, ...form.tuning };
     // The split the runner would choose for this kernel (the int8-product kernels: one workgroup per chunk and row).
     const split = mlaSplit(shape, 'int8', tuning);
     const target = Math.round(split.targetWorkgroups * (form.targetScale ?? 1));
-    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, target);
+    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, target, 1, prefill);
     const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
@@ -573,7 +575,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     // Row 0's split partials (m and l depend only on the scores): which heads and chunks a wrong form gets wrong.
     partials.set(formKey, { data: await readF32(gpu, att.partialsBuffer!, N_HEADS * m.maxChunks * (R + 2)), chunks: m.maxChunks, ctxChunks: Math.ceil(context / m.chunkSize) });
     let maxRelError = NaN;
-    if (context <= 4096) {
+    if (context <= 4096 && !prefill) {
       if (!want) {
         const rows = new Float64Array(context * RV);
         for (let t = 0; t < context; t++) rows.set(dequantizeLatentRowInt8(words(t), f), t * RV);
@@ -583,10 +585,11 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     }
     att.destroy();
     meta.destroy();
-    const cacheBytes = batch * context * f.rowWords * 4;
-    const flops = batch * context * N_HEADS * (2 * RV + 2 * R);
+    const tokensRead = prefill ? (batch * context * (context + 1)) / 2 : batch * context;
+    const cacheBytes = tokensRead * f.rowWords * 4;
+    const flops = tokensRead * N_HEADS * (2 * RV + 2 * R);
     results.push({
-      kernel: 'mla-int8', mode: 'decode',
+      kernel: 'mla-int8', mode: prefill ? 'prefill' : 'decode',
       // The dot4 kernel's window and query placement are what the plan made of the form's wishes and the device's memory.
       variant: form.variant + (att.dot4Plan ? ` w${att.dot4Plan.window}${att.dot4Plan.queryStaged ? '' : ', query from storage'}` : ''),
       batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps,
@@ -595,6 +598,11 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   }
   // Each tensor-core form against the dot4 form (the same integers): ~1e-6 when right; the per-phase forms say which
   // phase of a wrong kernel is wrong.
+  if (prefill) {
+    qLatent.destroy();
+    out.destroy();
+    return results;
+  }
   const d4 = outputs.get('emulate');
   for (const [mode, variant] of [['tensor-cores', 'int8 tensor cores'], ['tensor-cores w32', 'int8 tensor cores w32'], ['tc-scores', 'int8 tc-scores only'], ['tc-scores-bare', 'int8 tc-scores-bare only'], ['tc-values', 'int8 tc-values only']] as const) {
     const tc = outputs.get(mode);
@@ -709,11 +717,11 @@ async function main(): Promise<void> {
       }
     }
     for (const context of args.prefill) {
-      const gs = await benchGqa(gpu, args, gqaPool, 1, context, true);
-      const ms = await benchMla(gpu, args, mlaPool, 1, context, true);
+      const gs = [...(await benchGqa(gpu, args, gqaPool, 1, context, true)), ...(await benchGqa(gpu, args, gqaInt8Pool, 1, context, true))];
+      const ms = [...(await benchMla(gpu, args, mlaPool, 1, context, true)), ...(await benchMlaInt8(gpu, args, mlaInt8Pool, 1, context, true))];
       all.push(...gs, ...ms);
       for (const m of [...gs, ...ms]) {
-        process.stderr.write(`${m.kernel} prefill ${context} chunk ${m.chunk}: ${fmt(m.usPerLayerStep)} µs, ${fmt(m.tflops, 2)} TFLOP/s\n`);
+        process.stderr.write(`${m.kernel} ${m.variant} prefill ${context} chunk ${m.chunk}: ${fmt(m.usPerLayerStep)} µs, ${fmt(m.tflops, 2)} TFLOP/s\n`);
       }
     }
     gqaPool.buffer.destroy();
@@ -749,14 +757,26 @@ async function main(): Promise<void> {
   if (variantRows.length > 2) console.log('\n' + table(variantRows));
   // Prefill: the absorbed form does 2(R+r)+2R = 2176 FLOP per head per (row, token); the expanded form would do
   // 2(dn+r)+2dv = 640 plus 2·R·(dn+dv) per head per prompt token to expand K/V from the latent.
-  const prefillRows = [['prefill (1 prompt)', 'GQA µs', 'MLA absorbed µs', 'MLA/GQA', 'MLA TFLOP/s', 'expanded/absorbed FLOP']];
+  const prefillRows = [['prefill (1 prompt)', 'GQA µs', 'MLA absorbed µs', 'MLA/GQA', 'MLA TFLOP/s', 'expanded/absorbed FLOP', 'GQA int8 µs', 'MLA int8 µs (form)', 'MLA/GQA int8']];
   for (const P of args.prefill) {
     const g = fastest('gqa', 1, P, 'prefill');
     const mla = all.find((m) => m.mode === 'prefill' && m.kernel === 'mla' && m.context === P);
     if (!g || !mla) continue;
+    const g8 = fastest('gqa-int8', 1, P, 'prefill');
+    const m8 = fastest('mla-int8', 1, P, 'prefill');
     const pairs = (P * (P + 1)) / 2;
     const expanded = N_HEADS * (pairs * (2 * (HEAD_DIM + ROPE) + 2 * HEAD_DIM) + P * 2 * R * (2 * HEAD_DIM));
-    prefillRows.push([String(P), fmt(g.usPerLayerStep), fmt(mla.usPerLayerStep), fmt(mla.usPerLayerStep / g.usPerLayerStep, 2), `${fmt(mla.tflops, 1)} (${pct(mla.flopRatio)})`, fmt(expanded / mla.flops, 2)]);
+    prefillRows.push([
+      String(P),
+      fmt(g.usPerLayerStep),
+      fmt(mla.usPerLayerStep),
+      fmt(mla.usPerLayerStep / g.usPerLayerStep, 2),
+      `${fmt(mla.tflops, 1)} (${pct(mla.flopRatio)})`,
+      fmt(expanded / mla.flops, 2),
+      g8 ? fmt(g8.usPerLayerStep) : '—',
+      m8 ? `${fmt(m8.usPerLayerStep)} (${m8.variant})` : '—',
+      g8 && m8 ? fmt(m8.usPerLayerStep / g8.usPerLayerStep, 2) : '—',
+    ]);
   }
   if (prefillRows.length > 1) console.log('\n' + table(prefillRows));
   // The short table, last: per shape, the fastest GQA variant vs the fastest MLA variant (the default GQA variant's

@@ -60,7 +60,7 @@ extras)
 dot4)
   el attention-dot4
   # The dot4 forms, the f32 kernel over int8 and GQA (f16 and int8) at the served batch sizes and the goal's contexts.
-  timeout 240 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096,16384 --variants default --prefill none \
+  timeout 240 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096,16384 --variants default --prefill 512,2048 \
     --mla-int8 fast --json "$OUT/attention-dot4.json" >"$OUT/attention-dot4.txt" 2>"$OUT/attention-dot4.err"
   el "rc=$?"
   for products in off dot4; do
@@ -71,6 +71,7 @@ dot4)
     el "rc=$?"
   done
   grep -A40 "^MLA over int8 cache" "$OUT/attention-dot4.txt" | head -n 40
+  grep -A3 "^prefill (1 prompt)" "$OUT/attention-dot4.txt"
   tail -n 3 "$OUT/attention-dot4.err"
   for products in off dot4; do
     echo "== MLA decode, attention products $products"
