@@ -22,6 +22,9 @@ import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta
  */
 export interface MlaDot4Plan {
   window: number;
+  /** Workgroups per (row, chunk) along heads, and heads in each (the last may hold fewer). */
+  headSplits: number;
+  headsPerWorkgroup: number;
   /** Head quads of the score phase (one warp each) and tokens per score thread. */
   headQuads: number;
   tokensPerScoreThread: number;
@@ -43,26 +46,32 @@ const WG = 256;
 
 /**
  * The plan for a shape, or why this kernel does not take it. `storageLimit` is the device's workgroup memory: the
- * query is staged there when it fits (`queryStaged` forces either way).
+ * query is staged there when it fits (`queryStaged` forces either way). `headSplits` > 1 gives each (row, chunk)
+ * that many workgroups, each with a share of the heads (more workgroups for small batches; each reads the rows).
  */
-export function planMlaDot4(nHeads: number, tc: MlaTcPlan, storageLimit: number, queryStaged?: boolean): MlaDot4Plan | string {
+export function planMlaDot4(nHeads: number, tc: MlaTcPlan, storageLimit: number, queryStaged?: boolean, headSplits = 1): MlaDot4Plan | string {
   const W = tc.window;
   if (W > 128) return `window ${W}: at most 128 tokens (a softmax thread holds W / 8 probabilities)`;
-  const headQuads = Math.ceil(nHeads / 4);
+  if (!Number.isInteger(headSplits) || headSplits < 1) return `head splits ${headSplits}: a positive integer`;
+  const HW = Math.ceil(nHeads / headSplits);
+  const splits = Math.ceil(nHeads / HW);
+  const headQuads = Math.ceil(HW / 4);
   const rowWords = tc.rowPad / 4;
   const latentWords = tc.latentPad / 4;
   const rowStride4 = rowWords / 4 + ((rowWords / 4) % 2 === 0 ? 1 : 0);
   if (latentWords > WG) return `kv_lora_rank ${tc.latentPad}: the value phase takes at most ${4 * WG} latent values`;
-  const valueParts = Math.min(nHeads, Math.floor(WG / latentWords));
-  const headsPerValueThread = Math.ceil(nHeads / valueParts);
-  if (headsPerValueThread > 16) return `${nHeads} heads over ${valueParts} value parts: more than 16 heads a thread`;
-  const base = 16 * W * rowStride4 + 4 * nHeads * W + nHeads * W + 8 * WG + 12 * W + 16 * nHeads + 8;
-  const queryBytes = 4 * nHeads * rowWords;
+  const valueParts = Math.min(HW, Math.floor(WG / latentWords));
+  const headsPerValueThread = Math.ceil(HW / valueParts);
+  if (headsPerValueThread > 16) return `${HW} heads over ${valueParts} value parts: more than 16 heads a thread`;
+  const base = 16 * W * rowStride4 + 4 * HW * W + HW * W + 8 * WG + 12 * W + 16 * HW + 8;
+  const queryBytes = 4 * HW * rowWords;
   const staged = queryStaged ?? base + queryBytes <= storageLimit;
   const workgroupBytes = base + (staged ? queryBytes : 0);
   if (workgroupBytes > storageLimit) return `${workgroupBytes} B of workgroup memory at window ${W}, the device allows ${storageLimit}`;
   return {
     window: W,
+    headSplits: splits,
+    headsPerWorkgroup: HW,
     headQuads,
     tokensPerScoreThread: W / 32,
     rowWords,
@@ -76,9 +85,13 @@ export function planMlaDot4(nHeads: number, tc: MlaTcPlan, storageLimit: number,
   };
 }
 
-/** The split kernel: grid (chunks, 1, rows), 256 threads; writes the f32 kernel's partials (m, l, o per head). */
+/**
+ * The split kernel: grid (chunks, head splits, rows), 256 threads; writes the f32 kernel's partials (m, l, o per head).
+ * Heads are local to the workgroup (0 … HW − 1, head hBase + local of the model) except in the query and the partials.
+ */
 export function mlaDot4PartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, tc: MlaTcPlan, p: MlaDot4Plan): string {
   const H = nHeads;
+  const HW = p.headsPerWorkgroup;
   const R = f.kvLoraRank;
   const W = p.window;
   const S4 = p.rowStride4;
@@ -89,7 +102,7 @@ export function mlaDot4PartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSiz
   const ks = [0, 1, 2, 3];
   const bs = [...Array(p.tokensPerScoreThread).keys()];
   const vs = [...Array(HPT).keys()];
-  const qLoad = (k: number) => (p.queryStaged ? `qsm[qh${k} * ${RW4}u + w4]` : `qq[qb${k} + (w4 >> 1u) * 32u + (w4 & 1u)]`);
+  const qLoad = (k: number) => (p.queryStaged ? `qsm[ql${k} * ${RW4}u + w4]` : `qq[qb${k} + (w4 >> 1u) * 32u + (w4 & 1u)]`);
   // One part (latent or rope) of the score sums: every 16 bytes of the row against each head's 16 query bytes.
   const scoreLoop = (from: number, to: number, acc: string) => `for (var w4 = ${from}u; w4 < ${to}u; w4++) {
         ${bs.map((b) => `let c${b} = ct[(tl + ${32 * b}u) * ${S4}u + w4];`).join('\n        ')}
@@ -112,16 +125,16 @@ ${metaWgsl(0)}
 ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
 var<workgroup> ct: array<vec4<u32>, ${W * S4}>;
-${p.queryStaged ? `var<workgroup> qsm: array<vec4<u32>, ${H * RW4}>;` : ''}
-var<workgroup> sc: array<f32, ${H * W}>;
-var<workgroup> pq: array<u32, ${(H * W) / 4}>;
+${p.queryStaged ? `var<workgroup> qsm: array<vec4<u32>, ${HW * RW4}>;` : ''}
+var<workgroup> sc: array<f32, ${HW * W}>;
+var<workgroup> pq: array<u32, ${(HW * W) / 4}>;
 var<workgroup> red: array<vec2<f32>, ${WG}>;
 var<workgroup> tokScale: array<vec2<f32>, ${W}>;
 var<workgroup> tokRow: array<u32, ${W}>;
-var<workgroup> mRun: array<f32, ${H}>;
-var<workgroup> lRun: array<f32, ${H}>;
-var<workgroup> alpha: array<f32, ${H}>;
-var<workgroup> pscale: array<f32, ${H}>;
+var<workgroup> mRun: array<f32, ${HW}>;
+var<workgroup> lRun: array<f32, ${HW}>;
+var<workgroup> alpha: array<f32, ${HW}>;
+var<workgroup> pscale: array<f32, ${HW}>;
 var<workgroup> bounds: vec2<u32>;
 
 /** vec4 index of head h's query words 4·w4 … 4·w4 + 3 in row r's tiled query (qqWord at w4 = 0 is 8-word aligned). */
@@ -153,7 +166,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let bnd = workgroupUniformLoad(&bounds);
   if (bnd.y <= bnd.x) { return; }
   let bt = seqBlockTable(rowSeq(r));
-  if (lid < ${H}u) {
+  // This workgroup's heads: hBase … hBase + hCount − 1 of the model.
+  let hBase = wid.y * ${HW}u;
+  let hCount = min(${HW}u, ${H}u - hBase);
+  if (lid < hCount) {
     mRun[lid] = ${NEG_BIG};
     lRun[lid] = 0.0;
   }
@@ -163,16 +179,17 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let scoreThread = hq < ${p.headQuads}u;
   ${ks
     .map(
-      (k) => `let qh${k} = min(hq * 4u + ${k}u, ${H - 1}u);
+      (k) => `let ql${k} = min(hq * 4u + ${k}u, ${HW - 1}u);
+  let qh${k} = min(hBase + ql${k}, ${H - 1}u);
   let qb${k} = qBase(r, qh${k});
   let sq${k} = vec2<f32>(qs[2u * (r * ${tc.headsPadded}u + qh${k})], qs[2u * (r * ${tc.headsPadded}u + qh${k}) + 1u]);`,
     )
     .join('\n  ')}
   ${
     p.queryStaged
-      ? `for (var i = lid; i < ${H * RW4}u; i += ${WG}u) {
+      ? `for (var i = lid; i < ${HW * RW4}u; i += ${WG}u) {
     let w4 = i % ${RW4}u;
-    qsm[i] = qq[qBase(r, i / ${RW4}u) + (w4 >> 1u) * 32u + (w4 & 1u)];
+    qsm[i] = qq[qBase(r, min(hBase + i / ${RW4}u, ${H - 1}u)) + (w4 >> 1u) * 32u + (w4 & 1u)];
   }`
       : ''
   }
@@ -180,7 +197,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let dq = lid % ${p.valueWords}u;
   let hp = lid / ${p.valueWords}u;
   let valueThread = hp < ${p.valueParts}u;
-  ${vs.map((k) => `let vh${k} = min(hp * ${HPT}u + ${k}u, ${H - 1}u);\n  var o${k} = vec4<f32>(0.0);`).join('\n  ')}
+  ${vs.map((k) => `let vh${k} = min(hp * ${HPT}u + ${k}u, ${HW - 1}u);\n  var o${k} = vec4<f32>(0.0);`).join('\n  ')}
 
   for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
     let n = min(${W}u, bnd.y - w0);
@@ -201,10 +218,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         .map((b) =>
           ks
             .map(
-              (k) => `if (hq * 4u + ${k}u < ${H}u) {
+              (k) => `if (hq * 4u + ${k}u < hCount) {
         let t = tl + ${32 * b}u;
         let ts = tokScale[t];
-        sc[qh${k} * ${W}u + t] = select(${NEG_BIG}, f32(aL${b}[${k}]) * sq${k}.x * ts.x + f32(aP${b}[${k}]) * sq${k}.y * ts.y, t < n);
+        sc[ql${k} * ${W}u + t] = select(${NEG_BIG}, f32(aL${b}[${k}]) * sq${k}.x * ts.x + f32(aP${b}[${k}]) * sq${k}.y * ts.y, t < n);
       }`,
             )
             .join('\n      '),
@@ -213,10 +230,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     workgroupBarrier();
 
-    // Softmax over the window, 8 threads a head (slots past the heads idle but keep the barriers), ${TPT} tokens each.
+    // Softmax over the window, 8 threads a head (32 slots; those past the heads idle but keep the barriers), ${TPT} tokens each.
     {
-      let h = min(lid / 8u, ${H - 1}u);
-      let live = lid / 8u < ${H}u;
+      let h = min(lid / 8u, ${HW - 1}u);
+      let live = lid / 8u < hCount;
       let sub = lid % 8u;
       let t0 = sub * ${TPT}u;
       var mx = ${NEG_BIG};
@@ -302,8 +319,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   if (valueThread) {
     ${vs
       .map(
-        (k) => `if (hp * ${HPT}u + ${k}u < ${H}u) {
-      let base = ((r * ${H}u + vh${k}) * maxChunks + c) * ${R + 2}u + 2u + 4u * dq;
+        (k) => `if (hp * ${HPT}u + ${k}u < hCount) {
+      let base = ((r * ${H}u + hBase + vh${k}) * maxChunks + c) * ${R + 2}u + 2u + 4u * dq;
       for (var d = 0u; d < 4u; d++) {
         if (4u * dq + d < ${R}u) { partials[base + d] = o${k}[d]; }
       }
@@ -311,8 +328,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       )
       .join('\n    ')}
   }
-  if (lid < ${H}u) {
-    let base = ((r * ${H}u + lid) * maxChunks + c) * ${R + 2}u;
+  if (lid < hCount) {
+    let base = ((r * ${H}u + hBase + lid) * maxChunks + c) * ${R + 2}u;
     partials[base] = mRun[lid];
     partials[base + 1u] = lRun[lid];
   }

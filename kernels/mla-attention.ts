@@ -83,6 +83,8 @@ export interface MlaAttentionTuning {
   int8Window: number;
   /** 'dot4': stage the quantized query in workgroup memory (default: where it fits) or read it from storage. */
   int8QueryStaged?: boolean;
+  /** 'dot4': workgroups per (row, chunk) along heads (default 1; 2 doubles the workgroups of a small batch). */
+  int8HeadSplits?: number;
   /** Diagnosis only: the int8-product kernel dumps its first score window of (chunk 0, row 0) (int8DebugDump). */
   int8Debug?: boolean;
 }
@@ -511,7 +513,9 @@ export const MLA_DOT4_TARGET_WORKGROUPS = 512;
 export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: Partial<MlaAttentionTuning> = {}): { parallelHeads: number; targetWorkgroups: number } {
   const t = { ...DEFAULT_MLA_TUNING, ...tuning };
   if (cacheDtype === 'int8' && t.int8Products !== 'off') {
-    return { parallelHeads: 1, targetWorkgroups: t.int8Products === 'dot4' ? MLA_DOT4_TARGET_WORKGROUPS : MLA_TC_TARGET_WORKGROUPS };
+    if (t.int8Products !== 'dot4') return { parallelHeads: 1, targetWorkgroups: MLA_TC_TARGET_WORKGROUPS };
+    const splits = t.int8HeadSplits ?? 1;
+    return { parallelHeads: Math.ceil(shape.nHeads / Math.ceil(shape.nHeads / splits)), targetWorkgroups: MLA_DOT4_TARGET_WORKGROUPS };
   }
   return { parallelHeads: planMlaAttention(shape, t).headSplits, targetWorkgroups: MLA_TARGET_WORKGROUPS };
 }
@@ -615,7 +619,9 @@ export class MlaAttention {
     }
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     if (mode === 'dot4') return this.makeDot4Path(f);
-    if (this.tuning.int8QueryStaged !== undefined) throw new Error(`MLA attention: int8QueryStaged applies to int8Products 'dot4', not '${mode}'`);
+    if (this.tuning.int8QueryStaged !== undefined || this.tuning.int8HeadSplits !== undefined) {
+      throw new Error(`MLA attention: int8QueryStaged and int8HeadSplits apply to int8Products 'dot4', not '${mode}'`);
+    }
     const plan = planMlaTc(shape.nHeads, f, this.tuning.int8Window);
     if (typeof plan === 'string') throw new Error(`MLA int8-product attention: ${plan}`);
     if (plan.workgroupBytes > gpu.limits.maxComputeWorkgroupStorageSize) {
@@ -644,18 +650,19 @@ export class MlaAttention {
         why = plan;
         continue;
       }
-      const dot4 = planMlaDot4(shape.nHeads, plan, limit, this.tuning.int8QueryStaged);
+      const dot4 = planMlaDot4(shape.nHeads, plan, limit, this.tuning.int8QueryStaged, this.tuning.int8HeadSplits);
       if (typeof dot4 === 'string') {
         why = dot4;
         continue;
       }
       const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
+      const split = dot4.headSplits > 1 ? ` ${dot4.headSplits} head splits` : '';
       return {
         plan,
         dot4,
         tensorCores: false,
         queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan)),
-        partialPipe: gpu.pipeline(`mla-attention int8 dot4 ${key}${dot4.queryStaged ? ' q staged' : ''}`, mlaDot4PartialWgsl(shape.nHeads, f, layout.blockSize, plan, dot4)),
+        partialPipe: gpu.pipeline(`mla-attention int8 dot4 ${key}${dot4.queryStaged ? ' q staged' : ''}${split}`, mlaDot4PartialWgsl(shape.nHeads, f, layout.blockSize, plan, dot4)),
         rows: 0,
         partialGroups: [],
       };
@@ -747,7 +754,7 @@ export class MlaAttention {
       pass.dispatchWorkgroups(tc.plan.headsPadded, rows);
       pass.setPipeline(tc.partialPipe);
       pass.setBindGroup(0, tc.partialGroups[layer]);
-      pass.dispatchWorkgroups(maxChunks, 1, rows);
+      pass.dispatchWorkgroups(maxChunks, tc.dot4?.headSplits ?? 1, rows);
     } else {
       const v = this.ready(this.pick(chunkSize));
       pass.setPipeline(v.pipeline);

@@ -537,20 +537,26 @@ function checkInt8Products(res: StepResult, c: Step, where: string): void {
   assert.ok(quantErr > 1e-5 && quantErr < 0.4, `${where}: relative error ${quantErr} vs unquantized float64 (expected 1e-5 … 0.4)`);
 }
 
-test('mla attention int8 dot4 kernel vs the float64 model of the int8-product arithmetic: query staged and read from storage, windows of 32 and 64, partial windows, up to 32 heads, the Qwen2.5-7B row shape', async () => {
-  for (const [shape, chunkSize, blockSize, window, queryStaged] of [
-    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, true], // chunks shorter than a window; 4 value parts a head
-    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 128, 5, 64, false], // two windows a split, block size 5, R not a multiple of 4
-    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16, 32, true], // a partial head quad
-    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false], // the most heads, 2 windows a split
-    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined], // Qwen2.5-7B's MLA row, the runner's own split
+test('mla attention int8 dot4 kernel vs the float64 model of the int8-product arithmetic: query staged and read from storage, windows of 32 and 64, partial windows, up to 32 heads, heads split over workgroups, the Qwen2.5-7B row shape', async () => {
+  for (const [shape, chunkSize, blockSize, window, queryStaged, headSplits] of [
+    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, true, 1], // chunks shorter than a window; 4 value parts a head
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 128, 5, 64, false, 1], // two windows a split, block size 5, R not a multiple of 4
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 32, 5, 32, true, 3], // 3 heads a workgroup, the last holding 1
+    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16, 32, true, 1], // a partial head quad
+    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false, 1], // the most heads, 2 windows a split
+    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false, 4], // 8 heads a workgroup
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 1], // Qwen2.5-7B's MLA row, the runner's own split
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 2], // and 14 heads a workgroup
   ] as const) {
     const seed = freshSeed();
-    const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning: { int8Products: 'dot4', int8Window: window, int8QueryStaged: queryStaged } };
+    const tuning = { int8Products: 'dot4', int8Window: window, int8QueryStaged: queryStaged, ...(headSplits > 1 ? { int8HeadSplits: headSplits } : {}) } as const;
+    const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning };
     const res = await runStep(c, seed);
     assert.ok(res.dot4, 'no dot4 plan');
     if (queryStaged !== undefined) assert.equal(res.dot4.queryStaged, queryStaged);
-    checkInt8Products(res, c, `${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.dot4.window} q ${res.dot4.queryStaged ? 'staged' : 'storage'} seed ${seed}`);
+    assert.equal(res.dot4.headSplits, headSplits);
+    const where = `${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.dot4.window} q ${res.dot4.queryStaged ? 'staged' : 'storage'} ${headSplits} head split(s) seed ${seed}`;
+    checkInt8Products(res, c, where);
   }
 });
 
