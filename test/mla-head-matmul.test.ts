@@ -72,9 +72,12 @@ test('head matmul: absorption and W_UV shapes, every rows-per-thread variant, 8/
         const err = await runCase(nHeads, K, N, passCols, rows, dtype);
         assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}: relative error ${err}`);
       }
-      // The decode kernel with 8 and 16 k slices (64 / 128 threads: all 8 rows reduced in one round, or 4).
-      for (const kSlices of [8, 16] as const) {
-        for (const rows of [1, 5, 8]) {
+      // The decode kernel with 8 and 16 k slices (64 / 128 threads: all 8 rows reduced in one round, or 4), on f16
+      // weights (what the server uploads) at the shapes that take every k slice or leave some empty (each variant is a
+      // pipeline SwiftShader compiles in seconds).
+      const slicesCase = dtype === 'f16' && ((K === 512 && N === 128) || (K === 128 && N === 512) || K === 33);
+      for (const kSlices of slicesCase ? ([8, 16] as const) : []) {
+        for (const rows of [1, 5]) {
           const err = await runCase(nHeads, K, N, passCols, rows, dtype, undefined, kSlices);
           assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}, ${kSlices} k slices: relative error ${err}`);
         }
