@@ -17,7 +17,11 @@ to --max-len tokens; prints nats per predicted token, averaged over all of them,
   --batch-tokens N        token rows per runner step (default 2048)
   --weight-dtype f32|f16|int8  GPU weight format (default f16; int8: projections per output channel)
   --kv-cache-dtype f32|f16|int8  KV cache format (default f16; int8: one scale per token, head and K/V,
-                          GQA models; --cache-dtype is accepted as an alias)
+                          GQA; MLA: the latent and RoPE key, one scale each per token;
+                          --cache-dtype is accepted as an alias)
+  --mla-int8-attention f32|dot4  MLA over an int8 cache: f32 products on the unpacked values
+                          (default) or dot4: the query and softmax weights quantized to int8 too, both
+                          products int8 dot products (needs --kv-cache-dtype int8)
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
   --json                  print the figures as one JSON object
 `;
@@ -80,6 +84,7 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
     numBlocks: Math.ceil(rowBudget / blockSize) + MAX_SEQS_PER_STEP,
     weightDtype: opts.weightDtype,
     cacheDtype: opts.cacheDtype,
+    mlaInt8Attention: opts.mlaInt8Attention,
     cpu: v.cpu ?? false,
     log: v.json ? () => {} : undefined,
   });

@@ -1,8 +1,12 @@
 // What `generate` and `eval-ppl` share: option parsing helpers, loading a model, and opening its runner (GPU, or the CPU reference).
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { CpuRunner } from '../engine/cpu-runner.ts';
+import type { AttentionBlockFactory } from '../engine/gpu-runner.ts';
+import { mlaBlockFactory } from '../engine/mla-block.ts';
 import type { ModelRunner } from '../engine/types.ts';
+import type { ModelConfig } from '../model/config.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
+import { MLA_INT8_ATTENTION, type MlaInt8AttentionOption as MlaInt8Attention } from './serve-options.ts';
 
 export class UsageError extends Error {}
 
@@ -13,6 +17,7 @@ export const LOCAL_MODEL_OPTIONS = {
   'weight-dtype': { type: 'string' },
   'kv-cache-dtype': { type: 'string' },
   'cache-dtype': { type: 'string' },
+  'mla-int8-attention': { type: 'string' },
   cpu: { type: 'boolean' },
   json: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -56,12 +61,32 @@ export function parseLocalCommand<O extends CommandOptions, T>(
   }
 }
 
-/** The weight and KV cache dtypes of a local-model command's parsed flags (f16 unless given). */
-export function localDtypes(values: { 'weight-dtype'?: string; 'kv-cache-dtype'?: string; 'cache-dtype'?: string }): { weightDtype: WeightDtype; cacheDtype: CacheDtype } {
-  return {
-    weightDtype: dtypeOption<WeightDtype>(values['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
-    cacheDtype: cacheDtypeOption(values, 'f16'),
-  };
+/**
+ * The weight and KV cache dtypes of a local-model command's parsed flags (f16 unless given), and the MLA attention
+ * products over an int8 cache (f32 unless given; dot4 needs the int8 cache).
+ */
+export function localDtypes(values: { 'weight-dtype'?: string; 'kv-cache-dtype'?: string; 'cache-dtype'?: string; 'mla-int8-attention'?: string }): {
+  weightDtype: WeightDtype;
+  cacheDtype: CacheDtype;
+  mlaInt8Attention: MlaInt8Attention;
+} {
+  const cacheDtype = cacheDtypeOption(values, 'f16');
+  const mlaInt8Attention = dtypeOption<MlaInt8Attention>(values['mla-int8-attention'], '--mla-int8-attention', 'f32', MLA_INT8_ATTENTION);
+  const problem = mlaInt8AttentionProblem(mlaInt8Attention, cacheDtype);
+  if (problem) throw new UsageError(problem);
+  return { weightDtype: dtypeOption<WeightDtype>(values['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']), cacheDtype, mlaInt8Attention };
+}
+
+/** Why a --mla-int8-attention choice cannot run with this cache (dot4 computes on the int8 latent cache), if it cannot. */
+export function mlaInt8AttentionProblem(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined): string | undefined {
+  if (choice !== 'dot4' || cacheDtype === 'int8') return undefined;
+  return `--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 (the cache is ${cacheDtype ?? 'f16'})`;
+}
+
+/** The runner's attention block for a model given --mla-int8-attention: the MLA block with dot4 products, or the default. */
+export function attentionBlockFor(config: ModelConfig, cacheDtype: CacheDtype, choice: MlaInt8Attention | undefined): { attentionBlock?: AttentionBlockFactory } {
+  if (choice !== 'dot4' || config.attention !== 'mla' || cacheDtype !== 'int8') return {};
+  return { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: 'dot4' } }) };
 }
 
 export type WeightDtype = 'f32' | 'f16' | 'int8';
@@ -105,6 +130,8 @@ export interface LocalRunnerOptions {
   numBlocks: number;
   weightDtype: WeightDtype;
   cacheDtype: CacheDtype;
+  /** MLA over an int8 cache: the attention products (default f32). */
+  mlaInt8Attention?: MlaInt8Attention;
   /** Run on the CPU with the float64 reference ops instead of the GPU (slow; for checks). */
   cpu: boolean;
   log?: (msg: string) => void;
@@ -146,6 +173,7 @@ export async function openLocalRunner(model: LoadedModel, opts: LocalRunnerOptio
       numBlocks: opts.numBlocks,
       weightDtype: opts.weightDtype,
       cacheDtype: opts.cacheDtype,
+      ...attentionBlockFor(model.config, opts.cacheDtype, opts.mlaInt8Attention),
     }));
     return {
       runner,

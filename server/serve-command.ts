@@ -8,13 +8,13 @@ import { createGpuRunner, type RunnerDescription } from '../engine/gpu-runner.ts
 import type { ModelRuntime, ModelRunner } from '../engine/types.ts';
 import { gqaLayoutFor, type CacheDtype, type KvLayout } from '../cache/kv-layout.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
-import { mlaBlockFactory } from '../engine/mla-block.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { type GpuContext, openGpu, releaseGpu } from '../kernels/device.ts';
 import { resolveModelPath } from '../model/hub.ts';
 import { loadModel } from '../model/load.ts';
 import { buildApp } from './app.ts';
 import { convertCheckpoint, parseConvertArgs } from './convert-command.ts';
+import { attentionBlockFor, mlaInt8AttentionProblem } from './local-runner.ts';
 import { describeConfig, formatBytes, resolveServeConfig, SERVE_USAGE, type KvCacheDtypeOption, type ServeOptions, UsageError } from './serve-options.ts';
 import { checkSyntheticName, loadSyntheticModel, SYNTHETIC_PREFIX, type ServableModel } from './synthetic-models.ts';
 
@@ -157,9 +157,8 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
     loaded.push(await loadModel(path, opts.maxModelLen === null ? {} : { maxSeqLen: opts.maxModelLen }));
   }
   const weightDtype = opts.weightDtype ?? 'f16';
-  if (opts.mlaInt8Attention === 'dot4' && opts.kvCacheDtype !== 'int8') {
-    throw new UsageError(`--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 (the cache is ${opts.kvCacheDtype ?? 'f16'})`);
-  }
+  const attentionProblem = mlaInt8AttentionProblem(opts.mlaInt8Attention, opts.kvCacheDtype);
+  if (attentionProblem) throw new UsageError(attentionProblem);
   // Every model checked before the first upload: a refused one fails the start, not a request later.
   const cacheDtypes = loaded.map((m, i) => checkKvCacheDtype(specs[i].name, m.config, opts.kvCacheDtype ?? 'f16', opts.blockSize));
 
@@ -180,15 +179,14 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
     const models: ServedModel[] = [];
     for (let i = 0; i < specs.length; i++) {
       const m = loaded[i];
-      // MLA over an int8 cache: the products as --mla-int8-attention asks (f32 on unpacked values, or int8 dot4).
-      const int8Products = opts.mlaInt8Attention === 'dot4' && m.config.attention === 'mla' && cacheDtypes[i] === 'int8' ? 'dot4' : undefined;
       const runner = await createGpuRunner(gpu, m, {
         blockSize: opts.blockSize,
         kvCacheBytes: share,
         cacheDtype: cacheDtypes[i],
         weightDtype,
         gpuTiming: trace !== undefined,
-        ...(int8Products ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products } }) } : {}),
+        // MLA over an int8 cache: the products as --mla-int8-attention asks (f32 on unpacked values, or int8 dot4).
+        ...attentionBlockFor(m.config, cacheDtypes[i], opts.mlaInt8Attention),
       });
       runners.push(runner);
       const runtime = modelRuntime(runner.describe());

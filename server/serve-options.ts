@@ -50,6 +50,7 @@ export type WeightDtypeOption = (typeof WEIGHT_DTYPES)[number];
 export const KV_CACHE_DTYPES = ['f16', 'f32', 'int8'] as const;
 export type KvCacheDtypeOption = (typeof KV_CACHE_DTYPES)[number];
 
+/** How MLA over an int8 latent cache takes its attention products: f32 on unpacked values, or int8 dot products. */
 export const MLA_INT8_ATTENTION = ['f32', 'dot4'] as const;
 export type MlaInt8AttentionOption = (typeof MLA_INT8_ATTENTION)[number];
 

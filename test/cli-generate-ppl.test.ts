@@ -93,4 +93,10 @@ test('eval-ppl on the CPU reference path gives the reference figure; bad argumen
   const noText = cli(['eval-ppl', '--model', MODEL, '--text', '/nonexistent/file.txt', '--cpu']);
   assert.equal(noText.code, 1);
   assert.match(noText.stderr, /cannot read the text file \/nonexistent\/file\.txt/);
+  const dot4NoInt8 = cli(['eval-ppl', '--model', MODEL, '--text', TEXT, '--mla-int8-attention', 'dot4']);
+  assert.equal(dot4NoInt8.code, 2);
+  assert.match(dot4NoInt8.stderr, /--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 \(the cache is f16\)/);
+  const badProducts = cli(['generate', '--model', MODEL, '--kv-cache-dtype', 'int8', '--mla-int8-attention', 'tc']);
+  assert.equal(badProducts.code, 2);
+  assert.match(badProducts.stderr, /--mla-int8-attention must be one of f32, dot4; got "tc"/);
 });
