@@ -2,8 +2,8 @@
 // laid out for speed: the arithmetic of kernels/mla-attention-tc.ts (same integers, same windows), without its tiles.
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
-import { qqWordWgsl, stageRowsWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
-import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
+import { qqWordWgsl, stageRowsWgsl, windowSoftmaxWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
+import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 
 /**
  * Why int8 dot products: the f32 kernel over the int8 cache is bound by f32 arithmetic (~13 TFLOP/s of the H200's 67
@@ -157,12 +157,7 @@ fn transpose4(w0: u32, w1: u32, w2: u32, w3: u32) -> vec4<u32> {
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let c = wid.x;
   let r = wid.z;
-  let chunk = stepMeta[${META_CHUNK}];
-  if (lid == 0u) {
-    let ctx = rowPos(r) + 1u;
-    let start = c * chunk;
-    bounds = vec2<u32>(start, select(start, min(start + chunk, ctx), start < ctx));
-  }
+  if (lid == 0u) { bounds = chunkSpan(r, c); }
   let bnd = workgroupUniformLoad(&bounds);
   if (bnd.y <= bnd.x) { return; }
   let bt = seqBlockTable(rowSeq(r));
@@ -231,68 +226,16 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     workgroupBarrier();
 
     // Softmax over the window, 8 threads a head (32 slots; those past the heads idle but keep the barriers), ${TPT} tokens each.
-    {
-      let h = min(lid / 8u, ${HW - 1}u);
-      let live = lid / 8u < hCount;
-      let sub = lid % 8u;
-      let t0 = sub * ${TPT}u;
-      var mx = ${NEG_BIG};
-      // A non-finite score (a NaN or Inf cache or query scale) poisons the head: float max and exp need not carry NaN
-      // (SwiftShader's max drops it and its exp(NaN) is +Inf), so it is found from the bits and l set to NaN below.
-      var bad = 0.0;
-      for (var i = 0u; i < ${TPT}u; i++) {
-        if (t0 + i < n) {
-          let s = sc[h * ${W}u + t0 + i];
-          mx = max(mx, s);
-          bad = select(bad, 1.0, (bitcast<u32>(s) & 0x7f800000u) == 0x7f800000u);
-        }
-      }
-      red[lid] = vec2<f32>(mx, bad);
-      workgroupBarrier();
-      for (var st = 4u; st > 0u; st >>= 1u) {
-        if (sub < st) { red[lid] = max(red[lid], red[lid + st]); }
-        workgroupBarrier();
-      }
-      let mOld = mRun[h];
-      let mNew = max(mOld, red[lid - sub].x);
-      let poisoned = red[lid - sub].y > 0.0;
-      var pp: array<f32, ${TPT}>;
-      var l = 0.0;
-      var pmax = 0.0;
-      for (var i = 0u; i < ${TPT}u; i++) {
-        pp[i] = 0.0;
-        let t = t0 + i;
-        if (t < n) {
-          let pt = exp(sc[h * ${W}u + t] - mNew);
-          l += pt;
-          pp[i] = pt * tokScale[t].x;
-          pmax = max(pmax, pp[i]);
-        }
-      }
-      workgroupBarrier();
-      red[lid] = vec2<f32>(l, pmax);
-      workgroupBarrier();
-      for (var st = 4u; st > 0u; st >>= 1u) {
-        if (sub < st) { red[lid] = vec2<f32>(red[lid].x + red[lid + st].x, max(red[lid].y, red[lid + st].y)); }
-        workgroupBarrier();
-      }
-      let tot = red[lid - sub];
-      if (live && sub == 0u) {
-        let al = exp(mOld - mNew);
-        alpha[h] = al;
-        let lNew = lRun[h] * al + tot.x;
-        lRun[h] = select(lNew, bitcast<f32>(bitcast<u32>(lNew) | 0x7fc00000u), poisoned);
-        mRun[h] = mNew;
-        pscale[h] = tot.y / 127.0;
-      }
-      let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
-      if (live) {
-        for (var q = 0u; q < ${TPT / 4}u; q++) {
-          let v = vec4<f32>(pp[4u * q], pp[4u * q + 1u], pp[4u * q + 2u], pp[4u * q + 3u]) * inv;
-          pq[h * ${W / 4}u + t0 / 4u + q] = pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0))));
-        }
-      }
-    }
+    ${windowSoftmaxWgsl({
+      W,
+      TPH: 8,
+      TPT,
+      h: `min(lid / 8u, ${HW - 1}u)`,
+      live: 'lid / 8u < hCount',
+      put: (i, v) => `red[${i}] = ${v};`,
+      get: (i) => `red[${i}]`,
+      pqWord: (v) => v,
+    })}
     workgroupBarrier();
 
     if (valueThread) {

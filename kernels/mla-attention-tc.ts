@@ -3,7 +3,7 @@
 import type { GpuContext } from './device.ts';
 import { hasInt8SubgroupMatrix } from './matmul-int8.ts';
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
-import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
+import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 
 /**
  * The arithmetic, per split of a row's context, in windows of `window` tokens:
@@ -318,12 +318,7 @@ fn getRed(i: u32) -> vec2<f32> {
 fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(subgroup_id) sgId: u32, ' : ''}@builtin(workgroup_id) wid: vec3<u32>) {
   let c = wid.x;
   let r = wid.z;
-  let chunk = stepMeta[${META_CHUNK}];
-  if (lid == 0u) {
-    let ctx = rowPos(r) + 1u;
-    let start = c * chunk;
-    bounds = vec2<u32>(start, select(start, min(start + chunk, ctx), start < ctx));
-  }
+  if (lid == 0u) { bounds = chunkSpan(r, c); }
   let bnd = workgroupUniformLoad(&bounds);
   if (bnd.y <= bnd.x) { return; }
   let bt = seqBlockTable(rowSeq(r));
@@ -376,62 +371,18 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     }
     ${dump ? `if (c == 0u && r == 0u && w0 == bnd.x) { for (var i = lid; i < ${HP * W}u; i += ${WG}u) { dbg[${dump.sc}u + i] = bitcast<i32>(sc[i]); } }` : ''}
 
-    // Softmax over the window per head, ${TPH} threads a head and ${TPT} tokens each (tree reductions in stg, free between the phases: f32 pairs as bits); p′ =
-    // p · sc_t quantized per head.
-    {
-      let h = lid / ${TPH}u;
-      let sub = lid % ${TPH}u;
-      let t0 = sub * ${TPT}u;
-      var mx = ${NEG_BIG};
-      for (var i = 0u; i < ${TPT}u; i++) {
-        if (t0 + i < n) { mx = max(mx, sc[h * ${W}u + t0 + i]); }
-      }
-      putRed(lid, vec2<f32>(mx, 0.0));
-      workgroupBarrier();
-      for (var st = ${TPH / 2}u; st > 0u; st >>= 1u) {
-        if (sub < st) { putRed(lid, vec2<f32>(max(getRed(lid).x, getRed(lid + st).x), 0.0)); }
-        workgroupBarrier();
-      }
-      let mOld = mRun[h];
-      let mNew = max(mOld, getRed(h * ${TPH}u).x);
-      var pp: array<f32, ${TPT}>;
-      var l = 0.0;
-      var pmax = 0.0;
-      for (var i = 0u; i < ${TPT}u; i++) {
-        pp[i] = 0.0;
-        let t = t0 + i;
-        if (t < n) {
-          let pt = exp(sc[h * ${W}u + t] - mNew);
-          l += pt;
-          pp[i] = pt * tokScale[t].x;
-          pmax = max(pmax, pp[i]);
-        }
-      }
-      workgroupBarrier();
-      putRed(lid, vec2<f32>(l, pmax));
-      workgroupBarrier();
-      for (var st = ${TPH / 2}u; st > 0u; st >>= 1u) {
-        if (sub < st) {
-          let u = getRed(lid);
-          let w = getRed(lid + st);
-          putRed(lid, vec2<f32>(u.x + w.x, max(u.y, w.y)));
-        }
-        workgroupBarrier();
-      }
-      let tot = getRed(h * ${TPH}u);
-      if (sub == 0u) {
-        let al = exp(mOld - mNew);
-        alpha[h] = al;
-        lRun[h] = lRun[h] * al + tot.x;
-        mRun[h] = mNew;
-        pscale[h] = tot.y / 127.0;
-      }
-      let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
-      for (var q = 0u; q < ${TPT / 4}u; q++) {
-        let v = vec4<f32>(pp[4u * q], pp[4u * q + 1u], pp[4u * q + 2u], pp[4u * q + 3u]) * inv;
-        pq[h * ${W / 4}u + t0 / 4u + q] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
-      }
-    }
+    // Softmax over the window per head, ${TPH} threads a head and ${TPT} tokens each (tree reductions in stg, free between
+    // the phases: f32 pairs as bits); p′ = p · sc_t quantized per head.
+    ${windowSoftmaxWgsl({
+      W,
+      TPH,
+      TPT,
+      h: `lid / ${TPH}u`,
+      live: 'true',
+      put: (i, v) => `putRed(${i}, ${v});`,
+      get: (i) => `getRed(${i})`,
+      pqWord: (v) => `bitcast<i32>(${v})`,
+    })}
     workgroupBarrier();
 
     ${skipB ? '// Phase B skipped (diagnosis: m and l only).' : phaseBWgsl}
@@ -480,6 +431,91 @@ export function stageRowsWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number, tok
         }
         ${store('v')}
       }`;
+}
+
+/**
+ * The online softmax of one window, shared by the int8-product kernels: TPH threads a head (head h, `live` whether it
+ * is one of the workgroup's), TPT tokens each, scores in sc[h · W + t]; tree reductions through put / get (vec2<f32>
+ * slots, one a thread); writes alpha, pscale, mRun, lRun and the head's p′ bytes to pq (pqWord wraps the packed u32).
+ * A non-finite score (a NaN or Inf cache or query scale) poisons the head: float max and exp need not carry NaN
+ * (SwiftShader's max drops it and its exp(NaN) is +Inf), so it is found from the bits and l set to NaN.
+ */
+export function windowSoftmaxWgsl(o: {
+  W: number;
+  TPH: number;
+  TPT: number;
+  h: string;
+  live: string;
+  put: (i: string, v: string) => string;
+  get: (i: string) => string;
+  pqWord: (v: string) => string;
+}): string {
+  const { W, TPH, TPT } = o;
+  return `{
+      let h = ${o.h};
+      let live = ${o.live};
+      let sub = lid % ${TPH}u;
+      let first = lid - sub;
+      let t0 = sub * ${TPT}u;
+      var mx = ${NEG_BIG};
+      var bad = 0.0;
+      for (var i = 0u; i < ${TPT}u; i++) {
+        if (t0 + i < n) {
+          let s = sc[h * ${W}u + t0 + i];
+          mx = max(mx, s);
+          bad = select(bad, 1.0, (bitcast<u32>(s) & 0x7f800000u) == 0x7f800000u);
+        }
+      }
+      ${o.put('lid', 'vec2<f32>(mx, bad)')}
+      workgroupBarrier();
+      for (var st = ${TPH / 2}u; st > 0u; st >>= 1u) {
+        if (sub < st) { ${o.put('lid', `max(${o.get('lid')}, ${o.get('lid + st')})`)} }
+        workgroupBarrier();
+      }
+      let mOld = mRun[h];
+      let mNew = max(mOld, ${o.get('first')}.x);
+      let poisoned = ${o.get('first')}.y > 0.0;
+      var pp: array<f32, ${TPT}>;
+      var l = 0.0;
+      var pmax = 0.0;
+      for (var i = 0u; i < ${TPT}u; i++) {
+        pp[i] = 0.0;
+        let t = t0 + i;
+        if (t < n) {
+          let pt = exp(sc[h * ${W}u + t] - mNew);
+          l += pt;
+          pp[i] = pt * tokScale[t].x;
+          pmax = max(pmax, pp[i]);
+        }
+      }
+      workgroupBarrier();
+      ${o.put('lid', 'vec2<f32>(l, pmax)')}
+      workgroupBarrier();
+      for (var st = ${TPH / 2}u; st > 0u; st >>= 1u) {
+        if (sub < st) {
+          let u = ${o.get('lid')};
+          let w = ${o.get('lid + st')};
+          ${o.put('lid', 'vec2<f32>(u.x + w.x, max(u.y, w.y))')}
+        }
+        workgroupBarrier();
+      }
+      let tot = ${o.get('first')};
+      if (live && sub == 0u) {
+        let al = exp(mOld - mNew);
+        alpha[h] = al;
+        let lNew = lRun[h] * al + tot.x;
+        lRun[h] = select(lNew, bitcast<f32>(bitcast<u32>(lNew) | 0x7fc00000u), poisoned);
+        mRun[h] = mNew;
+        pscale[h] = tot.y / 127.0;
+      }
+      let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
+      if (live) {
+        for (var q = 0u; q < ${TPT / 4}u; q++) {
+          let v = vec4<f32>(pp[4u * q], pp[4u * q + 1u], pp[4u * q + 2u], pp[4u * q + 3u]) * inv;
+          pq[h * ${W / 4}u + t0 / 4u + q] = ${o.pqWord('pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0))))')};
+        }
+      }
+    }`;
 }
 
 /** Stages sub-tile s (32 tokens) into ct, row after row. */

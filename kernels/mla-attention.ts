@@ -23,7 +23,7 @@ import type { GpuContext } from './device.ts';
 import type { PagedRows } from './kv-write.ts';
 import { mlaInt8RowFormat, type MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
-import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
+import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type MlaDot4Plan } from './mla-attention-dot4.ts';
@@ -299,12 +299,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let c = wid.x;
   let hBase = wid.y * ${HW}u;
   let r = wid.z;
-  let chunk = stepMeta[${META_CHUNK}];
-  if (lid == 0u) {
-    let ctx = rowPos(r) + 1u;
-    let start = c * chunk;
-    bounds = vec2<u32>(start, select(start, min(start + chunk, ctx), start < ctx));
-  }
+  if (lid == 0u) { bounds = chunkSpan(r, c); }
   let bnd = workgroupUniformLoad(&bounds);
   if (bnd.y <= bnd.x) { return; }
   let bt = seqBlockTable(rowSeq(r));

@@ -161,6 +161,13 @@ fn rowPos(r: u32) -> u32 { return stepMeta[stepMeta[${META_OFF_POS}] + r]; }
 fn rowSeq(r: u32) -> u32 { return stepMeta[stepMeta[${META_OFF_ROW_SEQ}] + r]; }
 fn seqBlockTable(s: u32) -> u32 { return stepMeta[stepMeta[${META_OFF_SEQS}] + 4u * s + 3u]; }
 fn logitRow(i: u32) -> u32 { return stepMeta[stepMeta[${META_OFF_LOGIT_ROWS}] + i]; }
+/** Context tokens [x, y) of split chunk c of row r (x == y: the row's context ends before it). */
+fn chunkSpan(r: u32, c: u32) -> vec2<u32> {
+  let chunk = stepMeta[${META_CHUNK}];
+  let ctx = rowPos(r) + 1u;
+  let start = c * chunk;
+  return vec2<u32>(start, select(start, min(start + chunk, ctx), start < ctx));
+}
 `;
 }
 
