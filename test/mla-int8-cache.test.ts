@@ -337,25 +337,6 @@ test('mla attention over the int8 latent cache vs float64: within the quantizati
   }
 });
 
-test('mla attention over the int8 latent cache: a NaN in c or k_pe reaches exactly the rows whose context holds it', async () => {
-  const shape = { nHeads: 3, kvLoraRank: 20, qkRopeHeadDim: 8 };
-  const RV = 28;
-  const seqs: Array<[number, number]> = [[10, 1], [3, 4], [6, 2]];
-  const seed = freshSeed();
-  const latent = seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + i));
-  latent[0][4 * RV + 5] = NaN; // seq 0, token 4, in c: the decode row at position 10 sees it
-  latent[1][4 * RV + 20 + 2] = NaN; // seq 1, token 4, in k_pe: only rows at position ≥ 4 see it
-  const res = await runStep({ shape, blockSize: 4, seqs, latent, chunkSize: 4 }, seed);
-  const rowNaN = (row: number) => res.out.subarray(row * 3 * 20, (row + 1) * 3 * 20);
-  assert.ok(rowNaN(0).every(Number.isNaN), 'seq 0 decode row: every head reads the NaN row');
-  for (let row = 1; row <= 4; row++) {
-    const pos = 3 + row - 1;
-    const values = rowNaN(row);
-    assert.ok(pos >= 4 ? values.every(Number.isNaN) : values.every(Number.isFinite), `seq 1 row at position ${pos}`);
-  }
-  assert.ok(rowNaN(5).every(Number.isFinite) && rowNaN(6).every(Number.isFinite), 'seq 2 never sees a NaN');
-});
-
 test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the int8 latent cache within 5 % of the f32 cache', async () => {
   const g = await gpu();
   const source = await loadModel('../shared/models/stories260K/stories260K.gguf', { maxSeqLen: 512 });
@@ -560,27 +541,32 @@ test('mla attention int8 dot4 kernel vs the float64 model of the int8-product ar
   }
 });
 
-test('mla attention int8 dot4 kernel: a NaN in a cached row or in a query value reaches exactly the rows and heads that use it', async () => {
+test('mla attention over the int8 latent cache, f32 and dot4 products: a NaN in c, in k_pe or in a query value reaches exactly the rows and heads that use it', async () => {
   const shape = { nHeads: 5, kvLoraRank: 20, qkRopeHeadDim: 8 };
   const RV = 28;
   const seqs: Array<[number, number]> = [[40, 1], [3, 4], [6, 2]];
-  const seed = freshSeed();
-  const latent = seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + i));
-  latent[0][37 * RV + 5] = NaN; // seq 0, token 37, in c: the decode row at position 40 sees it
-  latent[1][4 * RV + 20 + 2] = NaN; // seq 1, token 4, in k_pe: only rows at position ≥ 4 see it
-  // And a NaN in one query value: row 6 (seq 2's second row), head 3, in q_pe.
-  const editQuery = (q: Float32Array) => (q[(6 * 5 + 3) * RV + 23] = NaN);
-  const res = await runStep({ shape, blockSize: 4, seqs, latent, chunkSize: 16, tuning: { int8Products: 'dot4' }, editQuery }, seed);
-  const rowOut = (row: number) => res.out.subarray(row * 5 * 20, (row + 1) * 5 * 20);
-  const head = (row: number, h: number) => res.out.subarray((row * 5 + h) * 20, (row * 5 + h + 1) * 20);
-  assert.ok(rowOut(0).every(Number.isNaN), 'seq 0 decode row: every head reads the NaN row');
-  for (let row = 1; row <= 4; row++) {
-    const pos = 3 + row - 1;
-    const values = rowOut(row);
-    assert.ok(pos >= 4 ? values.every(Number.isNaN) : values.every(Number.isFinite), `seq 1 row at position ${pos}`);
+  for (const int8Products of ['off', 'dot4'] as const) {
+    const seed = freshSeed();
+    const latent = seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + i));
+    latent[0][37 * RV + 5] = NaN; // seq 0, token 37, in c: the decode row at position 40 sees it
+    latent[1][4 * RV + 20 + 2] = NaN; // seq 1, token 4, in k_pe: only rows at position ≥ 4 see it
+    // And a NaN in one query value: row 6 (seq 2's second row), head 3, in q_pe.
+    const editQuery = (q: Float32Array) => (q[(6 * 5 + 3) * RV + 23] = NaN);
+    const res = await runStep({ shape, blockSize: 4, seqs, latent, chunkSize: 16, tuning: { int8Products }, editQuery }, seed);
+    const rowOut = (row: number) => res.out.subarray(row * 5 * 20, (row + 1) * 5 * 20);
+    const head = (row: number, h: number) => res.out.subarray((row * 5 + h) * 20, (row * 5 + h + 1) * 20);
+    const where = `${int8Products} seed ${seed}`;
+    assert.ok(rowOut(0).every(Number.isNaN), `${where}: seq 0 decode row: every head reads the NaN row`);
+    for (let row = 1; row <= 4; row++) {
+      const pos = 3 + row - 1;
+      const values = rowOut(row);
+      assert.ok(pos >= 4 ? values.every(Number.isNaN) : values.every(Number.isFinite), `${where}: seq 1 row at position ${pos}`);
+    }
+    assert.ok(rowOut(5).every(Number.isFinite), `${where}: seq 2 never sees a NaN cache row`);
+    for (let h = 0; h < 5; h++) {
+      assert.ok(h === 3 ? head(6, h).every(Number.isNaN) : head(6, h).every(Number.isFinite), `${where}: row 6 head ${h}: only head 3's query holds the NaN`);
+    }
   }
-  assert.ok(rowOut(5).every(Number.isFinite), 'seq 2 never sees a NaN cache row');
-  for (let h = 0; h < 5; h++) assert.ok(h === 3 ? head(6, h).every(Number.isNaN) : head(6, h).every(Number.isFinite), `row 6 head ${h}: only head 3's query holds the NaN`);
 });
 
 test('int8-product kernel debug dump (dot4 form): staged rows, quantized query and window scores agree with the host check bench:attention applies to the tensor-core forms; planted tile faults are named', async () => {
