@@ -19,6 +19,7 @@
 //            --mla-int8-products off|dot4|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or an int8-product one)
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 32)
+//            --mla-min-chunk N (MLA: smallest context chunk of the attention split; default 64)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches)
 //
@@ -64,6 +65,7 @@ interface Args {
   /** MLA: steps of at least this many rows take the tiled W_UK / W_UV kernel (undefined: the default threshold). */
   mlaHeadTiledFrom?: number;
   mlaHeadSlices?: 8 | 16 | 32;
+  mlaMinChunk?: number;
   prefillChunk: number;
   kvBudget: number;
   ceilingGBs: number;
@@ -154,6 +156,7 @@ function parseArgs(argv: string[]): Args {
       a.mlaInt8Products = v;
     }
     else if (k === '--mla-head-tiled-from') a.mlaHeadTiledFrom = intList(val(), k)[0];
+    else if (k === '--mla-min-chunk') a.mlaMinChunk = intList(val(), k)[0];
     else if (k === '--mla-head-slices') {
       const v = intList(val(), k)[0];
       if (v !== 8 && v !== 16 && v !== 32) throw new Error(`--mla-head-slices is 8, 16 or 32, got ${v}`);
@@ -315,7 +318,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
     ...(c.attention === 'mla'
-      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}) }) }
+      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}), ...(a.mlaMinChunk ? { minChunk: a.mlaMinChunk } : {}) }) }
       : {}),
   });
   const uploadS = (performance.now() - t1) / 1000;

@@ -10,13 +10,15 @@
 #              4K and 16K; MLA decode at 8 and 32 sequences with each, profiled (~5 min)
 #   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 16 k slices (default 32), profiled
 #              (~3 min)
+#   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
+#              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min); a run "600MiB:on:512:dot4"
 #              serves the MLA model with --mla-int8-attention dot4
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|extras|dot4|heads|attention|serve|sweep|tests}
+phase=${1:?usage: bench/device-run.sh decode|extras|dot4|heads|chunks|attention|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -93,6 +95,23 @@ heads)
     summary "$OUT/decode-mla-heads-$slices.txt" 4
     grep "head-matmul" "$OUT/decode-mla-heads-$slices.txt" | head -n 8
     tail -n 2 "$OUT/decode-mla-heads-$slices.err"
+  done
+  ;;
+chunks)
+  for run in off:16 off:32 dot4:32; do
+    IFS=: read -r products chunk <<<"$run"
+    el "decode-mla-$products-chunk$chunk"
+    timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products "$products" --mla-min-chunk "$chunk" \
+      --json "$OUT/decode-mla-$products-chunk$chunk.json" >"$OUT/decode-mla-$products-chunk$chunk.txt" 2>"$OUT/decode-mla-$products-chunk$chunk.err"
+    el "rc=$?"
+  done
+  for run in off:16 off:32 dot4:32; do
+    IFS=: read -r products chunk <<<"$run"
+    echo "== MLA decode, attention products $products, min chunk $chunk"
+    summary "$OUT/decode-mla-$products-chunk$chunk.txt" 4
+    grep "mla-attention" "$OUT/decode-mla-$products-chunk$chunk.txt" | head -n 6
+    tail -n 2 "$OUT/decode-mla-$products-chunk$chunk.err"
   done
   ;;
 attention)

@@ -66,13 +66,15 @@ export interface MlaBlockOptions {
   headTiledMinRows?: number;
   /** K slices of the W_UK / W_UV decode kernel (HeadMatmulOptions.kSlices). */
   headKSlices?: 8 | 16 | 32;
+  /** Smallest context chunk of the attention's split (default MLA_MIN_CHUNK; a power of two). */
+  minChunk?: number;
 }
 
 export class MlaBlock implements AttentionBlock {
   readonly layout: MlaKvLayout;
   readonly outWidth: number;
   readonly maxChunk = MLA_MAX_CHUNK;
-  readonly minChunk = MLA_MIN_CHUNK;
+  readonly minChunk: number;
   readonly parallelHeads: number;
   readonly targetWorkgroups: number;
   private readonly config: MlaConfig;
@@ -106,6 +108,10 @@ export class MlaBlock implements AttentionBlock {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
     });
     this.config = c;
+    this.minChunk = opts.minChunk ?? MLA_MIN_CHUNK;
+    if (!(this.minChunk >= 1 && this.minChunk <= MLA_MAX_CHUNK && (this.minChunk & (this.minChunk - 1)) === 0)) {
+      throw new Error(`MLA block: minChunk ${this.minChunk} is not a power of two from 1 to ${MLA_MAX_CHUNK}`);
+    }
     const R = c.kvLoraRank;
     const r = c.qkRopeHeadDim;
     const dn = c.qkNopeHeadDim;

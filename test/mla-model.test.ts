@@ -4,6 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
+import { mlaBlockFactory, type MlaBlockOptions } from '../engine/mla-block.ts';
 import type { ModelRunner, StepSequence } from '../engine/types.ts';
 import type { MlaConfig } from '../model/config.ts';
 import { ReferenceMla } from '../model/reference/mla.ts';
@@ -19,7 +20,7 @@ const gpu = fileGpu();
  * each, mixed with decode rows once a prompt is nearly done; small steps keep to the GEMV matmul pipelines, which
  * compile fast on SwiftShader) and compares every row's logits with the reference's.
  */
-async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16'; weightDtype?: 'f32' | 'f16'; bar: number }): Promise<number> {
+async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16'; weightDtype?: 'f32' | 'f16'; bar: number; block?: MlaBlockOptions }): Promise<number> {
   const g = await gpu();
   const seed = freshSeed();
   const model = randomMlaModel(config, seed, opts.weightDtype === 'f16');
@@ -29,6 +30,7 @@ async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16';
     blockSize: 4,
     numBlocks: 64,
     maxRowsPerStep: 8,
+    ...(opts.block ? { attentionBlock: mlaBlockFactory(opts.block) } : {}),
   });
   try {
     const V = config.vocabSize;
@@ -75,6 +77,16 @@ async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16';
 
 test('random MLA model, q_proj with biases, no latent norms (fused q + kv_a, one RoPE), interleaved RoPE: GPU logits ≤ 1e-4 of the reference', async () => {
   await checkModel(tinyMlaConfig({ attentionBias: true }), { bar: 1e-4 });
+});
+
+test("random MLA model with the block's options: 4-token split chunks (rows of 14 tokens merge 4 chunks) and the head products on 8 k slices", async () => {
+  const config = tinyMlaConfig({ attentionBias: true });
+  await checkModel(config, { bar: 1e-4, block: { minChunk: 4, headKSlices: 8 } });
+  const g = await gpu();
+  await assert.rejects(
+    createGpuRunner(g, randomMlaModel(config, 1, false), { weightDtype: 'f32', cacheDtype: 'f32', blockSize: 4, numBlocks: 8, attentionBlock: mlaBlockFactory({ minChunk: 3 }) }),
+    /minChunk 3 is not a power of two from 1 to 512/,
+  );
 });
 
 test('random MLA model, kv_lora_rank below the nope dims: the fused q + kv_a projection with two RoPE dispatches', async () => {
