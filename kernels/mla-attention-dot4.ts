@@ -2,7 +2,7 @@
 // laid out for speed: the arithmetic of kernels/mla-attention-tc.ts (same integers, same windows), without its tiles.
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
-import { qqWordWgsl, stageRowsWgsl, windowSoftmaxWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
+import { qqWordWgsl, stageRowsWgsl, windowSoftmaxWgsl, windowStateWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
 import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 
 /**
@@ -126,16 +126,8 @@ ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
 var<workgroup> ct: array<vec4<u32>, ${W * S4}>;
 ${p.queryStaged ? `var<workgroup> qsm: array<vec4<u32>, ${HW * RW4}>;` : ''}
-var<workgroup> sc: array<f32, ${HW * W}>;
-var<workgroup> pq: array<u32, ${(HW * W) / 4}>;
 var<workgroup> red: array<vec2<f32>, ${WG}>;
-var<workgroup> tokScale: array<vec2<f32>, ${W}>;
-var<workgroup> tokRow: array<u32, ${W}>;
-var<workgroup> mRun: array<f32, ${HW}>;
-var<workgroup> lRun: array<f32, ${HW}>;
-var<workgroup> alpha: array<f32, ${HW}>;
-var<workgroup> pscale: array<f32, ${HW}>;
-var<workgroup> bounds: vec2<u32>;
+${windowStateWgsl(W, HW, 'u32')}
 
 /** vec4 index of head h's query words 4·w4 … 4·w4 + 3 in row r's tiled query (qqWord at w4 = 0 is 8-word aligned). */
 fn qBase(r: u32, h: u32) -> u32 {

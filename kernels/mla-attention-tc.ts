@@ -296,15 +296,7 @@ ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(p)}
 var<workgroup> ct: array<i32, ${32 * ROWW}>;
 var<workgroup> stg: array<i32, ${stg}>;
-var<workgroup> sc: array<f32, ${HP * W}>;
-var<workgroup> pq: array<i32, ${(HP * W) / 4}>;
-var<workgroup> tokScale: array<vec2<f32>, ${W}>;
-var<workgroup> tokRow: array<u32, ${W}>;
-var<workgroup> mRun: array<f32, ${HP}>;
-var<workgroup> lRun: array<f32, ${HP}>;
-var<workgroup> alpha: array<f32, ${HP}>;
-var<workgroup> pscale: array<f32, ${HP}>;
-var<workgroup> bounds: vec2<u32>;
+${windowStateWgsl(W, HP, 'i32')}
 
 fn putRed(i: u32, v: vec2<f32>) {
   stg[2u * i] = bitcast<i32>(v.x);
@@ -431,6 +423,23 @@ export function stageRowsWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number, tok
         }
         ${store('v')}
       }`;
+}
+
+/**
+ * The workgroup state windowSoftmaxWgsl works on, for `heads` heads and windows of W tokens: scores sc, packed p′ (pq,
+ * of `pqType` words), the window's cache rows and scales, the running m, l, α and p′ scale per head, and the split's
+ * bounds.
+ */
+export function windowStateWgsl(W: number, heads: number, pqType: 'i32' | 'u32'): string {
+  return `var<workgroup> sc: array<f32, ${heads * W}>;
+var<workgroup> pq: array<${pqType}, ${(heads * W) / 4}>;
+var<workgroup> tokScale: array<vec2<f32>, ${W}>;
+var<workgroup> tokRow: array<u32, ${W}>;
+var<workgroup> mRun: array<f32, ${heads}>;
+var<workgroup> lRun: array<f32, ${heads}>;
+var<workgroup> alpha: array<f32, ${heads}>;
+var<workgroup> pscale: array<f32, ${heads}>;
+var<workgroup> bounds: vec2<u32>;`;
 }
 
 /**
