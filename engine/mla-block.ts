@@ -94,8 +94,7 @@ export class MlaBlock implements AttentionBlock {
   private attention: MlaAttention | undefined;
 
   get products(): AttentionProducts {
-    const p = this.attention?.products ?? 'f32';
-    return p === 'f32' ? 'f32' : p === 'int8 tensor cores' ? 'int8-tensor-cores' : p === 'int8 dot4' ? 'int8-dot4' : 'int8-dot4-tc-layout';
+    return this.attention?.products ?? 'f32';
   }
 
   constructor(

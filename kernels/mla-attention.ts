@@ -585,12 +585,13 @@ export class MlaAttention {
   }
 
   /**
-   * Which kernel computes the scores and values: 'f32', 'int8 tensor cores', 'int8 dot4' (the fast dot4 kernel) or
-   * 'int8 dot4 (tc layout)' (the tensor-core kernel's own dot4 form; the same integers throughout).
+   * Which kernel computes the scores and values (the runner reports it as RunnerDescription.attentionProducts): 'f32',
+   * 'int8-tensor-cores', 'int8-dot4' (the fast dot4 kernel) or 'int8-dot4-tc-layout' (the tensor-core kernel's own dot4
+   * form; the same integers throughout).
    */
-  get products(): 'f32' | 'int8 tensor cores' | 'int8 dot4' | 'int8 dot4 (tc layout)' {
+  get products(): 'f32' | 'int8-tensor-cores' | 'int8-dot4' | 'int8-dot4-tc-layout' {
     if (!this.tc) return 'f32';
-    return this.tc.tensorCores ? 'int8 tensor cores' : this.tc.dot4 ? 'int8 dot4' : 'int8 dot4 (tc layout)';
+    return this.tc.tensorCores ? 'int8-tensor-cores' : this.tc.dot4 ? 'int8-dot4' : 'int8-dot4-tc-layout';
   }
 
   /** The dot4 kernel's plan (int8Products 'dot4'), for reports and tests. */
