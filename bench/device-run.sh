@@ -105,6 +105,7 @@ goals)
     echo "== MLA decode, attention products $products"
     summary "$OUT/decode-mla-$products.txt" 4
     grep -i "attention\|merge" "$OUT/decode-mla-$products.txt" | head -n 6
+    grep "prefilled" "$OUT/decode-mla-$products.txt" | cut -c1-200
   done
   ;;
 heads)
