@@ -21,7 +21,8 @@
 //            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 32)
 //            --mla-min-chunk N (MLA: smallest context chunk of the attention split; default 64)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
-//            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches)
+//            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches; and
+//            once per model the template's last prefill chunk, profiled the same way: where a prompt step goes)
 //
 // How a configuration (B sequences, context C) is measured:
 //   1. One template sequence is prefilled once per model to the largest context, in chunks (untimed; its rate is shown).
@@ -276,6 +277,8 @@ interface ModelResult {
   kvValuesPerTokenPerLayer: number;
   prefillTokens: number;
   prefillS: number;
+  /** With --profile: the template's last prefill chunk run again (same tokens, same KV), one dispatch a pass. */
+  prefillProfile?: { rows: number; startPos: number; gpuMs: number; profile: Array<{ label: string; count: number; ms: number }> };
   kvBudgetBytes: number;
   kvBudgetTokens: number;
   configs: ConfigResult[];
@@ -333,6 +336,23 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     }
     const prefillS = (performance.now() - t2) / 1000;
     log(`${name}: uploaded in ${fmt(uploadS)} s; template prefilled (${maxCtx} tokens in chunks of ${a.prefillChunk}) in ${fmt(prefillS)} s = ${fmt(maxCtx / prefillS, 0)} tok/s`);
+    let prefillProfile: ModelResult['prefillProfile'];
+    if (a.profile) {
+      // Where a prompt step's time goes: the last chunk again (it rewrites the same KV), plain for its GPU span, then
+      // profiled. Its rows attend to up to maxCtx positions, as a served prompt chunk that deep into its prompt does.
+      const startPos = Math.max(0, maxCtx - a.prefillChunk);
+      const chunk: StepSequence = {
+        tokens: Array.from({ length: maxCtx - startPos }, (_, i) => tokenAt(0, startPos + i, c.vocabSize, a.seed)),
+        startPos,
+        blockTable: template,
+        logits: 'last',
+      };
+      await runner.step([chunk]);
+      const gpuMs = runner.lastStepGpuMs ?? NaN;
+      const prof = await runner.stepProfile([chunk]);
+      prefillProfile = { rows: chunk.tokens.length, startPos, gpuMs, profile: summarizeProfile(prof.dispatches) };
+      console.log(profileTable(`${name} prefill chunk of ${chunk.tokens.length} rows at positions ${startPos}…${maxCtx - 1}`, prefillProfile.profile, gpuMs));
+    }
 
     const configs: ConfigResult[] = [];
     const seqBlocks = (i: number) => Array.from({ length: perSeq }, (_, j) => templateBlocks + i * perSeq + j);
@@ -452,6 +472,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
       kvValuesPerTokenPerLayer: kvValuesPerToken(c),
       prefillTokens: maxCtx,
       prefillS,
+      ...(prefillProfile ? { prefillProfile } : {}),
       kvBudgetBytes: a.kvBudget,
       kvBudgetTokens,
       configs,

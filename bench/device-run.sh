@@ -13,7 +13,8 @@
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   goals      issue 7's two open goals in one call when the device is scarce (~6 min): attention 8/32 × 512/4K with the
-#              fast int8 forms and prefill 512; MLA decode at 8 and 32 sequences, f32 against dot4 products (profiled);
+#              fast int8 forms and prefill 512; GQA and MLA decode at 8 and 32 sequences, MLA f32 against dot4 products
+#              (profiled, with a profiled 512-row prompt step each);
 #              served MLA (dot4) against GQA at 600 MiB, max-num-batched-tokens 512
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min); a run "600MiB:on:512:dot4"
@@ -90,6 +91,10 @@ goals)
   timeout 150 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096 --variants default --prefill 512 \
     --mla-int8 dot4,off --json "$OUT/attention-goals.json" >"$OUT/attention-goals.txt" 2>"$OUT/attention-goals.err"
   el "rc=$?"
+  el decode-gqa
+  timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+    --contexts 512 --warmup 10 --steps 16 --logits argmax --pipeline on --profile --json "$OUT/decode-gqa.json" >"$OUT/decode-gqa.txt" 2>&1
+  el "rc=$?"
   for products in off dot4; do
     el "decode-mla-$products"
     timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
@@ -101,11 +106,15 @@ goals)
   grep -A24 "^MLA over int8 cache" "$OUT/attention-goals.txt" | head -n 24
   grep -A3 "^prefill (1 prompt)" "$OUT/attention-goals.txt"
   tail -n 3 "$OUT/attention-goals.err"
+  echo "== GQA decode"
+  summary "$OUT/decode-gqa.txt" 4
+  grep -A10 "prefill chunk" "$OUT/decode-gqa.txt"
   for products in off dot4; do
     echo "== MLA decode, attention products $products"
     summary "$OUT/decode-mla-$products.txt" 4
     grep -i "attention\|merge" "$OUT/decode-mla-$products.txt" | head -n 6
     grep "prefilled" "$OUT/decode-mla-$products.txt" | cut -c1-200
+    grep -A10 "prefill chunk" "$OUT/decode-mla-$products.txt"
   done
   ;;
 heads)
