@@ -18,7 +18,8 @@
 #              served MLA (dot4) against GQA at 600 MiB, max-num-batched-tokens 512
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min); a run "600MiB:on:512:dot4"
-#              serves the MLA model with --mla-int8-attention dot4
+#              serves the MLA model with --mla-int8-attention dot4; "256MiB:on:512:dot4:128:512" a decode-heavy load (48
+#              requests of 128 prompt + 512 output tokens; default 512 + 128)
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
@@ -167,10 +168,12 @@ serve)
   # field sets --max-num-batched-tokens ("600MiB:on:512": prompts in 512-row chunks). Each start
   # uploads both 7B models (~2 min); the same load each time.
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
-    IFS=: read -r budget mode tokens products <<<"$run"
+    IFS=: read -r budget mode tokens products inlen outlen <<<"$run"
     tokens=${tokens:-2048}
     products=${products:-f32}
-    tag="$budget-$mode-$tokens-$products"
+    inlen=${inlen:-512}
+    outlen=${outlen:-128}
+    tag="$budget-$mode-$tokens-$products-$inlen-$outlen"
     el "serve kv $budget async-scheduling $mode max-num-batched-tokens $tokens mla-int8-attention $products"
     node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
       --kv-cache-memory "$budget" --max-num-seqs 64 --async-scheduling "$mode" --max-num-batched-tokens "$tokens" \
@@ -181,15 +184,15 @@ serve)
     node -e "const t=Date.now(); (async()=>{ while(Date.now()-t<200000){ try{ const r=await fetch('http://127.0.0.1:8000/v1/models'); if(r.ok){ console.log('ready after',(Date.now()-t)/1000,'s'); return; } }catch{} await new Promise(r=>setTimeout(r,1000)); } console.log('not ready'); process.exit(1); })()" | tee -a "$OUT/log.txt"
     el bench
     timeout 150 node bin/mla-serve.js bench --url http://127.0.0.1:8000 --model qwen2.5-7b --model qwen2.5-7b-mla --num-prompts 48 \
-      --max-concurrency 48 --input-len 512 --output-len 128 --ignore-eos --seed 0 --no-progress --out "$OUT/report-$tag" >"$OUT/bench-$tag.txt" 2>&1
+      --max-concurrency 48 --input-len "$inlen" --output-len "$outlen" --ignore-eos --seed 0 --no-progress --out "$OUT/report-$tag" >"$OUT/bench-$tag.txt" 2>&1
     el "rc=$?"
     kill $sp
     wait $sp 2>/dev/null
   done
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
-    IFS=: read -r budget mode tokens products <<<"$run"
-    tag="$budget-$mode-${tokens:-2048}-${products:-f32}"
-    echo "== KV budget $budget, async scheduling $mode, max-num-batched-tokens ${tokens:-2048}, mla-int8-attention ${products:-f32}"
+    IFS=: read -r budget mode tokens products inlen outlen <<<"$run"
+    tag="$budget-$mode-${tokens:-2048}-${products:-f32}-${inlen:-512}-${outlen:-128}"
+    echo "== KV budget $budget, async scheduling $mode, max-num-batched-tokens ${tokens:-2048}, mla-int8-attention ${products:-f32}, ${inlen:-512} + ${outlen:-128} tokens"
     # Decode-only steps against steps with prompt rows, per model (wall and GPU ms): where the served TPOT goes.
     node --import tsx bench/step-trace.ts "$OUT/steps-$tag.jsonl"
     grep -A32 "requests ok" "$OUT/bench-$tag.txt" | head -n 34
