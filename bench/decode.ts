@@ -19,6 +19,7 @@
 //            --mla-int8-products off|dot4|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or an int8-product one)
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 32)
+//            --mla-head-kernel sliced|kgroups (MLA: the W_UK / W_UV kernel of decode-sized steps; default sliced)
 //            --mla-min-chunk N (MLA: smallest context chunk of the attention split; default 64)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches; and
@@ -38,6 +39,7 @@ import type { CacheDtype } from '../cache/kv-layout.ts';
 import { writeFileSync } from 'node:fs';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { summarizeProfile } from '../engine/step-profile.ts';
+import { HEAD_DECODE_KERNELS, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { mlaBlockFactory } from '../engine/mla-block.ts';
 import { DEFAULT_MLA_TUNING, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import type { StepSequence } from '../engine/types.ts';
@@ -66,6 +68,8 @@ interface Args {
   /** MLA: steps of at least this many rows take the tiled W_UK / W_UV kernel (undefined: the default threshold). */
   mlaHeadTiledFrom?: number;
   mlaHeadSlices?: 8 | 16 | 32;
+  /** MLA: the W_UK / W_UV kernel of decode-sized steps (HeadMatmulOptions.decodeKernel). */
+  mlaHeadKernel?: HeadDecodeKernel;
   mlaMinChunk?: number;
   prefillChunk: number;
   kvBudget: number;
@@ -162,6 +166,11 @@ function parseArgs(argv: string[]): Args {
       const v = intList(val(), k)[0];
       if (v !== 8 && v !== 16 && v !== 32) throw new Error(`--mla-head-slices is 8, 16 or 32, got ${v}`);
       a.mlaHeadSlices = v;
+    }
+    else if (k === '--mla-head-kernel') {
+      const v = val();
+      if (!(HEAD_DECODE_KERNELS as readonly string[]).includes(v)) throw new Error(`--mla-head-kernel is one of ${HEAD_DECODE_KERNELS.join(', ')}, got ${v}`);
+      a.mlaHeadKernel = v as HeadDecodeKernel;
     }
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
@@ -321,7 +330,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
     ...(c.attention === 'mla'
-      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}), ...(a.mlaMinChunk ? { minChunk: a.mlaMinChunk } : {}) }) }
+      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}), ...(a.mlaHeadKernel ? { headDecodeKernel: a.mlaHeadKernel } : {}), ...(a.mlaMinChunk ? { minChunk: a.mlaMinChunk } : {}) }) }
       : {}),
   });
   const uploadS = (performance.now() - t1) / 1000;

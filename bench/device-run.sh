@@ -8,8 +8,8 @@
 #              pick kernel alone for every sampling path (~4 min)
 #   dot4       the dot4 MLA kernel (int8Products 'dot4') against the f32 one and GQA: attention at 8 and 32 rows × 512,
 #              4K and 16K; MLA decode at 8 and 32 sequences with each, profiled (~5 min)
-#   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 16 k slices (default 32), profiled
-#              (~3 min)
+#   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 16 k slices (default 32) and with
+#              the k-groups kernel (--mla-head-kernel kgroups), profiled (~4 min)
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   goals      issue 7's two open goals in one call when the device is scarce (~6 min): attention 8/32 × 512/4K with the
@@ -119,18 +119,20 @@ goals)
   done
   ;;
 heads)
-  for slices in 8 16; do
-    el "decode-mla-heads-$slices"
+  # The W_UK / W_UV decode kernel: 8 and 16 k slices (default 32), and the k-groups kernel.
+  for variant in slices-8 slices-16 kernel-kgroups; do
+    flag="--mla-head-${variant%%-*} ${variant#*-}"
+    el "decode-mla-heads-$variant"
     timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
-      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 --mla-head-slices "$slices" \
-      --json "$OUT/decode-mla-heads-$slices.json" >"$OUT/decode-mla-heads-$slices.txt" 2>"$OUT/decode-mla-heads-$slices.err"
+      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 $flag \
+      --json "$OUT/decode-mla-heads-$variant.json" >"$OUT/decode-mla-heads-$variant.txt" 2>"$OUT/decode-mla-heads-$variant.err"
     el "rc=$?"
   done
-  for slices in 8 16; do
-    echo "== MLA decode, dot4 attention, head products with $slices k slices"
-    summary "$OUT/decode-mla-heads-$slices.txt" 4
-    grep "head-matmul" "$OUT/decode-mla-heads-$slices.txt" | head -n 8
-    tail -n 2 "$OUT/decode-mla-heads-$slices.err"
+  for variant in slices-8 slices-16 kernel-kgroups; do
+    echo "== MLA decode, dot4 attention, head products: $variant"
+    summary "$OUT/decode-mla-heads-$variant.txt" 4
+    grep "head-matmul" "$OUT/decode-mla-heads-$variant.txt" | head -n 8
+    tail -n 2 "$OUT/decode-mla-heads-$variant.err"
   done
   ;;
 chunks)

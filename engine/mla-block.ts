@@ -13,7 +13,7 @@ import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
 import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
-import { HeadMatmul, uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
+import { HeadMatmul, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
@@ -66,6 +66,8 @@ export interface MlaBlockOptions {
   headTiledMinRows?: number;
   /** K slices of the W_UK / W_UV decode kernel (HeadMatmulOptions.kSlices). */
   headKSlices?: 8 | 16 | 32;
+  /** The W_UK / W_UV kernel of steps below headTiledMinRows (HeadMatmulOptions.decodeKernel; default 'sliced'). */
+  headDecodeKernel?: HeadDecodeKernel;
   /** Smallest context chunk of the attention's split (default MLA_MIN_CHUNK; a power of two). */
   minChunk?: number;
 }
@@ -215,6 +217,7 @@ export class MlaBlock implements AttentionBlock {
     const headOpts = {
       ...(this.opts.headTiledMinRows === undefined ? {} : { tiledMinRows: this.opts.headTiledMinRows }),
       ...(this.opts.headKSlices === undefined ? {} : { kSlices: this.opts.headKSlices }),
+      ...(this.opts.headDecodeKernel === undefined ? {} : { decodeKernel: this.opts.headDecodeKernel }),
     };
     this.ops = this.layers.map((lg) => {
       const q: Array<LinearOp | RmsNorm> = [];

@@ -34,7 +34,17 @@ export interface HeadMatmulOptions {
    * slices give each thread more k values in flight and the slices' reduction fewer terms.
    */
   kSlices?: 8 | 16 | 32;
+  /**
+   * The kernel of steps below tiledMinRows: 'sliced' (default) the streaming kernel above; 'kgroups' one workgroup per
+   * (head, 16 or 32 outputs, up to 32 rows) whose 256 threads split K four ways and meet in one reduction
+   * (headMatmulKGroupsWgsl). A 32-row step reads the weights once instead of four times, and reduces 4 partial sums an
+   * output instead of 32; not yet timed on a GPU (bench:decode --mla-head-kernel kgroups).
+   */
+  decodeKernel?: HeadDecodeKernel;
 }
+
+export const HEAD_DECODE_KERNELS = ['sliced', 'kgroups'] as const;
+export type HeadDecodeKernel = (typeof HEAD_DECODE_KERNELS)[number];
 
 export interface HeadMatmulSpec {
   nHeads: number;
@@ -195,6 +205,103 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
+/** K groups of the 'kgroups' kernel, threads in each, and the most rows a workgroup takes. */
+const KG = 4;
+const KG_THREADS = 64;
+const KG_MAX_ROWS = 32;
+
+/** Outputs per workgroup of the 'kgroups' kernel: 32 where N has many (absorption, 512), 16 where few (W_UV, 128). */
+function kGroupsTileN(N: number): 16 | 32 {
+  return N >= 256 ? 32 : 16;
+}
+
+/**
+ * The 'kgroups' decode kernel: grid (⌈N / NT⌉, nHeads, ⌈rows / tm⌉), 4 × 64 threads. K group kg takes k in
+ * [kg·K/4, (kg + 1)·K/4) (rounded to 4); within it thread = (output quad, row group), each 4 outputs × tm / row groups
+ * rows, reading 4 k at a time (x as vec4 where the layout is 16-byte aligned, W as 4 f16 of one k row). The four
+ * groups' sums meet once in workgroup memory.
+ */
+function headMatmulKGroupsWgsl(s: HeadMatmulSpec, w: GpuMatrix, tm: number): string {
+  const f16 = w.dtype === 'f16';
+  const NT = kGroupsTileN(s.N);
+  const OQ = NT / 4;
+  const RG = KG_THREADS / OQ;
+  const RPT = Math.max(1, tm / RG);
+  const KQ = Math.ceil(s.K / KG / 4) * 4; // k values per group, whole quads
+  const rs = [...Array(RPT).keys()];
+  const ks = [0, 1, 2, 3];
+  const sc = wgslF32(s.scale);
+  const vecX = s.xStride % 4 === 0 && s.xOffset % 4 === 0 && s.xHeadStride % 4 === 0 && s.K % 4 === 0;
+  // 4 consecutive f16 outputs n0 … n0 + 3 of row k (n0 a multiple of 4; the weight stride is a multiple of 8).
+  const wRow = (k: string) =>
+    f16
+      ? `{ let wp = w[(h * ${s.K}u + ${k}) * ${w.stride / 2}u + n4 / 2u]; let wq = w[(h * ${s.K}u + ${k}) * ${w.stride / 2}u + n4 / 2u + 1u]; wv = vec4<f32>(unpack2x16float(wp), unpack2x16float(wq)); }`
+      : `{ let b = (h * ${s.K}u + ${k}) * ${w.stride}u + n4; wv = vec4<f32>(w[b], w[b + 1u], w[b + 2u], w[b + 3u]); }`;
+  const xQuad = (r: number) =>
+    vecX
+      ? `let xv${r} = select(vec4<f32>(0.0), x4[(xb${r} + k) / 4u], live);`
+      : `let xv${r} = vec4<f32>(${ks.map((j) => `select(0.0, x[xb${r} + min(k + ${j}u, ${s.K - 1}u)], k + ${j}u < ${s.K}u)`).join(', ')});`;
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> ${vecX ? 'x4: array<vec4<f32>>' : 'x: array<f32>'};
+@group(0) @binding(2) var<storage, read> w: array<${f16 ? 'u32' : 'f32'}>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+var<workgroup> red: array<vec4<f32>, ${(KG - 1) * KG_THREADS * RPT}>;
+${s.passCols ? `fn xAt(i: u32) -> f32 { return ${vecX ? 'x4[i / 4u][i % 4u]' : 'x[i]'}; }` : ''}
+
+@compute @workgroup_size(${KG * KG_THREADS})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let M = stepMeta[${META_ROWS}];
+  let h = wid.y;
+  let row0 = wid.z * ${tm}u;
+  let kg = lid / ${KG_THREADS}u;
+  let t = lid % ${KG_THREADS}u;
+  let oq = t % ${OQ}u;
+  let rg = t / ${OQ}u;
+  // Outputs n4 … n4 + 3 (clamped inside the matrix; stores check n < N).
+  let nOut = wid.x * ${NT}u + oq * 4u;
+  let n4 = min(nOut, ${(Math.ceil(s.N / 4) - 1) * 4}u);
+  let mLast = max(M, 1u) - 1u;
+  ${rs.map((r) => `let xb${r} = min(row0 + rg * ${RPT}u + ${r}u, mLast) * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u;\n  var acc${r} = vec4<f32>(0.0);`).join('\n  ')}
+  let kEnd = min((kg + 1u) * ${KQ}u, ${Math.ceil(s.K / 4) * 4}u);
+  for (var k = kg * ${KQ}u; k < kEnd; k += 4u) {
+    let live = k < ${s.K}u;
+    ${rs.map(xQuad).join('\n    ')}
+    var wv: vec4<f32>;
+    ${ks
+      .map(
+        (j) => `if (k + ${j}u < ${s.K}u) {
+      ${wRow(`(k + ${j}u)`)}
+      ${rs.map((r) => `acc${r} += xv${r}[${j}] * wv;`).join('\n      ')}
+    }`,
+      )
+      .join('\n    ')}
+  }
+  // Groups 1 … 3 leave their sums; group 0 adds them and stores.
+  if (kg > 0u) {
+    ${rs.map((r) => `red[((kg - 1u) * ${KG_THREADS}u + t) * ${RPT}u + ${r}u] = acc${r};`).join('\n    ')}
+  }
+  workgroupBarrier();
+  if (kg == 0u) {
+    ${rs
+      .map(
+        (r) => `{
+      var v = acc${r};
+      for (var g = 0u; g < ${KG - 1}u; g++) { v += red[(g * ${KG_THREADS}u + t) * ${RPT}u + ${r}u]; }
+      let row = row0 + rg * ${RPT}u + ${r}u;
+      if (row < M && rg * ${RPT}u + ${r}u < ${tm}u) {
+        let yb = row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u;
+        for (var j = 0u; j < 4u; j++) {
+          if (nOut + j < ${s.N}u) { y[yb + nOut + j] = v[j] * ${sc}; }
+        }
+      }
+    }`,
+      )
+      .join('\n    ')}
+  }${passThroughWgsl(s, 'row0', tm, KG * KG_THREADS).replace(/x\[(row \* [^\]]+)\]/, 'xAt($1)')}
+}`;
+}
+
 /** The tiled kernel: grid (⌈N / 64⌉, nHeads, ⌈rows / tm⌉), tm / 4 × 16 threads, each 4 rows × 4 outputs. */
 function headMatmulTiledWgsl(s: HeadMatmulSpec, w: GpuMatrix, tm: number): string {
   const T = (tm / 4) * 16;
@@ -261,6 +368,7 @@ export class HeadMatmul {
   private tiled = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private readonly tiledMinRows: number;
   private readonly kSlices: number;
+  private readonly decodeKernel: HeadDecodeKernel;
 
   constructor(
     private gpu: GpuContext,
@@ -271,6 +379,8 @@ export class HeadMatmul {
   ) {
     this.tiledMinRows = opts.tiledMinRows ?? HEAD_MATMUL_TILED_MIN_ROWS;
     this.kSlices = opts.kSlices ?? WIDE_SLICES;
+    this.decodeKernel = opts.decodeKernel ?? 'sliced';
+    if (!HEAD_DECODE_KERNELS.includes(this.decodeKernel)) throw new Error(`head matmul: decode kernel ${this.decodeKernel}; one of ${HEAD_DECODE_KERNELS.join(', ')}`);
     if (![8, 16, 32].includes(this.kSlices)) throw new Error(`head matmul: kSlices ${this.kSlices}; 8, 16 or 32`);
     if (weight.rows !== spec.nHeads * spec.K || weight.cols !== spec.N) {
       throw new Error(`${weight.label}: per-head weights are [${weight.rows}, ${weight.cols}], expected [${spec.nHeads}·${spec.K}, ${spec.N}]`);
@@ -295,6 +405,20 @@ export class HeadMatmul {
       pass.setPipeline(t.pipeline);
       pass.setBindGroup(0, t.bindGroup);
       pass.dispatchWorkgroups(Math.ceil(this.spec.N / TILE), this.spec.nHeads, Math.ceil(rows / tm));
+      return;
+    }
+    if (this.decodeKernel === 'kgroups') {
+      // Rows a workgroup: the fewest of 8, 16 and 32 that hold the step (a thread takes tm / row groups of them).
+      const tm = rows <= 8 ? 8 : rows <= 16 ? 16 : KG_MAX_ROWS;
+      let k = this.variants.get(-tm);
+      if (!k) {
+        const { nHeads, K, N } = this.spec;
+        k = this.bind(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} kgroups r${tm}`, headMatmulKGroupsWgsl(this.spec, this.weight, tm));
+        this.variants.set(-tm, k);
+      }
+      pass.setPipeline(k.pipeline);
+      pass.setBindGroup(0, k.bindGroup);
+      pass.dispatchWorkgroups(Math.ceil(this.spec.N / kGroupsTileN(this.spec.N)), this.spec.nHeads, Math.ceil(rows / tm));
       return;
     }
     let mr = 1;

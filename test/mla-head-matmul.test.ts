@@ -3,21 +3,34 @@
 // K below, at and past the 32 k slices, odd N, pass-through columns, f32 and f16 weights, NaN-poisoned outputs.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { HEAD_MATMUL_TILED_MIN_ROWS, HeadMatmul, headTileRows, uploadHeadMatrices, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
+import { HEAD_MATMUL_TILED_MIN_ROWS, HeadMatmul, headTileRows, uploadHeadMatrices, type HeadDecodeKernel, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
 import { buildStepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, poisonBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
-async function runCase(nHeads: number, K: number, N: number, passCols: number, rows: number, dtype: 'f32' | 'f16', tiledMinRows?: number, kSlices?: 8 | 16 | 32): Promise<number> {
+async function runCase(
+  nHeads: number,
+  K: number,
+  N: number,
+  passCols: number,
+  rows: number,
+  dtype: 'f32' | 'f16',
+  tiledMinRows?: number,
+  kSlices?: 8 | 16 | 32,
+  decodeKernel?: HeadDecodeKernel,
+  aligned = false,
+): Promise<number> {
   const g = await gpu();
   const seed = freshSeed();
-  const xHeadStride = K + passCols + 3; // gaps between heads' inputs
-  const xStride = nHeads * xHeadStride + 5;
+  // Gaps between heads' inputs; `aligned`: every head's inputs start on 16 bytes, as the runner lays them out.
+  const xHeadStride = aligned ? Math.ceil((K + passCols) / 4) * 4 + 4 : K + passCols + 3;
+  const xStride = aligned ? nHeads * xHeadStride + 8 : nHeads * xHeadStride + 5;
+  const xOffset = aligned ? 4 : 1;
   const yHeadStride = N + passCols;
   const yStride = nHeads * yHeadStride + 2;
-  const spec: HeadMatmulSpec = { nHeads, K, N, xStride, xOffset: 1, xHeadStride, yStride, yOffset: 2, yHeadStride, scale: 0.37, passCols };
+  const spec: HeadMatmulSpec = { nHeads, K, N, xStride, xOffset, xHeadStride, yStride, yOffset: 2, yHeadStride, scale: 0.37, passCols };
   let wData = randomArray(nHeads * K * N, seed);
   if (dtype === 'f16') wData = roundToF16(wData);
   const weight = uploadHeadMatrices(g, 'w', nHeads, K, N, dtype, (h, k, n) => wData[(h * K + k) * N + n]);
@@ -25,7 +38,7 @@ async function runCase(nHeads: number, K: number, N: number, passCols: number, r
   const x = uploadArray(g, 'x', xData);
   const y = storageBuffer(g, 'y', rows * yStride * 4);
   const meta = uploadArray(g, 'meta', buildStepMeta([{ tokens: new Array(rows).fill(0), startPos: 0, blockTable: [0], logits: 'none' }], { blockSize: 4096, numBlocks: 1, nKvHeads: 1, maxChunkSize: 16 }).data);
-  const op = new HeadMatmul(g, spec, weight, { meta, x, y }, { ...(tiledMinRows === undefined ? {} : { tiledMinRows }), ...(kSlices ? { kSlices } : {}) });
+  const op = new HeadMatmul(g, spec, weight, { meta, x, y }, { ...(tiledMinRows === undefined ? {} : { tiledMinRows }), ...(kSlices ? { kSlices } : {}), ...(decodeKernel ? { decodeKernel } : {}) });
   poisonBuffer(g, y);
   const enc = g.device.createCommandEncoder();
   const pass = enc.beginComputePass();
@@ -37,7 +50,7 @@ async function runCase(nHeads: number, K: number, N: number, passCols: number, r
   const want: number[] = [];
   for (let r = 0; r < rows; r++) {
     for (let h = 0; h < nHeads; h++) {
-      const xb = r * xStride + 1 + h * xHeadStride;
+      const xb = r * xStride + xOffset + h * xHeadStride;
       const yb = r * yStride + 2 + h * yHeadStride;
       for (let n = 0; n < N; n++) {
         let acc = 0;
@@ -87,6 +100,22 @@ test('head matmul: absorption and W_UV shapes, every rows-per-thread variant, 8/
         assert.equal(headTileRows(rows), rows <= 16 ? 16 : rows < 48 ? 32 : 64);
         const err = await runCase(nHeads, K, N, passCols, rows, dtype, 1);
         assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}, tiled ${headTileRows(rows)}: relative error ${err}`);
+      }
+    }
+  }
+});
+
+test('head matmul, the k-groups decode kernel: absorption and W_UV shapes, 8-, 16- and 32-row workgroups (partial ones, steps past 32 rows), K not a multiple of 4 groups of 4, odd N, pass-through columns, aligned inputs read as vec4', async () => {
+  for (const [nHeads, K, N, passCols, dtype] of [
+    [3, 128, 512, 64, 'f16'], // Qwen2.5-7B's absorption: 32 outputs a workgroup
+    [2, 512, 128, 0, 'f16'], // its W_UV: 16 outputs a workgroup
+    [2, 33, 9, 1, 'f16'], // K past a whole quad, N past a quad
+    [3, 20, 71, 3, 'f32'], // f32 weights, a K group left empty (20 = 4 groups of 8, the last holding none)
+  ] as const) {
+    for (const aligned of [false, true]) {
+      for (const rows of [1, 7, 16, 17, 32, 45]) {
+        const err = await runCase(nHeads, K, N, passCols, rows, dtype, undefined, undefined, 'kgroups', aligned);
+        assert.ok(err <= 1e-5, `kgroups ${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}${aligned ? ' aligned' : ''}: relative error ${err}`);
       }
     }
   }
