@@ -35,7 +35,7 @@ test('defaults with nothing given', () => {
     logLevel: 'info',
     weightDtype: 'f16',
     kvCacheDtype: 'f16',
-    mlaInt8Attention: 'f32',
+    mlaInt8Attention: 'auto',
     asyncScheduling: 'on',
     stepTrace: null,
   });
