@@ -93,8 +93,11 @@ export function uploadHeadMatrices(
   return m;
 }
 
-/** Both kernels' pass-through columns: y[row, h, N + i] = scale · x[row, h, K + i] for the workgroup's `rows` rows from `first`. */
-function passThroughWgsl(s: HeadMatmulSpec, first: string, rows: number, threads: number): string {
+/**
+ * The kernels' pass-through columns: y[row, h, N + i] = scale · x[row, h, K + i] for the workgroup's `rows` rows from
+ * `first`; `xAt(i)` reads x's value i (the k-groups kernel binds x as vec4).
+ */
+function passThroughWgsl(s: HeadMatmulSpec, first: string, rows: number, threads: number, xAt = (i: string) => `x[${i}]`): string {
   const pass = s.passCols ?? 0;
   if (pass === 0) return '';
   return `
@@ -104,7 +107,7 @@ function passThroughWgsl(s: HeadMatmulSpec, first: string, rows: number, threads
       let row = ${first} + e / ${pass}u;
       let i = e % ${pass}u;
       if (row < M) {
-        y[row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + ${s.N}u + i] = x[row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + ${s.K}u + i] * ${wgslF32(s.scale)};
+        y[row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u + ${s.N}u + i] = ${xAt(`row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u + ${s.K}u + i`)} * ${wgslF32(s.scale)};
       }
     }
   }`;
@@ -239,7 +242,7 @@ function headMatmulKGroupsWgsl(s: HeadMatmulSpec, w: GpuMatrix, tm: number): str
       : `{ let b = (h * ${s.K}u + ${k}) * ${w.stride}u + n4; wv = vec4<f32>(w[b], w[b + 1u], w[b + 2u], w[b + 3u]); }`;
   const xQuad = (r: number) =>
     vecX
-      ? `let xv${r} = select(vec4<f32>(0.0), x4[(xb${r} + k) / 4u], live);`
+      ? `let xv${r} = x4[(xb${r} + k) / 4u];`
       : `let xv${r} = vec4<f32>(${ks.map((j) => `select(0.0, x[xb${r} + min(k + ${j}u, ${s.K - 1}u)], k + ${j}u < ${s.K}u)`).join(', ')});`;
   return /* wgsl */ `
 ${metaWgsl(0)}
@@ -247,7 +250,6 @@ ${metaWgsl(0)}
 @group(0) @binding(2) var<storage, read> w: array<${f16 ? 'u32' : 'f32'}>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 var<workgroup> red: array<vec4<f32>, ${(KG - 1) * KG_THREADS * RPT}>;
-${s.passCols ? `fn xAt(i: u32) -> f32 { return ${vecX ? 'x4[i / 4u][i % 4u]' : 'x[i]'}; }` : ''}
 
 @compute @workgroup_size(${KG * KG_THREADS})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -265,7 +267,6 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   ${rs.map((r) => `let xb${r} = min(row0 + rg * ${RPT}u + ${r}u, mLast) * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u;\n  var acc${r} = vec4<f32>(0.0);`).join('\n  ')}
   let kEnd = min((kg + 1u) * ${KQ}u, ${Math.ceil(s.K / 4) * 4}u);
   for (var k = kg * ${KQ}u; k < kEnd; k += 4u) {
-    let live = k < ${s.K}u;
     ${rs.map(xQuad).join('\n    ')}
     var wv: vec4<f32>;
     ${ks
@@ -298,7 +299,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }`,
       )
       .join('\n    ')}
-  }${passThroughWgsl(s, 'row0', tm, KG * KG_THREADS).replace(/x\[(row \* [^\]]+)\]/, 'xAt($1)')}
+  }${passThroughWgsl(s, 'row0', tm, KG * KG_THREADS, vecX ? (i) => `x4[(${i}) / 4u][(${i}) % 4u]` : undefined)}
 }`;
 }
 
@@ -366,6 +367,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 export class HeadMatmul {
   private variants = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private tiled = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
+  private kGroups = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private readonly tiledMinRows: number;
   private readonly kSlices: number;
   private readonly decodeKernel: HeadDecodeKernel;
@@ -410,11 +412,11 @@ export class HeadMatmul {
     if (this.decodeKernel === 'kgroups') {
       // Rows a workgroup: the fewest of 8, 16 and 32 that hold the step (a thread takes tm / row groups of them).
       const tm = rows <= 8 ? 8 : rows <= 16 ? 16 : KG_MAX_ROWS;
-      let k = this.variants.get(-tm);
+      let k = this.kGroups.get(tm);
       if (!k) {
         const { nHeads, K, N } = this.spec;
         k = this.bind(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} kgroups r${tm}`, headMatmulKGroupsWgsl(this.spec, this.weight, tm));
-        this.variants.set(-tm, k);
+        this.kGroups.set(tm, k);
       }
       pass.setPipeline(k.pipeline);
       pass.setBindGroup(0, k.bindGroup);

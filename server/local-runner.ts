@@ -85,7 +85,7 @@ export function mlaInt8AttentionProblem(choice: MlaInt8Attention | undefined, ca
 
 /**
  * The products an MLA model's attention takes over a cache of this dtype given --mla-int8-attention (undefined: its
- * default, auto): dot4 where asked, and for auto wherever the cache is int8 — on an H100 the dot4 kernel served 9 %
+ * default, auto): dot4 where asked, and for auto wherever the cache is int8 — on an H100 the dot4 kernel served 8.6 %
  * more tokens than f32 products over the same cache (BENCHMARKS.md, 2026-12-05); f32 otherwise.
  */
 export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined): 'f32' | 'dot4' {
