@@ -141,6 +141,9 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'dot4 target×2', mode: 'dot4', window: 64, targetScale: 2, variant: 'int8 dot4, 2× workgroups', fast: true },
   { key: 'dot4 target÷2', mode: 'dot4', window: 64, targetScale: 0.5, variant: 'int8 dot4, ½ workgroups', fast: true },
   // Two workgroups per (row, chunk), 14 heads each: twice the workgroups where a small batch leaves SMs idle.
+  { key: 'dot4 prefetch', mode: 'dot4', window: 64, tuning: { int8Prefetch: true }, variant: 'int8 dot4, prefetch', fast: true },
+  { key: 'dot4 prefetch q-storage', mode: 'dot4', window: 64, tuning: { int8Prefetch: true, int8QueryStaged: false }, variant: 'int8 dot4, prefetch', fast: true },
+  { key: 'dot4 prefetch v2', mode: 'dot4', window: 64, tuning: { int8Prefetch: true, int8ValueRounds: 2 }, variant: 'int8 dot4, prefetch, 2 value rounds', fast: true },
   { key: 'dot4 head splits 2', mode: 'dot4', window: 64, tuning: { int8HeadSplits: 2 }, variant: 'int8 dot4, 2 head splits', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];

@@ -18,8 +18,10 @@
 //            so the host records one step while the GPU runs the other; off = one step at a time)
 //            --mla-int8-products off|dot4|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or an int8-product one)
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
-//            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 32)
+//            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 16)
 //            --mla-head-kernel sliced|kgroups (MLA: the W_UK / W_UV kernel of decode-sized steps; default sliced)
+//            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default off)
+//            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 1)
 //            --mla-min-chunk N (MLA: smallest context chunk of the attention split; default 64)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches; and
@@ -70,6 +72,9 @@ interface Args {
   mlaHeadSlices?: 8 | 16 | 32;
   /** MLA: the W_UK / W_UV kernel of decode-sized steps (HeadMatmulOptions.decodeKernel). */
   mlaHeadKernel?: HeadDecodeKernel;
+  /** MLA, dot4 products: MlaAttentionTuning.int8Prefetch (undefined: the kernel's default). */
+  mlaDot4Prefetch?: boolean;
+  mlaDot4ValueRounds?: number;
   mlaMinChunk?: number;
   prefillChunk: number;
   kvBudget: number;
@@ -172,6 +177,12 @@ function parseArgs(argv: string[]): Args {
       if (!(HEAD_DECODE_KERNELS as readonly string[]).includes(v)) throw new Error(`--mla-head-kernel is one of ${HEAD_DECODE_KERNELS.join(', ')}, got ${v}`);
       a.mlaHeadKernel = v as HeadDecodeKernel;
     }
+    else if (k === '--mla-dot4-prefetch') {
+      const v = val();
+      if (v !== 'on' && v !== 'off') throw new Error(`--mla-dot4-prefetch is on or off, got ${v}`);
+      a.mlaDot4Prefetch = v === 'on';
+    }
+    else if (k === '--mla-dot4-value-rounds') a.mlaDot4ValueRounds = intList(val(), k)[0];
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -330,7 +341,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
     ...(c.attention === 'mla'
-      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}), ...(a.mlaHeadKernel ? { headDecodeKernel: a.mlaHeadKernel } : {}), ...(a.mlaMinChunk ? { minChunk: a.mlaMinChunk } : {}) }) }
+      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products, ...(a.mlaDot4Prefetch === undefined ? {} : { int8Prefetch: a.mlaDot4Prefetch }), ...(a.mlaDot4ValueRounds === undefined ? {} : { int8ValueRounds: a.mlaDot4ValueRounds }) }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}), ...(a.mlaHeadKernel ? { headDecodeKernel: a.mlaHeadKernel } : {}), ...(a.mlaMinChunk ? { minChunk: a.mlaMinChunk } : {}) }) }
       : {}),
   });
   const uploadS = (performance.now() - t1) / 1000;

@@ -10,6 +10,9 @@
 #              4K and 16K; MLA decode at 8 and 32 sequences with each, profiled (~5 min)
 #   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 16 k slices (default 32) and with
 #              the k-groups kernel (--mla-head-kernel kgroups), profiled (~4 min)
+#   prefetch   the dot4 MLA kernel with the next window prefetched into registers (and its value heads in 2 rounds)
+#              against the default: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt; MLA decode at 8 and 32
+#              sequences with each, and GQA, profiled (~5 min)
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   goals      issue 7's two open goals in one call when the device is scarce (~6 min): attention 8/32 × 512/4K with the
@@ -23,7 +26,7 @@
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|extras|dot4|goals|heads|chunks|attention|serve|sweep|tests}
+phase=${1:?usage: bench/device-run.sh decode|extras|dot4|goals|heads|prefetch|chunks|attention|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -133,6 +136,37 @@ heads)
     summary "$OUT/decode-mla-heads-$variant.txt" 4
     grep "head-matmul" "$OUT/decode-mla-heads-$variant.txt" | head -n 8
     tail -n 2 "$OUT/decode-mla-heads-$variant.err"
+  done
+  ;;
+prefetch)
+  el attention-prefetch
+  timeout 150 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096 --variants default --prefill 512 \
+    --mla-int8 "dot4,dot4 prefetch,dot4 prefetch q-storage,dot4 prefetch v2,off" --json "$OUT/attention-prefetch.json" \
+    >"$OUT/attention-prefetch.txt" 2>"$OUT/attention-prefetch.err"
+  el "rc=$?"
+  for run in off:1 on:1 on:2; do
+    IFS=: read -r prefetch rounds <<<"$run"
+    el "decode-mla-prefetch-$prefetch-v$rounds"
+    timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 \
+      --mla-dot4-prefetch "$prefetch" --mla-dot4-value-rounds "$rounds" \
+      --json "$OUT/decode-mla-prefetch-$prefetch-v$rounds.json" >"$OUT/decode-mla-prefetch-$prefetch-v$rounds.txt" 2>&1
+    el "rc=$?"
+  done
+  el decode-gqa
+  timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+    --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --json "$OUT/decode-gqa.json" >"$OUT/decode-gqa.txt" 2>&1
+  el "rc=$?"
+  grep -A28 "^MLA over int8 cache" "$OUT/attention-prefetch.txt" | cut -c40-200 | head -n 28
+  grep -A3 "^prefill (1 prompt)" "$OUT/attention-prefetch.txt" | cut -c1-200
+  tail -n 2 "$OUT/attention-prefetch.err"
+  echo "== GQA decode"
+  summary "$OUT/decode-gqa.txt" 4
+  for run in off:1 on:1 on:2; do
+    IFS=: read -r prefetch rounds <<<"$run"
+    echo "== MLA decode, dot4, prefetch $prefetch, value rounds $rounds"
+    summary "$OUT/decode-mla-prefetch-$prefetch-v$rounds.txt" 4
+    grep "mla-attention\|head-matmul" "$OUT/decode-mla-prefetch-$prefetch-v$rounds.txt" | head -n 14
   done
   ;;
 chunks)

@@ -12,7 +12,9 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
  *
  * One workgroup of 256 threads per (row, chunk), all heads; the chunk in windows of W tokens (a multiple of 32):
  *  stage:   the window's rows [c | k_pe] into workgroup memory, a row every S4 vec4 (S4 odd: the score phase's 16-byte
- *           loads of 32 tokens at one offset fall in distinct banks);
+ *           loads of 32 tokens at one offset fall in distinct banks); with `prefetch`, from registers loaded while the
+ *           previous window was computed (the next window's loads go out right after), so the cache's latency hides
+ *           behind the products instead of sitting between two barriers;
  *  scores:  thread = (head quad, token): 4 heads × W/32 tokens of i32 sums, latent and rope apart (their scales
  *           differ); a warp is one head quad, so its query loads are uniform (workgroup memory or L1);
  *  softmax: 8 threads a head, online over the window as in the tc kernel; p′ = p · sc_t quantized per head;
@@ -39,6 +41,17 @@ export interface MlaDot4Plan {
   headsPerValueThread: number;
   /** Whether the quantized query is staged in workgroup memory (else read from storage, L1-cached). */
   queryStaged: boolean;
+  /**
+   * Whether the next window's cache rows and scales are loaded into registers while this window is computed (each
+   * thread holds prefetchWords words), instead of staged by a loop of dependent loads between two barriers.
+   */
+  prefetch: boolean;
+  prefetchWords: number;
+  /**
+   * Rounds of the value phase: a thread's heads in that many groups, each a pass over the window's cache words with
+   * only its own i32 sums live (1: all heads in one pass, the most registers).
+   */
+  valueRounds: number;
   workgroupBytes: number;
 }
 
@@ -49,10 +62,19 @@ const WG = 256;
  * query is staged there when it fits (`queryStaged` forces either way). `headSplits` > 1 gives each (row, chunk)
  * that many workgroups, each with a share of the heads (more workgroups for small batches; each reads the rows).
  */
-export function planMlaDot4(nHeads: number, tc: MlaTcPlan, storageLimit: number, queryStaged?: boolean, headSplits = 1): MlaDot4Plan | string {
+export function planMlaDot4(
+  nHeads: number,
+  tc: MlaTcPlan,
+  storageLimit: number,
+  queryStaged?: boolean,
+  headSplits = 1,
+  prefetch = false,
+  valueRounds = 1,
+): MlaDot4Plan | string {
   const W = tc.window;
   if (W > 128) return `window ${W}: at most 128 tokens (a softmax thread holds W / 8 probabilities)`;
   if (!Number.isInteger(headSplits) || headSplits < 1) return `head splits ${headSplits}: a positive integer`;
+  if (!Number.isInteger(valueRounds) || valueRounds < 1) return `value rounds ${valueRounds}: a positive integer`;
   const HW = Math.ceil(nHeads / headSplits);
   const splits = Math.ceil(nHeads / HW);
   const headQuads = Math.ceil(HW / 4);
@@ -81,6 +103,9 @@ export function planMlaDot4(nHeads: number, tc: MlaTcPlan, storageLimit: number,
     valueParts,
     headsPerValueThread,
     queryStaged: staged,
+    prefetch,
+    prefetchWords: prefetch ? Math.ceil((W * rowWords) / WG) : 0,
+    valueRounds: Math.min(valueRounds, headsPerValueThread),
     workgroupBytes,
   };
 }
@@ -102,7 +127,43 @@ export function mlaDot4PartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSiz
   const ks = [0, 1, 2, 3];
   const bs = [...Array(p.tokensPerScoreThread).keys()];
   const vs = [...Array(HPT).keys()];
+  // The value heads in rounds: each round's i32 sums alone are live (fewer registers, the cache words re-read).
+  const perRound = Math.ceil(HPT / p.valueRounds);
+  const valueRounds = [...Array(Math.ceil(HPT / perRound)).keys()].map((q) => vs.slice(q * perRound, (q + 1) * perRound));
   const qLoad = (k: number) => (p.queryStaged ? `qsm[ql${k} * ${RW4}u + w4]` : `qq[qb${k} + (w4 >> 1u) * 32u + (w4 & 1u)]`);
+  const RW = p.rowWords;
+  const LW = p.latentWords;
+  const pfs = [...Array(p.prefetchWords).keys()];
+  // Loads window [start, start + W) into the prefetch registers: word e = lid + i·256 of the W × RW staged words (row
+  // e / RW, word e % RW: [c | 0 | k_pe | 0]) in pf_i, zero past the chunk; the scales of token lid in pfScale.
+  const fetchWgsl = (start: string) => `{
+      let nn = min(${W}u, bnd.y - (${start}));
+      ${pfs
+        .map(
+          (i) => `{
+        let e = lid + ${i * WG}u;
+        let t = e / ${RW}u;
+        let w = e % ${RW}u;
+        pf${i} = 0u;
+        if (${i * WG + WG > W * RW ? `e < ${W * RW}u && ` : ''}t < nn) {
+          let rb = cacheRow(bt, ${start} + t) * ${f.rowWords}u;
+          if (w < ${LW}u) {
+            if (w < ${f.latentWords}u) { pf${i} = cache[rb + w]; }
+          } else if (w - ${LW}u < ${f.ropeWords}u) {
+            pf${i} = cache[rb + ${f.ropeWord}u + w - ${LW}u];
+          }
+        }
+      }`,
+        )
+        .join('\n      ')}
+      if (lid < ${W}u) {
+        pfScale = vec2<f32>(0.0);
+        if (lid < nn) {
+          let rb = cacheRow(bt, ${start} + lid) * ${f.rowWords}u;
+          pfScale = vec2<f32>(bitcast<f32>(cache[rb + ${f.scaleWord}u]), bitcast<f32>(cache[rb + ${f.scaleWord + 1}u]));
+        }
+      }
+    }`;
   // One part (latent or rope) of the score sums: every 16 bytes of the row against each head's 16 query bytes.
   const scoreLoop = (from: number, to: number, acc: string) => `for (var w4 = ${from}u; w4 < ${to}u; w4++) {
         ${bs.map((b) => `let c${b} = ct[(tl + ${32 * b}u) * ${S4}u + w4];`).join('\n        ')}
@@ -186,16 +247,29 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let valueThread = hp < ${p.valueParts}u;
   ${vs.map((k) => `let vh${k} = min(hp * ${HPT}u + ${k}u, ${HW - 1}u);\n  var o${k} = vec4<f32>(0.0);`).join('\n  ')}
 
+  ${p.prefetch ? `${pfs.map((i) => `var pf${i} = 0u;`).join(' ')}
+  var pfScale = vec2<f32>(0.0);
+  ${fetchWgsl('bnd.x')}` : ''}
   for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
     let n = min(${W}u, bnd.y - w0);
-    for (var j = lid; j < ${W}u; j += ${WG}u) {
+    ${
+      p.prefetch
+        ? `// This window's rows, loaded while the last one was computed; then the next window's loads go out.
+    ${pfs.map((i) => `${i * WG + WG > W * RW ? `if (lid + ${i * WG}u < ${W * RW}u) ` : ''}{ let e = lid + ${i * WG}u; ct[(e / ${RW}u) * ${S4}u + (e % ${RW}u) / 4u][e % 4u] = pf${i}; }`).join('\n    ')}
+    if (lid < ${W}u) { tokScale[lid] = pfScale; }
+    workgroupBarrier();
+    if (w0 + ${W}u < bnd.y) {
+      ${fetchWgsl(`w0 + ${W}u`)}
+    }`
+        : `for (var j = lid; j < ${W}u; j += ${WG}u) {
       let row = cacheRow(bt, w0 + min(j, n - 1u));
       tokRow[j] = row;
       tokScale[j] = select(vec2<f32>(0.0), vec2<f32>(bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord}u]), bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord + 1}u])), j < n);
     }
     workgroupBarrier();
     ${stageRowsWgsl(f, tc, WG, W, '0u', (v) => `ct[t * ${S4}u + w / 4u][w % 4u] = ${v};`)}
-    workgroupBarrier();
+    workgroupBarrier();`
+    }
 
     if (scoreThread) {
       ${bs.map((b) => `var aL${b} = vec4<i32>(0);\n      var aP${b} = vec4<i32>(0);`).join('\n      ')}
@@ -231,12 +305,15 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     workgroupBarrier();
 
     if (valueThread) {
-      ${vs.map((k) => `var acc${k} = vec4<i32>(0);`).join('\n      ')}
+      ${valueRounds
+        .map(
+          (hs) => `{
+      ${hs.map((k) => `var acc${k} = vec4<i32>(0);`).join('\n      ')}
       for (var tq = 0u; tq < ${W / 4}u; tq++) {
         let at = 4u * tq * ${S4}u + dq / 4u;
         let e = dq % 4u;
         let cv = transpose4(ct[at][e], ct[at + ${S4}u][e], ct[at + ${2 * S4}u][e], ct[at + ${3 * S4}u][e]);
-        ${vs
+        ${hs
           .map(
             (k) => `{
           let pw = pq[vh${k} * ${W / 4}u + tq];
@@ -245,7 +322,10 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
           )
           .join('\n        ')}
       }
-      ${vs.map((k) => `o${k} = o${k} * alpha[vh${k}] + vec4<f32>(acc${k}) * pscale[vh${k}];`).join('\n      ')}
+      ${hs.map((k) => `o${k} = o${k} * alpha[vh${k}] + vec4<f32>(acc${k}) * pscale[vh${k}];`).join('\n      ')}
+      }`,
+        )
+        .join('\n      ')}
     }
     workgroupBarrier();
   }

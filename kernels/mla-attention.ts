@@ -85,6 +85,10 @@ export interface MlaAttentionTuning {
   int8QueryStaged?: boolean;
   /** 'dot4': workgroups per (row, chunk) along heads (default 1; 2 doubles the workgroups of a small batch). */
   int8HeadSplits?: number;
+  /** 'dot4': load the next window's cache rows into registers while this one is computed (MlaDot4Plan.prefetch). */
+  int8Prefetch?: boolean;
+  /** 'dot4': rounds of the value phase (MlaDot4Plan.valueRounds; default 1). */
+  int8ValueRounds?: number;
   /** Diagnosis only: the int8-product kernel dumps its first score window of (chunk 0, row 0) (int8DebugDump). */
   int8Debug?: boolean;
 }
@@ -496,10 +500,12 @@ export const MLA_MIN_CHUNK = 64;
  */
 export const MLA_TC_TARGET_WORKGROUPS = 1024;
 /**
- * The dot4 kernel's target: its splits write 28 × 514 f32 of partials each (57 KB, read back by the merge), so 512
- * workgroups (256-token chunks at 32 × 4K: 30 MB of partials against 77 MB of cache) rather than 1024 (59 MB).
+ * The dot4 kernel's target: its splits write 28 × 514 f32 of partials each (57 KB, read back by the merge), and each
+ * pays for staging the query and writing those partials, so few long chunks: on an H100 (bench:attention, 2026-12-05)
+ * 256 workgroups against 512 took 488.9 against 505.7 µs at 32 × 4K (512-token chunks), 74.8 against 103.6 at
+ * 32 × 512, 138.1 against 314.3 at 8 × 4K.
  */
-export const MLA_DOT4_TARGET_WORKGROUPS = 512;
+export const MLA_DOT4_TARGET_WORKGROUPS = 256;
 
 /**
  * How a step's context split is sized for the MLA kernel a layout and tuning select: parallel workgroups per row and
@@ -615,8 +621,9 @@ export class MlaAttention {
     }
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     if (mode === 'dot4') return this.makeDot4Path(f);
-    if (this.tuning.int8QueryStaged !== undefined || this.tuning.int8HeadSplits !== undefined) {
-      throw new Error(`MLA attention: int8QueryStaged and int8HeadSplits apply to int8Products 'dot4', not '${mode}'`);
+    const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds];
+    if (dot4Only.some((v) => v !== undefined)) {
+      throw new Error(`MLA attention: int8QueryStaged, int8HeadSplits, int8Prefetch and int8ValueRounds apply to int8Products 'dot4', not '${mode}'`);
     }
     const plan = planMlaTc(shape.nHeads, f, this.tuning.int8Window);
     if (typeof plan === 'string') throw new Error(`MLA int8-product attention: ${plan}`);
@@ -646,7 +653,7 @@ export class MlaAttention {
         why = plan;
         continue;
       }
-      const dot4 = planMlaDot4(shape.nHeads, plan, limit, this.tuning.int8QueryStaged, this.tuning.int8HeadSplits);
+      const dot4 = planMlaDot4(shape.nHeads, plan, limit, this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds);
       if (typeof dot4 === 'string') {
         why = dot4;
         continue;
@@ -658,7 +665,7 @@ export class MlaAttention {
         dot4,
         tensorCores: false,
         queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan)),
-        partialPipe: gpu.pipeline(`mla-attention int8 dot4 ${key}${dot4.queryStaged ? ' q staged' : ''}${split}`, mlaDot4PartialWgsl(shape.nHeads, f, layout.blockSize, plan, dot4)),
+        partialPipe: gpu.pipeline(`mla-attention int8 dot4 ${key}${dot4.queryStaged ? ' q staged' : ''}${split}${dot4.prefetch ? ' prefetch' : ''}${dot4.valueRounds > 1 ? ` v${dot4.valueRounds}` : ''}`, mlaDot4PartialWgsl(shape.nHeads, f, layout.blockSize, plan, dot4)),
         rows: 0,
         partialGroups: [],
       };

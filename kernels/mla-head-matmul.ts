@@ -30,7 +30,7 @@ export interface HeadMatmulOptions {
   /** Steps of at least this many rows take the tiled kernel (default HEAD_MATMUL_TILED_MIN_ROWS). */
   tiledMinRows?: number;
   /**
-   * K slices of the decode kernel's workgroup (8, 16 or 32; default 32): threads = slices × 8 column groups. Fewer
+   * K slices of the decode kernel's workgroup (8, 16 or 32; default 16): threads = slices × 8 column groups. Fewer
    * slices give each thread more k values in flight and the slices' reduction fewer terms.
    */
   kSlices?: 8 | 16 | 32;
@@ -113,8 +113,12 @@ function passThroughWgsl(s: HeadMatmulSpec, first: string, rows: number, threads
   }`;
 }
 
-/** Threads of the decode kernel's workgroup: k slices (default 32) × 8 column groups of 8 outputs. */
-const WIDE_SLICES = 32;
+/**
+ * Threads of the decode kernel's workgroup: k slices × 8 column groups of 8 outputs. 16 slices by default: on an H100
+ * (bench:decode --profile, 2026-12-05) a 32-row MLA step's two head products took 1637 µs with 16, 1848 with 8 and
+ * 2152 with 32 (the k-groups kernel: 2518).
+ */
+const WIDE_SLICES = 16;
 const WIDE_GROUPS = 8;
 /** Workgroup memory of the decode kernel's reduction (f32 values): as many rows at once as fit. */
 const REDUCE_FLOATS = 4096;

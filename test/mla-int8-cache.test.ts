@@ -518,25 +518,30 @@ function checkInt8Products(res: StepResult, c: Step, where: string): void {
   assert.ok(quantErr > 1e-5 && quantErr < 0.4, `${where}: relative error ${quantErr} vs unquantized float64 (expected 1e-5 … 0.4)`);
 }
 
-test('mla attention int8 dot4 kernel vs the float64 model of the int8-product arithmetic: query staged and read from storage, windows of 32 and 64, partial windows, up to 32 heads, heads split over workgroups, the Qwen2.5-7B row shape', async () => {
-  for (const [shape, chunkSize, blockSize, window, queryStaged, headSplits] of [
-    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, true, 1], // chunks shorter than a window; 4 value parts a head
-    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 128, 5, 64, false, 1], // two windows a split, block size 5, R not a multiple of 4
-    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 32, 5, 32, true, 3], // 3 heads a workgroup, the last holding 1
-    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16, 32, true, 1], // a partial head quad
-    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false, 1], // the most heads, 2 windows a split
-    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false, 4], // 8 heads a workgroup
-    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 1], // Qwen2.5-7B's MLA row, the runner's own split
-    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 2], // and 14 heads a workgroup
+test('mla attention int8 dot4 kernel vs the float64 model of the int8-product arithmetic: query staged and read from storage, windows of 32 and 64, partial windows, up to 32 heads, heads split over workgroups, the Qwen2.5-7B row shape; the next window prefetched into registers, value heads in rounds', async () => {
+  for (const [shape, chunkSize, blockSize, window, queryStaged, headSplits, prefetch] of [
+    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, true, 1, false], // chunks shorter than a window; 4 value parts a head
+    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, true, 1, true], // the same, prefetched
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 128, 5, 64, false, 1, false], // two windows a split, block size 5, R not a multiple of 4
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 160, 5, 64, false, 1, true], // prefetched: three windows a split, the last partial
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 32, 5, 32, true, 3, false], // 3 heads a workgroup, the last holding 1
+    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16, 32, true, 1, true], // a partial head quad, prefetched; 2 heads a value thread in 2 rounds
+    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false, 1, false], // the most heads, 2 windows a split
+    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false, 4, true], // 8 heads a workgroup, prefetched
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 1, false], // Qwen2.5-7B's MLA row, the runner's own split
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, 96, 16, 32, undefined, 1, true], // prefetched, three 32-token windows a split; 14 value heads in rounds of 5, 5, 4
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 2, false], // and 14 heads a workgroup
   ] as const) {
     const seed = freshSeed();
-    const tuning = { int8Products: 'dot4', int8Window: window, int8QueryStaged: queryStaged, ...(headSplits > 1 ? { int8HeadSplits: headSplits } : {}) } as const;
+    const tuning = { int8Products: 'dot4', int8Window: window, int8QueryStaged: queryStaged, int8Prefetch: prefetch, ...(prefetch ? { int8ValueRounds: 3 } : {}), ...(headSplits > 1 ? { int8HeadSplits: headSplits } : {}) } as const;
     const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning };
     const res = await runStep(c, seed);
     assert.ok(res.dot4, 'no dot4 plan');
     if (queryStaged !== undefined) assert.equal(res.dot4.queryStaged, queryStaged);
     assert.equal(res.dot4.headSplits, headSplits);
-    const where = `${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.dot4.window} q ${res.dot4.queryStaged ? 'staged' : 'storage'} ${headSplits} head split(s) seed ${seed}`;
+    assert.equal(res.dot4.prefetch, prefetch);
+    assert.equal(res.dot4.valueRounds, prefetch ? Math.min(3, res.dot4.headsPerValueThread) : 1);
+    const where = `${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.dot4.window} q ${res.dot4.queryStaged ? 'staged' : 'storage'} ${headSplits} head split(s)${prefetch ? ' prefetched' : ''} seed ${seed}`;
     checkInt8Products(res, c, where);
   }
 });
