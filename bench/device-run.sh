@@ -8,11 +8,12 @@
 #              pick kernel alone for every sampling path (~4 min)
 #   dot4       the dot4 MLA kernel (int8Products 'dot4') against the f32 one and GQA: attention at 8 and 32 rows × 512,
 #              4K and 16K; MLA decode at 8 and 32 sequences with each, profiled (~5 min)
-#   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 16 k slices (default 32) and with
-#              the k-groups kernel (--mla-head-kernel kgroups), profiled (~4 min)
+#   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 32 k slices (default 16) and with
+#              the staged kernel (--mla-head-kernel staged), profiled (~4 min)
 #   prefetch   the dot4 MLA kernel with the next window prefetched into registers (and its value heads in 2 rounds)
 #              against the default: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt; MLA decode at 8 and 32
-#              sequences with each, and GQA, profiled (~5 min)
+#              sequences with each and with the staged head kernel, and GQA, profiled (~6 min; PREFETCH_RUNS picks
+#              the decode runs, prefetch:rounds:head-kernel)
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   goals      issue 7's two open goals in one call when the device is scarce (~6 min): attention 8/32 × 512/4K with the
@@ -122,8 +123,8 @@ goals)
   done
   ;;
 heads)
-  # The W_UK / W_UV decode kernel: 8 and 16 k slices (default 32), and the k-groups kernel.
-  for variant in slices-8 slices-16 kernel-kgroups; do
+  # The W_UK / W_UV decode kernel: 8 and 32 k slices (default 16), and the staged kernel.
+  for variant in slices-8 slices-32 kernel-staged; do
     flag="--mla-head-${variant%%-*} ${variant#*-}"
     el "decode-mla-heads-$variant"
     timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
@@ -131,7 +132,7 @@ heads)
       --json "$OUT/decode-mla-heads-$variant.json" >"$OUT/decode-mla-heads-$variant.txt" 2>"$OUT/decode-mla-heads-$variant.err"
     el "rc=$?"
   done
-  for variant in slices-8 slices-16 kernel-kgroups; do
+  for variant in slices-8 slices-32 kernel-staged; do
     echo "== MLA decode, dot4 attention, head products: $variant"
     summary "$OUT/decode-mla-heads-$variant.txt" 4
     grep "head-matmul" "$OUT/decode-mla-heads-$variant.txt" | head -n 8
@@ -144,13 +145,14 @@ prefetch)
     --mla-int8 "dot4,dot4 prefetch,dot4 prefetch q-storage,dot4 prefetch v2,off" --json "$OUT/attention-prefetch.json" \
     >"$OUT/attention-prefetch.txt" 2>"$OUT/attention-prefetch.err"
   el "rc=$?"
-  for run in off:1 on:1 on:2; do
-    IFS=: read -r prefetch rounds <<<"$run"
-    el "decode-mla-prefetch-$prefetch-v$rounds"
+  for run in ${PREFETCH_RUNS:-off:1:sliced on:1:sliced on:2:sliced on:1:staged}; do
+    IFS=: read -r prefetch rounds heads <<<"$run"
+    tag="$prefetch-v$rounds-$heads"
+    el "decode-mla-prefetch-$tag"
     timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
       --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 \
-      --mla-dot4-prefetch "$prefetch" --mla-dot4-value-rounds "$rounds" \
-      --json "$OUT/decode-mla-prefetch-$prefetch-v$rounds.json" >"$OUT/decode-mla-prefetch-$prefetch-v$rounds.txt" 2>&1
+      --mla-dot4-prefetch "$prefetch" --mla-dot4-value-rounds "$rounds" --mla-head-kernel "$heads" \
+      --json "$OUT/decode-mla-prefetch-$tag.json" >"$OUT/decode-mla-prefetch-$tag.txt" 2>&1
     el "rc=$?"
   done
   el decode-gqa
@@ -162,11 +164,12 @@ prefetch)
   tail -n 2 "$OUT/attention-prefetch.err"
   echo "== GQA decode"
   summary "$OUT/decode-gqa.txt" 4
-  for run in off:1 on:1 on:2; do
-    IFS=: read -r prefetch rounds <<<"$run"
-    echo "== MLA decode, dot4, prefetch $prefetch, value rounds $rounds"
-    summary "$OUT/decode-mla-prefetch-$prefetch-v$rounds.txt" 4
-    grep "mla-attention\|head-matmul" "$OUT/decode-mla-prefetch-$prefetch-v$rounds.txt" | head -n 14
+  for run in ${PREFETCH_RUNS:-off:1:sliced on:1:sliced on:2:sliced on:1:staged}; do
+    IFS=: read -r prefetch rounds heads <<<"$run"
+    tag="$prefetch-v$rounds-$heads"
+    echo "== MLA decode, dot4, prefetch $prefetch, value rounds $rounds, head kernel $heads"
+    summary "$OUT/decode-mla-prefetch-$tag.txt" 3
+    grep "mla-attention int8 dot4\|head-matmul" "$OUT/decode-mla-prefetch-$tag.txt" | grep -v tiled | head -n 8
   done
   ;;
 chunks)

@@ -35,15 +35,16 @@ export interface HeadMatmulOptions {
    */
   kSlices?: 8 | 16 | 32;
   /**
-   * The kernel of steps below tiledMinRows: 'sliced' (default) the streaming kernel above; 'kgroups' one workgroup per
-   * (head, 16 or 32 outputs, up to 32 rows) whose 256 threads split K four ways and meet in one reduction
-   * (headMatmulKGroupsWgsl). A 32-row step reads the weights once instead of four times, and reduces 4 partial sums an
-   * output instead of 32; not yet timed on a GPU (bench:decode --mla-head-kernel kgroups).
+   * The kernel of steps below tiledMinRows: 'sliced' (default) the streaming kernel above; 'staged' one workgroup per
+   * (head, 16 or 64 outputs, up to 32 rows) that loads each k chunk of x and W with all its loads in flight, stages it
+   * in workgroup memory and multiplies it while the next chunk loads (headMatmulStagedWgsl); not yet timed on a GPU
+   * (bench:decode --mla-head-kernel staged). (A 'kgroups' kernel, K split four ways with a loop of dependent loads,
+   * took 2518 µs against the sliced kernel's 1637 for a 32-row step's two products on an H100 and was removed.)
    */
   decodeKernel?: HeadDecodeKernel;
 }
 
-export const HEAD_DECODE_KERNELS = ['sliced', 'kgroups'] as const;
+export const HEAD_DECODE_KERNELS = ['sliced', 'staged'] as const;
 export type HeadDecodeKernel = (typeof HEAD_DECODE_KERNELS)[number];
 
 export interface HeadMatmulSpec {
@@ -212,98 +213,162 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
-/** K groups of the 'kgroups' kernel, threads in each, and the most rows a workgroup takes. */
-const KG = 4;
-const KG_THREADS = 64;
-const KG_MAX_ROWS = 32;
+/** Threads of the 'staged' kernel, the most rows a workgroup takes, and its k chunk (f16 weights; f32: half). */
+const ST_THREADS = 256;
+const ST_MAX_ROWS = 32;
+const ST_CHUNK_F16 = 128;
 
-/** Outputs per workgroup of the 'kgroups' kernel: 32 where N has many (absorption, 512), 16 where few (W_UV, 128). */
-function kGroupsTileN(N: number): 16 | 32 {
-  return N >= 256 ? 32 : 16;
+/** Outputs per workgroup of the 'staged' kernel: 64 where N has many (absorption, 512), 16 where few (W_UV, 128). */
+function stagedTileN(N: number): 16 | 64 {
+  return N >= 256 ? 64 : 16;
+}
+
+/** Rows a 'staged' workgroup takes for a step: the fewest of 8, 16 and 32 that hold it. */
+function stagedTileRows(rows: number): 8 | 16 | 32 {
+  return rows <= 8 ? 8 : rows <= 16 ? 16 : ST_MAX_ROWS;
 }
 
 /**
- * The 'kgroups' decode kernel: grid (⌈N / NT⌉, nHeads, ⌈rows / tm⌉), 4 × 64 threads. K group kg takes k in
- * [kg·K/4, (kg + 1)·K/4) (rounded to 4); within it thread = (output quad, row group), each 4 outputs × tm / row groups
- * rows, reading 4 k at a time (x as vec4 where the layout is 16-byte aligned, W as 4 f16 of one k row). The four
- * groups' sums meet once in workgroup memory.
+ * The 'staged' decode kernel: grid (⌈N / NT⌉, nHeads, ⌈rows / tm⌉), 256 threads. K goes in chunks of KC: each thread
+ * loads its share of the chunk's x rows (tm × KC f32) and W tile (KC × NT) into registers with every load in flight at
+ * once (16-byte loads), stores them to workgroup memory, and loads the next chunk while this one is multiplied, so a
+ * step pays about one memory latency, not one a k. Thread = (k group, row group, output quad): 4 outputs × RPT rows over
+ * KC / KGS k of each chunk; the k groups' sums meet once at the end.
  */
-function headMatmulKGroupsWgsl(s: HeadMatmulSpec, w: GpuMatrix, tm: number): string {
+function headMatmulStagedWgsl(s: HeadMatmulSpec, w: GpuMatrix, tm: number, storageLimit: number): string {
   const f16 = w.dtype === 'f16';
-  const NT = kGroupsTileN(s.N);
-  const OQ = NT / 4;
-  const RG = KG_THREADS / OQ;
-  const RPT = Math.max(1, tm / RG);
-  const KQ = Math.ceil(s.K / KG / 4) * 4; // k values per group, whole quads
+  const NT = stagedTileN(s.N);
+  const CQ = NT / 4;
+  const RG = Math.min(tm, 16);
+  const RPT = tm / RG;
+  const KGS = ST_THREADS / (CQ * RG);
+  const redBytes = KGS > 1 ? 16 * (KGS - 1) * CQ * RG * RPT : 0;
+  // The chunk: KC k of x (16 B a row per 4 k) and W (2 or 4 B an output), halved until the device's memory holds it.
+  let KC = Math.min(f16 ? ST_CHUNK_F16 : ST_CHUNK_F16 / 2, Math.ceil(s.K / (4 * KGS)) * 4 * KGS);
+  while (KC > 4 * KGS && tm * KC * 4 + KC * NT * (f16 ? 2 : 4) + redBytes > storageLimit) KC /= 2;
+  const KPG = KC / KGS;
+  const chunks = Math.ceil(s.K / KC);
+  const X4 = KC / 4; // x vec4 a row of a chunk
+  // W words a k row of the tile: vec4<u32> of 8 f16, or vec4<f32> of 4 f32.
+  const WPR = f16 ? NT / 8 : NT / 4;
+  const xSlots = [...Array(Math.ceil((tm * X4) / ST_THREADS)).keys()];
+  const wSlots = [...Array(Math.ceil((KC * WPR) / ST_THREADS)).keys()];
   const rs = [...Array(RPT).keys()];
-  const ks = [0, 1, 2, 3];
   const sc = wgslF32(s.scale);
   const vecX = s.xStride % 4 === 0 && s.xOffset % 4 === 0 && s.xHeadStride % 4 === 0 && s.K % 4 === 0;
-  // 4 consecutive f16 outputs n0 … n0 + 3 of row k (n0 a multiple of 4; the weight stride is a multiple of 8).
-  const wRow = (k: string) =>
-    f16
-      ? `{ let wp = w[(h * ${s.K}u + ${k}) * ${w.stride / 2}u + n4 / 2u]; let wq = w[(h * ${s.K}u + ${k}) * ${w.stride / 2}u + n4 / 2u + 1u]; wv = vec4<f32>(unpack2x16float(wp), unpack2x16float(wq)); }`
-      : `{ let b = (h * ${s.K}u + ${k}) * ${w.stride}u + n4; wv = vec4<f32>(w[b], w[b + 1u], w[b + 2u], w[b + 3u]); }`;
-  const xQuad = (r: number) =>
+  const xVec = (k: string, base: string) =>
     vecX
-      ? `let xv${r} = x4[(xb${r} + k) / 4u];`
-      : `let xv${r} = vec4<f32>(${ks.map((j) => `select(0.0, x[xb${r} + min(k + ${j}u, ${s.K - 1}u)], k + ${j}u < ${s.K}u)`).join(', ')});`;
-  return /* wgsl */ `
-${metaWgsl(0)}
-@group(0) @binding(1) var<storage, read> ${vecX ? 'x4: array<vec4<f32>>' : 'x: array<f32>'};
-@group(0) @binding(2) var<storage, read> w: array<${f16 ? 'u32' : 'f32'}>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
-var<workgroup> red: array<vec4<f32>, ${(KG - 1) * KG_THREADS * RPT}>;
-
-@compute @workgroup_size(${KG * KG_THREADS})
-fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let M = stepMeta[${META_ROWS}];
-  let h = wid.y;
-  let row0 = wid.z * ${tm}u;
-  let kg = lid / ${KG_THREADS}u;
-  let t = lid % ${KG_THREADS}u;
-  let oq = t % ${OQ}u;
-  let rg = t / ${OQ}u;
-  // Outputs n4 … n4 + 3 (clamped inside the matrix; stores check n < N).
-  let nOut = wid.x * ${NT}u + oq * 4u;
-  let n4 = min(nOut, ${(Math.ceil(s.N / 4) - 1) * 4}u);
-  let mLast = max(M, 1u) - 1u;
-  ${rs.map((r) => `let xb${r} = min(row0 + rg * ${RPT}u + ${r}u, mLast) * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u;\n  var acc${r} = vec4<f32>(0.0);`).join('\n  ')}
-  let kEnd = min((kg + 1u) * ${KQ}u, ${Math.ceil(s.K / 4) * 4}u);
-  for (var k = kg * ${KQ}u; k < kEnd; k += 4u) {
-    ${rs.map(xQuad).join('\n    ')}
-    var wv: vec4<f32>;
-    ${ks
+      ? `x4[(${base} + ${k}) / 4u]`
+      : `vec4<f32>(${[0, 1, 2, 3].map((j) => `select(0.0, x[${base} + min(${k} + ${j}u, ${s.K - 1}u)], ${k} + ${j}u < ${s.K}u)`).join(', ')})`;
+  const wWord = f16 ? 'vec4<u32>' : 'vec4<f32>';
+  // Register loads of chunk `c` (x rows past M repeat the last row; k and n past the matrix are zero).
+  const load = (c: string) => `{
+    let kc0 = (${c}) * ${KC}u;
+    ${xSlots
       .map(
-        (j) => `if (k + ${j}u < ${s.K}u) {
-      ${wRow(`(k + ${j}u)`)}
-      ${rs.map((r) => `acc${r} += xv${r}[${j}] * wv;`).join('\n      ')}
+        (i) => `{
+      let e = lid + ${i * ST_THREADS}u;
+      let k = kc0 + 4u * (e % ${X4}u);
+      let row = min(row0 + min(e / ${X4}u, ${tm - 1}u), mLast);
+      let base = row * ${s.xStride}u + ${s.xOffset}u + h * ${s.xHeadStride}u;
+      rx${i} = select(vec4<f32>(0.0), ${xVec('k', 'base')}, k < ${s.K}u);
     }`,
       )
       .join('\n    ')}
+    ${wSlots
+      .map(
+        (i) => `{
+      let e = lid + ${i * ST_THREADS}u;
+      let k = kc0 + e / ${WPR}u;
+      let n = n0 + ${f16 ? 8 : 4}u * (e % ${WPR}u);
+      rw${i} = ${wWord}(0);
+      if (k < ${s.K}u && n < ${s.N}u) { rw${i} = w[(h * ${s.K}u + k) * ${w.stride / (f16 ? 8 : 4)}u + n / ${f16 ? 8 : 4}u]; }
+    }`,
+      )
+      .join('\n    ')}
+  }`;
+  // Stores the registers to workgroup memory (slots past the chunk's words skip).
+  const store = () => `${xSlots
+    .map((i) => `${(i + 1) * ST_THREADS > tm * X4 ? `if (lid + ${i * ST_THREADS}u < ${tm * X4}u) ` : ''}{ xs[lid + ${i * ST_THREADS}u] = rx${i}; }`)
+    .join('\n    ')}
+    ${wSlots
+      .map((i) => {
+        const guard = (i + 1) * ST_THREADS > KC * WPR ? `if (lid + ${i * ST_THREADS}u < ${KC * WPR}u) ` : '';
+        return f16
+          ? `${guard}{ ws[2u * (lid + ${i * ST_THREADS}u)] = rw${i}.xy; ws[2u * (lid + ${i * ST_THREADS}u) + 1u] = rw${i}.zw; }`
+          : `${guard}{ ws[lid + ${i * ST_THREADS}u] = rw${i}; }`;
+      })
+      .join('\n    ')}`;
+  // 4 outputs (quad cq) of k row kk of the tile: two f16 pairs, or a vec4 of f32.
+  const wAt = (kk: string) => (f16 ? `vec4<f32>(unpack2x16float(ws[${kk} * ${CQ}u + cq].x), unpack2x16float(ws[${kk} * ${CQ}u + cq].y))` : `ws[${kk} * ${CQ}u + cq]`);
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> ${vecX ? 'x4: array<vec4<f32>>' : 'x: array<f32>'};
+@group(0) @binding(2) var<storage, read> w: array<${wWord}>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+var<workgroup> xs: array<vec4<f32>, ${tm * X4}>;
+var<workgroup> ws: array<${f16 ? 'vec2<u32>' : 'vec4<f32>'}, ${KC * CQ}>;
+${KGS > 1 ? `var<workgroup> red: array<vec4<f32>, ${(KGS - 1) * CQ * RG * RPT}>;` : ''}
+
+@compute @workgroup_size(${ST_THREADS})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let M = stepMeta[${META_ROWS}];
+  let h = wid.y;
+  let n0 = wid.x * ${NT}u;
+  let row0 = wid.z * ${tm}u;
+  let mLast = max(M, 1u) - 1u;
+  // Thread = (k group kg, row group rg, output quad cq): quads fastest, so a warp reads one x row and consecutive W.
+  let cq = lid % ${CQ}u;
+  let rg = (lid / ${CQ}u) % ${RG}u;
+  let kg = lid / ${CQ * RG}u;
+  ${xSlots.map((i) => `var rx${i}: vec4<f32>;`).join(' ')}
+  ${wSlots.map((i) => `var rw${i}: ${wWord};`).join(' ')}
+  ${rs.map((r) => `var acc${r} = vec4<f32>(0.0);`).join(' ')}
+  ${load('0u')}
+  for (var c = 0u; c < ${chunks}u; c++) {
+    ${store()}
+    workgroupBarrier();
+    if (c + 1u < ${chunks}u) ${load('c + 1u')}
+    for (var kk = kg * ${KPG}u; kk < kg * ${KPG}u + ${KPG}u; kk += 4u) {
+      ${rs.map((r) => `let xv${r} = xs[(rg * ${RPT}u + ${r}u) * ${X4}u + kk / 4u];`).join('\n      ')}
+      ${[0, 1, 2, 3]
+        .map(
+          (j) => `{
+        let wv = ${wAt(`(kk + ${j}u)`)};
+        ${rs.map((r) => `acc${r} += xv${r}[${j}] * wv;`).join(' ')}
+      }`,
+        )
+        .join('\n      ')}
+    }
+    workgroupBarrier();
   }
-  // Groups 1 … 3 leave their sums; group 0 adds them and stores.
+  ${
+    KGS > 1
+      ? `// K groups 1 … ${KGS - 1} leave their sums; group 0 adds them.
   if (kg > 0u) {
-    ${rs.map((r) => `red[((kg - 1u) * ${KG_THREADS}u + t) * ${RPT}u + ${r}u] = acc${r};`).join('\n    ')}
+    ${rs.map((r) => `red[((kg - 1u) * ${CQ * RG}u + rg * ${CQ}u + cq) * ${RPT}u + ${r}u] = acc${r};`).join('\n    ')}
   }
-  workgroupBarrier();
+  workgroupBarrier();`
+      : ''
+  }
   if (kg == 0u) {
     ${rs
       .map(
         (r) => `{
       var v = acc${r};
-      for (var g = 0u; g < ${KG - 1}u; g++) { v += red[(g * ${KG_THREADS}u + t) * ${RPT}u + ${r}u]; }
+      ${KGS > 1 ? `for (var g = 0u; g < ${KGS - 1}u; g++) { v += red[(g * ${CQ * RG}u + rg * ${CQ}u + cq) * ${RPT}u + ${r}u]; }` : ''}
       let row = row0 + rg * ${RPT}u + ${r}u;
-      if (row < M && rg * ${RPT}u + ${r}u < ${tm}u) {
+      if (row < M) {
         let yb = row * ${s.yStride}u + ${s.yOffset}u + h * ${s.yHeadStride}u;
         for (var j = 0u; j < 4u; j++) {
-          if (nOut + j < ${s.N}u) { y[yb + nOut + j] = v[j] * ${sc}; }
+          let n = n0 + cq * 4u + j;
+          if (n < ${s.N}u) { y[yb + n] = v[j] * ${sc}; }
         }
       }
     }`,
       )
       .join('\n    ')}
-  }${passThroughWgsl(s, 'row0', tm, KG * KG_THREADS, vecX ? (i) => `x4[(${i}) / 4u][(${i}) % 4u]` : undefined)}
+  }${passThroughWgsl(s, 'row0', tm, ST_THREADS, vecX ? (i) => `x4[(${i}) / 4u][(${i}) % 4u]` : undefined)}
 }`;
 }
 
@@ -371,7 +436,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 export class HeadMatmul {
   private variants = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private tiled = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
-  private kGroups = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
+  private staged = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private readonly tiledMinRows: number;
   private readonly kSlices: number;
   private readonly decodeKernel: HeadDecodeKernel;
@@ -413,18 +478,17 @@ export class HeadMatmul {
       pass.dispatchWorkgroups(Math.ceil(this.spec.N / TILE), this.spec.nHeads, Math.ceil(rows / tm));
       return;
     }
-    if (this.decodeKernel === 'kgroups') {
-      // Rows a workgroup: the fewest of 8, 16 and 32 that hold the step (a thread takes tm / row groups of them).
-      const tm = rows <= 8 ? 8 : rows <= 16 ? 16 : KG_MAX_ROWS;
-      let k = this.kGroups.get(tm);
+    if (this.decodeKernel === 'staged') {
+      const tm = stagedTileRows(rows);
+      let k = this.staged.get(tm);
       if (!k) {
         const { nHeads, K, N } = this.spec;
-        k = this.bind(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} kgroups r${tm}`, headMatmulKGroupsWgsl(this.spec, this.weight, tm));
-        this.kGroups.set(tm, k);
+        k = this.bind(`mla head-matmul ${nHeads}×[${K}→${N}] ${this.weight.dtype} staged r${tm}`, headMatmulStagedWgsl(this.spec, this.weight, tm, this.gpu.limits.maxComputeWorkgroupStorageSize));
+        this.staged.set(tm, k);
       }
       pass.setPipeline(k.pipeline);
       pass.setBindGroup(0, k.bindGroup);
-      pass.dispatchWorkgroups(Math.ceil(this.spec.N / kGroupsTileN(this.spec.N)), this.spec.nHeads, Math.ceil(rows / tm));
+      pass.dispatchWorkgroups(Math.ceil(this.spec.N / stagedTileN(this.spec.N)), this.spec.nHeads, Math.ceil(rows / tm));
       return;
     }
     let mr = 1;

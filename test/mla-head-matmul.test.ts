@@ -105,17 +105,18 @@ test('head matmul: absorption and W_UV shapes, every rows-per-thread variant, 8/
   }
 });
 
-test('head matmul, the k-groups decode kernel: absorption and W_UV shapes, 8-, 16- and 32-row workgroups (partial ones, steps past 32 rows), K not a multiple of 4 groups of 4, odd N, pass-through columns, aligned inputs read as vec4', async () => {
+test('head matmul, the staged decode kernel: absorption and W_UV shapes, 8-, 16- and 32-row workgroups (partial ones, steps past 32 rows), K in several chunks and not a multiple of 4, odd N, pass-through columns, aligned inputs read as vec4, f32 weights', async () => {
   for (const [nHeads, K, N, passCols, dtype] of [
-    [3, 128, 512, 64, 'f16'], // Qwen2.5-7B's absorption: 32 outputs a workgroup
-    [2, 512, 128, 0, 'f16'], // its W_UV: 16 outputs a workgroup
+    [3, 128, 512, 64, 'f16'], // Qwen2.5-7B's absorption: 64 outputs a workgroup, K in one chunk
+    [2, 512, 128, 0, 'f16'], // its W_UV: 16 outputs a workgroup, K in four 128-k chunks over 4 to 8 k groups
     [2, 33, 9, 1, 'f16'], // K past a whole quad, N past a quad
-    [3, 20, 71, 3, 'f32'], // f32 weights, a K group left empty (20 = 4 groups of 8, the last holding none)
+    [3, 20, 71, 3, 'f32'], // f32 weights, N past one 64-output tile
+    [2, 300, 40, 2, 'f32'], // f32 weights in 64-k chunks, the last partial
   ] as const) {
     for (const aligned of [false, true]) {
       for (const rows of [1, 7, 16, 17, 32, 45]) {
-        const err = await runCase(nHeads, K, N, passCols, rows, dtype, undefined, undefined, 'kgroups', aligned);
-        assert.ok(err <= 1e-5, `kgroups ${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}${aligned ? ' aligned' : ''}: relative error ${err}`);
+        const err = await runCase(nHeads, K, N, passCols, rows, dtype, undefined, undefined, 'staged', aligned);
+        assert.ok(err <= 1e-5, `staged ${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}${aligned ? ' aligned' : ''}: relative error ${err}`);
       }
     }
   }
