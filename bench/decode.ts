@@ -19,9 +19,9 @@
 //            --mla-int8-products off|dot4|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or an int8-product one)
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 16)
-//            --mla-head-kernel sliced|staged (MLA: the W_UK / W_UV kernel of decode-sized steps; default sliced)
-//            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default off)
-//            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 1)
+//            --mla-head-kernel sliced|staged (MLA: the W_UK / W_UV kernel of decode-sized steps; default staged)
+//            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default on)
+//            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 2)
 //            --mla-min-chunk N (MLA: smallest context chunk of the attention split; default 64)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches; and

@@ -58,6 +58,15 @@ export interface MlaDot4Plan {
 const WG = 256;
 
 /**
+ * Defaults of the plan (MlaAttentionTuning.int8Prefetch / int8ValueRounds), from an H100 run of bench:attention
+ * (2026-12-05): the value phase in 2 rounds took 271.3 against 278.7 µs at 32 × 4K, 57.8 against 63.4 at 32 × 512 and
+ * 94.1 against 102.0 at 8 × 4K; the prefetch alone moved nothing (278.5, 64.1, 101.8) and is kept because the
+ * 2-round figures were measured with it.
+ */
+export const DOT4_PREFETCH = true;
+export const DOT4_VALUE_ROUNDS = 2;
+
+/**
  * The plan for a shape, or why this kernel does not take it. `storageLimit` is the device's workgroup memory: the
  * query is staged there when it fits (`queryStaged` forces either way). `headSplits` > 1 gives each (row, chunk)
  * that many workgroups, each with a share of the heads (more workgroups for small batches; each reads the rows).
@@ -68,8 +77,8 @@ export function planMlaDot4(
   storageLimit: number,
   queryStaged?: boolean,
   headSplits = 1,
-  prefetch = false,
-  valueRounds = 1,
+  prefetch = DOT4_PREFETCH,
+  valueRounds = DOT4_VALUE_ROUNDS,
 ): MlaDot4Plan | string {
   const W = tc.window;
   if (W > 128) return `window ${W}: at most 128 tokens (a softmax thread holds W / 8 probabilities)`;

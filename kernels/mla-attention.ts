@@ -85,9 +85,12 @@ export interface MlaAttentionTuning {
   int8QueryStaged?: boolean;
   /** 'dot4': workgroups per (row, chunk) along heads (default 1; 2 doubles the workgroups of a small batch). */
   int8HeadSplits?: number;
-  /** 'dot4': load the next window's cache rows into registers while this one is computed (MlaDot4Plan.prefetch). */
+  /**
+   * 'dot4': load the next window's cache rows into registers while this one is computed (MlaDot4Plan.prefetch; default
+   * DOT4_PREFETCH, on).
+   */
   int8Prefetch?: boolean;
-  /** 'dot4': rounds of the value phase (MlaDot4Plan.valueRounds; default 1). */
+  /** 'dot4': rounds of the value phase (MlaDot4Plan.valueRounds; default DOT4_VALUE_ROUNDS, 2). */
   int8ValueRounds?: number;
   /** Diagnosis only: the int8-product kernel dumps its first score window of (chunk 0, row 0) (int8DebugDump). */
   int8Debug?: boolean;

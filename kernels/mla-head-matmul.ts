@@ -35,11 +35,12 @@ export interface HeadMatmulOptions {
    */
   kSlices?: 8 | 16 | 32;
   /**
-   * The kernel of steps below tiledMinRows: 'sliced' (default) the streaming kernel above; 'staged' one workgroup per
-   * (head, 16 or 64 outputs, up to 32 rows) that loads each k chunk of x and W with all its loads in flight, stages it
-   * in workgroup memory and multiplies it while the next chunk loads (headMatmulStagedWgsl); not yet timed on a GPU
-   * (bench:decode --mla-head-kernel staged). (A 'kgroups' kernel, K split four ways with a loop of dependent loads,
-   * took 2518 µs against the sliced kernel's 1637 for a 32-row step's two products on an H100 and was removed.)
+   * The kernel of steps below tiledMinRows: 'staged' (default) one workgroup per (head, 16 or 64 outputs, up to 32
+   * rows) that loads each k chunk of x and W with all its loads in flight, stages it in workgroup memory and multiplies
+   * it while the next chunk loads (headMatmulStagedWgsl); 'sliced' the streaming kernel above. On an H100
+   * (bench:decode --profile, 2026-12-05) a step's two products took 1353 µs staged against 1628 sliced at 32 rows, 779
+   * against 1300 at 8. (A 'kgroups' kernel, K split four ways with a loop of dependent loads, took 2518 µs at 32 rows
+   * and was removed.)
    */
   decodeKernel?: HeadDecodeKernel;
 }
@@ -115,7 +116,7 @@ function passThroughWgsl(s: HeadMatmulSpec, first: string, rows: number, threads
 }
 
 /**
- * Threads of the decode kernel's workgroup: k slices × 8 column groups of 8 outputs. 16 slices by default: on an H100
+ * Threads of the sliced decode kernel's workgroup: k slices × 8 column groups of 8 outputs. 16 slices by default: on an H100
  * (bench:decode --profile, 2026-12-05) a 32-row MLA step's two head products took 1637 µs with 16, 1848 with 8 and
  * 2152 with 32 (the k-groups kernel: 2518).
  */
@@ -450,7 +451,7 @@ export class HeadMatmul {
   ) {
     this.tiledMinRows = opts.tiledMinRows ?? HEAD_MATMUL_TILED_MIN_ROWS;
     this.kSlices = opts.kSlices ?? WIDE_SLICES;
-    this.decodeKernel = opts.decodeKernel ?? 'sliced';
+    this.decodeKernel = opts.decodeKernel ?? 'staged';
     if (!HEAD_DECODE_KERNELS.includes(this.decodeKernel)) throw new Error(`head matmul: decode kernel ${this.decodeKernel}; one of ${HEAD_DECODE_KERNELS.join(', ')}`);
     if (![8, 16, 32].includes(this.kSlices)) throw new Error(`head matmul: kSlices ${this.kSlices}; 8, 16 or 32`);
     if (weight.rows !== spec.nHeads * spec.K || weight.cols !== spec.N) {

@@ -1,6 +1,7 @@
-// Per-head batched matmul (MLA absorption and W_UV) vs float64: row counts across the streaming kernel's rows-per-
-// workgroup variants and the tiled kernel (prefill-sized steps, and decode-sized ones in 16-, 32- and 64-row tiles),
-// K below, at and past the 32 k slices, odd N, pass-through columns, f32 and f16 weights, NaN-poisoned outputs.
+// Per-head batched matmul (MLA absorption and W_UV) vs float64: the staged decode kernel (the default below 128 rows),
+// the sliced one across its rows-per-workgroup variants and k slices, and the tiled kernel (prefill-sized steps, and
+// decode-sized ones in 16-, 32- and 64-row tiles), K below, at and past 32, odd N, pass-through columns, f32 and f16
+// weights, NaN-poisoned outputs.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { HEAD_MATMUL_TILED_MIN_ROWS, HeadMatmul, headTileRows, uploadHeadMatrices, type HeadDecodeKernel, type HeadMatmulSpec } from '../kernels/mla-head-matmul.ts';
@@ -38,7 +39,12 @@ async function runCase(
   const x = uploadArray(g, 'x', xData);
   const y = storageBuffer(g, 'y', rows * yStride * 4);
   const meta = uploadArray(g, 'meta', buildStepMeta([{ tokens: new Array(rows).fill(0), startPos: 0, blockTable: [0], logits: 'none' }], { blockSize: 4096, numBlocks: 1, nKvHeads: 1, maxChunkSize: 16 }).data);
-  const op = new HeadMatmul(g, spec, weight, { meta, x, y }, { ...(tiledMinRows === undefined ? {} : { tiledMinRows }), ...(kSlices ? { kSlices } : {}), ...(decodeKernel ? { decodeKernel } : {}) });
+  const op = new HeadMatmul(g, spec, weight, { meta, x, y }, {
+    ...(tiledMinRows === undefined ? {} : { tiledMinRows }),
+    // k slices belong to the sliced kernel.
+    ...(kSlices ? { kSlices, decodeKernel: 'sliced' as const } : {}),
+    ...(decodeKernel ? { decodeKernel } : {}),
+  });
   poisonBuffer(g, y);
   const enc = g.device.createCommandEncoder();
   const pass = enc.beginComputePass();
@@ -69,7 +75,7 @@ async function runCase(
   return relError(gotOut, want);
 }
 
-test('head matmul: absorption and W_UV shapes, every rows-per-thread variant, 8/16/32 k slices and the tiled kernel, f32 and f16 weights', async () => {
+test('head matmul: absorption and W_UV shapes, the staged decode kernel, the sliced one at every rows-per-thread variant and 8/16/32 k slices, the tiled kernel, f32 and f16 weights', async () => {
   for (const dtype of ['f32', 'f16'] as const) {
     for (const [nHeads, K, N, passCols] of [
       [3, 16, 24, 4], // absorption: K = nope dims, N = R, q_pe passed through
@@ -85,12 +91,12 @@ test('head matmul: absorption and W_UV shapes, every rows-per-thread variant, 8/
         const err = await runCase(nHeads, K, N, passCols, rows, dtype);
         assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}: relative error ${err}`);
       }
-      // The decode kernel with 8 and 16 k slices (64 / 128 threads: all 8 rows reduced in one round, or 4), on f16
-      // weights (what the server uploads) at the shapes that take every k slice or leave some empty (each variant is a
-      // pipeline SwiftShader compiles in seconds).
+      // The sliced decode kernel with 8, 16 and 32 k slices (64 / 128 / 256 threads), on f16 weights (what the server
+      // uploads) at the shapes that take every k slice or leave some empty (each variant is a pipeline SwiftShader
+      // compiles in seconds); the rows above ran the default, staged kernel.
       const slicesCase = dtype === 'f16' && ((K === 512 && N === 128) || (K === 128 && N === 512) || K === 33);
-      for (const kSlices of slicesCase ? ([8, 32] as const) : []) {
-        for (const rows of [1, 5]) {
+      for (const kSlices of slicesCase ? ([8, 16, 32] as const) : []) {
+        for (const rows of [1, 2, 3, 13]) {
           const err = await runCase(nHeads, K, N, passCols, rows, dtype, undefined, kSlices);
           assert.ok(err <= 1e-5, `${dtype} heads ${nHeads} K ${K} N ${N} pass ${passCols} rows ${rows}, ${kSlices} k slices: relative error ${err}`);
         }

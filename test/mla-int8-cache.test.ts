@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { mlaTcDumpLayout, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
-import type { MlaDot4Plan } from '../kernels/mla-attention-dot4.ts';
+import { DOT4_PREFETCH, DOT4_VALUE_ROUNDS, type MlaDot4Plan } from '../kernels/mla-attention-dot4.ts';
 import { checkMlaTcDump, describeMlaTcDump } from '../bench/mla-tc-dump.ts';
 import {
   MlaLatentWriteInt8,
@@ -528,19 +528,19 @@ test('mla attention int8 dot4 kernel vs the float64 model of the int8-product ar
     [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 16, 32, true, 1, true], // a partial head quad, prefetched; 2 heads a value thread in 2 rounds
     [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false, 1, false], // the most heads, 2 windows a split
     [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, false, 4, true], // 8 heads a workgroup, prefetched
-    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 1, false], // Qwen2.5-7B's MLA row, the runner's own split
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 1, undefined], // Qwen2.5-7B's MLA row, the runner's own split and the default plan
     [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, 96, 16, 32, undefined, 1, true], // prefetched, three 32-token windows a split; 14 value heads in rounds of 5, 5, 4
     [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined, 2, false], // and 14 heads a workgroup
   ] as const) {
     const seed = freshSeed();
-    const tuning = { int8Products: 'dot4', int8Window: window, int8QueryStaged: queryStaged, int8Prefetch: prefetch, ...(prefetch ? { int8ValueRounds: 3 } : {}), ...(headSplits > 1 ? { int8HeadSplits: headSplits } : {}) } as const;
+    const tuning = { int8Products: 'dot4', int8Window: window, int8QueryStaged: queryStaged, ...(prefetch === undefined ? {} : { int8Prefetch: prefetch, int8ValueRounds: prefetch ? 3 : 1 }), ...(headSplits > 1 ? { int8HeadSplits: headSplits } : {}) } as const;
     const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning };
     const res = await runStep(c, seed);
     assert.ok(res.dot4, 'no dot4 plan');
     if (queryStaged !== undefined) assert.equal(res.dot4.queryStaged, queryStaged);
     assert.equal(res.dot4.headSplits, headSplits);
-    assert.equal(res.dot4.prefetch, prefetch);
-    assert.equal(res.dot4.valueRounds, prefetch ? Math.min(3, res.dot4.headsPerValueThread) : 1);
+    assert.equal(res.dot4.prefetch, prefetch ?? DOT4_PREFETCH);
+    assert.equal(res.dot4.valueRounds, Math.min(prefetch === undefined ? DOT4_VALUE_ROUNDS : prefetch ? 3 : 1, res.dot4.headsPerValueThread));
     const where = `${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.dot4.window} q ${res.dot4.queryStaged ? 'staged' : 'storage'} ${headSplits} head split(s)${prefetch ? ' prefetched' : ''} seed ${seed}`;
     checkInt8Products(res, c, where);
   }
