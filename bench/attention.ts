@@ -144,6 +144,12 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'dot4 prefetch', mode: 'dot4', window: 64, tuning: { int8Prefetch: true }, variant: 'int8 dot4, prefetch', fast: true },
   { key: 'dot4 prefetch q-storage', mode: 'dot4', window: 64, tuning: { int8Prefetch: true, int8QueryStaged: false }, variant: 'int8 dot4, prefetch', fast: true },
   { key: 'dot4 prefetch v2', mode: 'dot4', window: 64, tuning: { int8Prefetch: true, int8ValueRounds: 2 }, variant: 'int8 dot4, prefetch, 2 value rounds', fast: true },
+  // The softmax inside the score warps (subgroup reductions; 64-token windows fit with the query from storage).
+  { key: 'dot4 warp', mode: 'dot4', window: 64, tuning: { int8Softmax: 'subgroup' }, variant: 'int8 dot4, warp softmax', fast: true },
+  { key: 'dot4 warp w32', mode: 'dot4', window: 32, tuning: { int8Softmax: 'subgroup' }, variant: 'int8 dot4, warp softmax', fast: true },
+  { key: 'dot4 warp v1', mode: 'dot4', window: 64, tuning: { int8Softmax: 'subgroup', int8ValueRounds: 1 }, variant: 'int8 dot4, warp softmax, 1 value round' },
+  { key: 'dot4 warp v4', mode: 'dot4', window: 64, tuning: { int8Softmax: 'subgroup', int8ValueRounds: 4 }, variant: 'int8 dot4, warp softmax, 4 value rounds' },
+  { key: 'dot4 warp emulated', mode: 'dot4', window: 64, tuning: { int8Softmax: 'emulated' }, variant: 'int8 dot4, warp softmax emulated' },
   { key: 'dot4 head splits 2', mode: 'dot4', window: 64, tuning: { int8HeadSplits: 2 }, variant: 'int8 dot4, 2 head splits', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];

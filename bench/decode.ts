@@ -22,6 +22,8 @@
 //            --mla-head-kernel sliced|staged (MLA: the W_UK / W_UV kernel of decode-sized steps; default staged)
 //            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default on)
 //            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 2)
+//            --mla-dot4-softmax workgroup|subgroup|emulated (MLA, dot4 products: the window softmax; default workgroup)
+//            --mla-window N (MLA over the int8 cache: the int8-product kernels' window, tokens; default 64)
 //            --mla-min-chunk N (MLA: smallest context chunk of the attention split; default 64)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
 //            by pipeline, and their sum against the plain step's GPU span, which adds the gaps between dispatches; and
@@ -41,6 +43,7 @@ import type { CacheDtype } from '../cache/kv-layout.ts';
 import { writeFileSync } from 'node:fs';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { summarizeProfile } from '../engine/step-profile.ts';
+import type { Dot4Softmax } from '../kernels/mla-attention-dot4.ts';
 import { HEAD_DECODE_KERNELS, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { mlaBlockFactory } from '../engine/mla-block.ts';
 import { DEFAULT_MLA_TUNING, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
@@ -75,6 +78,8 @@ interface Args {
   /** MLA, dot4 products: MlaAttentionTuning.int8Prefetch (undefined: the kernel's default). */
   mlaDot4Prefetch?: boolean;
   mlaDot4ValueRounds?: number;
+  mlaDot4Softmax?: Dot4Softmax;
+  mlaWindow?: number;
   mlaMinChunk?: number;
   prefillChunk: number;
   kvBudget: number;
@@ -183,6 +188,12 @@ function parseArgs(argv: string[]): Args {
       a.mlaDot4Prefetch = v === 'on';
     }
     else if (k === '--mla-dot4-value-rounds') a.mlaDot4ValueRounds = intList(val(), k)[0];
+    else if (k === '--mla-dot4-softmax') {
+      const v = val();
+      if (v !== 'workgroup' && v !== 'subgroup' && v !== 'emulated') throw new Error(`--mla-dot4-softmax is workgroup, subgroup or emulated, got ${v}`);
+      a.mlaDot4Softmax = v;
+    }
+    else if (k === '--mla-window') a.mlaWindow = intList(val(), k)[0];
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -341,7 +352,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
     ...(c.attention === 'mla'
-      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products, ...(a.mlaDot4Prefetch === undefined ? {} : { int8Prefetch: a.mlaDot4Prefetch }), ...(a.mlaDot4ValueRounds === undefined ? {} : { int8ValueRounds: a.mlaDot4ValueRounds }) }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}), ...(a.mlaHeadKernel ? { headDecodeKernel: a.mlaHeadKernel } : {}), ...(a.mlaMinChunk ? { minChunk: a.mlaMinChunk } : {}) }) }
+      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products, ...(a.mlaDot4Prefetch === undefined ? {} : { int8Prefetch: a.mlaDot4Prefetch }), ...(a.mlaDot4ValueRounds === undefined ? {} : { int8ValueRounds: a.mlaDot4ValueRounds }), ...(a.mlaDot4Softmax === undefined ? {} : { int8Softmax: a.mlaDot4Softmax }), ...(a.mlaWindow === undefined ? {} : { int8Window: a.mlaWindow }) }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}), ...(a.mlaHeadKernel ? { headDecodeKernel: a.mlaHeadKernel } : {}), ...(a.mlaMinChunk ? { minChunk: a.mlaMinChunk } : {}) }) }
       : {}),
   });
   const uploadS = (performance.now() - t1) / 1000;

@@ -14,6 +14,10 @@
 #              against the default: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt; MLA decode at 8 and 32
 #              sequences with each and with the staged head kernel, and GQA, profiled (~6 min; PREFETCH_RUNS picks
 #              the decode runs, prefetch:rounds:head-kernel)
+#   warp       the dot4 MLA kernel with its softmax inside the score warps (subgroup reductions, one barrier a window;
+#              64-token windows with the query from storage, or 32 with it staged) against the default: attention at
+#              8 / 32 rows × 512 / 4K and a 512-token prompt, MLA decode at 8 and 32 sequences profiled (~4 min;
+#              WARP_RUNS picks the decode runs, softmax:window)
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   goals      issue 7's two open goals in one call when the device is scarce (~6 min): attention 8/32 × 512/4K with the
@@ -27,7 +31,7 @@
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|extras|dot4|goals|heads|prefetch|chunks|attention|serve|sweep|tests}
+phase=${1:?usage: bench/device-run.sh decode|extras|dot4|goals|heads|prefetch|warp|chunks|attention|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -170,6 +174,32 @@ prefetch)
     echo "== MLA decode, dot4, prefetch $prefetch, value rounds $rounds, head kernel $heads"
     summary "$OUT/decode-mla-prefetch-$tag.txt" 3
     grep "mla-attention int8 dot4\|head-matmul" "$OUT/decode-mla-prefetch-$tag.txt" | grep -v tiled | head -n 8
+  done
+  ;;
+warp)
+  el attention-warp
+  timeout 150 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096 --variants default --prefill 512 \
+    --mla-int8 "dot4,dot4 warp,dot4 warp w32,dot4 warp v1,dot4 warp v4" --json "$OUT/attention-warp.json" \
+    >"$OUT/attention-warp.txt" 2>"$OUT/attention-warp.err"
+  el "rc=$?"
+  for run in ${WARP_RUNS:-workgroup:64 subgroup:64 subgroup:32}; do
+    IFS=: read -r softmax window <<<"$run"
+    el "decode-mla-$softmax-w$window"
+    timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 \
+      --mla-dot4-softmax "$softmax" --mla-window "$window" \
+      --json "$OUT/decode-mla-$softmax-w$window.json" >"$OUT/decode-mla-$softmax-w$window.txt" 2>&1
+    el "rc=$?"
+  done
+  grep -A30 "^MLA over int8 cache" "$OUT/attention-warp.txt" | cut -c40-200 | head -n 30
+  grep -A3 "^prefill (1 prompt)" "$OUT/attention-warp.txt" | cut -c1-220
+  tail -n 3 "$OUT/attention-warp.err"
+  for run in ${WARP_RUNS:-workgroup:64 subgroup:64 subgroup:32}; do
+    IFS=: read -r softmax window <<<"$run"
+    echo "== MLA decode, dot4, softmax $softmax, window $window"
+    summary "$OUT/decode-mla-$softmax-w$window.txt" 3
+    grep "mla-attention int8 dot4" "$OUT/decode-mla-$softmax-w$window.txt" | head -n 4
+    tail -n 2 "$OUT/decode-mla-$softmax-w$window.txt" | grep -i "error" | cut -c1-300
   done
   ;;
 chunks)

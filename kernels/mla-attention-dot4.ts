@@ -48,6 +48,13 @@ export interface MlaDot4Plan {
   prefetch: boolean;
   prefetchWords: number;
   /**
+   * The window's softmax: 'workgroup' (scores through workgroup memory, 8 threads a head, tree reductions: 11
+   * barriers a window), 'subgroup' (inside the score warps: warp reductions on 32-wide subgroups, one barrier; no score
+   * array, so 64-token windows fit with the query read from storage) or 'emulated' (the subgroup form's arithmetic
+   * with its reductions through workgroup memory: how devices without 32-wide subgroups, SwiftShader in CI, test it).
+   */
+  softmax: Dot4Softmax;
+  /**
    * Rounds of the value phase: a thread's heads in that many groups, each a pass over the window's cache words with
    * only its own i32 sums live (1: all heads in one pass, the most registers).
    */
@@ -64,6 +71,7 @@ const WG = 256;
  * 2-round figures were measured with it.
  */
 export const DOT4_PREFETCH = true;
+export type Dot4Softmax = 'workgroup' | 'subgroup' | 'emulated';
 export const DOT4_VALUE_ROUNDS = 2;
 
 /**
@@ -79,6 +87,7 @@ export function planMlaDot4(
   headSplits = 1,
   prefetch = DOT4_PREFETCH,
   valueRounds = DOT4_VALUE_ROUNDS,
+  softmax: Dot4Softmax = 'workgroup',
 ): MlaDot4Plan | string {
   const W = tc.window;
   if (W > 128) return `window ${W}: at most 128 tokens (a softmax thread holds W / 8 probabilities)`;
@@ -94,7 +103,10 @@ export function planMlaDot4(
   const valueParts = Math.min(HW, Math.floor(WG / latentWords));
   const headsPerValueThread = Math.ceil(HW / valueParts);
   if (headsPerValueThread > 16) return `${HW} heads over ${valueParts} value parts: more than 16 heads a thread`;
-  const base = 16 * W * rowStride4 + 4 * HW * W + HW * W + 8 * WG + 12 * W + 16 * HW + 8;
+  // Staged rows, scores (workgroup softmax only), p′, reduction slots (workgroup: vec2 a thread; emulated: vec2 and u32),
+  // token scales and rows, per-head state, bounds.
+  const reduceBytes = softmax === 'workgroup' ? 8 * WG : softmax === 'emulated' ? 12 * WG : 0;
+  const base = 16 * W * rowStride4 + (softmax === 'workgroup' ? 4 * HW * W : 0) + HW * W + reduceBytes + 12 * W + 16 * HW + 8;
   const queryBytes = 4 * HW * rowWords;
   const staged = queryStaged ?? base + queryBytes <= storageLimit;
   const workgroupBytes = base + (staged ? queryBytes : 0);
@@ -115,6 +127,7 @@ export function planMlaDot4(
     prefetch,
     prefetchWords: prefetch ? Math.ceil((W * rowWords) / WG) : 0,
     valueRounds: Math.min(valueRounds, headsPerValueThread),
+    softmax,
     workgroupBytes,
   };
 }
@@ -186,7 +199,145 @@ export function mlaDot4PartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSiz
           .join('\n        ')}
       }`;
 
-  return /* wgsl */ `
+  // Warp reductions of the warp softmax: subgroup operations, or (softmax 'emulated', for devices without 32-wide
+  // subgroups, i.e. SwiftShader in CI) the same results through workgroup memory.
+  const warp = (kind: 'max' | 'sum-max' | 'quad-or', v: string) => `${kind === 'max' ? 'wMax' : kind === 'sum-max' ? 'wSumMax' : 'wQuadOr'}(lid, ${v})`;
+  const warpFns =
+    p.softmax === 'subgroup'
+      ? `fn wMax(lid: u32, v: vec2<f32>) -> vec2<f32> { return subgroupMax(v); }
+fn wSumMax(lid: u32, v: vec2<f32>) -> vec2<f32> { return vec2<f32>(subgroupAdd(v.x), subgroupMax(v.y)); }
+fn wQuadOr(lid: u32, v: u32) -> u32 {
+  let a = v | subgroupShuffleXor(v, 1u);
+  return a | subgroupShuffleXor(a, 2u);
+}`
+      : p.softmax === 'emulated'
+        ? `var<workgroup> wred: array<vec2<f32>, ${WG}>;
+var<workgroup> wredU: array<u32, ${WG}>;
+fn wMax(lid: u32, v: vec2<f32>) -> vec2<f32> {
+  wred[lid] = v;
+  workgroupBarrier();
+  let b = lid & ~31u;
+  var r = wred[b];
+  for (var i = 1u; i < 32u; i++) { r = max(r, wred[b + i]); }
+  workgroupBarrier();
+  return r;
+}
+fn wSumMax(lid: u32, v: vec2<f32>) -> vec2<f32> {
+  wred[lid] = v;
+  workgroupBarrier();
+  let b = lid & ~31u;
+  var r = wred[b];
+  for (var i = 1u; i < 32u; i++) { let u = wred[b + i]; r = vec2<f32>(r.x + u.x, max(r.y, u.y)); }
+  workgroupBarrier();
+  return r;
+}
+fn wQuadOr(lid: u32, v: u32) -> u32 {
+  wredU[lid] = v;
+  workgroupBarrier();
+  let b = lid & ~3u;
+  let r = wredU[b] | wredU[b + 1u] | wredU[b + 2u] | wredU[b + 3u];
+  workgroupBarrier();
+  return r;
+}`
+        : '';
+  const scoreAccs = () => `${bs.map((b) => `var aL${b} = vec4<i32>(0);\n      var aP${b} = vec4<i32>(0);`).join('\n      ')}
+      ${scoreLoop(0, LW4, 'aL')}
+      ${scoreLoop(LW4, RW4, 'aP')}`;
+  const scoreValue = (b: number, k: number) => `f32(aL${b}[${k}]) * sq${k}.x * ts${b}.x + f32(aP${b}[${k}]) * sq${k}.y * ts${b}.y`;
+  // Scores to workgroup memory, then the window's softmax by 8 threads a head with tree reductions (11 barriers).
+  const workgroupScoresWgsl = () => `if (scoreThread) {
+      ${scoreAccs()}
+      ${bs
+        .map((b) =>
+          ks
+            .map(
+              (k) => `if (hq * 4u + ${k}u < hCount) {
+        let t = tl + ${32 * b}u;
+        let ts${b} = tokScale[t];
+        sc[ql${k} * ${W}u + t] = select(${NEG_BIG}, ${scoreValue(b, k)}, t < n);
+      }`,
+            )
+            .join('\n      '),
+        )
+        .join('\n      ')}
+    }
+    workgroupBarrier();
+
+    // Softmax over the window, 8 threads a head (32 slots; those past the heads idle but keep the barriers), ${TPT} tokens each.
+    ${windowSoftmaxWgsl({
+      W,
+      TPH: 8,
+      TPT,
+      h: `min(lid / 8u, ${HW - 1}u)`,
+      live: 'lid / 8u < hCount',
+      put: (i, v) => `red[${i}] = ${v};`,
+      get: (i) => `red[${i}]`,
+      pqWord: (v) => v,
+    })}
+    workgroupBarrier();`;
+  // The softmax inside the score warps: a warp holds its 4 heads' scores of all W tokens (lane = token, + 32 b), so a
+  // head's max, sum and p′ scale are warp reductions and its packed p′ words a 4-lane OR — no workgroup memory, one
+  // barrier. Every thread runs it (the reductions need whole warps); warps past the heads compute clamped copies and
+  // store nothing. Same arithmetic as windowSoftmaxWgsl (sums in another order).
+  const warpScoresWgsl = () => `{
+      ${scoreAccs()}
+      ${bs.map((b) => `let ts${b} = tokScale[tl + ${32 * b}u];`).join('\n      ')}
+      ${ks
+        .map(
+          (k) => `{
+        let live = hq * 4u + ${k}u < hCount;
+        ${bs.map((b) => `let s${b} = select(${NEG_BIG}, ${scoreValue(b, k)}, tl + ${32 * b}u < n);`).join('\n        ')}
+        var mx = ${NEG_BIG};
+        var bad = 0.0;
+        ${bs
+          .map(
+            (b) => `if (tl + ${32 * b}u < n) {
+          mx = max(mx, s${b});
+          bad = select(bad, 1.0, (bitcast<u32>(s${b}) & 0x7f800000u) == 0x7f800000u);
+        }`,
+          )
+          .join('\n        ')}
+        let wm = ${warp('max', 'vec2<f32>(mx, bad)')};
+        let mOld = mRun[ql${k}];
+        let mNew = max(mOld, wm.x);
+        var l = 0.0;
+        var pmax = 0.0;
+        ${bs
+          .map(
+            (b) => `var pp${b} = 0.0;
+        if (tl + ${32 * b}u < n) {
+          let pt = exp(s${b} - mNew);
+          l += pt;
+          pp${b} = pt * ts${b}.x;
+          pmax = max(pmax, pp${b});
+        }`,
+          )
+          .join('\n        ')}
+        let tot = ${warp('sum-max', 'vec2<f32>(l, pmax)')};
+        if (live && tl == 0u) {
+          let al = exp(mOld - mNew);
+          alpha[ql${k}] = al;
+          let lNew = lRun[ql${k}] * al + tot.x;
+          lRun[ql${k}] = select(lNew, bitcast<f32>(bitcast<u32>(lNew) | 0x7fc00000u), wm.y > 0.0);
+          mRun[ql${k}] = mNew;
+          pscale[ql${k}] = tot.y / 127.0;
+        }
+        let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
+        ${bs
+          .map(
+            (b) => `{
+          let q = (u32(i32(clamp(round(pp${b} * inv), -127.0, 127.0))) & 0xffu) << (8u * (tl % 4u));
+          let word = ${warp('quad-or', 'q')};
+          if (live && tl % 4u == 0u) { pq[ql${k} * ${W / 4}u + (tl + ${32 * b}u) / 4u] = word; }
+        }`,
+          )
+          .join('\n        ')}
+      }`,
+        )
+        .join('\n      ')}
+    }
+    workgroupBarrier();`;
+  return /* wgsl */ `${p.softmax === 'subgroup' ? 'enable subgroups;\n' : ''}
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> qq: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> qs: array<f32>;
@@ -196,8 +347,9 @@ ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
 var<workgroup> ct: array<vec4<u32>, ${W * S4}>;
 ${p.queryStaged ? `var<workgroup> qsm: array<vec4<u32>, ${HW * RW4}>;` : ''}
-var<workgroup> red: array<vec2<f32>, ${WG}>;
-${windowStateWgsl(W, HW, 'u32')}
+${p.softmax === 'workgroup' ? `var<workgroup> red: array<vec2<f32>, ${WG}>;` : ''}
+${windowStateWgsl(W, HW, 'u32', p.softmax === 'workgroup')}
+${warpFns}
 
 /** vec4 index of head h's query words 4·w4 … 4·w4 + 3 in row r's tiled query (qqWord at w4 = 0 is 8-word aligned). */
 fn qBase(r: u32, h: u32) -> u32 {
@@ -280,38 +432,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     workgroupBarrier();`
     }
 
-    if (scoreThread) {
-      ${bs.map((b) => `var aL${b} = vec4<i32>(0);\n      var aP${b} = vec4<i32>(0);`).join('\n      ')}
-      ${scoreLoop(0, LW4, 'aL')}
-      ${scoreLoop(LW4, RW4, 'aP')}
-      ${bs
-        .map((b) =>
-          ks
-            .map(
-              (k) => `if (hq * 4u + ${k}u < hCount) {
-        let t = tl + ${32 * b}u;
-        let ts = tokScale[t];
-        sc[ql${k} * ${W}u + t] = select(${NEG_BIG}, f32(aL${b}[${k}]) * sq${k}.x * ts.x + f32(aP${b}[${k}]) * sq${k}.y * ts.y, t < n);
-      }`,
-            )
-            .join('\n      '),
-        )
-        .join('\n      ')}
-    }
-    workgroupBarrier();
-
-    // Softmax over the window, 8 threads a head (32 slots; those past the heads idle but keep the barriers), ${TPT} tokens each.
-    ${windowSoftmaxWgsl({
-      W,
-      TPH: 8,
-      TPT,
-      h: `min(lid / 8u, ${HW - 1}u)`,
-      live: 'lid / 8u < hCount',
-      put: (i, v) => `red[${i}] = ${v};`,
-      get: (i) => `red[${i}]`,
-      pqWord: (v) => v,
-    })}
-    workgroupBarrier();
+    ${p.softmax === 'workgroup' ? workgroupScoresWgsl() : warpScoresWgsl()}
 
     if (valueThread) {
       ${valueRounds

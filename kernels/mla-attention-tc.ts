@@ -426,12 +426,13 @@ export function stageRowsWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number, tok
 }
 
 /**
- * The workgroup state windowSoftmaxWgsl works on, for `heads` heads and windows of W tokens: scores sc, packed p′ (pq,
+ * The workgroup state windowSoftmaxWgsl works on, for `heads` heads and windows of W tokens: scores sc (unless
+ * `scores` is false: a kernel that keeps them in registers), packed p′ (pq,
  * of `pqType` words), the window's cache rows and scales, the running m, l, α and p′ scale per head, and the split's
  * bounds.
  */
-export function windowStateWgsl(W: number, heads: number, pqType: 'i32' | 'u32'): string {
-  return `var<workgroup> sc: array<f32, ${heads * W}>;
+export function windowStateWgsl(W: number, heads: number, pqType: 'i32' | 'u32', scores = true): string {
+  return `${scores ? `var<workgroup> sc: array<f32, ${heads * W}>;` : ''}
 var<workgroup> pq: array<${pqType}, ${(heads * W) / 4}>;
 var<workgroup> tokScale: array<vec2<f32>, ${W}>;
 var<workgroup> tokRow: array<u32, ${W}>;

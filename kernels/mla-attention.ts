@@ -26,7 +26,7 @@ import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
-import { mlaDot4PartialWgsl, planMlaDot4, type MlaDot4Plan } from './mla-attention-dot4.ts';
+import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
@@ -92,6 +92,11 @@ export interface MlaAttentionTuning {
   int8Prefetch?: boolean;
   /** 'dot4': rounds of the value phase (MlaDot4Plan.valueRounds; default DOT4_VALUE_ROUNDS, 2). */
   int8ValueRounds?: number;
+  /**
+   * 'dot4': the window softmax (MlaDot4Plan.softmax; default 'workgroup'); 'subgroup' needs 32-wide subgroups,
+   * 'emulated' runs anywhere.
+   */
+  int8Softmax?: Dot4Softmax;
   /** Diagnosis only: the int8-product kernel dumps its first score window of (chunk 0, row 0) (int8DebugDump). */
   int8Debug?: boolean;
 }
@@ -624,9 +629,9 @@ export class MlaAttention {
     }
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     if (mode === 'dot4') return this.makeDot4Path(f);
-    const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds];
+    const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax];
     if (dot4Only.some((v) => v !== undefined)) {
-      throw new Error(`MLA attention: int8QueryStaged, int8HeadSplits, int8Prefetch and int8ValueRounds apply to int8Products 'dot4', not '${mode}'`);
+      throw new Error(`MLA attention: int8QueryStaged, int8HeadSplits, int8Prefetch, int8ValueRounds and int8Softmax apply to int8Products 'dot4', not '${mode}'`);
     }
     const plan = planMlaTc(shape.nHeads, f, this.tuning.int8Window);
     if (typeof plan === 'string') throw new Error(`MLA int8-product attention: ${plan}`);
@@ -649,6 +654,10 @@ export class MlaAttention {
     const { gpu, shape, layout } = this;
     if (this.tuning.int8Debug) throw new Error(`MLA attention: int8Debug dumps the tensor-core kernel's tiles; int8Products 'dot4' has none`);
     const limit = gpu.limits.maxComputeWorkgroupStorageSize;
+    const softmax = this.tuning.int8Softmax ?? 'workgroup';
+    if (softmax === 'subgroup' && !(gpu.features.has('subgroups') && gpu.subgroupSize === 32)) {
+      throw new Error(`MLA int8 dot4 attention: int8Softmax 'subgroup' needs 32-wide subgroups; this adapter's are ${gpu.features.has('subgroups') ? gpu.subgroupSize : 'absent'} ('emulated' runs anywhere)`);
+    }
     let why = '';
     for (let window = this.tuning.int8Window; window >= 32; window -= 32) {
       const plan = planMlaTc(shape.nHeads, f, window);
@@ -656,7 +665,7 @@ export class MlaAttention {
         why = plan;
         continue;
       }
-      const dot4 = planMlaDot4(shape.nHeads, plan, limit, this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds);
+      const dot4 = planMlaDot4(shape.nHeads, plan, limit, this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, softmax);
       if (typeof dot4 === 'string') {
         why = dot4;
         continue;
@@ -668,7 +677,7 @@ export class MlaAttention {
         dot4,
         tensorCores: false,
         queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan)),
-        partialPipe: gpu.pipeline(`mla-attention int8 dot4 ${key}${dot4.queryStaged ? ' q staged' : ''}${split}${dot4.prefetch ? ' prefetch' : ''}${dot4.valueRounds > 1 ? ` v${dot4.valueRounds}` : ''}`, mlaDot4PartialWgsl(shape.nHeads, f, layout.blockSize, plan, dot4)),
+        partialPipe: gpu.pipeline(`mla-attention int8 dot4 ${key}${dot4.queryStaged ? ' q staged' : ''}${split}${dot4.prefetch ? ' prefetch' : ''}${dot4.valueRounds > 1 ? ` v${dot4.valueRounds}` : ''}${softmax === 'workgroup' ? '' : ` ${softmax} softmax`}`, mlaDot4PartialWgsl(shape.nHeads, f, layout.blockSize, plan, dot4)),
         rows: 0,
         partialGroups: [],
       };

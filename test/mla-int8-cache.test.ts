@@ -546,21 +546,44 @@ test('mla attention int8 dot4 kernel vs the float64 model of the int8-product ar
   }
 });
 
-test('mla attention over the int8 latent cache, f32 and dot4 products: a NaN in c, in k_pe or in a query value reaches exactly the rows and heads that use it', async () => {
+test('mla attention int8 dot4 kernel, the softmax inside the score warps, vs the float64 model of the int8-product arithmetic: windows of 64 (two tokens a lane) and 32, partial windows, a partial head quad, heads split over workgroups, the Qwen2.5-7B row shape (emulated reductions; also on subgroups where the adapter has 32-wide ones)', async () => {
+  const g = await gpu();
+  const modes = ['emulated', ...(g.features.has('subgroups') && g.subgroupSize === 32 ? (['subgroup'] as const) : [])] as const;
+  for (const softmax of modes) {
+    for (const [shape, chunkSize, blockSize, window, headSplits] of [
+      [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, 1], // chunks shorter than a window
+      [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 160, 5, 64, 1], // three windows a split, the last partial
+      [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 96, 16, 32, 1], // a partial head quad, 32-token windows
+      [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 64, 16, 32, 4], // 8 heads a workgroup
+      [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, 128, 16, 64, 1], // Qwen2.5-7B's row: 64-token windows, query from storage
+    ] as const) {
+      const seed = freshSeed();
+      const tuning = { int8Products: 'dot4', int8Window: window, int8Softmax: softmax, ...(headSplits > 1 ? { int8HeadSplits: headSplits } : {}) } as const;
+      const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning };
+      const res = await runStep(c, seed);
+      assert.ok(res.dot4, 'no dot4 plan');
+      assert.equal(res.dot4.softmax, softmax);
+      const where = `${softmax} softmax ${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.dot4.window} q ${res.dot4.queryStaged ? 'staged' : 'storage'} ${headSplits} head split(s) seed ${seed}`;
+      checkInt8Products(res, c, where);
+    }
+  }
+});
+
+test('mla attention over the int8 latent cache, f32 and dot4 products (both softmax forms): a NaN in c, in k_pe or in a query value reaches exactly the rows and heads that use it', async () => {
   const shape = { nHeads: 5, kvLoraRank: 20, qkRopeHeadDim: 8 };
   const RV = 28;
   const seqs: Array<[number, number]> = [[40, 1], [3, 4], [6, 2]];
-  for (const int8Products of ['off', 'dot4'] as const) {
+  for (const [int8Products, int8Softmax] of [['off', undefined], ['dot4', undefined], ['dot4', 'emulated']] as const) {
     const seed = freshSeed();
     const latent = seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + i));
     latent[0][37 * RV + 5] = NaN; // seq 0, token 37, in c: the decode row at position 40 sees it
     latent[1][4 * RV + 20 + 2] = NaN; // seq 1, token 4, in k_pe: only rows at position ≥ 4 see it
     // And a NaN in one query value: row 6 (seq 2's second row), head 3, in q_pe.
     const editQuery = (q: Float32Array) => (q[(6 * 5 + 3) * RV + 23] = NaN);
-    const res = await runStep({ shape, blockSize: 4, seqs, latent, chunkSize: 16, tuning: { int8Products }, editQuery }, seed);
+    const res = await runStep({ shape, blockSize: 4, seqs, latent, chunkSize: 16, tuning: { int8Products, ...(int8Softmax ? { int8Softmax } : {}) }, editQuery }, seed);
     const rowOut = (row: number) => res.out.subarray(row * 5 * 20, (row + 1) * 5 * 20);
     const head = (row: number, h: number) => res.out.subarray((row * 5 + h) * 20, (row * 5 + h + 1) * 20);
-    const where = `${int8Products} seed ${seed}`;
+    const where = `${int8Products}${int8Softmax ? ` ${int8Softmax} softmax` : ''} seed ${seed}`;
     assert.ok(rowOut(0).every(Number.isNaN), `${where}: seq 0 decode row: every head reads the NaN row`);
     for (let row = 1; row <= 4; row++) {
       const pos = 3 + row - 1;
