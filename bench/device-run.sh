@@ -38,6 +38,23 @@ source .device/enter.sh >/dev/null 2>&1
 t0=$(date +%s)
 el() { echo "[$(($(date +%s) - t0))s] $*" | tee -a "$OUT/log.txt"; }
 summary() { grep -v '^\s*$' "$1" | grep -v "^peers\|B/token\|^KV capacity" | tail -n "$2"; }
+# attention_forms TAG FORMS: bench/attention.ts at 8 / 32 rows × 512 / 4K and a 512-token prompt over the MLA int8 forms.
+attention_forms() {
+  el "attention-$1"
+  timeout 150 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096 --variants default --prefill 512 \
+    --mla-int8 "$2" --json "$OUT/attention-$1.json" >"$OUT/attention-$1.txt" 2>"$OUT/attention-$1.err"
+  el "rc=$?"
+}
+# mla_decode TAG FLAGS…: MLA decode (dot4 attention) at 8 and 32 sequences, profiled, with extra bench:decode flags.
+mla_decode() {
+  local tag=$1
+  shift
+  el "decode-mla-$tag"
+  timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+    --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 "$@" \
+    --json "$OUT/decode-mla-$tag.json" >"$OUT/decode-mla-$tag.txt" 2>&1
+  el "rc=$?"
+}
 
 case "$phase" in
 decode)
@@ -144,20 +161,10 @@ heads)
   done
   ;;
 prefetch)
-  el attention-prefetch
-  timeout 150 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096 --variants default --prefill 512 \
-    --mla-int8 "dot4,dot4 prefetch,dot4 prefetch q-storage,dot4 prefetch v2,off" --json "$OUT/attention-prefetch.json" \
-    >"$OUT/attention-prefetch.txt" 2>"$OUT/attention-prefetch.err"
-  el "rc=$?"
+  attention_forms prefetch "dot4,dot4 prefetch,dot4 prefetch q-storage,dot4 prefetch v2,off"
   for run in ${PREFETCH_RUNS:-off:1:sliced on:1:sliced on:2:sliced on:1:staged}; do
     IFS=: read -r prefetch rounds heads <<<"$run"
-    tag="$prefetch-v$rounds-$heads"
-    el "decode-mla-prefetch-$tag"
-    timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
-      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 \
-      --mla-dot4-prefetch "$prefetch" --mla-dot4-value-rounds "$rounds" --mla-head-kernel "$heads" \
-      --json "$OUT/decode-mla-prefetch-$tag.json" >"$OUT/decode-mla-prefetch-$tag.txt" 2>&1
-    el "rc=$?"
+    mla_decode "prefetch-$prefetch-v$rounds-$heads" --mla-dot4-prefetch "$prefetch" --mla-dot4-value-rounds "$rounds" --mla-head-kernel "$heads"
   done
   el decode-gqa
   timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
@@ -177,19 +184,10 @@ prefetch)
   done
   ;;
 warp)
-  el attention-warp
-  timeout 150 node --import tsx bench/attention.ts --batches 8,32 --contexts 512,4096 --variants default --prefill 512 \
-    --mla-int8 "dot4,dot4 warp,dot4 warp w32,dot4 warp v1,dot4 warp v4" --json "$OUT/attention-warp.json" \
-    >"$OUT/attention-warp.txt" 2>"$OUT/attention-warp.err"
-  el "rc=$?"
+  attention_forms warp "dot4,dot4 warp,dot4 warp w32,dot4 warp v1,dot4 warp v4"
   for run in ${WARP_RUNS:-workgroup:64 subgroup:64 subgroup:32}; do
     IFS=: read -r softmax window <<<"$run"
-    el "decode-mla-$softmax-w$window"
-    timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
-      --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 \
-      --mla-dot4-softmax "$softmax" --mla-window "$window" \
-      --json "$OUT/decode-mla-$softmax-w$window.json" >"$OUT/decode-mla-$softmax-w$window.txt" 2>&1
-    el "rc=$?"
+    mla_decode "$softmax-w$window" --mla-dot4-softmax "$softmax" --mla-window "$window"
   done
   grep -A30 "^MLA over int8 cache" "$OUT/attention-warp.txt" | cut -c40-200 | head -n 30
   grep -A3 "^prefill (1 prompt)" "$OUT/attention-warp.txt" | cut -c1-220
