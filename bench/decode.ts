@@ -43,9 +43,8 @@ import type { CacheDtype } from '../cache/kv-layout.ts';
 import { writeFileSync } from 'node:fs';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { summarizeProfile } from '../engine/step-profile.ts';
-import type { Dot4Softmax } from '../kernels/mla-attention-dot4.ts';
 import { HEAD_DECODE_KERNELS, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
-import { mlaBlockFactory } from '../engine/mla-block.ts';
+import { mlaBlockFactory, type MlaBlockOptions } from '../engine/mla-block.ts';
 import { DEFAULT_MLA_TUNING, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import type { StepSequence } from '../engine/types.ts';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
@@ -68,19 +67,11 @@ interface Args {
   pipeline: boolean[];
   /** After each configuration, one step with every dispatch timed on its own (stdout table). */
   profile: boolean;
-  /** MLA over the int8 cache: which attention kernel (MlaAttentionTuning.int8Products). */
-  mlaInt8Products: MlaAttentionTuning['int8Products'];
-  /** MLA: steps of at least this many rows take the tiled W_UK / W_UV kernel (undefined: the default threshold). */
-  mlaHeadTiledFrom?: number;
-  mlaHeadSlices?: 8 | 16 | 32;
-  /** MLA: the W_UK / W_UV kernel of decode-sized steps (HeadMatmulOptions.decodeKernel). */
-  mlaHeadKernel?: HeadDecodeKernel;
-  /** MLA, dot4 products: MlaAttentionTuning.int8Prefetch (undefined: the kernel's default). */
-  mlaDot4Prefetch?: boolean;
-  mlaDot4ValueRounds?: number;
-  mlaDot4Softmax?: Dot4Softmax;
-  mlaWindow?: number;
-  mlaMinChunk?: number;
+  /**
+   * The MLA block's options from the --mla-* flags: the attention's tuning (int8Products from --mla-int8-products,
+   * default 'off'; the dot4 kernel's prefetch, value rounds, softmax; the window) and the head products' kernel.
+   */
+  mlaBlock: MlaBlockOptions & { attentionTuning: Partial<MlaAttentionTuning> };
   prefillChunk: number;
   kvBudget: number;
   ceilingGBs: number;
@@ -124,7 +115,7 @@ function parseArgs(argv: string[]): Args {
     submitChunks: [6],
     pipeline: [false],
     profile: false,
-    mlaInt8Products: DEFAULT_MLA_TUNING.int8Products,
+    mlaBlock: { attentionTuning: { int8Products: DEFAULT_MLA_TUNING.int8Products } },
     prefillChunk: 512,
     kvBudget: 16 * 2 ** 30,
     ceilingGBs: 4300,
@@ -168,32 +159,32 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--mla-int8-products') {
       const v = val();
       if (v !== 'off' && v !== 'tensor-cores' && v !== 'emulate' && v !== 'dot4') throw new Error(`--mla-int8-products is off, dot4, tensor-cores or emulate, got ${v}`);
-      a.mlaInt8Products = v;
+      a.mlaBlock.attentionTuning.int8Products = v;
     }
-    else if (k === '--mla-head-tiled-from') a.mlaHeadTiledFrom = intList(val(), k)[0];
-    else if (k === '--mla-min-chunk') a.mlaMinChunk = intList(val(), k)[0];
+    else if (k === '--mla-head-tiled-from') a.mlaBlock.headTiledMinRows = intList(val(), k)[0];
+    else if (k === '--mla-min-chunk') a.mlaBlock.minChunk = intList(val(), k)[0];
     else if (k === '--mla-head-slices') {
       const v = intList(val(), k)[0];
       if (v !== 8 && v !== 16 && v !== 32) throw new Error(`--mla-head-slices is 8, 16 or 32, got ${v}`);
-      a.mlaHeadSlices = v;
+      a.mlaBlock.headKSlices = v;
     }
     else if (k === '--mla-head-kernel') {
       const v = val();
       if (!(HEAD_DECODE_KERNELS as readonly string[]).includes(v)) throw new Error(`--mla-head-kernel is one of ${HEAD_DECODE_KERNELS.join(', ')}, got ${v}`);
-      a.mlaHeadKernel = v as HeadDecodeKernel;
+      a.mlaBlock.headDecodeKernel = v as HeadDecodeKernel;
     }
     else if (k === '--mla-dot4-prefetch') {
       const v = val();
       if (v !== 'on' && v !== 'off') throw new Error(`--mla-dot4-prefetch is on or off, got ${v}`);
-      a.mlaDot4Prefetch = v === 'on';
+      a.mlaBlock.attentionTuning.int8Prefetch = v === 'on';
     }
-    else if (k === '--mla-dot4-value-rounds') a.mlaDot4ValueRounds = intList(val(), k)[0];
+    else if (k === '--mla-dot4-value-rounds') a.mlaBlock.attentionTuning.int8ValueRounds = intList(val(), k)[0];
     else if (k === '--mla-dot4-softmax') {
       const v = val();
       if (v !== 'workgroup' && v !== 'subgroup' && v !== 'emulated') throw new Error(`--mla-dot4-softmax is workgroup, subgroup or emulated, got ${v}`);
-      a.mlaDot4Softmax = v;
+      a.mlaBlock.attentionTuning.int8Softmax = v;
     }
-    else if (k === '--mla-window') a.mlaWindow = intList(val(), k)[0];
+    else if (k === '--mla-window') a.mlaBlock.attentionTuning.int8Window = intList(val(), k)[0];
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());
     else if (k === '--ceiling-gbs') a.ceilingGBs = Number(val());
@@ -352,7 +343,7 @@ async function benchModel(gpu: GpuContext, name: SyntheticModelName, a: Args, lo
     cacheDtype: a.kvCacheDtype,
     maxRowsPerStep: Math.max(a.prefillChunk, maxB),
     ...(c.attention === 'mla'
-      ? { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: a.mlaInt8Products, ...(a.mlaDot4Prefetch === undefined ? {} : { int8Prefetch: a.mlaDot4Prefetch }), ...(a.mlaDot4ValueRounds === undefined ? {} : { int8ValueRounds: a.mlaDot4ValueRounds }), ...(a.mlaDot4Softmax === undefined ? {} : { int8Softmax: a.mlaDot4Softmax }), ...(a.mlaWindow === undefined ? {} : { int8Window: a.mlaWindow }) }, ...(a.mlaHeadTiledFrom ? { headTiledMinRows: a.mlaHeadTiledFrom } : {}), ...(a.mlaHeadSlices ? { headKSlices: a.mlaHeadSlices } : {}), ...(a.mlaHeadKernel ? { headDecodeKernel: a.mlaHeadKernel } : {}), ...(a.mlaMinChunk ? { minChunk: a.mlaMinChunk } : {}) }) }
+      ? { attentionBlock: mlaBlockFactory(a.mlaBlock) }
       : {}),
   });
   const uploadS = (performance.now() - t1) / 1000;

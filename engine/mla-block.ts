@@ -66,7 +66,7 @@ export interface MlaBlockOptions {
   headTiledMinRows?: number;
   /** K slices of the W_UK / W_UV decode kernel (HeadMatmulOptions.kSlices). */
   headKSlices?: 8 | 16 | 32;
-  /** The W_UK / W_UV kernel of steps below headTiledMinRows (HeadMatmulOptions.decodeKernel; default 'sliced'). */
+  /** The W_UK / W_UV kernel of steps below headTiledMinRows (HeadMatmulOptions.decodeKernel; default 'staged'). */
   headDecodeKernel?: HeadDecodeKernel;
   /** Smallest context chunk of the attention's split (default MLA_MIN_CHUNK; a power of two). */
   minChunk?: number;
