@@ -240,9 +240,11 @@ fn wQuadOr(lid: u32, v: u32) -> u32 {
   return r;
 }`
         : '';
-  const scoreAccs = () => `${bs.map((b) => `var aL${b} = vec4<i32>(0);\n      var aP${b} = vec4<i32>(0);`).join('\n      ')}
+  const scoreAccs = (guard = '') => `${bs.map((b) => `var aL${b} = vec4<i32>(0);\n      var aP${b} = vec4<i32>(0);`).join('\n      ')}
+      ${guard ? `if (${guard}) {` : '{'}
       ${scoreLoop(0, LW4, 'aL')}
-      ${scoreLoop(LW4, RW4, 'aP')}`;
+      ${scoreLoop(LW4, RW4, 'aP')}
+      }`;
   const scoreValue = (b: number, k: number) => `f32(aL${b}[${k}]) * sq${k}.x * ts${b}.x + f32(aP${b}[${k}]) * sq${k}.y * ts${b}.y`;
   // Scores to workgroup memory, then the window's softmax by 8 threads a head with tree reductions (11 barriers).
   const workgroupScoresWgsl = () => `if (scoreThread) {
@@ -277,10 +279,11 @@ fn wQuadOr(lid: u32, v: u32) -> u32 {
     workgroupBarrier();`;
   // The softmax inside the score warps: a warp holds its 4 heads' scores of all W tokens (lane = token, + 32 b), so a
   // head's max, sum and p′ scale are warp reductions and its packed p′ words a 4-lane OR — no workgroup memory, one
-  // barrier. Every thread runs it (the reductions need whole warps); warps past the heads compute clamped copies and
-  // store nothing. Same arithmetic as windowSoftmaxWgsl (sums in another order).
+  // barrier. Every thread runs it (the reductions need whole warps); warps past the heads reduce clamped copies and
+  // store nothing (and skip the products: their sums stay zero). Same arithmetic as windowSoftmaxWgsl (sums in another
+  // order).
   const warpScoresWgsl = () => `{
-      ${scoreAccs()}
+      ${scoreAccs('scoreThread')}
       ${bs.map((b) => `let ts${b} = tokScale[tl + ${32 * b}u];`).join('\n      ')}
       ${ks
         .map(
