@@ -2,7 +2,7 @@
 // laid out for speed: the arithmetic of kernels/mla-attention-tc.ts (same integers, same windows), without its tiles.
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
-import { qqWordWgsl, stageRowsWgsl, windowSoftmaxWgsl, windowStateWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
+import { qqWordWgsl, stagedRowFnsWgsl, stageRowsWgsl, windowSoftmaxWgsl, windowStateWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
 import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 
 /**
@@ -154,7 +154,6 @@ export function mlaDot4PartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSiz
   const valueRounds = [...Array(Math.ceil(HPT / perRound)).keys()].map((q) => vs.slice(q * perRound, (q + 1) * perRound));
   const qLoad = (k: number) => (p.queryStaged ? `qsm[ql${k} * ${RW4}u + w4]` : `qq[qb${k} + (w4 >> 1u) * 32u + (w4 & 1u)]`);
   const RW = p.rowWords;
-  const LW = p.latentWords;
   const pfs = [...Array(p.prefetchWords).keys()];
   // Loads window [start, start + W) into the prefetch registers: word e = lid + i·256 of the W × RW staged words (row
   // e / RW, word e % RW: [c | 0 | k_pe | 0]) in pf_i, zero past the chunk; the scales of token lid in pfScale.
@@ -167,23 +166,13 @@ export function mlaDot4PartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSiz
         let t = e / ${RW}u;
         let w = e % ${RW}u;
         pf${i} = 0u;
-        if (${i * WG + WG > W * RW ? `e < ${W * RW}u && ` : ''}t < nn) {
-          let rb = cacheRow(bt, ${start} + t) * ${f.rowWords}u;
-          if (w < ${LW}u) {
-            if (w < ${f.latentWords}u) { pf${i} = cache[rb + w]; }
-          } else if (w - ${LW}u < ${f.ropeWords}u) {
-            pf${i} = cache[rb + ${f.ropeWord}u + w - ${LW}u];
-          }
-        }
+        if (${i * WG + WG > W * RW ? `e < ${W * RW}u && ` : ''}t < nn) { pf${i} = stagedWord(cacheRow(bt, ${start} + t) * ${f.rowWords}u, w); }
       }`,
         )
         .join('\n      ')}
       if (lid < ${W}u) {
         pfScale = vec2<f32>(0.0);
-        if (lid < nn) {
-          let rb = cacheRow(bt, ${start} + lid) * ${f.rowWords}u;
-          pfScale = vec2<f32>(bitcast<f32>(cache[rb + ${f.scaleWord}u]), bitcast<f32>(cache[rb + ${f.scaleWord + 1}u]));
-        }
+        if (lid < nn) { pfScale = tokenScales(cacheRow(bt, ${start} + lid) * ${f.rowWords}u); }
       }
     }`;
   // One part (latent or rope) of the score sums: every 16 bytes of the row against each head's 16 query bytes.
@@ -200,7 +189,17 @@ export function mlaDot4PartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSiz
       }`;
 
   // Warp reductions of the warp softmax: subgroup operations, or (softmax 'emulated', for devices without 32-wide
-  // subgroups, i.e. SwiftShader in CI) the same results through workgroup memory.
+  // subgroups, i.e. SwiftShader in CI) the same results through workgroup memory: `lanes` consecutive threads'
+  // values combined in lane order.
+  const emulatedReduce = (name: string, type: string, slots: string, lanes: number, combine: (r: string, u: string) => string) => `fn ${name}(lid: u32, v: ${type}) -> ${type} {
+  ${slots}[lid] = v;
+  workgroupBarrier();
+  let b = lid & ~${lanes - 1}u;
+  var r = ${slots}[b];
+  for (var i = 1u; i < ${lanes}u; i++) { r = ${combine('r', `${slots}[b + i]`)}; }
+  workgroupBarrier();
+  return r;
+}`;
   const warp = (kind: 'max' | 'sum-max' | 'quad-or', v: string) => `${kind === 'max' ? 'wMax' : kind === 'sum-max' ? 'wSumMax' : 'wQuadOr'}(lid, ${v})`;
   const warpFns =
     p.softmax === 'subgroup'
@@ -213,32 +212,9 @@ fn wQuadOr(lid: u32, v: u32) -> u32 {
       : p.softmax === 'emulated'
         ? `var<workgroup> wred: array<vec2<f32>, ${WG}>;
 var<workgroup> wredU: array<u32, ${WG}>;
-fn wMax(lid: u32, v: vec2<f32>) -> vec2<f32> {
-  wred[lid] = v;
-  workgroupBarrier();
-  let b = lid & ~31u;
-  var r = wred[b];
-  for (var i = 1u; i < 32u; i++) { r = max(r, wred[b + i]); }
-  workgroupBarrier();
-  return r;
-}
-fn wSumMax(lid: u32, v: vec2<f32>) -> vec2<f32> {
-  wred[lid] = v;
-  workgroupBarrier();
-  let b = lid & ~31u;
-  var r = wred[b];
-  for (var i = 1u; i < 32u; i++) { let u = wred[b + i]; r = vec2<f32>(r.x + u.x, max(r.y, u.y)); }
-  workgroupBarrier();
-  return r;
-}
-fn wQuadOr(lid: u32, v: u32) -> u32 {
-  wredU[lid] = v;
-  workgroupBarrier();
-  let b = lid & ~3u;
-  let r = wredU[b] | wredU[b + 1u] | wredU[b + 2u] | wredU[b + 3u];
-  workgroupBarrier();
-  return r;
-}`
+${emulatedReduce('wMax', 'vec2<f32>', 'wred', 32, (r, u) => `max(${r}, ${u})`)}
+${emulatedReduce('wSumMax', 'vec2<f32>', 'wred', 32, (r, u) => `vec2<f32>(${r}.x + ${u}.x, max(${r}.y, ${u}.y))`)}
+${emulatedReduce('wQuadOr', 'u32', 'wredU', 4, (r, u) => `${r} | ${u}`)}`
         : '';
   const scoreAccs = (guard = '') => `${bs.map((b) => `var aL${b} = vec4<i32>(0);\n      var aP${b} = vec4<i32>(0);`).join('\n      ')}
       ${guard ? `if (${guard}) {` : '{'}
@@ -348,6 +324,7 @@ ${metaWgsl(0)}
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
 ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
+${stagedRowFnsWgsl(f, tc)}
 var<workgroup> ct: array<vec4<u32>, ${W * S4}>;
 ${p.queryStaged ? `var<workgroup> qsm: array<vec4<u32>, ${HW * RW4}>;` : ''}
 ${p.softmax === 'workgroup' ? `var<workgroup> red: array<vec2<f32>, ${WG}>;` : ''}
@@ -428,7 +405,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         : `for (var j = lid; j < ${W}u; j += ${WG}u) {
       let row = cacheRow(bt, w0 + min(j, n - 1u));
       tokRow[j] = row;
-      tokScale[j] = select(vec2<f32>(0.0), vec2<f32>(bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord}u]), bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord + 1}u])), j < n);
+      tokScale[j] = select(vec2<f32>(0.0), tokenScales(row * ${f.rowWords}u), j < n);
     }
     workgroupBarrier();
     ${stageRowsWgsl(f, tc, WG, W, '0u', (v) => `ct[t * ${S4}u + w / 4u][w % 4u] = ${v};`)}

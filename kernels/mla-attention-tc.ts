@@ -294,6 +294,7 @@ ${metaWgsl(0)}
 ${dump ? '@group(0) @binding(5) var<storage, read_write> dbg: array<i32>;' : ''}
 ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(p)}
+${stagedRowFnsWgsl(f, p)}
 var<workgroup> ct: array<i32, ${32 * ROWW}>;
 var<workgroup> stg: array<i32, ${stg}>;
 ${windowStateWgsl(W, HP, 'i32')}
@@ -331,7 +332,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     for (var j = lid; j < ${W}u; j += ${WG}u) {
       let row = cacheRow(bt, w0 + min(j, n - 1u));
       tokRow[j] = row;
-      tokScale[j] = select(vec2<f32>(0.0), vec2<f32>(bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord}u]), bitcast<f32>(cache[row * ${f.rowWords}u + ${f.scaleWord + 1}u])), j < n);
+      tokScale[j] = select(vec2<f32>(0.0), tokenScales(row * ${f.rowWords}u), j < n);
     }
     workgroupBarrier();
 
@@ -402,25 +403,37 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
 }
 
 /**
+ * WGSL `fn stagedWord(rb: u32, w: u32) -> u32` and `fn tokenScales(rb: u32) -> vec2<f32>` of the int8-product kernels:
+ * word w of a staged row [c | 0 | k_pe | 0] (rowPad bytes) of the cache row at word rb, and that row's two scales (c's,
+ * k_pe's). Needs `cache: array<u32>`.
+ */
+export function stagedRowFnsWgsl(f: MlaInt8RowFormat, p: MlaTcPlan): string {
+  const LW = p.latentPad / 4;
+  return `fn stagedWord(rb: u32, w: u32) -> u32 {
+  if (w < ${LW}u) {
+    if (w < ${f.latentWords}u) { return cache[rb + w]; }
+    return 0u;
+  }
+  if (w - ${LW}u < ${f.ropeWords}u) { return cache[rb + ${f.ropeWord}u + w - ${LW}u]; }
+  return 0u;
+}
+fn tokenScales(rb: u32) -> vec2<f32> {
+  return vec2<f32>(bitcast<f32>(cache[rb + ${f.scaleWord}u]), bitcast<f32>(cache[rb + ${f.scaleWord + 1}u]));
+}`;
+}
+
+/**
  * Stages `tokens` rows (window tokens first … first + tokens − 1, their cache rows in tokRow) as [c | 0 | k_pe | 0] rows of
- * rowPad bytes; rows past n are zero. `store(v)` writes word v of staged row t, word w.
+ * rowPad bytes (stagedWord); rows past n are zero. `store(v)` writes word v of staged row t, word w.
  */
 export function stageRowsWgsl(f: MlaInt8RowFormat, p: MlaTcPlan, WG: number, tokens: number, first: string, store: (v: string) => string): string {
   const ROWW = p.rowPad / 4;
-  const LW = p.latentPad / 4;
   return `for (var idx = lid; idx < ${tokens * ROWW}u; idx += ${WG}u) {
         let t = idx / ${ROWW}u;
         let w = idx % ${ROWW}u;
         let tw = ${first} + t;
         var v = 0u;
-        if (tw < n) {
-          let rb = tokRow[tw] * ${f.rowWords}u;
-          if (w < ${LW}u) {
-            if (w < ${f.latentWords}u) { v = cache[rb + w]; }
-          } else if (w - ${LW}u < ${f.ropeWords}u) {
-            v = cache[rb + ${f.ropeWord}u + w - ${LW}u];
-          }
-        }
+        if (tw < n) { v = stagedWord(tokRow[tw] * ${f.rowWords}u, w); }
         ${store('v')}
       }`;
 }
