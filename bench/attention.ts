@@ -151,6 +151,13 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'dot4 warp v4', mode: 'dot4', window: 64, tuning: { int8Softmax: 'subgroup', int8ValueRounds: 4 }, variant: 'int8 dot4, warp softmax, 4 value rounds' },
   { key: 'dot4 warp emulated', mode: 'dot4', window: 64, tuning: { int8Softmax: 'emulated' }, variant: 'int8 dot4, warp softmax emulated' },
   { key: 'dot4 head splits 2', mode: 'dot4', window: 64, tuning: { int8HeadSplits: 2 }, variant: 'int8 dot4, 2 head splits', fast: true },
+  { key: 'three-pass', mode: 'three-pass', window: 64, variant: 'int8 three-pass', fast: true },
+  { key: 'three-pass w32', mode: 'three-pass', window: 32, variant: 'int8 three-pass', fast: true },
+  { key: 'three-pass parts 1', mode: 'three-pass', window: 64, tuning: { int8LatentParts: 1 }, variant: 'int8 three-pass', fast: true },
+  { key: 'three-pass parts 4', mode: 'three-pass', window: 64, tuning: { int8LatentParts: 4 }, variant: 'int8 three-pass', fast: true },
+  { key: 'three-pass target×2', mode: 'three-pass', window: 64, targetScale: 2, variant: 'int8 three-pass, 2× chunks', fast: true },
+  { key: 'three-pass target×4', mode: 'three-pass', window: 64, targetScale: 4, variant: 'int8 three-pass, 4× chunks', fast: true },
+  { key: 'three-pass target÷2', mode: 'three-pass', window: 64, targetScale: 0.5, variant: 'int8 three-pass, ½ chunks', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];
 
@@ -602,7 +609,13 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     results.push({
       kernel: 'mla-int8', mode: prefill ? 'prefill' : 'decode',
       // The dot4 kernel's window and query placement are what the plan made of the form's wishes and the device's memory.
-      variant: form.variant + (att.dot4Plan ? ` w${att.dot4Plan.window}${att.dot4Plan.queryStaged ? '' : ', query from storage'}` : ''),
+      variant:
+        form.variant +
+        (att.lastStepThreePass && att.threePassPlan
+          ? ` w${att.threePassPlan.window}, ${att.threePassPlan.latentParts} latent part(s)${att.threePassPlan.queryStaged ? '' : ', query from storage'}`
+          : att.dot4Plan
+            ? `${mode === 'three-pass' ? ' (ran dot4)' : ''} w${att.dot4Plan.window}${att.dot4Plan.queryStaged ? '' : ', query from storage'}`
+            : ''),
       batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps,
       cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased,
     });
@@ -668,6 +681,8 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
       gpu.device.queue.submit([enc.finish()]);
       const dump = att.int8DebugDump!;
       const data = new Int32Array((await readF32(gpu, dump.buffer, dump.buffer.size / 4)).buffer);
+      // MLA_TC_DUMP_DIR keeps the raw dump, to test guesses about a wrong tile offline against the same inputs.
+      if (process.env.MLA_TC_DUMP_DIR) writeFileSync(`${process.env.MLA_TC_DUMP_DIR}/tc-dump-${mode}-b${batch}-ctx${context}.bin`, data);
       const check = checkMlaTcDump(data, {
         nHeads: N_HEADS,
         format: f,

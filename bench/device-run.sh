@@ -18,6 +18,10 @@
 #              64-token windows with the query from storage, or 32 with it staged) against the default: attention at
 #              8 / 32 rows × 512 / 4K and a 512-token prompt, MLA decode at 8 and 32 sequences profiled (~4 min;
 #              WARP_RUNS picks the decode runs, softmax:window)
+#   three      the three-pass MLA kernels (scores, softmax, values: int8Products 'three-pass') against the one-pass dot4
+#              kernel and GQA: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt (window 32, 1 / 4 latent parts,
+#              2× / 4× / ½ chunks), GQA and MLA decode at 8 and 32 sequences with each, profiled (~5 min; THREE_FLAGS adds
+#              bench:decode flags to the three-pass run)
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   goals      issue 7's two open goals in one call when the device is scarce (~6 min): attention 8/32 × 512/4K with the
@@ -31,7 +35,7 @@
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|extras|dot4|goals|heads|prefetch|warp|chunks|attention|serve|sweep|tests}
+phase=${1:?usage: bench/device-run.sh decode|extras|dot4|goals|heads|prefetch|warp|three|chunks|attention|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -198,6 +202,26 @@ warp)
     summary "$OUT/decode-mla-$softmax-w$window.txt" 3
     grep "mla-attention int8 dot4" "$OUT/decode-mla-$softmax-w$window.txt" | head -n 4
     tail -n 2 "$OUT/decode-mla-$softmax-w$window.txt" | grep -i "error" | cut -c1-300
+  done
+  ;;
+three)
+  attention_forms three "dot4,three-pass,three-pass w32,three-pass parts 1,three-pass parts 4,three-pass target×2,three-pass target×4,three-pass target÷2"
+  el decode-gqa
+  timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+    --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --json "$OUT/decode-gqa.json" >"$OUT/decode-gqa.txt" 2>&1
+  el "rc=$?"
+  mla_decode dot4
+  mla_decode three --mla-int8-products three-pass ${THREE_FLAGS:-}
+  grep -A40 "^MLA over int8 cache" "$OUT/attention-three.txt" | cut -c40-200 | head -n 40
+  grep -A3 "^prefill (1 prompt)" "$OUT/attention-three.txt" | cut -c1-220
+  grep -v "^\s*$" "$OUT/attention-three.err" | grep -v "µs,\|^NVIDIA\|^nvidia" | tail -n 4
+  echo "== GQA decode"
+  summary "$OUT/decode-gqa.txt" 3
+  for tag in dot4 three; do
+    echo "== MLA decode, $tag"
+    summary "$OUT/decode-mla-$tag.txt" 3
+    grep "mla-attention" "$OUT/decode-mla-$tag.txt" | head -n 12
+    tail -n 2 "$OUT/decode-mla-$tag.txt" | grep -i "error" | cut -c1-300
   done
   ;;
 chunks)

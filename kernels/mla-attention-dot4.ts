@@ -62,6 +62,18 @@ export interface MlaDot4Plan {
   workgroupBytes: number;
 }
 
+/**
+ * WGSL `fn transpose4`: four tokens' words of one latent word (w_i: values 4d … 4d + 3 of token i) → one word per value
+ * (bytes: tokens 0 … 3), so Σ_t p′_t · c_t over four tokens is one dot4 of p′'s word with it.
+ */
+export const TRANSPOSE4_WGSL = `fn transpose4(w0: u32, w1: u32, w2: u32, w3: u32) -> vec4<u32> {
+  let a0 = (w0 & 0x00ff00ffu) | ((w1 & 0x00ff00ffu) << 8u);
+  let a1 = ((w0 >> 8u) & 0x00ff00ffu) | (w1 & 0xff00ff00u);
+  let b0 = (w2 & 0x00ff00ffu) | ((w3 & 0x00ff00ffu) << 8u);
+  let b1 = ((w2 >> 8u) & 0x00ff00ffu) | (w3 & 0xff00ff00u);
+  return vec4<u32>((a0 & 0xffffu) | (b0 << 16u), (a1 & 0xffffu) | (b1 << 16u), (a0 >> 16u) | (b0 & 0xffff0000u), (a1 >> 16u) | (b1 & 0xffff0000u));
+}`;
+
 const WG = 256;
 
 /**
@@ -336,16 +348,7 @@ fn qBase(r: u32, h: u32) -> u32 {
   return qqWord(r, h, 0u) / 4u;
 }
 
-/**
- * Four tokens' words of one latent word (w_i: values 4d … 4d + 3 of token i) → one word per value (bytes: tokens 0 … 3).
- */
-fn transpose4(w0: u32, w1: u32, w2: u32, w3: u32) -> vec4<u32> {
-  let a0 = (w0 & 0x00ff00ffu) | ((w1 & 0x00ff00ffu) << 8u);
-  let a1 = ((w0 >> 8u) & 0x00ff00ffu) | (w1 & 0xff00ff00u);
-  let b0 = (w2 & 0x00ff00ffu) | ((w3 & 0x00ff00ffu) << 8u);
-  let b1 = ((w2 >> 8u) & 0x00ff00ffu) | (w3 & 0xff00ff00u);
-  return vec4<u32>((a0 & 0xffffu) | (b0 << 16u), (a1 & 0xffffu) | (b1 << 16u), (a0 >> 16u) | (b0 & 0xffff0000u), (a1 >> 16u) | (b1 & 0xffff0000u));
-}
+${TRANSPOSE4_WGSL}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {

@@ -27,6 +27,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
+import { MLA3_MAX_CHUNK, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesWgsl, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
@@ -43,7 +44,29 @@ interface TcPath {
   rows: number;
   queryGroup?: GPUBindGroup;
   partialGroups: GPUBindGroup[];
+  /** int8Products 'three-pass': its passes, scratch and bind groups (steps it cannot take run the dot4 kernel above). */
+  three?: ThreePass;
 }
+
+interface ThreePass {
+  plan: Mla3PassPlan;
+  scoresPipe: GPUComputePipeline;
+  softmaxPipe: GPUComputePipeline;
+  valuesPipe: GPUComputePipeline;
+  /** Rows and chunks the scratch holds (0: none yet, or the step is too large for MLA3_MAX_SCRATCH). */
+  rows: number;
+  maxChunks: number;
+  buffers?: { scores: GPUBuffer; tscale: GPUBuffer; pq: GPUBuffer; ps: GPUBuffer };
+  scoreGroups: GPUBindGroup[];
+  softmaxGroup?: GPUBindGroup;
+  valueGroups: GPUBindGroup[];
+}
+
+/**
+ * The most scratch the three-pass kernels take (scores, p′ and scales); a step needing more (long prompts: every prompt
+ * row has its own context) runs the one-pass dot4 kernel.
+ */
+export const MLA3_MAX_SCRATCH = 256 * 2 ** 20;
 
 export interface MlaAttentionShape {
   nHeads: number;
@@ -76,9 +99,11 @@ export interface MlaAttentionTuning {
    * 'tc-scores' / 'tc-values' run only the score or only the value products on tensor cores (to find which phase
    * disagrees with the dot4 form); 'dot4' runs the same integer arithmetic in kernels/mla-attention-dot4.ts, laid out
    * for speed rather than to mirror the tensor-core tiles (its window is the largest multiple of 32 up to int8Window
-   * whose workgroup memory the device has).
+   * whose workgroup memory the device has); 'three-pass' the same arithmetic in three passes (scores, softmax, values:
+   * kernels/mla-attention-3pass.ts) for steps whose scratch fits MLA3_MAX_SCRATCH with chunks of at most 512 tokens,
+   * and the dot4 kernel for the others.
    */
-  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare' | 'dot4';
+  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare' | 'dot4' | 'three-pass';
   /** Tokens per softmax window of the int8-product kernel (a multiple of 32; workgroup memory grows with it). */
   int8Window: number;
   /** 'dot4': stage the quantized query in workgroup memory (default: where it fits) or read it from storage. */
@@ -99,6 +124,10 @@ export interface MlaAttentionTuning {
   int8Softmax?: Dot4Softmax;
   /** Diagnosis only: the int8-product kernel dumps its first score window of (chunk 0, row 0) (int8DebugDump). */
   int8Debug?: boolean;
+  /** 'three-pass': workgroups along the latent in the value pass (default MLA3_LATENT_PARTS). */
+  int8LatentParts?: number;
+  /** 'three-pass': the most scratch bytes (default MLA3_MAX_SCRATCH); steps needing more run the dot4 kernel. */
+  int8MaxScratch?: number;
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
@@ -522,7 +551,7 @@ export const MLA_DOT4_TARGET_WORKGROUPS = 256;
 export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: Partial<MlaAttentionTuning> = {}): { parallelHeads: number; targetWorkgroups: number } {
   const t = { ...DEFAULT_MLA_TUNING, ...tuning };
   if (cacheDtype === 'int8' && t.int8Products !== 'off') {
-    if (t.int8Products !== 'dot4') return { parallelHeads: 1, targetWorkgroups: MLA_TC_TARGET_WORKGROUPS };
+    if (t.int8Products !== 'dot4' && t.int8Products !== 'three-pass') return { parallelHeads: 1, targetWorkgroups: MLA_TC_TARGET_WORKGROUPS };
     const splits = t.int8HeadSplits ?? 1;
     return { parallelHeads: Math.ceil(shape.nHeads / Math.ceil(shape.nHeads / splits)), targetWorkgroups: MLA_DOT4_TARGET_WORKGROUPS };
   }
@@ -556,6 +585,7 @@ export class MlaAttention {
   private mergeGroup: GPUBindGroup | undefined;
   private capacity = 0;
   private tc: TcPath | undefined;
+  private ranThree = false;
   private readonly layout: PagedRows;
 
   constructor(
@@ -603,8 +633,9 @@ export class MlaAttention {
    * 'int8-tensor-cores', 'int8-dot4' (the fast dot4 kernel) or 'int8-dot4-tc-layout' (the tensor-core kernel's own dot4
    * form; the same integers throughout).
    */
-  get products(): 'f32' | 'int8-tensor-cores' | 'int8-dot4' | 'int8-dot4-tc-layout' {
+  get products(): 'f32' | 'int8-tensor-cores' | 'int8-dot4' | 'int8-three-pass' | 'int8-dot4-tc-layout' {
     if (!this.tc) return 'f32';
+    if (this.tc.three) return 'int8-three-pass';
     return this.tc.tensorCores ? 'int8-tensor-cores' : this.tc.dot4 ? 'int8-dot4' : 'int8-dot4-tc-layout';
   }
 
@@ -629,6 +660,7 @@ export class MlaAttention {
     }
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     if (mode === 'dot4') return this.makeDot4Path(f);
+    if (mode === 'three-pass') return this.makeThreePass(f);
     const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax];
     if (dot4Only.some((v) => v !== undefined)) {
       throw new Error(`MLA attention: int8QueryStaged, int8HeadSplits, int8Prefetch, int8ValueRounds and int8Softmax apply to int8Products 'dot4', not '${mode}'`);
@@ -648,6 +680,86 @@ export class MlaAttention {
       rows: 0,
       partialGroups: [],
     };
+  }
+
+  /** 'three-pass': the dot4 path (for steps the passes do not take) with the three passes beside it. */
+  private makeThreePass(f: MlaInt8RowFormat): TcPath {
+    const { gpu, shape, layout } = this;
+    const path = this.makeDot4Path(f);
+    const window = this.tuning.int8Window;
+    const tc = planMlaTc(shape.nHeads, f, window);
+    if (typeof tc === 'string') throw new Error(`MLA int8 three-pass attention: ${tc}`);
+    const plan = planMla3Pass(shape.nHeads, tc, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8LatentParts);
+    if (typeof plan === 'string') throw new Error(`MLA int8 three-pass attention: ${plan}`);
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
+    // The passes read the query the dot4 path's query kernel quantizes (same plan padding at any window).
+    path.three = {
+      plan,
+      scoresPipe: gpu.pipeline(`mla-attention int8 3-pass scores ${key}`, mla3ScoresWgsl(shape.nHeads, f, layout.blockSize, tc, plan)),
+      softmaxPipe: gpu.pipeline(`mla-attention int8 3-pass softmax ${key}`, mla3SoftmaxWgsl(shape.nHeads, shape.kvLoraRank, plan)),
+      valuesPipe: gpu.pipeline(`mla-attention int8 3-pass values ${key} parts ${plan.latentParts}`, mla3ValuesWgsl(shape.nHeads, f, layout.blockSize, plan)),
+      rows: 0,
+      maxChunks: 0,
+      scoreGroups: [],
+      valueGroups: [],
+    };
+    return path;
+  }
+
+  /** The three-pass plan (int8Products 'three-pass'), for reports and tests. */
+  get threePassPlan(): Mla3PassPlan | undefined {
+    return this.tc?.three?.plan;
+  }
+
+  /** Whether the last encoded step ran the three passes (else, in 'three-pass' mode, the dot4 kernel). */
+  get lastStepThreePass(): boolean {
+    return this.ranThree;
+  }
+
+  /** Sizes the three-pass scratch for a step (none when it would pass MLA3_MAX_SCRATCH: such steps run dot4). */
+  private prepareThree(rows: number, maxChunks: number): void {
+    const three = this.tc?.three;
+    if (!three || (rows <= three.rows && maxChunks <= three.maxChunks)) return;
+    const want = { rows: Math.max(rows, three.rows), maxChunks: Math.max(maxChunks, three.maxChunks) };
+    const sizes = mla3ScratchBytes(this.shape.nHeads, three.plan, want.rows, want.maxChunks);
+    const total = sizes.scores + sizes.tscale + sizes.pq + sizes.ps;
+    if (total > (this.tuning.int8MaxScratch ?? MLA3_MAX_SCRATCH) || Object.values(sizes).some((b) => b > this.gpu.limits.maxStorageBufferBindingSize)) return;
+    for (const b of Object.values(three.buffers ?? {})) b.destroy();
+    three.buffers = {
+      scores: storageBuffer(this.gpu, 'mla attention 3-pass scores', sizes.scores),
+      tscale: storageBuffer(this.gpu, 'mla attention 3-pass token scales', sizes.tscale),
+      pq: storageBuffer(this.gpu, 'mla attention 3-pass p′', sizes.pq),
+      ps: storageBuffer(this.gpu, 'mla attention 3-pass p′ scales', sizes.ps),
+    };
+    three.rows = want.rows;
+    three.maxChunks = want.maxChunks;
+    three.scoreGroups = [];
+    three.softmaxGroup = undefined;
+    three.valueGroups = [];
+  }
+
+  /** Records the three passes if this step fits them (returns false: run the dot4 kernel). */
+  private encodeThree(pass: GPUComputePassEncoder, layer: number, rows: number, maxChunks: number, chunkSize: number | undefined): boolean {
+    const tc = this.tc!;
+    const three = tc.three;
+    if (!three?.buffers || chunkSize === undefined || chunkSize > MLA3_MAX_CHUNK || rows > three.rows || maxChunks > three.maxChunks) return false;
+    const { scores, tscale, pq, ps } = three.buffers;
+    const { meta, layerCaches } = this.b;
+    if (three.scoreGroups.length === 0) {
+      three.scoreGroups = layerCaches.map((cache, l) => bindBuffers(this.gpu, three.scoresPipe, `mla attention 3-pass scores layer ${l}`, [meta, tc.qq!, tc.qs!, cache, scores, tscale]));
+      three.valueGroups = layerCaches.map((cache, l) => bindBuffers(this.gpu, three.valuesPipe, `mla attention 3-pass values layer ${l}`, [meta, cache, pq, ps, this.partials!]));
+    }
+    three.softmaxGroup ??= bindBuffers(this.gpu, three.softmaxPipe, 'mla attention 3-pass softmax', [meta, scores, tscale, pq, ps, this.partials!]);
+    pass.setPipeline(three.scoresPipe);
+    pass.setBindGroup(0, three.scoreGroups[layer]);
+    pass.dispatchWorkgroups(Math.ceil((maxChunks * chunkSize) / three.plan.tile), 1, rows);
+    pass.setPipeline(three.softmaxPipe);
+    pass.setBindGroup(0, three.softmaxGroup);
+    pass.dispatchWorkgroups(this.shape.nHeads, rows);
+    pass.setPipeline(three.valuesPipe);
+    pass.setBindGroup(0, three.valueGroups[layer]);
+    pass.dispatchWorkgroups(maxChunks, three.plan.latentParts, rows);
+    return true;
   }
 
   private makeDot4Path(f: MlaInt8RowFormat): TcPath {
@@ -736,7 +848,9 @@ export class MlaAttention {
       tc.qs = storageBuffer(this.gpu, 'mla attention int8 query scales', tc.rows * tc.plan.headsPadded * 8);
       tc.queryGroup = bindBuffers(this.gpu, tc.queryPipe, 'mla attention int8 query', [this.b.qLatent, tc.qq, tc.qs]);
       tc.partialGroups = [];
+      if (tc.three) tc.three.scoreGroups = [];
     }
+    this.prepareThree(rows, maxChunks);
     const need = rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2);
     if (this.partials && need <= this.capacity) return;
     this.partials?.destroy();
@@ -748,6 +862,10 @@ export class MlaAttention {
     }
     this.mergeGroup = bindBuffers(this.gpu, this.mergePipe, 'mla attention merge', [this.b.meta, this.partials, this.b.out]);
     if (this.tc) this.tc.partialGroups = [];
+    if (this.tc?.three) {
+      this.tc.three.scoreGroups = [];
+      this.tc.three.softmaxGroup = undefined;
+    }
   }
 
   /** Records the partial and merge passes; chunkSize (the step's META_CHUNK) picks the workgroup size. */
@@ -767,9 +885,12 @@ export class MlaAttention {
       pass.setPipeline(tc.queryPipe);
       pass.setBindGroup(0, tc.queryGroup!);
       pass.dispatchWorkgroups(tc.plan.headsPadded, rows);
-      pass.setPipeline(tc.partialPipe);
-      pass.setBindGroup(0, tc.partialGroups[layer]);
-      pass.dispatchWorkgroups(maxChunks, tc.dot4?.headSplits ?? 1, rows);
+      this.ranThree = this.encodeThree(pass, layer, rows, maxChunks, chunkSize);
+      if (!this.ranThree) {
+        pass.setPipeline(tc.partialPipe);
+        pass.setBindGroup(0, tc.partialGroups[layer]);
+        pass.dispatchWorkgroups(maxChunks, tc.dot4?.headSplits ?? 1, rows);
+      }
     } else {
       const v = this.ready(this.pick(chunkSize));
       pass.setPipeline(v.pipeline);
@@ -786,5 +907,6 @@ export class MlaAttention {
     this.tc?.qq?.destroy();
     this.tc?.qs?.destroy();
     this.tc?.dump?.destroy();
+    for (const b of Object.values(this.tc?.three?.buffers ?? {})) b.destroy();
   }
 }

@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { mlaTcDumpLayout, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
 import { DOT4_PREFETCH, DOT4_VALUE_ROUNDS, type MlaDot4Plan } from '../kernels/mla-attention-dot4.ts';
+import type { Mla3PassPlan } from '../kernels/mla-attention-3pass.ts';
 import { checkMlaTcDump, describeMlaTcDump } from '../bench/mla-tc-dump.ts';
 import {
   MlaLatentWriteInt8,
@@ -61,6 +62,8 @@ interface StepResult {
   chunkSize: number;
   /** The dot4 kernel's plan (int8Products 'dot4'). */
   dot4?: MlaDot4Plan;
+  /** The three-pass plan, when the step ran the three passes (int8Products 'three-pass'). */
+  three?: Mla3PassPlan;
   /** The int8-product kernel's debug dump (tuning.int8Debug) and its plan. */
   dump?: { words: Int32Array; plan: MlaTcPlan };
 }
@@ -134,6 +137,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const cacheF = await readF32(g, cacheBuf, cacheBuf.size / 4);
   const cache = new Uint32Array(cacheF.buffer, cacheF.byteOffset, cacheF.length);
   const dot4 = attention?.dot4Plan;
+  const three = attention?.lastStepThreePass ? attention.threePassPlan : undefined;
   const dumpInfo = attention?.int8DebugDump;
   const dump = dumpInfo && { words: new Int32Array((await readF32(g, dumpInfo.buffer, dumpInfo.buffer.size / 4)).buffer), plan: dumpInfo.plan };
   attention?.destroy();
@@ -148,6 +152,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
     maxChunks: m.maxChunks,
     chunkSize: m.chunkSize,
     dot4,
+    three,
     dump,
   };
 }
@@ -488,7 +493,7 @@ test('mla attention int8 products (the tensor-core arithmetic, dot4 form) vs a f
  * attention (loose: only that the query and p′ quantization happened and stayed far from garbage).
  */
 function checkInt8Products(res: StepResult, c: Step, where: string): void {
-  const window = res.dot4?.window ?? c.tuning?.int8Window ?? DEFAULT_MLA_TUNING.int8Window;
+  const window = res.three?.window ?? res.dot4?.window ?? c.tuning?.int8Window ?? DEFAULT_MLA_TUNING.int8Window;
   const model = int8ProductsReference(res, c, res.chunkSize, window);
   // Same integers, but the GPU's f32 exp and scales against float64: a p′ (or q) value that lies at a rounding half
   // can round the other way, moving that head's output by one quantization step of one token (ps·|cq|, up to a few
@@ -546,6 +551,34 @@ test('mla attention int8 dot4 kernel vs the float64 model of the int8-product ar
   }
 });
 
+test('mla attention int8 three-pass kernels (scores, softmax, values) vs the float64 model of the int8-product arithmetic: windows of 64 and 32, partial windows and chunks, chunks of 5 tokens (p′ words across a window edge) up to 512, one to four latent parts, up to 32 heads, the Qwen2.5-7B row shape; a step past the scratch runs the dot4 kernel', async () => {
+  for (const [shape, chunkSize, blockSize, window, latentParts] of [
+    [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, 1], // chunks shorter than a window
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 160, 5, 64, 2], // three windows a chunk, the last partial; R not a multiple of 4
+    [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 5, 5, 32, 1], // 5-token chunks: many chunks a row
+    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 96, 16, 32, 4], // a partial head quad; 4 words a latent part
+    [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 512, 16, 64, 3], // the most heads, the longest chunk; parts of 4, 4, 2 words
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined], // Qwen2.5-7B's MLA row, the runner's split
+  ] as const) {
+    const seed = freshSeed();
+    const tuning = { int8Products: 'three-pass', int8Window: window, ...(latentParts ? { int8LatentParts: latentParts } : {}) } as const;
+    const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning };
+    const res = await runStep(c, seed);
+    assert.ok(res.three, `${JSON.stringify(shape)}: the step did not run the three passes`);
+    assert.equal(res.three.window, window);
+    if (latentParts) assert.equal(res.three.latentParts, latentParts);
+    checkInt8Products(res, c, `three-pass ${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${window} parts ${res.three.latentParts} seed ${seed}`);
+  }
+  // A step whose scores and p′ would pass the scratch limit (long prompts: each prompt row has its own context) runs the
+  // dot4 kernel, with its own window (32 here: SwiftShader's workgroup memory).
+  const seed = freshSeed();
+  const c: Step = { shape: { nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, blockSize: 16, seqs: [[100, 1], [3, 20]], chunkSize: 64, tuning: { int8Products: 'three-pass', int8Window: 64, int8MaxScratch: 4096 } };
+  const res = await runStep(c, seed);
+  assert.equal(res.three, undefined, 'a step past int8MaxScratch ran the three passes');
+  assert.ok(res.dot4, 'no dot4 plan');
+  checkInt8Products(res, c, `three-pass fallback to dot4 seed ${seed}`);
+});
+
 test('mla attention int8 dot4 kernel, the softmax inside the score warps, vs the float64 model of the int8-product arithmetic: windows of 64 (two tokens a lane) and 32, partial windows, a partial head quad, heads split over workgroups, the Qwen2.5-7B row shape (emulated reductions; also on subgroups where the adapter has 32-wide ones)', async () => {
   const g = await gpu();
   const modes = ['emulated', ...(g.features.has('subgroups') && g.subgroupSize === 32 ? (['subgroup'] as const) : [])] as const;
@@ -569,11 +602,11 @@ test('mla attention int8 dot4 kernel, the softmax inside the score warps, vs the
   }
 });
 
-test('mla attention over the int8 latent cache, f32 and dot4 products (both softmax forms): a NaN in c, in k_pe or in a query value reaches exactly the rows and heads that use it', async () => {
+test('mla attention over the int8 latent cache, f32 and dot4 products (both softmax forms) and the three passes: a NaN in c, in k_pe or in a query value reaches exactly the rows and heads that use it', async () => {
   const shape = { nHeads: 5, kvLoraRank: 20, qkRopeHeadDim: 8 };
   const RV = 28;
   const seqs: Array<[number, number]> = [[40, 1], [3, 4], [6, 2]];
-  for (const [int8Products, int8Softmax] of [['off', undefined], ['dot4', undefined], ['dot4', 'emulated']] as const) {
+  for (const [int8Products, int8Softmax] of [['off', undefined], ['dot4', undefined], ['dot4', 'emulated'], ['three-pass', undefined]] as const) {
     const seed = freshSeed();
     const latent = seqs.map(([k, n], i) => randomArray((k + n) * RV, seed + i));
     latent[0][37 * RV + 5] = NaN; // seq 0, token 37, in c: the decode row at position 40 sees it

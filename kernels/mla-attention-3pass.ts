@@ -1,0 +1,333 @@
+// Absorbed MLA decode attention over the int8 latent cache in three passes: scores, softmax, values. The integers and
+// the softmax windows are those of kernels/mla-attention-tc.ts (and its dot4 kernel); only the split of the work differs.
+import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
+import { NEG_BIG } from './split-merge.ts';
+import { qqWordWgsl, stagedRowFnsWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
+import { TRANSPOSE4_WGSL } from './mla-attention-dot4.ts';
+import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
+
+/**
+ * Why three passes: the one-pass dot4 kernel keeps every head's 512 outputs of its chunk in registers (56 f32 a
+ * thread at 28 heads) beside the score sums, so an SM holds two of its workgroups, and each 32-token window waits on
+ * ~15 barriers (staging, scores, a tree softmax, values): at 32 × 4K it ran at ~20 % of the dot4 rate. Here
+ *  1. scores: one workgroup per (row, 32-token tile) writes f32 scores s[r, h, t] (and c's scale of token t); no
+ *     outputs live, so many workgroups share an SM;
+ *  2. softmax: one workgroup per (row, head) finds the exact max m over the whole context (no running rescale), then
+ *     per split chunk l = Σ exp(s − m) and p′ = exp(s − m) · sc_t, quantized per 64-token window of the chunk (the
+ *     windows of the one-pass kernels, so the same integers) to packed int8 with one scale per window;
+ *  3. values: one workgroup per (row, chunk, part of the latent) sums p′q · cq in i32 per window and folds it into f32
+ *     with the window's scale; each part reads only its own latent words of the cache.
+ * The partials are the one-pass kernels' (m, l, o per head and chunk; m the same for every chunk of a row), so the same
+ * merge finishes. Scores and p′ go through memory: 112 + 28 B per (row, token) against 584 B of cache read.
+ */
+export interface Mla3PassPlan {
+  /** Tokens of a score tile and of a softmax window (a multiple of 4 that divides MLA3_MAX_CHUNK). */
+  tile: number;
+  window: number;
+  /** Score pass: head quads (one warp each) and vec4 slots a staged row takes. */
+  headQuads: number;
+  rowWords: number;
+  latentWords: number;
+  rowStride4: number;
+  /** Whether the score pass stages the quantized query in workgroup memory (else reads it from storage, L1-cached). */
+  queryStaged: boolean;
+  /** Value pass: workgroups along the latent, latent words each, head parts, heads a thread. */
+  latentParts: number;
+  partWords: number;
+  headParts: number;
+  headsPerThread: number;
+  scoreBytes: number;
+  valueBytes: number;
+}
+
+const WG = 256;
+/** The longest split chunk the softmax pass takes (MLA_MAX_CHUNK): p′ and window scales are laid out per chunk. */
+export const MLA3_MAX_CHUNK = 512;
+/** Default workgroups along the latent in the value pass (2: 64 words × 4 head parts of 7 heads at Qwen2.5-7B). */
+export const MLA3_LATENT_PARTS = 2;
+
+/** The plan for a shape, or why the three-pass kernels do not take it. */
+export function planMla3Pass(nHeads: number, tc: MlaTcPlan, storageLimit: number, latentParts = MLA3_LATENT_PARTS): Mla3PassPlan | string {
+  const W = tc.window;
+  if (W % 4 !== 0 || MLA3_MAX_CHUNK % W !== 0) return `window ${W}: a multiple of 4 tokens that divides ${MLA3_MAX_CHUNK}`;
+  if (nHeads > 32) return `${nHeads} heads: at most 32 (8 head quads of the score pass)`;
+  if (!Number.isInteger(latentParts) || latentParts < 1) return `latent parts ${latentParts}: a positive integer`;
+  const rowWords = tc.rowPad / 4;
+  const latentWords = tc.latentPad / 4;
+  const rowStride4 = rowWords / 4 + ((rowWords / 4) % 2 === 0 ? 1 : 0);
+  const tile = 32;
+  const rowBytes = 16 * tile * rowStride4 + 16;
+  const queryStaged = rowBytes + 4 * nHeads * rowWords <= storageLimit;
+  const scoreBytes = rowBytes + (queryStaged ? 4 * nHeads * rowWords : 0);
+  if (scoreBytes > storageLimit) return `score pass: ${scoreBytes} B of workgroup memory, the device allows ${storageLimit}`;
+  const partWords = Math.ceil(latentWords / latentParts);
+  if (partWords > WG) return `${partWords} latent words a value workgroup: at most ${WG}`;
+  const headParts = Math.min(nHeads, Math.floor(WG / partWords));
+  const headsPerThread = Math.ceil(nHeads / headParts);
+  if (headsPerThread > 16) return `${nHeads} heads over ${headParts} head parts: more than 16 heads a thread`;
+  const valueBytes = 4 * W * partWords + nHeads * W + 16;
+  if (valueBytes > storageLimit) return `value pass: ${valueBytes} B of workgroup memory, the device allows ${storageLimit}`;
+  return { tile, window: W, headQuads: Math.ceil(nHeads / 4), rowWords, latentWords, rowStride4, queryStaged, latentParts, partWords, headParts, headsPerThread, scoreBytes, valueBytes };
+}
+
+/** Scratch sizes (bytes) for `rows` rows of up to `maxChunks` chunks: scores, token scales, p′ words, window scales. */
+export function mla3ScratchBytes(nHeads: number, p: Mla3PassPlan, rows: number, maxChunks: number): { scores: number; tscale: number; pq: number; ps: number } {
+  const ctx = maxChunks * MLA3_MAX_CHUNK;
+  return {
+    scores: 4 * rows * nHeads * ctx,
+    tscale: 4 * rows * ctx,
+    pq: rows * nHeads * ctx,
+    ps: 4 * rows * nHeads * maxChunks * (MLA3_MAX_CHUNK / p.window),
+  };
+}
+
+/** WGSL: the row stride of the scores and token scales (every chunk slot of the step, MLA3_MAX_CHUNK or less each). */
+const strideWgsl = `stepMeta[${META_MAX_CHUNKS}] * stepMeta[${META_CHUNK}]`;
+
+/**
+ * Pass 1, grid (tiles, 1, rows): the scores of one row's 32-token tile for every head, s = Σ q̃q·cq · sq̃ · sc_t +
+ * Σ q_peq·k_peq · sq_pe · spe_t, to scores[(r·H + h)·stride + t], and sc_t to tscale[r·stride + t]. Thread = (head
+ * quad, token) as in the dot4 kernel: the query staged, each warp's query loads uniform.
+ */
+export function mla3ScoresWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, tc: MlaTcPlan, p: Mla3PassPlan): string {
+  const H = nHeads;
+  const S4 = p.rowStride4;
+  const RW = p.rowWords;
+  const RW4 = RW / 4;
+  const LW4 = p.latentWords / 4;
+  const T = p.tile;
+  const ks = [0, 1, 2, 3];
+  const loop = (from: number, to: number, acc: string) => `for (var w4 = ${from}u; w4 < ${to}u; w4++) {
+      let cv = ct[tl * ${S4}u + w4];
+      ${ks.map((k) => `{
+        let qv = ${p.queryStaged ? `qsm[ql${k} * ${RW4}u + w4]` : `qq[qb${k} + (w4 >> 1u) * 32u + (w4 & 1u)]`};
+        ${acc}[${k}] += dot4I8Packed(qv.x, cv.x) + dot4I8Packed(qv.y, cv.y) + dot4I8Packed(qv.z, cv.z) + dot4I8Packed(qv.w, cv.w);
+      }`).join('\n      ')}
+    }`;
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> qq: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> qs: array<f32>;
+@group(0) @binding(3) var<storage, read> cache: array<u32>;
+@group(0) @binding(4) var<storage, read_write> scores: array<f32>;
+@group(0) @binding(5) var<storage, read_write> tscale: array<f32>;
+${cacheRowWgsl(blockSize)}
+${qqWordWgsl(tc)}
+${stagedRowFnsWgsl(f, tc)}
+var<workgroup> ct: array<vec4<u32>, ${T * S4}>;
+${p.queryStaged ? `var<workgroup> qsm: array<vec4<u32>, ${H * RW4}>;` : ''}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let r = wid.z;
+  let t0 = wid.x * ${T}u;
+  let ctx = rowPos(r) + 1u;
+  if (t0 >= ctx) { return; }
+  let n = min(${T}u, ctx - t0);
+  let bt = seqBlockTable(rowSeq(r));
+  let stride = ${strideWgsl};
+  ${p.queryStaged ? `for (var i = lid; i < ${H * RW4}u; i += ${WG}u) {
+    let w4 = i % ${RW4}u;
+    qsm[i] = qq[qqWord(r, i / ${RW4}u, 0u) / 4u + (w4 >> 1u) * 32u + (w4 & 1u)];
+  }` : ''}
+  for (var e = lid; e < ${T * RW}u; e += ${WG}u) {
+    let t = e / ${RW}u;
+    let w = e % ${RW}u;
+    ct[t * ${S4}u + w / 4u][w % 4u] = stagedWord(cacheRow(bt, t0 + min(t, n - 1u)) * ${f.rowWords}u, w);
+  }
+  workgroupBarrier();
+  let hq = lid / 32u;
+  let tl = lid % 32u;
+  if (hq < ${p.headQuads}u) {
+    ${ks.map((k) => `let ql${k} = min(hq * 4u + ${k}u, ${H - 1}u);\n    let qb${k} = qqWord(r, ql${k}, 0u) / 4u;`).join('\n    ')}
+    var aL = vec4<i32>(0);
+    var aP = vec4<i32>(0);
+    ${loop(0, LW4, 'aL')}
+    ${loop(LW4, RW4, 'aP')}
+    if (tl < n) {
+      let t = t0 + tl;
+      let ts = tokenScales(cacheRow(bt, t) * ${f.rowWords}u);
+      if (hq == 0u) { tscale[r * stride + t] = ts.x; }
+      ${ks.map((k) => `if (hq * 4u + ${k}u < ${H}u) {
+        let sq = vec2<f32>(qs[2u * (r * ${tc.headsPadded}u + ql${k})], qs[2u * (r * ${tc.headsPadded}u + ql${k}) + 1u]);
+        scores[(r * ${H}u + ql${k}) * stride + t] = f32(aL[${k}]) * sq.x * ts.x + f32(aP[${k}]) * sq.y * ts.y;
+      }`).join('\n      ')}
+    }
+  }
+}
+`;
+}
+
+/**
+ * Pass 2, grid (heads, rows): the exact max m of the row's scores for the head; per split chunk l = Σ exp(s − m) and
+ * p′ = exp(s − m) · sc_t, quantized per window with scale max p′ / 127 (bits as u32 atomics: p′ ≥ 0 orders like its
+ * bits). Writes p′ to pq (MLA3_MAX_CHUNK / 4 words a chunk, zero past the context), the window scales to ps, and m, l
+ * to the partials. A non-finite score poisons the head (l = NaN), found from the bits as in the one-pass kernels.
+ */
+export function mla3SoftmaxWgsl(nHeads: number, R: number, p: Mla3PassPlan): string {
+  const H = nHeads;
+  const W = p.window;
+  const C = MLA3_MAX_CHUNK;
+  const CW = C / 4;
+  const NW = C / W;
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> scores: array<f32>;
+@group(0) @binding(2) var<storage, read> tscale: array<f32>;
+@group(0) @binding(3) var<storage, read_write> pq: array<u32>;
+@group(0) @binding(4) var<storage, read_write> ps: array<f32>;
+@group(0) @binding(5) var<storage, read_write> partials: array<f32>;
+var<workgroup> red: array<vec2<f32>, ${WG}>;
+var<workgroup> pw: array<f32, ${C}>;
+var<workgroup> wmax: array<atomic<u32>, ${NW}>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let h = wid.x;
+  let r = wid.y;
+  let ctx = rowPos(r) + 1u;
+  let chunk = min(stepMeta[${META_CHUNK}], ${C}u);
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  let stride = ${strideWgsl};
+  let sb = (r * ${H}u + h) * stride;
+  var mx = ${NEG_BIG};
+  var bad = 0.0;
+  for (var t = lid; t < ctx; t += ${WG}u) {
+    let s = scores[sb + t];
+    mx = max(mx, s);
+    bad = select(bad, 1.0, (bitcast<u32>(s) & 0x7f800000u) == 0x7f800000u);
+  }
+  red[lid] = vec2<f32>(mx, bad);
+  workgroupBarrier();
+  for (var st = ${WG / 2}u; st > 0u; st >>= 1u) {
+    if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
+    workgroupBarrier();
+  }
+  let m = red[0].x;
+  let poisoned = red[0].y > 0.0;
+  workgroupBarrier();
+  let nc = (ctx + chunk - 1u) / chunk;
+  for (var c = 0u; c < nc; c++) {
+    let c0 = c * chunk;
+    let n = min(chunk, ctx - c0);
+    if (lid < ${NW}u) { atomicStore(&wmax[lid], 0u); }
+    workgroupBarrier();
+    var l = 0.0;
+    for (var tau = lid; tau < ${C}u; tau += ${WG}u) {
+      var pp = 0.0;
+      if (tau < n) {
+        let pt = exp(scores[sb + c0 + tau] - m);
+        l += pt;
+        pp = pt * tscale[r * stride + c0 + tau];
+        atomicMax(&wmax[tau / ${W}u], bitcast<u32>(pp));
+      }
+      pw[tau] = pp;
+    }
+    red[lid] = vec2<f32>(l, 0.0);
+    workgroupBarrier();
+    for (var st = ${WG / 2}u; st > 0u; st >>= 1u) {
+      if (lid < st) { red[lid].x += red[lid + st].x; }
+      workgroupBarrier();
+    }
+    let base = ((r * ${H}u + h) * maxChunks + c);
+    let words = ((n + ${W - 1}u) / ${W}u) * ${W / 4}u;
+    for (var j = lid; j < words; j += ${WG}u) {
+      let pm = bitcast<f32>(atomicLoad(&wmax[(4u * j) / ${W}u]));
+      let inv = select(0.0, 127.0 / pm, pm > 0.0);
+      let v = clamp(round(vec4<f32>(pw[4u * j], pw[4u * j + 1u], pw[4u * j + 2u], pw[4u * j + 3u]) * inv), vec4<f32>(-127.0), vec4<f32>(127.0));
+      pq[base * ${CW}u + j] = pack4xI8(vec4<i32>(v));
+    }
+    if (lid < (n + ${W - 1}u) / ${W}u) { ps[base * ${NW}u + lid] = bitcast<f32>(atomicLoad(&wmax[lid])) / 127.0; }
+    if (lid == 0u) {
+      let lc = red[0].x;
+      partials[base * ${R + 2}u] = m;
+      partials[base * ${R + 2}u + 1u] = select(lc, bitcast<f32>(bitcast<u32>(lc) | 0x7fc00000u), poisoned);
+    }
+    workgroupBarrier();
+  }
+}
+`;
+}
+
+/**
+ * Pass 3, grid (chunks, latent parts, rows): thread = (latent word dq of the part, head part hp); per window the part's
+ * cache words of its tokens are staged, four tokens' words transposed into one word per value, and Σ_t p′_t · c_t is a
+ * dot4 of p′'s word (4 tokens) with it, summed in i32 over the window; o += f32(O) · ps_window. Writes o to the
+ * partials (after m and l).
+ */
+export function mla3ValuesWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: Mla3PassPlan): string {
+  const H = nHeads;
+  const R = f.kvLoraRank;
+  const W = p.window;
+  const DQ = p.partWords;
+  const HPT = p.headsPerThread;
+  const CW = MLA3_MAX_CHUNK / 4;
+  const NW = MLA3_MAX_CHUNK / W;
+  const vs = [...Array(HPT).keys()];
+  return /* wgsl */ `
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> cache: array<u32>;
+@group(0) @binding(2) var<storage, read> pq: array<u32>;
+@group(0) @binding(3) var<storage, read> ps: array<f32>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+${cacheRowWgsl(blockSize)}
+${TRANSPOSE4_WGSL}
+var<workgroup> cw: array<u32, ${W * DQ}>;
+var<workgroup> pqs: array<u32, ${(H * W) / 4}>;
+var<workgroup> bounds: vec2<u32>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let c = wid.x;
+  let part = wid.y;
+  let r = wid.z;
+  if (lid == 0u) { bounds = chunkSpan(r, c); }
+  let bnd = workgroupUniformLoad(&bounds);
+  if (bnd.y <= bnd.x) { return; }
+  let bt = seqBlockTable(rowSeq(r));
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  let dq = lid % ${DQ}u;
+  let hp = lid / ${DQ}u;
+  let gw = part * ${DQ}u + dq;
+  let valueThread = hp < ${p.headParts}u && gw < ${p.latentWords}u;
+  ${vs.map((k) => `let vh${k} = min(hp * ${HPT}u + ${k}u, ${H - 1}u);\n  var o${k} = vec4<f32>(0.0);`).join('\n  ')}
+  for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
+    let n = min(${W}u, bnd.y - w0);
+    let wi = (w0 - bnd.x) / ${W}u;
+    for (var e = lid; e < ${W * DQ}u; e += ${WG}u) {
+      let t = e / ${DQ}u;
+      let d = part * ${DQ}u + e % ${DQ}u;
+      var v = 0u;
+      if (d < ${p.latentWords}u) { v = cache[cacheRow(bt, w0 + min(t, n - 1u)) * ${f.rowWords}u + d]; }
+      cw[e] = v;
+    }
+    for (var e = lid; e < ${(H * W) / 4}u; e += ${WG}u) {
+      let h = e / ${W / 4}u;
+      pqs[e] = pq[((r * ${H}u + h) * maxChunks + c) * ${CW}u + wi * ${W / 4}u + e % ${W / 4}u];
+    }
+    workgroupBarrier();
+    if (valueThread) {
+      ${vs.map((k) => `var acc${k} = vec4<i32>(0);`).join('\n      ')}
+      for (var tq = 0u; tq < ${W / 4}u; tq++) {
+        let at = 4u * tq * ${DQ}u + dq;
+        let cv = transpose4(cw[at], cw[at + ${DQ}u], cw[at + ${2 * DQ}u], cw[at + ${3 * DQ}u]);
+        ${vs.map((k) => `{
+          let pw = pqs[vh${k} * ${W / 4}u + tq];
+          acc${k} += vec4<i32>(dot4I8Packed(pw, cv.x), dot4I8Packed(pw, cv.y), dot4I8Packed(pw, cv.z), dot4I8Packed(pw, cv.w));
+        }`).join('\n        ')}
+      }
+      ${vs.map((k) => `o${k} += vec4<f32>(acc${k}) * ps[((r * ${H}u + vh${k}) * maxChunks + c) * ${NW}u + wi];`).join('\n      ')}
+    }
+    workgroupBarrier();
+  }
+  if (valueThread) {
+    ${vs.map((k) => `if (hp * ${HPT}u + ${k}u < ${H}u) {
+      let base = ((r * ${H}u + vh${k}) * maxChunks + c) * ${R + 2}u + 2u + 4u * gw;
+      for (var d = 0u; d < 4u; d++) {
+        if (4u * gw + d < ${R}u) { partials[base + d] = o${k}[d]; }
+      }
+    }`).join('\n    ')}
+  }
+}
+`;
+}
