@@ -157,6 +157,7 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'three-pass parts 4', mode: 'three-pass', window: 64, tuning: { int8LatentParts: 4 }, variant: 'int8 three-pass', fast: true },
   { key: 'three-pass target×2', mode: 'three-pass', window: 64, targetScale: 2, variant: 'int8 three-pass, 2× chunks', fast: true },
   { key: 'three-pass target×4', mode: 'three-pass', window: 64, targetScale: 4, variant: 'int8 three-pass, 4× chunks', fast: true },
+  { key: 'three-pass tile 64', mode: 'three-pass', window: 64, tuning: { int8ScoreTile: 64 }, variant: 'int8 three-pass, score tile 64', fast: true },
   { key: 'three-pass target÷2', mode: 'three-pass', window: 64, targetScale: 0.5, variant: 'int8 three-pass, ½ chunks', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];

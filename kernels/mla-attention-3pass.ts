@@ -21,7 +21,7 @@ import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta
  * merge finishes. Scores and p′ go through memory: 112 + 28 B per (row, token) against 584 B of cache read.
  */
 export interface Mla3PassPlan {
-  /** Tokens of a score tile and of a softmax window (a multiple of 4 that divides MLA3_MAX_CHUNK). */
+  /** Tokens of a score tile (32 or 64: one or two a score thread) and of a softmax window (a multiple of 4 that divides MLA3_MAX_CHUNK). */
   tile: number;
   window: number;
   /** Score pass: head quads (one warp each) and vec4 slots a staged row takes. */
@@ -43,11 +43,13 @@ export interface Mla3PassPlan {
 const WG = 256;
 /** The longest split chunk the softmax pass takes (MLA_MAX_CHUNK): p′ and window scales are laid out per chunk. */
 export const MLA3_MAX_CHUNK = 512;
+/** Default tokens of a score workgroup. */
+export const MLA3_SCORE_TILE = 32;
 /** Default workgroups along the latent in the value pass (2: 64 words × 4 head parts of 7 heads at Qwen2.5-7B). */
 export const MLA3_LATENT_PARTS = 2;
 
 /** The plan for a shape, or why the three-pass kernels do not take it. */
-export function planMla3Pass(nHeads: number, tc: MlaTcPlan, storageLimit: number, latentParts = MLA3_LATENT_PARTS): Mla3PassPlan | string {
+export function planMla3Pass(nHeads: number, tc: MlaTcPlan, storageLimit: number, latentParts = MLA3_LATENT_PARTS, tile = MLA3_SCORE_TILE): Mla3PassPlan | string {
   const W = tc.window;
   if (W % 4 !== 0 || MLA3_MAX_CHUNK % W !== 0) return `window ${W}: a multiple of 4 tokens that divides ${MLA3_MAX_CHUNK}`;
   if (nHeads > 32) return `${nHeads} heads: at most 32 (8 head quads of the score pass)`;
@@ -55,7 +57,7 @@ export function planMla3Pass(nHeads: number, tc: MlaTcPlan, storageLimit: number
   const rowWords = tc.rowPad / 4;
   const latentWords = tc.latentPad / 4;
   const rowStride4 = rowWords / 4 + ((rowWords / 4) % 2 === 0 ? 1 : 0);
-  const tile = 32;
+  if (tile !== 32 && tile !== 64) return `score tile ${tile}: 32 or 64 tokens`;
   const rowBytes = 16 * tile * rowStride4 + 16;
   const queryStaged = rowBytes + 4 * nHeads * rowWords <= storageLimit;
   const scoreBytes = rowBytes + (queryStaged ? 4 * nHeads * rowWords : 0);
@@ -85,9 +87,9 @@ export function mla3ScratchBytes(nHeads: number, p: Mla3PassPlan, rows: number, 
 const strideWgsl = `stepMeta[${META_MAX_CHUNKS}] * stepMeta[${META_CHUNK}]`;
 
 /**
- * Pass 1, grid (tiles, 1, rows): the scores of one row's 32-token tile for every head, s = Σ q̃q·cq · sq̃ · sc_t +
+ * Pass 1, grid (tiles, 1, rows): the scores of one row's tile (32 or 64 tokens) for every head, s = Σ q̃q·cq · sq̃ · sc_t +
  * Σ q_peq·k_peq · sq_pe · spe_t, to scores[(r·H + h)·stride + t], and sc_t to tscale[r·stride + t]. Thread = (head
- * quad, token) as in the dot4 kernel: the query staged, each warp's query loads uniform.
+ * quad, token and token + 32) as in the dot4 kernel: each warp's query loads uniform (staged where it fits).
  */
 export function mla3ScoresWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, tc: MlaTcPlan, p: Mla3PassPlan): string {
   const H = nHeads;
@@ -97,11 +99,12 @@ export function mla3ScoresWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: n
   const LW4 = p.latentWords / 4;
   const T = p.tile;
   const ks = [0, 1, 2, 3];
+  const bs = [...Array(T / 32).keys()];
   const loop = (from: number, to: number, acc: string) => `for (var w4 = ${from}u; w4 < ${to}u; w4++) {
-      let cv = ct[tl * ${S4}u + w4];
+      ${bs.map((b) => `let cv${b} = ct[(tl + ${32 * b}u) * ${S4}u + w4];`).join('\n      ')}
       ${ks.map((k) => `{
         let qv = ${p.queryStaged ? `qsm[ql${k} * ${RW4}u + w4]` : `qq[qb${k} + (w4 >> 1u) * 32u + (w4 & 1u)]`};
-        ${acc}[${k}] += dot4I8Packed(qv.x, cv.x) + dot4I8Packed(qv.y, cv.y) + dot4I8Packed(qv.z, cv.z) + dot4I8Packed(qv.w, cv.w);
+        ${bs.map((b) => `${acc}${b}[${k}] += dot4I8Packed(qv.x, cv${b}.x) + dot4I8Packed(qv.y, cv${b}.y) + dot4I8Packed(qv.z, cv${b}.z) + dot4I8Packed(qv.w, cv${b}.w);`).join('\n        ')}
       }`).join('\n      ')}
     }`;
   return /* wgsl */ `
@@ -140,19 +143,16 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let tl = lid % 32u;
   if (hq < ${p.headQuads}u) {
     ${ks.map((k) => `let ql${k} = min(hq * 4u + ${k}u, ${H - 1}u);\n    let qb${k} = qqWord(r, ql${k}, 0u) / 4u;`).join('\n    ')}
-    var aL = vec4<i32>(0);
-    var aP = vec4<i32>(0);
+    ${bs.map((b) => `var aL${b} = vec4<i32>(0);\n    var aP${b} = vec4<i32>(0);`).join('\n    ')}
     ${loop(0, LW4, 'aL')}
     ${loop(LW4, RW4, 'aP')}
-    if (tl < n) {
-      let t = t0 + tl;
+    ${ks.map((k) => `let sq${k} = vec2<f32>(qs[2u * (r * ${tc.headsPadded}u + ql${k})], qs[2u * (r * ${tc.headsPadded}u + ql${k}) + 1u]);`).join('\n    ')}
+    ${bs.map((b) => `if (tl + ${32 * b}u < n) {
+      let t = t0 + tl + ${32 * b}u;
       let ts = tokenScales(cacheRow(bt, t) * ${f.rowWords}u);
       if (hq == 0u) { tscale[r * stride + t] = ts.x; }
-      ${ks.map((k) => `if (hq * 4u + ${k}u < ${H}u) {
-        let sq = vec2<f32>(qs[2u * (r * ${tc.headsPadded}u + ql${k})], qs[2u * (r * ${tc.headsPadded}u + ql${k}) + 1u]);
-        scores[(r * ${H}u + ql${k}) * stride + t] = f32(aL[${k}]) * sq.x * ts.x + f32(aP[${k}]) * sq.y * ts.y;
-      }`).join('\n      ')}
-    }
+      ${ks.map((k) => `if (hq * 4u + ${k}u < ${H}u) { scores[(r * ${H}u + ql${k}) * stride + t] = f32(aL${b}[${k}]) * sq${k}.x * ts.x + f32(aP${b}[${k}]) * sq${k}.y * ts.y; }`).join('\n      ')}
+    }`).join('\n    ')}
   }
 }
 `;

@@ -126,6 +126,8 @@ export interface MlaAttentionTuning {
   int8Debug?: boolean;
   /** 'three-pass': workgroups along the latent in the value pass (default MLA3_LATENT_PARTS). */
   int8LatentParts?: number;
+  /** 'three-pass': tokens a score workgroup takes (32 or 64; default MLA3_SCORE_TILE). */
+  int8ScoreTile?: number;
   /** 'three-pass': the most scratch bytes (default MLA3_MAX_SCRATCH); steps needing more run the dot4 kernel. */
   int8MaxScratch?: number;
 }
@@ -689,13 +691,13 @@ export class MlaAttention {
     const window = this.tuning.int8Window;
     const tc = planMlaTc(shape.nHeads, f, window);
     if (typeof tc === 'string') throw new Error(`MLA int8 three-pass attention: ${tc}`);
-    const plan = planMla3Pass(shape.nHeads, tc, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8LatentParts);
+    const plan = planMla3Pass(shape.nHeads, tc, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8LatentParts, this.tuning.int8ScoreTile);
     if (typeof plan === 'string') throw new Error(`MLA int8 three-pass attention: ${plan}`);
     const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
     // The passes read the query the dot4 path's query kernel quantizes (same plan padding at any window).
     path.three = {
       plan,
-      scoresPipe: gpu.pipeline(`mla-attention int8 3-pass scores ${key}`, mla3ScoresWgsl(shape.nHeads, f, layout.blockSize, tc, plan)),
+      scoresPipe: gpu.pipeline(`mla-attention int8 3-pass scores ${key} tile ${plan.tile}${plan.queryStaged ? ' q staged' : ''}`, mla3ScoresWgsl(shape.nHeads, f, layout.blockSize, tc, plan)),
       softmaxPipe: gpu.pipeline(`mla-attention int8 3-pass softmax ${key}`, mla3SoftmaxWgsl(shape.nHeads, shape.kvLoraRank, plan)),
       valuesPipe: gpu.pipeline(`mla-attention int8 3-pass values ${key} parts ${plan.latentParts}`, mla3ValuesWgsl(shape.nHeads, f, layout.blockSize, plan)),
       rows: 0,

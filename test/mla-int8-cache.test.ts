@@ -552,22 +552,24 @@ test('mla attention int8 dot4 kernel vs the float64 model of the int8-product ar
 });
 
 test('mla attention int8 three-pass kernels (scores, softmax, values) vs the float64 model of the int8-product arithmetic: windows of 64 and 32, partial windows and chunks, chunks of 5 tokens (p′ words across a window edge) up to 512, one to four latent parts, up to 32 heads, the Qwen2.5-7B row shape; a step past the scratch runs the dot4 kernel', async () => {
-  for (const [shape, chunkSize, blockSize, window, latentParts] of [
+  for (const [shape, chunkSize, blockSize, window, latentParts, scoreTile] of [
     [{ nHeads: 4, kvLoraRank: 20, qkRopeHeadDim: 8 }, 16, 4, 64, 1], // chunks shorter than a window
     [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 160, 5, 64, 2], // three windows a chunk, the last partial; R not a multiple of 4
     [{ nHeads: 7, kvLoraRank: 18, qkRopeHeadDim: 6 }, 5, 5, 32, 1], // 5-token chunks: many chunks a row
     [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 96, 16, 32, 4], // a partial head quad; 4 words a latent part
+    [{ nHeads: 9, kvLoraRank: 40, qkRopeHeadDim: 8 }, 128, 16, 64, 2, 64], // 64-token score tiles (two tokens a thread)
     [{ nHeads: 32, kvLoraRank: 40, qkRopeHeadDim: 8 }, 512, 16, 64, 3], // the most heads, the longest chunk; parts of 4, 4, 2 words
     [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 16, 64, undefined], // Qwen2.5-7B's MLA row, the runner's split
   ] as const) {
     const seed = freshSeed();
-    const tuning = { int8Products: 'three-pass', int8Window: window, ...(latentParts ? { int8LatentParts: latentParts } : {}) } as const;
+    const tuning = { int8Products: 'three-pass', int8Window: window, ...(latentParts ? { int8LatentParts: latentParts } : {}), ...(scoreTile ? { int8ScoreTile: scoreTile } : {}) } as const;
     const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning };
     const res = await runStep(c, seed);
     assert.ok(res.three, `${JSON.stringify(shape)}: the step did not run the three passes`);
     assert.equal(res.three.window, window);
     if (latentParts) assert.equal(res.three.latentParts, latentParts);
-    checkInt8Products(res, c, `three-pass ${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${window} parts ${res.three.latentParts} seed ${seed}`);
+    assert.equal(res.three.tile, scoreTile ?? 32);
+    checkInt8Products(res, c, `three-pass ${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${window} parts ${res.three.latentParts} tile ${res.three.tile} seed ${seed}`);
   }
   // A step whose scores and p′ would pass the scratch limit (long prompts: each prompt row has its own context) runs the
   // dot4 kernel, with its own window (32 here: SwiftShader's workgroup memory).
