@@ -158,6 +158,8 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'three-pass target×2', mode: 'three-pass', window: 64, targetScale: 2, variant: 'int8 three-pass, 2× chunks', fast: true },
   { key: 'three-pass target×4', mode: 'three-pass', window: 64, targetScale: 4, variant: 'int8 three-pass, 4× chunks', fast: true },
   { key: 'three-pass tile 64', mode: 'three-pass', window: 64, tuning: { int8ScoreTile: 64 }, variant: 'int8 three-pass, score tile 64', fast: true },
+  { key: 'three-pass tc', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores', fast: true },
+  { key: 'three-pass tc tile 64', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores', int8ScoreTile: 64 }, variant: 'int8 three-pass, tensor-core scores, tile 64', fast: true },
   { key: 'three-pass target÷2', mode: 'three-pass', window: 64, targetScale: 0.5, variant: 'int8 three-pass, ½ chunks', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];
@@ -627,6 +629,19 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     qLatent.destroy();
     out.destroy();
     return results;
+  }
+  // The three-pass forms against the plain one (the same integers: tensor-core scores must agree to f32 rounding).
+  const three = outputs.get('three-pass');
+  for (const key of ['three-pass tc', 'three-pass tc tile 64', 'three-pass tile 64', 'three-pass parts 4']) {
+    const got = outputs.get(key);
+    if (!three || !got) continue;
+    let d = 0;
+    let mx = 0;
+    for (let i = 0; i < three.length; i++) {
+      d = Math.max(d, Number.isFinite(got[i]) ? Math.abs(got[i] - three[i]) : Infinity);
+      mx = Math.max(mx, Math.abs(three[i]));
+    }
+    process.stdout.write(`mla int8 b${batch} ctx${context}: ${key} vs three-pass max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
   }
   const d4 = outputs.get('emulate');
   for (const [mode, variant] of [['tensor-cores', 'int8 tensor cores'], ['tensor-cores w32', 'int8 tensor cores w32'], ['tc-scores', 'int8 tc-scores only'], ['tc-scores-bare', 'int8 tc-scores-bare only'], ['tc-values', 'int8 tc-values only']] as const) {

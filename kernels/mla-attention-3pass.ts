@@ -159,6 +159,79 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }
 
 /**
+ * Pass 1 on tensor cores (i8 subgroup matrices), grid (tiles, 1, rows), one subgroup per (16-head tile, 16-token
+ * group) of the tile: the left operand is the quantized query's 512-byte tile (16 heads × 32 K, row-major, stride 32:
+ * the W8A8 GEMM's activation load), the right one 16 cache rows straight from storage (32 K × 16 tokens, column-major
+ * with the row's byte stride: a 16-token group of a block is 16 consecutive rows, so blockSize must be a multiple of
+ * 16). Latent and rope K steps accumulate apart; K steps past R or r read the row's next bytes against zero query
+ * padding. Same integers as the dot4 form, so the same scores.
+ */
+export function mla3ScoresTcWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, tc: MlaTcPlan, p: Mla3PassPlan): string {
+  if (blockSize % 16 !== 0) throw new Error(`MLA three-pass tensor-core scores: block size ${blockSize} is not a multiple of 16`);
+  const H = nHeads;
+  const T = p.tile;
+  const TT = T / 16;
+  const SG = tc.headTiles * TT;
+  if (SG > 8) throw new Error(`MLA three-pass tensor-core scores: ${SG} subgroups (at most 8)`);
+  const rowBytes = f.rowWords * 4;
+  const steps = tc.rowPad / 32;
+  const left = 'subgroup_matrix_left<i8, 32, 16>';
+  const right = 'subgroup_matrix_right<i8, 16, 32>';
+  const result = 'subgroup_matrix_result<i32, 16, 16>';
+  const mma = (acc: string, k: number, cacheByte: number) =>
+    `${acc} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&qq, qBase + ${k * 512}u, false, 32u), subgroupMatrixLoad<${right}>(&cache, rowByte + ${cacheByte}u, true, ${rowBytes}u), ${acc});`;
+  const lat = [...Array(tc.latentPad / 32).keys()].map((k) => mma('accL', k, 32 * k));
+  const rope = [...Array(tc.ropePad / 32).keys()].map((k) => mma('accP', tc.latentPad / 32 + k, 4 * f.ropeWord + 32 * k));
+  return /* wgsl */ `enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> qq: array<i32>;
+@group(0) @binding(2) var<storage, read> qs: array<f32>;
+@group(0) @binding(3) var<storage, read> cache: array<i32>;
+@group(0) @binding(4) var<storage, read_write> scores: array<f32>;
+@group(0) @binding(5) var<storage, read_write> tscale: array<f32>;
+${cacheRowWgsl(blockSize)}
+var<workgroup> res: array<i32, ${SG * 512}>;
+
+@compute @workgroup_size(${SG * 32})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let r = wid.z;
+  let t0 = wid.x * ${T}u;
+  let ctx = rowPos(r) + 1u;
+  if (t0 >= ctx) { return; }
+  let n = min(${T}u, ctx - t0);
+  let bt = seqBlockTable(rowSeq(r));
+  let stride = ${strideWgsl};
+  // Subgroup sg: head tile sg / ${TT}, tokens t0 + (sg % ${TT})·16 …; a group past the context reads the last one's block.
+  let first = min(t0 + (sg % ${TT}u) * 16u, ctx - 1u);
+  let rowByte = cacheRow(bt, first - first % 16u) * ${rowBytes}u;
+  let qBase = (r * ${tc.headTiles}u + sg / ${TT}u) * ${steps * 512}u;
+  var accL = ${result}();
+  var accP = ${result}();
+  ${lat.join('\n  ')}
+  ${rope.join('\n  ')}
+  subgroupMatrixStore(&res, sg * 512u, accL, false, 16u);
+  subgroupMatrixStore(&res, sg * 512u + 256u, accP, false, 16u);
+  workgroupBarrier();
+  for (var e = lid; e < ${SG * 256}u; e += ${SG * 32}u) {
+    let g = e / 256u;
+    let el = e % 256u;
+    let h = (g / ${TT}u) * 16u + el / 16u;
+    let tl = (g % ${TT}u) * 16u + el % 16u;
+    if (h < ${H}u && tl < n) {
+      let t = t0 + tl;
+      let rb = cacheRow(bt, t) * ${f.rowWords}u;
+      let ts = vec2<f32>(bitcast<f32>(cache[rb + ${f.scaleWord}u]), bitcast<f32>(cache[rb + ${f.scaleWord + 1}u]));
+      let sq = vec2<f32>(qs[2u * (r * ${tc.headsPadded}u + h)], qs[2u * (r * ${tc.headsPadded}u + h) + 1u]);
+      scores[(r * ${H}u + h) * stride + t] = f32(res[g * 512u + el]) * sq.x * ts.x + f32(res[g * 512u + 256u + el]) * sq.y * ts.y;
+      if (h == 0u) { tscale[r * stride + t] = ts.x; }
+    }
+  }
+}
+`;
+}
+
+/**
  * Pass 2, grid (heads, rows): the exact max m of the row's scores for the head; per split chunk l = Σ exp(s − m) and
  * p′ = exp(s − m) · sc_t, quantized per window with scale max p′ / 127 (bits as u32 atomics: p′ ≥ 0 orders like its
  * bits). Writes p′ to pq (MLA3_MAX_CHUNK / 4 words a chunk, zero past the context), the window scales to ps, and m, l

@@ -27,7 +27,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
-import { MLA3_MAX_CHUNK, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesWgsl, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
+import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesWgsl, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
@@ -50,6 +50,8 @@ interface TcPath {
 
 interface ThreePass {
   plan: Mla3PassPlan;
+  /** The score pass runs on tensor cores (int8ScoreProducts). */
+  scoresTc: boolean;
   scoresPipe: GPUComputePipeline;
   softmaxPipe: GPUComputePipeline;
   valuesPipe: GPUComputePipeline;
@@ -128,6 +130,11 @@ export interface MlaAttentionTuning {
   int8LatentParts?: number;
   /** 'three-pass': tokens a score workgroup takes (32 or 64; default MLA3_SCORE_TILE). */
   int8ScoreTile?: number;
+  /**
+   * 'three-pass': the score products as dot4I8Packed (default) or on tensor cores (i8 subgroup matrices reading the
+   * cache rows from storage; needs them, 32-wide subgroups and a block size that is a multiple of 16).
+   */
+  int8ScoreProducts?: 'dot4' | 'tensor-cores';
   /** 'three-pass': the most scratch bytes (default MLA3_MAX_SCRATCH); steps needing more run the dot4 kernel. */
   int8MaxScratch?: number;
 }
@@ -694,10 +701,15 @@ export class MlaAttention {
     const plan = planMla3Pass(shape.nHeads, tc, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8LatentParts, this.tuning.int8ScoreTile);
     if (typeof plan === 'string') throw new Error(`MLA int8 three-pass attention: ${plan}`);
     const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
+    const scoresTc = this.tuning.int8ScoreProducts === 'tensor-cores';
+    if (scoresTc && !mlaTcOnTensorCores(gpu)) throw new Error(`MLA int8 three-pass attention: int8ScoreProducts 'tensor-cores' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
     // The passes read the query the dot4 path's query kernel quantizes (same plan padding at any window).
     path.three = {
       plan,
-      scoresPipe: gpu.pipeline(`mla-attention int8 3-pass scores ${key} tile ${plan.tile}${plan.queryStaged ? ' q staged' : ''}`, mla3ScoresWgsl(shape.nHeads, f, layout.blockSize, tc, plan)),
+      scoresPipe: scoresTc
+        ? gpu.pipeline(`mla-attention int8 3-pass scores ${key} tile ${plan.tile} tensor cores`, mla3ScoresTcWgsl(shape.nHeads, f, layout.blockSize, tc, plan))
+        : gpu.pipeline(`mla-attention int8 3-pass scores ${key} tile ${plan.tile}${plan.queryStaged ? ' q staged' : ''}`, mla3ScoresWgsl(shape.nHeads, f, layout.blockSize, tc, plan)),
+      scoresTc,
       softmaxPipe: gpu.pipeline(`mla-attention int8 3-pass softmax ${key}`, mla3SoftmaxWgsl(shape.nHeads, shape.kvLoraRank, plan)),
       valuesPipe: gpu.pipeline(`mla-attention int8 3-pass values ${key} parts ${plan.latentParts}`, mla3ValuesWgsl(shape.nHeads, f, layout.blockSize, plan)),
       rows: 0,
@@ -755,6 +767,7 @@ export class MlaAttention {
     pass.setPipeline(three.scoresPipe);
     pass.setBindGroup(0, three.scoreGroups[layer]);
     pass.dispatchWorkgroups(Math.ceil((maxChunks * chunkSize) / three.plan.tile), 1, rows);
+    // (the tensor-core form takes the same tiles, one subgroup per 16 heads × 16 tokens)
     pass.setPipeline(three.softmaxPipe);
     pass.setBindGroup(0, three.softmaxGroup);
     pass.dispatchWorkgroups(this.shape.nHeads, rows);
