@@ -367,7 +367,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
     let n = min(${W}u, bnd.y - w0);
     let wi = (w0 - bnd.x) / ${W}u;
-    for (var e = lid; e < ${W * DQ}u; e += ${WG}u) {
+    // Only the window's tokens, in whole quads (p′ is zero past n, so a quad's extra rows may hold anything finite).
+    let quads = (n + 3u) / 4u;
+    for (var e = lid; e < quads * ${4 * DQ}u; e += ${WG}u) {
       let t = e / ${DQ}u;
       let d = part * ${DQ}u + e % ${DQ}u;
       var v = 0u;
@@ -381,7 +383,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     workgroupBarrier();
     if (valueThread) {
       ${vs.map((k) => `var acc${k} = vec4<i32>(0);`).join('\n      ')}
-      for (var tq = 0u; tq < ${W / 4}u; tq++) {
+      for (var tq = 0u; tq < quads; tq++) {
         let at = 4u * tq * ${DQ}u + dq;
         let cv = transpose4(cw[at], cw[at + ${DQ}u], cw[at + ${2 * DQ}u], cw[at + ${3 * DQ}u]);
         ${vs.map((k) => `{
