@@ -77,10 +77,10 @@ export function localDtypes(values: { 'weight-dtype'?: string; 'kv-cache-dtype'?
   return { weightDtype: dtypeOption<WeightDtype>(values['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']), cacheDtype, mlaInt8Attention };
 }
 
-/** Why a --mla-int8-attention choice cannot run with this cache (dot4 computes on the int8 latent cache), if it cannot. */
+/** Why a --mla-int8-attention choice cannot run with this cache (dot4 and three-pass compute on the int8 latent cache), if it cannot. */
 export function mlaInt8AttentionProblem(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined): string | undefined {
-  if (choice !== 'dot4' || cacheDtype === 'int8') return undefined;
-  return `--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 (the cache is ${cacheDtype ?? 'f16'})`;
+  if ((choice !== 'dot4' && choice !== 'three-pass') || cacheDtype === 'int8') return undefined;
+  return `--mla-int8-attention ${choice} computes on an int8 latent cache; add --kv-cache-dtype int8 (the cache is ${cacheDtype ?? 'f16'})`;
 }
 
 /**
@@ -88,15 +88,16 @@ export function mlaInt8AttentionProblem(choice: MlaInt8Attention | undefined, ca
  * default, auto): dot4 where asked, and for auto wherever the cache is int8 — on an H100 the dot4 kernel served 8.6 %
  * more tokens than f32 products over the same cache (BENCHMARKS.md, 2026-12-05); f32 otherwise.
  */
-export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined): 'f32' | 'dot4' {
+export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined): 'f32' | 'dot4' | 'three-pass' {
   if (cacheDtype !== 'int8') return 'f32';
-  return choice === 'f32' ? 'f32' : 'dot4';
+  return choice === 'f32' ? 'f32' : choice === 'three-pass' ? 'three-pass' : 'dot4';
 }
 
-/** The runner's attention block for a model given --mla-int8-attention: the MLA block with dot4 products, or the default. */
+/** The runner's attention block for a model given --mla-int8-attention: the MLA block with int8 products, or the default. */
 export function attentionBlockFor(config: ModelConfig, cacheDtype: CacheDtype, choice: MlaInt8Attention | undefined): { attentionBlock?: AttentionBlockFactory } {
-  if (config.attention !== 'mla' || mlaInt8Products(choice, cacheDtype) !== 'dot4') return {};
-  return { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: 'dot4' } }) };
+  const products = mlaInt8Products(choice, cacheDtype);
+  if (config.attention !== 'mla' || products === 'f32') return {};
+  return { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: products } }) };
 }
 
 export type WeightDtype = 'f32' | 'f16' | 'int8';

@@ -175,27 +175,31 @@ test('serve with the defaults: f16 weights and cache, no int8 kernels, on /metri
   open = undefined;
 });
 
-test('serve --kv-cache-dtype int8 (--mla-int8-attention auto, the default): the MLA model computes its attention in int8 dot products (on /metrics and in the banner), the GQA model in f32', async () => {
-  const served = (open = await openServedEngines(serveOptions({ kvCacheDtype: 'int8' }), () => {}));
-  const { samples } = await scrapeServed(served);
-  const lines = banner('http://127.0.0.1:0', served);
-  for (const m of served.models) {
-    const want = m.engine.info.config.attention === 'mla' ? 'int8-dot4' : 'f32';
-    const info = modelLabels(samples, 'mla_serve_model_info', m.name);
-    assert.deepEqual([info?.cache_dtype, info?.attention_products], ['int8', want], m.name);
-    assert.match(lines.find((l) => l.trimStart().startsWith(`${m.name} `))!, new RegExp(`; attention products ${want};`));
+test('serve --kv-cache-dtype int8 (--mla-int8-attention auto, the default, and three-pass): the MLA model computes its attention in int8 dot products, in one pass or three (on /metrics and in the banner; 8 greedy tokens served), the GQA model in f32', async () => {
+  for (const [choice, mlaWant] of [[undefined, 'int8-dot4'], ['three-pass', 'int8-three-pass']] as const) {
+    const served = (open = await openServedEngines(serveOptions({ kvCacheDtype: 'int8', ...(choice ? { mlaInt8Attention: choice } : {}) }), () => {}));
+    const { samples } = await scrapeServed(served);
+    const lines = banner('http://127.0.0.1:0', served);
+    for (const m of served.models) {
+      const want = m.engine.info.config.attention === 'mla' ? mlaWant : 'f32';
+      const info = modelLabels(samples, 'mla_serve_model_info', m.name);
+      assert.deepEqual([info?.cache_dtype, info?.attention_products], ['int8', want], `${m.name} with ${choice ?? 'auto'}`);
+      assert.match(lines.find((l) => l.trimStart().startsWith(`${m.name} `))!, new RegExp(`; attention products ${want};`));
+    }
+    await served.close();
+    open = undefined;
   }
-  await served.close();
-  open = undefined;
 });
 
-test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32), f32 or dot4 by flag or MLA_SERVE_MLA_INT8_ATTENTION; dot4 without an int8 cache refused at start', async () => {
+test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32), f32, dot4 or three-pass by flag or MLA_SERVE_MLA_INT8_ATTENTION; dot4 and three-pass without an int8 cache refused at start', async () => {
   assert.equal(resolve([]).options.mlaInt8Attention, 'auto');
   assert.equal(resolve(['--mla-int8-attention', 'f32']).options.mlaInt8Attention, 'f32');
   assert.equal(resolve([], { MLA_SERVE_MLA_INT8_ATTENTION: 'dot4' }).options.mlaInt8Attention, 'dot4');
-  assert.throws(() => resolve(['--mla-int8-attention', 'fp8']), (e: Error) => e instanceof UsageError && /--mla-int8-attention must be one of auto, f32, dot4; got "fp8"/.test(e.message));
+  assert.equal(resolve(['--mla-int8-attention', 'three-pass']).options.mlaInt8Attention, 'three-pass');
+  assert.throws(() => resolve(['--mla-int8-attention', 'fp8']), (e: Error) => e instanceof UsageError && /--mla-int8-attention must be one of auto, f32, dot4, three-pass; got "fp8"/.test(e.message));
   // What each choice runs: [choice, cache dtype] → products.
-  const cases: Array<[MlaInt8AttentionOption | undefined, CacheDtype, 'f32' | 'dot4']> = [
+  const cases: Array<[MlaInt8AttentionOption | undefined, CacheDtype, 'f32' | 'dot4' | 'three-pass']> = [
+    ['three-pass', 'int8', 'three-pass'],
     ['auto', 'int8', 'dot4'],
     [undefined, 'int8', 'dot4'],
     ['f32', 'int8', 'f32'],
