@@ -87,6 +87,20 @@ export function mla3ScratchBytes(nHeads: number, p: Mla3PassPlan, rows: number, 
 const strideWgsl = `stepMeta[${META_MAX_CHUNKS}] * stepMeta[${META_CHUNK}]`;
 
 /**
+ * WGSL opening both score passes: row r, tile tokens t0 … t0 + n − 1 of its context (a workgroup past it returns), its
+ * block table bt and the scores' row stride.
+ */
+function tileStartWgsl(T: number): string {
+  return `let r = wid.z;
+  let t0 = wid.x * ${T}u;
+  let ctx = rowPos(r) + 1u;
+  if (t0 >= ctx) { return; }
+  let n = min(${T}u, ctx - t0);
+  let bt = seqBlockTable(rowSeq(r));
+  let stride = ${strideWgsl};`;
+}
+
+/**
  * Pass 1, grid (tiles, 1, rows): the scores of one row's tile (32 or 64 tokens) for every head, s = Σ q̃q·cq · sq̃ · sc_t +
  * Σ q_peq·k_peq · sq_pe · spe_t, to scores[(r·H + h)·stride + t], and sc_t to tscale[r·stride + t]. Thread = (head
  * quad, token and token + 32) as in the dot4 kernel: each warp's query loads uniform (staged where it fits).
@@ -122,13 +136,7 @@ ${p.queryStaged ? `var<workgroup> qsm: array<vec4<u32>, ${H * RW4}>;` : ''}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let r = wid.z;
-  let t0 = wid.x * ${T}u;
-  let ctx = rowPos(r) + 1u;
-  if (t0 >= ctx) { return; }
-  let n = min(${T}u, ctx - t0);
-  let bt = seqBlockTable(rowSeq(r));
-  let stride = ${strideWgsl};
+  ${tileStartWgsl(T)}
   ${p.queryStaged ? `for (var i = lid; i < ${H * RW4}u; i += ${WG}u) {
     let w4 = i % ${RW4}u;
     qsm[i] = qq[qqWord(r, i / ${RW4}u, 0u) / 4u + (w4 >> 1u) * 32u + (w4 & 1u)];
@@ -195,13 +203,7 @@ var<workgroup> res: array<i32, ${SG * 512}>;
 
 @compute @workgroup_size(${SG * 32})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let r = wid.z;
-  let t0 = wid.x * ${T}u;
-  let ctx = rowPos(r) + 1u;
-  if (t0 >= ctx) { return; }
-  let n = min(${T}u, ctx - t0);
-  let bt = seqBlockTable(rowSeq(r));
-  let stride = ${strideWgsl};
+  ${tileStartWgsl(T)}
   // Subgroup sg: head tile sg / ${TT}, tokens t0 + (sg % ${TT})·16 …; a group past the context reads the last one's block.
   let first = min(t0 + (sg % ${TT}u) * 16u, ctx - 1u);
   let rowByte = cacheRow(bt, first - first % 16u) * ${rowBytes}u;
