@@ -504,7 +504,7 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
       meta.destroy();
       continue;
     }
-    att.prepare(m.nRows, m.maxChunks);
+    att.prepare(m.nRows, m.maxChunks, m.chunkSize);
     const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks, m.chunkSize));
     let maxRelError = NaN;
     if (context <= 4096 && !prefill) {
@@ -589,7 +589,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
       meta.destroy();
       continue;
     }
-    att.prepare(m.nRows, m.maxChunks);
+    att.prepare(m.nRows, m.maxChunks, m.chunkSize);
     const r = await measure(gpu, args, (p) => att.encode(p, 0, m.nRows, m.maxChunks, m.chunkSize));
     const got = await readF32(gpu, out, outStride);
     outputs.set(formKey, got);

@@ -300,7 +300,7 @@ export class MlaBlock implements AttentionBlock {
   }
 
   prepare(meta: StepMeta): void {
-    this.attention!.prepare(meta.nRows, meta.maxChunks);
+    this.attention!.prepare(meta.nRows, meta.maxChunks, meta.chunkSize);
   }
 
   encodeLayer(pass: GPUComputePassEncoder, layer: number, meta: StepMeta): void {

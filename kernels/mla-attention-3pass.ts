@@ -72,16 +72,24 @@ export function planMla3Pass(nHeads: number, tc: MlaTcPlan, storageLimit: number
   return { tile, window: W, headQuads: Math.ceil(nHeads / 4), rowWords, latentWords, rowStride4, queryStaged, latentParts, partWords, headParts, headsPerThread, scoreBytes, valueBytes };
 }
 
-/** Scratch sizes (bytes) for `rows` rows of up to `maxChunks` chunks: scores, token scales, p′ words, window scales. */
-export function mla3ScratchBytes(nHeads: number, p: Mla3PassPlan, rows: number, maxChunks: number): { scores: number; tscale: number; pq: number; ps: number } {
-  const ctx = maxChunks * MLA3_MAX_CHUNK;
+/**
+ * Scratch sizes (bytes) for `rows` rows of up to `maxChunks` chunks of `chunk` tokens: scores, token scales, p′ (whole
+ * windows a chunk), window scales.
+ */
+export function mla3ScratchBytes(nHeads: number, p: Mla3PassPlan, rows: number, maxChunks: number, chunk = MLA3_MAX_CHUNK): { scores: number; tscale: number; pq: number; ps: number } {
+  const ctx = maxChunks * chunk;
+  const windows = Math.ceil(chunk / p.window);
   return {
     scores: 4 * rows * nHeads * ctx,
     tscale: 4 * rows * ctx,
-    pq: rows * nHeads * ctx,
-    ps: 4 * rows * nHeads * maxChunks * (MLA3_MAX_CHUNK / p.window),
+    pq: rows * nHeads * maxChunks * windows * p.window,
+    ps: 4 * rows * nHeads * maxChunks * windows,
   };
 }
+
+/** WGSL: windows a chunk (chunkWindows) and p′ words a chunk (chunkWords) from the step's chunk size. */
+const chunkLayoutWgsl = (W: number) => `let chunkWindows = (stepMeta[${META_CHUNK}] + ${W - 1}u) / ${W}u;
+  let chunkWords = chunkWindows * ${W / 4}u;`;
 
 /** WGSL: the row stride of the scores and token scales (every chunk slot of the step, MLA3_MAX_CHUNK or less each). */
 const strideWgsl = `stepMeta[${META_MAX_CHUNKS}] * stepMeta[${META_CHUNK}]`;
@@ -236,14 +244,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
 /**
  * Pass 2, grid (heads, rows): the exact max m of the row's scores for the head; per split chunk l = Σ exp(s − m) and
  * p′ = exp(s − m) · sc_t, quantized per window with scale max p′ / 127 (bits as u32 atomics: p′ ≥ 0 orders like its
- * bits). Writes p′ to pq (MLA3_MAX_CHUNK / 4 words a chunk, zero past the context), the window scales to ps, and m, l
+ * bits). Writes p′ to pq (whole windows a chunk, zero past the context), the window scales to ps, and m, l
  * to the partials. A non-finite score poisons the head (l = NaN), found from the bits as in the one-pass kernels.
  */
 export function mla3SoftmaxWgsl(nHeads: number, R: number, p: Mla3PassPlan): string {
   const H = nHeads;
   const W = p.window;
   const C = MLA3_MAX_CHUNK;
-  const CW = C / 4;
   const NW = C / W;
   return /* wgsl */ `
 ${metaWgsl(0)}
@@ -265,6 +272,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
   let stride = ${strideWgsl};
   let sb = (r * ${H}u + h) * stride;
+  ${chunkLayoutWgsl(W)}
   var mx = ${NEG_BIG};
   var bad = 0.0;
   for (var t = lid; t < ctx; t += ${WG}u) {
@@ -310,9 +318,9 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       let pm = bitcast<f32>(atomicLoad(&wmax[(4u * j) / ${W}u]));
       let inv = select(0.0, 127.0 / pm, pm > 0.0);
       let v = clamp(round(vec4<f32>(pw[4u * j], pw[4u * j + 1u], pw[4u * j + 2u], pw[4u * j + 3u]) * inv), vec4<f32>(-127.0), vec4<f32>(127.0));
-      pq[base * ${CW}u + j] = pack4xI8(vec4<i32>(v));
+      pq[base * chunkWords + j] = pack4xI8(vec4<i32>(v));
     }
-    if (lid < (n + ${W - 1}u) / ${W}u) { ps[base * ${NW}u + lid] = bitcast<f32>(atomicLoad(&wmax[lid])) / 127.0; }
+    if (lid < (n + ${W - 1}u) / ${W}u) { ps[base * chunkWindows + lid] = bitcast<f32>(atomicLoad(&wmax[lid])) / 127.0; }
     if (lid == 0u) {
       let lc = red[0].x;
       partials[base * ${R + 2}u] = m;
@@ -336,8 +344,6 @@ export function mla3ValuesWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: n
   const W = p.window;
   const DQ = p.partWords;
   const HPT = p.headsPerThread;
-  const CW = MLA3_MAX_CHUNK / 4;
-  const NW = MLA3_MAX_CHUNK / W;
   const vs = [...Array(HPT).keys()];
   return /* wgsl */ `
 ${metaWgsl(0)}
@@ -361,6 +367,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   if (bnd.y <= bnd.x) { return; }
   let bt = seqBlockTable(rowSeq(r));
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  ${chunkLayoutWgsl(W)}
   let dq = lid % ${DQ}u;
   let hp = lid / ${DQ}u;
   let gw = part * ${DQ}u + dq;
@@ -380,7 +387,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     for (var e = lid; e < ${(H * W) / 4}u; e += ${WG}u) {
       let h = e / ${W / 4}u;
-      pqs[e] = pq[((r * ${H}u + h) * maxChunks + c) * ${CW}u + wi * ${W / 4}u + e % ${W / 4}u];
+      pqs[e] = pq[((r * ${H}u + h) * maxChunks + c) * chunkWords + wi * ${W / 4}u + e % ${W / 4}u];
     }
     workgroupBarrier();
     if (valueThread) {
@@ -393,7 +400,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
           acc${k} += vec4<i32>(dot4I8Packed(pw, cv.x), dot4I8Packed(pw, cv.y), dot4I8Packed(pw, cv.z), dot4I8Packed(pw, cv.w));
         }`).join('\n        ')}
       }
-      ${vs.map((k) => `o${k} += vec4<f32>(acc${k}) * ps[((r * ${H}u + vh${k}) * maxChunks + c) * ${NW}u + wi];`).join('\n      ')}
+      ${vs.map((k) => `o${k} += vec4<f32>(acc${k}) * ps[((r * ${H}u + vh${k}) * maxChunks + c) * chunkWindows + wi];`).join('\n      ')}
     }
     workgroupBarrier();
   }

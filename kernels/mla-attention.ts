@@ -55,9 +55,8 @@ interface ThreePass {
   scoresPipe: GPUComputePipeline;
   softmaxPipe: GPUComputePipeline;
   valuesPipe: GPUComputePipeline;
-  /** Rows and chunks the scratch holds (0: none yet, or the step is too large for MLA3_MAX_SCRATCH). */
-  rows: number;
-  maxChunks: number;
+  /** Bytes each scratch buffer holds (none yet: zeros). */
+  capacity: { scores: number; tscale: number; pq: number; ps: number };
   buffers?: { scores: GPUBuffer; tscale: GPUBuffer; pq: GPUBuffer; ps: GPUBuffer };
   scoreGroups: GPUBindGroup[];
   softmaxGroup?: GPUBindGroup;
@@ -712,8 +711,7 @@ export class MlaAttention {
       scoresTc,
       softmaxPipe: gpu.pipeline(`mla-attention int8 3-pass softmax ${key}`, mla3SoftmaxWgsl(shape.nHeads, shape.kvLoraRank, plan)),
       valuesPipe: gpu.pipeline(`mla-attention int8 3-pass values ${key} parts ${plan.latentParts}`, mla3ValuesWgsl(shape.nHeads, f, layout.blockSize, plan)),
-      rows: 0,
-      maxChunks: 0,
+      capacity: { scores: 0, tscale: 0, pq: 0, ps: 0 },
       scoreGroups: [],
       valueGroups: [],
     };
@@ -730,12 +728,20 @@ export class MlaAttention {
     return this.ranThree;
   }
 
-  /** Sizes the three-pass scratch for a step (none when it would pass MLA3_MAX_SCRATCH: such steps run dot4). */
-  private prepareThree(rows: number, maxChunks: number): void {
+  /** Whether the scratch holds a step of this size. */
+  private threeFits(rows: number, maxChunks: number, chunkSize: number): boolean {
+    const three = this.tc!.three!;
+    const need = mla3ScratchBytes(this.shape.nHeads, three.plan, rows, maxChunks, chunkSize);
+    return (Object.keys(need) as Array<keyof typeof need>).every((k) => need[k] <= three.capacity[k]);
+  }
+
+  /** Sizes the three-pass scratch for a step (grows; none when it would pass int8MaxScratch: such steps run dot4). */
+  private prepareThree(rows: number, maxChunks: number, chunkSize: number): void {
     const three = this.tc?.three;
-    if (!three || (rows <= three.rows && maxChunks <= three.maxChunks)) return;
-    const want = { rows: Math.max(rows, three.rows), maxChunks: Math.max(maxChunks, three.maxChunks) };
-    const sizes = mla3ScratchBytes(this.shape.nHeads, three.plan, want.rows, want.maxChunks);
+    if (!three || chunkSize > MLA3_MAX_CHUNK || this.threeFits(rows, maxChunks, chunkSize)) return;
+    const need = mla3ScratchBytes(this.shape.nHeads, three.plan, rows, maxChunks, chunkSize);
+    const sizes = { ...need };
+    for (const k of Object.keys(sizes) as Array<keyof typeof sizes>) sizes[k] = Math.max(need[k], three.capacity[k]);
     const total = sizes.scores + sizes.tscale + sizes.pq + sizes.ps;
     if (total > (this.tuning.int8MaxScratch ?? MLA3_MAX_SCRATCH) || Object.values(sizes).some((b) => b > this.gpu.limits.maxStorageBufferBindingSize)) return;
     for (const b of Object.values(three.buffers ?? {})) b.destroy();
@@ -745,8 +751,7 @@ export class MlaAttention {
       pq: storageBuffer(this.gpu, 'mla attention 3-pass p′', sizes.pq),
       ps: storageBuffer(this.gpu, 'mla attention 3-pass p′ scales', sizes.ps),
     };
-    three.rows = want.rows;
-    three.maxChunks = want.maxChunks;
+    three.capacity = sizes;
     three.scoreGroups = [];
     three.softmaxGroup = undefined;
     three.valueGroups = [];
@@ -756,7 +761,7 @@ export class MlaAttention {
   private encodeThree(pass: GPUComputePassEncoder, layer: number, rows: number, maxChunks: number, chunkSize: number | undefined): boolean {
     const tc = this.tc!;
     const three = tc.three;
-    if (!three?.buffers || chunkSize === undefined || chunkSize > MLA3_MAX_CHUNK || rows > three.rows || maxChunks > three.maxChunks) return false;
+    if (!three?.buffers || chunkSize === undefined || chunkSize > MLA3_MAX_CHUNK || !this.threeFits(rows, maxChunks, chunkSize)) return false;
     const { scores, tscale, pq, ps } = three.buffers;
     const { meta, layerCaches } = this.b;
     if (three.scoreGroups.length === 0) {
@@ -852,8 +857,11 @@ export class MlaAttention {
     return v as Required<PartialVariant>;
   }
 
-  /** Makes room for a step's partial results (call before encoding the step; grows, never shrinks). */
-  prepare(rows: number, maxChunks: number): void {
+  /**
+   * Makes room for a step's partial results (call before encoding the step; grows, never shrinks); chunkSize (the
+   * step's META_CHUNK) sizes the three-pass scratch (unknown: chunks of MLA3_MAX_CHUNK).
+   */
+  prepare(rows: number, maxChunks: number, chunkSize?: number): void {
     const tc = this.tc;
     if (tc && rows > tc.rows) {
       tc.qq?.destroy();
@@ -865,7 +873,7 @@ export class MlaAttention {
       tc.partialGroups = [];
       if (tc.three) tc.three.scoreGroups = [];
     }
-    this.prepareThree(rows, maxChunks);
+    this.prepareThree(rows, maxChunks, chunkSize ?? MLA3_MAX_CHUNK);
     const need = rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2);
     if (this.partials && need <= this.capacity) return;
     this.partials?.destroy();

@@ -114,7 +114,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
     const strided = new Float32Array(rows.length * srcStride).fill(NaN);
     rows.forEach((row, i) => strided.set(row, i * srcStride));
     g.device.queue.writeBuffer(src, 0, strided);
-    if (attend && attention) attention.prepare(m.nRows, m.maxChunks);
+    if (attend && attention) attention.prepare(m.nRows, m.maxChunks, m.chunkSize);
     const enc = g.device.createCommandEncoder();
     const pass = enc.beginComputePass();
     writer.encode(pass, 0, m.nRows);
