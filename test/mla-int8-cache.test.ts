@@ -342,7 +342,7 @@ test('mla attention over the int8 latent cache vs float64: within the quantizati
   }
 });
 
-test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the int8 latent cache within 5 % of the f32 cache', async () => {
+test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the int8 latent cache within 5 % of the f32 cache (f32, dot4 and three-pass products)', async () => {
   const g = await gpu();
   const source = await loadModel('../shared/models/stories260K/stories260K.gguf', { maxSeqLen: 512 });
   const gqa = source.config as GqaConfig;
@@ -387,6 +387,10 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
     const dot4 = await score('int8', 'dot4');
     console.log(`  int8 products, dot4 kernel: ppl ${dot4.perplexity.toFixed(4)} (${(100 * (dot4.perplexity / base.perplexity - 1)).toFixed(3)} %)`);
     assert.ok(Math.abs(dot4.perplexity / products.perplexity - 1) <= 1e-3, `dot4 kernel perplexity ${dot4.perplexity} vs the emulated form's ${products.perplexity}`);
+    // And in the three passes (scores, exact-max softmax, values): the same windows of 64, so the same perplexity.
+    const three = await score('int8', 'three-pass');
+    console.log(`  int8 products, three passes: ppl ${three.perplexity.toFixed(4)} (${(100 * (three.perplexity / base.perplexity - 1)).toFixed(3)} %)`);
+    assert.ok(Math.abs(three.perplexity / products.perplexity - 1) <= 1e-3, `three-pass perplexity ${three.perplexity} vs the emulated form's ${products.perplexity}`);
     assert.equal(int8.predicted, base.predicted);
     assert.ok(base.predicted > 700, `only ${base.predicted} tokens scored`);
     const delta = int8.perplexity / base.perplexity - 1;
