@@ -20,7 +20,8 @@
 #              WARP_RUNS picks the decode runs, softmax:window)
 #   three      the three-pass MLA kernels (scores, softmax, values: int8Products 'three-pass') against the one-pass dot4
 #              kernel and GQA: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt (window 32, 1 / 4 latent parts,
-#              2× / 4× / ½ chunks, 64-token score tiles, tensor-core scores; THREE_FORMS picks), GQA and MLA decode at 8 and 32 sequences with each, profiled (~5 min; THREE_FLAGS adds
+#              2× / 4× / ½ chunks, 64-token score tiles, tensor-core scores; THREE_FORMS picks), GQA (THREE_DECODE
+#              without gqa skips it; none skips the decodes) and MLA decode at 8 and 32 sequences with each, profiled (~5 min; THREE_FLAGS adds
 #              bench:decode flags to the three-pass run)
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
@@ -206,12 +207,16 @@ warp)
   ;;
 three)
   attention_forms three "${THREE_FORMS:-dot4,three-pass,three-pass w32,three-pass parts 1,three-pass parts 4,three-pass target×2,three-pass target×4,three-pass target÷2,three-pass tile 64,three-pass tc,three-pass tc tile 64}"
-  el decode-gqa
-  timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
-    --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --json "$OUT/decode-gqa.json" >"$OUT/decode-gqa.txt" 2>&1
-  el "rc=$?"
-  mla_decode dot4
-  mla_decode three --mla-int8-products three-pass ${THREE_FLAGS:-}
+  if [ "${THREE_DECODE:-gqa,dot4,three}" != none ]; then
+    if [[ ",${THREE_DECODE:-gqa}," == *,gqa,* ]]; then
+      el decode-gqa
+      timeout 100 node --import tsx bench/decode.ts --models qwen2.5-7b --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
+        --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --json "$OUT/decode-gqa.json" >"$OUT/decode-gqa.txt" 2>&1
+      el "rc=$?"
+    fi
+    mla_decode dot4
+    mla_decode three --mla-int8-products three-pass ${THREE_FLAGS:-}
+  fi
   grep -A40 "^MLA over int8 cache" "$OUT/attention-three.txt" | cut -c40-200 | head -n 40
   grep -A3 "^prefill (1 prompt)" "$OUT/attention-three.txt" | cut -c1-220
   grep "vs three-pass" "$OUT/attention-three.txt" | head -n 16
