@@ -10,7 +10,7 @@ import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta
  * Why three passes: the one-pass dot4 kernel keeps every head's 512 outputs of its chunk in registers (56 f32 a
  * thread at 28 heads) beside the score sums, so an SM holds two of its workgroups, and each 32-token window waits on
  * ~15 barriers (staging, scores, a tree softmax, values): at 32 × 4K it ran at ~20 % of the dot4 rate. Here
- *  1. scores: one workgroup per (row, 32-token tile) writes f32 scores s[r, h, t] (and c's scale of token t); no
+ *  1. scores: one workgroup per (row, 32- or 64-token tile) writes f32 scores s[r, h, t] (and c's scale of token t); no
  *     outputs live, so many workgroups share an SM;
  *  2. softmax: one workgroup per (row, head) finds the exact max m over the whole context (no running rescale), then
  *     per split chunk l = Σ exp(s − m) and p′ = exp(s − m) · sc_t, quantized per 64-token window of the chunk (the
