@@ -21,10 +21,11 @@ Generates text from a prompt and streams it to stdout, then prints a line of fig
   --kv-cache-dtype f32|f16|int8  KV cache format (default f16; int8: one scale per token, head and K/V,
                           GQA; MLA: the latent and RoPE key, one scale each per token;
                           --cache-dtype is accepted as an alias)
-  --mla-int8-attention auto|f32|dot4  MLA over an int8 cache: f32 products on the unpacked values,
-                          or dot4: the query and softmax weights quantized to int8 too, both products int8
-                          dot products (needs --kv-cache-dtype int8); auto (default): dot4 with an int8
-                          cache, else f32
+  --mla-int8-attention auto|f32|dot4|three-pass  MLA over an int8 cache: f32 products on the unpacked
+                          values, or dot4: the query and softmax weights quantized to int8 too, both products
+                          int8 dot products; three-pass: the same integers as scores, softmax and values
+                          passes (dot4 and three-pass need --kv-cache-dtype int8); auto (default): dot4 with
+                          an int8 cache, else f32
   --max-model-len N       context length (default: the model's)
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
   --json                  print the text and figures as one JSON object instead
