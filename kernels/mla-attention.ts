@@ -50,8 +50,6 @@ interface TcPath {
 
 interface ThreePass {
   plan: Mla3PassPlan;
-  /** The score pass runs on tensor cores (int8ScoreProducts). */
-  scoresTc: boolean;
   scoresPipe: GPUComputePipeline;
   softmaxPipe: GPUComputePipeline;
   valuesPipe: GPUComputePipeline;
@@ -638,8 +636,8 @@ export class MlaAttention {
 
   /**
    * Which kernel computes the scores and values (the runner reports it as RunnerDescription.attentionProducts): 'f32',
-   * 'int8-tensor-cores', 'int8-dot4' (the fast dot4 kernel) or 'int8-dot4-tc-layout' (the tensor-core kernel's own dot4
-   * form; the same integers throughout).
+   * 'int8-tensor-cores', 'int8-dot4' (the fast dot4 kernel), 'int8-three-pass' (the three passes, dot4 for the steps
+   * they do not take) or 'int8-dot4-tc-layout' (the tensor-core kernel's own dot4 form; the same integers throughout).
    */
   get products(): 'f32' | 'int8-tensor-cores' | 'int8-dot4' | 'int8-three-pass' | 'int8-dot4-tc-layout' {
     if (!this.tc) return 'f32';
@@ -708,7 +706,6 @@ export class MlaAttention {
       scoresPipe: scoresTc
         ? gpu.pipeline(`mla-attention int8 3-pass scores ${key} tile ${plan.tile} tensor cores`, mla3ScoresTcWgsl(shape.nHeads, f, layout.blockSize, tc, plan))
         : gpu.pipeline(`mla-attention int8 3-pass scores ${key} tile ${plan.tile}${plan.queryStaged ? ' q staged' : ''}`, mla3ScoresWgsl(shape.nHeads, f, layout.blockSize, tc, plan)),
-      scoresTc,
       softmaxPipe: gpu.pipeline(`mla-attention int8 3-pass softmax ${key}`, mla3SoftmaxWgsl(shape.nHeads, shape.kvLoraRank, plan)),
       valuesPipe: gpu.pipeline(`mla-attention int8 3-pass values ${key} parts ${plan.latentParts}`, mla3ValuesWgsl(shape.nHeads, f, layout.blockSize, plan)),
       capacity: { scores: 0, tscale: 0, pq: 0, ps: 0 },
@@ -772,7 +769,6 @@ export class MlaAttention {
     pass.setPipeline(three.scoresPipe);
     pass.setBindGroup(0, three.scoreGroups[layer]);
     pass.dispatchWorkgroups(Math.ceil((maxChunks * chunkSize) / three.plan.tile), 1, rows);
-    // (the tensor-core form takes the same tiles, one subgroup per 16 heads × 16 tokens)
     pass.setPipeline(three.softmaxPipe);
     pass.setBindGroup(0, three.softmaxGroup);
     pass.dispatchWorkgroups(this.shape.nHeads, rows);
