@@ -160,6 +160,10 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'three-pass tile 64', mode: 'three-pass', window: 64, tuning: { int8ScoreTile: 64 }, variant: 'int8 three-pass, score tile 64', fast: true },
   { key: 'three-pass tc', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores', fast: true },
   { key: 'three-pass tc tile 64', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores', int8ScoreTile: 64 }, variant: 'int8 three-pass, tensor-core scores, tile 64', fast: true },
+  { key: 'three-pass tc values', mode: 'three-pass', window: 64, tuning: { int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core values', fast: true },
+  { key: 'three-pass tc both', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
+  { key: 'three-pass tc both parts 4', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores', int8LatentParts: 4 }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
+  { key: 'three-pass tc both w32', mode: 'three-pass', window: 32, tuning: { int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
   { key: 'three-pass target÷2', mode: 'three-pass', window: 64, targetScale: 0.5, variant: 'int8 three-pass, ½ chunks', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];
@@ -632,7 +636,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   }
   // The three-pass forms against the plain one (the same integers: tensor-core scores must agree to f32 rounding).
   const three = outputs.get('three-pass');
-  for (const key of ['three-pass tc', 'three-pass tc tile 64', 'three-pass tile 64', 'three-pass parts 4']) {
+  for (const key of ['three-pass tc', 'three-pass tc tile 64', 'three-pass tile 64', 'three-pass parts 4', 'three-pass tc values', 'three-pass tc both', 'three-pass tc both parts 4']) {
     const got = outputs.get(key);
     if (!three || !got) continue;
     let d = 0;

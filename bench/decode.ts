@@ -23,6 +23,8 @@
 //            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default on)
 //            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 2)
 //            --mla-dot4-softmax workgroup|subgroup|emulated (MLA, dot4 products: the window softmax; default workgroup)
+//            --mla-3pass-products dot4|scores|values|both (MLA, three-pass products: which passes multiply on tensor cores;
+//            default dot4, neither)  --mla-3pass-parts N (MLA, three-pass: latent parts of the value pass; default 2)
 //            --mla-window N (MLA over the int8 cache: the int8-product kernels' window, tokens; default 64)
 //            --mla-min-chunk N (MLA: smallest context chunk of the attention split; default 64)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step
@@ -184,6 +186,13 @@ function parseArgs(argv: string[]): Args {
       if (v !== 'workgroup' && v !== 'subgroup' && v !== 'emulated') throw new Error(`--mla-dot4-softmax is workgroup, subgroup or emulated, got ${v}`);
       a.mlaBlock.attentionTuning.int8Softmax = v;
     }
+    else if (k === '--mla-3pass-products') {
+      const v = val();
+      if (v !== 'dot4' && v !== 'scores' && v !== 'values' && v !== 'both') throw new Error(`--mla-3pass-products is dot4, scores, values or both, got ${v}`);
+      a.mlaBlock.attentionTuning.int8ScoreProducts = v === 'scores' || v === 'both' ? 'tensor-cores' : 'dot4';
+      a.mlaBlock.attentionTuning.int8ValueProducts = v === 'values' || v === 'both' ? 'tensor-cores' : 'dot4';
+    }
+    else if (k === '--mla-3pass-parts') a.mlaBlock.attentionTuning.int8LatentParts = intList(val(), k)[0];
     else if (k === '--mla-window') a.mlaBlock.attentionTuning.int8Window = intList(val(), k)[0];
     else if (k === '--prefill-chunk') a.prefillChunk = intList(val(), k)[0];
     else if (k === '--kv-budget') a.kvBudget = parseSize(val());

@@ -19,10 +19,11 @@
 #              8 / 32 rows × 512 / 4K and a 512-token prompt, MLA decode at 8 and 32 sequences profiled (~4 min;
 #              WARP_RUNS picks the decode runs, softmax:window)
 #   three      the three-pass MLA kernels (scores, softmax, values: int8Products 'three-pass') against the one-pass dot4
-#              kernel and GQA: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt (window 32, 1 / 4 latent parts,
-#              2× / 4× / ½ chunks, 64-token score tiles, tensor-core scores; THREE_FORMS picks), GQA (THREE_DECODE
-#              without gqa skips it; none skips the decodes) and MLA decode at 8 and 32 sequences with each, profiled (~5 min; THREE_FLAGS adds
-#              bench:decode flags to the three-pass run)
+#              kernel and GQA: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt (tensor-core scores, values or
+#              both, 4 latent parts, 32-token windows, 64-token score tiles; THREE_FORMS picks), GQA (THREE_DECODE
+#              without gqa skips it; none skips the decodes) and MLA decode at 8 and 32 sequences with dot4 and with the
+#              three passes, profiled (~5 min; THREE_FLAGS replaces the three-pass run's bench:decode flags, default
+#              --mla-3pass-products both)
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   goals      issue 7's two open goals in one call when the device is scarce (~6 min): attention 8/32 × 512/4K with the
@@ -206,7 +207,7 @@ warp)
   done
   ;;
 three)
-  attention_forms three "${THREE_FORMS:-dot4,three-pass,three-pass w32,three-pass parts 1,three-pass parts 4,three-pass target×2,three-pass target×4,three-pass target÷2,three-pass tile 64,three-pass tc,three-pass tc tile 64}"
+  attention_forms three "${THREE_FORMS:-dot4,three-pass,three-pass tc,three-pass tc values,three-pass tc both,three-pass tc both parts 4,three-pass tc both w32,three-pass tc tile 64}"
   if [ "${THREE_DECODE:-gqa,dot4,three}" != none ]; then
     if [[ ",${THREE_DECODE:-gqa}," == *,gqa,* ]]; then
       el decode-gqa
@@ -215,7 +216,7 @@ three)
       el "rc=$?"
     fi
     mla_decode dot4
-    mla_decode three --mla-int8-products three-pass ${THREE_FLAGS:-}
+    mla_decode three --mla-int8-products three-pass ${THREE_FLAGS:---mla-3pass-products both}
   fi
   grep -A40 "^MLA over int8 cache" "$OUT/attention-three.txt" | cut -c40-200 | head -n 40
   grep -A3 "^prefill (1 prompt)" "$OUT/attention-three.txt" | cut -c1-220

@@ -38,6 +38,8 @@ export interface Mla3PassPlan {
   headsPerThread: number;
   scoreBytes: number;
   valueBytes: number;
+  /** Head rows of p′ and its window scales a row: the heads padded to 16 (the tensor-core value pass loads 16 at a time). */
+  headRows: number;
 }
 
 const WG = 256;
@@ -69,7 +71,8 @@ export function planMla3Pass(nHeads: number, tc: MlaTcPlan, storageLimit: number
   if (headsPerThread > 16) return `${nHeads} heads over ${headParts} head parts: more than 16 heads a thread`;
   const valueBytes = 4 * W * partWords + nHeads * W + 16;
   if (valueBytes > storageLimit) return `value pass: ${valueBytes} B of workgroup memory, the device allows ${storageLimit}`;
-  return { tile, window: W, headQuads: Math.ceil(nHeads / 4), rowWords, latentWords, rowStride4, queryStaged, latentParts, partWords, headParts, headsPerThread, scoreBytes, valueBytes };
+  const headRows = Math.ceil(nHeads / 16) * 16;
+  return { tile, window: W, headQuads: Math.ceil(nHeads / 4), rowWords, latentWords, rowStride4, queryStaged, latentParts, partWords, headParts, headsPerThread, scoreBytes, valueBytes, headRows };
 }
 
 /**
@@ -82,8 +85,8 @@ export function mla3ScratchBytes(nHeads: number, p: Mla3PassPlan, rows: number, 
   return {
     scores: 4 * rows * nHeads * ctx,
     tscale: 4 * rows * ctx,
-    pq: rows * nHeads * maxChunks * windows * p.window,
-    ps: 4 * rows * nHeads * maxChunks * windows,
+    pq: rows * p.headRows * maxChunks * windows * p.window,
+    ps: 4 * rows * p.headRows * maxChunks * windows,
   };
 }
 
@@ -312,15 +315,16 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       if (lid < st) { red[lid].x += red[lid + st].x; }
       workgroupBarrier();
     }
-    let base = ((r * ${H}u + h) * maxChunks + c);
+    let base = (r * ${H}u + h) * maxChunks + c;
+    let pbase = (r * ${p.headRows}u + h) * maxChunks + c;
     let words = ((n + ${W - 1}u) / ${W}u) * ${W / 4}u;
     for (var j = lid; j < words; j += ${WG}u) {
       let pm = bitcast<f32>(atomicLoad(&wmax[(4u * j) / ${W}u]));
       let inv = select(0.0, 127.0 / pm, pm > 0.0);
       let v = clamp(round(vec4<f32>(pw[4u * j], pw[4u * j + 1u], pw[4u * j + 2u], pw[4u * j + 3u]) * inv), vec4<f32>(-127.0), vec4<f32>(127.0));
-      pq[base * chunkWords + j] = pack4xI8(vec4<i32>(v));
+      pq[pbase * chunkWords + j] = pack4xI8(vec4<i32>(v));
     }
-    if (lid < (n + ${W - 1}u) / ${W}u) { ps[base * chunkWindows + lid] = bitcast<f32>(atomicLoad(&wmax[lid])) / 127.0; }
+    if (lid < (n + ${W - 1}u) / ${W}u) { ps[pbase * chunkWindows + lid] = bitcast<f32>(atomicLoad(&wmax[lid])) / 127.0; }
     if (lid == 0u) {
       let lc = red[0].x;
       partials[base * ${R + 2}u] = m;
@@ -387,7 +391,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     }
     for (var e = lid; e < ${(H * W) / 4}u; e += ${WG}u) {
       let h = e / ${W / 4}u;
-      pqs[e] = pq[((r * ${H}u + h) * maxChunks + c) * chunkWords + wi * ${W / 4}u + e % ${W / 4}u];
+      pqs[e] = pq[((r * ${p.headRows}u + h) * maxChunks + c) * chunkWords + wi * ${W / 4}u + e % ${W / 4}u];
     }
     workgroupBarrier();
     if (valueThread) {
@@ -400,7 +404,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
           acc${k} += vec4<i32>(dot4I8Packed(pw, cv.x), dot4I8Packed(pw, cv.y), dot4I8Packed(pw, cv.z), dot4I8Packed(pw, cv.w));
         }`).join('\n        ')}
       }
-      ${vs.map((k) => `o${k} += vec4<f32>(acc${k}) * ps[((r * ${H}u + vh${k}) * maxChunks + c) * chunkWindows + wi];`).join('\n      ')}
+      ${vs.map((k) => `o${k} += vec4<f32>(acc${k}) * ps[((r * ${p.headRows}u + vh${k}) * maxChunks + c) * chunkWindows + wi];`).join('\n      ')}
     }
     workgroupBarrier();
   }
@@ -412,6 +416,115 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       }
     }`).join('\n    ')}
   }
+}
+`;
+}
+
+/**
+ * How the tensor-core value pass splits a workgroup's tiles (16 heads × 16 latent bytes each): subgroups, tiles a
+ * subgroup, and tiles a subgroup stores at once through workgroup memory (what fits beside the staged cache rows).
+ */
+export function planMla3ValuesTc(nHeads: number, p: Mla3PassPlan, storageLimit: number): { subgroups: number; tilesPerSubgroup: number; storeTiles: number; cacheBytes: number } | string {
+  if (p.window % 32 !== 0) return `window ${p.window}: the tensor-core value pass takes 32-token K steps`;
+  const partBytes = 4 * p.partWords;
+  if (partBytes % 16 !== 0) return `${partBytes} latent bytes a part: a multiple of 16`;
+  const tiles = (p.headRows / 16) * (partBytes / 16);
+  const subgroups = Math.min(8, tiles);
+  if (tiles % subgroups !== 0) return `${tiles} value tiles over ${subgroups} subgroups`;
+  const tilesPerSubgroup = tiles / subgroups;
+  const cacheBytes = 32 * partBytes;
+  let storeTiles = tilesPerSubgroup;
+  while (storeTiles > 1 && (tilesPerSubgroup % storeTiles !== 0 || cacheBytes + subgroups * storeTiles * 1024 + 16 > storageLimit)) storeTiles--;
+  if (cacheBytes + subgroups * storeTiles * 1024 + 16 > storageLimit) return `value pass on tensor cores: ${cacheBytes + subgroups * 1024} B of workgroup memory, the device allows ${storageLimit}`;
+  return { subgroups, tilesPerSubgroup, storeTiles, cacheBytes };
+}
+
+/**
+ * Pass 3 on tensor cores (i8 subgroup matrices), grid (chunks, latent parts, rows): per window and 32-token K step the
+ * part's cache bytes of the 32 tokens are staged in workgroup memory (a K step may span blocks), the left operand is
+ * p′ of 16 heads × 32 tokens straight from storage (row-major, a head's p′ of the chunk contiguous: the softmax pass
+ * lays p′ out for 16 heads at a time, pad heads zero), the right one the staged 32 tokens × 16 latent bytes
+ * (row-major); each window's i32 tile goes through workgroup memory into f32 sums with the window's scale. p′ is zero
+ * past the context inside a window, so the staged rows there (the last token's, repeated) add nothing. Same integers as
+ * the dot4 value pass, so the same outputs.
+ */
+export function mla3ValuesTcWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: Mla3PassPlan, storageLimit: number): string {
+  const v = planMla3ValuesTc(nHeads, p, storageLimit);
+  if (typeof v === 'string') throw new Error(`MLA three-pass tensor-core values: ${v}`);
+  const H = nHeads;
+  const R = f.kvLoraRank;
+  const W = p.window;
+  const HP = p.headRows;
+  const PB = 4 * p.partWords;
+  const NT = PB / 16;
+  const { subgroups: SG, tilesPerSubgroup: TPS, storeTiles: ST } = v;
+  const js = [...Array(TPS).keys()];
+  const left = 'subgroup_matrix_left<i8, 32, 16>';
+  const right = 'subgroup_matrix_right<i8, 16, 32>';
+  const result = 'subgroup_matrix_result<i32, 16, 16>';
+  // Tile j of subgroup sg: g = sg·TPS + j, head tile g / NT, latent tile g % NT.
+  const tileOf = (j: number) => `let g${j} = sg * ${TPS}u + ${j}u;
+  let ht${j} = g${j} / ${NT}u;
+  let nt${j} = g${j} % ${NT}u;`;
+  const rounds = [...Array(TPS / ST).keys()];
+  return /* wgsl */ `enable subgroups;
+enable chromium_experimental_subgroup_matrix;
+diagnostic(off, chromium_experimental.subgroup_matrix_uniformity);
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> cache: array<u32>;
+@group(0) @binding(2) var<storage, read> pq: array<i32>;
+@group(0) @binding(3) var<storage, read> ps: array<f32>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+${cacheRowWgsl(blockSize)}
+var<workgroup> cw: array<i32, ${(32 * PB) / 4}>;
+var<workgroup> res: array<i32, ${SG * ST * 256}>;
+var<workgroup> bounds: vec2<u32>;
+
+@compute @workgroup_size(${SG * 32})
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let c = wid.x;
+  let part = wid.y;
+  let r = wid.z;
+  if (lid == 0u) { bounds = chunkSpan(r, c); }
+  let bnd = workgroupUniformLoad(&bounds);
+  if (bnd.y <= bnd.x) { return; }
+  let bt = seqBlockTable(rowSeq(r));
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  ${chunkLayoutWgsl(W)}
+  // p′ bytes: head h of (row r, chunk c) starts at ((r·HP + h)·maxChunks + c)·chunkWords·4; heads are maxChunks·chunkWords·4 apart.
+  let headStride = maxChunks * chunkWords * 4u;
+  ${js.map(tileOf).join('\n  ')}
+  var o = array<f32, ${TPS * 8}>();
+  for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
+    let n = min(${W}u, bnd.y - w0);
+    let wi = (w0 - bnd.x) / ${W}u;
+    ${js.map((j) => `var acc${j} = ${result}();`).join('\n    ')}
+    for (var k0 = 0u; k0 < n; k0 += 32u) {
+      for (var e = lid; e < ${(32 * PB) / 4}u; e += ${SG * 32}u) {
+        let t = e / ${PB / 4}u;
+        let d = part * ${p.partWords}u + e % ${PB / 4}u;
+        var word = 0u;
+        if (d < ${p.latentWords}u) { word = cache[cacheRow(bt, w0 + min(k0 + t, n - 1u)) * ${f.rowWords}u + d]; }
+        cw[e] = bitcast<i32>(word);
+      }
+      workgroupBarrier();
+      ${js.map((j) => `acc${j} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&pq, ((r * ${HP}u + ht${j} * 16u) * maxChunks + c) * chunkWords * 4u + wi * ${W}u + k0, false, headStride), subgroupMatrixLoad<${right}>(&cw, nt${j} * 16u, false, ${PB}u), acc${j});`).join('\n      ')}
+      workgroupBarrier();
+    }
+    ${rounds.map((q) => `${[...Array(ST).keys()].map((i) => `subgroupMatrixStore(&res, (sg * ${ST}u + ${i}u) * 256u, acc${q * ST + i}, false, 16u);`).join('\n    ')}
+    workgroupBarrier();
+    ${[...Array(ST * 8).keys()].map((i) => {
+      const j = q * ST + Math.floor(i / 8);
+      const k = i % 8;
+      return `o[${j * 8 + k}] += f32(res[sg * ${ST * 256}u + ${i * 32}u + lane]) * ps[((r * ${HP}u + ht${j} * 16u + ${2 * k}u + lane / 16u) * maxChunks + c) * chunkWindows + wi];`;
+    }).join('\n    ')}
+    workgroupBarrier();`).join('\n    ')}
+  }
+  ${js.map((j) => [...Array(8).keys()].map((k) => `{
+    let h = ht${j} * 16u + ${2 * k}u + lane / 16u;
+    let d = part * ${PB}u + nt${j} * 16u + lane % 16u;
+    if (h < ${H}u && d < ${R}u) { partials[((r * ${H}u + h) * maxChunks + c) * ${R + 2}u + 2u + d] = o[${j * 8 + k}]; }
+  }`).join('\n  ')).join('\n  ')}
 }
 `;
 }

@@ -27,7 +27,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
-import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesWgsl, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
+import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
@@ -132,6 +132,11 @@ export interface MlaAttentionTuning {
    * cache rows from storage; needs them, 32-wide subgroups and a block size that is a multiple of 16).
    */
   int8ScoreProducts?: 'dot4' | 'tensor-cores';
+  /**
+   * 'three-pass': the value products as dot4I8Packed (default) or on tensor cores (p′ of 16 heads × 32 tokens against
+   * the staged cache bytes of 32 tokens; needs i8 subgroup matrices, 32-wide subgroups and 32- or 64-token windows).
+   */
+  int8ValueProducts?: 'dot4' | 'tensor-cores';
   /** 'three-pass': the most scratch bytes (default MLA3_MAX_SCRATCH); steps needing more run the dot4 kernel. */
   int8MaxScratch?: number;
 }
@@ -699,7 +704,11 @@ export class MlaAttention {
     if (typeof plan === 'string') throw new Error(`MLA int8 three-pass attention: ${plan}`);
     const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
     const scoresTc = this.tuning.int8ScoreProducts === 'tensor-cores';
-    if (scoresTc && !mlaTcOnTensorCores(gpu)) throw new Error(`MLA int8 three-pass attention: int8ScoreProducts 'tensor-cores' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
+    const valuesTc = this.tuning.int8ValueProducts === 'tensor-cores';
+    for (const [on, name] of [[scoresTc, 'int8ScoreProducts'], [valuesTc, 'int8ValueProducts']] as const) {
+      if (on && !mlaTcOnTensorCores(gpu)) throw new Error(`MLA int8 three-pass attention: ${name} 'tensor-cores' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
+    }
+    const limit = gpu.limits.maxComputeWorkgroupStorageSize;
     // The passes read the query the dot4 path's query kernel quantizes (same plan padding at any window).
     path.three = {
       plan,
@@ -707,7 +716,9 @@ export class MlaAttention {
         ? gpu.pipeline(`mla-attention int8 3-pass scores ${key} tile ${plan.tile} tensor cores`, mla3ScoresTcWgsl(shape.nHeads, f, layout.blockSize, tc, plan))
         : gpu.pipeline(`mla-attention int8 3-pass scores ${key} tile ${plan.tile}${plan.queryStaged ? ' q staged' : ''}`, mla3ScoresWgsl(shape.nHeads, f, layout.blockSize, tc, plan)),
       softmaxPipe: gpu.pipeline(`mla-attention int8 3-pass softmax ${key}`, mla3SoftmaxWgsl(shape.nHeads, shape.kvLoraRank, plan)),
-      valuesPipe: gpu.pipeline(`mla-attention int8 3-pass values ${key} parts ${plan.latentParts}`, mla3ValuesWgsl(shape.nHeads, f, layout.blockSize, plan)),
+      valuesPipe: valuesTc
+        ? gpu.pipeline(`mla-attention int8 3-pass values ${key} parts ${plan.latentParts} tensor cores`, mla3ValuesTcWgsl(shape.nHeads, f, layout.blockSize, plan, limit))
+        : gpu.pipeline(`mla-attention int8 3-pass values ${key} parts ${plan.latentParts}`, mla3ValuesWgsl(shape.nHeads, f, layout.blockSize, plan)),
       capacity: { scores: 0, tscale: 0, pq: 0, ps: 0 },
       scoreGroups: [],
       valueGroups: [],

@@ -5,7 +5,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
-import { mlaTcDumpLayout, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
+import { mlaTcDumpLayout, mlaTcOnTensorCores, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
 import { DOT4_PREFETCH, DOT4_VALUE_ROUNDS, type MlaDot4Plan } from '../kernels/mla-attention-dot4.ts';
 import type { Mla3PassPlan } from '../kernels/mla-attention-3pass.ts';
 import { checkMlaTcDump, describeMlaTcDump } from '../bench/mla-tc-dump.ts';
@@ -583,6 +583,28 @@ test('mla attention int8 three-pass kernels (scores, softmax, values) vs the flo
   assert.equal(res.three, undefined, 'a step past int8MaxScratch ran the three passes');
   assert.ok(res.dot4, 'no dot4 plan');
   checkInt8Products(res, c, `three-pass fallback to dot4 seed ${seed}`);
+});
+
+test('mla attention int8 three-pass kernels with the score and value products on tensor cores (i8 subgroup matrices) vs the float64 model of the int8-product arithmetic: windows of 64 and 32, partial windows and chunks, chunks of 16 tokens (a K step across chunk and block edges), padded head tiles, one to four latent parts, the Qwen2.5-7B row shape (where the adapter has subgroup matrices)', async (t) => {
+  const g = await gpu();
+  if (!mlaTcOnTensorCores(g)) {
+    t.skip('this adapter has no i8 subgroup matrices with 32-wide subgroups (SwiftShader); bench/device-run.sh tests runs it on the H100 / H200');
+    return;
+  }
+  for (const [shape, chunkSize, window, latentParts, scores, values] of [
+    [{ nHeads: 4, kvLoraRank: 64, qkRopeHeadDim: 32 }, 16, 64, 1, 'tensor-cores', 'tensor-cores'], // chunks shorter than a window and a K step
+    [{ nHeads: 18, kvLoraRank: 64, qkRopeHeadDim: 32 }, 160, 64, 2, 'dot4', 'tensor-cores'], // three windows a chunk, the last partial; two head tiles
+    [{ nHeads: 28, kvLoraRank: 128, qkRopeHeadDim: 32 }, 96, 32, 2, 'tensor-cores', 'tensor-cores'], // 32-token windows
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 64, 2, 'tensor-cores', 'tensor-cores'], // Qwen2.5-7B's row, the runner's split
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, 512, 64, 4, 'tensor-cores', 'tensor-cores'], // the longest chunk, four parts
+  ] as const) {
+    const seed = freshSeed();
+    const tuning = { int8Products: 'three-pass', int8Window: window, int8LatentParts: latentParts, int8ScoreProducts: scores, int8ValueProducts: values } as const;
+    const c: Step = { shape, blockSize: 16, seqs: [...mixed, [90, 2]], chunkSize, tuning };
+    const res = await runStep(c, seed);
+    assert.ok(res.three, `${JSON.stringify(shape)}: the step did not run the three passes`);
+    checkInt8Products(res, c, `three-pass ${scores} scores, ${values} values ${JSON.stringify(shape)} chunk ${res.chunkSize} window ${window} parts ${latentParts} seed ${seed}`);
+  }
 });
 
 test('mla attention int8 dot4 kernel, the softmax inside the score warps, vs the float64 model of the int8-product arithmetic: windows of 64 (two tokens a lane) and 32, partial windows, a partial head quad, heads split over workgroups, the Qwen2.5-7B row shape (emulated reductions; also on subgroups where the adapter has 32-wide ones)', async () => {
