@@ -245,16 +245,19 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
 }
 
 /**
- * Pass 2, grid (heads, rows): the exact max m of the row's scores for the head; per split chunk l = Σ exp(s − m) and
- * p′ = exp(s − m) · sc_t, quantized per window with scale max p′ / 127 (bits as u32 atomics: p′ ≥ 0 orders like its
- * bits). Writes p′ to pq (whole windows a chunk, zero past the context), the window scales to ps, and m, l
- * to the partials. A non-finite score poisons the head (l = NaN), found from the bits as in the one-pass kernels.
+ * Pass 2, grid (heads, rows): the exact max m of the row's scores for the head; then chunks in batches, a thread per
+ * token quad of a chunk's windows: p = exp(s − m) and p′ = p · sc_t for its four tokens, the window's max p′ as u32
+ * atomics (p′ ≥ 0 orders like its bits), l = Σ p per chunk by a segmented tree, and p′ quantized per window with scale
+ * max p′ / 127 — one barrier round a batch of chunks (the chunks of a 512-token row in one) rather than a tree a chunk.
+ * Writes p′ to pq (whole windows of the chunk, zero past the context; head rows padded to headRows), the window scales
+ * to ps, and m, l to the partials. A non-finite score poisons the head (l = NaN), found from the bits as in the
+ * one-pass kernels.
  */
 export function mla3SoftmaxWgsl(nHeads: number, R: number, p: Mla3PassPlan): string {
   const H = nHeads;
   const W = p.window;
-  const C = MLA3_MAX_CHUNK;
-  const NW = C / W;
+  const Q = W / 4;
+  const ks = [0, 1, 2, 3];
   return /* wgsl */ `
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> scores: array<f32>;
@@ -263,15 +266,15 @@ ${metaWgsl(0)}
 @group(0) @binding(4) var<storage, read_write> ps: array<f32>;
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>;
 var<workgroup> red: array<vec2<f32>, ${WG}>;
-var<workgroup> pw: array<f32, ${C}>;
-var<workgroup> wmax: array<atomic<u32>, ${NW}>;
+var<workgroup> lsum: array<f32, ${WG}>;
+var<workgroup> wmax: array<atomic<u32>, ${WG / Q}>;
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let h = wid.x;
   let r = wid.y;
   let ctx = rowPos(r) + 1u;
-  let chunk = min(stepMeta[${META_CHUNK}], ${C}u);
+  let chunk = min(stepMeta[${META_CHUNK}], ${MLA3_MAX_CHUNK}u);
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
   let stride = ${strideWgsl};
   let sb = (r * ${H}u + h) * stride;
@@ -291,42 +294,44 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   }
   let m = red[0].x;
   let poisoned = red[0].y > 0.0;
-  workgroupBarrier();
   let nc = (ctx + chunk - 1u) / chunk;
-  for (var c = 0u; c < nc; c++) {
-    let c0 = c * chunk;
-    let n = min(chunk, ctx - c0);
-    if (lid < ${NW}u) { atomicStore(&wmax[lid], 0u); }
+  // A batch: G chunks of QC token quads each (whole windows), one thread a quad.
+  let QC = chunkWords;
+  let G = ${WG}u / QC;
+  let ci = lid / QC;
+  let qi = lid % QC;
+  for (var c0 = 0u; c0 < nc; c0 += G) {
+    if (lid < ${WG / Q}u) { atomicStore(&wmax[lid], 0u); }
     workgroupBarrier();
+    let c = c0 + ci;
+    let live = ci < G && c < nc;
+    let n = select(0u, min(chunk, ctx - c * chunk), live);
+    var pp = vec4<f32>(0.0);
     var l = 0.0;
-    for (var tau = lid; tau < ${C}u; tau += ${WG}u) {
-      var pp = 0.0;
-      if (tau < n) {
-        let pt = exp(scores[sb + c0 + tau] - m);
-        l += pt;
-        pp = pt * tscale[r * stride + c0 + tau];
-        atomicMax(&wmax[tau / ${W}u], bitcast<u32>(pp));
-      }
-      pw[tau] = pp;
-    }
-    red[lid] = vec2<f32>(l, 0.0);
+    ${ks.map((k) => `if (4u * qi + ${k}u < n) {
+      let t = c * chunk + 4u * qi + ${k}u;
+      let pt = exp(scores[sb + t] - m);
+      l += pt;
+      pp[${k}] = pt * tscale[r * stride + t];
+    }`).join('\n    ')}
+    if (4u * qi < n) { atomicMax(&wmax[lid / ${Q}u], bitcast<u32>(max(max(pp.x, pp.y), max(pp.z, pp.w)))); }
+    lsum[lid] = l;
     workgroupBarrier();
-    for (var st = ${WG / 2}u; st > 0u; st >>= 1u) {
-      if (lid < st) { red[lid].x += red[lid + st].x; }
+    for (var st = 1u; st < QC; st <<= 1u) {
+      if (qi % (2u * st) == 0u && qi + st < QC) { lsum[lid] += lsum[lid + st]; }
       workgroupBarrier();
     }
-    let base = (r * ${H}u + h) * maxChunks + c;
-    let pbase = (r * ${p.headRows}u + h) * maxChunks + c;
-    let words = ((n + ${W - 1}u) / ${W}u) * ${W / 4}u;
-    for (var j = lid; j < words; j += ${WG}u) {
-      let pm = bitcast<f32>(atomicLoad(&wmax[(4u * j) / ${W}u]));
+    // Windows with a token of the chunk write their words (zero past it) and scale.
+    if (live && (qi / ${Q}u) * ${W}u < n) {
+      let pm = bitcast<f32>(atomicLoad(&wmax[lid / ${Q}u]));
       let inv = select(0.0, 127.0 / pm, pm > 0.0);
-      let v = clamp(round(vec4<f32>(pw[4u * j], pw[4u * j + 1u], pw[4u * j + 2u], pw[4u * j + 3u]) * inv), vec4<f32>(-127.0), vec4<f32>(127.0));
-      pq[pbase * chunkWords + j] = pack4xI8(vec4<i32>(v));
+      let pbase = (r * ${p.headRows}u + h) * maxChunks + c;
+      pq[pbase * chunkWords + qi] = pack4xI8(vec4<i32>(clamp(round(pp * inv), vec4<f32>(-127.0), vec4<f32>(127.0))));
+      if (qi % ${Q}u == 0u) { ps[pbase * chunkWindows + qi / ${Q}u] = pm / 127.0; }
     }
-    if (lid < (n + ${W - 1}u) / ${W}u) { ps[pbase * chunkWindows + lid] = bitcast<f32>(atomicLoad(&wmax[lid])) / 127.0; }
-    if (lid == 0u) {
-      let lc = red[0].x;
+    if (live && qi == 0u) {
+      let base = (r * ${H}u + h) * maxChunks + c;
+      let lc = lsum[lid];
       partials[base * ${R + 2}u] = m;
       partials[base * ${R + 2}u + 1u] = select(lc, bitcast<f32>(bitcast<u32>(lc) | 0x7fc00000u), poisoned);
     }
