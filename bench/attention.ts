@@ -128,6 +128,8 @@ const MLA_VARIANTS: Array<{ name: string; tuning: Partial<MlaAttentionTuning>; c
  * dot4 form in the tc layout, the dot4 kernel) and the f32 kernel unpacking int8 ('off'). `targetScale` multiplies the
  * workgroups the context split aims for (mlaSplit's target).
  */
+/** The three-pass forms below multiply with dot4I8Packed unless they name tensor cores (unset, the kernels take them where the adapter has them). */
+const DOT4_3PASS: Partial<MlaAttentionTuning> = { int8ScoreProducts: 'dot4', int8ValueProducts: 'dot4' };
 const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Products']; window: number; tuning?: Partial<MlaAttentionTuning>; targetScale?: number; variant: string; fast?: boolean }> = [
   { key: 'tensor-cores', mode: 'tensor-cores', window: 64, variant: 'int8 tensor cores' },
   // 32-token windows: less workgroup memory (41 KB instead of 46 KB at these shapes).
@@ -151,20 +153,21 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'dot4 warp v4', mode: 'dot4', window: 64, tuning: { int8Softmax: 'subgroup', int8ValueRounds: 4 }, variant: 'int8 dot4, warp softmax, 4 value rounds' },
   { key: 'dot4 warp emulated', mode: 'dot4', window: 64, tuning: { int8Softmax: 'emulated' }, variant: 'int8 dot4, warp softmax emulated' },
   { key: 'dot4 head splits 2', mode: 'dot4', window: 64, tuning: { int8HeadSplits: 2 }, variant: 'int8 dot4, 2 head splits', fast: true },
-  { key: 'three-pass', mode: 'three-pass', window: 64, variant: 'int8 three-pass', fast: true },
-  { key: 'three-pass w32', mode: 'three-pass', window: 32, variant: 'int8 three-pass', fast: true },
-  { key: 'three-pass parts 1', mode: 'three-pass', window: 64, tuning: { int8LatentParts: 1 }, variant: 'int8 three-pass', fast: true },
-  { key: 'three-pass parts 4', mode: 'three-pass', window: 64, tuning: { int8LatentParts: 4 }, variant: 'int8 three-pass', fast: true },
-  { key: 'three-pass target×2', mode: 'three-pass', window: 64, targetScale: 2, variant: 'int8 three-pass, 2× chunks', fast: true },
-  { key: 'three-pass target×4', mode: 'three-pass', window: 64, targetScale: 4, variant: 'int8 three-pass, 4× chunks', fast: true },
-  { key: 'three-pass tile 64', mode: 'three-pass', window: 64, tuning: { int8ScoreTile: 64 }, variant: 'int8 three-pass, score tile 64', fast: true },
-  { key: 'three-pass tc', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores', fast: true },
-  { key: 'three-pass tc tile 64', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores', int8ScoreTile: 64 }, variant: 'int8 three-pass, tensor-core scores, tile 64', fast: true },
-  { key: 'three-pass tc values', mode: 'three-pass', window: 64, tuning: { int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core values', fast: true },
-  { key: 'three-pass tc both', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
-  { key: 'three-pass tc both parts 4', mode: 'three-pass', window: 64, tuning: { int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores', int8LatentParts: 4 }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
-  { key: 'three-pass tc both w32', mode: 'three-pass', window: 32, tuning: { int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
-  { key: 'three-pass target÷2', mode: 'three-pass', window: 64, targetScale: 0.5, variant: 'int8 three-pass, ½ chunks', fast: true },
+  { key: 'three-pass', mode: 'three-pass', window: 64, tuning: DOT4_3PASS, variant: 'int8 three-pass, dot4', fast: true },
+  { key: 'three-pass auto', mode: 'three-pass', window: 64, variant: 'int8 three-pass (products: auto)', fast: true },
+  { key: 'three-pass w32', mode: 'three-pass', window: 32, tuning: DOT4_3PASS, variant: 'int8 three-pass', fast: true },
+  { key: 'three-pass parts 1', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8LatentParts: 1 }, variant: 'int8 three-pass', fast: true },
+  { key: 'three-pass parts 4', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8LatentParts: 4 }, variant: 'int8 three-pass', fast: true },
+  { key: 'three-pass target×2', mode: 'three-pass', window: 64, tuning: DOT4_3PASS, targetScale: 2, variant: 'int8 three-pass, 2× chunks', fast: true },
+  { key: 'three-pass target×4', mode: 'three-pass', window: 64, tuning: DOT4_3PASS, targetScale: 4, variant: 'int8 three-pass, 4× chunks', fast: true },
+  { key: 'three-pass tile 64', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8ScoreTile: 64 }, variant: 'int8 three-pass, score tile 64', fast: true },
+  { key: 'three-pass tc', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8ScoreProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores', fast: true },
+  { key: 'three-pass tc tile 64', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8ScoreProducts: 'tensor-cores', int8ScoreTile: 64 }, variant: 'int8 three-pass, tensor-core scores, tile 64', fast: true },
+  { key: 'three-pass tc values', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core values', fast: true },
+  { key: 'three-pass tc both', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
+  { key: 'three-pass tc both parts 4', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores', int8LatentParts: 4 }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
+  { key: 'three-pass tc both w32', mode: 'three-pass', window: 32, tuning: { ...DOT4_3PASS, int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
+  { key: 'three-pass target÷2', mode: 'three-pass', window: 64, tuning: DOT4_3PASS, targetScale: 0.5, variant: 'int8 three-pass, ½ chunks', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];
 

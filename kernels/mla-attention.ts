@@ -27,7 +27,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
-import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
+import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, planMla3Pass, planMla3ValuesTc, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
@@ -128,13 +128,15 @@ export interface MlaAttentionTuning {
   /** 'three-pass': tokens a score workgroup takes (32 or 64; default MLA3_SCORE_TILE). */
   int8ScoreTile?: number;
   /**
-   * 'three-pass': the score products as dot4I8Packed (default) or on tensor cores (i8 subgroup matrices reading the
-   * cache rows from storage; needs them, 32-wide subgroups and a block size that is a multiple of 16).
+   * 'three-pass': the score products as dot4I8Packed or on tensor cores (i8 subgroup matrices reading the cache rows
+   * from storage; needs them, 32-wide subgroups and a block size that is a multiple of 16). Unset: tensor cores where
+   * the adapter and block size allow, else dot4.
    */
   int8ScoreProducts?: 'dot4' | 'tensor-cores';
   /**
-   * 'three-pass': the value products as dot4I8Packed (default) or on tensor cores (p′ of 16 heads × 32 tokens against
-   * the staged cache bytes of 32 tokens; needs i8 subgroup matrices, 32-wide subgroups and 32- or 64-token windows).
+   * 'three-pass': the value products as dot4I8Packed or on tensor cores (p′ of 16 heads × 32 tokens against the staged
+   * cache bytes of 32 tokens; needs i8 subgroup matrices, 32-wide subgroups and windows of a multiple of 32 tokens).
+   * Unset: tensor cores where the adapter and plan allow, else dot4.
    */
   int8ValueProducts?: 'dot4' | 'tensor-cores';
   /** 'three-pass': the most scratch bytes (default MLA3_MAX_SCRATCH); steps needing more run the dot4 kernel. */
@@ -703,12 +705,14 @@ export class MlaAttention {
     const plan = planMla3Pass(shape.nHeads, tc, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8LatentParts, this.tuning.int8ScoreTile);
     if (typeof plan === 'string') throw new Error(`MLA int8 three-pass attention: ${plan}`);
     const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
-    const scoresTc = this.tuning.int8ScoreProducts === 'tensor-cores';
-    const valuesTc = this.tuning.int8ValueProducts === 'tensor-cores';
-    for (const [on, name] of [[scoresTc, 'int8ScoreProducts'], [valuesTc, 'int8ValueProducts']] as const) {
-      if (on && !mlaTcOnTensorCores(gpu)) throw new Error(`MLA int8 three-pass attention: ${name} 'tensor-cores' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
-    }
+    // Unset products take the tensor cores where the adapter has i8 subgroup matrices and the shape suits them.
+    const onTc = mlaTcOnTensorCores(gpu);
     const limit = gpu.limits.maxComputeWorkgroupStorageSize;
+    const scoresTc = (this.tuning.int8ScoreProducts ?? (onTc && layout.blockSize % 16 === 0 ? 'tensor-cores' : 'dot4')) === 'tensor-cores';
+    const valuesTc = (this.tuning.int8ValueProducts ?? (onTc && typeof planMla3ValuesTc(shape.nHeads, plan, limit) !== 'string' ? 'tensor-cores' : 'dot4')) === 'tensor-cores';
+    for (const [on, name] of [[scoresTc, 'int8ScoreProducts'], [valuesTc, 'int8ValueProducts']] as const) {
+      if (on && !onTc) throw new Error(`MLA int8 three-pass attention: ${name} 'tensor-cores' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
+    }
     // The passes read the query the dot4 path's query kernel quantizes (same plan padding at any window).
     path.three = {
       plan,
