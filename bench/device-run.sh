@@ -207,7 +207,7 @@ warp)
   done
   ;;
 three)
-  attention_forms three "${THREE_FORMS:-dot4,three-pass,three-pass tc,three-pass tc values,three-pass tc both,three-pass tc both parts 4,three-pass tc both w32,three-pass tc tile 64}"
+  attention_forms three "${THREE_FORMS:-dot4,three-pass,three-pass tc,three-pass tc both,three-pass tc both parts 4,three-pass tc both target÷2,three-pass tc both target×2,three-pass tc both w32}"
   if [ "${THREE_DECODE:-gqa,dot4,three}" != none ]; then
     if [[ ",${THREE_DECODE:-gqa}," == *,gqa,* ]]; then
       el decode-gqa

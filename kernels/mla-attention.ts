@@ -556,6 +556,13 @@ export const MLA_TC_TARGET_WORKGROUPS = 1024;
  * 32 × 512, 138.1 against 314.3 at 8 × 4K.
  */
 export const MLA_DOT4_TARGET_WORKGROUPS = 256;
+/**
+ * Rows × chunks the three-pass kernels aim for (their value pass runs chunks × latent parts workgroups a row; the
+ * score pass is split by tiles whatever the chunk). On an H100 (bench:attention, 2026-12-06, dot4 products) half of
+ * the dot4 kernel's target took 99.6 against 125.5 µs at 32 × 512, 68.4 against 106.2 at 8 × 512, 187.2 against
+ * 259.8 at 8 × 4K and the same at 32 × 4K (chunks of 512 either way).
+ */
+export const MLA3_TARGET_WORKGROUPS = 128;
 
 /**
  * How a step's context split is sized for the MLA kernel a layout and tuning select: parallel workgroups per row and
@@ -564,7 +571,8 @@ export const MLA_DOT4_TARGET_WORKGROUPS = 256;
 export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: Partial<MlaAttentionTuning> = {}): { parallelHeads: number; targetWorkgroups: number } {
   const t = { ...DEFAULT_MLA_TUNING, ...tuning };
   if (cacheDtype === 'int8' && t.int8Products !== 'off') {
-    if (t.int8Products !== 'dot4' && t.int8Products !== 'three-pass') return { parallelHeads: 1, targetWorkgroups: MLA_TC_TARGET_WORKGROUPS };
+    if (t.int8Products === 'three-pass') return { parallelHeads: 1, targetWorkgroups: MLA3_TARGET_WORKGROUPS };
+    if (t.int8Products !== 'dot4') return { parallelHeads: 1, targetWorkgroups: MLA_TC_TARGET_WORKGROUPS };
     const splits = t.int8HeadSplits ?? 1;
     return { parallelHeads: Math.ceil(shape.nHeads / Math.ceil(shape.nHeads / splits)), targetWorkgroups: MLA_DOT4_TARGET_WORKGROUPS };
   }
