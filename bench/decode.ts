@@ -24,7 +24,7 @@
 //            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 2)
 //            --mla-dot4-softmax workgroup|subgroup|emulated (MLA, dot4 products: the window softmax; default workgroup)
 //            --mla-3pass-products dot4|scores|values|both (MLA, three-pass products: which passes multiply on tensor cores;
-//            unset: both where the adapter has i8 subgroup matrices, else dot4)  --mla-3pass-parts N (MLA, three-pass: latent parts of the value pass; default 2)
+//            unset: scores where the adapter has i8 subgroup matrices, values dot4)  --mla-3pass-parts N (MLA, three-pass: latent parts of the value pass; default 2)
 //            --mla-window N (MLA over the int8 cache: the int8-product kernels' window, tokens; default 64)
 //            --mla-min-chunk N (MLA: smallest context chunk of the attention split; default 64)
 //            --profile (after each configuration, one step with every dispatch in its own timed pass: GPU µs per step

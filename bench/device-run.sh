@@ -23,7 +23,7 @@
 #              both, 4 latent parts, 32-token windows, 64-token score tiles; THREE_FORMS picks), GQA (THREE_DECODE
 #              without gqa skips it; none skips the decodes) and MLA decode at 8 and 32 sequences with dot4 and with the
 #              three passes, profiled (~5 min; THREE_FLAGS replaces the three-pass run's bench:decode flags, default
-#              --mla-3pass-products both)
+#              --mla-3pass-products scores)
 #   chunks     MLA decode with the smallest split chunk at 16 and 32 tokens (default 64; chosen when the merge was 28 µs a
 #              layer): f32 attention at both, dot4 at 32 (~4 min)
 #   goals      issue 7's two open goals in one call when the device is scarce (~6 min): attention 8/32 × 512/4K with the
@@ -216,7 +216,7 @@ three)
       el "rc=$?"
     fi
     mla_decode dot4
-    mla_decode three --mla-int8-products three-pass ${THREE_FLAGS:---mla-3pass-products both}
+    mla_decode three --mla-int8-products three-pass ${THREE_FLAGS:---mla-3pass-products scores}
   fi
   grep -A40 "^MLA over int8 cache" "$OUT/attention-three.txt" | cut -c40-200 | head -n 40
   grep -A3 "^prefill (1 prompt)" "$OUT/attention-three.txt" | cut -c1-220

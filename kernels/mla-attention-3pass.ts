@@ -47,8 +47,12 @@ const WG = 256;
 export const MLA3_MAX_CHUNK = 512;
 /** Default tokens of a score workgroup. */
 export const MLA3_SCORE_TILE = 32;
-/** Default workgroups along the latent in the value pass (2: 64 words × 4 head parts of 7 heads at Qwen2.5-7B). */
-export const MLA3_LATENT_PARTS = 2;
+/**
+ * Default workgroups along the latent in the value pass (4: 32 words × 8 head parts of 4 heads at Qwen2.5-7B). On an
+ * H100 (bench:attention, 2026-12-06) 4 against 2 took 675.1 against 716.4 µs at 32 × 4K, 119.9 against 125.5 at
+ * 32 × 512, 236.4 against 259.8 at 8 × 4K; 1 was slower than 2.
+ */
+export const MLA3_LATENT_PARTS = 4;
 
 /** The plan for a shape, or why the three-pass kernels do not take it. */
 export function planMla3Pass(nHeads: number, tc: MlaTcPlan, storageLimit: number, latentParts = MLA3_LATENT_PARTS, tile = MLA3_SCORE_TILE): Mla3PassPlan | string {
@@ -451,7 +455,9 @@ export function planMla3ValuesTc(nHeads: number, p: Mla3PassPlan, storageLimit: 
  * lays p′ out for 16 heads at a time, pad heads zero), the right one the staged 32 tokens × 16 latent bytes
  * (row-major); each window's i32 tile goes through workgroup memory into f32 sums with the window's scale. p′ is zero
  * past the context inside a window, so the staged rows there (the last token's, repeated) add nothing. Same integers as
- * the dot4 value pass, so the same outputs.
+ * the dot4 value pass, so the same outputs (bench:attention on an H100: max |Δ| 0 at 8 / 32 rows × 512 / 4K), but
+ * slower there (717.7 against 410.4 µs for the whole attention at 32 × 4K): each K step stages 32 rows between two
+ * barriers for only a few products a subgroup. Off unless int8ValueProducts asks for it.
  */
 export function mla3ValuesTcWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: Mla3PassPlan, storageLimit: number): string {
   const v = planMla3ValuesTc(nHeads, p, storageLimit);

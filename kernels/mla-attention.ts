@@ -134,9 +134,11 @@ export interface MlaAttentionTuning {
    */
   int8ScoreProducts?: 'dot4' | 'tensor-cores';
   /**
-   * 'three-pass': the value products as dot4I8Packed or on tensor cores (p′ of 16 heads × 32 tokens against the staged
-   * cache bytes of 32 tokens; needs i8 subgroup matrices, 32-wide subgroups and windows of a multiple of 32 tokens).
-   * Unset: tensor cores where the adapter and plan allow, else dot4.
+   * 'three-pass': the value products as dot4I8Packed (default) or on tensor cores (p′ of 16 heads × 32 tokens against
+   * the staged cache bytes of 32 tokens; needs i8 subgroup matrices, 32-wide subgroups and windows of a multiple of 32
+   * tokens). On an H100 (bench:attention, 2026-12-06) the tensor-core form was slower: 717.7 against 410.4 µs at
+   * 32 × 4K (568.3 with 4 latent parts), 101.7 against 73.6 at 32 × 512 — a staged 32-token K step feeds only 4
+   * products a subgroup between two barriers.
    */
   int8ValueProducts?: 'dot4' | 'tensor-cores';
   /** 'three-pass': the most scratch bytes (default MLA3_MAX_SCRATCH); steps needing more run the dot4 kernel. */
@@ -553,14 +555,15 @@ export const MLA_TC_TARGET_WORKGROUPS = 1024;
  * The dot4 kernel's target: its splits write 28 × 514 f32 of partials each (57 KB, read back by the merge), and each
  * pays for staging the query and writing those partials, so few long chunks: on an H100 (bench:attention, 2026-12-05)
  * 256 workgroups against 512 took 488.9 against 505.7 µs at 32 × 4K (512-token chunks), 74.8 against 103.6 at
- * 32 × 512, 138.1 against 314.3 at 8 × 4K.
+ * 32 × 512, 138.1 against 314.3 at 8 × 4K; 128 against 256 (2026-12-06) 55.2 against 64.2 at 32 × 512 and 29.8
+ * against 45.5 at 8 × 512, the same at 32 × 4K (chunks of 512 either way), and 64 was slower again.
  */
-export const MLA_DOT4_TARGET_WORKGROUPS = 256;
+export const MLA_DOT4_TARGET_WORKGROUPS = 128;
 /**
  * Rows × chunks the three-pass kernels aim for (their value pass runs chunks × latent parts workgroups a row; the
- * score pass is split by tiles whatever the chunk). On an H100 (bench:attention, 2026-12-06, dot4 products) half of
- * the dot4 kernel's target took 99.6 against 125.5 µs at 32 × 512, 68.4 against 106.2 at 8 × 512, 187.2 against
- * 259.8 at 8 × 4K and the same at 32 × 4K (chunks of 512 either way).
+ * score pass is split by tiles whatever the chunk). On an H100 (bench:attention, 2026-12-06, dot4 products) 128
+ * against 256 took 99.6 against 125.5 µs at 32 × 512, 68.4 against 106.2 at 8 × 512, 187.2 against 259.8 at 8 × 4K
+ * and the same at 32 × 4K (chunks of 512 either way).
  */
 export const MLA3_TARGET_WORKGROUPS = 128;
 
@@ -713,11 +716,13 @@ export class MlaAttention {
     const plan = planMla3Pass(shape.nHeads, tc, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8LatentParts, this.tuning.int8ScoreTile);
     if (typeof plan === 'string') throw new Error(`MLA int8 three-pass attention: ${plan}`);
     const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
-    // Unset products take the tensor cores where the adapter has i8 subgroup matrices and the shape suits them.
+    // Unset score products take the tensor cores where the adapter has i8 subgroup matrices and the block size suits
+    // them; the value products only when asked (int8ValueProducts).
     const onTc = mlaTcOnTensorCores(gpu);
     const limit = gpu.limits.maxComputeWorkgroupStorageSize;
     const scoresTc = (this.tuning.int8ScoreProducts ?? (onTc && layout.blockSize % 16 === 0 ? 'tensor-cores' : 'dot4')) === 'tensor-cores';
-    const valuesTc = (this.tuning.int8ValueProducts ?? (onTc && typeof planMla3ValuesTc(shape.nHeads, plan, limit) !== 'string' ? 'tensor-cores' : 'dot4')) === 'tensor-cores';
+    const valuesTc = this.tuning.int8ValueProducts === 'tensor-cores';
+    if (valuesTc && typeof planMla3ValuesTc(shape.nHeads, plan, limit) === 'string') throw new Error(`MLA int8 three-pass attention: int8ValueProducts 'tensor-cores': ${planMla3ValuesTc(shape.nHeads, plan, limit) as string}`);
     for (const [on, name] of [[scoresTc, 'int8ScoreProducts'], [valuesTc, 'int8ValueProducts']] as const) {
       if (on && !onTc) throw new Error(`MLA int8 three-pass attention: ${name} 'tensor-cores' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
     }
