@@ -182,6 +182,20 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }
 
 /**
+ * Why the tensor-core score pass cannot read this row format, if it cannot: its K steps read whole 32-byte runs of
+ * each cache row (past R and r they meet zero query padding), so the last one must end inside the row — a run past
+ * it reads the next row, and past the pool's last row the subgroup-matrix load leaves the buffer (on an H100 a
+ * 56-byte row, R 40 and r 8, gave wrong scores for the last block's tokens).
+ */
+export function mla3ScoresTcProblem(f: MlaInt8RowFormat, tc: MlaTcPlan): string | undefined {
+  const end = 4 * f.ropeWord + tc.ropePad;
+  if (tc.latentPad > 4 * f.ropeWord || end > 4 * f.rowWords) {
+    return `the score K steps read ${Math.max(end, tc.latentPad)} bytes of a ${4 * f.rowWords}-byte cache row (R ${f.kvLoraRank}, rope ${f.qkRopeHeadDim}: pad R to 32 and keep rope + scales ≥ 32 bytes)`;
+  }
+  return undefined;
+}
+
+/**
  * Pass 1 on tensor cores (i8 subgroup matrices), grid (tiles, 1, rows), one subgroup per (16-head tile, 16-token
  * group) of the tile: the left operand is the quantized query's 512-byte tile (16 heads × 32 K, row-major, stride 32:
  * the W8A8 GEMM's activation load), the right one 16 cache rows straight from storage (32 K × 16 tokens, column-major
@@ -191,6 +205,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
  */
 export function mla3ScoresTcWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, tc: MlaTcPlan, p: Mla3PassPlan): string {
   if (blockSize % 16 !== 0) throw new Error(`MLA three-pass tensor-core scores: block size ${blockSize} is not a multiple of 16`);
+  const problem = mla3ScoresTcProblem(f, tc);
+  if (problem) throw new Error(`MLA three-pass tensor-core scores: ${problem}`);
   const H = nHeads;
   const T = p.tile;
   const TT = T / 16;

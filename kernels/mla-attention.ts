@@ -27,7 +27,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
-import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, planMla3Pass, planMla3ValuesTc, type Mla3PassPlan } from './mla-attention-3pass.ts';
+import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, mla3ScoresTcProblem, planMla3Pass, planMla3ValuesTc, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
@@ -129,8 +129,8 @@ export interface MlaAttentionTuning {
   int8ScoreTile?: number;
   /**
    * 'three-pass': the score products as dot4I8Packed or on tensor cores (i8 subgroup matrices reading the cache rows
-   * from storage; needs them, 32-wide subgroups and a block size that is a multiple of 16). Unset: tensor cores where
-   * the adapter and block size allow, else dot4.
+   * from storage; needs them, 32-wide subgroups, a block size that is a multiple of 16 and a row whose 32-byte K runs
+   * end inside it: mla3ScoresTcProblem). Unset: tensor cores where the adapter, block size and row allow, else dot4.
    */
   int8ScoreProducts?: 'dot4' | 'tensor-cores';
   /**
@@ -720,7 +720,7 @@ export class MlaAttention {
     // them; the value products only when asked (int8ValueProducts).
     const onTc = mlaTcOnTensorCores(gpu);
     const limit = gpu.limits.maxComputeWorkgroupStorageSize;
-    const scoresTc = (this.tuning.int8ScoreProducts ?? (onTc && layout.blockSize % 16 === 0 ? 'tensor-cores' : 'dot4')) === 'tensor-cores';
+    const scoresTc = (this.tuning.int8ScoreProducts ?? (onTc && layout.blockSize % 16 === 0 && !mla3ScoresTcProblem(f, tc) ? 'tensor-cores' : 'dot4')) === 'tensor-cores';
     const valuesTc = this.tuning.int8ValueProducts === 'tensor-cores';
     if (valuesTc && typeof planMla3ValuesTc(shape.nHeads, plan, limit) === 'string') throw new Error(`MLA int8 three-pass attention: int8ValueProducts 'tensor-cores': ${planMla3ValuesTc(shape.nHeads, plan, limit) as string}`);
     for (const [on, name] of [[scoresTc, 'int8ScoreProducts'], [valuesTc, 'int8ValueProducts']] as const) {

@@ -5,9 +5,9 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TUNING, type MlaAttentionShape, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
-import { mlaTcDumpLayout, mlaTcOnTensorCores, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
+import { mlaTcDumpLayout, mlaTcOnTensorCores, planMlaTc, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
 import { DOT4_PREFETCH, DOT4_VALUE_ROUNDS, type MlaDot4Plan } from '../kernels/mla-attention-dot4.ts';
-import type { Mla3PassPlan } from '../kernels/mla-attention-3pass.ts';
+import { mla3ScoresTcProblem, type Mla3PassPlan } from '../kernels/mla-attention-3pass.ts';
 import { checkMlaTcDump, describeMlaTcDump } from '../bench/mla-tc-dump.ts';
 import {
   MlaLatentWriteInt8,
@@ -583,6 +583,17 @@ test('mla attention int8 three-pass kernels (scores, softmax, values) vs the flo
   assert.equal(res.three, undefined, 'a step past int8MaxScratch ran the three passes');
   assert.ok(res.dot4, 'no dot4 plan');
   checkInt8Products(res, c, `three-pass fallback to dot4 seed ${seed}`);
+});
+
+test('three-pass tensor-core scores take only rows whose 32-byte K runs end inside the row (a run past the pool\'s last row leaves the buffer)', () => {
+  for (const [R, r, ok] of [[512, 64, true], [64, 32, true], [128, 32, true], [40, 8, false], [18, 6, false], [16, 8, false]] as const) {
+    const f = mlaInt8RowFormat(R, r);
+    const tc = planMlaTc(9, f, 64);
+    assert.ok(typeof tc !== 'string', `R ${R} r ${r}: ${tc as string}`);
+    const problem = mla3ScoresTcProblem(f, tc);
+    assert.equal(problem === undefined, ok, `R ${R} r ${r} (${4 * f.rowWords}-byte rows): ${problem ?? 'fits'}`);
+    if (!ok) assert.match(problem!, new RegExp(`of a ${4 * f.rowWords}-byte cache row`));
+  }
 });
 
 test('mla attention int8 three-pass kernels with the score and value products on tensor cores (i8 subgroup matrices) vs the float64 model of the int8-product arithmetic: windows of 64 and 32, partial windows and chunks, chunks of 16 tokens (a K step across chunk and block edges), padded head tiles, one to four latent parts, the Qwen2.5-7B row shape (where the adapter has subgroup matrices)', async (t) => {
