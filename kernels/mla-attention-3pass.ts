@@ -98,6 +98,22 @@ export function mla3ScratchBytes(nHeads: number, p: Mla3PassPlan, rows: number, 
 const chunkLayoutWgsl = (W: number) => `let chunkWindows = (stepMeta[${META_CHUNK}] + ${W - 1}u) / ${W}u;
   let chunkWords = chunkWindows * ${W / 4}u;`;
 
+/**
+ * WGSL opening both value passes, grid (chunks, latent parts, rows): chunk c, part and row r, the chunk's token span
+ * bnd (a workgroup whose chunk is past the row's context returns), its block table bt and the p′ layout.
+ */
+function valueStartWgsl(W: number): string {
+  return `let c = wid.x;
+  let part = wid.y;
+  let r = wid.z;
+  if (lid == 0u) { bounds = chunkSpan(r, c); }
+  let bnd = workgroupUniformLoad(&bounds);
+  if (bnd.y <= bnd.x) { return; }
+  let bt = seqBlockTable(rowSeq(r));
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  ${chunkLayoutWgsl(W)}`;
+}
+
 /** WGSL: the row stride of the scores and token scales (every chunk slot of the step, MLA3_MAX_CHUNK or less each). */
 const strideWgsl = `stepMeta[${META_MAX_CHUNKS}] * stepMeta[${META_CHUNK}]`;
 
@@ -388,15 +404,7 @@ var<workgroup> bounds: vec2<u32>;
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let c = wid.x;
-  let part = wid.y;
-  let r = wid.z;
-  if (lid == 0u) { bounds = chunkSpan(r, c); }
-  let bnd = workgroupUniformLoad(&bounds);
-  if (bnd.y <= bnd.x) { return; }
-  let bt = seqBlockTable(rowSeq(r));
-  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
-  ${chunkLayoutWgsl(W)}
+  ${valueStartWgsl(W)}
   let dq = lid % ${DQ}u;
   let hp = lid / ${DQ}u;
   let gw = part * ${DQ}u + dq;
@@ -509,15 +517,7 @@ var<workgroup> bounds: vec2<u32>;
 
 @compute @workgroup_size(${SG * 32})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let c = wid.x;
-  let part = wid.y;
-  let r = wid.z;
-  if (lid == 0u) { bounds = chunkSpan(r, c); }
-  let bnd = workgroupUniformLoad(&bounds);
-  if (bnd.y <= bnd.x) { return; }
-  let bt = seqBlockTable(rowSeq(r));
-  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
-  ${chunkLayoutWgsl(W)}
+  ${valueStartWgsl(W)}
   // p′ bytes: head h of (row r, chunk c) starts at ((r·HP + h)·maxChunks + c)·chunkWords·4; heads are maxChunks·chunkWords·4 apart.
   let headStride = maxChunks * chunkWords * 4u;
   ${js.map(tileOf).join('\n  ')}
