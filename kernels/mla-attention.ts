@@ -27,7 +27,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
-import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, mla3ScoresTcProblem, planMla3Pass, planMla3ValuesTc, type Mla3PassPlan } from './mla-attention-3pass.ts';
+import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, mla3ScoresTcProblem, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
 interface TcPath {
@@ -716,13 +716,12 @@ export class MlaAttention {
     const plan = planMla3Pass(shape.nHeads, tc, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8LatentParts, this.tuning.int8ScoreTile);
     if (typeof plan === 'string') throw new Error(`MLA int8 three-pass attention: ${plan}`);
     const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${window}`;
-    // Unset score products take the tensor cores where the adapter has i8 subgroup matrices and the block size suits
-    // them; the value products only when asked (int8ValueProducts).
+    // Unset score products take the tensor cores where the adapter has i8 subgroup matrices and the block size and row
+    // suit them; the value products only when asked (int8ValueProducts; mla3ValuesTcWgsl says why a plan cannot).
     const onTc = mlaTcOnTensorCores(gpu);
     const limit = gpu.limits.maxComputeWorkgroupStorageSize;
     const scoresTc = (this.tuning.int8ScoreProducts ?? (onTc && layout.blockSize % 16 === 0 && !mla3ScoresTcProblem(f, tc) ? 'tensor-cores' : 'dot4')) === 'tensor-cores';
     const valuesTc = this.tuning.int8ValueProducts === 'tensor-cores';
-    if (valuesTc && typeof planMla3ValuesTc(shape.nHeads, plan, limit) === 'string') throw new Error(`MLA int8 three-pass attention: int8ValueProducts 'tensor-cores': ${planMla3ValuesTc(shape.nHeads, plan, limit) as string}`);
     for (const [on, name] of [[scoresTc, 'int8ScoreProducts'], [valuesTc, 'int8ValueProducts']] as const) {
       if (on && !onTc) throw new Error(`MLA int8 three-pass attention: ${name} 'tensor-cores' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
     }
