@@ -19,7 +19,8 @@
 //            --mla-int8-products off|dot4|three-pass|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or an int8-product one)
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 16)
-//            --mla-head-kernel sliced|staged (MLA: the W_UK / W_UV kernel of decode-sized steps; default staged)
+//            --mla-head-kernel sliced|staged|w8a8 (MLA: the W_UK / W_UV kernel of decode-sized steps; default staged; w8a8: int8
+//            weights and inputs, tensor cores where the adapter has them)
 //            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default on)
 //            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 2)
 //            --mla-dot4-softmax workgroup|subgroup|emulated (MLA, dot4 products: the window softmax; default workgroup)

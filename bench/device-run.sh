@@ -9,7 +9,8 @@
 #   dot4       the dot4 MLA kernel (int8Products 'dot4') against the f32 one and GQA: attention at 8 and 32 rows × 512,
 #              4K and 16K; MLA decode at 8 and 32 sequences with each, profiled (~5 min)
 #   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 32 k slices (default 16) and with
-#              the staged kernel (--mla-head-kernel staged), profiled (~4 min)
+#              the staged kernel (--mla-head-kernel staged), profiled (~4 min); HEAD_VARIANTS="kernel-staged kernel-w8a8"
+#              times the W8A8 head products against the default, then runs their tests (tensor cores against dot4)
 #   prefetch   the dot4 MLA kernel with the next window prefetched into registers (and its value heads in 2 rounds)
 #              against the default: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt; MLA decode at 8 and 32
 #              sequences with each and with the staged head kernel, and GQA, profiled (~6 min; PREFETCH_RUNS picks
@@ -151,7 +152,7 @@ goals)
   ;;
 heads)
   # The W_UK / W_UV decode kernel: 8 and 32 k slices (default 16), and the staged kernel.
-  for variant in slices-8 slices-32 kernel-staged; do
+  for variant in ${HEAD_VARIANTS:-slices-8 slices-32 kernel-staged}; do
     flag="--mla-head-${variant%%-*} ${variant#*-}"
     el "decode-mla-heads-$variant"
     timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
@@ -159,12 +160,16 @@ heads)
       --json "$OUT/decode-mla-heads-$variant.json" >"$OUT/decode-mla-heads-$variant.txt" 2>"$OUT/decode-mla-heads-$variant.err"
     el "rc=$?"
   done
-  for variant in slices-8 slices-32 kernel-staged; do
+  for variant in ${HEAD_VARIANTS:-slices-8 slices-32 kernel-staged}; do
     echo "== MLA decode, dot4 attention, head products: $variant"
     summary "$OUT/decode-mla-heads-$variant.txt" 4
     grep "head-matmul" "$OUT/decode-mla-heads-$variant.txt" | head -n 8
     tail -n 2 "$OUT/decode-mla-heads-$variant.err"
   done
+  if [[ " ${HEAD_VARIANTS:-} " == *" kernel-w8a8 "* ]]; then
+    timeout 120 node --import tsx --test --test-reporter=spec test/mla-head-w8a8.test.ts >"$OUT/tests-head-w8a8.txt" 2>&1
+    grep "^✔\|^✖\|^ℹ \(pass\|fail\)" "$OUT/tests-head-w8a8.txt" | cut -c1-200
+  fi
   ;;
 prefetch)
   attention_forms prefetch "dot4,dot4 prefetch,dot4 prefetch q-storage,dot4 prefetch v2,off"

@@ -8,6 +8,8 @@
 import type { GpuContext } from './device.ts';
 import { META_ROWS, metaWgsl } from './step-meta.ts';
 import { bindBuffers, uploadMatrix, wgslF32, type GpuMatrix, type WeightDtype } from './tensors.ts';
+import { hasInt8SubgroupMatrix } from './matmul-int8.ts';
+import { HeadW8a8 } from './mla-head-w8a8.ts';
 
 const MAX_ROWS_PER_THREAD = 8;
 /**
@@ -40,13 +42,19 @@ export interface HeadMatmulOptions {
    * it while the next chunk loads (headMatmulStagedWgsl); 'sliced' the streaming kernel above. On an H100
    * (bench:decode --profile, 2026-12-05) a step's two products took 1353 µs staged against 1628 sliced at 32 rows, 779
    * against 1300 at 8. (A 'kgroups' kernel, K split four ways with a loop of dependent loads, took 2518 µs at 32 rows
-   * and was removed.)
+   * and was removed.) 'w8a8': the weights quantized to int8 once per output column and the inputs per (row, head)
+   * each step, products on tensor cores where the adapter has i8 subgroup matrices (else dot4I8Packed, the same
+   * integers): kernels/mla-head-w8a8.ts, for steps of up to W8A8_HEAD_MAX_ROWS rows (larger ones take the staged
+   * kernel). Untimed.
    */
   decodeKernel?: HeadDecodeKernel;
 }
 
-export const HEAD_DECODE_KERNELS = ['sliced', 'staged'] as const;
+export const HEAD_DECODE_KERNELS = ['sliced', 'staged', 'w8a8'] as const;
 export type HeadDecodeKernel = (typeof HEAD_DECODE_KERNELS)[number];
+
+/** The most rows a step runs through the W8A8 head products (their input scratch is sized for it). */
+export const W8A8_HEAD_MAX_ROWS = 128;
 
 export interface HeadMatmulSpec {
   nHeads: number;
@@ -438,6 +446,7 @@ export class HeadMatmul {
   private variants = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private tiled = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
   private staged = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
+  private w8a8?: HeadW8a8;
   private readonly tiledMinRows: number;
   private readonly kSlices: number;
   private readonly decodeKernel: HeadDecodeKernel;
@@ -479,7 +488,12 @@ export class HeadMatmul {
       pass.dispatchWorkgroups(Math.ceil(this.spec.N / TILE), this.spec.nHeads, Math.ceil(rows / tm));
       return;
     }
-    if (this.decodeKernel === 'staged') {
+    if (this.decodeKernel === 'w8a8' && rows <= W8A8_HEAD_MAX_ROWS) {
+      this.w8a8 ??= new HeadW8a8(this.gpu, this.spec, this.weight, this.b, W8A8_HEAD_MAX_ROWS, hasInt8SubgroupMatrix(this.gpu) && this.gpu.subgroupSize === 32);
+      this.w8a8.encode(pass, rows);
+      return;
+    }
+    if (this.decodeKernel === 'staged' || this.decodeKernel === 'w8a8') {
       const tm = stagedTileRows(rows);
       let k = this.staged.get(tm);
       if (!k) {

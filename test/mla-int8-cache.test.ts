@@ -342,7 +342,7 @@ test('mla attention over the int8 latent cache vs float64: within the quantizati
   }
 });
 
-test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the int8 latent cache within 5 % of the f32 cache (f32, dot4 and three-pass products)', async () => {
+test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the int8 latent cache within 5 % of the f32 cache (f32, dot4 and three-pass products; dot4 with W8A8 head products)', async () => {
   const g = await gpu();
   const source = await loadModel('../shared/models/stories260K/stories260K.gguf', { maxSeqLen: 512 });
   const gqa = source.config as GqaConfig;
@@ -362,15 +362,15 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
   ]) {
     const conv = await convertToMla(gqa, source.weights, { ropeDim, freqFold, calibChunks: split.calib, kvLoraRank });
     const model = { config: conv.config, weights: mlaWeightsToF32(conv.weights) };
-    const score = async (cacheDtype: 'f32' | 'int8', int8Products: MlaAttentionTuning['int8Products'] = 'off') => {
-      const attentionBlock = (ctx: AttentionBlockContext) => new MlaBlock(ctx, { attentionTuning: { int8Products } });
+    const score = async (cacheDtype: 'f32' | 'int8', int8Products: MlaAttentionTuning['int8Products'] = 'off', heads?: 'w8a8', stepTokens = 1024) => {
+      const attentionBlock = (ctx: AttentionBlockContext) => new MlaBlock(ctx, { attentionTuning: { int8Products }, ...(heads ? { headDecodeKernel: heads } : {}) });
       const runner = await createGpuRunner(g, model, { weightDtype: 'f32', cacheDtype, blockSize: 16, numBlocks: 64, attentionBlock });
       try {
         const c = conv.config;
         // int8: R + r int8 values (whole words) and two f32 scales; f32: R + r values of 4 bytes.
         const rowBytes = cacheDtype === 'int8' ? 4 * (Math.ceil(c.kvLoraRank / 4) + Math.ceil(c.qkRopeHeadDim / 4) + 2) : 4 * (c.kvLoraRank + c.qkRopeHeadDim);
         assert.equal(runner.kvBytesPerToken, c.nLayers * rowBytes);
-        return await scoreWithRunner(runner, chunks, 1024);
+        return await scoreWithRunner(runner, chunks, stepTokens);
       } finally {
         runner.destroy();
       }
@@ -391,6 +391,13 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
     const three = await score('int8', 'three-pass');
     console.log(`  int8 products, three passes: ppl ${three.perplexity.toFixed(4)} (${(100 * (three.perplexity / base.perplexity - 1)).toFixed(3)} %)`);
     assert.ok(Math.abs(three.perplexity / products.perplexity - 1) <= 1e-3, `three-pass perplexity ${three.perplexity} vs the emulated form's ${products.perplexity}`);
+    // W8A8 head products (W_UK / W_UV int8 per output column, their inputs per row and head) on top of the dot4
+    // attention, in steps of at most 96 rows (the W8A8 kernel takes decode-sized steps only).
+    const headsQ = await score('int8', 'dot4', 'w8a8', 96);
+    const dHeads = headsQ.perplexity / base.perplexity - 1;
+    console.log(`  int8 products, dot4 kernel, W8A8 head products: ppl ${headsQ.perplexity.toFixed(4)} (${(100 * dHeads).toFixed(3)} %)`);
+    assert.ok(Math.abs(dHeads) <= 0.05, `W8A8 head products perplexity ${headsQ.perplexity} vs f32 cache ${base.perplexity}`);
+    assert.notEqual(headsQ.perplexity, dot4.perplexity, 'the W8A8 head products changed nothing: did they run?');
     assert.equal(int8.predicted, base.predicted);
     assert.ok(base.predicted > 700, `only ${base.predicted} tokens scored`);
     const delta = int8.perplexity / base.perplexity - 1;
