@@ -41,7 +41,7 @@ export interface Mla3PassPlan {
   headsPerThread: number;
   scoreBytes: number;
   valueBytes: number;
-  /** Head rows of p′ and its window scales a row: the heads padded to 16 (the tensor-core value pass loads 16 at a time). */
+  /** Head rows of p′ and its window scales a row: the heads padded to 16 as the query tiles (MlaTcPlan.headsPadded; the tensor-core value pass loads 16 at a time). */
   headRows: number;
 }
 
@@ -78,7 +78,7 @@ export function planMla3Pass(nHeads: number, tc: MlaTcPlan, storageLimit: number
   if (headsPerThread > 16) return `${nHeads} heads over ${headParts} head parts: more than 16 heads a thread`;
   const valueBytes = 4 * W * partWords + nHeads * W + 16;
   if (valueBytes > storageLimit) return `value pass: ${valueBytes} B of workgroup memory, the device allows ${storageLimit}`;
-  const headRows = Math.ceil(nHeads / 16) * 16;
+  const headRows = tc.headsPadded;
   return { tile, window: W, headQuads: Math.ceil(nHeads / 4), rowWords, latentWords, rowStride4, queryStaged, latentParts, partWords, headParts, headsPerThread, scoreBytes, valueBytes, headRows };
 }
 
@@ -209,7 +209,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 export function mla3ScoresTcProblem(f: MlaInt8RowFormat, tc: MlaTcPlan): string | undefined {
   const end = 4 * f.ropeWord + tc.ropePad;
   if (tc.latentPad > 4 * f.ropeWord || end > 4 * f.rowWords) {
-    return `the score K steps read ${Math.max(end, tc.latentPad)} bytes of a ${4 * f.rowWords}-byte cache row (R ${f.kvLoraRank}, rope ${f.qkRopeHeadDim}: pad R to 32 and keep rope + scales ≥ 32 bytes)`;
+    return `the score K steps read ${Math.max(end, tc.latentPad)} bytes of a ${4 * f.rowWords}-byte cache row (R ${f.kvLoraRank}, rope ${f.qkRopeHeadDim}: R must be a multiple of 32 and the rope bytes + 8 of scales at least the rope padded to 32)`;
   }
   return undefined;
 }

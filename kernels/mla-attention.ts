@@ -556,7 +556,8 @@ export const MLA_TC_TARGET_WORKGROUPS = 1024;
  * pays for staging the query and writing those partials, so few long chunks: on an H100 (bench:attention, 2026-12-05)
  * 256 workgroups against 512 took 488.9 against 505.7 µs at 32 × 4K (512-token chunks), 74.8 against 103.6 at
  * 32 × 512, 138.1 against 314.3 at 8 × 4K; 128 against 256 (2026-12-06) 55.2 against 64.2 at 32 × 512 and 29.8
- * against 45.5 at 8 × 512, the same at 32 × 4K (chunks of 512 either way), and 64 was slower again.
+ * against 45.5 at 8 × 512, the same at 32 × 4K (chunks of 512 either way); 64 was slower at 512 tokens (35.1 at
+ * 8 × 512, 86.7 at 32 × 512).
  */
 export const MLA_DOT4_TARGET_WORKGROUPS = 128;
 /**
