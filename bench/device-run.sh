@@ -34,7 +34,7 @@
 #   attention  MLA attention forms at 32 × 512 and 32 × 4K, and the tensor-core score-phase dump check (~3 min)
 #   serve      served MLA vs GQA at KV budgets of 600 and 256 MiB, with step traces (~6 min); a run "600MiB:on:512:dot4"
 #              serves the MLA model with --mla-int8-attention dot4; "256MiB:on:512:dot4:128:512" a decode-heavy load (48
-#              requests of 128 prompt + 512 output tokens; default 512 + 128)
+#              requests of 128 prompt + 512 output tokens; default 512 + 128); a seventh field sets --mla-head-kernel
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
@@ -271,16 +271,17 @@ serve)
   # field sets --max-num-batched-tokens ("600MiB:on:512": prompts in 512-row chunks). Each start
   # uploads both 7B models (~2 min); the same load each time.
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
-    IFS=: read -r budget mode tokens products inlen outlen <<<"$run"
+    IFS=: read -r budget mode tokens products inlen outlen heads <<<"$run"
     tokens=${tokens:-2048}
     products=${products:-f32}
     inlen=${inlen:-512}
     outlen=${outlen:-128}
-    tag="$budget-$mode-$tokens-$products-$inlen-$outlen"
+    heads=${heads:-auto}
+    tag="$budget-$mode-$tokens-$products-$inlen-$outlen-$heads"
     el "serve kv $budget async-scheduling $mode max-num-batched-tokens $tokens mla-int8-attention $products"
     node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
       --kv-cache-memory "$budget" --max-num-seqs 64 --async-scheduling "$mode" --max-num-batched-tokens "$tokens" \
-      --mla-int8-attention "$products" \
+      --mla-int8-attention "$products" --mla-head-kernel "$heads" \
       --step-trace "$OUT/steps-$tag.jsonl" --port 8000 \
       >"$OUT/serve-$tag.log" 2>&1 &
     sp=$!
@@ -293,9 +294,9 @@ serve)
     wait $sp 2>/dev/null
   done
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
-    IFS=: read -r budget mode tokens products inlen outlen <<<"$run"
-    tag="$budget-$mode-${tokens:-2048}-${products:-f32}-${inlen:-512}-${outlen:-128}"
-    echo "== KV budget $budget, async scheduling $mode, max-num-batched-tokens ${tokens:-2048}, mla-int8-attention ${products:-f32}, ${inlen:-512} + ${outlen:-128} tokens"
+    IFS=: read -r budget mode tokens products inlen outlen heads <<<"$run"
+    tag="$budget-$mode-${tokens:-2048}-${products:-f32}-${inlen:-512}-${outlen:-128}-${heads:-auto}"
+    echo "== KV budget $budget, async scheduling $mode, max-num-batched-tokens ${tokens:-2048}, mla-int8-attention ${products:-f32}, ${inlen:-512} + ${outlen:-128} tokens, mla-head-kernel ${heads:-auto}"
     # Decode-only steps against steps with prompt rows, per model (wall and GPU ms): where the served TPOT goes.
     node --import tsx bench/step-trace.ts "$OUT/steps-$tag.jsonl"
     grep -A32 "requests ok" "$OUT/bench-$tag.txt" | head -n 34

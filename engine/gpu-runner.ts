@@ -102,6 +102,8 @@ export interface AttentionBlock {
   readonly minChunk?: number;
   /** What computes the attention's products (RunnerDescription.attentionProducts); 'f32' when absent. */
   readonly products?: AttentionProducts;
+  /** What multiplies the block's per-head products in decode-sized steps (RunnerDescription.headProducts); absent: none. */
+  readonly headProducts?: string;
   bind(b: AttentionBindings): void;
   /** Before the step's pass is encoded (grows scratch buffers). */
   prepare(meta: StepMeta): void;
@@ -284,6 +286,11 @@ export interface RunnerDescription {
   cacheDtype: CacheDtype;
   kvBytesPerToken: number;
   attentionProducts: AttentionProducts;
+  /**
+   * MLA's absorbed head products (W_UK, W_UV) in steps of up to 128 rows: the weights' float dtype (staged kernel),
+   * 'w8a8-sm' (int8 on subgroup matrices) or 'w8a8-dot4'; 'none' for GQA.
+   */
+  headProducts: string;
   /**
    * Int8 projections only: the kernels a step of up to `gemvMaxRows` rows takes (weights-only GEMV) and the one larger
    * steps take (W8A8: 'w8a8' on dot4I8Packed, 'w8a8-sm' on subgroup matrices), as the ops chose them on this adapter.
@@ -805,6 +812,7 @@ class GpuRunner implements GpuModelRunner {
       cacheDtype: this.block.layout.dtype,
       kvBytesPerToken: this.kvBytesPerToken,
       attentionProducts: this.block.products ?? 'f32',
+      headProducts: this.block.headProducts ?? 'none',
       int8Matmul: int8 && { gemvMaxRows: int8.tuning.gemvMaxRows, fewRows: int8.path(1), batched: int8.path(int8.tuning.gemvMaxRows + 1) },
     };
   }

@@ -13,7 +13,7 @@ import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
 import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
-import { HeadMatmul, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
+import { HeadMatmul, headDecodeProducts, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
@@ -95,6 +95,9 @@ export class MlaBlock implements AttentionBlock {
   private kvWrite: KvWrite | MlaLatentWriteInt8 | undefined;
   private attention: MlaAttention | undefined;
 
+  /** RunnerDescription.headProducts: what the W_UK / W_UV kernel of decode-sized steps multiplies in. */
+  readonly headProducts: string;
+
   get products(): AttentionProducts {
     return this.attention?.products ?? 'f32';
   }
@@ -133,6 +136,7 @@ export class MlaBlock implements AttentionBlock {
     // Projections follow the runner's linear dtype (int8 per output channel with --weight-dtype int8); the absorbed
     // head matrices W_UK / W_UV stay in dt (kernels/mla-head-matmul.ts has no int8 variant).
     const lt = ctx.linearDtype ?? dt;
+    this.headProducts = headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt);
     this.layers = ctx.weights.layers.map((lw, l) => {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
       const w = lw as MlaLayerWeights;

@@ -147,6 +147,8 @@ export interface ModelRuntime {
   cacheDtype: string;
   int8Matmul: string;
   attentionProducts: string;
+  /** MLA's W_UK / W_UV head products in decode-sized steps (RunnerDescription.headProducts); 'none' for GQA. */
+  headProducts: string;
 }
 
 /** KV pool figures for /metrics and the start-up banner. */

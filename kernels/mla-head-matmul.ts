@@ -441,6 +441,21 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
 }`;
 }
 
+/** Whether the W8A8 head products run on tensor cores here: i8 subgroup matrices with 32-wide subgroups (else dot4). */
+export function headW8a8TensorCores(gpu: GpuContext): boolean {
+  return hasInt8SubgroupMatrix(gpu) && gpu.subgroupSize === 32;
+}
+
+/**
+ * What multiplies the head products of decode-sized steps with this kernel on this adapter (RunnerDescription
+ * headProducts): the weights' float dtype for the staged and sliced kernels, 'w8a8-sm' on i8 subgroup matrices or
+ * 'w8a8-dot4' on dot4I8Packed.
+ */
+export function headDecodeProducts(gpu: GpuContext, kernel: HeadDecodeKernel, weightDtype: string): string {
+  if (kernel !== 'w8a8') return weightDtype;
+  return headW8a8TensorCores(gpu) ? 'w8a8-sm' : 'w8a8-dot4';
+}
+
 /** One per-head matmul site: weights and bindings fixed, rows chosen per dispatch (read from stepMeta's row count). */
 export class HeadMatmul {
   private variants = new Map<number, { pipeline: GPUComputePipeline; bindGroup: GPUBindGroup }>();
@@ -489,7 +504,7 @@ export class HeadMatmul {
       return;
     }
     if (this.decodeKernel === 'w8a8' && rows <= W8A8_HEAD_MAX_ROWS) {
-      this.w8a8 ??= new HeadW8a8(this.gpu, this.spec, this.weight, this.b, W8A8_HEAD_MAX_ROWS, hasInt8SubgroupMatrix(this.gpu) && this.gpu.subgroupSize === 32);
+      this.w8a8 ??= new HeadW8a8(this.gpu, this.spec, this.weight, this.b, W8A8_HEAD_MAX_ROWS, headW8a8TensorCores(this.gpu));
       this.w8a8.encode(pass, rows);
       return;
     }

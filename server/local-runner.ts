@@ -3,10 +3,11 @@ import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { CpuRunner } from '../engine/cpu-runner.ts';
 import type { AttentionBlockFactory } from '../engine/gpu-runner.ts';
 import { mlaBlockFactory } from '../engine/mla-block.ts';
+import type { HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import type { ModelRunner } from '../engine/types.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
-import { MLA_INT8_ATTENTION, type MlaInt8AttentionOption as MlaInt8Attention } from './serve-options.ts';
+import { MLA_HEAD_KERNEL, MLA_INT8_ATTENTION, type MlaHeadKernelOption, type MlaInt8AttentionOption as MlaInt8Attention } from './serve-options.ts';
 
 export class UsageError extends Error {}
 
@@ -18,6 +19,7 @@ export const LOCAL_MODEL_OPTIONS = {
   'kv-cache-dtype': { type: 'string' },
   'cache-dtype': { type: 'string' },
   'mla-int8-attention': { type: 'string' },
+  'mla-head-kernel': { type: 'string' },
   cpu: { type: 'boolean' },
   json: { type: 'boolean' },
   help: { type: 'boolean', short: 'h' },
@@ -65,16 +67,28 @@ export function parseLocalCommand<O extends CommandOptions, T>(
  * The weight and KV cache dtypes of a local-model command's parsed flags (f16 unless given), and the MLA attention
  * products over an int8 cache (auto unless given: mlaInt8Products; dot4 needs the int8 cache).
  */
-export function localDtypes(values: { 'weight-dtype'?: string; 'kv-cache-dtype'?: string; 'cache-dtype'?: string; 'mla-int8-attention'?: string }): {
+export function localDtypes(values: {
+  'weight-dtype'?: string;
+  'kv-cache-dtype'?: string;
+  'cache-dtype'?: string;
+  'mla-int8-attention'?: string;
+  'mla-head-kernel'?: string;
+}): {
   weightDtype: WeightDtype;
   cacheDtype: CacheDtype;
   mlaInt8Attention: MlaInt8Attention;
+  mlaHeadKernel: MlaHeadKernelOption;
 } {
   const cacheDtype = cacheDtypeOption(values, 'f16');
   const mlaInt8Attention = dtypeOption<MlaInt8Attention>(values['mla-int8-attention'], '--mla-int8-attention', 'auto', MLA_INT8_ATTENTION);
   const problem = mlaInt8AttentionProblem(mlaInt8Attention, cacheDtype);
   if (problem) throw new UsageError(problem);
-  return { weightDtype: dtypeOption<WeightDtype>(values['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']), cacheDtype, mlaInt8Attention };
+  return {
+    weightDtype: dtypeOption<WeightDtype>(values['weight-dtype'], '--weight-dtype', 'f16', ['f32', 'f16', 'int8']),
+    cacheDtype,
+    mlaInt8Attention,
+    mlaHeadKernel: dtypeOption<MlaHeadKernelOption>(values['mla-head-kernel'], '--mla-head-kernel', 'auto', MLA_HEAD_KERNEL),
+  };
 }
 
 /** Why a --mla-int8-attention choice cannot run with this cache (dot4 and three-pass compute on the int8 latent cache), if it cannot. */
@@ -93,11 +107,31 @@ export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype
   return choice === 'f32' ? 'f32' : choice === 'three-pass' ? 'three-pass' : 'dot4';
 }
 
-/** The runner's attention block for a model given --mla-int8-attention: the MLA block with int8 products, or the default. */
-export function attentionBlockFor(config: ModelConfig, cacheDtype: CacheDtype, choice: MlaInt8Attention | undefined): { attentionBlock?: AttentionBlockFactory } {
+/** The W_UK / W_UV kernel of decode-sized MLA steps given --mla-head-kernel (undefined: auto): staged unless w8a8 is asked. */
+export function mlaHeadKernel(choice: MlaHeadKernelOption | undefined): HeadDecodeKernel {
+  return choice === 'w8a8' ? 'w8a8' : 'staged';
+}
+
+/**
+ * The runner's attention block for a model given --mla-int8-attention and --mla-head-kernel: the MLA block with int8
+ * products and/or W8A8 head products, or the default.
+ */
+export function attentionBlockFor(
+  config: ModelConfig,
+  cacheDtype: CacheDtype,
+  choice: MlaInt8Attention | undefined,
+  headChoice?: MlaHeadKernelOption,
+): { attentionBlock?: AttentionBlockFactory } {
+  if (config.attention !== 'mla') return {};
   const products = mlaInt8Products(choice, cacheDtype);
-  if (config.attention !== 'mla' || products === 'f32') return {};
-  return { attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: products } }) };
+  const heads = mlaHeadKernel(headChoice);
+  if (products === 'f32' && heads === 'staged') return {};
+  return {
+    attentionBlock: mlaBlockFactory({
+      ...(products === 'f32' ? {} : { attentionTuning: { int8Products: products } }),
+      ...(heads === 'staged' ? {} : { headDecodeKernel: heads }),
+    }),
+  };
 }
 
 export type WeightDtype = 'f32' | 'f16' | 'int8';
@@ -143,6 +177,8 @@ export interface LocalRunnerOptions {
   cacheDtype: CacheDtype;
   /** MLA over an int8 cache: the attention products (default f32). */
   mlaInt8Attention?: MlaInt8Attention;
+  /** MLA's W_UK / W_UV kernel of decode-sized steps (default auto: staged). */
+  mlaHeadKernel?: MlaHeadKernelOption;
   /** Run on the CPU with the float64 reference ops instead of the GPU (slow; for checks). */
   cpu: boolean;
   log?: (msg: string) => void;
@@ -184,7 +220,7 @@ export async function openLocalRunner(model: LoadedModel, opts: LocalRunnerOptio
       numBlocks: opts.numBlocks,
       weightDtype: opts.weightDtype,
       cacheDtype: opts.cacheDtype,
-      ...attentionBlockFor(model.config, opts.cacheDtype, opts.mlaInt8Attention),
+      ...attentionBlockFor(model.config, opts.cacheDtype, opts.mlaInt8Attention, opts.mlaHeadKernel),
     }));
     return {
       runner,

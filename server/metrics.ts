@@ -114,8 +114,9 @@ export class ServerMetrics {
       name: 'mla_serve_model_info',
       help:
         'How a model runs (value 1): weight dtype, KV cache dtype, int8 matmul kernels (few-row+batched, none without int8 weights), ' +
-        'attention products (f32, or int8-dot4 / int8-tensor-cores for MLA over an int8 cache), adapter.',
-      labelNames: ['model_name', 'attention', 'weight_dtype', 'cache_dtype', 'int8_matmul', 'attention_products', 'adapter'],
+        'attention products (f32, or int8-dot4 / int8-tensor-cores for MLA over an int8 cache), ' +
+        'MLA head products (W_UK / W_UV in decode steps: f16, w8a8-sm or w8a8-dot4; none for GQA), adapter.',
+      labelNames: ['model_name', 'attention', 'weight_dtype', 'cache_dtype', 'int8_matmul', 'attention_products', 'head_products', 'adapter'],
       registers,
       collect() {
         this.reset();
@@ -130,6 +131,7 @@ export class ServerMetrics {
               cache_dtype: s.kv.cacheDtype,
               int8_matmul: rt?.int8Matmul ?? 'unknown',
               attention_products: rt?.attentionProducts ?? 'unknown',
+              head_products: rt?.headProducts ?? 'unknown',
               adapter: rt?.adapter ?? 'unknown',
             },
             1,

@@ -137,7 +137,7 @@ export function checkKvCacheDtype(name: string, config: ModelConfig, dtype: KvCa
 /** A runner's description as the banner and /metrics show it. */
 export function modelRuntime(d: RunnerDescription): ModelRuntime {
   const int8Matmul = d.int8Matmul ? `${d.int8Matmul.fewRows}+${d.int8Matmul.batched}` : 'none';
-  return { adapter: d.adapter, weightDtype: d.weightDtype, cacheDtype: d.cacheDtype, int8Matmul, attentionProducts: d.attentionProducts };
+  return { adapter: d.adapter, weightDtype: d.weightDtype, cacheDtype: d.cacheDtype, int8Matmul, attentionProducts: d.attentionProducts, headProducts: d.headProducts };
 }
 
 /** Loads every model, splits the KV budget evenly in bytes, and starts one engine per model on one GPU. */
@@ -186,7 +186,7 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
         weightDtype,
         gpuTiming: trace !== undefined,
         // MLA over an int8 cache: the products as --mla-int8-attention asks (f32 on unpacked values, or int8 dot4).
-        ...attentionBlockFor(m.config, cacheDtypes[i], opts.mlaInt8Attention),
+        ...attentionBlockFor(m.config, cacheDtypes[i], opts.mlaInt8Attention, opts.mlaHeadKernel),
       });
       runners.push(runner);
       const runtime = modelRuntime(runner.describe());
@@ -259,7 +259,8 @@ export function banner(url: string, served: ServedEngines): string[] {
     lines.push(
       `  ${m.name.padEnd(width)}  ${attention}  KV ${formatBytes(s.capacityBytes)} (${s.capacityBytes} bytes) = ${s.numBlocks} blocks × ${s.blockSize} tokens = ${s.numBlocks * s.blockSize} tokens` +
         ` at ${s.bytesPerToken} B/token (${s.cacheDtype}); ${weightsLine(m.engine.info.runtime)}; ` +
-        `attention products ${m.engine.info.runtime?.attentionProducts ?? '(not reported)'}; max_model_len ${m.engine.info.maxModelLen}; from ${m.source}`,
+        `attention products ${m.engine.info.runtime?.attentionProducts ?? '(not reported)'}; ` +
+        `head products ${m.engine.info.runtime?.headProducts ?? '(not reported)'}; max_model_len ${m.engine.info.maxModelLen}; from ${m.source}`,
     );
   }
   return lines;

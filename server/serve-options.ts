@@ -36,6 +36,8 @@ export interface ServeOptions {
   kvCacheDtype?: KvCacheDtypeOption;
   /** MLA over an int8 cache: f32 products on unpacked values (default) or int8 dot products (dot4). */
   mlaInt8Attention?: MlaInt8AttentionOption;
+  /** MLA's W_UK / W_UV head products in decode-sized steps: staged (float weights) or w8a8; auto per weight dtype. */
+  mlaHeadKernel?: MlaHeadKernelOption;
   /** Pipelined decode of picked rows (engine option pipelineDecode; default on). */
   asyncScheduling?: OnOff;
   /** JSON-lines file that gets one line per engine step (null/absent: none). */
@@ -53,6 +55,10 @@ export type KvCacheDtypeOption = (typeof KV_CACHE_DTYPES)[number];
 /** How MLA over an int8 latent cache takes its attention products: f32 on unpacked values, int8 dot products, or auto (dot4 over an int8 cache). */
 export const MLA_INT8_ATTENTION = ['auto', 'f32', 'dot4', 'three-pass'] as const;
 export type MlaInt8AttentionOption = (typeof MLA_INT8_ATTENTION)[number];
+
+/** The kernel of an MLA model's W_UK / W_UV head products in decode-sized steps: auto, the staged float kernel, or W8A8. */
+export const MLA_HEAD_KERNEL = ['auto', 'staged', 'w8a8'] as const;
+export type MlaHeadKernelOption = (typeof MLA_HEAD_KERNEL)[number];
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -108,6 +114,12 @@ is printed at start (the API key redacted).
                           run dot4). auto (default): dot4 with --kv-cache-dtype int8, else f32. dot4 and
                           three-pass need the int8 cache
                           [MLA_SERVE_MLA_INT8_ATTENTION]
+  --mla-head-kernel auto|staged|w8a8
+                          MLA models' absorbed head products (W_UK on the query, W_UV on the attention output) in
+                          steps of up to 128 rows: staged multiplies the f16 head weights in f32; w8a8 quantizes
+                          the head weights to int8 per output column at load and the inputs per row and head each
+                          step, and sums in i32 (tensor cores where the GPU offers int8 subgroup matrices, else
+                          int8 dot products). auto (default): staged [MLA_SERVE_MLA_HEAD_KERNEL]
   --async-scheduling on|off
                           on (default): while a step of decodes picked on the GPU runs, the next one is planned
                           and submitted with its picks as tokens, so the host's work overlaps the GPU's; a request
@@ -228,6 +240,7 @@ const FIELDS: Field[] = [
   { key: 'weightDtype', flag: 'weight-dtype', env: 'MLA_SERVE_WEIGHT_DTYPE', parse: enumField(WEIGHT_DTYPES), defaultValue: 'f16' },
   { key: 'kvCacheDtype', flag: 'kv-cache-dtype', env: 'MLA_SERVE_KV_CACHE_DTYPE', parse: enumField(KV_CACHE_DTYPES), defaultValue: 'f16' },
   { key: 'mlaInt8Attention', flag: 'mla-int8-attention', env: 'MLA_SERVE_MLA_INT8_ATTENTION', parse: enumField(MLA_INT8_ATTENTION), defaultValue: 'auto' },
+  { key: 'mlaHeadKernel', flag: 'mla-head-kernel', env: 'MLA_SERVE_MLA_HEAD_KERNEL', parse: enumField(MLA_HEAD_KERNEL), defaultValue: 'auto' },
   { key: 'asyncScheduling', flag: 'async-scheduling', env: 'MLA_SERVE_ASYNC_SCHEDULING', parse: enumField(ON_OFF), defaultValue: 'on' },
   { key: 'stepTrace', flag: 'step-trace', env: 'MLA_SERVE_STEP_TRACE', parse: textField('a file path'), defaultValue: null },
 ];

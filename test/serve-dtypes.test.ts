@@ -7,6 +7,7 @@ import { modelLabels, modelValue, parsePromText, parsePromTypes } from '../bench
 import { gqaLayoutFor } from '../cache/kv-layout.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
 import { releaseGpu } from '../kernels/device.ts';
+import { hasInt8SubgroupMatrix } from '../kernels/matmul-int8.ts';
 import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
 import { syntheticConfig } from '../model/synthetic.ts';
 import { buildApp } from '../server/app.ts';
@@ -146,6 +147,7 @@ test('serve with --weight-dtype int8 --kv-cache-dtype f32: /metrics reports the 
       cache_dtype: 'f32',
       int8_matmul: tensorCores ? 'gemv+w8a8-sm' : 'gemv+w8a8',
       attention_products: 'f32',
+      head_products: config.attention === 'mla' ? 'f16' : 'none',
       adapter: served.gpu.adapterName,
     });
     assert.equal(modelValue(samples, 'mla_serve_model_info', m.name), 1);
@@ -155,7 +157,7 @@ test('serve with --weight-dtype int8 --kv-cache-dtype f32: /metrics reports the 
   const lines = banner('http://127.0.0.1:0', served);
   for (const m of served.models) {
     const line = lines.find((l) => l.trimStart().startsWith(`${m.name} `))!;
-    assert.match(line, /\(f32\); weights int8 \(int8 matmul gemv\+w8a8(-sm)?\); attention products f32;/);
+    assert.match(line, /\(f32\); weights int8 \(int8 matmul gemv\+w8a8(-sm)?\); attention products f32; head products (f16|none);/);
   }
   await served.close();
   open = undefined;
@@ -217,6 +219,28 @@ test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32),
     openServedEngines(serveOptions({ mlaInt8Attention: 'dot4' }), () => {}),
     (e: Error) => e instanceof UsageError && /--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 \(the cache is f16\)/.test(e.message),
   );
+});
+
+test('--mla-head-kernel: auto (staged) by default, staged or w8a8 by flag or MLA_SERVE_MLA_HEAD_KERNEL; served with w8a8, the MLA model reports W8A8 head products on /metrics and in the banner and serves 8 greedy tokens', async () => {
+  assert.equal(resolve([]).options.mlaHeadKernel, 'auto');
+  assert.equal(resolve(['--mla-head-kernel', 'w8a8']).options.mlaHeadKernel, 'w8a8');
+  assert.equal(resolve([], { MLA_SERVE_MLA_HEAD_KERNEL: 'staged' }).options.mlaHeadKernel, 'staged');
+  assert.throws(() => resolve(['--mla-head-kernel', 'int4']), (e: Error) => e instanceof UsageError && /--mla-head-kernel must be one of auto, staged, w8a8; got "int4"/.test(e.message));
+  const mla = syntheticConfig('tiny-qwen2-mla');
+  assert.equal(attentionBlockFor(mla, 'f16', 'auto', 'auto').attentionBlock, undefined, 'f32 products and staged heads: the default block');
+  assert.ok(attentionBlockFor(mla, 'f16', 'auto', 'w8a8').attentionBlock, 'w8a8 heads build the MLA block even with f32 products');
+  assert.equal(attentionBlockFor(syntheticConfig('tiny-qwen2'), 'f16', 'auto', 'w8a8').attentionBlock, undefined, 'GQA has no head products');
+  const served = (open = await openServedEngines(serveOptions({ weightDtype: 'int8', kvCacheDtype: 'int8', mlaHeadKernel: 'w8a8' }), () => {}));
+  const { samples } = await scrapeServed(served);
+  const want = hasInt8SubgroupMatrix(served.gpu) && served.gpu.subgroupSize === 32 ? 'w8a8-sm' : 'w8a8-dot4';
+  const lines = banner('http://127.0.0.1:0', served);
+  for (const m of served.models) {
+    const heads = m.engine.info.config.attention === 'mla' ? want : 'none';
+    assert.equal(modelLabels(samples, 'mla_serve_model_info', m.name)?.head_products, heads, m.name);
+    assert.match(lines.find((l) => l.trimStart().startsWith(`${m.name} `))!, new RegExp(`; head products ${heads};`));
+  }
+  await served.close();
+  open = undefined;
 });
 
 test('serve --kv-cache-dtype int8 with a model whose attention has no int8 cache: start fails naming it', async (t) => {
