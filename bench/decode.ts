@@ -20,7 +20,9 @@
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 16)
 //            --mla-head-kernel sliced|staged|w8a8 (MLA: the W_UK / W_UV kernel of decode-sized steps; default staged; w8a8: int8
-//            weights and inputs, tensor cores where the adapter has them)
+//            weights and inputs, tensor cores where the adapter has them; giving one turns the fusion below off)
+//            --mla-fused-heads N (MLA: steps of ≤ N rows fold W_UV into the merge and, with int8 products, W_UK into the
+//            query quantizer; default 0 = off: slower on an H100, kernels/mla-head-fused.ts)
 //            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default on)
 //            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 2)
 //            --mla-dot4-softmax workgroup|subgroup|emulated (MLA, dot4 products: the window softmax; default workgroup)
@@ -170,6 +172,11 @@ function parseArgs(argv: string[]): Args {
       const v = intList(val(), k)[0];
       if (v !== 8 && v !== 16 && v !== 32) throw new Error(`--mla-head-slices is 8, 16 or 32, got ${v}`);
       a.mlaBlock.headKSlices = v;
+    }
+    else if (k === '--mla-fused-heads') {
+      const v = Number(val());
+      if (!Number.isInteger(v) || v < 0) throw new Error(`--mla-fused-heads wants a row count (0: off), got ${v}`);
+      a.mlaBlock.fusedHeadsMaxRows = v;
     }
     else if (k === '--mla-head-kernel') {
       const v = val();

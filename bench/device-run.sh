@@ -10,7 +10,8 @@
 #              4K and 16K; MLA decode at 8 and 32 sequences with each, profiled (~5 min)
 #   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 32 k slices (default 16) and with
 #              the staged kernel (--mla-head-kernel staged), profiled (~4 min); HEAD_VARIANTS="kernel-staged kernel-w8a8"
-#              times the W8A8 head products against the default, then runs their tests (tensor cores against dot4)
+#              times the W8A8 head products against the default, then runs their tests (tensor cores against dot4);
+#              a variant fused-N folds the products into the attention's kernels in steps of up to N rows
 #   prefetch   the dot4 MLA kernel with the next window prefetched into registers (and its value heads in 2 rounds)
 #              against the default: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt; MLA decode at 8 and 32
 #              sequences with each and with the staged head kernel, and GQA, profiled (~6 min; PREFETCH_RUNS picks
@@ -154,6 +155,7 @@ heads)
   # The W_UK / W_UV decode kernel: 8 and 32 k slices (default 16), and the staged kernel.
   for variant in ${HEAD_VARIANTS:-slices-8 slices-32 kernel-staged}; do
     flag="--mla-head-${variant%%-*} ${variant#*-}"
+    [[ $variant == fused-* ]] && flag="--mla-fused-heads ${variant#fused-}"
     el "decode-mla-heads-$variant"
     timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
       --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 $flag \

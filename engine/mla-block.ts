@@ -12,7 +12,7 @@ import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
-import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionHeads, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { HeadMatmul, headDecodeProducts, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
@@ -70,6 +70,12 @@ export interface MlaBlockOptions {
   headDecodeKernel?: HeadDecodeKernel;
   /** Smallest context chunk of the attention's split (default MLA_MIN_CHUNK; a power of two). */
   minChunk?: number;
+  /**
+   * Steps of at most this many rows fold W_UV into the attention's merge and, with int8 products, W_UK into its query
+   * quantizer (kernels/mla-head-fused.ts); larger steps take the head kernels above. Default 0 (off: slower than the
+   * staged kernel on an H100, see that file).
+   */
+  fusedHeadsMaxRows?: number;
 }
 
 export class MlaBlock implements AttentionBlock {
@@ -97,6 +103,8 @@ export class MlaBlock implements AttentionBlock {
 
   /** RunnerDescription.headProducts: what the W_UK / W_UV kernel of decode-sized steps multiplies in. */
   readonly headProducts: string;
+  /** Steps of at most this many rows fold the head products into the attention's kernels (0: never). */
+  readonly fusedHeadsMaxRows: number;
 
   get products(): AttentionProducts {
     return this.attention?.products ?? 'f32';
@@ -136,7 +144,10 @@ export class MlaBlock implements AttentionBlock {
     // Projections follow the runner's linear dtype (int8 per output channel with --weight-dtype int8); the absorbed
     // head matrices W_UK / W_UV stay in dt (kernels/mla-head-matmul.ts has no int8 variant).
     const lt = ctx.linearDtype ?? dt;
-    this.headProducts = headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt);
+    const fusedMaxRows = opts.fusedHeadsMaxRows ?? 0;
+    this.fusedHeadsMaxRows = fusedMaxRows;
+    // 'fused<=16+f16': steps of up to 16 rows fused, larger ones on the f16 kernel (as int8_matmul's 'gemv+w8a8').
+    this.headProducts = `${fusedMaxRows > 0 ? `fused<=${fusedMaxRows}+` : ''}${headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt)}`;
     this.layers = ctx.weights.layers.map((lw, l) => {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
       const w = lw as MlaLayerWeights;
@@ -294,12 +305,38 @@ export class MlaBlock implements AttentionBlock {
     this.kvWrite = this.layout.latentInt8
       ? new MlaLatentWriteInt8(g, this.layout.latentInt8, this.layout.blockSize, latentRows)
       : new KvWrite(g, this.layout, latentRows);
+    const fusedMaxRows = this.fusedHeadsMaxRows;
+    const matrixWeights = (m: GpuMatrix) => ({ K: m.rows / c.nHeads, N: m.cols, dtype: m.dtype, stride: m.stride });
+    const heads: MlaAttentionHeads | undefined =
+      fusedMaxRows > 0
+        ? {
+            maxRows: fusedMaxRows,
+            absorb: {
+              q: qRows,
+              stride: this.qStride,
+              offset: this.qOffset,
+              headStride: dn + r,
+              dn,
+              scale: c.softmaxScale,
+              w: matrixWeights(this.layers[0].wUk),
+              layers: this.layers.map((l) => l.wUk.pieces[0].buffer),
+            },
+            values: {
+              w: matrixWeights(this.layers[0].wUv),
+              out: b.out,
+              outStride: b.outStride,
+              outHeadStride: dv,
+              layers: this.layers.map((l) => l.wUv.pieces[0].buffer),
+            },
+          }
+        : undefined;
     this.attention = new MlaAttention(
       g,
       { nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r },
       this.layout,
       { meta: b.meta, qLatent: a.qLatent, out: a.oHat, outStride: c.nHeads * R, layerCaches: b.layerCaches },
       this.opts.attentionTuning,
+      heads,
     );
   }
 
@@ -314,9 +351,10 @@ export class MlaBlock implements AttentionBlock {
     for (const op of ops.kv) op.encode(pass, rows);
     for (const rope of this.ropes) rope.encode(pass, rows);
     this.kvWrite!.encode(pass, layer, rows);
-    ops.absorb.encode(pass, rows);
-    this.attention!.encode(pass, layer, rows, meta.maxChunks, meta.chunkSize);
-    ops.wUv.encode(pass, rows);
+    const attention = this.attention!;
+    if (!attention.fusesAbsorb(rows)) ops.absorb.encode(pass, rows);
+    attention.encode(pass, layer, rows, meta.maxChunks, meta.chunkSize);
+    if (!attention.fusesValues(rows)) ops.wUv.encode(pass, rows);
   }
 
   private destroyActivations(): void {

@@ -107,9 +107,14 @@ export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype
   return choice === 'f32' ? 'f32' : choice === 'three-pass' ? 'three-pass' : 'dot4';
 }
 
-/** The W_UK / W_UV kernel of decode-sized MLA steps given --mla-head-kernel (undefined: auto): staged unless w8a8 is asked. */
-export function mlaHeadKernel(choice: MlaHeadKernelOption | undefined): HeadDecodeKernel {
-  return choice === 'w8a8' ? 'w8a8' : 'staged';
+/**
+ * The MLA block's head-product options given --mla-head-kernel: none for auto (the block's default, staged: on an
+ * H100 the W8A8 products took 2.2 against 0.77 ms of an 8-row step and the fused form made the step 0.3 ms slower,
+ * BENCHMARKS.md 2026-12-06), else the kernel asked for, or the fusion up to 16 rows.
+ */
+export function mlaHeadOptions(choice: MlaHeadKernelOption | undefined): { headDecodeKernel?: HeadDecodeKernel; fusedHeadsMaxRows?: number } {
+  if (choice === 'w8a8' || choice === 'staged') return { headDecodeKernel: choice };
+  return choice === 'fused' ? { fusedHeadsMaxRows: 16 } : {};
 }
 
 /**
@@ -124,14 +129,9 @@ export function attentionBlockFor(
 ): { attentionBlock?: AttentionBlockFactory } {
   if (config.attention !== 'mla') return {};
   const products = mlaInt8Products(choice, cacheDtype);
-  const heads = mlaHeadKernel(headChoice);
-  if (products === 'f32' && heads === 'staged') return {};
-  return {
-    attentionBlock: mlaBlockFactory({
-      ...(products === 'f32' ? {} : { attentionTuning: { int8Products: products } }),
-      ...(heads === 'staged' ? {} : { headDecodeKernel: heads }),
-    }),
-  };
+  const heads = mlaHeadOptions(headChoice);
+  if (products === 'f32' && Object.keys(heads).length === 0) return {};
+  return { attentionBlock: mlaBlockFactory({ ...(products === 'f32' ? {} : { attentionTuning: { int8Products: products } }), ...heads }) };
 }
 
 export type WeightDtype = 'f32' | 'f16' | 'int8';

@@ -12,7 +12,7 @@ import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
 import { syntheticConfig } from '../model/synthetic.ts';
 import { buildApp } from '../server/app.ts';
 import { banner, checkKvCacheDtype, openServedEngines, SHARED_STORIES, type ServedEngines } from '../server/serve-command.ts';
-import { attentionBlockFor, mlaInt8Products, type CacheDtype } from '../server/local-runner.ts';
+import { attentionBlockFor, mlaHeadOptions, mlaInt8Products, type CacheDtype } from '../server/local-runner.ts';
 import { describeConfig, SERVE_USAGE, UsageError, type MlaInt8AttentionOption, type ServeOptions } from '../server/serve-options.ts';
 import { configResolver } from './serve-config-fixture.ts';
 
@@ -221,14 +221,17 @@ test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32),
   );
 });
 
-test('--mla-head-kernel: auto (staged) by default, staged or w8a8 by flag or MLA_SERVE_MLA_HEAD_KERNEL; served with w8a8, the MLA model reports W8A8 head products on /metrics and in the banner and serves 8 greedy tokens', async () => {
+test('--mla-head-kernel: auto (staged) by default, staged, w8a8 or fused by flag or MLA_SERVE_MLA_HEAD_KERNEL; served with w8a8, the MLA model reports W8A8 head products on /metrics and in the banner and serves 8 greedy tokens', async () => {
   assert.equal(resolve([]).options.mlaHeadKernel, 'auto');
   assert.equal(resolve(['--mla-head-kernel', 'w8a8']).options.mlaHeadKernel, 'w8a8');
   assert.equal(resolve([], { MLA_SERVE_MLA_HEAD_KERNEL: 'staged' }).options.mlaHeadKernel, 'staged');
-  assert.throws(() => resolve(['--mla-head-kernel', 'int4']), (e: Error) => e instanceof UsageError && /--mla-head-kernel must be one of auto, staged, w8a8; got "int4"/.test(e.message));
+  assert.equal(resolve(['--mla-head-kernel', 'fused']).options.mlaHeadKernel, 'fused');
+  assert.throws(() => resolve(['--mla-head-kernel', 'int4']), (e: Error) => e instanceof UsageError && /--mla-head-kernel must be one of auto, staged, w8a8, fused; got "int4"/.test(e.message));
   const mla = syntheticConfig('tiny-qwen2-mla');
-  assert.equal(attentionBlockFor(mla, 'f16', 'auto', 'auto').attentionBlock, undefined, 'f32 products and staged heads: the default block');
+  assert.equal(attentionBlockFor(mla, 'f16', 'auto', 'auto').attentionBlock, undefined, 'f32 products and auto heads: the default block');
   assert.ok(attentionBlockFor(mla, 'f16', 'auto', 'w8a8').attentionBlock, 'w8a8 heads build the MLA block even with f32 products');
+  assert.deepEqual(mlaHeadOptions('fused'), { fusedHeadsMaxRows: 16 });
+  assert.deepEqual(mlaHeadOptions('auto'), {});
   assert.equal(attentionBlockFor(syntheticConfig('tiny-qwen2'), 'f16', 'auto', 'w8a8').attentionBlock, undefined, 'GQA has no head products');
   const served = (open = await openServedEngines(serveOptions({ weightDtype: 'int8', kvCacheDtype: 'int8', mlaHeadKernel: 'w8a8' }), () => {}));
   const { samples } = await scrapeServed(served);
