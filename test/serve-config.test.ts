@@ -36,6 +36,7 @@ test('defaults with nothing given', () => {
     weightDtype: 'f16',
     kvCacheDtype: 'f16',
     mlaInt8Attention: 'auto',
+    mlaHeadKernel: 'auto',
     asyncScheduling: 'on',
     stepTrace: null,
   });
