@@ -13,6 +13,7 @@ import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
 import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionHeads, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { fusedHeadWeights } from '../kernels/mla-head-fused.ts';
 import { HeadMatmul, headDecodeProducts, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
@@ -142,12 +143,11 @@ export class MlaBlock implements AttentionBlock {
     const g = ctx.gpu;
     const dt = ctx.weightDtype;
     // Projections follow the runner's linear dtype (int8 per output channel with --weight-dtype int8); the absorbed
-    // head matrices W_UK / W_UV stay in dt (kernels/mla-head-matmul.ts has no int8 variant).
+    // head matrices W_UK / W_UV are uploaded in dt (the 'w8a8' head kernel quantizes its own copy on the GPU).
     const lt = ctx.linearDtype ?? dt;
-    const fusedMaxRows = opts.fusedHeadsMaxRows ?? 0;
-    this.fusedHeadsMaxRows = fusedMaxRows;
+    this.fusedHeadsMaxRows = opts.fusedHeadsMaxRows ?? 0;
     // 'fused<=16+f16': steps of up to 16 rows fused, larger ones on the f16 kernel (as int8_matmul's 'gemv+w8a8').
-    this.headProducts = `${fusedMaxRows > 0 ? `fused<=${fusedMaxRows}+` : ''}${headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt)}`;
+    this.headProducts = `${this.fusedHeadsMaxRows > 0 ? `fused<=${this.fusedHeadsMaxRows}+` : ''}${headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt)}`;
     this.layers = ctx.weights.layers.map((lw, l) => {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
       const w = lw as MlaLayerWeights;
@@ -305,12 +305,10 @@ export class MlaBlock implements AttentionBlock {
     this.kvWrite = this.layout.latentInt8
       ? new MlaLatentWriteInt8(g, this.layout.latentInt8, this.layout.blockSize, latentRows)
       : new KvWrite(g, this.layout, latentRows);
-    const fusedMaxRows = this.fusedHeadsMaxRows;
-    const matrixWeights = (m: GpuMatrix) => ({ K: m.rows / c.nHeads, N: m.cols, dtype: m.dtype, stride: m.stride });
     const heads: MlaAttentionHeads | undefined =
-      fusedMaxRows > 0
+      this.fusedHeadsMaxRows > 0
         ? {
-            maxRows: fusedMaxRows,
+            maxRows: this.fusedHeadsMaxRows,
             absorb: {
               q: qRows,
               stride: this.qStride,
@@ -318,11 +316,11 @@ export class MlaBlock implements AttentionBlock {
               headStride: dn + r,
               dn,
               scale: c.softmaxScale,
-              w: matrixWeights(this.layers[0].wUk),
+              w: fusedHeadWeights(this.layers[0].wUk, c.nHeads),
               layers: this.layers.map((l) => l.wUk.pieces[0].buffer),
             },
             values: {
-              w: matrixWeights(this.layers[0].wUv),
+              w: fusedHeadWeights(this.layers[0].wUv, c.nHeads),
               out: b.out,
               outStride: b.outStride,
               outHeadStride: dv,

@@ -4,7 +4,7 @@
 // K × N matrix-vector product from workgroup memory, and the step loses two dispatches a layer and the f32 round trips
 // of q̃ and ô. Each workgroup reads its head's weights once, so a step of M rows reads them M times (from L2).
 //
-// Off by default (MlaBlockOptions.fusedHeadsMaxRows; bench:decode --mla-fused-heads N): on an H100 (2026-12-06,
+// Off by default (MlaBlockOptions.fusedHeadsMaxRows; bench:decode --mla-fused-heads N; serve --mla-head-kernel fused): on an H100 (2026-12-06,
 // Qwen2.5-7B-MLA, int8 weights and cache, dot4 attention, ctx 512) it took the same time as the staged head kernels
 // plus the plain query quantizer and merge when each dispatch is timed alone (1437 against 1476 µs a step at 8 rows,
 // 56 dispatches fewer), but the pipelined step was slower: GPU span 8.12 against 7.81 ms at 8 rows, 9.27 against
@@ -20,6 +20,11 @@ export interface FusedHeadWeights {
   dtype: GpuMatrix['dtype'];
   /** Row stride in values (a multiple of 8, as GpuMatrix). */
   stride: number;
+}
+
+/** The shape of a per-head matrix [nHeads · K, N] as the fused products read it. */
+export function fusedHeadWeights(m: GpuMatrix, nHeads: number): FusedHeadWeights {
+  return { K: m.rows / nHeads, N: m.cols, dtype: m.dtype, stride: m.stride };
 }
 
 /**

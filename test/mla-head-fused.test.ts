@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
+import { fusedHeadWeights } from '../kernels/mla-head-fused.ts';
 import { uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
 import { mlaInt8RowFormat } from '../kernels/mla-kv-int8.ts';
 import { bindBuffers, destroyMatrix, poisonBuffer, readBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
@@ -51,7 +52,7 @@ async function runCase(c: Case, seed: number, where: string): Promise<void> {
   const qq = storageBuffer(g, 'qq', rows * plan.headsPadded * plan.rowPad);
   const qs = storageBuffer(g, 'qs', rows * plan.headsPadded * 8);
   poisonBuffer(g, qs);
-  const absorb = { stride, offset, headStride, dn, scale, w: { K: dn, N: R, dtype: weight.dtype, stride: weight.stride } };
+  const absorb = { stride, offset, headStride, dn, scale, w: fusedHeadWeights(weight, H) };
   const pipe = g.pipeline(`test fused query ${where}`, mlaTcQueryWgsl(H, f, plan, absorb));
   const enc = g.device.createCommandEncoder();
   const pass = enc.beginComputePass();
