@@ -11,7 +11,8 @@
 #   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 32 k slices (default 16) and with
 #              the staged kernel (--mla-head-kernel staged), profiled (~4 min); HEAD_VARIANTS="kernel-staged kernel-w8a8"
 #              times the W8A8 head products against the default, then runs their tests (tensor cores against dot4);
-#              a variant fused-N folds the products into the attention's kernels in steps of up to N rows
+#              a variant fused-N folds the products into the attention's kernels in steps of up to N rows; front-N runs the
+#              decode front (RoPE, latent write, W_UK and the query quantizer in one dispatch) in steps of up to N rows
 #   prefetch   the dot4 MLA kernel with the next window prefetched into registers (and its value heads in 2 rounds)
 #              against the default: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt; MLA decode at 8 and 32
 #              sequences with each and with the staged head kernel, and GQA, profiled (~6 min; PREFETCH_RUNS picks
@@ -156,6 +157,7 @@ heads)
   for variant in ${HEAD_VARIANTS:-slices-8 slices-32 kernel-staged}; do
     flag="--mla-head-${variant%%-*} ${variant#*-}"
     [[ $variant == fused-* ]] && flag="--mla-fused-heads ${variant#fused-}"
+    [[ $variant == front-* ]] && flag="--mla-front-rows ${variant#front-}"
     el "decode-mla-heads-$variant"
     timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
       --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 $flag \
@@ -165,7 +167,7 @@ heads)
   for variant in ${HEAD_VARIANTS:-slices-8 slices-32 kernel-staged}; do
     echo "== MLA decode, dot4 attention, head products: $variant"
     summary "$OUT/decode-mla-heads-$variant.txt" 4
-    grep "head-matmul" "$OUT/decode-mla-heads-$variant.txt" | head -n 8
+    grep "head-matmul\|decode front\|int8 query\|latent write\|rope\|dispatches" "$OUT/decode-mla-heads-$variant.txt" | head -n 16
     tail -n 2 "$OUT/decode-mla-heads-$variant.err"
   done
   if [[ " ${HEAD_VARIANTS:-} " == *" kernel-w8a8 "* ]]; then

@@ -12,7 +12,7 @@ import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
-import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionHeads, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionFront, type MlaAttentionHeads, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { fusedHeadWeights } from '../kernels/mla-head-fused.ts';
 import { HeadMatmul, headDecodeProducts, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
@@ -77,6 +77,12 @@ export interface MlaBlockOptions {
    * staged kernel on an H100, see that file).
    */
   fusedHeadsMaxRows?: number;
+  /**
+   * Steps of at most this many rows run the decode front (kernels/mla-front.ts: RoPE, the int8 latent write, W_UK
+   * and the query quantizer in one dispatch a layer) where the attention's products are int8; larger steps, and
+   * f16/f32 caches, take the separate kernels. Default 0 (off).
+   */
+  frontMaxRows?: number;
 }
 
 export class MlaBlock implements AttentionBlock {
@@ -106,6 +112,8 @@ export class MlaBlock implements AttentionBlock {
   readonly headProducts: string;
   /** Steps of at most this many rows fold the head products into the attention's kernels (0: never). */
   readonly fusedHeadsMaxRows: number;
+  /** Steps of at most this many rows run the decode front (0: never; int8 products only). */
+  readonly frontMaxRows: number;
 
   get products(): AttentionProducts {
     return this.attention?.products ?? 'f32';
@@ -146,8 +154,12 @@ export class MlaBlock implements AttentionBlock {
     // head matrices W_UK / W_UV are uploaded in dt (the 'w8a8' head kernel quantizes its own copy on the GPU).
     const lt = ctx.linearDtype ?? dt;
     this.fusedHeadsMaxRows = opts.fusedHeadsMaxRows ?? 0;
-    // 'fused<=16+f16': steps of up to 16 rows fused, larger ones on the f16 kernel (as int8_matmul's 'gemv+w8a8').
-    this.headProducts = `${this.fusedHeadsMaxRows > 0 ? `fused<=${this.fusedHeadsMaxRows}+` : ''}${headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt)}`;
+    const int8Products = this.layout.latentInt8 !== undefined && (opts.attentionTuning?.int8Products ?? 'off') !== 'off';
+    this.frontMaxRows = int8Products ? (opts.frontMaxRows ?? 0) : 0;
+    // 'fused<=16+f16': steps of up to 16 rows fused, larger ones on the f16 kernel (as int8_matmul's 'gemv+w8a8');
+    // 'front<=32+f16': W_UK of steps up to 32 rows in the decode front.
+    const prefix = this.frontMaxRows > 0 ? `front<=${this.frontMaxRows}+` : this.fusedHeadsMaxRows > 0 ? `fused<=${this.fusedHeadsMaxRows}+` : '';
+    this.headProducts = `${prefix}${headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt)}`;
     this.layers = ctx.weights.layers.map((lw, l) => {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
       const w = lw as MlaLayerWeights;
@@ -328,6 +340,24 @@ export class MlaBlock implements AttentionBlock {
             },
           }
         : undefined;
+    const front: MlaAttentionFront | undefined =
+      this.frontMaxRows > 0
+        ? {
+            maxRows: this.frontMaxRows,
+            q: qRows,
+            latent: a.latent,
+            table,
+            spec: {
+              q: { stride: this.qStride, offset: this.qOffset, headStride: dn + r },
+              latent: { stride: this.latentStride, offset: 0 },
+              dn,
+              scale: c.softmaxScale,
+              ropeLayout: c.ropeLayout,
+              w: fusedHeadWeights(this.layers[0].wUk, c.nHeads),
+            },
+            layers: this.layers.map((l) => l.wUk.pieces[0].buffer),
+          }
+        : undefined;
     this.attention = new MlaAttention(
       g,
       { nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r },
@@ -335,6 +365,7 @@ export class MlaBlock implements AttentionBlock {
       { meta: b.meta, qLatent: a.qLatent, out: a.oHat, outStride: c.nHeads * R, layerCaches: b.layerCaches },
       this.opts.attentionTuning,
       heads,
+      front,
     );
   }
 
@@ -347,10 +378,14 @@ export class MlaBlock implements AttentionBlock {
     const ops = this.ops[layer];
     for (const op of ops.q) op.encode(pass, rows);
     for (const op of ops.kv) op.encode(pass, rows);
-    for (const rope of this.ropes) rope.encode(pass, rows);
-    this.kvWrite!.encode(pass, layer, rows);
     const attention = this.attention!;
-    if (!attention.fusesAbsorb(rows)) ops.absorb.encode(pass, rows);
+    // The decode front does RoPE, the latent write and W_UK inside the attention's first dispatch.
+    const front = attention.fusesFront(rows);
+    if (!front) {
+      for (const rope of this.ropes) rope.encode(pass, rows);
+      this.kvWrite!.encode(pass, layer, rows);
+      if (!attention.fusesAbsorb(rows)) ops.absorb.encode(pass, rows);
+    }
     attention.encode(pass, layer, rows, meta.maxChunks, meta.chunkSize);
     if (!attention.fusesValues(rows)) ops.wUv.encode(pass, rows);
   }

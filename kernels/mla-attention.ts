@@ -24,6 +24,7 @@ import type { PagedRows } from './kv-write.ts';
 import { mlaInt8RowFormat, type MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import type { FusedHeadWeights } from './mla-head-fused.ts';
+import { frontGrid, frontRowsPerWorkgroup, mlaFrontWgsl, type FrontRowsPerWorkgroup, type MlaFrontSpec } from './mla-front.ts';
 import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan, type QueryAbsorb } from './mla-attention-tc.ts';
@@ -595,6 +596,20 @@ export interface MlaAttentionHeads {
   values: { w: FusedHeadWeights; out: GPUBuffer; outStride: number; outHeadStride: number; layers: GPUBuffer[] };
 }
 
+/**
+ * The decode front (kernels/mla-front.ts) for steps of at most `maxRows` rows, int8 products only: RoPE, the int8
+ * latent write, W_UK and the query quantizer in one dispatch, which then replaces the query quantizer (the block skips
+ * its RoPE, latent write and absorption for those steps). `layers`: each layer's W_UK buffer.
+ */
+export interface MlaAttentionFront {
+  maxRows: number;
+  q: GPUBuffer;
+  latent: GPUBuffer;
+  table: GPUBuffer;
+  spec: Omit<MlaFrontSpec, 'nHeads' | 'format' | 'plan' | 'blockSize' | 'rowsPerWorkgroup'>;
+  layers: GPUBuffer[];
+}
+
 /** One compiled workgroup size of the partial kernel, with its bind groups (an 'auto' layout is per pipeline). */
 interface PartialVariant {
   tuning: MlaAttentionTuning;
@@ -632,6 +647,12 @@ export class MlaAttention {
     mergePipe: GPUComputePipeline;
     mergeGroups: GPUBindGroup[];
   };
+  /** The decode front's pipelines and per-layer bind groups by rows a workgroup (front given, int8 products). */
+  private front?: {
+    f: MlaAttentionFront;
+    pipes: Map<FrontRowsPerWorkgroup, GPUComputePipeline>;
+    groups: Map<FrontRowsPerWorkgroup, GPUBindGroup[]>;
+  };
 
   constructor(
     private gpu: GpuContext,
@@ -640,6 +661,7 @@ export class MlaAttention {
     private b: { meta: GPUBuffer; qLatent: GPUBuffer; out: GPUBuffer; outStride: number; layerCaches: GPUBuffer[] },
     tuning: Partial<MlaAttentionTuning> = {},
     heads?: MlaAttentionHeads,
+    front?: MlaAttentionFront,
   ) {
     this.tuning = { ...DEFAULT_MLA_TUNING, ...tuning };
     const R = shape.kvLoraRank;
@@ -671,6 +693,7 @@ export class MlaAttention {
     this.layout = layout;
     this.plan = this.variants[0].plan;
     this.tc = this.makeTcPath();
+    if (front && front.maxRows > 0 && this.tc) this.front = { f: front, pipes: new Map(), groups: new Map() };
     this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, splitKMergeWgsl(shape.nHeads, shape.kvLoraRank, b.outStride));
     if (heads && heads.maxRows > 0) {
       const v = heads.values;
@@ -690,6 +713,14 @@ export class MlaAttention {
         );
       }
     }
+  }
+
+  /**
+   * Whether a step of `rows` rows runs the decode front (the block then skips its RoPE, latent write and absorption):
+   * int8 products, a front given, rows within its bound.
+   */
+  fusesFront(rows: number): boolean {
+    return this.front !== undefined && rows <= this.front.f.maxRows;
   }
 
   /** Whether a step of `rows` rows takes W_UK inside the query quantizer (the block then skips its absorption). */
@@ -946,6 +977,7 @@ export class MlaAttention {
       tc.partialGroups = [];
       if (tc.three) tc.three.scoreGroups = [];
       if (this.fused) this.fused.queryGroups = [];
+      this.front?.groups.clear();
     }
     this.prepareThree(rows, maxChunks, chunkSize ?? MLA3_MAX_CHUNK);
     const need = rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2);
@@ -981,16 +1013,20 @@ export class MlaAttention {
         );
       }
       const fq = this.fusesAbsorb(rows) ? this.fused! : undefined;
-      if (fq) {
-        const a = fq.heads.absorb;
-        fq.queryGroups[layer] ??= bindBuffers(this.gpu, fq.queryPipe!, `mla attention int8 query with W_UK layer ${layer}`, [a.q, tc.qq!, tc.qs!, a.layers[layer]]);
-        pass.setPipeline(fq.queryPipe!);
-        pass.setBindGroup(0, fq.queryGroups[layer]);
+      if (this.fusesFront(rows)) {
+        this.encodeFront(pass, layer, rows, tc);
       } else {
-        pass.setPipeline(tc.queryPipe);
-        pass.setBindGroup(0, tc.queryGroup!);
+        if (fq) {
+          const a = fq.heads.absorb;
+          fq.queryGroups[layer] ??= bindBuffers(this.gpu, fq.queryPipe!, `mla attention int8 query with W_UK layer ${layer}`, [a.q, tc.qq!, tc.qs!, a.layers[layer]]);
+          pass.setPipeline(fq.queryPipe!);
+          pass.setBindGroup(0, fq.queryGroups[layer]);
+        } else {
+          pass.setPipeline(tc.queryPipe);
+          pass.setBindGroup(0, tc.queryGroup!);
+        }
+        pass.dispatchWorkgroups(tc.plan.headsPadded, rows);
       }
-      pass.dispatchWorkgroups(tc.plan.headsPadded, rows);
       this.ranThree = this.encodeThree(pass, layer, rows, maxChunks, chunkSize);
       if (!this.ranThree) {
         pass.setPipeline(tc.partialPipe);
@@ -1014,6 +1050,42 @@ export class MlaAttention {
       pass.setBindGroup(0, this.mergeGroup!);
     }
     pass.dispatchWorkgroups(this.shape.nHeads, rows);
+  }
+
+  /** The decode front of a step (fusesFront): its int8 queries and the layer's latent rows, one dispatch. */
+  private encodeFront(pass: GPUComputePassEncoder, layer: number, rows: number, tc: TcPath): void {
+    const fr = this.front!;
+    const G = frontRowsPerWorkgroup(this.shape.nHeads, rows);
+    const spec: MlaFrontSpec = {
+      ...fr.f.spec,
+      nHeads: this.shape.nHeads,
+      format: mlaInt8RowFormat(this.shape.kvLoraRank, this.shape.qkRopeHeadDim),
+      plan: tc.plan,
+      blockSize: this.layout.blockSize,
+      rowsPerWorkgroup: G,
+    };
+    let pipe = fr.pipes.get(G);
+    if (!pipe) {
+      const key = `${this.shape.nHeads}h ${this.shape.kvLoraRank}+${this.shape.qkRopeHeadDim} W_UK ${spec.dn} ${spec.w.dtype} bs${spec.blockSize} g${G}`;
+      pipe = this.gpu.pipeline(`mla decode front ${key}`, mlaFrontWgsl(spec));
+      fr.pipes.set(G, pipe);
+    }
+    let groups = fr.groups.get(G);
+    if (!groups) fr.groups.set(G, (groups = []));
+    groups[layer] ??= bindBuffers(this.gpu, pipe, `mla decode front layer ${layer}`, [
+      this.b.meta,
+      fr.f.q,
+      fr.f.latent,
+      fr.f.table,
+      fr.f.layers[layer],
+      this.b.layerCaches[layer],
+      tc.qq!,
+      tc.qs!,
+    ]);
+    pass.setPipeline(pipe);
+    pass.setBindGroup(0, groups[layer]);
+    const [x, y] = frontGrid(spec, rows);
+    pass.dispatchWorkgroups(x, y);
   }
 
   destroy(): void {

@@ -4,6 +4,7 @@ import { CpuRunner } from '../engine/cpu-runner.ts';
 import type { AttentionBlockFactory } from '../engine/gpu-runner.ts';
 import { mlaBlockFactory } from '../engine/mla-block.ts';
 import type { HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
+import { FRONT_MAX_ROWS } from '../kernels/mla-front.ts';
 import type { ModelRunner } from '../engine/types.ts';
 import type { ModelConfig } from '../model/config.ts';
 import { loadModel, type LoadedModel } from '../model/load.ts';
@@ -110,10 +111,12 @@ export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype
 /**
  * The MLA block's head-product options given --mla-head-kernel: none for auto (the block's default, staged: on an
  * H100 the W8A8 products took 2.2 against 0.77 ms of an 8-row step and the fused form made the step 0.3 ms slower,
- * BENCHMARKS.md 2026-12-06), else the kernel asked for, or the fusion up to 16 rows.
+ * BENCHMARKS.md 2026-12-06), else the kernel asked for, the fusion up to 16 rows, or the decode front up to
+ * FRONT_MAX_ROWS rows (it applies where the attention's products are int8; elsewhere the block ignores it).
  */
-export function mlaHeadOptions(choice: MlaHeadKernelOption | undefined): { headDecodeKernel?: HeadDecodeKernel; fusedHeadsMaxRows?: number } {
+export function mlaHeadOptions(choice: MlaHeadKernelOption | undefined): { headDecodeKernel?: HeadDecodeKernel; fusedHeadsMaxRows?: number; frontMaxRows?: number } {
   if (choice === 'w8a8' || choice === 'staged') return { headDecodeKernel: choice };
+  if (choice === 'front') return { frontMaxRows: FRONT_MAX_ROWS };
   return choice === 'fused' ? { fusedHeadsMaxRows: 16 } : {};
 }
 

@@ -5,6 +5,7 @@ import type { MatmulBindings } from '../kernels/matmul.ts';
 import { pad8, poisonBuffer, readF32, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import type { PickSampling } from '../engine/sampler.ts';
 import type { StepSeqInput } from '../kernels/step-meta.ts';
+import type { MlaTcPlan } from '../kernels/mla-attention-tc.ts';
 
 /**
  * The test file's GPU, opened on first use (quietly: no SwiftShader fallback line), destroyed after the file's tests
@@ -198,4 +199,11 @@ export function shuffledPaging(
     prefixStep: seqs.flatMap(([k], i) => (k ? [{ tokens: new Array<number>(k).fill(0), startPos: 0, blockTable: tables[i], logits: 'none' as const }] : [])),
     freshStep: seqs.map(([k, n], i) => ({ tokens: new Array<number>(n).fill(0), startPos: k, blockTable: tables[i], logits: 'none' as const })),
   };
+}
+
+/** Byte i of row `row`, head slot h's [q̃ | pad | q_pe | pad] in the tiled int8 queries (mla-attention-tc.ts qqWordWgsl). */
+export function qqByte(qq: Int8Array, p: MlaTcPlan, row: number, h: number, i: number): number {
+  const w = Math.floor(i / 4);
+  const word = ((row * p.headTiles + Math.floor(h / 16)) * (p.rowPad / 32) + Math.floor(w / 8)) * 128 + (h % 16) * 8 + (w % 8);
+  return qq[word * 4 + (i % 4)];
 }

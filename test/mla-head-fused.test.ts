@@ -5,12 +5,12 @@
 // whole-model tests, test/mla-model.test.ts, against the float64 reference.)
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
+import { mlaTcQueryWgsl, planMlaTc } from '../kernels/mla-attention-tc.ts';
 import { fusedHeadWeights } from '../kernels/mla-head-fused.ts';
 import { uploadHeadMatrices } from '../kernels/mla-head-matmul.ts';
 import { mlaInt8RowFormat } from '../kernels/mla-kv-int8.ts';
 import { bindBuffers, destroyMatrix, poisonBuffer, readBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
-import { fileGpu, freshSeed, randomArray } from './kernels-helpers.ts';
+import { fileGpu, freshSeed, qqByte, randomArray } from './kernels-helpers.ts';
 
 const gpu = fileGpu();
 
@@ -23,13 +23,6 @@ interface Case {
   dtype: 'f32' | 'f16';
   /** (row, head) whose first q_nope value is NaN. */
   nanAt?: [number, number];
-}
-
-/** Byte i of row `row`, head slot h's [q̃ | pad | q_pe | pad] in the tiled qq (mla-attention-tc.ts qqWordWgsl). */
-function qqByte(qq: Int8Array, p: MlaTcPlan, row: number, h: number, i: number): number {
-  const w = Math.floor(i / 4);
-  const word = ((row * p.headTiles + Math.floor(h / 16)) * (p.rowPad / 32) + Math.floor(w / 8)) * 128 + (h % 16) * 8 + (w % 8);
-  return qq[word * 4 + (i % 4)];
 }
 
 async function runCase(c: Case, seed: number, where: string): Promise<void> {
