@@ -25,6 +25,8 @@
 //            query quantizer; default 0 = off: slower on an H100, kernels/mla-head-fused.ts)
 //            --mla-front-rows N (MLA, int8 cache and products: steps of ≤ N rows run RoPE, the latent write, W_UK and
 //            the query quantizer as one dispatch a layer, kernels/mla-front.ts; default 0 = off)
+//            --mla-back-rows N (MLA: steps of ≤ N rows run the attention's merge and W_UV as one dispatch a layer,
+//            kernels/mla-back.ts; default 0 = off)
 //            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default on)
 //            --mla-dot4-value-rounds N (MLA, dot4 products: the value phase's heads in N rounds; default 2)
 //            --mla-dot4-softmax workgroup|subgroup|emulated (MLA, dot4 products: the window softmax; default workgroup)
@@ -184,6 +186,11 @@ function parseArgs(argv: string[]): Args {
       const v = Number(val());
       if (!Number.isInteger(v) || v < 0) throw new Error(`--mla-front-rows wants a row count (0: off), got ${v}`);
       a.mlaBlock.frontMaxRows = v;
+    }
+    else if (k === '--mla-back-rows') {
+      const v = Number(val());
+      if (!Number.isInteger(v) || v < 0) throw new Error(`--mla-back-rows wants a row count (0: off), got ${v}`);
+      a.mlaBlock.backMaxRows = v;
     }
     else if (k === '--mla-head-kernel') {
       const v = val();

@@ -158,6 +158,8 @@ heads)
     flag="--mla-head-${variant%%-*} ${variant#*-}"
     [[ $variant == fused-* ]] && flag="--mla-fused-heads ${variant#fused-}"
     [[ $variant == front-* ]] && flag="--mla-front-rows ${variant#front-}"
+    [[ $variant == back-* ]] && flag="--mla-back-rows ${variant#back-}"
+    [[ $variant == both-* ]] && flag="--mla-front-rows ${variant#both-} --mla-back-rows ${variant#both-}"
     el "decode-mla-heads-$variant"
     timeout 150 node --import tsx bench/decode.ts --models qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 --batches 8,32 \
       --contexts 512 --warmup 20 --steps 32 --logits argmax --pipeline on --profile --mla-int8-products dot4 $flag \
@@ -167,7 +169,7 @@ heads)
   for variant in ${HEAD_VARIANTS:-slices-8 slices-32 kernel-staged}; do
     echo "== MLA decode, dot4 attention, head products: $variant"
     summary "$OUT/decode-mla-heads-$variant.txt" 4
-    grep "head-matmul\|decode front\|int8 query\|latent write\|rope\|dispatches" "$OUT/decode-mla-heads-$variant.txt" | head -n 16
+    grep "head-matmul\|decode front\|decode back\|merge\|int8 query\|latent write\|rope\|dispatches" "$OUT/decode-mla-heads-$variant.txt" | head -n 16
     tail -n 2 "$OUT/decode-mla-heads-$variant.err"
   done
   if [[ " ${HEAD_VARIANTS:-} " == *" kernel-w8a8 "* ]]; then

@@ -12,7 +12,7 @@ import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
-import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionFront, type MlaAttentionHeads, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionBack, type MlaAttentionFront, type MlaAttentionHeads, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { fusedHeadWeights } from '../kernels/mla-head-fused.ts';
 import { HeadMatmul, headDecodeProducts, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
@@ -83,6 +83,11 @@ export interface MlaBlockOptions {
    * f16/f32 caches, take the separate kernels. Default 0 (off).
    */
   frontMaxRows?: number;
+  /**
+   * Steps of at most this many rows run the decode back (kernels/mla-back.ts: the attention's merge and W_UV in one
+   * dispatch a layer); larger steps take the merge and the W_UV kernel. Default 0 (off).
+   */
+  backMaxRows?: number;
 }
 
 export class MlaBlock implements AttentionBlock {
@@ -114,6 +119,8 @@ export class MlaBlock implements AttentionBlock {
   readonly fusedHeadsMaxRows: number;
   /** Steps of at most this many rows run the decode front (0: never; int8 products only). */
   readonly frontMaxRows: number;
+  /** Steps of at most this many rows run the decode back (0: never). */
+  readonly backMaxRows: number;
 
   get products(): AttentionProducts {
     return this.attention?.products ?? 'f32';
@@ -156,6 +163,7 @@ export class MlaBlock implements AttentionBlock {
     this.fusedHeadsMaxRows = opts.fusedHeadsMaxRows ?? 0;
     const int8Products = this.layout.latentInt8 !== undefined && (opts.attentionTuning?.int8Products ?? 'off') !== 'off';
     this.frontMaxRows = int8Products ? (opts.frontMaxRows ?? 0) : 0;
+    this.backMaxRows = opts.backMaxRows ?? 0;
     // 'fused<=16+f16': steps of up to 16 rows fused, larger ones on the f16 kernel (as int8_matmul's 'gemv+w8a8');
     // 'front<=32+f16': W_UK of steps up to 32 rows in the decode front.
     const prefix = this.frontMaxRows > 0 ? `front<=${this.frontMaxRows}+` : this.fusedHeadsMaxRows > 0 ? `fused<=${this.fusedHeadsMaxRows}+` : '';
@@ -358,6 +366,17 @@ export class MlaBlock implements AttentionBlock {
             layers: this.layers.map((l) => l.wUk.pieces[0].buffer),
           }
         : undefined;
+    const back: MlaAttentionBack | undefined =
+      this.backMaxRows > 0
+        ? {
+            maxRows: this.backMaxRows,
+            w: fusedHeadWeights(this.layers[0].wUv, c.nHeads),
+            out: b.out,
+            outStride: b.outStride,
+            outHeadStride: dv,
+            layers: this.layers.map((l) => l.wUv.pieces[0].buffer),
+          }
+        : undefined;
     this.attention = new MlaAttention(
       g,
       { nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r },
@@ -366,6 +385,7 @@ export class MlaBlock implements AttentionBlock {
       this.opts.attentionTuning,
       heads,
       front,
+      back,
     );
   }
 
@@ -387,7 +407,7 @@ export class MlaBlock implements AttentionBlock {
       if (!attention.fusesAbsorb(rows)) ops.absorb.encode(pass, rows);
     }
     attention.encode(pass, layer, rows, meta.maxChunks, meta.chunkSize);
-    if (!attention.fusesValues(rows)) ops.wUv.encode(pass, rows);
+    if (!attention.fusesValues(rows) && !attention.fusesBack(rows)) ops.wUv.encode(pass, rows);
   }
 
   private destroyActivations(): void {

@@ -25,6 +25,7 @@ import { mlaInt8RowFormat, type MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import type { FusedHeadWeights } from './mla-head-fused.ts';
 import { frontGrid, frontRowsPerWorkgroup, mlaFrontWgsl, type FrontRowsPerWorkgroup, type MlaFrontSpec } from './mla-front.ts';
+import { backGrid, mlaBackWgsl, type MlaBackSpec } from './mla-back.ts';
 import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan, type QueryAbsorb } from './mla-attention-tc.ts';
@@ -610,6 +611,19 @@ export interface MlaAttentionFront {
   layers: GPUBuffer[];
 }
 
+/**
+ * The decode back (kernels/mla-back.ts) for steps of at most `maxRows` rows, any products: the merge and W_UV in one
+ * dispatch, which replaces the merge (the block skips its W_UV product for those steps). `layers`: each layer's W_UV.
+ */
+export interface MlaAttentionBack {
+  maxRows: number;
+  w: FusedHeadWeights;
+  out: GPUBuffer;
+  outStride: number;
+  outHeadStride: number;
+  layers: GPUBuffer[];
+}
+
 /** One compiled workgroup size of the partial kernel, with its bind groups (an 'auto' layout is per pipeline). */
 interface PartialVariant {
   tuning: MlaAttentionTuning;
@@ -653,6 +667,12 @@ export class MlaAttention {
     pipes: Map<FrontRowsPerWorkgroup, GPUComputePipeline>;
     groups: Map<FrontRowsPerWorkgroup, GPUBindGroup[]>;
   };
+  /** The decode back's pipelines and per-layer bind groups by rows a workgroup (back given). */
+  private back?: {
+    b: MlaAttentionBack;
+    pipes: Map<FrontRowsPerWorkgroup, GPUComputePipeline>;
+    groups: Map<FrontRowsPerWorkgroup, GPUBindGroup[]>;
+  };
 
   constructor(
     private gpu: GpuContext,
@@ -662,6 +682,7 @@ export class MlaAttention {
     tuning: Partial<MlaAttentionTuning> = {},
     heads?: MlaAttentionHeads,
     front?: MlaAttentionFront,
+    back?: MlaAttentionBack,
   ) {
     this.tuning = { ...DEFAULT_MLA_TUNING, ...tuning };
     const R = shape.kvLoraRank;
@@ -694,6 +715,10 @@ export class MlaAttention {
     this.plan = this.variants[0].plan;
     this.tc = this.makeTcPath();
     if (front && front.maxRows > 0 && this.tc) this.front = { f: front, pipes: new Map(), groups: new Map() };
+    if (back && back.maxRows > 0) {
+      if (back.w.K !== shape.kvLoraRank) throw new Error(`MLA attention back: W_UV's K ${back.w.K} is not kv_lora_rank ${shape.kvLoraRank}`);
+      this.back = { b: back, pipes: new Map(), groups: new Map() };
+    }
     this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, splitKMergeWgsl(shape.nHeads, shape.kvLoraRank, b.outStride));
     if (heads && heads.maxRows > 0) {
       const v = heads.values;
@@ -721,6 +746,11 @@ export class MlaAttention {
    */
   fusesFront(rows: number): boolean {
     return this.front !== undefined && rows <= this.front.f.maxRows;
+  }
+
+  /** Whether a step of `rows` rows runs the decode back (merge and W_UV in one dispatch; the block skips W_UV). */
+  fusesBack(rows: number): boolean {
+    return this.back !== undefined && rows <= this.back.b.maxRows;
   }
 
   /** Whether a step of `rows` rows takes W_UK inside the query quantizer (the block then skips its absorption). */
@@ -991,6 +1021,7 @@ export class MlaAttention {
     }
     this.mergeGroup = bindBuffers(this.gpu, this.mergePipe, 'mla attention merge', [this.b.meta, this.partials, this.b.out]);
     if (this.fused) this.fused.mergeGroups = [];
+    this.back?.groups.clear();
     if (this.tc) this.tc.partialGroups = [];
     if (this.tc?.three) {
       this.tc.three.scoreGroups = [];
@@ -1039,6 +1070,10 @@ export class MlaAttention {
       pass.setBindGroup(0, v.groups[layer]);
       pass.dispatchWorkgroups(maxChunks, v.plan.headSplits, rows);
     }
+    if (this.fusesBack(rows)) {
+      this.encodeBack(pass, layer, rows);
+      return;
+    }
     const fm = this.fusesValues(rows) ? this.fused! : undefined;
     if (fm) {
       const v = fm.heads.values;
@@ -1086,6 +1121,31 @@ export class MlaAttention {
     pass.setBindGroup(0, groups[layer]);
     const [x, y] = frontGrid(spec, rows);
     pass.dispatchWorkgroups(x, y);
+  }
+
+  /** The decode back of a step (fusesBack): the merge and W_UV, one dispatch. */
+  private encodeBack(pass: GPUComputePassEncoder, layer: number, rows: number): void {
+    const bk = this.back!;
+    const G = frontRowsPerWorkgroup(this.shape.nHeads, rows);
+    const spec: MlaBackSpec = {
+      nHeads: this.shape.nHeads,
+      width: this.shape.kvLoraRank,
+      w: bk.b.w,
+      outStride: bk.b.outStride,
+      outHeadStride: bk.b.outHeadStride,
+      rowsPerWorkgroup: G,
+    };
+    let pipe = bk.pipes.get(G);
+    if (!pipe) {
+      pipe = this.gpu.pipeline(`mla decode back ${this.shape.nHeads}h ${spec.width} W_UV ${spec.w.N} ${spec.w.dtype} g${G}`, mlaBackWgsl(spec));
+      bk.pipes.set(G, pipe);
+    }
+    let groups = bk.groups.get(G);
+    if (!groups) bk.groups.set(G, (groups = []));
+    groups[layer] ??= bindBuffers(this.gpu, pipe, `mla decode back layer ${layer}`, [this.b.meta, this.partials!, bk.b.layers[layer], bk.b.out]);
+    pass.setPipeline(pipe);
+    pass.setBindGroup(0, groups[layer]);
+    pass.dispatchWorkgroups(...backGrid(spec, rows));
   }
 
   destroy(): void {

@@ -10,7 +10,7 @@
 // k slice, the same absmax and rounding), so both give the same integers up to f32 summation order.
 import type { RopeLayout } from '../model/config.ts';
 import { qqWordWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
-import { planFusedHead, type FusedHeadWeights } from './mla-head-fused.ts';
+import { groupProductDeclWgsl, groupProductWgsl, planGroupProduct, type FusedHeadWeights } from './mla-head-fused.ts';
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { cacheRowWgsl, metaWgsl } from './step-meta.ts';
 import { wgslF32 } from './tensors.ts';
@@ -24,8 +24,6 @@ export type FrontRowsPerWorkgroup = (typeof FRONT_ROWS_PER_WORKGROUP)[number];
 export const FRONT_TARGET_WORKGROUPS = 128;
 /** The most rows of a step the serving path sends through the front (--mla-head-kernel front). */
 export const FRONT_MAX_ROWS = 32;
-/** k values of a slice whose weight loads are issued together. */
-const UNROLL = 4;
 
 export interface MlaFrontSpec {
   nHeads: number;
@@ -71,57 +69,26 @@ export function mlaFrontWgsl(s: MlaFrontSpec): string {
   if (r % 2 !== 0) throw new Error(`MLA front: RoPE rotates pairs; qk_rope_head_dim ${r} is odd`);
   if (s.w.K !== dn || s.w.N !== R) throw new Error(`MLA front: W_UK is ${s.w.K} × ${s.w.N}, want ${dn} × ${R}`);
   if (p.latentPad < R || p.ropePad < r) throw new Error(`MLA front: the query plan pads ${p.latentPad} + ${p.ropePad}, the rows hold ${R} + ${r}`);
-  const fp = planFusedHead(s.w, FRONT_THREADS);
-  if (typeof fp === 'string') throw new Error(`MLA front: ${fp}`);
-  const f16 = s.w.dtype === 'f16';
-  const per = fp.per;
-  const units = fp.units;
-  const slices = fp.slices;
-  // Each slice takes KC k (a multiple of UNROLL); q_nope is staged zero-padded to slices × KC, W's row index clamped.
-  const KC = Math.ceil(Math.ceil(dn / slices) / UNROLL) * UNROLL;
-  const KP = slices * KC;
+  const gp = planGroupProduct(s.w, FRONT_THREADS, 8);
+  if (typeof gp === 'string') throw new Error(`MLA front: ${gp}`);
+  const KP = gp.kp;
   const TPR = FRONT_THREADS / G; // threads a row in the reductions and the packing
   const half = r / 2;
   const sc = wgslF32(s.scale);
-  const rowUnits = s.w.stride / (f16 ? 8 : 4);
   const words = p.rowPad / 4;
-  const js = [...Array(G).keys()];
-  const us = [...Array(UNROLL).keys()];
   // Value t < r of a pair-rotated part starting at buf[base], at position pos (the Rope kernel's arithmetic).
   const roped = (buf: string, base: string, t: string, pos: string) =>
     s.ropeLayout === 'interleaved'
       ? `rot(${buf}[${base} + (${t} & 0xfffffffeu)], ${buf}[${base} + (${t} | 1u)], table[${pos} * ${half}u + ${t} / 2u], (${t} & 1u) == 1u)`
       : `rot(${buf}[${base} + ${t} % ${half}u], ${buf}[${base} + ${t} % ${half}u + ${half}u], table[${pos} * ${half}u + ${t} % ${half}u], ${t} >= ${half}u)`;
-  const wLoad = (k: string) => `wk[(h * ${dn}u + min(${k}, ${dn - 1}u)) * ${rowUnits}u + u]`;
-  const fma = (i: number) =>
-    f16
-      ? `let w${i} = ${wLoad(`k + ${i}u`)};
-          let lo${i} = vec4<f32>(unpack2x16float(w${i}.x), unpack2x16float(w${i}.y));
-          let hi${i} = vec4<f32>(unpack2x16float(w${i}.z), unpack2x16float(w${i}.w));`
-      : `let lo${i} = ${wLoad(`k + ${i}u`)};`;
-  const acc = (i: number) =>
-    js
-      .map(
-        (j) => `{ let x = qn[${j * KP}u + k + ${i}u]; a${j}0 += x * lo${i};${f16 ? ` a${j}1 += x * hi${i};` : ''} }`,
-      )
-      .join('\n          ');
-  // Slice round: this thread's sums into vt (the first slice writes, later ones add; the last scales).
-  const emit = js
-    .map((j) =>
-      [...Array(per).keys()]
-        .map((i) => {
-          const v = i < 4 ? `a${j}0[${i}]` : `a${j}1[${i - 4}]`;
-          return `{ let n = u * ${per}u + ${i}u; if (n < ${R}u) { let e = ${j * RV}u + n; let t = select(vt[e], 0.0, s == 0u) + ${v}; vt[e] = select(t, t * ${sc}, s == ${slices - 1}u); } }`;
-        })
-        .join('\n          '),
-    )
-    .join('\n          ');
+  // The product's sums wait in vt (each row's [q̃ | q_pe] slot); the last slice scales them.
+  const product = groupProductWgsl(s.w, gp, G, 'wk', 'qn', (j, n) => `vt[${j * RV}u + ${n}]`, (j, n, v) => `vt[${j * RV}u + ${n}] = ${v} * ${sc};`);
   return /* wgsl */ `
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> lat: array<f32>;
 @group(0) @binding(3) var<storage, read> table: array<vec2<f32>>;
-@group(0) @binding(4) var<storage, read> wk: array<${f16 ? 'vec4<u32>' : 'vec4<f32>'}>;
+${groupProductDeclWgsl(s.w, gp, 4, 'wk')}
 @group(0) @binding(5) var<storage, read_write> cache: array<u32>;
 @group(0) @binding(6) var<storage, read_write> qq: array<i32>;
 @group(0) @binding(7) var<storage, read_write> qs: array<f32>;
@@ -217,25 +184,8 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
     vt[(e / ${r}u) * ${RV}u + ${R}u + t] = ${roped('q', 'base', 't', 'rowPos(row)')} * ${sc};
   }
   workgroupBarrier();
-  {
-    // Thread = (unit u of ${per} outputs, k slice sl); each weight load serves every row of the group.
-    let u = lid % ${units}u;
-    let sl = lid / ${units}u;
-    ${js.map((j) => `var a${j}0 = vec4<f32>(0.0);${f16 ? ` var a${j}1 = vec4<f32>(0.0);` : ''}`).join('\n    ')}
-    if (sl < ${slices}u) {
-      for (var k = sl * ${KC}u; k < (sl + 1u) * ${KC}u; k += ${UNROLL}u) {
-        ${us.map(fma).join('\n        ')}
-        ${us.map(acc).join('\n        ')}
-      }
-    }
-    // The slices' sums meet in vt in slice order (the staged kernel's order of the k groups).
-    for (var s = 0u; s < ${slices}u; s++) {
-      if (sl == s) {
-          ${emit}
-      }
-      workgroupBarrier();
-    }
-  }
+  // Each weight load serves every row of the group.
+  ${product}
   // Per (row, part) absmax as |x| bits (NaN / Inf sort above every finite value: kernels/mla-attention-tc.ts).
   var a = vec2<u32>(0u);
   for (var i = tr; i < ${RV}u; i += ${TPR}u) {

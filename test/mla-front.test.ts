@@ -3,7 +3,8 @@
 // heads zero; per row, the int8 latent cache row [c | RoPE(k_pe)] at its paged slot (each part its own scale); odd
 // shapes, both RoPE layouts, f32 and f16 weights, row groups of 1 to 8 with a partial last group; a NaN in q_nope
 // reaching exactly its (row, head)'s latent scale, a NaN in c exactly its row's latent scale. (The front inside whole
-// models: random MLA models below, whose logits must match the separate kernels' and the float64 reference's; the
+// models, with the decode back (kernels/mla-back.ts): random MLA models below, whose logits must match the separate
+// kernels' and be no further from the float64 reference's; the
 // converted stories260K's perplexity in test/mla-int8-cache.test.ts.)
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -228,8 +229,8 @@ test('MLA decode front: rows a workgroup grow with the step so that heads × gro
 });
 
 /**
- * Three prompts through two runners (int8 latent cache, dot4 products; one with the decode front for steps of up to
- * 8 rows, so every step here) in steps of 3 + 2 + 3 rows (prefill chunks, then decode rows), every row's logits back.
+ * Three prompts through two runners (int8 latent cache, dot4 products; one with the decode front and back for steps
+ * of up to 8 rows, so every step here) in steps of 3 + 2 + 3 rows (prefill chunks, then decode rows), every row's logits back.
  * Returns the front runner's logits, the separate kernels', and the labels of the pipelines the front runner built.
  */
 async function frontAgainstSeparate(config: MlaConfig, seed: number): Promise<{ front: Float32Array[][]; separate: Float32Array[][]; labels: string[]; prompts: number[][] }> {
@@ -248,7 +249,7 @@ async function frontAgainstSeparate(config: MlaConfig, seed: number): Promise<{ 
       blockSize: 4,
       numBlocks: 64,
       maxRowsPerStep: 8,
-      attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: 'dot4' }, frontMaxRows }),
+      attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: 'dot4' }, frontMaxRows, backMaxRows: frontMaxRows }),
     });
     try {
       const tables = [[5, 9, 1], [7, 3], [40, 2, 30, 11]];
@@ -281,7 +282,7 @@ async function frontAgainstSeparate(config: MlaConfig, seed: number): Promise<{ 
   return { front, separate, labels, prompts };
 }
 
-test('random MLA models with the int8 latent cache: the decode front gives the logits of the separate RoPE, latent write, W_UK and query kernels (fused q + kv_a; R below the nope dims; q LoRA with latent norms and rotate-half RoPE)', async () => {
+test('random MLA models with the int8 latent cache: the decode front and back give the logits of the separate RoPE, latent write, W_UK, query, merge and W_UV kernels (fused q + kv_a; R below the nope dims; q LoRA with latent norms and rotate-half RoPE)', async () => {
   const configs = [
     tinyMlaConfig({ attentionBias: true }),
     tinyMlaConfig({ kvLoraRank: 8, qkNopeHeadDim: 12, attentionBias: true }),
@@ -291,14 +292,16 @@ test('random MLA models with the int8 latent cache: the decode front gives the l
     const seed = freshSeed();
     const where = `seed ${seed}, ${JSON.stringify(config)}`;
     const { front, separate, labels, prompts } = await frontAgainstSeparate(config, seed);
-    assert.ok(labels.some((l) => l.startsWith('mla decode front')), `${where}: the front runner built no front pipeline (${labels.length} pipelines)`);
+    for (const kernel of ['mla decode front', 'mla decode back']) {
+      assert.ok(labels.some((l) => l.startsWith(kernel)), `${where}: the front runner built no '${kernel}' pipeline (${labels.length} pipelines)`);
+    }
     let worstSame = 0;
     let worstRef = 0;
     let worstSep = 0;
     prompts.forEach((p, i) => {
       const want = new ReferenceMla(config, randomMlaModel(config, seed, false).weights, { form: 'absorbed' }).forward(p);
       for (let t = 0; t < p.length; t++) {
-        // The same arithmetic in another order: a query value at a rounding half may land on the other side.
+        // The same arithmetic, f32 sums in another order (a query value at a rounding half may land on the other side).
         const same = relError(front[i][t], separate[i][t]);
         worstSame = Math.max(worstSame, same);
         assert.ok(same <= 1e-3, `${where}: prompt ${i} token ${t}: front vs separate kernels, relative error ${same}`);
