@@ -164,9 +164,10 @@ export class MlaBlock implements AttentionBlock {
     const int8Products = this.layout.latentInt8 !== undefined && (opts.attentionTuning?.int8Products ?? 'off') !== 'off';
     this.frontMaxRows = int8Products ? (opts.frontMaxRows ?? 0) : 0;
     this.backMaxRows = opts.backMaxRows ?? 0;
-    // 'fused<=16+f16': steps of up to 16 rows fused, larger ones on the f16 kernel (as int8_matmul's 'gemv+w8a8');
-    // 'front<=32+f16': W_UK of steps up to 32 rows in the decode front.
-    const prefix = this.frontMaxRows > 0 ? `front<=${this.frontMaxRows}+` : this.fusedHeadsMaxRows > 0 ? `fused<=${this.fusedHeadsMaxRows}+` : '';
+    // 'fused<=32+f16': the head products of steps up to 32 rows in the attention's kernels, larger ones on the f16
+    // kernel (as int8_matmul's 'gemv+w8a8').
+    const fusedRows = Math.max(this.frontMaxRows, this.backMaxRows, this.fusedHeadsMaxRows);
+    const prefix = fusedRows > 0 ? `fused<=${fusedRows}+` : '';
     this.headProducts = `${prefix}${headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt)}`;
     this.layers = ctx.weights.layers.map((lw, l) => {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);

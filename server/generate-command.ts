@@ -26,11 +26,10 @@ Generates text from a prompt and streams it to stdout, then prints a line of fig
                           int8 dot products; three-pass: the same integers as scores, softmax and values
                           passes (dot4 and three-pass need --kv-cache-dtype int8); auto (default): dot4 with
                           an int8 cache, else f32
-  --mla-head-kernel auto|staged|w8a8|fused|front  MLA's W_UK / W_UV head products: staged (f16
-                          weights, f32 sums), w8a8 (int8 weights per output column, inputs per row and head,
-                          i32 sums) or fused into the attention's kernels up to 16 rows (both slower on an
-                          H100); front (int8 cache): W_UK, RoPE, the latent write and the query quantizer in
-                          one dispatch up to 32 rows; auto (default): staged
+  --mla-head-kernel auto|staged|w8a8|fused  MLA's W_UK / W_UV head products: staged (f16 weights, f32
+                          sums), w8a8 (int8 weights per output column, inputs per row and head, i32 sums;
+                          slower on an H100), or fused into the attention's first and last kernels up to 32
+                          rows (W_UK there with an int8 cache); auto (default): staged
   --max-model-len N       context length (default: the model's)
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
   --json                  print the text and figures as one JSON object instead

@@ -111,13 +111,12 @@ export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype
 /**
  * The MLA block's head-product options given --mla-head-kernel: none for auto (the block's default, staged: on an
  * H100 the W8A8 products took 2.2 against 0.77 ms of an 8-row step and the fused form made the step 0.3 ms slower,
- * BENCHMARKS.md 2026-12-06), else the kernel asked for, the fusion up to 16 rows, or the decode front up to
- * FRONT_MAX_ROWS rows (it applies where the attention's products are int8; elsewhere the block ignores it).
+ * BENCHMARKS.md 2026-12-06), else the kernel asked for, or for fused the decode front and back up to FRONT_MAX_ROWS
+ * rows (the front applies where the attention's products are int8; elsewhere the block runs the back alone).
  */
-export function mlaHeadOptions(choice: MlaHeadKernelOption | undefined): { headDecodeKernel?: HeadDecodeKernel; fusedHeadsMaxRows?: number; frontMaxRows?: number } {
+export function mlaHeadOptions(choice: MlaHeadKernelOption | undefined): { headDecodeKernel?: HeadDecodeKernel; frontMaxRows?: number; backMaxRows?: number } {
   if (choice === 'w8a8' || choice === 'staged') return { headDecodeKernel: choice };
-  if (choice === 'front') return { frontMaxRows: FRONT_MAX_ROWS };
-  return choice === 'fused' ? { fusedHeadsMaxRows: 16 } : {};
+  return choice === 'fused' ? { frontMaxRows: FRONT_MAX_ROWS, backMaxRows: FRONT_MAX_ROWS } : {};
 }
 
 /**

@@ -58,10 +58,9 @@ export type MlaInt8AttentionOption = (typeof MLA_INT8_ATTENTION)[number];
 
 /**
  * The kernel of an MLA model's W_UK / W_UV head products in decode-sized steps: auto, the staged float kernel, W8A8, or
- * fused into the attention's query quantizer and merge up to 16 rows (staged above), or W_UK in the decode front
- * (kernels/mla-front.ts) up to 32 rows with an int8 cache (staged above and for W_UV).
+ * fused into the attention's first and last kernels up to 32 rows (kernels/mla-front.ts, mla-back.ts; staged above).
  */
-export const MLA_HEAD_KERNEL = ['auto', 'staged', 'w8a8', 'fused', 'front'] as const;
+export const MLA_HEAD_KERNEL = ['auto', 'staged', 'w8a8', 'fused'] as const;
 export type MlaHeadKernelOption = (typeof MLA_HEAD_KERNEL)[number];
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -118,17 +117,16 @@ is printed at start (the API key redacted).
                           run dot4). auto (default): dot4 with --kv-cache-dtype int8, else f32. dot4 and
                           three-pass need the int8 cache
                           [MLA_SERVE_MLA_INT8_ATTENTION]
-  --mla-head-kernel auto|staged|w8a8|fused|front
+  --mla-head-kernel auto|staged|w8a8|fused
                           MLA models' absorbed head products (W_UK on the query, W_UV on the attention output) in
                           decode-sized steps: staged multiplies the f16 head weights in f32, each k chunk staged in
                           workgroup memory; w8a8 quantizes the head weights to int8 per output column at load and
                           the inputs per row and head each step, and sums in i32 (tensor cores where the GPU offers
-                          int8 subgroup matrices, else int8 dot products), up to 128 rows; fused folds them into
-                          the attention's merge and (int8 cache) query quantizer in steps of up to 16 rows, staged
-                          above. On an H100 w8a8 was ~3× and fused ~4 % slower than staged a step. front
-                          (int8 cache and products): W_UK with RoPE, the latent write and the query quantizer in
-                          one dispatch a layer in steps of up to 32 rows, staged otherwise and for W_UV. auto
-                          (default): staged [MLA_SERVE_MLA_HEAD_KERNEL]
+                          int8 subgroup matrices, else int8 dot products), up to 128 rows (~3× slower than
+                          staged on an H100); fused, in steps of up to 32 rows: W_UV with the attention's merge in
+                          one dispatch a layer and, with an int8 cache, W_UK with RoPE, the latent write and the
+                          query quantizer in another, each head's weights loaded once for up to 8 rows (staged
+                          above). auto (default): staged [MLA_SERVE_MLA_HEAD_KERNEL]
   --async-scheduling on|off
                           on (default): while a step of decodes picked on the GPU runs, the next one is planned
                           and submitted with its picks as tokens, so the host's work overlaps the GPU's; a request

@@ -221,25 +221,23 @@ test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32),
   );
 });
 
-test('--mla-head-kernel: auto (staged) by default, staged, w8a8, fused or front by flag or MLA_SERVE_MLA_HEAD_KERNEL; served with w8a8 or the decode front, the MLA model reports its head products on /metrics and in the banner and serves 8 greedy tokens', async () => {
+test('--mla-head-kernel: auto (staged) by default, staged, w8a8 or fused by flag or MLA_SERVE_MLA_HEAD_KERNEL; served with w8a8 or fused, the MLA model reports its head products on /metrics and in the banner and serves 8 greedy tokens', async () => {
   assert.equal(resolve([]).options.mlaHeadKernel, 'auto');
   assert.equal(resolve(['--mla-head-kernel', 'w8a8']).options.mlaHeadKernel, 'w8a8');
   assert.equal(resolve([], { MLA_SERVE_MLA_HEAD_KERNEL: 'staged' }).options.mlaHeadKernel, 'staged');
   assert.equal(resolve(['--mla-head-kernel', 'fused']).options.mlaHeadKernel, 'fused');
-  assert.equal(resolve(['--mla-head-kernel', 'front']).options.mlaHeadKernel, 'front');
-  assert.throws(() => resolve(['--mla-head-kernel', 'int4']), (e: Error) => e instanceof UsageError && /--mla-head-kernel must be one of auto, staged, w8a8, fused, front; got "int4"/.test(e.message));
+  assert.throws(() => resolve(['--mla-head-kernel', 'int4']), (e: Error) => e instanceof UsageError && /--mla-head-kernel must be one of auto, staged, w8a8, fused; got "int4"/.test(e.message));
   const mla = syntheticConfig('tiny-qwen2-mla');
   assert.equal(attentionBlockFor(mla, 'f16', 'auto', 'auto').attentionBlock, undefined, 'f32 products and auto heads: the default block');
   assert.ok(attentionBlockFor(mla, 'f16', 'auto', 'w8a8').attentionBlock, 'w8a8 heads build the MLA block even with f32 products');
-  assert.deepEqual(mlaHeadOptions('fused'), { fusedHeadsMaxRows: 16 });
-  assert.deepEqual(mlaHeadOptions('front'), { frontMaxRows: 32 });
+  assert.deepEqual(mlaHeadOptions('fused'), { frontMaxRows: 32, backMaxRows: 32 });
   assert.deepEqual(mlaHeadOptions('auto'), {});
   assert.equal(attentionBlockFor(syntheticConfig('tiny-qwen2'), 'f16', 'auto', 'w8a8').attentionBlock, undefined, 'GQA has no head products');
-  for (const kernel of ['w8a8', 'front'] as const) {
+  for (const kernel of ['w8a8', 'fused'] as const) {
     const served = (open = await openServedEngines(serveOptions({ weightDtype: 'int8', kvCacheDtype: 'int8', mlaHeadKernel: kernel }), () => {}));
     const { samples } = await scrapeServed(served);
-    // front: W_UK of steps up to 32 rows in the decode front (int8 cache, dot4 products), the staged f16 kernel else.
-    const want = kernel === 'front' ? 'front<=32+f16' : hasInt8SubgroupMatrix(served.gpu) && served.gpu.subgroupSize === 32 ? 'w8a8-sm' : 'w8a8-dot4';
+    // fused: the head products of steps up to 32 rows in the decode front and back, the staged f16 kernel above.
+    const want = kernel === 'fused' ? 'fused<=32+f16' : hasInt8SubgroupMatrix(served.gpu) && served.gpu.subgroupSize === 32 ? 'w8a8-sm' : 'w8a8-dot4';
     const lines = banner('http://127.0.0.1:0', served);
     for (const m of served.models) {
       const heads = m.engine.info.config.attention === 'mla' ? want : 'none';
