@@ -20,11 +20,10 @@
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 16)
 //            --mla-head-kernel sliced|staged|w8a8 (MLA: the W_UK / W_UV kernel of decode-sized steps; default staged; w8a8: int8
-//            weights and inputs, tensor cores where the adapter has them; giving one turns the fusion below off)
-//            --mla-fused-heads N (MLA: steps of ≤ N rows fold W_UV into the merge and, with int8 products, W_UK into the
-//            query quantizer; default 0 = off: slower on an H100, kernels/mla-head-fused.ts)
+//            weights and inputs, tensor cores where the adapter has them; giving one turns the decode front below off
+//            unless --mla-front-rows is given too, as serve's --mla-head-kernel staged|w8a8 does)
 //            --mla-front-rows N (MLA, int8 cache and products: steps of ≤ N rows run RoPE, the latent write, W_UK and
-//            the query quantizer as one dispatch a layer, kernels/mla-front.ts; default 0 = off)
+//            the query quantizer as one dispatch a layer, kernels/mla-front.ts; default 32; 0 = off)
 //            --mla-back-rows N (MLA: steps of ≤ N rows run the attention's merge and W_UV as one dispatch a layer,
 //            kernels/mla-back.ts; default 0 = off)
 //            --mla-dot4-prefetch on|off (MLA, dot4 products: next window's cache rows loaded during this one; default on)
@@ -177,11 +176,6 @@ function parseArgs(argv: string[]): Args {
       if (v !== 8 && v !== 16 && v !== 32) throw new Error(`--mla-head-slices is 8, 16 or 32, got ${v}`);
       a.mlaBlock.headKSlices = v;
     }
-    else if (k === '--mla-fused-heads') {
-      const v = Number(val());
-      if (!Number.isInteger(v) || v < 0) throw new Error(`--mla-fused-heads wants a row count (0: off), got ${v}`);
-      a.mlaBlock.fusedHeadsMaxRows = v;
-    }
     else if (k === '--mla-front-rows') {
       const v = Number(val());
       if (!Number.isInteger(v) || v < 0) throw new Error(`--mla-front-rows wants a row count (0: off), got ${v}`);
@@ -196,6 +190,7 @@ function parseArgs(argv: string[]): Args {
       const v = val();
       if (!(HEAD_DECODE_KERNELS as readonly string[]).includes(v)) throw new Error(`--mla-head-kernel is one of ${HEAD_DECODE_KERNELS.join(', ')}, got ${v}`);
       a.mlaBlock.headDecodeKernel = v as HeadDecodeKernel;
+      a.mlaBlock.frontMaxRows ??= 0;
     }
     else if (k === '--mla-dot4-prefetch') {
       const v = val();

@@ -11,8 +11,8 @@
 #   heads      MLA decode (dot4 attention) with the W_UK / W_UV decode kernel at 8 and 32 k slices (default 16) and with
 #              the staged kernel (--mla-head-kernel staged), profiled (~4 min); HEAD_VARIANTS="kernel-staged kernel-w8a8"
 #              times the W8A8 head products against the default, then runs their tests (tensor cores against dot4);
-#              a variant fused-N folds the products into the attention's kernels in steps of up to N rows; front-N runs the
-#              decode front (RoPE, latent write, W_UK and the query quantizer in one dispatch) in steps of up to N rows
+#              a variant front-N runs the decode front (RoPE, latent write, W_UK and the query quantizer in one dispatch)
+#              in steps of up to N rows (0: off), back-N the decode back (merge and W_UV), both-N the two
 #   prefetch   the dot4 MLA kernel with the next window prefetched into registers (and its value heads in 2 rounds)
 #              against the default: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt; MLA decode at 8 and 32
 #              sequences with each and with the staged head kernel, and GQA, profiled (~6 min; PREFETCH_RUNS picks
@@ -156,7 +156,6 @@ heads)
   # The W_UK / W_UV decode kernel: 8 and 32 k slices (default 16), and the staged kernel.
   for variant in ${HEAD_VARIANTS:-slices-8 slices-32 kernel-staged}; do
     flag="--mla-head-${variant%%-*} ${variant#*-}"
-    [[ $variant == fused-* ]] && flag="--mla-fused-heads ${variant#fused-}"
     [[ $variant == front-* ]] && flag="--mla-front-rows ${variant#front-}"
     [[ $variant == back-* ]] && flag="--mla-back-rows ${variant#back-}"
     [[ $variant == both-* ]] && flag="--mla-front-rows ${variant#both-} --mla-back-rows ${variant#both-}"
@@ -276,14 +275,17 @@ serve)
   # counts most), async scheduling on; SERVE_RUNS="600MiB:on 600MiB:off" compares async scheduling instead, and a third
   # field sets --max-num-batched-tokens ("600MiB:on:512": prompts in 512-row chunks). Each start
   # uploads both 7B models (~2 min); the same load each time.
+  # Each start's files carry its place in SERVE_RUNS, so a repeated run keeps its own trace and report.
+  i=0
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
+    i=$((i + 1))
     IFS=: read -r budget mode tokens products inlen outlen heads <<<"$run"
     tokens=${tokens:-2048}
     products=${products:-f32}
     inlen=${inlen:-512}
     outlen=${outlen:-128}
     heads=${heads:-auto}
-    tag="$budget-$mode-$tokens-$products-$inlen-$outlen-$heads"
+    tag="$i-$budget-$mode-$tokens-$products-$inlen-$outlen-$heads"
     el "serve kv $budget async-scheduling $mode max-num-batched-tokens $tokens mla-int8-attention $products"
     node bin/mla-serve.js serve --synthetic qwen2.5-7b --synthetic qwen2.5-7b-mla --weight-dtype int8 --kv-cache-dtype int8 \
       --kv-cache-memory "$budget" --max-num-seqs 64 --async-scheduling "$mode" --max-num-batched-tokens "$tokens" \
@@ -299,9 +301,11 @@ serve)
     kill $sp
     wait $sp 2>/dev/null
   done
+  i=0
   for run in ${SERVE_RUNS:-600MiB:on 256MiB:on}; do
+    i=$((i + 1))
     IFS=: read -r budget mode tokens products inlen outlen heads <<<"$run"
-    tag="$budget-$mode-${tokens:-2048}-${products:-f32}-${inlen:-512}-${outlen:-128}-${heads:-auto}"
+    tag="$i-$budget-$mode-${tokens:-2048}-${products:-f32}-${inlen:-512}-${outlen:-128}-${heads:-auto}"
     echo "== KV budget $budget, async scheduling $mode, max-num-batched-tokens ${tokens:-2048}, mla-int8-attention ${products:-f32}, ${inlen:-512} + ${outlen:-128} tokens, mla-head-kernel ${heads:-auto}"
     # Decode-only steps against steps with prompt rows, per model (wall and GPU ms): where the served TPOT goes.
     node --import tsx bench/step-trace.ts "$OUT/steps-$tag.jsonl"

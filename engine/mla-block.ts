@@ -12,8 +12,9 @@ import { RmsNorm, Rope } from '../kernels/elementwise.ts';
 import { KvWrite } from '../kernels/kv-write.ts';
 import { MlaLatentWriteInt8 } from '../kernels/mla-kv-int8.ts';
 import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight } from '../kernels/linear.ts';
-import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionBack, type MlaAttentionFront, type MlaAttentionHeads, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
+import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionBack, type MlaAttentionFront, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { fusedHeadWeights } from '../kernels/mla-head-fused.ts';
+import { FRONT_MAX_ROWS } from '../kernels/mla-front.ts';
 import { HeadMatmul, headDecodeProducts, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
@@ -72,20 +73,17 @@ export interface MlaBlockOptions {
   /** Smallest context chunk of the attention's split (default MLA_MIN_CHUNK; a power of two). */
   minChunk?: number;
   /**
-   * Steps of at most this many rows fold W_UV into the attention's merge and, with int8 products, W_UK into its query
-   * quantizer (kernels/mla-head-fused.ts); larger steps take the head kernels above. Default 0 (off: slower than the
-   * staged kernel on an H100, see that file).
-   */
-  fusedHeadsMaxRows?: number;
-  /**
    * Steps of at most this many rows run the decode front (kernels/mla-front.ts: RoPE, the int8 latent write, W_UK
    * and the query quantizer in one dispatch a layer) where the attention's products are int8; larger steps, and
-   * f16/f32 caches, take the separate kernels. Default 0 (off).
+   * f16/f32 caches, take the separate kernels. Default FRONT_MAX_ROWS (32); 0 turns it off. On an H100 (2026-12-06,
+   * Qwen2.5-7B-MLA, int8 weights and cache, ctx 512) it took 0.20–0.24 ms off an 8-row step's 7.9 ms of GPU time and
+   * 0.35 off a 32-row step's 11.5.
    */
   frontMaxRows?: number;
   /**
    * Steps of at most this many rows run the decode back (kernels/mla-back.ts: the attention's merge and W_UV in one
-   * dispatch a layer); larger steps take the merge and the W_UV kernel. Default 0 (off).
+   * dispatch a layer); larger steps take the merge and the W_UV kernel. Default 0 (off: on an H100 it left 8- and
+   * 32-row steps where they were, 7.99 against 7.96 and 11.50 against 11.50 ms of GPU time, 2026-12-06).
    */
   backMaxRows?: number;
 }
@@ -115,8 +113,6 @@ export class MlaBlock implements AttentionBlock {
 
   /** RunnerDescription.headProducts: what the W_UK / W_UV kernel of decode-sized steps multiplies in. */
   readonly headProducts: string;
-  /** Steps of at most this many rows fold the head products into the attention's kernels (0: never). */
-  readonly fusedHeadsMaxRows: number;
   /** Steps of at most this many rows run the decode front (0: never; int8 products only). */
   readonly frontMaxRows: number;
   /** Steps of at most this many rows run the decode back (0: never). */
@@ -160,14 +156,14 @@ export class MlaBlock implements AttentionBlock {
     // Projections follow the runner's linear dtype (int8 per output channel with --weight-dtype int8); the absorbed
     // head matrices W_UK / W_UV are uploaded in dt (the 'w8a8' head kernel quantizes its own copy on the GPU).
     const lt = ctx.linearDtype ?? dt;
-    this.fusedHeadsMaxRows = opts.fusedHeadsMaxRows ?? 0;
     const int8Products = this.layout.latentInt8 !== undefined && (opts.attentionTuning?.int8Products ?? 'off') !== 'off';
-    this.frontMaxRows = int8Products ? (opts.frontMaxRows ?? 0) : 0;
+    this.frontMaxRows = int8Products ? (opts.frontMaxRows ?? FRONT_MAX_ROWS) : 0;
     this.backMaxRows = opts.backMaxRows ?? 0;
-    // 'fused<=32+f16': the head products of steps up to 32 rows in the attention's kernels, larger ones on the f16
-    // kernel (as int8_matmul's 'gemv+w8a8').
-    const fusedRows = Math.max(this.frontMaxRows, this.backMaxRows, this.fusedHeadsMaxRows);
-    const prefix = fusedRows > 0 ? `fused<=${fusedRows}+` : '';
+    // 'front<=32+f16': W_UK of steps up to 32 rows in the decode front, larger steps and W_UV on the f16 kernel (as
+    // int8_matmul's 'gemv+w8a8'); 'fused<=32+f16': W_UV in the decode back too ('back<=32+…' alone).
+    const fusedRows = Math.max(this.frontMaxRows, this.backMaxRows);
+    const form = this.frontMaxRows > 0 && this.backMaxRows > 0 ? 'fused' : this.frontMaxRows > 0 ? 'front' : 'back';
+    const prefix = fusedRows > 0 ? `${form}<=${fusedRows}+` : '';
     this.headProducts = `${prefix}${headDecodeProducts(g, opts.headDecodeKernel ?? 'staged', dt)}`;
     this.layers = ctx.weights.layers.map((lw, l) => {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
@@ -326,29 +322,6 @@ export class MlaBlock implements AttentionBlock {
     this.kvWrite = this.layout.latentInt8
       ? new MlaLatentWriteInt8(g, this.layout.latentInt8, this.layout.blockSize, latentRows)
       : new KvWrite(g, this.layout, latentRows);
-    const heads: MlaAttentionHeads | undefined =
-      this.fusedHeadsMaxRows > 0
-        ? {
-            maxRows: this.fusedHeadsMaxRows,
-            absorb: {
-              q: qRows,
-              stride: this.qStride,
-              offset: this.qOffset,
-              headStride: dn + r,
-              dn,
-              scale: c.softmaxScale,
-              w: fusedHeadWeights(this.layers[0].wUk, c.nHeads),
-              layers: this.layers.map((l) => l.wUk.pieces[0].buffer),
-            },
-            values: {
-              w: fusedHeadWeights(this.layers[0].wUv, c.nHeads),
-              out: b.out,
-              outStride: b.outStride,
-              outHeadStride: dv,
-              layers: this.layers.map((l) => l.wUv.pieces[0].buffer),
-            },
-          }
-        : undefined;
     const front: MlaAttentionFront | undefined =
       this.frontMaxRows > 0
         ? {
@@ -384,7 +357,6 @@ export class MlaBlock implements AttentionBlock {
       this.layout,
       { meta: b.meta, qLatent: a.qLatent, out: a.oHat, outStride: c.nHeads * R, layerCaches: b.layerCaches },
       this.opts.attentionTuning,
-      heads,
       front,
       back,
     );
@@ -405,10 +377,10 @@ export class MlaBlock implements AttentionBlock {
     if (!front) {
       for (const rope of this.ropes) rope.encode(pass, rows);
       this.kvWrite!.encode(pass, layer, rows);
-      if (!attention.fusesAbsorb(rows)) ops.absorb.encode(pass, rows);
+      ops.absorb.encode(pass, rows);
     }
     attention.encode(pass, layer, rows, meta.maxChunks, meta.chunkSize);
-    if (!attention.fusesValues(rows) && !attention.fusesBack(rows)) ops.wUv.encode(pass, rows);
+    if (!attention.fusesBack(rows)) ops.wUv.encode(pass, rows);
   }
 
   private destroyActivations(): void {

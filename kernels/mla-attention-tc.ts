@@ -2,10 +2,8 @@
 // (tensor cores), or the same integer arithmetic with dot4I8Packed where the adapter has none (tests, SwiftShader).
 import type { GpuContext } from './device.ts';
 import { hasInt8SubgroupMatrix } from './matmul-int8.ts';
-import { fusedHeadDeclsWgsl, fusedHeadProductWgsl, planFusedHead, type FusedHeadWeights } from './mla-head-fused.ts';
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
-import { wgslF32 } from './tensors.ts';
 
 /**
  * The arithmetic, per split of a row's context, in windows of `window` tokens:
@@ -75,99 +73,56 @@ export function qqWordWgsl(p: MlaTcPlan): string {
 }
 
 /**
- * W_UK folded into the query quantizer (kernels/mla-head-fused.ts), for decode-sized steps: the kernel reads the step's
- * q rows (after RoPE: head h's [q_nope (dn) | q_pe (r)] at q[row · stride + offset + h · headStride]) and forms
- * scale · [W_UKᵀ q_nope | q_pe] itself; binding 3 = the layer's W_UK ([nHeads · dn, R]).
- */
-export interface QueryAbsorb {
-  stride: number;
-  offset: number;
-  headStride: number;
-  dn: number;
-  scale: number;
-  w: FusedHeadWeights;
-}
-
-/** Threads of the query quantizer: 64, or 256 with the absorption folded in. */
-const QUERY_WG = 64;
-const QUERY_ABSORB_WG = 256;
-
-/**
  * Query quantization: one workgroup per (head slot, row). qLatent[r, h, 0..R+r) f32 → row r's head h in qq as rowPad
  * int8 bytes ([q̃ | pad | q_pe | pad], four per i32, tiled: qqWordWgsl) and qs[r, hp] = (scale of q̃, scale of q_pe);
- * padded heads are zero. With `absorb` the workgroup computes the row's [q̃ | q_pe] from the q rows instead
- * (binding 0 = q rows, 3 = W_UK) and quantizes it from workgroup memory.
+ * padded heads are zero.
  */
-export function mlaTcQueryWgsl(nHeads: number, f: MlaInt8RowFormat, p: MlaTcPlan, absorb?: QueryAbsorb): string {
+export function mlaTcQueryWgsl(nHeads: number, f: MlaInt8RowFormat, p: MlaTcPlan): string {
   const R = f.kvLoraRank;
   const r = f.qkRopeHeadDim;
   const RV = R + r;
   const words = p.rowPad / 4;
-  const threads = absorb ? QUERY_ABSORB_WG : QUERY_WG;
-  let source: string;
-  let decls = '@group(0) @binding(0) var<storage, read> qLatent: array<f32>;';
-  let at = (k: string) => `qLatent[qb + ${k}]`;
-  if (absorb) {
-    if (absorb.w.K !== absorb.dn || absorb.w.N !== R) throw new Error(`query absorption: W_UK is ${absorb.w.K} × ${absorb.w.N}, want ${absorb.dn} × ${R}`);
-    const plan = planFusedHead(absorb.w, threads);
-    if (typeof plan === 'string') throw new Error(`query absorption: ${plan}`);
-    const sc = wgslF32(absorb.scale);
-    decls = `@group(0) @binding(0) var<storage, read> q: array<f32>;
-${fusedHeadDeclsWgsl(absorb.w, plan, 3, 'wk')}
-var<workgroup> qn: array<f32, ${absorb.dn}>;
-var<workgroup> qt: array<f32, ${RV}>;`;
-    at = (k) => `qt[${k}]`;
-    source = `let xb = row * ${absorb.stride}u + ${absorb.offset}u + h * ${absorb.headStride}u;
-  for (var k = lid; k < ${absorb.dn}u; k += ${threads}u) { qn[k] = q[xb + k]; }
-  for (var i = lid; i < ${r}u; i += ${threads}u) { qt[${R}u + i] = q[xb + ${absorb.dn}u + i] * ${sc}; }
-  workgroupBarrier();
-  ${fusedHeadProductWgsl(absorb.w, plan, threads, 'wk', (k) => `qn[${k}]`, (n, v) => `qt[${n}] = ${v} * ${sc};`)}
-  workgroupBarrier();`;
-  } else {
-    source = `let qb = (row * ${nHeads}u + h) * ${RV}u;`;
-  }
   return /* wgsl */ `
-${decls}
+@group(0) @binding(0) var<storage, read> qLatent: array<f32>;
 @group(0) @binding(1) var<storage, read_write> qq: array<i32>;
 @group(0) @binding(2) var<storage, read_write> qs: array<f32>;
-var<workgroup> red: array<vec2<u32>, ${threads}>;
+var<workgroup> red: array<vec2<u32>, 64>;
 ${qqWordWgsl(p)}
 
-@compute @workgroup_size(${threads})
+@compute @workgroup_size(64)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let hs = wid.x;
+  let h = wid.x;
   let row = wid.y;
-  let live = hs < ${nHeads}u;
-  let h = min(hs, ${nHeads - 1}u);
-  ${source}
+  let live = h < ${nHeads}u;
+  let qb = (row * ${nHeads}u + min(h, ${nHeads - 1}u)) * ${RV}u;
   // |x| as bits: non-negative floats order like their u32 patterns, and NaN / Inf sort above every finite value, so a
   // non-finite query value gives its part a NaN or Inf scale (scores NaN, as with f32 products) instead of being dropped
   // by a float max.
   var a = vec2<u32>(0u);
-  for (var k = lid; k < ${RV}u; k += ${threads}u) {
-    let v = bitcast<u32>(${at('k')}) & 0x7fffffffu;
+  for (var k = lid; k < ${RV}u; k += 64u) {
+    let v = bitcast<u32>(qLatent[qb + k]) & 0x7fffffffu;
     if (k < ${R}u) { a.x = max(a.x, v); } else { a.y = max(a.y, v); }
   }
   red[lid] = a;
   workgroupBarrier();
-  for (var s = ${threads / 2}u; s > 0u; s >>= 1u) {
+  for (var s = 32u; s > 0u; s >>= 1u) {
     if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
     workgroupBarrier();
   }
   let absMax = select(vec2<f32>(0.0), bitcast<vec2<f32>>(red[0]), live);
   let inv = select(vec2<f32>(0.0), 127.0 / absMax, absMax > vec2<f32>(0.0));
-  for (var w = lid; w < ${words}u; w += ${threads}u) {
+  for (var w = lid; w < ${words}u; w += 64u) {
     var v = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
       let b = 4u * w + i;
-      if (live && b < ${R}u) { v[i] = ${at('b')} * inv.x; }
-      if (live && b >= ${p.latentPad}u && b - ${p.latentPad}u < ${r}u) { v[i] = ${at(`${R}u + b - ${p.latentPad}u`)} * inv.y; }
+      if (live && b < ${R}u) { v[i] = qLatent[qb + b] * inv.x; }
+      if (live && b >= ${p.latentPad}u && b - ${p.latentPad}u < ${r}u) { v[i] = qLatent[qb + ${R}u + b - ${p.latentPad}u] * inv.y; }
     }
-    qq[qqWord(row, hs, w)] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
+    qq[qqWord(row, h, w)] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
   }
   if (lid == 0u) {
-    qs[2u * (row * ${p.headsPadded}u + hs)] = absMax.x / 127.0;
-    qs[2u * (row * ${p.headsPadded}u + hs) + 1u] = absMax.y / 127.0;
+    qs[2u * (row * ${p.headsPadded}u + h)] = absMax.x / 127.0;
+    qs[2u * (row * ${p.headsPadded}u + h) + 1u] = absMax.y / 127.0;
   }
 }
 `;

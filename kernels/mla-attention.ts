@@ -28,7 +28,7 @@ import { frontGrid, frontRowsPerWorkgroup, mlaFrontWgsl, type FrontRowsPerWorkgr
 import { backGrid, mlaBackWgsl, type MlaBackSpec } from './mla-back.ts';
 import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
-import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan, type QueryAbsorb } from './mla-attention-tc.ts';
+import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
 import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, mla3ScoresTcProblem, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
@@ -587,17 +587,6 @@ export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: P
 }
 
 /**
- * MLA's head products folded into the attention's own kernels for steps of at most `maxRows` rows
- * (kernels/mla-head-fused.ts): W_UK into the int8 query quantizer (int8 products only; the f32 kernels read q̃ from
- * qLatent, so the block keeps its absorption for them) and W_UV into the merge. Per layer, the weight buffers.
- */
-export interface MlaAttentionHeads {
-  maxRows: number;
-  absorb: QueryAbsorb & { q: GPUBuffer; layers: GPUBuffer[] };
-  values: { w: FusedHeadWeights; out: GPUBuffer; outStride: number; outHeadStride: number; layers: GPUBuffer[] };
-}
-
-/**
  * The decode front (kernels/mla-front.ts) for steps of at most `maxRows` rows, int8 products only: RoPE, the int8
  * latent write, W_UK and the query quantizer in one dispatch, which then replaces the query quantizer (the block skips
  * its RoPE, latent write and absorption for those steps). `layers`: each layer's W_UK buffer.
@@ -653,14 +642,6 @@ export class MlaAttention {
   private tc: TcPath | undefined;
   private ranThree = false;
   private readonly layout: PagedRows;
-  /** The fused head products' pipelines and per-layer bind groups (heads given). */
-  private fused?: {
-    heads: MlaAttentionHeads;
-    queryPipe?: GPUComputePipeline;
-    queryGroups: GPUBindGroup[];
-    mergePipe: GPUComputePipeline;
-    mergeGroups: GPUBindGroup[];
-  };
   /** The decode front's pipelines and per-layer bind groups by rows a workgroup (front given, int8 products). */
   private front?: {
     f: MlaAttentionFront;
@@ -680,7 +661,6 @@ export class MlaAttention {
     layout: PagedRows,
     private b: { meta: GPUBuffer; qLatent: GPUBuffer; out: GPUBuffer; outStride: number; layerCaches: GPUBuffer[] },
     tuning: Partial<MlaAttentionTuning> = {},
-    heads?: MlaAttentionHeads,
     front?: MlaAttentionFront,
     back?: MlaAttentionBack,
   ) {
@@ -720,24 +700,6 @@ export class MlaAttention {
       this.back = { b: back, pipes: new Map(), groups: new Map() };
     }
     this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, splitKMergeWgsl(shape.nHeads, shape.kvLoraRank, b.outStride));
-    if (heads && heads.maxRows > 0) {
-      const v = heads.values;
-      const key = `${shape.nHeads}h ${R} W_UV ${v.w.N} ${v.w.dtype}`;
-      this.fused = {
-        heads,
-        mergePipe: gpu.pipeline(`mla-attention merge ${key}`, splitKMergeWgsl(shape.nHeads, R, v.outStride, { w: v.w, outHeadStride: v.outHeadStride })),
-        mergeGroups: [],
-        queryGroups: [],
-      };
-      if (this.tc) {
-        const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
-        const a = heads.absorb;
-        this.fused.queryPipe = gpu.pipeline(
-          `mla-attention int8 query ${shape.nHeads}h ${R}+${shape.qkRopeHeadDim} W_UK ${a.dn} ${a.w.dtype} q ${a.stride}/${a.offset}/${a.headStride}`,
-          mlaTcQueryWgsl(shape.nHeads, f, this.tc.plan, a),
-        );
-      }
-    }
   }
 
   /**
@@ -751,16 +713,6 @@ export class MlaAttention {
   /** Whether a step of `rows` rows runs the decode back (merge and W_UV in one dispatch; the block skips W_UV). */
   fusesBack(rows: number): boolean {
     return this.back !== undefined && rows <= this.back.b.maxRows;
-  }
-
-  /** Whether a step of `rows` rows takes W_UK inside the query quantizer (the block then skips its absorption). */
-  fusesAbsorb(rows: number): boolean {
-    return this.fused?.queryPipe !== undefined && rows <= this.fused.heads.maxRows;
-  }
-
-  /** Whether a step of `rows` rows takes W_UV inside the merge (the block then skips its W_UV product). */
-  fusesValues(rows: number): boolean {
-    return this.fused !== undefined && rows <= this.fused.heads.maxRows;
   }
 
   /**
@@ -1006,7 +958,6 @@ export class MlaAttention {
       tc.queryGroup = bindBuffers(this.gpu, tc.queryPipe, 'mla attention int8 query', [this.b.qLatent, tc.qq, tc.qs]);
       tc.partialGroups = [];
       if (tc.three) tc.three.scoreGroups = [];
-      if (this.fused) this.fused.queryGroups = [];
       this.front?.groups.clear();
     }
     this.prepareThree(rows, maxChunks, chunkSize ?? MLA3_MAX_CHUNK);
@@ -1020,7 +971,6 @@ export class MlaAttention {
       if (v.pipeline) this.ready(v);
     }
     this.mergeGroup = bindBuffers(this.gpu, this.mergePipe, 'mla attention merge', [this.b.meta, this.partials, this.b.out]);
-    if (this.fused) this.fused.mergeGroups = [];
     this.back?.groups.clear();
     if (this.tc) this.tc.partialGroups = [];
     if (this.tc?.three) {
@@ -1043,19 +993,11 @@ export class MlaAttention {
           bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!, ...(tc.dump ? [tc.dump] : [])]),
         );
       }
-      const fq = this.fusesAbsorb(rows) ? this.fused! : undefined;
       if (this.fusesFront(rows)) {
         this.encodeFront(pass, layer, rows, tc);
       } else {
-        if (fq) {
-          const a = fq.heads.absorb;
-          fq.queryGroups[layer] ??= bindBuffers(this.gpu, fq.queryPipe!, `mla attention int8 query with W_UK layer ${layer}`, [a.q, tc.qq!, tc.qs!, a.layers[layer]]);
-          pass.setPipeline(fq.queryPipe!);
-          pass.setBindGroup(0, fq.queryGroups[layer]);
-        } else {
-          pass.setPipeline(tc.queryPipe);
-          pass.setBindGroup(0, tc.queryGroup!);
-        }
+        pass.setPipeline(tc.queryPipe);
+        pass.setBindGroup(0, tc.queryGroup!);
         pass.dispatchWorkgroups(tc.plan.headsPadded, rows);
       }
       this.ranThree = this.encodeThree(pass, layer, rows, maxChunks, chunkSize);
@@ -1074,16 +1016,8 @@ export class MlaAttention {
       this.encodeBack(pass, layer, rows);
       return;
     }
-    const fm = this.fusesValues(rows) ? this.fused! : undefined;
-    if (fm) {
-      const v = fm.heads.values;
-      fm.mergeGroups[layer] ??= bindBuffers(this.gpu, fm.mergePipe, `mla attention merge with W_UV layer ${layer}`, [this.b.meta, this.partials, v.out, v.layers[layer]]);
-      pass.setPipeline(fm.mergePipe);
-      pass.setBindGroup(0, fm.mergeGroups[layer]);
-    } else {
-      pass.setPipeline(this.mergePipe);
-      pass.setBindGroup(0, this.mergeGroup!);
-    }
+    pass.setPipeline(this.mergePipe);
+    pass.setBindGroup(0, this.mergeGroup!);
     pass.dispatchWorkgroups(this.shape.nHeads, rows);
   }
 

@@ -1,16 +1,12 @@
-// The MLA head products folded into the kernels on either side of the attention, for decode-sized steps: the
-// absorption q̃ = W_UKᵀ q_nope inside the int8 query quantizer, and ô → W_UV inside the split-K merge. Both kernels
-// already take one workgroup per (head, row) with the whole vector in hand, so the product is a workgroup's
-// K × N matrix-vector product from workgroup memory, and the step loses two dispatches a layer and the f32 round trips
-// of q̃ and ô. Each workgroup reads its head's weights once, so a step of M rows reads them M times (from L2).
+// The MLA head products inside the kernels on either side of the attention, for decode-sized steps: W_UK in the
+// decode front (kernels/mla-front.ts, with RoPE, the int8 latent write and the query quantizer) and W_UV in the
+// decode back (kernels/mla-back.ts, with the split-K merge). Both multiply one head's matrix for a group of up to 8
+// rows per workgroup, so each weight load serves the whole group.
 //
-// Off by default (MlaBlockOptions.fusedHeadsMaxRows; bench:decode --mla-fused-heads N; serve --mla-head-kernel fused): on an H100 (2026-12-06,
-// Qwen2.5-7B-MLA, int8 weights and cache, dot4 attention, ctx 512) it took the same time as the staged head kernels
-// plus the plain query quantizer and merge when each dispatch is timed alone (1437 against 1476 µs a step at 8 rows,
-// 56 dispatches fewer), but the pipelined step was slower: GPU span 8.12 against 7.81 ms at 8 rows, 9.27 against
-// 8.57 at 16; served (128 in + 512 out, 256 MiB, both pools full) MLA's decode step took 8.68 against 8.38 ms of GPU.
-// Every (head, row) workgroup streams its head's whole 128 KB matrix, one 16-byte load a k per thread, 32 k deep:
-// a kernel that shares each weight load between rows (the staged kernel's 8–32-row tiles) is what it lacks.
+// The first fused form (2026-12-06, removed) took one workgroup per (head, row) inside the int8 query quantizer and the
+// merge: every workgroup streamed its head's whole 128 KB matrix, one 16-byte load a k per thread, 32 k deep, and on
+// an H100 (Qwen2.5-7B-MLA, int8 weights and cache, ctx 512) the pipelined step was slower than the staged head kernels
+// (GPU span 8.12 against 7.81 ms at 8 rows, 9.27 against 8.57 at 16). Grouping rows is what it lacked.
 import type { GpuMatrix } from './tensors.ts';
 
 /** The weights of one fused product: every layer's per-head matrices [nHeads · K, N] (one binding each). */
@@ -25,73 +21,6 @@ export interface FusedHeadWeights {
 /** The shape of a per-head matrix [nHeads · K, N] as the fused products read it. */
 export function fusedHeadWeights(m: GpuMatrix, nHeads: number): FusedHeadWeights {
   return { K: m.rows / nHeads, N: m.cols, dtype: m.dtype, stride: m.stride };
-}
-
-/**
- * How a workgroup of `threads` threads splits a K × N product: each thread takes a unit of `per` consecutive outputs
- * (one 16-byte load a k: 8 f16 or 4 f32 weights) over a slice of `kc` k values; `slices` slices of every unit run
- * side by side and their sums meet in workgroup memory (`partWords` f32).
- */
-export interface FusedHeadPlan {
-  per: number;
-  units: number;
-  slices: number;
-  kc: number;
-  partWords: number;
-}
-
-export function planFusedHead(w: FusedHeadWeights, threads: number): FusedHeadPlan | string {
-  const per = w.dtype === 'f16' ? 8 : 4;
-  const units = Math.ceil(w.N / per);
-  if (w.stride % 8 !== 0 || w.stride < units * per) return `weight row stride ${w.stride} is not a multiple of 8 covering ${w.N} outputs`;
-  if (units > threads) return `${w.N} outputs need ${units} threads of ${per}; the workgroup has ${threads}`;
-  const slices = Math.min(Math.floor(threads / units), w.K);
-  const kc = Math.ceil(w.K / slices);
-  return { per, units, slices, kc, partWords: slices * units * per };
-}
-
-/** The weight binding and the partial-sum scratch of a fused product (module scope). */
-export function fusedHeadDeclsWgsl(w: FusedHeadWeights, p: FusedHeadPlan, binding: number, name: string): string {
-  return `@group(0) @binding(${binding}) var<storage, read> ${name}: array<${w.dtype === 'f16' ? 'vec4<u32>' : 'vec4<f32>'}>;
-var<workgroup> ${name}Part: array<f32, ${p.partWords}>;`;
-}
-
-/**
- * Statements (inside main, after a barrier that made src[0..K) visible): thread lid sums its unit's outputs over its k
- * slice, the slices' sums meet in workgroup memory, and `emit(n, v)` runs for each output n < N with its sum v (after
- * a barrier; every thread reaches both barriers). `h` is the head.
- */
-export function fusedHeadProductWgsl(w: FusedHeadWeights, p: FusedHeadPlan, threads: number, name: string, src: (k: string) => string, emit: (n: string, v: string) => string): string {
-  const rowUnits = w.stride / (w.dtype === 'f16' ? 8 : 4);
-  const f16 = w.dtype === 'f16';
-  const load = `${name}[(h * ${w.K}u + k) * ${rowUnits}u + u]`;
-  const body = f16
-    ? `let wv = ${load};
-        let x = ${src('k')};
-        a0 += x * vec4<f32>(unpack2x16float(wv.x), unpack2x16float(wv.y));
-        a1 += x * vec4<f32>(unpack2x16float(wv.z), unpack2x16float(wv.w));`
-    : `a0 += ${src('k')} * ${load};`;
-  return `{
-    let u = lid % ${p.units}u;
-    let sl = lid / ${p.units}u;
-    if (sl < ${p.slices}u) {
-      var a0 = vec4<f32>(0.0);
-      ${f16 ? 'var a1 = vec4<f32>(0.0);' : ''}
-      let k1 = min((sl + 1u) * ${p.kc}u, ${w.K}u);
-      for (var k = sl * ${p.kc}u; k < k1; k++) {
-        ${body}
-      }
-      let pb = (sl * ${p.units}u + u) * ${p.per}u;
-      for (var j = 0u; j < 4u; j++) { ${name}Part[pb + j] = a0[j]; }
-      ${f16 ? `for (var j = 0u; j < 4u; j++) { ${name}Part[pb + 4u + j] = a1[j]; }` : ''}
-    }
-  }
-  workgroupBarrier();
-  for (var n = lid; n < ${w.N}u; n += ${threads}u) {
-    var v = 0.0;
-    for (var s = 0u; s < ${p.slices}u; s++) { v += ${name}Part[s * ${p.units * p.per}u + n]; }
-    ${emit('n', 'v')}
-  }`;
 }
 
 /** k values of a slice whose weight loads a group product issues together. */

@@ -1,21 +1,9 @@
 // The merge pass of split-K (flash-decoding) attention, shared by the GQA and MLA kernels.
-import { fusedHeadDeclsWgsl, fusedHeadProductWgsl, planFusedHead, type FusedHeadPlan, type FusedHeadWeights } from './mla-head-fused.ts';
 import { metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
-
-/**
- * MLA's W_UV folded into the merge (kernels/mla-head-fused.ts): out[r, h, n] = Σ_k W_UV[h, k, n] ô[r, h, k] for n < N at
- * out[r · outStride + h · outHeadStride + n] instead of ô itself; binding 3 = the layer's W_UV.
- */
-export interface MergeHeads {
-  w: FusedHeadWeights;
-  outHeadStride: number;
-}
 
 /** A running max that any real score exceeds (WGSL literal). */
 export const NEG_BIG = '-3.0e38';
 const MERGE_WG = 128;
-/** Threads of the merge with the W_UV product folded in (more slices of K in flight for the product). */
-const FUSED_MERGE_WG = 256;
 /** Chunk weights staged in workgroup memory at a time. */
 const WEIGHT_TILE = 256;
 
@@ -29,35 +17,20 @@ const WEIGHT_TILE = 256;
  * sums ⌈width / ${MERGE_WG}⌉ output values (consecutive threads on consecutive values) with one independent load per value per
  * chunk. The first form had one thread walk every chunk for m, then l, then each of its values with a load and an exp
  * per step: on the H200 an 8-row MLA step spent 28 µs a layer merging 8 chunks (3.7 MB, ~130 GB/s).
- * With `heads` (MLA, decode-sized steps) the merged ô goes to workgroup memory and the workgroup writes W_UV ô instead.
  */
-export function splitKMergeWgsl(nHeads: number, width: number, outStride: number, heads?: MergeHeads): string {
-  const threads = heads ? FUSED_MERGE_WG : MERGE_WG;
+export function splitKMergeWgsl(nHeads: number, width: number, outStride: number): string {
   const P = width + 2;
-  const D = Math.ceil(width / threads);
+  const D = Math.ceil(width / MERGE_WG);
   const ds = [...Array(D).keys()];
-  let plan: FusedHeadPlan | undefined;
-  if (heads) {
-    if (heads.w.K !== width) throw new Error(`merge with W_UV: its K ${heads.w.K} is not the merged width ${width}`);
-    const p = planFusedHead(heads.w, threads);
-    if (typeof p === 'string') throw new Error(`merge with W_UV: ${p}`);
-    plan = p;
-  }
-  const store = heads
-    ? `${ds.map((j) => `if (lid + ${j * threads}u < ${width}u) { oh[lid + ${j * threads}u] = o${j} * inv; }`).join('\n  ')}
-  workgroupBarrier();
-  ${fusedHeadProductWgsl(heads.w, plan!, threads, 'wv', (k) => `oh[${k}]`, (n, v) => `out[r * ${outStride}u + h * ${heads.outHeadStride}u + ${n}] = ${v};`)}`
-    : ds.map((j) => `if (lid + ${j * threads}u < ${width}u) { out[r * ${outStride}u + h * ${width}u + lid + ${j * threads}u] = o${j} * inv; }`).join('\n  ');
   return /* wgsl */ `
 ${metaWgsl(0)}
 @group(0) @binding(1) var<storage, read> partials: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
-${heads ? `${fusedHeadDeclsWgsl(heads.w, plan!, 3, 'wv')}\nvar<workgroup> oh: array<f32, ${width}>;` : ''}
-var<workgroup> red: array<f32, ${threads}>;
+var<workgroup> red: array<f32, ${MERGE_WG}>;
 var<workgroup> weight: array<f32, ${WEIGHT_TILE}>;
 var<workgroup> chunks: u32;
 
-@compute @workgroup_size(${threads})
+@compute @workgroup_size(${MERGE_WG})
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let h = wid.x;
   let r = wid.y;
@@ -69,23 +42,23 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
   let base0 = (r * ${nHeads}u + h) * maxChunks * ${P}u;
   var m = ${NEG_BIG};
-  for (var c = lid; c < nc; c += ${threads}u) { m = max(m, partials[base0 + c * ${P}u]); }
+  for (var c = lid; c < nc; c += ${MERGE_WG}u) { m = max(m, partials[base0 + c * ${P}u]); }
   red[lid] = m;
   workgroupBarrier();
-  for (var s = ${threads / 2}u; s > 0u; s >>= 1u) {
+  for (var s = ${MERGE_WG / 2}u; s > 0u; s >>= 1u) {
     if (lid < s) { red[lid] = max(red[lid], red[lid + s]); }
     workgroupBarrier();
   }
   let mAll = red[0];
   workgroupBarrier();
   var l = 0.0;
-  for (var c = lid; c < nc; c += ${threads}u) {
+  for (var c = lid; c < nc; c += ${MERGE_WG}u) {
     let b = base0 + c * ${P}u;
     l += exp(partials[b] - mAll) * partials[b + 1u];
   }
   red[lid] = l;
   workgroupBarrier();
-  for (var s = ${threads / 2}u; s > 0u; s >>= 1u) {
+  for (var s = ${MERGE_WG / 2}u; s > 0u; s >>= 1u) {
     if (lid < s) { red[lid] += red[lid + s]; }
     workgroupBarrier();
   }
@@ -93,15 +66,15 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   ${ds.map((j) => `var o${j} = 0.0;`).join('\n  ')}
   for (var c0 = 0u; c0 < nc; c0 += ${WEIGHT_TILE}u) {
     let n = min(${WEIGHT_TILE}u, nc - c0);
-    for (var i = lid; i < n; i += ${threads}u) { weight[i] = exp(partials[base0 + (c0 + i) * ${P}u] - mAll); }
+    for (var i = lid; i < n; i += ${MERGE_WG}u) { weight[i] = exp(partials[base0 + (c0 + i) * ${P}u] - mAll); }
     workgroupBarrier();
     for (var i = 0u; i < n; i++) {
       let wc = weight[i];
       let b = base0 + (c0 + i) * ${P}u + 2u + lid;
-      ${ds.map((j) => ((j + 1) * threads <= width ? `o${j} += wc * partials[b + ${j * threads}u];` : `if (lid + ${j * threads}u < ${width}u) { o${j} += wc * partials[b + ${j * threads}u]; }`)).join('\n      ')}
+      ${ds.map((j) => ((j + 1) * MERGE_WG <= width ? `o${j} += wc * partials[b + ${j * MERGE_WG}u];` : `if (lid + ${j * MERGE_WG}u < ${width}u) { o${j} += wc * partials[b + ${j * MERGE_WG}u]; }`)).join('\n      ')}
     }
     workgroupBarrier();
   }
-  ${store}
+  ${ds.map((j) => `if (lid + ${j * MERGE_WG}u < ${width}u) { out[r * ${outStride}u + h * ${width}u + lid + ${j * MERGE_WG}u] = o${j} * inv; }`).join('\n  ')}
 }`;
 }

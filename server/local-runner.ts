@@ -109,13 +109,14 @@ export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype
 }
 
 /**
- * The MLA block's head-product options given --mla-head-kernel: none for auto (the block's default, staged: on an
- * H100 the W8A8 products took 2.2 against 0.77 ms of an 8-row step and the fused form made the step 0.3 ms slower,
- * BENCHMARKS.md 2026-12-06), else the kernel asked for, or for fused the decode front and back up to FRONT_MAX_ROWS
- * rows (the front applies where the attention's products are int8; elsewhere the block runs the back alone).
+ * The MLA block's head-product options given --mla-head-kernel: none for auto (the block's default: the staged
+ * kernel, with W_UK in the decode front for steps up to FRONT_MAX_ROWS rows where the attention's products are int8;
+ * on an H100 the front took 0.20–0.35 ms off a decode step, while the W8A8 products took 2.2 against 0.77 ms of an
+ * 8-row step, BENCHMARKS.md 2026-12-06); staged or w8a8 without the front; for fused the decode front and back (W_UV
+ * with the merge, which timed even with the staged kernel) up to FRONT_MAX_ROWS rows.
  */
 export function mlaHeadOptions(choice: MlaHeadKernelOption | undefined): { headDecodeKernel?: HeadDecodeKernel; frontMaxRows?: number; backMaxRows?: number } {
-  if (choice === 'w8a8' || choice === 'staged') return { headDecodeKernel: choice };
+  if (choice === 'w8a8' || choice === 'staged') return { headDecodeKernel: choice, frontMaxRows: 0 };
   return choice === 'fused' ? { frontMaxRows: FRONT_MAX_ROWS, backMaxRows: FRONT_MAX_ROWS } : {};
 }
 

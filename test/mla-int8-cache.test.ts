@@ -342,7 +342,7 @@ test('mla attention over the int8 latent cache vs float64: within the quantizati
   }
 });
 
-test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the int8 latent cache within 5 % of the f32 cache (f32, dot4 and three-pass products; dot4 with W8A8 head products, and in 16-row steps with the head products fused into the attention)', async () => {
+test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the int8 latent cache within 5 % of the f32 cache (f32, dot4 and three-pass products; dot4 with W8A8 head products, and in 16-row steps with the head products in the decode front and back)', async () => {
   const g = await gpu();
   const source = await loadModel('../shared/models/stories260K/stories260K.gguf', { maxSeqLen: 512 });
   const gqa = source.config as GqaConfig;
@@ -362,8 +362,10 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
   ]) {
     const conv = await convertToMla(gqa, source.weights, { ropeDim, freqFold, calibChunks: split.calib, kvLoraRank });
     const model = { config: conv.config, weights: mlaWeightsToF32(conv.weights) };
-    const score = async (cacheDtype: 'f32' | 'int8', int8Products: MlaAttentionTuning['int8Products'] = 'off', heads?: 'w8a8' | 'fused', stepTokens = 1024, scored = chunks) => {
-      const headOpts = heads === 'w8a8' ? { headDecodeKernel: heads } : heads === 'fused' ? { fusedHeadsMaxRows: 16 } : {};
+    const score = async (cacheDtype: 'f32' | 'int8', int8Products: MlaAttentionTuning['int8Products'] = 'off', heads?: 'w8a8' | 'fused' | 'separate', stepTokens = 1024, scored = chunks) => {
+      // Unset: the block's default (the decode front in steps of up to 32 rows); 'separate': no front.
+      const headOpts =
+        heads === 'w8a8' ? { headDecodeKernel: heads, frontMaxRows: 0 } : heads === 'fused' ? { frontMaxRows: 16, backMaxRows: 16 } : heads === 'separate' ? { frontMaxRows: 0 } : {};
       const attentionBlock = (ctx: AttentionBlockContext) => new MlaBlock(ctx, { attentionTuning: { int8Products }, ...headOpts });
       const runner = await createGpuRunner(g, model, { weightDtype: 'f32', cacheDtype, blockSize: 16, numBlocks: 64, attentionBlock });
       try {
@@ -399,11 +401,11 @@ test('converted stories260K (TransMLA r 4 R 16, r 8 R 28): perplexity with the i
     console.log(`  int8 products, dot4 kernel, W8A8 head products: ppl ${headsQ.perplexity.toFixed(4)} (${(100 * dHeads).toFixed(3)} %)`);
     assert.ok(Math.abs(dHeads) <= 0.05, `W8A8 head products perplexity ${headsQ.perplexity} vs f32 cache ${base.perplexity}`);
     assert.notEqual(headsQ.perplexity, dot4.perplexity, 'the W8A8 head products changed nothing: did they run?');
-    // Steps of 16 rows (4 of the paragraphs: SwiftShader takes ~40 s a pass at this step size): W_UK folded into the
-    // query quantizer and W_UV into the merge (fusedHeadsMaxRows 16), against the staged kernels on the same steps;
-    // the same arithmetic in another order (a query value at a rounding half may round the other way).
+    // Steps of 16 rows (4 of the paragraphs: SwiftShader takes ~40 s a pass at this step size): W_UK in the decode
+    // front and W_UV in the decode back (kernels/mla-front.ts, mla-back.ts), against the separate kernels on the same
+    // steps; the same arithmetic in another order (a query value at a rounding half may round the other way).
     const fused = await score('int8', 'dot4', 'fused', 16, chunks.slice(0, 4));
-    const separate = await score('int8', 'dot4', undefined, 16, chunks.slice(0, 4));
+    const separate = await score('int8', 'dot4', 'separate', 16, chunks.slice(0, 4));
     console.log(`  int8 products, dot4 kernel, 16-row steps, 4 paragraphs: ppl fused heads ${fused.perplexity.toFixed(4)}, staged heads ${separate.perplexity.toFixed(4)}`);
     assert.ok(fused.predicted > 200, `only ${fused.predicted} tokens scored in 16-row steps`);
     assert.ok(Math.abs(fused.perplexity / separate.perplexity - 1) <= 1e-3, `fused head products perplexity ${fused.perplexity} vs staged ${separate.perplexity}`);

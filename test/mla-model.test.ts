@@ -79,15 +79,12 @@ test('random MLA model, q_proj with biases, no latent norms (fused q + kv_a, one
   await checkModel(tinyMlaConfig({ attentionBias: true }), { bar: 1e-4 });
 });
 
-test("random MLA model with the block's options: 4-token split chunks (rows of 14 tokens merge 4 chunks), the head products on 8 k slices or staged, or W_UV fused into the merge or in the decode back (every step, or steps of ≤ 4 rows)", async () => {
-  // Steps here have 2 to 8 rows: fusedHeadsMaxRows 16 folds W_UV into the merge in all of them, 4 mixes fused and
-  // separate steps.
+test("random MLA model with the block's options: 4-token split chunks (rows of 14 tokens merge 4 chunks), the head products on 8 k slices or staged, or W_UV with the merge in the decode back (every step, or steps of ≤ 4 rows)", async () => {
+  // Steps here have 2 to 8 rows: backMaxRows 16 runs the merge and W_UV as one kernel in all of them, 4 mixes the
+  // back with separate steps.
   const config = tinyMlaConfig({ attentionBias: true });
   await checkModel(config, { bar: 1e-4, block: { minChunk: 4, headKSlices: 8 } });
   await checkModel(config, { bar: 1e-4, block: { headDecodeKernel: 'staged' } });
-  await checkModel(config, { bar: 1e-4, block: { fusedHeadsMaxRows: 16 } });
-  await checkModel(config, { bar: 1e-4, block: { fusedHeadsMaxRows: 4, minChunk: 4 } });
-  // The decode back (merge and W_UV in one dispatch, rows grouped), in every step or in steps of ≤ 4 rows.
   await checkModel(config, { bar: 1e-4, block: { backMaxRows: 16 } });
   await checkModel(config, { bar: 1e-4, block: { backMaxRows: 4, minChunk: 4 } });
   const g = await gpu();
