@@ -1,11 +1,12 @@
 // The MLA decode back: the split-K merge of the attention's partials and the W_UV product in one dispatch for
 // decode-sized steps, the counterpart of kernels/mla-front.ts. The staged form runs the merge (one workgroup per
 // (head, row), ô to memory) and then the staged W_UV kernel; on an H100 an 8-row step spent 371 + 384 µs a step on
-// the two (28 layers, each timed alone, 2026-12-06). The per-(head, row) fusion of kernels/mla-head-fused.ts streamed
+// the two (28 layers, each timed alone, 2026-12-06). The first fused form (removed: kernels/mla-head-fused.ts) streamed
 // each head's 128 KB W_UV once per row; here one workgroup per (head, group of rows) merges its rows' partials — a
 // row's threads reduce its chunks' m and l, then each sums its share of ô over the chunks — and multiplies W_UV once
 // for all its rows. Same arithmetic as the merge kernel (kernels/split-merge.ts) and a staged product, in another
-// order of f32 sums.
+// order of f32 sums. Timed alone it took 615 µs of an 8-row step against the pair's 754, but the pipelined step did
+// not move (7.99 against 7.96 ms at 8 rows, 11.50 against 11.50 at 32; BENCHMARKS.md, tenth pass): off by default.
 import { groupProductDeclWgsl, groupProductWgsl, planGroupProduct, type FusedHeadWeights } from './mla-head-fused.ts';
 import { FRONT_ROWS_PER_WORKGROUP, FRONT_THREADS, type FrontRowsPerWorkgroup } from './mla-front.ts';
 import { NEG_BIG } from './split-merge.ts';

@@ -4,10 +4,13 @@
 // a few hundred KB; on an H100 an 8-row step spent 263 + 337 + 386 + 337 µs a step on them (28 layers, each timed
 // alone, 2026-12-06), nearly all of it the dispatches' own latency. Here one workgroup per (head slot, group of rows)
 // reads its rows' q_nope and q_pe, rotates q_pe, multiplies W_UK once for all its rows (each weight load shared by the
-// group: what the per-(head, row) fused quantizer of kernels/mla-head-fused.ts lacked) and quantizes [q̃ | q_pe] into
+// group: what the first, per-(head, row) fused quantizer lacked, kernels/mla-head-fused.ts) and quantizes [q̃ | q_pe] into
 // the attention's tiled int8 queries; one more workgroup per group of rows rotates k_pe and writes the int8 latent
 // rows. The arithmetic is the staged form's, step for step (the same rotation, the same f32 product order within a
 // k slice, the same absmax and rounding), so both give the same integers up to f32 summation order.
+// Timed alone the front took 551 µs of an 8-row step against the four's 1318; in the pipelined step it took the
+// GPU span from 7.90 to 7.66 ms at 8 rows and from 11.46 to 11.11 at 32 (BENCHMARKS.md, tenth pass): the default
+// for steps of up to FRONT_MAX_ROWS rows.
 import type { RopeLayout } from '../model/config.ts';
 import { qqWordWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
 import { groupProductDeclWgsl, groupProductWgsl, planGroupProduct, type FusedHeadWeights } from './mla-head-fused.ts';
