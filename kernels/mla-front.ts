@@ -106,6 +106,26 @@ fn rot(x0: f32, x1: f32, cs: vec2<f32>, second: bool) -> f32 {
   return x0 * cs.x - x1 * cs.y;
 }
 
+/**
+ * Row jr's absmax of its two parts in vt ([0, R) and [R, R + r)) as |x| bits, over the row's TPR threads (non-negative
+ * floats order like their u32 bits, and NaN / Inf sort above every finite value: kernels/mla-attention-tc.ts).
+ * Every thread of the workgroup calls it (it holds barriers).
+ */
+fn rowAbsMaxBits(lid: u32, jr: u32, tr: u32) -> vec2<u32> {
+  var a = vec2<u32>(0u);
+  for (var i = tr; i < ${RV}u; i += ${TPR}u) {
+    let v = bitcast<u32>(vt[jr * ${RV}u + i]) & 0x7fffffffu;
+    if (i < ${R}u) { a.x = max(a.x, v); } else { a.y = max(a.y, v); }
+  }
+  red[lid] = a;
+  workgroupBarrier();
+  for (var t = ${TPR / 2}u; t > 0u; t >>= 1u) {
+    if (tr < t) { red[lid] = max(red[lid], red[lid + t]); }
+    workgroupBarrier();
+  }
+  return red[jr * ${TPR}u];
+}
+
 /** The cache's scale of a part from its absmax bits: NaN for a non-finite part. */
 fn scaleOf(bits: u32) -> f32 {
   return select(bitcast<f32>(bits | 0x7fc00000u), bitcast<f32>(bits) / 127.0, bits < 0x7f800000u);
@@ -133,18 +153,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
       }
     }
     workgroupBarrier();
-    var a = vec2<u32>(0u);
-    for (var i = tr; i < ${RV}u; i += ${TPR}u) {
-      let v = bitcast<u32>(vt[jr * ${RV}u + i]) & 0x7fffffffu;
-      if (i < ${R}u) { a.x = max(a.x, v); } else { a.y = max(a.y, v); }
-    }
-    red[lid] = a;
-    workgroupBarrier();
-    for (var t = ${TPR / 2}u; t > 0u; t >>= 1u) {
-      if (tr < t) { red[lid] = max(red[lid], red[lid + t]); }
-      workgroupBarrier();
-    }
-    let bits = red[jr * ${TPR}u];
+    let bits = rowAbsMaxBits(lid, jr, tr);
     let scale = vec2<f32>(scaleOf(bits.x), scaleOf(bits.y));
     if (rowR < M) {
       let crow = cacheRow(seqBlockTable(rowSeq(rowR)), rowPos(rowR)) * ${f.rowWords}u;
@@ -189,19 +198,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   workgroupBarrier();
   // Each weight load serves every row of the group.
   ${product}
-  // Per (row, part) absmax as |x| bits (NaN / Inf sort above every finite value: kernels/mla-attention-tc.ts).
-  var a = vec2<u32>(0u);
-  for (var i = tr; i < ${RV}u; i += ${TPR}u) {
-    let v = bitcast<u32>(vt[jr * ${RV}u + i]) & 0x7fffffffu;
-    if (i < ${R}u) { a.x = max(a.x, v); } else { a.y = max(a.y, v); }
-  }
-  red[lid] = a;
-  workgroupBarrier();
-  for (var t = ${TPR / 2}u; t > 0u; t >>= 1u) {
-    if (tr < t) { red[lid] = max(red[lid], red[lid + t]); }
-    workgroupBarrier();
-  }
-  let absMax = select(vec2<f32>(0.0), bitcast<vec2<f32>>(red[jr * ${TPR}u]), live);
+  let absMax = select(vec2<f32>(0.0), bitcast<vec2<f32>>(rowAbsMaxBits(lid, jr, tr)), live);
   let inv = select(vec2<f32>(0.0), 127.0 / absMax, absMax > vec2<f32>(0.0));
   if (rowR < M) {
     for (var w = tr; w < ${words}u; w += ${TPR}u) {

@@ -1,4 +1,5 @@
 // Small random MLA models for GPU tests: a DeepSeek-style config with overrides, random weights with random norms.
+import type { ModelRunner, StepSequence } from '../engine/types.ts';
 import type { MlaConfig } from '../model/config.ts';
 import type { ModelWeights } from '../model/weights.ts';
 import { syntheticModel } from '../model/synthetic.ts';
@@ -48,4 +49,35 @@ export function randomMlaModel(config: MlaConfig, seed: number, f16Weights = fal
   }
   if (f16Weights) for (const t of [m.weights.tokenEmbedding, m.weights.output]) t.data.set(roundToF16(t.data));
   return { config, weights: m.weights };
+}
+
+/**
+ * Three random prompts (11, 6 and 14 tokens) through a runner in steps of 3 + 2 + 3 rows — prefill chunks of each,
+ * mixed with decode rows once a prompt is nearly done — on fixed, interleaved block tables (blocks of 4 tokens, a pool
+ * of at least 41); every row's logits back, per prompt and token.
+ */
+export async function runPromptSteps(runner: ModelRunner, vocabSize: number, seed: number): Promise<{ prompts: number[][]; logits: Float32Array[][] }> {
+  const tok = (n: number, s: number) => Array.from(randomArray(n, s), (v) => Math.floor((v + 1) * 0.5 * (vocabSize - 3)) + 3);
+  const prompts = [tok(11, seed + 1), tok(6, seed + 2), tok(14, seed + 3)];
+  const tables = [[5, 9, 1], [7, 3], [40, 2, 30, 11]];
+  const quota = [3, 2, 3];
+  const logits: Float32Array[][] = prompts.map(() => []);
+  const done = prompts.map(() => 0);
+  while (done.some((d, i) => d < prompts[i].length)) {
+    const step: StepSequence[] = [];
+    const who: number[] = [];
+    prompts.forEach((p, i) => {
+      const n = Math.min(quota[i], p.length - done[i]);
+      if (n === 0) return;
+      step.push({ tokens: p.slice(done[i], done[i] + n), startPos: done[i], blockTable: tables[i], logits: 'all' });
+      who.push(i);
+      done[i] += n;
+    });
+    const out = await runner.step(step);
+    let row = 0;
+    step.forEach((s, k) => {
+      for (let t = 0; t < s.tokens.length; t++, row++) logits[who[k]].push(out.slice(row * vocabSize, (row + 1) * vocabSize));
+    });
+  }
+  return { prompts, logits };
 }

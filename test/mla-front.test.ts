@@ -17,11 +17,10 @@ import { buildStepMeta } from '../kernels/step-meta.ts';
 import { bindBuffers, destroyMatrix, poisonBuffer, readBuffer, readF32, roundToF16, storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { mlaBlockFactory } from '../engine/mla-block.ts';
-import type { StepSequence } from '../engine/types.ts';
 import type { MlaConfig, RopeLayout } from '../model/config.ts';
 import { ReferenceMla } from '../model/reference/mla.ts';
 import { fileGpu, freshSeed, qqByte, randomArray, relError, shuffledPaging } from './kernels-helpers.ts';
-import { randomMlaModel, tinyMlaConfig } from './mla-fixtures.ts';
+import { randomMlaModel, runPromptSteps, tinyMlaConfig } from './mla-fixtures.ts';
 
 const gpu = fileGpu();
 
@@ -229,16 +228,13 @@ test('MLA decode front: rows a workgroup grow with the step so that heads × gro
 });
 
 /**
- * Three prompts through two runners (int8 latent cache, dot4 products; one with the decode front and back for steps
- * of up to 8 rows, so every step here) in steps of 3 + 2 + 3 rows (prefill chunks, then decode rows), every row's logits back.
- * Returns the front runner's logits, the separate kernels', and the labels of the pipelines the front runner built.
+ * The prompts of runPromptSteps through two runners (int8 latent cache, dot4 products; one with the decode front and
+ * back for steps of up to 8 rows, so every step there): the front runner's logits, the separate kernels', and the
+ * labels of the pipelines the front runner built.
  */
 async function frontAgainstSeparate(config: MlaConfig, seed: number): Promise<{ front: Float32Array[][]; separate: Float32Array[][]; labels: string[]; prompts: number[][] }> {
   const g = await gpu();
   const model = randomMlaModel(config, seed, false);
-  const V = config.vocabSize;
-  const tok = (n: number, s: number) => Array.from(randomArray(n, s), (v) => Math.floor((v + 1) * 0.5 * (V - 3)) + 3);
-  const prompts = [tok(11, seed + 1), tok(6, seed + 2), tok(14, seed + 3)];
   const labels: string[] = [];
   const run = async (frontMaxRows: number) => {
     // The front runner's context records the pipelines it builds (the front compiles on its first step).
@@ -252,34 +248,14 @@ async function frontAgainstSeparate(config: MlaConfig, seed: number): Promise<{ 
       attentionBlock: mlaBlockFactory({ attentionTuning: { int8Products: 'dot4' }, frontMaxRows, backMaxRows: frontMaxRows }),
     });
     try {
-      const tables = [[5, 9, 1], [7, 3], [40, 2, 30, 11]];
-      const quota = [3, 2, 3];
-      const got: Float32Array[][] = prompts.map(() => []);
-      const done = prompts.map(() => 0);
-      while (done.some((d, i) => d < prompts[i].length)) {
-        const step: StepSequence[] = [];
-        const who: number[] = [];
-        prompts.forEach((p, i) => {
-          const n = Math.min(quota[i], p.length - done[i]);
-          if (n === 0) return;
-          step.push({ tokens: p.slice(done[i], done[i] + n), startPos: done[i], blockTable: tables[i], logits: 'all' });
-          who.push(i);
-          done[i] += n;
-        });
-        const logits = await runner.step(step);
-        let row = 0;
-        step.forEach((st, k) => {
-          for (let t = 0; t < st.tokens.length; t++, row++) got[who[k]].push(logits.slice(row * V, (row + 1) * V));
-        });
-      }
-      return got;
+      return await runPromptSteps(runner, config.vocabSize, seed);
     } finally {
       runner.destroy();
     }
   };
   const front = await run(8);
   const separate = await run(0);
-  return { front, separate, labels, prompts };
+  return { front: front.logits, separate: separate.logits, labels, prompts: front.prompts };
 }
 
 test('random MLA models with the int8 latent cache: the decode front and back give the logits of the separate RoPE, latent write, W_UK, query, merge and W_UV kernels (fused q + kv_a; R below the nope dims; q LoRA with latent norms and rotate-half RoPE)', async () => {

@@ -5,11 +5,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { mlaBlockFactory, type MlaBlockOptions } from '../engine/mla-block.ts';
-import type { ModelRunner, StepSequence } from '../engine/types.ts';
+import type { ModelRunner } from '../engine/types.ts';
 import type { MlaConfig } from '../model/config.ts';
 import { ReferenceMla } from '../model/reference/mla.ts';
-import { fileGpu, freshSeed, randomArray, relError } from './kernels-helpers.ts';
-import { randomMlaModel, tinyMlaConfig } from './mla-fixtures.ts';
+import { fileGpu, freshSeed, relError } from './kernels-helpers.ts';
+import { randomMlaModel, runPromptSteps, tinyMlaConfig } from './mla-fixtures.ts';
 
 const gpu = fileGpu();
 
@@ -33,29 +33,7 @@ async function checkModel(config: MlaConfig, opts: { cacheDtype?: 'f32' | 'f16';
     ...(opts.block ? { attentionBlock: mlaBlockFactory(opts.block) } : {}),
   });
   try {
-    const V = config.vocabSize;
-    const tok = (n: number, s: number) => Array.from(randomArray(n, s), (v) => Math.floor((v + 1) * 0.5 * (V - 3)) + 3);
-    const prompts = [tok(11, seed + 1), tok(6, seed + 2), tok(14, seed + 3)];
-    const tables = [[5, 9, 1], [7, 3], [40, 2, 30, 11]];
-    const quota = [3, 2, 3];
-    const got: Float32Array[][] = prompts.map(() => []);
-    const done = prompts.map(() => 0);
-    while (done.some((d, i) => d < prompts[i].length)) {
-      const step: StepSequence[] = [];
-      const who: number[] = [];
-      prompts.forEach((p, i) => {
-        const n = Math.min(quota[i], p.length - done[i]);
-        if (n === 0) return;
-        step.push({ tokens: p.slice(done[i], done[i] + n), startPos: done[i], blockTable: tables[i], logits: 'all' });
-        who.push(i);
-        done[i] += n;
-      });
-      const logits = await runner.step(step);
-      let row = 0;
-      step.forEach((s, k) => {
-        for (let t = 0; t < s.tokens.length; t++, row++) got[who[k]].push(logits.subarray(row * V, (row + 1) * V));
-      });
-    }
+    const { prompts, logits: got } = await runPromptSteps(runner, config.vocabSize, seed);
     let worst = 0;
     prompts.forEach((p, i) => {
       // Absorbed on the GPU must equal both reference forms: absorbed, and naive (K/V expanded per head).
