@@ -311,6 +311,9 @@ serve)
     node --import tsx bench/step-trace.ts "$OUT/steps-$tag.jsonl"
     grep -A32 "requests ok" "$OUT/bench-$tag.txt" | head -n 34
   done
+  # One line for all starts: MLA / GQA output throughput of each (GQA's own throughput moves ±5 % between starts of
+  # the same load, so a goal near the margin wants several).
+  echo "== MLA / GQA output throughput per start: $(for f in "$OUT"/bench-*.txt; do awk '/^output throughput/ { printf "%s ", $NF }' "$f"; done)"
   ;;
 sweep)
   el sweep
