@@ -22,6 +22,8 @@
 //            --mla-head-kernel sliced|staged|w8a8 (MLA: the W_UK / W_UV kernel of decode-sized steps; default staged; w8a8: int8
 //            weights and inputs, tensor cores where the adapter has them; giving one turns the decode front below off
 //            unless --mla-front-rows is given too, as serve's --mla-head-kernel staged|w8a8 does)
+//            --mla-head-prefill tiled|w8a8 (MLA: the W_UK / W_UV kernel of steps from --mla-head-tiled-from rows on, prompt
+//            chunks; default tiled; w8a8 as the decode kernel above; the profile's prefill chunk shows it)
 //            --mla-front-rows N (MLA, int8 cache and products: steps of ≤ N rows run RoPE, the latent write, W_UK and
 //            the query quantizer as one dispatch a layer, kernels/mla-front.ts; default 32; 0 = off)
 //            --mla-back-rows N (MLA: steps of ≤ N rows run the attention's merge and W_UV as one dispatch a layer,
@@ -51,7 +53,7 @@ import type { CacheDtype } from '../cache/kv-layout.ts';
 import { writeFileSync } from 'node:fs';
 import { createGpuRunner } from '../engine/gpu-runner.ts';
 import { summarizeProfile } from '../engine/step-profile.ts';
-import { HEAD_DECODE_KERNELS, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
+import { HEAD_DECODE_KERNELS, HEAD_PREFILL_KERNELS, type HeadDecodeKernel, type HeadPrefillKernel } from '../kernels/mla-head-matmul.ts';
 import { mlaBlockFactory, type MlaBlockOptions } from '../engine/mla-block.ts';
 import { DEFAULT_MLA_TUNING, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import type { StepSequence } from '../engine/types.ts';
@@ -185,6 +187,11 @@ function parseArgs(argv: string[]): Args {
       const v = Number(val());
       if (!Number.isInteger(v) || v < 0) throw new Error(`--mla-back-rows wants a row count (0: off), got ${v}`);
       a.mlaBlock.backMaxRows = v;
+    }
+    else if (k === '--mla-head-prefill') {
+      const v = val();
+      if (!(HEAD_PREFILL_KERNELS as readonly string[]).includes(v)) throw new Error(`--mla-head-prefill is one of ${HEAD_PREFILL_KERNELS.join(', ')}, got ${v}`);
+      a.mlaBlock.headPrefillKernel = v as HeadPrefillKernel;
     }
     else if (k === '--mla-head-kernel') {
       const v = val();

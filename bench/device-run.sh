@@ -12,7 +12,8 @@
 #              the staged kernel (--mla-head-kernel staged), profiled (~4 min); HEAD_VARIANTS="kernel-staged kernel-w8a8"
 #              times the W8A8 head products against the default, then runs their tests (tensor cores against dot4);
 #              a variant front-N runs the decode front (RoPE, latent write, W_UK and the query quantizer in one dispatch)
-#              in steps of up to N rows (0: off), back-N the decode back (merge and W_UV), both-N the two
+#              in steps of up to N rows (0: off), back-N the decode back (merge and W_UV), both-N the two; prefill-w8a8
+#              the W8A8 head products in prompt chunks (the profile's 512-row prefill chunk)
 #   prefetch   the dot4 MLA kernel with the next window prefetched into registers (and its value heads in 2 rounds)
 #              against the default: attention at 8 / 32 rows × 512 / 4K and a 512-token prompt; MLA decode at 8 and 32
 #              sequences with each and with the staged head kernel, and GQA, profiled (~6 min; PREFETCH_RUNS picks
@@ -168,7 +169,7 @@ heads)
   for variant in ${HEAD_VARIANTS:-slices-8 slices-32 kernel-staged}; do
     echo "== MLA decode, dot4 attention, head products: $variant"
     summary "$OUT/decode-mla-heads-$variant.txt" 4
-    grep "head-matmul\|decode front\|decode back\|merge\|int8 query\|latent write\|rope\|dispatches" "$OUT/decode-mla-heads-$variant.txt" | head -n 16
+    grep "head-matmul\|decode front\|decode back\|merge\|int8 query\|latent write\|rope\|dispatches" "$OUT/decode-mla-heads-$variant.txt" | head -n 24
     tail -n 2 "$OUT/decode-mla-heads-$variant.err"
   done
   if [[ " ${HEAD_VARIANTS:-} " == *" kernel-w8a8 "* ]]; then

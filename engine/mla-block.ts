@@ -15,7 +15,7 @@ import { destroyLinear, linearOp, uploadLinear, type LinearOp, type LinearWeight
 import { MLA_MAX_CHUNK, MLA_MIN_CHUNK, MlaAttention, mlaSplit, type MlaAttentionBack, type MlaAttentionFront, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
 import { fusedHeadWeights } from '../kernels/mla-head-fused.ts';
 import { FRONT_MAX_ROWS } from '../kernels/mla-front.ts';
-import { HeadMatmul, headDecodeProducts, uploadHeadMatrices, type HeadDecodeKernel } from '../kernels/mla-head-matmul.ts';
+import { HeadMatmul, headDecodeProducts, uploadHeadMatrices, type HeadDecodeKernel, type HeadPrefillKernel } from '../kernels/mla-head-matmul.ts';
 import { META_ROWS, type StepMeta } from '../kernels/step-meta.ts';
 import { destroyMatrix, pad8, storageBuffer, uploadArray, type GpuMatrix } from '../kernels/tensors.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
@@ -70,6 +70,8 @@ export interface MlaBlockOptions {
   headKSlices?: 8 | 16 | 32;
   /** The W_UK / W_UV kernel of steps below headTiledMinRows (HeadMatmulOptions.decodeKernel; default 'staged'). */
   headDecodeKernel?: HeadDecodeKernel;
+  /** The W_UK / W_UV kernel of steps from headTiledMinRows rows on (HeadMatmulOptions.prefillKernel; default 'tiled'). */
+  headPrefillKernel?: HeadPrefillKernel;
   /** Smallest context chunk of the attention's split (default MLA_MIN_CHUNK; a power of two). */
   minChunk?: number;
   /**
@@ -250,6 +252,7 @@ export class MlaBlock implements AttentionBlock {
       ...(this.opts.headTiledMinRows === undefined ? {} : { tiledMinRows: this.opts.headTiledMinRows }),
       ...(this.opts.headKSlices === undefined ? {} : { kSlices: this.opts.headKSlices }),
       ...(this.opts.headDecodeKernel === undefined ? {} : { decodeKernel: this.opts.headDecodeKernel }),
+      ...(this.opts.headPrefillKernel === undefined ? {} : { prefillKernel: this.opts.headPrefillKernel }),
     };
     this.ops = this.layers.map((lg) => {
       const q: Array<LinearOp | RmsNorm> = [];

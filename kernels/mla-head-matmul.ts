@@ -48,7 +48,16 @@ export interface HeadMatmulOptions {
    * kernel). Untimed.
    */
   decodeKernel?: HeadDecodeKernel;
+  /**
+   * The kernel of steps of tiledMinRows rows or more (prompt chunks): 'tiled' (default, f32 products from f16/f32
+   * weights; on an H100 a 512-row step's two products took 4.6 + 4.2 ms over 28 layers, 2026-12-05) or 'w8a8' (as
+   * decodeKernel 'w8a8', its input scratch sized for the largest step the site's x buffer holds). Untimed.
+   */
+  prefillKernel?: HeadPrefillKernel;
 }
+
+export const HEAD_PREFILL_KERNELS = ['tiled', 'w8a8'] as const;
+export type HeadPrefillKernel = (typeof HEAD_PREFILL_KERNELS)[number];
 
 export const HEAD_DECODE_KERNELS = ['sliced', 'staged', 'w8a8'] as const;
 export type HeadDecodeKernel = (typeof HEAD_DECODE_KERNELS)[number];
@@ -465,6 +474,7 @@ export class HeadMatmul {
   private readonly tiledMinRows: number;
   private readonly kSlices: number;
   private readonly decodeKernel: HeadDecodeKernel;
+  private readonly prefillKernel: HeadPrefillKernel;
 
   constructor(
     private gpu: GpuContext,
@@ -477,6 +487,8 @@ export class HeadMatmul {
     this.kSlices = opts.kSlices ?? WIDE_SLICES;
     this.decodeKernel = opts.decodeKernel ?? 'staged';
     if (!HEAD_DECODE_KERNELS.includes(this.decodeKernel)) throw new Error(`head matmul: decode kernel ${this.decodeKernel}; one of ${HEAD_DECODE_KERNELS.join(', ')}`);
+    this.prefillKernel = opts.prefillKernel ?? 'tiled';
+    if (!HEAD_PREFILL_KERNELS.includes(this.prefillKernel)) throw new Error(`head matmul: prefill kernel ${this.prefillKernel}; one of ${HEAD_PREFILL_KERNELS.join(', ')}`);
     if (![8, 16, 32].includes(this.kSlices)) throw new Error(`head matmul: kSlices ${this.kSlices}; 8, 16 or 32`);
     if (weight.rows !== spec.nHeads * spec.K || weight.cols !== spec.N) {
       throw new Error(`${weight.label}: per-head weights are [${weight.rows}, ${weight.cols}], expected [${spec.nHeads}·${spec.K}, ${spec.N}]`);
@@ -489,8 +501,25 @@ export class HeadMatmul {
     return { pipeline, bindGroup: bindBuffers(this.gpu, pipeline, this.weight.label, [this.b.meta, this.b.x, this.weight.pieces[0].buffer, this.b.y]) };
   }
 
+  /**
+   * The site's W8A8 products, built on first use: input scratch for W8A8_HEAD_MAX_ROWS rows, or with the W8A8 prefill
+   * kernel for every row the x buffer holds (one instance serves both).
+   */
+  private w8a8Products(): HeadW8a8 {
+    // Rows whose inputs (up to the last head's K values and pass-through columns) lie inside the x buffer.
+    const { xOffset, xStride, xHeadStride, nHeads, K, passCols } = this.spec;
+    const rowExtent = xOffset + (nHeads - 1) * xHeadStride + K + (passCols ?? 0);
+    const capacity = Math.floor((this.b.x.size / 4 - rowExtent) / xStride) + 1;
+    const maxRows = this.prefillKernel === 'w8a8' ? Math.max(W8A8_HEAD_MAX_ROWS, capacity) : W8A8_HEAD_MAX_ROWS;
+    return (this.w8a8 ??= new HeadW8a8(this.gpu, this.spec, this.weight, this.b, maxRows, headW8a8TensorCores(this.gpu)));
+  }
+
   encode(pass: GPUComputePassEncoder, rows: number): void {
     if (rows <= 0) return;
+    if (rows >= this.tiledMinRows && this.prefillKernel === 'w8a8') {
+      this.w8a8Products().encode(pass, rows);
+      return;
+    }
     if (rows >= this.tiledMinRows) {
       const tm = headTileRows(rows);
       let t = this.tiled.get(tm);
@@ -504,8 +533,7 @@ export class HeadMatmul {
       return;
     }
     if (this.decodeKernel === 'w8a8' && rows <= W8A8_HEAD_MAX_ROWS) {
-      this.w8a8 ??= new HeadW8a8(this.gpu, this.spec, this.weight, this.b, W8A8_HEAD_MAX_ROWS, headW8a8TensorCores(this.gpu));
-      this.w8a8.encode(pass, rows);
+      this.w8a8Products().encode(pass, rows);
       return;
     }
     if (this.decodeKernel === 'staged' || this.decodeKernel === 'w8a8') {

@@ -9,7 +9,11 @@ import { join } from 'node:path';
 
 interface DecodeJson {
   args: { mlaBlock: { attentionTuning: Record<string, unknown>; headDecodeKernel?: string } };
-  models: Array<{ model: string; configs: Array<{ batch: number; tokPerS: number; profile?: Array<{ label: string; count: number; ms: number }> }> }>;
+  models: Array<{
+    model: string;
+    configs: Array<{ batch: number; tokPerS: number; profile?: Array<{ label: string; count: number; ms: number }> }>;
+    prefillProfile?: { rows: number; profile: Array<{ label: string; count: number; ms: number }> };
+  }>;
 }
 
 function runBench(flags: string[]): { status: number | null; stderr: string; json?: DecodeJson } {
@@ -29,7 +33,7 @@ function runBench(flags: string[]): { status: number | null; stderr: string; jso
   }
 }
 
-test('bench:decode --mla-* flags choose the MLA kernels its profile then names (dot4 with the emulated warp softmax and a 32-token window, the three passes with one latent part; staged, sliced or W8A8 head products; the decode front by default and the back by flag)', () => {
+test('bench:decode --mla-* flags choose the MLA kernels its profile then names (dot4 with the emulated warp softmax and a 32-token window, the three passes with one latent part; staged, sliced or W8A8 head products; the decode front by default and the back by flag; W8A8 head products in a prompt chunk)', () => {
   for (const [flags, attentionLabel, headLabel] of [
     [['--mla-int8-products', 'dot4', '--mla-dot4-softmax', 'emulated', '--mla-window', '32', '--mla-head-kernel', 'staged'], /int8 dot4 .* w32 .*emulated softmax/, /head-matmul .* staged r8/],
     [['--mla-int8-products', 'dot4', '--mla-dot4-prefetch', 'off', '--mla-dot4-value-rounds', '1', '--mla-head-kernel', 'sliced', '--mla-head-slices', '8'], /int8 dot4 .* w64 q staged$/, /head-matmul .* mr2 s8/],
@@ -46,6 +50,14 @@ test('bench:decode --mla-* flags choose the MLA kernels its profile then names (
     assert.ok(labels.some((l) => attentionLabel.test(l)), `${flags.join(' ')}: no dispatch like ${attentionLabel} in ${labels.join(' | ')}`);
     assert.ok(labels.some((l) => headLabel.test(l)), `${flags.join(' ')}: no dispatch like ${headLabel} in ${labels.join(' | ')}`);
   }
+  // The template's 16-row prefill chunk, from 8 rows on a prompt step: W8A8 head products there (--mla-head-prefill).
+  const pre = runBench(['--mla-int8-products', 'dot4', '--mla-head-prefill', 'w8a8', '--mla-head-tiled-from', '8']);
+  assert.equal(pre.status, 0, `bench:decode --mla-head-prefill w8a8 exited ${pre.status}: ${pre.stderr.slice(-2000)}`);
+  const chunk = pre.json!.models[0].prefillProfile!;
+  const preLabels = chunk.profile.map((p) => p.label);
+  assert.ok(chunk.rows >= 8, `prefill chunk of ${chunk.rows} rows`);
+  assert.ok(preLabels.some((l) => /head-matmul .* w8a8 (dot4|tensor cores)$/.test(l)), `no W8A8 head products in the prefill chunk: ${preLabels.join(' | ')}`);
+  assert.ok(!preLabels.some((l) => /head-matmul .* tiled/.test(l)), `the tiled kernel ran in the prefill chunk: ${preLabels.join(' | ')}`);
   const bad = runBench(['--mla-dot4-softmax', 'warp']);
   assert.notEqual(bad.status, 0);
   assert.match(bad.stderr, /--mla-dot4-softmax is workgroup, subgroup or emulated, got warp/);

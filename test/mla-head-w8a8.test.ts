@@ -24,7 +24,7 @@ interface Case {
 }
 
 /** Runs one W8A8 step (tensor cores or dot4, or through HeadMatmul's 'w8a8' decode kernel) and returns y with its inputs. */
-async function run(c: Case, seed: number, form: 'dot4' | 'tensor-cores' | 'head-matmul') {
+async function run(c: Case, seed: number, form: 'dot4' | 'tensor-cores' | 'head-matmul' | 'head-matmul-prefill') {
   const g = await gpu();
   const { nHeads, K, N, passCols, rows } = c;
   const xHeadStride = K + passCols + 3;
@@ -41,7 +41,12 @@ async function run(c: Case, seed: number, form: 'dot4' | 'tensor-cores' | 'head-
   const y = storageBuffer(g, 'y', rows * yStride * 4);
   const meta = uploadArray(g, 'meta', buildStepMeta([{ tokens: new Array(rows).fill(0), startPos: 0, blockTable: [0], logits: 'none' }], { blockSize: 4096, numBlocks: 1, nKvHeads: 1, maxChunkSize: 16 }).data);
   const b = { meta, x: xBuf, y };
-  const op = form === 'head-matmul' ? new HeadMatmul(g, spec, weight, b, { decodeKernel: 'w8a8' }) : new HeadW8a8(g, spec, weight, b, W8A8_HEAD_MAX_ROWS, form === 'tensor-cores');
+  const op =
+    form === 'head-matmul'
+      ? new HeadMatmul(g, spec, weight, b, { decodeKernel: 'w8a8' })
+      : form === 'head-matmul-prefill'
+        ? new HeadMatmul(g, spec, weight, b, { prefillKernel: 'w8a8', tiledMinRows: 64 })
+        : new HeadW8a8(g, spec, weight, b, W8A8_HEAD_MAX_ROWS, form === 'tensor-cores');
   poisonBuffer(g, y);
   const enc = g.device.createCommandEncoder();
   const pass = enc.beginComputePass();
@@ -158,6 +163,12 @@ test("head matmul 'w8a8' decode kernel: steps up to W8A8_HEAD_MAX_ROWS take the 
     }
   }
   assert.ok(maxDiff / maxRef < 1e-5, `${big.rows} rows: relative error ${maxDiff / maxRef}, not the f32 kernel's`);
+});
+
+test("head matmul 'w8a8' prefill kernel: a step past W8A8_HEAD_MAX_ROWS and tiledMinRows takes the W8A8 products, within their bound", async () => {
+  const seed = freshSeed();
+  const c: Case = { nHeads: 2, K: 40, N: 24, passCols: 2, rows: W8A8_HEAD_MAX_ROWS + 72, dtype: 'f16', nanAt: [[150, 1]] };
+  check(c, await run(c, seed, 'head-matmul-prefill'), `head-matmul w8a8 prefill seed ${seed}`);
 });
 
 test('W8A8 head products on tensor cores: the same outputs as the dot4 form, bit for bit (where the adapter has i8 subgroup matrices)', async (t) => {
