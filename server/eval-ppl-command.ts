@@ -27,7 +27,8 @@ to --max-len tokens; prints nats per predicted token, averaged over all of them,
   --mla-head-kernel auto|staged|w8a8|fused  MLA's W_UK / W_UV head products: staged (f16 weights, f32
                           sums), w8a8 (int8 weights per output column, inputs per row and head, i32 sums;
                           slower on an H100), or fused into the attention's first and last kernels up to 32
-                          rows (W_UK there with an int8 cache); auto (default): staged
+                          rows (W_UK there with an int8 cache); auto (default): staged, with W_UK in the
+                          attention's first kernel up to 32 rows over an int8 cache
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
   --json                  print the figures as one JSON object
 `;

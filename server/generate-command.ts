@@ -29,7 +29,8 @@ Generates text from a prompt and streams it to stdout, then prints a line of fig
   --mla-head-kernel auto|staged|w8a8|fused  MLA's W_UK / W_UV head products: staged (f16 weights, f32
                           sums), w8a8 (int8 weights per output column, inputs per row and head, i32 sums;
                           slower on an H100), or fused into the attention's first and last kernels up to 32
-                          rows (W_UK there with an int8 cache); auto (default): staged
+                          rows (W_UK there with an int8 cache); auto (default): staged, with W_UK in the
+                          attention's first kernel up to 32 rows over an int8 cache
   --max-model-len N       context length (default: the model's)
   --cpu                   run on the CPU with the float64 reference ops instead of the GPU
   --json                  print the text and figures as one JSON object instead

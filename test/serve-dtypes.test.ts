@@ -221,7 +221,7 @@ test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32),
   );
 });
 
-test('--mla-head-kernel: auto (staged) by default, staged, w8a8 or fused by flag or MLA_SERVE_MLA_HEAD_KERNEL; served with w8a8 or fused, the MLA model reports its head products on /metrics and in the banner and serves 8 greedy tokens', async () => {
+test('--mla-head-kernel: auto by default, staged, w8a8 or fused by flag or MLA_SERVE_MLA_HEAD_KERNEL; served with each but staged over an int8 cache, the MLA model reports its head products on /metrics and in the banner and serves 8 greedy tokens', async () => {
   assert.equal(resolve([]).options.mlaHeadKernel, 'auto');
   assert.equal(resolve(['--mla-head-kernel', 'w8a8']).options.mlaHeadKernel, 'w8a8');
   assert.equal(resolve([], { MLA_SERVE_MLA_HEAD_KERNEL: 'staged' }).options.mlaHeadKernel, 'staged');
@@ -233,11 +233,12 @@ test('--mla-head-kernel: auto (staged) by default, staged, w8a8 or fused by flag
   assert.deepEqual(mlaHeadOptions('fused'), { frontMaxRows: 32, backMaxRows: 32 });
   assert.deepEqual(mlaHeadOptions('auto'), {});
   assert.equal(attentionBlockFor(syntheticConfig('tiny-qwen2'), 'f16', 'auto', 'w8a8').attentionBlock, undefined, 'GQA has no head products');
-  for (const kernel of ['w8a8', 'fused'] as const) {
+  for (const kernel of ['auto', 'w8a8', 'fused'] as const) {
     const served = (open = await openServedEngines(serveOptions({ weightDtype: 'int8', kvCacheDtype: 'int8', mlaHeadKernel: kernel }), () => {}));
     const { samples } = await scrapeServed(served);
-    // fused: the head products of steps up to 32 rows in the decode front and back, the staged f16 kernel above.
-    const want = kernel === 'fused' ? 'fused<=32+f16' : hasInt8SubgroupMatrix(served.gpu) && served.gpu.subgroupSize === 32 ? 'w8a8-sm' : 'w8a8-dot4';
+    // auto: W_UK of steps up to 32 rows in the decode front; fused: W_UV in the decode back too; the staged f16
+    // kernel above.
+    const want = kernel === 'auto' ? 'front<=32+f16' : kernel === 'fused' ? 'fused<=32+f16' : hasInt8SubgroupMatrix(served.gpu) && served.gpu.subgroupSize === 32 ? 'w8a8-sm' : 'w8a8-dot4';
     const lines = banner('http://127.0.0.1:0', served);
     for (const m of served.models) {
       const heads = m.engine.info.config.attention === 'mla' ? want : 'none';
