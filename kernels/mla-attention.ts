@@ -645,14 +645,13 @@ export class MlaAttention {
   /** The decode front's pipelines and per-layer bind groups by rows a workgroup (front given, int8 products). */
   private front?: {
     f: MlaAttentionFront;
-    pipes: Map<FrontRowsPerWorkgroup, GPUComputePipeline>;
-    groups: Map<FrontRowsPerWorkgroup, GPUBindGroup[]>;
+    /** Per rows-a-workgroup: the kernel's spec and pipeline (built once) and per-layer bind groups. */
+    byRows: Map<FrontRowsPerWorkgroup, { spec: MlaFrontSpec; pipe: GPUComputePipeline; groups: GPUBindGroup[] }>;
   };
   /** The decode back's pipelines and per-layer bind groups by rows a workgroup (back given). */
   private back?: {
     b: MlaAttentionBack;
-    pipes: Map<FrontRowsPerWorkgroup, GPUComputePipeline>;
-    groups: Map<FrontRowsPerWorkgroup, GPUBindGroup[]>;
+    byRows: Map<FrontRowsPerWorkgroup, { spec: MlaBackSpec; pipe: GPUComputePipeline; groups: GPUBindGroup[] }>;
   };
 
   constructor(
@@ -694,10 +693,10 @@ export class MlaAttention {
     this.layout = layout;
     this.plan = this.variants[0].plan;
     this.tc = this.makeTcPath();
-    if (front && front.maxRows > 0 && this.tc) this.front = { f: front, pipes: new Map(), groups: new Map() };
+    if (front && front.maxRows > 0 && this.tc) this.front = { f: front, byRows: new Map() };
     if (back && back.maxRows > 0) {
       if (back.w.K !== shape.kvLoraRank) throw new Error(`MLA attention back: W_UV's K ${back.w.K} is not kv_lora_rank ${shape.kvLoraRank}`);
-      this.back = { b: back, pipes: new Map(), groups: new Map() };
+      this.back = { b: back, byRows: new Map() };
     }
     this.mergePipe = gpu.pipeline(`mla-attention merge ${shape.nHeads}h ${R}`, splitKMergeWgsl(shape.nHeads, shape.kvLoraRank, b.outStride));
   }
@@ -958,7 +957,7 @@ export class MlaAttention {
       tc.queryGroup = bindBuffers(this.gpu, tc.queryPipe, 'mla attention int8 query', [this.b.qLatent, tc.qq, tc.qs]);
       tc.partialGroups = [];
       if (tc.three) tc.three.scoreGroups = [];
-      this.front?.groups.clear();
+      for (const e of this.front?.byRows.values() ?? []) e.groups = [];
     }
     this.prepareThree(rows, maxChunks, chunkSize ?? MLA3_MAX_CHUNK);
     const need = rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2);
@@ -971,7 +970,7 @@ export class MlaAttention {
       if (v.pipeline) this.ready(v);
     }
     this.mergeGroup = bindBuffers(this.gpu, this.mergePipe, 'mla attention merge', [this.b.meta, this.partials, this.b.out]);
-    this.back?.groups.clear();
+    for (const e of this.back?.byRows.values() ?? []) e.groups = [];
     if (this.tc) this.tc.partialGroups = [];
     if (this.tc?.three) {
       this.tc.three.scoreGroups = [];
@@ -1025,23 +1024,21 @@ export class MlaAttention {
   private encodeFront(pass: GPUComputePassEncoder, layer: number, rows: number, tc: TcPath): void {
     const fr = this.front!;
     const G = frontRowsPerWorkgroup(this.shape.nHeads, rows);
-    const spec: MlaFrontSpec = {
-      ...fr.f.spec,
-      nHeads: this.shape.nHeads,
-      format: mlaInt8RowFormat(this.shape.kvLoraRank, this.shape.qkRopeHeadDim),
-      plan: tc.plan,
-      blockSize: this.layout.blockSize,
-      rowsPerWorkgroup: G,
-    };
-    let pipe = fr.pipes.get(G);
-    if (!pipe) {
+    let e = fr.byRows.get(G);
+    if (!e) {
+      const spec: MlaFrontSpec = {
+        ...fr.f.spec,
+        nHeads: this.shape.nHeads,
+        format: mlaInt8RowFormat(this.shape.kvLoraRank, this.shape.qkRopeHeadDim),
+        plan: tc.plan,
+        blockSize: this.layout.blockSize,
+        rowsPerWorkgroup: G,
+      };
       const key = `${this.shape.nHeads}h ${this.shape.kvLoraRank}+${this.shape.qkRopeHeadDim} W_UK ${spec.dn} ${spec.w.dtype} bs${spec.blockSize} g${G}`;
-      pipe = this.gpu.pipeline(`mla decode front ${key}`, mlaFrontWgsl(spec));
-      fr.pipes.set(G, pipe);
+      e = { spec, pipe: this.gpu.pipeline(`mla decode front ${key}`, mlaFrontWgsl(spec)), groups: [] };
+      fr.byRows.set(G, e);
     }
-    let groups = fr.groups.get(G);
-    if (!groups) fr.groups.set(G, (groups = []));
-    groups[layer] ??= bindBuffers(this.gpu, pipe, `mla decode front layer ${layer}`, [
+    e.groups[layer] ??= bindBuffers(this.gpu, e.pipe, `mla decode front layer ${layer}`, [
       this.b.meta,
       fr.f.q,
       fr.f.latent,
@@ -1051,9 +1048,9 @@ export class MlaAttention {
       tc.qq!,
       tc.qs!,
     ]);
-    pass.setPipeline(pipe);
-    pass.setBindGroup(0, groups[layer]);
-    const [x, y] = frontGrid(spec, rows);
+    pass.setPipeline(e.pipe);
+    pass.setBindGroup(0, e.groups[layer]);
+    const [x, y] = frontGrid(e.spec, rows);
     pass.dispatchWorkgroups(x, y);
   }
 
@@ -1061,25 +1058,23 @@ export class MlaAttention {
   private encodeBack(pass: GPUComputePassEncoder, layer: number, rows: number): void {
     const bk = this.back!;
     const G = frontRowsPerWorkgroup(this.shape.nHeads, rows);
-    const spec: MlaBackSpec = {
-      nHeads: this.shape.nHeads,
-      width: this.shape.kvLoraRank,
-      w: bk.b.w,
-      outStride: bk.b.outStride,
-      outHeadStride: bk.b.outHeadStride,
-      rowsPerWorkgroup: G,
-    };
-    let pipe = bk.pipes.get(G);
-    if (!pipe) {
-      pipe = this.gpu.pipeline(`mla decode back ${this.shape.nHeads}h ${spec.width} W_UV ${spec.w.N} ${spec.w.dtype} g${G}`, mlaBackWgsl(spec));
-      bk.pipes.set(G, pipe);
+    let e = bk.byRows.get(G);
+    if (!e) {
+      const spec: MlaBackSpec = {
+        nHeads: this.shape.nHeads,
+        width: this.shape.kvLoraRank,
+        w: bk.b.w,
+        outStride: bk.b.outStride,
+        outHeadStride: bk.b.outHeadStride,
+        rowsPerWorkgroup: G,
+      };
+      e = { spec, pipe: this.gpu.pipeline(`mla decode back ${this.shape.nHeads}h ${spec.width} W_UV ${spec.w.N} ${spec.w.dtype} g${G}`, mlaBackWgsl(spec)), groups: [] };
+      bk.byRows.set(G, e);
     }
-    let groups = bk.groups.get(G);
-    if (!groups) bk.groups.set(G, (groups = []));
-    groups[layer] ??= bindBuffers(this.gpu, pipe, `mla decode back layer ${layer}`, [this.b.meta, this.partials!, bk.b.layers[layer], bk.b.out]);
-    pass.setPipeline(pipe);
-    pass.setBindGroup(0, groups[layer]);
-    pass.dispatchWorkgroups(...backGrid(spec, rows));
+    e.groups[layer] ??= bindBuffers(this.gpu, e.pipe, `mla decode back layer ${layer}`, [this.b.meta, this.partials!, bk.b.layers[layer], bk.b.out]);
+    pass.setPipeline(e.pipe);
+    pass.setBindGroup(0, e.groups[layer]);
+    pass.dispatchWorkgroups(...backGrid(e.spec, rows));
   }
 
   destroy(): void {
