@@ -32,7 +32,8 @@ const N_KV = 4;
 const HEAD_DIM = 128;
 const R = 512;
 const ROPE = 64;
-const BLOCK = 16;
+/** Tokens per cache block (--block-size; the one-pass tensor-core MLA kernel needs a multiple of 32). */
+let BLOCK = 16;
 
 interface Args {
   quick: boolean;
@@ -49,6 +50,7 @@ interface Args {
   prefill: number[];
   /** MLA over the int8 cache: the forms to run (MLA_INT8_FORMS keys). */
   mlaInt8: string[];
+  blockSize: number;
 }
 
 function parseArgs(argv: string[]): Args {
@@ -63,6 +65,7 @@ function parseArgs(argv: string[]): Args {
     variants: 'all',
     prefill: [512, 2048],
     mlaInt8: MLA_INT8_FORMS.map((f) => f.key),
+    blockSize: 16,
   };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
@@ -85,6 +88,10 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--ceiling-tflops') a.ceilingTflops = Number(val());
     else if (k === '--target-ms') a.targetMs = Number(val());
     else if (k === '--spin-ms') a.spinMs = Number(val());
+    else if (k === '--block-size') {
+      a.blockSize = Number(val());
+      if (!Number.isInteger(a.blockSize) || a.blockSize < 1) throw new Error(`--block-size takes a positive integer`);
+    }
     else if (k === '--mla-int8') {
       const v = val();
       const keys = MLA_INT8_FORMS.map((f) => f.key);
@@ -170,6 +177,11 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'three-pass tc both target×2', mode: 'three-pass', window: 64, tuning: { ...DOT4_3PASS, int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores' }, targetScale: 2, variant: 'int8 three-pass, tensor-core scores and values, 2× chunks', fast: true },
   { key: 'three-pass tc both w32', mode: 'three-pass', window: 32, tuning: { ...DOT4_3PASS, int8ScoreProducts: 'tensor-cores', int8ValueProducts: 'tensor-cores' }, variant: 'int8 three-pass, tensor-core scores and values', fast: true },
   { key: 'three-pass target÷2', mode: 'three-pass', window: 64, tuning: DOT4_3PASS, targetScale: 0.5, variant: 'int8 three-pass, ½ chunks', fast: true },
+  // One pass, both products on tensor cores, the cache read straight from storage (needs --block-size 32 or 64).
+  { key: 'flash', mode: 'flash', window: 64, variant: 'int8 one-pass tensor cores', fast: true },
+  { key: 'flash target×2', mode: 'flash', window: 64, targetScale: 2, variant: 'int8 one-pass tensor cores, 2× workgroups', fast: true },
+  { key: 'flash target÷2', mode: 'flash', window: 64, targetScale: 0.5, variant: 'int8 one-pass tensor cores, ½ workgroups', fast: true },
+  { key: 'flash-dot4', mode: 'flash-dot4', window: 64, variant: 'int8 one-pass, dot4 form', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];
 
@@ -385,15 +397,15 @@ function relErr(got: Float32Array, want: Float64Array): number {
 
 /** Decode: one row per sequence at position context − 1. Prefill: every position 0..context − 1 of each sequence. */
 /** The step metadata the runner would build (its chunk from targetWorkgroups), the chunk scaled for a variant. */
-function metaFor(tables: number[][], context: number, poolBlocks: number, parallelHeads: number, maxChunk: number, targetWorkgroups: number, chunkScale = 1, prefill = false): StepMeta {
+function metaFor(tables: number[][], context: number, poolBlocks: number, parallelHeads: number, maxChunk: number, targetWorkgroups: number, chunkScale = 1, prefill = false, minChunk = 16): StepMeta {
   const seqs = tables.map((blockTable) =>
     prefill
       ? { tokens: new Array<number>(context).fill(0), startPos: 0, blockTable, logits: 'none' as const }
       : { tokens: [0], startPos: context - 1, blockTable, logits: 'none' as const },
   );
-  const m = buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, targetWorkgroups });
+  const m = buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, targetWorkgroups, minChunkSize: minChunk });
   if (chunkScale === 1) return m;
-  return buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, chunkSize: Math.max(16, Math.min(maxChunk, m.chunkSize * chunkScale)) });
+  return buildStepMeta(seqs, { blockSize: BLOCK, numBlocks: poolBlocks, nKvHeads: parallelHeads, maxChunkSize: maxChunk, chunkSize: Math.max(minChunk, Math.min(maxChunk, m.chunkSize * chunkScale)) });
 }
 
 function figures(args: Args, us: number, cacheBytes: number, flops: number) {
@@ -588,7 +600,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     // The split the runner would choose for this kernel (the int8-product kernels: one workgroup per chunk and row).
     const split = mlaSplit(shape, 'int8', tuning);
     const target = Math.round(split.targetWorkgroups * (form.targetScale ?? 1));
-    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, target, 1, prefill);
+    const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, target, 1, prefill, split.minChunk);
     const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
@@ -638,6 +650,18 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     qLatent.destroy();
     out.destroy();
     return results;
+  }
+  // The one-pass tensor-core kernel against its dot4 form (the same integers).
+  const flash = outputs.get('flash');
+  const flashDot4 = outputs.get('flash-dot4');
+  if (flash && flashDot4) {
+    let d = 0;
+    let mx = 0;
+    for (let i = 0; i < flashDot4.length; i++) {
+      d = Math.max(d, Number.isFinite(flash[i]) ? Math.abs(flash[i] - flashDot4[i]) : Infinity);
+      mx = Math.max(mx, Math.abs(flashDot4[i]));
+    }
+    process.stdout.write(`mla int8 b${batch} ctx${context}: flash vs flash-dot4 max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
   }
   // The three-pass forms against the plain one (the same integers: tensor-core scores must agree to f32 rounding).
   const three = outputs.get('three-pass');
@@ -740,6 +764,7 @@ const errText = (v: number) => (Number.isNaN(v) ? '—' : v.toExponential(1));
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
+  BLOCK = args.blockSize;
   const gpu = await openGpu();
   const all: Measurement[] = [];
   try {

@@ -39,9 +39,13 @@
 #              serves the MLA model with --mla-int8-attention dot4; "256MiB:on:512:dot4:128:512" a decode-heavy load (48
 #              requests of 128 prompt + 512 output tokens; default 512 + 128); a seventh field sets --mla-head-kernel
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
+#   flash      the one-pass tensor-core MLA kernel (int8Products 'flash': both products on i8 subgroup matrices, the cache
+#              read from storage) on the device: its test against the float64 model, then attention at 8 / 32 rows ×
+#              512 / 4K / 16K and a 512-token prompt, 32-token blocks, against the dot4 kernel and GQA, and against its
+#              own dot4 form (FLASH_FORMS, FLASH_CONTEXTS, FLASH_PREFILL trim it; ~4 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
-phase=${1:?usage: bench/device-run.sh decode|extras|dot4|goals|heads|prefetch|warp|three|chunks|attention|serve|sweep|tests}
+phase=${1:?usage: bench/device-run.sh decode|extras|dot4|goals|heads|prefetch|warp|three|chunks|attention|flash|serve|sweep|tests}
 OUT=${OUT:-/tmp/device-run}
 mkdir -p "$OUT"
 source .device/enter.sh >/dev/null 2>&1
@@ -330,6 +334,21 @@ for (const [k, ms] of Object.entries(by)) {
   const def = sm.find((m) => m.variant === "w8a8 sm s8 kauto c1 u2 x0");
   console.log(k, "| default", def ? def.us.toFixed(1) : "?", "µs | best:", sm.slice(0, 4).map((m) => m.variant.slice(8) + " " + m.us.toFixed(1) + (m.vsDot4 > 0 ? " WRONG" : "")).join(" | "));
 }'
+  ;;
+flash)
+  el flash-test
+  timeout 240 node --import tsx --test --test-reporter=spec --test-name-pattern="one-pass tensor-core" test/mla-int8-cache.test.ts >"$OUT/flash-test.txt" 2>&1
+  el "rc=$?"
+  el attention-flash
+  timeout 240 node --import tsx bench/attention.ts --block-size 32 --batches 8,32 --contexts ${FLASH_CONTEXTS:-512,4096,16384} --variants default \
+    --prefill ${FLASH_PREFILL:-512} --mla-int8 "${FLASH_FORMS:-dot4,flash,flash target×2,flash target÷2,flash-dot4}" \
+    --json "$OUT/attention-flash.json" >"$OUT/attention-flash.txt" 2>"$OUT/attention-flash.err"
+  el "rc=$?"
+  grep "^✔\|^✖\|^ℹ\|not ok\|Error\|heads beyond" "$OUT/flash-test.txt" | cut -c1-300 | head -n 12
+  grep -A30 "^MLA over int8 cache" "$OUT/attention-flash.txt" | cut -c1-200 | head -n 30
+  grep -A3 "^prefill (1 prompt)" "$OUT/attention-flash.txt" | cut -c1-220
+  grep "flash vs flash-dot4" "$OUT/attention-flash.txt" | head -n 8
+  grep -v "^\s*$" "$OUT/attention-flash.err" | grep -v "µs,\|^NVIDIA\|^nvidia" | tail -n 6
   ;;
 tests)
   el tests

@@ -131,9 +131,10 @@ export type AttentionBlockFactory = (ctx: AttentionBlockContext) => AttentionBlo
  * The arithmetic of the attention's score and value products: 'f32' (whatever the cache stores), 'int8-dot4' (MLA over
  * the int8 cache: query and probabilities quantized too, dot4I8Packed), 'int8-tensor-cores' (the same on subgroup
  * matrices), 'int8-dot4-tc-layout' (the tensor-core kernel's own dot4 form), 'int8-three-pass' (the same dot4 arithmetic
- * in three passes: kernels/mla-attention-3pass.ts).
+ * in three passes: kernels/mla-attention-3pass.ts), 'int8-flash' (one pass, both products on tensor cores:
+ * kernels/mla-attention-flash.ts) and 'int8-flash-dot4' (its dot4 form).
  */
-export type AttentionProducts = 'f32' | 'int8-dot4' | 'int8-three-pass' | 'int8-tensor-cores' | 'int8-dot4-tc-layout';
+export type AttentionProducts = 'f32' | 'int8-dot4' | 'int8-three-pass' | 'int8-tensor-cores' | 'int8-dot4-tc-layout' | 'int8-flash' | 'int8-flash-dot4';
 
 function concatRows(label: string, parts: Array<Tensor | undefined>, rowsOf: number[], cols: number): Float32Array {
   const out = new Float32Array(rowsOf.reduce((a, b) => a + b, 0) * cols);

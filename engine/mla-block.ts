@@ -134,12 +134,18 @@ export class MlaBlock implements AttentionBlock {
       if (lw.kind !== 'mla') throw new Error(`layer ${l} is ${lw.kind}; an MLA model (${c.arch}) needs MLA layers`);
     });
     this.config = c;
-    this.minChunk = opts.minChunk ?? MLA_MIN_CHUNK;
-    if (!(this.minChunk >= 1 && this.minChunk <= MLA_MAX_CHUNK && (this.minChunk & (this.minChunk - 1)) === 0)) {
-      throw new Error(`MLA block: minChunk ${this.minChunk} is not a power of two from 1 to ${MLA_MAX_CHUNK}`);
-    }
     const R = c.kvLoraRank;
     const r = c.qkRopeHeadDim;
+    // Workgroups per row along heads in the widest attention variant (what long-context decode runs): sizes the split.
+    const split = mlaSplit({ nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r }, ctx.cacheDtype, opts.attentionTuning);
+    this.parallelHeads = split.parallelHeads;
+    this.targetWorkgroups = split.targetWorkgroups;
+    const minChunk = opts.minChunk ?? MLA_MIN_CHUNK;
+    if (!(minChunk >= 1 && minChunk <= MLA_MAX_CHUNK && (minChunk & (minChunk - 1)) === 0)) {
+      throw new Error(`MLA block: minChunk ${minChunk} is not a power of two from 1 to ${MLA_MAX_CHUNK}`);
+    }
+    // A kernel whose K steps start on chunk bounds (the one-pass tensor-core kernel) raises it.
+    this.minChunk = Math.max(minChunk, split.minChunk ?? 1);
     const dn = c.qkNopeHeadDim;
     const dv = c.vHeadDim;
     this.layout = new MlaKvLayout(c, ctx.blockSize, ctx.cacheDtype);
@@ -149,10 +155,6 @@ export class MlaBlock implements AttentionBlock {
     this.latentStride = this.fused ? pad8(R + r + this.qCols) : pad8(R + r);
     this.qStride = this.fused ? this.latentStride : pad8(this.qCols);
     this.qOffset = this.fused ? R + r : 0;
-    // Workgroups per row along heads in the widest attention variant (what long-context decode runs): sizes the split.
-    const split = mlaSplit({ nHeads: c.nHeads, kvLoraRank: R, qkRopeHeadDim: r }, ctx.cacheDtype, opts.attentionTuning);
-    this.parallelHeads = split.parallelHeads;
-    this.targetWorkgroups = split.targetWorkgroups;
     const g = ctx.gpu;
     const dt = ctx.weightDtype;
     // Projections follow the runner's linear dtype (int8 per output channel with --weight-dtype int8); the absorbed

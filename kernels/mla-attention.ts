@@ -30,6 +30,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
+import { MLA_FLASH_MIN_CHUNK, mlaFlashPartialWgsl, planMlaFlash, type MlaFlashPlan } from './mla-attention-flash.ts';
 import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, mla3ScoresTcProblem, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
@@ -49,6 +50,8 @@ interface TcPath {
   partialGroups: GPUBindGroup[];
   /** int8Products 'three-pass': its passes, scratch and bind groups (steps it cannot take run the dot4 kernel above). */
   three?: ThreePass;
+  /** int8Products 'flash' / 'flash-dot4': the one-pass kernel's plan (partialPipe is that kernel). */
+  flash?: MlaFlashPlan;
 }
 
 interface ThreePass {
@@ -103,9 +106,12 @@ export interface MlaAttentionTuning {
    * for speed rather than to mirror the tensor-core tiles (its window is the largest multiple of 32 up to int8Window
    * whose workgroup memory the device has); 'three-pass' the same arithmetic in three passes (scores, softmax, values:
    * kernels/mla-attention-3pass.ts) for steps whose scratch fits MLA3_MAX_SCRATCH with chunks of at most 512 tokens,
-   * and the dot4 kernel for the others.
+   * and the dot4 kernel for the others; 'flash' one pass with both products on tensor cores, every cache operand read
+   * straight from storage (kernels/mla-attention-flash.ts: needs i8 subgroup matrices, 32-wide subgroups, a block size
+   * that is a multiple of 32 and chunks of a multiple of 32 tokens), 'flash-dot4' that kernel's data flow with
+   * dot4I8Packed (any adapter: what the tests hold to the float64 model).
    */
-  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare' | 'dot4' | 'three-pass';
+  int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare' | 'dot4' | 'three-pass' | 'flash' | 'flash-dot4';
   /** Tokens per softmax window of the int8-product kernel (a multiple of 32; workgroup memory grows with it). */
   int8Window: number;
   /** 'dot4': stage the quantized query in workgroup memory (default: where it fits) or read it from storage. */
@@ -570,15 +576,18 @@ export const MLA_DOT4_TARGET_WORKGROUPS = 128;
  * and the same at 32 × 4K (chunks of 512 either way).
  */
 export const MLA3_TARGET_WORKGROUPS = 128;
+/** Rows × chunks the one-pass tensor-core kernel aims for (int8Products 'flash'). Untimed guess: the dot4 kernel's. */
+export const MLA_FLASH_TARGET_WORKGROUPS = 128;
 
 /**
  * How a step's context split is sized for the MLA kernel a layout and tuning select: parallel workgroups per row and
  * chunk (head splits of the f32 kernel, 1 for the int8-product kernel) and the workgroups to aim for.
  */
-export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: Partial<MlaAttentionTuning> = {}): { parallelHeads: number; targetWorkgroups: number } {
+export function mlaSplit(shape: MlaAttentionShape, cacheDtype: string, tuning: Partial<MlaAttentionTuning> = {}): { parallelHeads: number; targetWorkgroups: number; minChunk?: number } {
   const t = { ...DEFAULT_MLA_TUNING, ...tuning };
   if (cacheDtype === 'int8' && t.int8Products !== 'off') {
     if (t.int8Products === 'three-pass') return { parallelHeads: 1, targetWorkgroups: MLA3_TARGET_WORKGROUPS };
+    if (t.int8Products === 'flash' || t.int8Products === 'flash-dot4') return { parallelHeads: 1, targetWorkgroups: MLA_FLASH_TARGET_WORKGROUPS, minChunk: MLA_FLASH_MIN_CHUNK };
     if (t.int8Products !== 'dot4') return { parallelHeads: 1, targetWorkgroups: MLA_TC_TARGET_WORKGROUPS };
     const splits = t.int8HeadSplits ?? 1;
     return { parallelHeads: Math.ceil(shape.nHeads / Math.ceil(shape.nHeads / splits)), targetWorkgroups: MLA_DOT4_TARGET_WORKGROUPS };
@@ -717,17 +726,24 @@ export class MlaAttention {
   /**
    * Which kernel computes the scores and values (the runner reports it as RunnerDescription.attentionProducts): 'f32',
    * 'int8-tensor-cores', 'int8-dot4' (the fast dot4 kernel), 'int8-three-pass' (the three passes, dot4 for the steps
-   * they do not take) or 'int8-dot4-tc-layout' (the tensor-core kernel's own dot4 form; the same integers throughout).
+   * they do not take), 'int8-flash' / 'int8-flash-dot4' (the one-pass tensor-core kernel and its dot4 form) or
+   * 'int8-dot4-tc-layout' (the tensor-core kernel's own dot4 form; the same integers throughout).
    */
-  get products(): 'f32' | 'int8-tensor-cores' | 'int8-dot4' | 'int8-three-pass' | 'int8-dot4-tc-layout' {
+  get products(): 'f32' | 'int8-tensor-cores' | 'int8-dot4' | 'int8-three-pass' | 'int8-dot4-tc-layout' | 'int8-flash' | 'int8-flash-dot4' {
     if (!this.tc) return 'f32';
     if (this.tc.three) return 'int8-three-pass';
+    if (this.tc.flash) return this.tc.tensorCores ? 'int8-flash' : 'int8-flash-dot4';
     return this.tc.tensorCores ? 'int8-tensor-cores' : this.tc.dot4 ? 'int8-dot4' : 'int8-dot4-tc-layout';
   }
 
   /** The dot4 kernel's plan (int8Products 'dot4'), for reports and tests. */
   get dot4Plan(): MlaDot4Plan | undefined {
     return this.tc?.dot4;
+  }
+
+  /** The one-pass tensor-core kernel's plan (int8Products 'flash' / 'flash-dot4'), for reports and tests. */
+  get flashPlan(): MlaFlashPlan | undefined {
+    return this.tc?.flash;
   }
 
   private makeTcPath(): TcPath | undefined {
@@ -747,6 +763,7 @@ export class MlaAttention {
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     if (mode === 'dot4') return this.makeDot4Path(f);
     if (mode === 'three-pass') return this.makeThreePass(f);
+    if (mode === 'flash' || mode === 'flash-dot4') return this.makeFlashPath(f, mode === 'flash');
     const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax];
     if (dot4Only.some((v) => v !== undefined)) {
       throw new Error(`MLA attention: int8QueryStaged, int8HeadSplits, int8Prefetch, int8ValueRounds and int8Softmax apply to int8Products 'dot4', not '${mode}'`);
@@ -763,6 +780,28 @@ export class MlaAttention {
       queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan)),
       partialPipe: gpu.pipeline(`mla-attention int8 products ${key}${products.debug ? ' debug' : ''}`, mlaTcPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
       dump: products.debug ? storageBuffer(gpu, 'mla attention int8 debug dump', mlaTcDumpLayout(plan).words * 4) : undefined,
+      rows: 0,
+      partialGroups: [],
+    };
+  }
+
+  /** 'flash' / 'flash-dot4': the query quantizer and the one-pass kernel. */
+  private makeFlashPath(f: MlaInt8RowFormat, tensorCores: boolean): TcPath {
+    const { gpu, shape, layout } = this;
+    if (tensorCores && !mlaTcOnTensorCores(gpu)) {
+      throw new Error(`MLA attention: int8Products 'flash' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none ('flash-dot4' runs anywhere)`);
+    }
+    const other = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax, this.tuning.int8Debug];
+    if (other.some((v) => v !== undefined && v !== false)) throw new Error(`MLA attention: the dot4 kernel's and the debug dump's options do not apply to int8Products 'flash'`);
+    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize);
+    if (typeof plan === 'string') throw new Error(`MLA int8 one-pass tensor-core attention: ${plan}`);
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} fold ${plan.foldLatentTiles}`;
+    return {
+      plan: plan.tc,
+      flash: plan,
+      tensorCores,
+      queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan.tc)),
+      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key}${tensorCores ? ' tensor cores' : ' dot4'}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, tensorCores)),
       rows: 0,
       partialGroups: [],
     };
@@ -985,6 +1024,9 @@ export class MlaAttention {
     }
     if (rows <= 0) return;
     const tc = this.tc;
+    if (tc?.flash && (chunkSize === undefined || chunkSize % MLA_FLASH_MIN_CHUNK !== 0)) {
+      throw new Error(`MlaAttention.encode: the one-pass tensor-core kernel takes chunks of a multiple of ${MLA_FLASH_MIN_CHUNK} tokens, got ${chunkSize ?? 'none'} (mlaSplit's minChunk)`);
+    }
     if (tc) {
       if (!tc.qq || rows > tc.rows) throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
       if (tc.partialGroups.length === 0) {

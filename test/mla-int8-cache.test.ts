@@ -8,6 +8,7 @@ import { MlaAttention, MLA_MAX_CHUNK, mlaSplit, planMlaAttention, DEFAULT_MLA_TU
 import { mlaTcDumpLayout, mlaTcOnTensorCores, planMlaTc, type MlaTcPlan } from '../kernels/mla-attention-tc.ts';
 import { DOT4_PREFETCH, DOT4_VALUE_ROUNDS, type MlaDot4Plan } from '../kernels/mla-attention-dot4.ts';
 import { mla3ScoresTcProblem, type Mla3PassPlan } from '../kernels/mla-attention-3pass.ts';
+import { planMlaFlash, type MlaFlashPlan } from '../kernels/mla-attention-flash.ts';
 import { checkMlaTcDump, describeMlaTcDump } from '../bench/mla-tc-dump.ts';
 import {
   MlaLatentWriteInt8,
@@ -64,6 +65,8 @@ interface StepResult {
   dot4?: MlaDot4Plan;
   /** The three-pass plan, when the step ran the three passes (int8Products 'three-pass'). */
   three?: Mla3PassPlan;
+  /** The one-pass tensor-core kernel's plan (int8Products 'flash' / 'flash-dot4'). */
+  flash?: MlaFlashPlan;
   /** The int8-product kernel's debug dump (tuning.int8Debug) and its plan. */
   dump?: { words: Int32Array; plan: MlaTcPlan };
 }
@@ -107,7 +110,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const attention = c.writeOnly ? undefined : new MlaAttention(g, c.shape, layout, { meta, qLatent, out, outStride, layerCaches: [cacheBuf] }, c.tuning);
   // The split the runner would make (MlaBlock: mlaSplit, chunks of at most MLA_MAX_CHUNK) unless the case fixes a chunk.
   const split = mlaSplit(c.shape, layout.dtype, c.tuning);
-  const metaOpts = { blockSize: c.blockSize, numBlocks: totalBlocks, nKvHeads: split.parallelHeads, maxChunkSize: MLA_MAX_CHUNK, targetWorkgroups: split.targetWorkgroups };
+  const metaOpts = { blockSize: c.blockSize, numBlocks: totalBlocks, nKvHeads: split.parallelHeads, maxChunkSize: MLA_MAX_CHUNK, targetWorkgroups: split.targetWorkgroups, minChunkSize: split.minChunk };
   const run = async (seqs: StepSeqInput[], rows: Float32Array[], attend: boolean) => {
     const m = buildStepMeta(seqs, { ...metaOpts, chunkSize: c.chunkSize });
     g.device.queue.writeBuffer(meta, 0, m.data);
@@ -138,6 +141,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
   const cache = new Uint32Array(cacheF.buffer, cacheF.byteOffset, cacheF.length);
   const dot4 = attention?.dot4Plan;
   const three = attention?.lastStepThreePass ? attention.threePassPlan : undefined;
+  const flash = attention?.flashPlan;
   const dumpInfo = attention?.int8DebugDump;
   const dump = dumpInfo && { words: new Int32Array((await readF32(g, dumpInfo.buffer, dumpInfo.buffer.size / 4)).buffer), plan: dumpInfo.plan };
   attention?.destroy();
@@ -153,6 +157,7 @@ async function runStep(c: Step, seed: number): Promise<StepResult> {
     chunkSize: m.chunkSize,
     dot4,
     three,
+    flash,
     dump,
   };
 }
@@ -515,7 +520,7 @@ test('mla attention int8 products (the tensor-core arithmetic, dot4 form) vs a f
  * attention (loose: only that the query and p′ quantization happened and stayed far from garbage).
  */
 function checkInt8Products(res: StepResult, c: Step, where: string): void {
-  const window = res.three?.window ?? res.dot4?.window ?? c.tuning?.int8Window ?? DEFAULT_MLA_TUNING.int8Window;
+  const window = res.flash?.window ?? res.three?.window ?? res.dot4?.window ?? c.tuning?.int8Window ?? DEFAULT_MLA_TUNING.int8Window;
   const model = int8ProductsReference(res, c, res.chunkSize, window);
   // Same integers, but the GPU's f32 exp and scales against float64: a p′ (or q) value that lies at a rounding half
   // can round the other way, moving that head's output by one quantization step of one token (ps·|cq|, up to a few
@@ -634,6 +639,53 @@ test('mla attention int8 three-pass kernels with the score and value products on
     assert.ok(res.three, `${JSON.stringify(shape)}: the step did not run the three passes`);
     checkInt8Products(res, c, `three-pass ${scores} scores, ${values} values ${JSON.stringify(shape)} chunk ${res.chunkSize} window ${window} parts ${latentParts} seed ${seed}`);
   }
+});
+
+/**
+ * The one-pass tensor-core kernel (int8Products 'flash'; 'flash-dot4' is its data flow with dot4I8Packed, which is what
+ * runs here without subgroup matrices) against the float64 model of the int8-product arithmetic.
+ */
+async function checkFlash(products: 'flash' | 'flash-dot4'): Promise<void> {
+  for (const [shape, chunkSize, blockSize, window, lps] of [
+    [{ nHeads: 4, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 32, 64, 1], // one head tile, 4 subgroups; chunks shorter than a window
+    [{ nHeads: 18, kvLoraRank: 128, qkRopeHeadDim: 32 }, 160, 32, 64, 1], // two head tiles (the second partial), 8 subgroups; three windows a chunk, the last partial
+    [{ nHeads: 12, kvLoraRank: 256, qkRopeHeadDim: 32 }, 96, 64, 128, 2], // one head tile over 8 subgroups: 128-token windows; two latent tiles a subgroup
+    [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 32, 64, 4], // Qwen2.5-7B's MLA row, the runner's split; 4 latent tiles a subgroup, folded 1 or 2 at a time
+    [{ nHeads: 32, kvLoraRank: 512, qkRopeHeadDim: 64 }, 512, 64, 64, 4], // the most heads, the longest chunk
+  ] as const) {
+    const seed = freshSeed();
+    const c: Step = { shape, blockSize, seqs: [...mixed, [90, 2]], chunkSize, tuning: { int8Products: products } };
+    const res = await runStep(c, seed);
+    assert.ok(res.flash, 'no flash plan');
+    assert.equal(res.flash.window, window);
+    assert.equal(res.chunkSize % 32, 0, `chunk ${res.chunkSize}`);
+    assert.equal(res.flash.latentTilesPerSubgroup, lps);
+    checkInt8Products(res, c, `${products} ${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.flash.window} subgroups ${res.flash.subgroups} fold ${res.flash.foldLatentTiles}/${res.flash.latentTilesPerSubgroup} seed ${seed}`);
+  }
+}
+
+test('mla attention int8 one-pass tensor-core kernel, its dot4 form, vs the float64 model of the int8-product arithmetic: one and two head tiles (a partial one), 4 and 8 subgroups, windows of 64 and 128, partial windows and chunks, 32- and 64-token blocks, the Qwen2.5-7B row shape with the runner\'s split', async () => {
+  await checkFlash('flash-dot4');
+});
+
+test('mla attention int8 one-pass tensor-core kernel on tensor cores (i8 subgroup matrices) vs the float64 model of the int8-product arithmetic (where the adapter has subgroup matrices)', async (t) => {
+  const g = await gpu();
+  if (!mlaTcOnTensorCores(g)) {
+    t.skip('this adapter has no i8 subgroup matrices with 32-wide subgroups (SwiftShader); bench/device-run.sh tests runs it on the H100 / H200');
+    return;
+  }
+  await checkFlash('flash');
+});
+
+test('the one-pass tensor-core kernel takes blocks of a multiple of 32 tokens, rows whose K runs end inside them, and at most 32 heads; it says why not', () => {
+  const f = mlaInt8RowFormat(512, 64);
+  for (const [heads, block, limit, ok] of [[28, 32, 49152, true], [28, 16, 49152, false], [33, 32, 49152, false], [28, 64, 32768, true], [28, 32, 8192, false]] as const) {
+    const p = planMlaFlash(heads, f, block, limit);
+    assert.equal(typeof p !== 'string', ok, `${heads} heads, block ${block}, ${limit} B: ${typeof p === 'string' ? p : 'planned'}`);
+    if (typeof p !== 'string') assert.ok(p.workgroupBytes <= limit);
+  }
+  assert.match(planMlaFlash(28, f, 16, 49152) as string, /multiple of 32/);
+  assert.match(planMlaFlash(9, mlaInt8RowFormat(40, 8), 32, 49152) as string, /K steps read/);
 });
 
 test('mla attention int8 dot4 kernel, the softmax inside the score warps, vs the float64 model of the int8-product arithmetic: windows of 64 (two tokens a lane) and 32, partial windows, a partial head quad, heads split over workgroups, the Qwen2.5-7B row shape (emulated reductions; also on subgroups where the adapter has 32-wide ones)', async () => {

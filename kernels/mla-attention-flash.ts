@@ -1,0 +1,337 @@
+// Absorbed MLA decode attention over the int8 latent cache in one pass with both products on tensor cores, every
+// operand of the cache read straight from storage (no staged rows): the FlashMLA shape on Dawn's i8 subgroup matrices.
+import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
+import { NEG_BIG } from './split-merge.ts';
+import { mla3ScoresTcProblem } from './mla-attention-3pass.ts';
+import { planMlaTc, qqWordWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
+import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
+
+/**
+ * One workgroup per (row, chunk), `subgroups` subgroups of 32 threads, windows of `window` tokens (16 · tokenGroups).
+ * Per window, the same integers as the other int8-product kernels (kernels/mla-attention-tc.ts):
+ *  1. scores: subgroup sg takes score tile sg (head tile sg / tokenGroups, 16 tokens sg % tokenGroups): the quantized
+ *     query's 512-byte tiles (16 heads × 32 K, row-major) against 16 cache rows straight from storage (32 K × 16 tokens,
+ *     column-major with the row's byte stride: the three-pass score pass's loads, exact on the H100), latent and rope
+ *     K steps apart; the two i32 tiles go to workgroup memory;
+ *  2. softmax: threadsPerHead threads a head, tokensPerThread tokens each: the window's online softmax (m, l kept in
+ *     registers), p′ = p · sc_t quantized per head with scale max p′ / 127 into workgroup memory;
+ *  3. values: subgroup sg owns latent tiles sg · latentTilesPerSubgroup …, for every head tile; per 32-token K step the
+ *     right operand is 32 cache rows × 16 latent bytes straight from storage (row-major with the row's byte stride: 32
+ *     consecutive rows, so the block size is a multiple of 32 and chunks start on 32-token bounds) and the left one p′
+ *     of 16 heads × 32 tokens from workgroup memory; foldLatentTiles latent tiles at a time, each i32 tile goes through
+ *     workgroup memory into the lane's f32 outputs, o = o · α + f32(O) · ps.
+ * `tensorCores` false runs the same data flow with dot4I8Packed and byte products in place of the subgroup-matrix
+ * calls (SwiftShader and CI: the tests hold that form to the float64 model; the tensor-core form only runs on a GPU).
+ */
+export interface MlaFlashPlan {
+  headTiles: number;
+  headsPadded: number;
+  subgroups: number;
+  tokenGroups: number;
+  window: number;
+  latentTiles: number;
+  latentTilesPerSubgroup: number;
+  foldLatentTiles: number;
+  threadsPerHead: number;
+  tokensPerThread: number;
+  /** i32 words of the shared score / fold scratch. */
+  scratchWords: number;
+  workgroupBytes: number;
+  /** The query layout (qqWordWgsl) the query quantizer and the decode front write. */
+  tc: MlaTcPlan;
+}
+
+/** The smallest chunk the kernel takes (its K steps start on 32-token bounds). */
+export const MLA_FLASH_MIN_CHUNK = 32;
+
+/** The plan for a shape, or why the one-pass tensor-core kernel does not take it. */
+export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number): MlaFlashPlan | string {
+  if (nHeads > 32) return `${nHeads} heads: at most 32 (two 16-head tiles)`;
+  if (blockSize % 32 !== 0) return `block size ${blockSize}: the value products read 32 consecutive cache rows, so a multiple of 32 (--block-size 32)`;
+  const tc = planMlaTc(nHeads, f, 64);
+  if (typeof tc === 'string') return tc;
+  const problem = mla3ScoresTcProblem(f, tc);
+  if (problem) return problem;
+  const HT = tc.headTiles;
+  const HP = tc.headsPadded;
+  const NT = tc.latentPad / 16;
+  let SG = 8;
+  while (SG > 1 && (NT % SG !== 0 || SG % HT !== 0)) SG /= 2;
+  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles and ${HT} head tiles: no subgroup count of 1–8 divides both`;
+  const TG = SG / HT;
+  const W = 16 * TG;
+  if (W % 32 !== 0) return `${SG} subgroups over ${HT} head tiles give ${W}-token windows: not a whole 32-token K step`;
+  const WG = 32 * SG;
+  const TPH = WG / HP;
+  const TPT = W / TPH;
+  if (!Number.isInteger(TPH) || ![4, 8, 16].includes(TPT)) return `${WG} threads over ${HP} heads × ${W} tokens: not 4, 8 or 16 tokens a thread`;
+  const LPS = NT / SG;
+  const fixed = HP * W + 2 * 8 * WG + 8 * W + 8 * HP + 16;
+  const bytes = (fl: number) => fixed + 4 * SG * Math.max(512, fl * HT * 256);
+  let FL = LPS;
+  while (FL > 1 && (LPS % FL !== 0 || bytes(FL) > storageLimit)) FL--;
+  if (bytes(FL) > storageLimit) return `${bytes(FL)} B of workgroup memory, the device allows ${storageLimit}`;
+  return {
+    headTiles: HT,
+    headsPadded: HP,
+    subgroups: SG,
+    tokenGroups: TG,
+    window: W,
+    latentTiles: NT,
+    latentTilesPerSubgroup: LPS,
+    foldLatentTiles: FL,
+    threadsPerHead: TPH,
+    tokensPerThread: TPT,
+    scratchWords: SG * Math.max(512, FL * HT * 256),
+    workgroupBytes: bytes(FL),
+    tc,
+  };
+}
+
+/** The split kernel, grid (chunks, 1, rows); partials as the other MLA kernels write them ([m, l, o] per head and chunk). */
+export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaFlashPlan, tensorCores: boolean): string {
+  const H = nHeads;
+  const R = f.kvLoraRank;
+  const { headTiles: HT, headsPadded: HP, subgroups: SG, tokenGroups: TG, window: W, latentTilesPerSubgroup: LPS, foldLatentTiles: FL, threadsPerHead: TPH, tokensPerThread: TPT, tc } = p;
+  const WG = 32 * SG;
+  const rowBytes = 4 * f.rowWords;
+  const LW = tc.latentPad / 4;
+  const ropeByte = 4 * f.ropeWord;
+  const steps = tc.rowPad / 32;
+  const KS = W / 32;
+  const left = 'subgroup_matrix_left<i8, 32, 16>';
+  const right = 'subgroup_matrix_right<i8, 16, 32>';
+  const result = 'subgroup_matrix_result<i32, 16, 16>';
+  const range = (n: number) => [...Array(n).keys()];
+
+  // Phase 1: this subgroup's score tile (head tile ht, 16 tokens from g0) into scr[sg·512 …] (latent) and scr[sg·512 + 256 …] (rope).
+  const scoreTc = () => {
+    const mma = (acc: string, k: number, cacheByte: number) =>
+      `${acc} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&qq, qBase + ${k * 512}u, false, 32u), subgroupMatrixLoad<${right}>(&cache, rowByte + ${cacheByte}u, true, ${rowBytes}u), ${acc});`;
+    return [
+      `var accL = ${result}();`,
+      `var accP = ${result}();`,
+      ...range(tc.latentPad / 32).map((k) => mma('accL', k, 32 * k)),
+      ...range(tc.ropePad / 32).map((k) => mma('accP', tc.latentPad / 32 + k, ropeByte + 32 * k)),
+      `subgroupMatrixStore(&scr, sg * 512u, accL, false, 16u);`,
+      `subgroupMatrixStore(&scr, sg * 512u + 256u, accP, false, 16u);`,
+    ].join('\n      ');
+  };
+  // The same integers: lane element e = lane·8 + i of the 16 × 16 tile (head e / 16, token e % 16), stored row-major.
+  const scoreDot4 = () => `for (var i = 0u; i < 8u; i++) {
+        let e = lane * 8u + i;
+        let h = ht * 16u + e / 16u;
+        let rw = rowByte / 4u + (e % 16u) * ${f.rowWords}u;
+        var sL = 0i;
+        var sP = 0i;
+        for (var w = 0u; w < ${LW}u; w++) { sL += dot4I8Packed(u32(qq[qqWord(r, h, w)]), u32(cache[rw + w])); }
+        for (var w = 0u; w < ${tc.ropePad / 4}u; w++) { sP += dot4I8Packed(u32(qq[qqWord(r, h, ${LW}u + w)]), u32(cache[rw + ${f.ropeWord}u + w])); }
+        scr[sg * 512u + e] = sL;
+        scr[sg * 512u + 256u + e] = sP;
+      }`;
+
+  // Phase 3, round q: latent tiles lt_j = sg·LPS + q·FL + j; tile (ht, j) stored at scr[(sg·FL·HT + j·HT + ht)·256 …].
+  const tileIdx = (j: number, ht: number) => j * HT + ht;
+  const valuesTc = (q: number) => {
+    const lines: string[] = [];
+    for (const j of range(FL)) for (const ht of range(HT)) lines.push(`var acc${tileIdx(j, ht)} = ${result}();`);
+    for (const ks of range(KS)) {
+      lines.push(`{`);
+      lines.push(`  let kRow = rowOfStep(${ks}u) * ${rowBytes}u;`);
+      for (const ht of range(HT)) lines.push(`  let pl${ht} = subgroupMatrixLoad<${left}>(&pq, ${ht * 16 * W + ks * 32}u, false, ${W}u);`);
+      for (const j of range(FL)) {
+        lines.push(`  let cr${j} = subgroupMatrixLoad<${right}>(&cache, kRow + (sg * ${LPS}u + ${q * FL + j}u) * 16u, false, ${rowBytes}u);`);
+        for (const ht of range(HT)) lines.push(`  acc${tileIdx(j, ht)} = subgroupMatrixMultiplyAccumulate(pl${ht}, cr${j}, acc${tileIdx(j, ht)});`);
+      }
+      lines.push(`}`);
+    }
+    for (const j of range(FL)) for (const ht of range(HT)) lines.push(`subgroupMatrixStore(&scr, (sg * ${FL * HT}u + ${tileIdx(j, ht)}u) * 256u, acc${tileIdx(j, ht)}, false, 16u);`);
+    return lines.join('\n      ');
+  };
+  const valuesDot4 = (q: number) => `for (var tj = 0u; tj < ${FL * HT}u; tj++) {
+        let lb = (sg * ${LPS}u + ${q * FL}u + tj / ${HT}u) * 16u;
+        for (var i = 0u; i < 8u; i++) {
+          let e = lane * 8u + i;
+          let h = (tj % ${HT}u) * 16u + e / 16u;
+          let b = lb + e % 16u;
+          var sum = 0i;
+          for (var ks = 0u; ks < ${KS}u; ks++) {
+            let kw = rowOfStep(ks) * ${f.rowWords}u;
+            for (var k = 0u; k < 32u; k++) {
+              let pb = h * ${W}u + ks * 32u + k;
+              sum += unpack4xI8(u32(pq[pb / 4u]))[pb % 4u] * unpack4xI8(u32(cache[kw + k * ${f.rowWords}u + b / 4u]))[b % 4u];
+            }
+          }
+          scr[(sg * ${FL * HT}u + tj) * 256u + e] = sum;
+        }
+      }`;
+  // Fold round q's tiles: lane's elements lane·8 … lane·8 + 7 of a tile are head ht·16 + lane / 2, latent lt·16 + (lane % 2)·8 + i.
+  const fold = (q: number) =>
+    range(FL)
+      .flatMap((j) =>
+        range(HT).map((ht) => {
+          const o = ((q * FL + j) * HT + ht) * 8;
+          return `{
+        let h = ${ht * 16}u + lane / 2u;
+        let al = alpha[h];
+        let ps = pscale[h];
+        let base = (sg * ${FL * HT}u + ${tileIdx(j, ht)}u) * 256u + lane * 8u;
+        ${range(8).map((i) => `o[${o + i}] = o[${o + i}] * al + f32(scr[base + ${i}u]) * ps;`).join('\n        ')}
+      }`;
+        }),
+      )
+      .join('\n      ');
+  const rounds = range(LPS / FL)
+    .map((q) => `{
+      ${tensorCores ? valuesTc(q) : valuesDot4(q)}
+      workgroupBarrier();
+      ${fold(q)}
+      workgroupBarrier();
+    }`)
+    .join('\n    ');
+  const writeOut = range(LPS).flatMap((lt) =>
+    range(HT).map((ht) => {
+      const o = (lt * HT + ht) * 8;
+      return `{
+    let h = ${ht * 16}u + lane / 2u;
+    let d = (sg * ${LPS}u + ${lt}u) * 16u + (lane % 2u) * 8u;
+    if (h < ${H}u) {
+      let base = ((r * ${H}u + h) * maxChunks + c) * ${R + 2}u + 2u + d;
+      ${range(8).map((i) => `if (d + ${i}u < ${R}u) { partials[base + ${i}u] = o[${o + i}]; }`).join('\n      ')}
+    }
+  }`;
+    }),
+  );
+
+  return /* wgsl */ `${tensorCores ? 'enable subgroups;\nenable chromium_experimental_subgroup_matrix;\ndiagnostic(off, chromium_experimental.subgroup_matrix_uniformity);' : ''}
+${metaWgsl(0)}
+@group(0) @binding(1) var<storage, read> qq: array<i32>;
+@group(0) @binding(2) var<storage, read> qs: array<f32>;
+@group(0) @binding(3) var<storage, read> cache: array<i32>;
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+${cacheRowWgsl(blockSize)}
+${qqWordWgsl(tc)}
+var<workgroup> scr: array<i32, ${p.scratchWords}>;
+var<workgroup> pq: array<i32, ${(HP * W) / 4}>;
+var<workgroup> red: array<vec2<f32>, ${WG}>;
+var<workgroup> red2: array<vec2<f32>, ${WG}>;
+var<workgroup> tokScale: array<vec2<f32>, ${W}>;
+var<workgroup> alpha: array<f32, ${HP}>;
+var<workgroup> pscale: array<f32, ${HP}>;
+var<workgroup> bounds: vec2<u32>;
+var<private> wStart: u32;
+var<private> wLast: u32;
+var<private> bt: u32;
+
+/** Cache row of K step ks's first token (a step wholly past the window's tokens reads the last one's step: p′ is zero there). */
+fn rowOfStep(ks: u32) -> u32 {
+  return cacheRow(bt, min(wStart + ks * 32u, wLast - wLast % 32u));
+}
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32, ' : ''}@builtin(workgroup_id) wid: vec3<u32>) {
+  ${tensorCores ? '' : 'let sg = lid / 32u;\n  let lane = lid % 32u;'}
+  let c = wid.x;
+  let r = wid.z;
+  if (lid == 0u) { bounds = chunkSpan(r, c); }
+  let bnd = workgroupUniformLoad(&bounds);
+  if (bnd.y <= bnd.x) { return; }
+  bt = seqBlockTable(rowSeq(r));
+  let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  let ht = sg / ${TG}u;
+  let qBase = (r * ${HT}u + ht) * ${steps * 512}u;
+  // Softmax thread: head sh, tokens st0 … st0 + ${TPT - 1} of the window.
+  let sh = lid / ${TPH}u;
+  let sub = lid % ${TPH}u;
+  let first = lid - sub;
+  let st0 = sub * ${TPT}u;
+  let sa = (sh / 16u) * ${TG}u + st0 / 16u;
+  let se = (sh % 16u) * 16u + st0 % 16u;
+  let sq = vec2<f32>(qs[2u * (r * ${HP}u + sh)], qs[2u * (r * ${HP}u + sh) + 1u]);
+  var mRun = ${NEG_BIG};
+  var lRun = 0.0;
+  var o: array<f32, ${LPS * HT * 8}>;
+
+  for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
+    let n = min(${W}u, bnd.y - w0);
+    wStart = w0;
+    wLast = w0 + n - 1u;
+    for (var j = lid; j < ${W}u; j += ${WG}u) {
+      let rb = cacheRow(bt, w0 + min(j, n - 1u)) * ${f.rowWords}u;
+      tokScale[j] = select(vec2<f32>(0.0), vec2<f32>(bitcast<f32>(cache[rb + ${f.scaleWord}u]), bitcast<f32>(cache[rb + ${f.scaleWord + 1}u])), j < n);
+    }
+    // Phase 1: a group wholly past the window reads the last token's group (its scores are masked below).
+    {
+      let g0 = min(w0 + (sg % ${TG}u) * 16u, wLast - wLast % 16u);
+      let rowByte = cacheRow(bt, g0) * ${rowBytes}u;
+      ${tensorCores ? scoreTc() : scoreDot4()}
+    }
+    workgroupBarrier();
+
+    // Phase 2: the window's softmax for head sh.
+    var s: array<f32, ${TPT}>;
+    var mx = ${NEG_BIG};
+    var bad = 0.0;
+    for (var i = 0u; i < ${TPT}u; i++) {
+      let t = st0 + i;
+      let ts = tokScale[t];
+      let v = f32(scr[sa * 512u + se + i]) * sq.x * ts.x + f32(scr[sa * 512u + 256u + se + i]) * sq.y * ts.y;
+      s[i] = v;
+      if (t < n) {
+        mx = max(mx, v);
+        bad = select(bad, 1.0, (bitcast<u32>(v) & 0x7f800000u) == 0x7f800000u);
+      }
+    }
+    red[lid] = vec2<f32>(mx, bad);
+    workgroupBarrier();
+    var wm = red[first];
+    for (var j = 1u; j < ${TPH}u; j++) { wm = max(wm, red[first + j]); }
+    let mNew = max(mRun, wm.x);
+    let poisoned = wm.y > 0.0;
+    var pp: array<f32, ${TPT}>;
+    var l = 0.0;
+    var pmax = 0.0;
+    for (var i = 0u; i < ${TPT}u; i++) {
+      pp[i] = 0.0;
+      if (st0 + i < n) {
+        let pt = exp(s[i] - mNew);
+        l += pt;
+        pp[i] = pt * tokScale[st0 + i].x;
+        pmax = max(pmax, pp[i]);
+      }
+    }
+    red2[lid] = vec2<f32>(l, pmax);
+    workgroupBarrier();
+    var tot = red2[first];
+    for (var j = 1u; j < ${TPH}u; j++) {
+      let u = red2[first + j];
+      tot = vec2<f32>(tot.x + u.x, max(tot.y, u.y));
+    }
+    let al = exp(mRun - mNew);
+    let lNew = lRun * al + tot.x;
+    lRun = select(lNew, bitcast<f32>(bitcast<u32>(lNew) | 0x7fc00000u), poisoned);
+    mRun = mNew;
+    if (sub == 0u) {
+      alpha[sh] = al;
+      pscale[sh] = tot.y / 127.0;
+    }
+    let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
+    for (var qd = 0u; qd < ${TPT / 4}u; qd++) {
+      let v = vec4<f32>(pp[4u * qd], pp[4u * qd + 1u], pp[4u * qd + 2u], pp[4u * qd + 3u]) * inv;
+      pq[sh * ${W / 4}u + st0 / 4u + qd] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
+    }
+    workgroupBarrier();
+
+    // Phase 3: the value products, ${FL} latent tile(s) of ${LPS} a round, folded into o.
+    ${rounds}
+  }
+
+  ${writeOut.join('\n  ')}
+  if (sub == 0u && sh < ${H}u) {
+    let base = ((r * ${H}u + sh) * maxChunks + c) * ${R + 2}u;
+    partials[base] = mRun;
+    partials[base + 1u] = lRun;
+  }
+}
+`;
+}
