@@ -344,11 +344,22 @@ flash)
     --prefill ${FLASH_PREFILL:-512} --mla-int8 "${FLASH_FORMS:-dot4,flash,flash target×2,flash target÷2,flash-dot4}" \
     --json "$OUT/attention-flash.json" >"$OUT/attention-flash.txt" 2>"$OUT/attention-flash.err"
   el "rc=$?"
+  if [ "${FLASH_DECODE:-on}" != none ]; then
+    mla_decode dot4-bs32 --block-size 32
+    mla_decode flash --block-size 32 --mla-int8-products flash
+  fi
   grep "^✔\|^✖\|^ℹ\|not ok\|Error\|heads beyond" "$OUT/flash-test.txt" | cut -c1-300 | head -n 12
   grep -A30 "^MLA over int8 cache" "$OUT/attention-flash.txt" | cut -c1-200 | head -n 30
   grep -A3 "^prefill (1 prompt)" "$OUT/attention-flash.txt" | cut -c1-220
   grep "flash vs flash-dot4" "$OUT/attention-flash.txt" | head -n 8
   grep -v "^\s*$" "$OUT/attention-flash.err" | grep -v "µs,\|^NVIDIA\|^nvidia" | tail -n 6
+  for tag in dot4-bs32 flash; do
+    [ -f "$OUT/decode-mla-$tag.txt" ] || continue
+    echo "== MLA decode, $tag"
+    summary "$OUT/decode-mla-$tag.txt" 3
+    grep "mla-attention" "$OUT/decode-mla-$tag.txt" | head -n 6
+    tail -n 2 "$OUT/decode-mla-$tag.txt" | grep -i "error" | cut -c1-300
+  done
   ;;
 tests)
   el tests
