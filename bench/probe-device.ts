@@ -3,6 +3,7 @@
 //   node --import tsx bench/probe-device.ts            # adapter, subgroup-matrix configs, which units offsets/strides count
 //   node --import tsx bench/probe-device.ts --stream   # 1 GiB streaming read: one vec4 per thread vs grid-stride loops
 //   node --import tsx bench/probe-device.ts --gemm     # int8 W8A8: subgroup-matrix kernels vs the dot4 kernel, small shapes
+//   node --import tsx bench/probe-device.ts --value-loads  # the one-pass MLA kernel's value product alone, each operand form
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { readBack } from './gpu-timing.ts';
 
@@ -373,6 +374,83 @@ async function checkGemm(gpu: GpuContext): Promise<void> {
   }
 }
 
+/**
+ * The value product of the one-pass MLA kernel (kernels/mla-attention-flash.ts) in isolation: O = P · X with P 16 × 32
+ * i8 (row-major, stride 32, from storage or workgroup memory) and X 32 cache rows × 16 bytes at byte `col` of rows
+ * `stride` bytes apart (row-major right operand from storage), and its transpose Oᵀ = Xᵀ · Pᵀ (X column-major as the
+ * left operand, P column-major as the right one), each against host integers.
+ */
+async function probeValueLoads(gpu: GpuContext): Promise<void> {
+  for (const stride of [16, 32, 512, 584, 608]) {
+    for (const col of stride === 16 ? [0] : [0, 16, 32, 48]) {
+      const rows = 40;
+      const xb = new Int8Array(rows * stride);
+      for (let i = 0; i < xb.length; i++) xb[i] = ((i * 29 + 7) % 31) - 15;
+      const pb = new Int8Array(16 * 32);
+      for (let i = 0; i < pb.length; i++) pb[i] = ((i * 13 + 3) % 17) - 8;
+      const want = new Int32Array(256);
+      for (let m = 0; m < 16; m++) for (let n = 0; n < 16; n++) {
+        let acc = 0;
+        for (let k = 0; k < 32; k++) acc += pb[m * 32 + k] * xb[k * stride + col + n];
+        want[m * 16 + n] = acc;
+      }
+      const x = buf(gpu, new Int32Array(xb.buffer));
+      const pp = buf(gpu, new Int32Array(pb.buffer));
+      // The score form of the same buffer (x column-major as the right operand: 16 rows' first 32 bytes) for 'with scores'.
+      const wantS = new Int32Array(256);
+      for (let m = 0; m < 16; m++) for (let n = 0; n < 16; n++) {
+        let acc = 0;
+        for (let k = 0; k < 32; k++) acc += pb[m * 32 + k] * xb[n * stride + k];
+        wantS[m * 16 + n] = acc;
+      }
+      const out = buf(gpu, new Int32Array(512));
+      for (const form of ['rows storage', 'rows workgroup', 'transposed storage', 'transposed workgroup', 'rows storage with scores', 'transposed storage with scores']) {
+        const wg = form.includes('workgroup');
+        const tr = form.startsWith('transposed');
+        const withScores = form.endsWith('with scores') && stride >= 32;
+        if (form.endsWith('with scores') && !withScores) continue;
+        const code = `enable chromium_experimental_subgroup_matrix;
+@group(0) @binding(0) var<storage, read> x: array<i32>;
+@group(0) @binding(1) var<storage, read> p: array<i32>;
+@group(0) @binding(2) var<storage, read_write> c: array<i32>;
+var<workgroup> ps: array<i32, 128>;
+@compute @workgroup_size(32)
+fn main(@builtin(local_invocation_index) lid: u32) {
+  for (var i = lid; i < 128u; i += 32u) { ps[i] = p[i]; }
+  workgroupBarrier();
+  ${tr
+    ? `let l = subgroupMatrixLoad<subgroup_matrix_left<i8, 32, 16>>(&x, ${col}u, true, ${stride}u);
+  let r = subgroupMatrixLoad<subgroup_matrix_right<i8, 16, 32>>(&${wg ? 'ps' : 'p'}, 0u, true, 32u);
+  var acc = subgroup_matrix_result<i32, 16, 16>();
+  acc = subgroupMatrixMultiplyAccumulate(l, r, acc);
+  subgroupMatrixStore(&c, 0u, acc, true, 16u);`
+    : `let l = subgroupMatrixLoad<subgroup_matrix_left<i8, 32, 16>>(&${wg ? 'ps' : 'p'}, 0u, false, 32u);
+  let r = subgroupMatrixLoad<subgroup_matrix_right<i8, 16, 32>>(&x, ${col}u, false, ${stride}u);
+  var acc = subgroup_matrix_result<i32, 16, 16>();
+  acc = subgroupMatrixMultiplyAccumulate(l, r, acc);
+  subgroupMatrixStore(&c, 0u, acc, false, 16u);`}
+  ${withScores ? `var accS = subgroup_matrix_result<i32, 16, 16>();
+  accS = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<subgroup_matrix_left<i8, 32, 16>>(&p, 0u, false, 32u), subgroupMatrixLoad<subgroup_matrix_right<i8, 16, 32>>(&x, 0u, true, ${stride}u), accS);
+  subgroupMatrixStore(&c, 256u, accS, false, 16u);` : ''}
+}`;
+        try {
+          const got = await runOneWorkgroup(gpu, `value loads ${form} ${stride} ${col}`, code, [x, pp, out], out, 512);
+          let bad = 0;
+          let badS = 0;
+          for (let i = 0; i < 256; i++) {
+            if (got[i] !== want[i]) bad++;
+            if (withScores && got[256 + i] !== wantS[i]) badS++;
+          }
+          log(`value product, ${form}, stride ${stride}, column ${col}: ${bad} of 256 wrong${bad ? ` (got[0] ${got[0]}, want ${want[0]})` : ''}${withScores ? `; score product ${badS} of 256 wrong` : ''}`);
+        } catch (e) {
+          log(`value product, ${form}, stride ${stride}, column ${col}: ${(e as Error).message.split('\n')[0]}`);
+        }
+      }
+      for (const b of [x, pp, out]) b.destroy();
+    }
+  }
+}
+
 const gpu = await openGpu({ dawnFlags: ['enable-dawn-features=allow_unsafe_apis'] });
 log(`adapter: ${gpu.adapterName}; software ${gpu.isSoftware}; features: ${[...gpu.features].sort().join(', ')}`);
 log(`subgroup matrix configs: ${JSON.stringify(gpu.subgroupMatrixConfigs)}; subgroup size ${gpu.subgroupSize}`);
@@ -380,6 +458,13 @@ if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeSubgro
 else log('no subgroup matrix feature');
 if (!gpu.isSoftware && process.argv.includes('--stream')) await probeStream(gpu);
 if (process.argv.includes('--gemm')) await checkGemm(gpu);
+if (process.argv.includes('--value-loads')) {
+  if (gpu.features.has('chromium-experimental-subgroup-matrix')) await probeValueLoads(gpu);
+  else log('no subgroup matrix feature: --value-loads skipped');
+  gpu.destroy();
+  releaseGpu();
+  process.exit(0);
+}
 if (gpu.features.has('chromium-experimental-subgroup-matrix')) {
   await probeRightLoads(gpu);
   await probeScoreTiles(gpu);

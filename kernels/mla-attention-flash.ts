@@ -39,13 +39,26 @@ export interface MlaFlashPlan {
   workgroupBytes: number;
   /** The query layout (qqWordWgsl) the query quantizer and the decode front write. */
   tc: MlaTcPlan;
+  /** Tensor-core value products as p′ · C ('rows') or Cᵀ · p′ᵀ ('transposed'); the same integers. */
+  valueForm: MlaFlashValueForm;
+  /** Score K steps whose loads are issued together before their products. */
+  scoreBatch: number;
+  /** Whether the value products load the cache through a second binding of the same buffer (binding 5). */
+  cacheTwice: boolean;
 }
+
+export type MlaFlashValueForm = 'rows' | 'transposed';
+/** Defaults of the tensor-core forms (untimed guesses until a device run). */
+export const MLA_FLASH_VALUE_FORM: MlaFlashValueForm = 'rows';
+export const MLA_FLASH_SCORE_BATCH = 6;
+export const MLA_FLASH_CACHE_TWICE = true;
 
 /** The smallest chunk the kernel takes (its K steps start on 32-token bounds). */
 export const MLA_FLASH_MIN_CHUNK = 32;
 
 /** The plan for a shape, or why the one-pass tensor-core kernel does not take it. */
-export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number): MlaFlashPlan | string {
+export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, cacheTwice = MLA_FLASH_CACHE_TWICE): MlaFlashPlan | string {
+  if (!Number.isInteger(scoreBatch) || scoreBatch < 1) return `score batch ${scoreBatch}: a positive integer`;
   if (nHeads > 32) return `${nHeads} heads: at most 32 (two 16-head tiles)`;
   if (blockSize % 32 !== 0) return `block size ${blockSize}: the value products read 32 consecutive cache rows, so a multiple of 32 (--block-size 32)`;
   const tc = planMlaTc(nHeads, f, 64);
@@ -68,7 +81,7 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
   const LPS = NT / SG;
   const fixed = HP * W + 2 * 8 * WG + 8 * W + 8 * HP + 16;
   const bytes = (fl: number) => fixed + 4 * SG * Math.max(512, fl * HT * 256);
-  let FL = LPS;
+  let FL = Math.min(LPS, maxFold);
   while (FL > 1 && (LPS % FL !== 0 || bytes(FL) > storageLimit)) FL--;
   if (bytes(FL) > storageLimit) return `${bytes(FL)} B of workgroup memory, the device allows ${storageLimit}`;
   return {
@@ -85,11 +98,23 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
     scratchWords: SG * Math.max(512, FL * HT * 256),
     workgroupBytes: bytes(FL),
     tc,
+    valueForm,
+    scoreBatch,
+    cacheTwice,
   };
 }
 
+/** Which products run on subgroup matrices (the rest in the dot4 form: one phase alone tells which one a wrong kernel gets wrong). */
+export interface MlaFlashProducts {
+  scores: boolean;
+  values: boolean;
+  /** Timing diagnosis only (wrong outputs): leave out the score products, the value products, or the folds of the value tiles. */
+  skip?: 'scores' | 'values' | 'fold';
+}
+
 /** The split kernel, grid (chunks, 1, rows); partials as the other MLA kernels write them ([m, l, o] per head and chunk). */
-export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaFlashPlan, tensorCores: boolean): string {
+export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaFlashPlan, products: MlaFlashProducts): string {
+  const tensorCores = products.scores || products.values;
   const H = nHeads;
   const R = f.kvLoraRank;
   const { headTiles: HT, headsPadded: HP, subgroups: SG, tokenGroups: TG, window: W, latentTilesPerSubgroup: LPS, foldLatentTiles: FL, threadsPerHead: TPH, tokensPerThread: TPT, tc } = p;
@@ -105,17 +130,22 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
   const range = (n: number) => [...Array(n).keys()];
 
   // Phase 1: this subgroup's score tile (head tile ht, 16 tokens from g0) into scr[sg·512 …] (latent) and scr[sg·512 + 256 …] (rope).
+  // K steps in batches of scoreBatch: every load of a batch issued before its products, so their latencies overlap.
   const scoreTc = () => {
-    const mma = (acc: string, k: number, cacheByte: number) =>
-      `${acc} = subgroupMatrixMultiplyAccumulate(subgroupMatrixLoad<${left}>(&qq, qBase + ${k * 512}u, false, 32u), subgroupMatrixLoad<${right}>(&cache, rowByte + ${cacheByte}u, true, ${rowBytes}u), ${acc});`;
-    return [
-      `var accL = ${result}();`,
-      `var accP = ${result}();`,
-      ...range(tc.latentPad / 32).map((k) => mma('accL', k, 32 * k)),
-      ...range(tc.ropePad / 32).map((k) => mma('accP', tc.latentPad / 32 + k, ropeByte + 32 * k)),
-      `subgroupMatrixStore(&scr, sg * 512u, accL, false, 16u);`,
-      `subgroupMatrixStore(&scr, sg * 512u + 256u, accP, false, 16u);`,
-    ].join('\n      ');
+    const ks = [...range(tc.latentPad / 32).map((k) => ({ k, acc: 'accL', byte: 32 * k })), ...range(tc.ropePad / 32).map((k) => ({ k: tc.latentPad / 32 + k, acc: 'accP', byte: ropeByte + 32 * k }))];
+    const lines = [`var accL = ${result}();`, `var accP = ${result}();`];
+    for (let b0 = 0; b0 < ks.length; b0 += p.scoreBatch) {
+      const batch = ks.slice(b0, b0 + p.scoreBatch);
+      lines.push('{');
+      for (const { k, byte } of batch) {
+        lines.push(`  let ql${k} = subgroupMatrixLoad<${left}>(&qq, qBase + ${k * 512}u, false, 32u);`);
+        lines.push(`  let cr${k} = subgroupMatrixLoad<${right}>(&cache, rowByte + ${byte}u, true, ${rowBytes}u);`);
+      }
+      for (const { k, acc } of batch) lines.push(`  ${acc} = subgroupMatrixMultiplyAccumulate(ql${k}, cr${k}, ${acc});`);
+      lines.push('}');
+    }
+    lines.push(`subgroupMatrixStore(&scr, sg * 512u, accL, false, 16u);`, `subgroupMatrixStore(&scr, sg * 512u + 256u, accP, false, 16u);`);
+    return lines.join('\n      ');
   };
   // The same integers: lane element e = lane·8 + i of the 16 × 16 tile (head e / 16, token e % 16), stored row-major.
   const scoreDot4 = () => `for (var i = 0u; i < 8u; i++) {
@@ -132,20 +162,31 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
 
   // Phase 3, round q: latent tiles lt_j = sg·LPS + q·FL + j; tile (ht, j) stored at scr[(sg·FL·HT + j·HT + ht)·256 …].
   const tileIdx = (j: number, ht: number) => j * HT + ht;
+  // 'rows': O = p′ · C (p′ of 16 heads × 32 tokens as the left operand, 32 cache rows × 16 latent bytes row-major from
+  // storage as the right one); 'transposed': Oᵀ = Cᵀ · p′ᵀ (the cache bytes column-major from storage as the left
+  // operand, p′ column-major from workgroup memory as the right one), stored column-major so the tile reads the same.
+  // Every load of a round is issued before its products.
   const valuesTc = (q: number) => {
     const lines: string[] = [];
+    const T = p.valueForm === 'transposed';
     for (const j of range(FL)) for (const ht of range(HT)) lines.push(`var acc${tileIdx(j, ht)} = ${result}();`);
+    for (const ks of range(KS)) lines.push(`let kRow${ks} = rowOfStep(bt, w0, wLast, ${ks}u) * ${rowBytes}u;`);
     for (const ks of range(KS)) {
-      lines.push(`{`);
-      lines.push(`  let kRow = rowOfStep(${ks}u) * ${rowBytes}u;`);
-      for (const ht of range(HT)) lines.push(`  let pl${ht} = subgroupMatrixLoad<${left}>(&pq, ${ht * 16 * W + ks * 32}u, false, ${W}u);`);
+      for (const ht of range(HT)) lines.push(T ? `let pr${ks}_${ht} = subgroupMatrixLoad<${right}>(&pq, ${ht * 16 * W + ks * 32}u, true, ${W}u);` : `let pl${ks}_${ht} = subgroupMatrixLoad<${left}>(&pq, ${ht * 16 * W + ks * 32}u, false, ${W}u);`);
       for (const j of range(FL)) {
-        lines.push(`  let cr${j} = subgroupMatrixLoad<${right}>(&cache, kRow + (sg * ${LPS}u + ${q * FL + j}u) * 16u, false, ${rowBytes}u);`);
-        for (const ht of range(HT)) lines.push(`  acc${tileIdx(j, ht)} = subgroupMatrixMultiplyAccumulate(pl${ht}, cr${j}, acc${tileIdx(j, ht)});`);
+        const off = `kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 16u`;
+        lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cacheV, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cacheV, ${off}, false, ${rowBytes}u);`);
       }
-      lines.push(`}`);
     }
-    for (const j of range(FL)) for (const ht of range(HT)) lines.push(`subgroupMatrixStore(&scr, (sg * ${FL * HT}u + ${tileIdx(j, ht)}u) * 256u, acc${tileIdx(j, ht)}, false, 16u);`);
+    for (const ks of range(KS)) {
+      for (const j of range(FL)) {
+        for (const ht of range(HT)) {
+          const a = `acc${tileIdx(j, ht)}`;
+          lines.push(T ? `${a} = subgroupMatrixMultiplyAccumulate(cl${ks}_${j}, pr${ks}_${ht}, ${a});` : `${a} = subgroupMatrixMultiplyAccumulate(pl${ks}_${ht}, cr${ks}_${j}, ${a});`);
+        }
+      }
+    }
+    for (const j of range(FL)) for (const ht of range(HT)) lines.push(`subgroupMatrixStore(&scr, (sg * ${FL * HT}u + ${tileIdx(j, ht)}u) * 256u, acc${tileIdx(j, ht)}, ${T}, 16u);`);
     return lines.join('\n      ');
   };
   const valuesDot4 = (q: number) => `for (var tj = 0u; tj < ${FL * HT}u; tj++) {
@@ -156,10 +197,10 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
           let b = lb + e % 16u;
           var sum = 0i;
           for (var ks = 0u; ks < ${KS}u; ks++) {
-            let kw = rowOfStep(ks) * ${f.rowWords}u;
+            let kw = rowOfStep(bt, w0, wLast, ks) * ${f.rowWords}u;
             for (var k = 0u; k < 32u; k++) {
               let pb = h * ${W}u + ks * 32u + k;
-              sum += unpack4xI8(u32(pq[pb / 4u]))[pb % 4u] * unpack4xI8(u32(cache[kw + k * ${f.rowWords}u + b / 4u]))[b % 4u];
+              sum += unpack4xI8(u32(pq[pb / 4u]))[pb % 4u] * unpack4xI8(u32(cacheV[kw + k * ${f.rowWords}u + b / 4u]))[b % 4u];
             }
           }
           scr[(sg * ${FL * HT}u + tj) * 256u + e] = sum;
@@ -181,14 +222,15 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
         }),
       )
       .join('\n      ');
-  const rounds = range(LPS / FL)
+  const rounds0 = range(LPS / FL)
     .map((q) => `{
-      ${tensorCores ? valuesTc(q) : valuesDot4(q)}
+      ${products.values ? valuesTc(q) : valuesDot4(q)}
       workgroupBarrier();
-      ${fold(q)}
+      ${products.skip === 'fold' ? '' : fold(q)}
       workgroupBarrier();
     }`)
     .join('\n    ');
+  const rounds = p.cacheTwice ? rounds0 : rounds0.replaceAll('cacheV', 'cache');
   const writeOut = range(LPS).flatMap((lt) =>
     range(HT).map((ht) => {
       const o = (lt * HT + ht) * 8;
@@ -209,6 +251,8 @@ ${metaWgsl(0)}
 @group(0) @binding(2) var<storage, read> qs: array<f32>;
 @group(0) @binding(3) var<storage, read> cache: array<i32>;
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+// The same cache buffer bound again for the value products' loads: ${p.cacheTwice ? 'on' : 'off'} (a buffer loaded as two matrix forms in one shader).
+${p.cacheTwice ? '@group(0) @binding(5) var<storage, read> cacheV: array<i32>;' : ''}
 ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
 var<workgroup> scr: array<i32, ${p.scratchWords}>;
@@ -219,13 +263,13 @@ var<workgroup> tokScale: array<vec2<f32>, ${W}>;
 var<workgroup> alpha: array<f32, ${HP}>;
 var<workgroup> pscale: array<f32, ${HP}>;
 var<workgroup> bounds: vec2<u32>;
-var<private> wStart: u32;
-var<private> wLast: u32;
-var<private> bt: u32;
 
-/** Cache row of K step ks's first token (a step wholly past the window's tokens reads the last one's step: p′ is zero there). */
-fn rowOfStep(ks: u32) -> u32 {
-  return cacheRow(bt, min(wStart + ks * 32u, wLast - wLast % 32u));
+/**
+ * Cache row of K step ks's first token of the window from w0 to wLast (a step wholly past it reads the last token's
+ * step: p′ is zero there). Arguments rather than private variables: the subgroup-matrix loads need uniform offsets.
+ */
+fn rowOfStep(bt: u32, w0: u32, wLast: u32, ks: u32) -> u32 {
+  return cacheRow(bt, min(w0 + ks * 32u, wLast - wLast % 32u));
 }
 
 @compute @workgroup_size(${WG})
@@ -236,7 +280,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
   if (lid == 0u) { bounds = chunkSpan(r, c); }
   let bnd = workgroupUniformLoad(&bounds);
   if (bnd.y <= bnd.x) { return; }
-  bt = seqBlockTable(rowSeq(r));
+  let bt = seqBlockTable(rowSeq(r));
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
   let ht = sg / ${TG}u;
   let qBase = (r * ${HT}u + ht) * ${steps * 512}u;
@@ -254,8 +298,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
 
   for (var w0 = bnd.x; w0 < bnd.y; w0 += ${W}u) {
     let n = min(${W}u, bnd.y - w0);
-    wStart = w0;
-    wLast = w0 + n - 1u;
+    let wLast = w0 + n - 1u;
     for (var j = lid; j < ${W}u; j += ${WG}u) {
       let rb = cacheRow(bt, w0 + min(j, n - 1u)) * ${f.rowWords}u;
       tokScale[j] = select(vec2<f32>(0.0), vec2<f32>(bitcast<f32>(cache[rb + ${f.scaleWord}u]), bitcast<f32>(cache[rb + ${f.scaleWord + 1}u])), j < n);
@@ -264,42 +307,34 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     {
       let g0 = min(w0 + (sg % ${TG}u) * 16u, wLast - wLast % 16u);
       let rowByte = cacheRow(bt, g0) * ${rowBytes}u;
-      ${tensorCores ? scoreTc() : scoreDot4()}
+      ${products.skip === 'scores' ? 'if (w0 == 0xffffffffu) { scr[0] = qq[0]; } // keeps the binding' : products.scores ? scoreTc() : scoreDot4()}
     }
     workgroupBarrier();
 
     // Phase 2: the window's softmax for head sh.
-    var s: array<f32, ${TPT}>;
     var mx = ${NEG_BIG};
     var bad = 0.0;
-    for (var i = 0u; i < ${TPT}u; i++) {
-      let t = st0 + i;
-      let ts = tokScale[t];
-      let v = f32(scr[sa * 512u + se + i]) * sq.x * ts.x + f32(scr[sa * 512u + 256u + se + i]) * sq.y * ts.y;
-      s[i] = v;
-      if (t < n) {
-        mx = max(mx, v);
-        bad = select(bad, 1.0, (bitcast<u32>(v) & 0x7f800000u) == 0x7f800000u);
-      }
-    }
+    ${range(TPT).map((i) => `let ts${i} = tokScale[st0 + ${i}u];
+    let s${i} = f32(scr[sa * 512u + se + ${i}u]) * sq.x * ts${i}.x + f32(scr[sa * 512u + 256u + se + ${i}u]) * sq.y * ts${i}.y;
+    if (st0 + ${i}u < n) {
+      mx = max(mx, s${i});
+      bad = select(bad, 1.0, (bitcast<u32>(s${i}) & 0x7f800000u) == 0x7f800000u);
+    }`).join('\n    ')}
     red[lid] = vec2<f32>(mx, bad);
     workgroupBarrier();
     var wm = red[first];
     for (var j = 1u; j < ${TPH}u; j++) { wm = max(wm, red[first + j]); }
     let mNew = max(mRun, wm.x);
     let poisoned = wm.y > 0.0;
-    var pp: array<f32, ${TPT}>;
     var l = 0.0;
     var pmax = 0.0;
-    for (var i = 0u; i < ${TPT}u; i++) {
-      pp[i] = 0.0;
-      if (st0 + i < n) {
-        let pt = exp(s[i] - mNew);
-        l += pt;
-        pp[i] = pt * tokScale[st0 + i].x;
-        pmax = max(pmax, pp[i]);
-      }
-    }
+    ${range(TPT).map((i) => `var pp${i} = 0.0;
+    if (st0 + ${i}u < n) {
+      let pt = exp(s${i} - mNew);
+      l += pt;
+      pp${i} = pt * ts${i}.x;
+      pmax = max(pmax, pp${i});
+    }`).join('\n    ')}
     red2[lid] = vec2<f32>(l, pmax);
     workgroupBarrier();
     var tot = red2[first];
@@ -316,14 +351,11 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
       pscale[sh] = tot.y / 127.0;
     }
     let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
-    for (var qd = 0u; qd < ${TPT / 4}u; qd++) {
-      let v = vec4<f32>(pp[4u * qd], pp[4u * qd + 1u], pp[4u * qd + 2u], pp[4u * qd + 3u]) * inv;
-      pq[sh * ${W / 4}u + st0 / 4u + qd] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(v), vec4<f32>(-127.0), vec4<f32>(127.0)))));
-    }
+    ${range(TPT / 4).map((qd) => `pq[sh * ${W / 4}u + st0 / 4u + ${qd}u] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(vec4<f32>(pp${4 * qd}, pp${4 * qd + 1}, pp${4 * qd + 2}, pp${4 * qd + 3}) * inv), vec4<f32>(-127.0), vec4<f32>(127.0)))));`).join('\n    ')}
     workgroupBarrier();
 
     // Phase 3: the value products, ${FL} latent tile(s) of ${LPS} a round, folded into o.
-    ${rounds}
+    ${products.skip === 'values' ? '' : rounds}
   }
 
   ${writeOut.join('\n  ')}

@@ -30,7 +30,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
-import { MLA_FLASH_MIN_CHUNK, mlaFlashPartialWgsl, planMlaFlash, type MlaFlashPlan } from './mla-attention-flash.ts';
+import { MLA_FLASH_MIN_CHUNK, mlaFlashPartialWgsl, planMlaFlash, type MlaFlashPlan, type MlaFlashProducts, type MlaFlashValueForm } from './mla-attention-flash.ts';
 import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, mla3ScoresTcProblem, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
@@ -152,6 +152,18 @@ export interface MlaAttentionTuning {
   int8ValueProducts?: 'dot4' | 'tensor-cores';
   /** 'three-pass': the most scratch bytes (default MLA3_MAX_SCRATCH); steps needing more run the dot4 kernel. */
   int8MaxScratch?: number;
+  /** 'flash', diagnosis: only the score or only the value products on tensor cores (the other in the dot4 form). */
+  int8FlashTensorCores?: 'scores' | 'values';
+  /** 'flash': the tensor-core value products as p′ · C or Cᵀ · p′ᵀ (default MLA_FLASH_VALUE_FORM). */
+  int8FlashValueForm?: MlaFlashValueForm;
+  /** 'flash': score K steps whose loads issue together (default MLA_FLASH_SCORE_BATCH). */
+  int8FlashScoreBatch?: number;
+  /** 'flash': the value products load the cache through a second binding of the buffer (default MLA_FLASH_CACHE_TWICE). */
+  int8FlashCacheTwice?: boolean;
+  /** 'flash': the most latent tiles a subgroup folds at a time (default: as many as workgroup memory holds). */
+  int8FlashMaxFold?: number;
+  /** 'flash', timing diagnosis only (wrong outputs): leave a phase out (MlaFlashProducts.skip). */
+  int8FlashSkip?: 'scores' | 'values' | 'fold';
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
@@ -763,7 +775,11 @@ export class MlaAttention {
     const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     if (mode === 'dot4') return this.makeDot4Path(f);
     if (mode === 'three-pass') return this.makeThreePass(f);
-    if (mode === 'flash' || mode === 'flash-dot4') return this.makeFlashPath(f, mode === 'flash');
+    if (mode === 'flash' || mode === 'flash-dot4') {
+      const only = this.tuning.int8FlashTensorCores;
+      if (only !== undefined && mode !== 'flash') throw new Error(`MLA attention: int8FlashTensorCores applies to int8Products 'flash'`);
+      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip });
+    }
     const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax];
     if (dot4Only.some((v) => v !== undefined)) {
       throw new Error(`MLA attention: int8QueryStaged, int8HeadSplits, int8Prefetch, int8ValueRounds and int8Softmax apply to int8Products 'dot4', not '${mode}'`);
@@ -786,22 +802,23 @@ export class MlaAttention {
   }
 
   /** 'flash' / 'flash-dot4': the query quantizer and the one-pass kernel. */
-  private makeFlashPath(f: MlaInt8RowFormat, tensorCores: boolean): TcPath {
+  private makeFlashPath(f: MlaInt8RowFormat, products: MlaFlashProducts): TcPath {
     const { gpu, shape, layout } = this;
+    const tensorCores = products.scores || products.values;
     if (tensorCores && !mlaTcOnTensorCores(gpu)) {
       throw new Error(`MLA attention: int8Products 'flash' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none ('flash-dot4' runs anywhere)`);
     }
     const other = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax, this.tuning.int8Debug];
     if (other.some((v) => v !== undefined && v !== false)) throw new Error(`MLA attention: the dot4 kernel's and the debug dump's options do not apply to int8Products 'flash'`);
-    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize);
+    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8FlashValueForm, this.tuning.int8FlashScoreBatch, this.tuning.int8FlashMaxFold, this.tuning.int8FlashCacheTwice);
     if (typeof plan === 'string') throw new Error(`MLA int8 one-pass tensor-core attention: ${plan}`);
-    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} fold ${plan.foldLatentTiles}`;
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}${plan.cacheTwice ? ' cache twice' : ''}`;
     return {
       plan: plan.tc,
       flash: plan,
       tensorCores,
       queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan.tc)),
-      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key}${tensorCores ? ' tensor cores' : ' dot4'}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, tensorCores)),
+      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
       rows: 0,
       partialGroups: [],
     };
@@ -1031,7 +1048,7 @@ export class MlaAttention {
       if (!tc.qq || rows > tc.rows) throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
       if (tc.partialGroups.length === 0) {
         tc.partialGroups = this.b.layerCaches.map((cache, l) =>
-          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!, ...(tc.dump ? [tc.dump] : [])]),
+          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!, ...(tc.dump ? [tc.dump] : []), ...(tc.flash?.cacheTwice ? [cache] : [])]),
         );
       }
       if (this.fusesFront(rows)) {
