@@ -1,5 +1,14 @@
 // Absorbed MLA decode attention over the int8 latent cache in one pass with both products on tensor cores, every
 // operand of the cache read straight from storage (no staged rows): the FlashMLA shape on Dawn's i8 subgroup matrices.
+//
+// Status (H100, 2026-12-06; BENCHMARKS.md "eleventh pass"): EXPERIMENTAL, selected only by int8Products 'flash'.
+// Its dot4 form ('flash-dot4') matches the float64 model everywhere, and on the H100 its tensor-core score products
+// do too (int8FlashTensorCores 'scores'); its tensor-core value products come out wrong inside this kernel (relative
+// error ~0.9, both value forms), although the very same loads and product are exact in a kernel of their own
+// (bench/probe-device.ts --value-loads: strides 16 … 608, every column offset, storage or workgroup operands, and
+// beside the score form's load of the same buffer). Timed with its wrong values it took 293 µs at 32 × 4K against
+// 357 for the dot4 kernel and ~180 for GQA's; leaving the score products, the value products or the folds out took
+// 234 / 322 / 251 µs, so no one phase is the cost.
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
 import { mla3ScoresTcProblem } from './mla-attention-3pass.ts';
@@ -43,21 +52,18 @@ export interface MlaFlashPlan {
   valueForm: MlaFlashValueForm;
   /** Score K steps whose loads are issued together before their products. */
   scoreBatch: number;
-  /** Whether the value products load the cache through a second binding of the same buffer (binding 5). */
-  cacheTwice: boolean;
 }
 
 export type MlaFlashValueForm = 'rows' | 'transposed';
 /** Defaults of the tensor-core forms (untimed guesses until a device run). */
 export const MLA_FLASH_VALUE_FORM: MlaFlashValueForm = 'rows';
 export const MLA_FLASH_SCORE_BATCH = 6;
-export const MLA_FLASH_CACHE_TWICE = true;
 
 /** The smallest chunk the kernel takes (its K steps start on 32-token bounds). */
 export const MLA_FLASH_MIN_CHUNK = 32;
 
 /** The plan for a shape, or why the one-pass tensor-core kernel does not take it. */
-export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, cacheTwice = MLA_FLASH_CACHE_TWICE): MlaFlashPlan | string {
+export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8): MlaFlashPlan | string {
   if (!Number.isInteger(scoreBatch) || scoreBatch < 1) return `score batch ${scoreBatch}: a positive integer`;
   if (nHeads > 32) return `${nHeads} heads: at most 32 (two 16-head tiles)`;
   if (blockSize % 32 !== 0) return `block size ${blockSize}: the value products read 32 consecutive cache rows, so a multiple of 32 (--block-size 32)`;
@@ -100,7 +106,6 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
     tc,
     valueForm,
     scoreBatch,
-    cacheTwice,
   };
 }
 
@@ -175,7 +180,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
       for (const ht of range(HT)) lines.push(T ? `let pr${ks}_${ht} = subgroupMatrixLoad<${right}>(&pq, ${ht * 16 * W + ks * 32}u, true, ${W}u);` : `let pl${ks}_${ht} = subgroupMatrixLoad<${left}>(&pq, ${ht * 16 * W + ks * 32}u, false, ${W}u);`);
       for (const j of range(FL)) {
         const off = `kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 16u`;
-        lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cacheV, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cacheV, ${off}, false, ${rowBytes}u);`);
+        lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, ${off}, false, ${rowBytes}u);`);
       }
     }
     for (const ks of range(KS)) {
@@ -200,7 +205,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
             let kw = rowOfStep(bt, w0, wLast, ks) * ${f.rowWords}u;
             for (var k = 0u; k < 32u; k++) {
               let pb = h * ${W}u + ks * 32u + k;
-              sum += unpack4xI8(u32(pq[pb / 4u]))[pb % 4u] * unpack4xI8(u32(cacheV[kw + k * ${f.rowWords}u + b / 4u]))[b % 4u];
+              sum += unpack4xI8(u32(pq[pb / 4u]))[pb % 4u] * unpack4xI8(u32(cache[kw + k * ${f.rowWords}u + b / 4u]))[b % 4u];
             }
           }
           scr[(sg * ${FL * HT}u + tj) * 256u + e] = sum;
@@ -222,7 +227,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
         }),
       )
       .join('\n      ');
-  const rounds0 = range(LPS / FL)
+  const rounds = range(LPS / FL)
     .map((q) => `{
       ${products.values ? valuesTc(q) : valuesDot4(q)}
       workgroupBarrier();
@@ -230,7 +235,6 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
       workgroupBarrier();
     }`)
     .join('\n    ');
-  const rounds = p.cacheTwice ? rounds0 : rounds0.replaceAll('cacheV', 'cache');
   const writeOut = range(LPS).flatMap((lt) =>
     range(HT).map((ht) => {
       const o = (lt * HT + ht) * 8;
@@ -251,8 +255,6 @@ ${metaWgsl(0)}
 @group(0) @binding(2) var<storage, read> qs: array<f32>;
 @group(0) @binding(3) var<storage, read> cache: array<i32>;
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
-// The same cache buffer bound again for the value products' loads: ${p.cacheTwice ? 'on' : 'off'} (a buffer loaded as two matrix forms in one shader).
-${p.cacheTwice ? '@group(0) @binding(5) var<storage, read> cacheV: array<i32>;' : ''}
 ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
 var<workgroup> scr: array<i32, ${p.scratchWords}>;

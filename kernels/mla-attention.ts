@@ -108,8 +108,9 @@ export interface MlaAttentionTuning {
    * kernels/mla-attention-3pass.ts) for steps whose scratch fits MLA3_MAX_SCRATCH with chunks of at most 512 tokens,
    * and the dot4 kernel for the others; 'flash' one pass with both products on tensor cores, every cache operand read
    * straight from storage (kernels/mla-attention-flash.ts: needs i8 subgroup matrices, 32-wide subgroups, a block size
-   * that is a multiple of 32 and chunks of a multiple of 32 tokens), 'flash-dot4' that kernel's data flow with
-   * dot4I8Packed (any adapter: what the tests hold to the float64 model).
+   * that is a multiple of 32 and chunks of a multiple of 32 tokens) — experimental: on the H100 its value products
+   * come out wrong (its scores are right), see that file; 'flash-dot4' that kernel's data flow with dot4I8Packed (any
+   * adapter: what the tests hold to the float64 model).
    */
   int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare' | 'dot4' | 'three-pass' | 'flash' | 'flash-dot4';
   /** Tokens per softmax window of the int8-product kernel (a multiple of 32; workgroup memory grows with it). */
@@ -158,8 +159,6 @@ export interface MlaAttentionTuning {
   int8FlashValueForm?: MlaFlashValueForm;
   /** 'flash': score K steps whose loads issue together (default MLA_FLASH_SCORE_BATCH). */
   int8FlashScoreBatch?: number;
-  /** 'flash': the value products load the cache through a second binding of the buffer (default MLA_FLASH_CACHE_TWICE). */
-  int8FlashCacheTwice?: boolean;
   /** 'flash': the most latent tiles a subgroup folds at a time (default: as many as workgroup memory holds). */
   int8FlashMaxFold?: number;
   /** 'flash', timing diagnosis only (wrong outputs): leave a phase out (MlaFlashProducts.skip). */
@@ -810,9 +809,9 @@ export class MlaAttention {
     }
     const other = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax, this.tuning.int8Debug];
     if (other.some((v) => v !== undefined && v !== false)) throw new Error(`MLA attention: the dot4 kernel's and the debug dump's options do not apply to int8Products 'flash'`);
-    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8FlashValueForm, this.tuning.int8FlashScoreBatch, this.tuning.int8FlashMaxFold, this.tuning.int8FlashCacheTwice);
+    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8FlashValueForm, this.tuning.int8FlashScoreBatch, this.tuning.int8FlashMaxFold);
     if (typeof plan === 'string') throw new Error(`MLA int8 one-pass tensor-core attention: ${plan}`);
-    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}${plan.cacheTwice ? ' cache twice' : ''}`;
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}`;
     return {
       plan: plan.tc,
       flash: plan,
@@ -1048,7 +1047,7 @@ export class MlaAttention {
       if (!tc.qq || rows > tc.rows) throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
       if (tc.partialGroups.length === 0) {
         tc.partialGroups = this.b.layerCaches.map((cache, l) =>
-          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!, ...(tc.dump ? [tc.dump] : []), ...(tc.flash?.cacheTwice ? [cache] : [])]),
+          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!, ...(tc.dump ? [tc.dump] : [])]),
         );
       }
       if (this.fusesFront(rows)) {

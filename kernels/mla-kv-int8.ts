@@ -35,9 +35,7 @@ export function mlaInt8RowFormat(kvLoraRank: number, qkRopeHeadDim: number): Mla
   const latentWords = Math.ceil(kvLoraRank / 4);
   const ropeWords = Math.ceil(qkRopeHeadDim / 4);
   const scaleWord = latentWords + ropeWords;
-  // Experiment (bench only): rows padded to a multiple of MLA_INT8_ROW_ALIGN_WORDS words.
-  const align = Number(process.env.MLA_INT8_ROW_ALIGN_WORDS ?? 1);
-  return { kvLoraRank, qkRopeHeadDim, latentWords, ropeWord: latentWords, ropeWords, scaleWord, rowWords: Math.ceil((scaleWord + 2) / align) * align };
+  return { kvLoraRank, qkRopeHeadDim, latentWords, ropeWord: latentWords, ropeWords, scaleWord, rowWords: scaleWord + 2 };
 }
 
 /** One part's words and scale as the GPU stores them (non-finite part: NaN scale, zero words). */
