@@ -12,7 +12,7 @@
 import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { pad16, pad32, uploadQuantizedInt8, type GpuInt8Matrix } from '../kernels/int8.ts';
-import { hasInt8SubgroupMatrix, Int8MatmulOp, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
+import { defaultInt8MatmulTuning, hasInt8SubgroupMatrix, Int8MatmulOp, type Int8MatmulTuning } from '../kernels/matmul-int8.ts';
 import { storageBuffer, uploadArray } from '../kernels/tensors.ts';
 import { timeGpuPass, readBackF32, spinUpGpu } from './gpu-timing.ts';
 
@@ -117,8 +117,20 @@ function variantsFor(gpu: GpuContext, rows: number, quick: boolean, sweep = fals
             [1, 2, 4].flatMap((c) => [2, 4, 8].filter((u) => c * u <= 16).map((u): [number, number | 'auto', number, number, number] => [8, ks, c, u, 0])),
           )
         : [[8, 'auto', 1, 2, 0], [8, 'auto', 1, 2, 16], [8, 2, 1, 4, 0], [8, 'auto', 2, 2, 0], [8, 8, 1, 2, 0]];
-    for (const [sg, ks, c, u, x] of sm) {
-      list.push({ name: `w8a8 sm s${sg} k${ks} c${c} u${u} x${x}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smKSplit: ks, smColTiles: c, smUnroll: u, smStageSteps: x } });
+    // The first is the default tuning, whose prompt-size rows take two column tiles where K ≤ 2·N (smWideFromRows);
+    // the others keep the column tiles their name says.
+    sm.forEach(([sg, ks, c, u, x], i) => {
+      const wide = i === 0 && rows >= defaultInt8MatmulTuning(true).smWideFromRows;
+      list.push({
+        name: `w8a8 sm s${sg} k${ks} c${c} u${u} x${x}${wide ? ' (default: c2 where K ≤ 2N)' : ''}`,
+        tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: sg, smKSplit: ks, smColTiles: c, smUnroll: u, smStageSteps: x, ...(i === 0 ? {} : { smWideFromRows: Infinity }) },
+      });
+    });
+    // Prompt chunks (≥ 128 rows): more row tiles a workgroup (each weight tile feeds more products), fewer K splits.
+    if (!quick && rows >= 128) {
+      for (const [ks, c, m] of [['auto', 1, 8], ['auto', 2, 8], [1, 1, 8], [2, 1, 8], [1, 2, 8], ['auto', 1, 2], [1, 1, 4]] as const) {
+        list.push({ name: `w8a8 sm s8 k${ks} c${c} u2 x0 m${m}`, tuning: { gemvMaxRows: 0, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: ks, smColTiles: c, smUnroll: 2, smStageSteps: 0, smRowTiles: m, smWideFromRows: Infinity } });
+      }
     }
   }
   return list;

@@ -22,6 +22,13 @@ export interface Int8MatmulTuning {
   smStageSteps: number;
   /** Subgroup-matrix GEMM: K steps loaded per loop iteration (loads in flight). */
   smUnroll: number;
+  /** Subgroup-matrix GEMM: from this many rows, two column tiles a subgroup where K ≤ 2·N (smColTilesFor; Infinity: never). */
+  smWideFromRows: number;
+  /**
+   * Subgroup-matrix GEMM: row tiles (16 rows) a workgroup covers, 1 … SM_MAX_ROW_TILES (default SM_ROW_TILES_PER_GROUP):
+   * each weight tile it loads feeds that many products, so long prompt chunks read the weights fewer times.
+   */
+  smRowTiles?: number;
   /** GEMV: groups of 32 threads per workgroup splitting K (each group streams one 16-column tile's K steps). */
   gemvGroups: number;
   /** GEMV: K steps per loop iteration (loads in flight). */
@@ -35,7 +42,7 @@ export interface Int8MatmulTuning {
  * to 8 rows (the dot4 kernel is no faster there).
  */
 export function defaultInt8MatmulTuning(tensorCores = false): Int8MatmulTuning {
-  return { gemvMaxRows: tensorCores ? 2 : 8, gemvGroups: 8, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smStageSteps: 0, smUnroll: 2 };
+  return { gemvMaxRows: tensorCores ? 2 : 8, gemvGroups: 8, gemvUnroll: 2, subgroupMatrix: 'auto', smSubgroups: 8, smKSplit: 'auto', smColTiles: 1, smStageSteps: 0, smUnroll: 2, smWideFromRows: 256 };
 }
 
 const range = (n: number) => [...Array(n).keys()];
@@ -208,7 +215,7 @@ export const XQ_BASE_WORDS = 128;
  */
 export function quantizedActivationBytes(rows: number, words: number): number {
   const rowTiles = Math.ceil(Math.max(1, rows) / W8A8_TILE_M);
-  return (XQ_BASE_WORDS + Math.ceil(rowTiles / SM_ROW_TILES_PER_GROUP) * SM_ROW_TILES_PER_GROUP * W8A8_TILE_M * words) * 4;
+  return (XQ_BASE_WORDS + Math.ceil(rowTiles / SM_MAX_ROW_TILES) * SM_MAX_ROW_TILES * W8A8_TILE_M * words) * 4;
 }
 
 /** Buffers for `rows` rows quantized by a kernel ahead of their W8A8 consumers (MatmulBindings.xQuantized). */
@@ -341,11 +348,13 @@ function smBindings(p: Common, xElem: 'i32' | 'vec4<i32>'): string[] {
   return b;
 }
 
-/** Row tiles (16 rows each) one subgroup-matrix workgroup covers; more rows are more workgroups along z. */
+/** Row tiles (16 rows each) one subgroup-matrix workgroup covers by default (smRowTiles); more rows are more workgroups along z. */
 export const SM_ROW_TILES_PER_GROUP = 4;
+/** The most row tiles a workgroup may cover (smRowTiles); quantized activations are padded to whole groups of it. */
+export const SM_MAX_ROW_TILES = 8;
 
 export interface SmGemmShape {
-  /** Row tiles per workgroup (≤ SM_ROW_TILES_PER_GROUP). */
+  /** Row tiles per workgroup (≤ SM_MAX_ROW_TILES). */
   rowTiles: number;
   /** Subgroups per workgroup. */
   subgroups: number;
@@ -514,6 +523,9 @@ export class Int8MatmulOp {
     }
     if (t.gemvMaxRows < 0 || t.gemvMaxRows > 8) throw new Error(`${label}: int8 gemvMaxRows ${t.gemvMaxRows} must be 0..8`);
     if (![1, 2, 4].includes(t.smColTiles)) throw new Error(`${label}: int8 smColTiles ${t.smColTiles} must be 1, 2 or 4`);
+    if (t.smRowTiles !== undefined && !(Number.isInteger(t.smRowTiles) && t.smRowTiles >= 1 && t.smRowTiles <= SM_MAX_ROW_TILES)) {
+      throw new Error(`${label}: int8 smRowTiles ${t.smRowTiles} must be an integer from 1 to ${SM_MAX_ROW_TILES}`);
+    }
     if (t.smKSplit !== 'auto' && t.smSubgroups % t.smKSplit !== 0) throw new Error(`${label}: int8 smKSplit ${t.smKSplit} must divide smSubgroups ${t.smSubgroups}`);
   }
 
@@ -552,7 +564,7 @@ export class Int8MatmulOp {
     const { gpu, weight: w, b, tuning: t } = this;
     const cap = rowTiles * W8A8_TILE_M;
     const words = w.stride / 4;
-    // Whole groups of SM_ROW_TILES_PER_GROUP tiles: the last z group of the tensor-core kernel loads all of its tiles.
+    // Whole groups of SM_MAX_ROW_TILES tiles: the last z group of the tensor-core kernel loads all of its tiles.
     const xqBytes = quantizedActivationBytes(cap, words);
     const pre = b.xQuantized;
     if (pre && (pre.xq.size < xqBytes || pre.xScale.size < cap * 4)) {
@@ -575,8 +587,8 @@ export class Int8MatmulOp {
       quantize.push({ pipeline: qp, bindGroup: bindBuffers(gpu, qp, `${w.label} quantize rows`, [b.meta, b.x, xq, xScale]), grid: [cap, 1, 1] });
     }
     if (sm) {
-      const tilesPerGroup = Math.min(rowTiles, SM_ROW_TILES_PER_GROUP);
-      const shape = this.smShape(tilesPerGroup);
+      const tilesPerGroup = Math.min(rowTiles, t.smRowTiles ?? SM_ROW_TILES_PER_GROUP);
+      const shape = this.smShape(tilesPerGroup, this.smColTilesFor(cap));
       const code = gemmW8A8SubgroupMatrixWgsl({ ...this.common(), ...shape });
       const label = `matmul int8 w8a8 sm ${w.rows}x${w.cols} m${tilesPerGroup} s${shape.subgroups} k${shape.kSplit} c${shape.colTilesPerSubgroup} u${shape.unroll} x${shape.stageSteps}`;
       const gp = gpu.pipeline(label, code);
@@ -587,9 +599,19 @@ export class Int8MatmulOp {
     return [...quantize, { pipeline: gp, bindGroup: bindBuffers(gpu, gp, `${w.label} w8a8`, gbufs), grid: [Math.ceil(w.rows / W8A8_TILE_N), rowTiles, 1] }];
   }
 
-  /** The tensor-core kernel's shape for this weight (kSplit resolved). */
-  smShape(rowTiles = SM_ROW_TILES_PER_GROUP): SmGemmShape {
+  /**
+   * Column tiles a subgroup multiplies at `rows` rows: from smWideFromRows rows, 2 (each activation tile load feeds two
+   * products) where K ≤ 2·N, else smColTiles. H100, bench:int8 --rows 256,512 (2026-12-06): at 512 rows gate_up 738
+   * against 1050 µs, qkv 91 against 132, o 72 against 103; down (K 18944 → N 3584) 588 against 509, so it keeps one.
+   */
+  smColTilesFor(rows: number): number {
     const t = this.tuning;
+    return rows >= t.smWideFromRows && this.weight.cols <= 2 * this.weight.rows ? Math.max(2, t.smColTiles) : t.smColTiles;
+  }
+
+  /** The tensor-core kernel's shape for this weight (kSplit resolved). */
+  smShape(rowTiles = SM_ROW_TILES_PER_GROUP, colTiles = this.tuning.smColTiles): SmGemmShape {
+    const t = { ...this.tuning, smColTiles: colTiles };
     // About 128 subgroups per SM of an H200-sized GPU (132 SMs) before K stops splitting: enough loads in flight to
     // stream the weights. gate_up (2368 column tiles) at 32 rows: K split 8 84 µs, 2 (the old 4224 target) 96 µs
     // (H200, bench:int8 --all --rows 32 --shapes gate_up,down --spin-ms 500, 2026-12-04).

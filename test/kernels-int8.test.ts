@@ -211,6 +211,8 @@ test('int8 W8A8 (> 8 rows) vs float64: within t/2·Σ|w| + s/2·Σ|x| + K·t·s/
     [40, 65, 200],
     [67, 33, 47],
     [16, 64, 64],
+    [260, 70, 90], // a prompt chunk past smWideFromRows with K ≤ 2·N: two column tiles a subgroup on tensor cores
+    [300, 40, 130], // and with K > 2·N: one
   ] as const) {
     const c = { M, N, K };
     const o = await runCase(c);
@@ -230,6 +232,8 @@ test('int8 matmuls: bias, fused residual add, column offset; W8A8 forced at few 
     { M: 3, N: 50, K: 33, accumulate: true, tuning: { gemvMaxRows: 0 } },
     { M: 3, N: 45, K: 77, bias: true, tuning: { gemvGroups: 1, gemvUnroll: 1 } },
     { M: 8, N: 45, K: 300, tuning: { gemvGroups: 8, gemvUnroll: 4 } },
+    { M: 150, N: 45, K: 77, bias: true, tuning: { smRowTiles: 8 } }, // eight row tiles a tensor-core workgroup
+    { M: 40, N: 45, K: 77, accumulate: true, tuning: { smRowTiles: 1, smColTiles: 2 } },
     { M: 2, N: 45, K: 77, accumulate: true, tuning: { gemvGroups: 3, gemvUnroll: 2 } },
   ];
   for (const c of cases) {
