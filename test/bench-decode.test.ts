@@ -33,13 +33,15 @@ function runBench(flags: string[]): { status: number | null; stderr: string; jso
   }
 }
 
-test('bench:decode --mla-* flags choose the MLA kernels its profile then names (dot4 with the emulated warp softmax and a 32-token window, the three passes with one latent part; staged, sliced or W8A8 head products; the decode front by default and the back by flag; W8A8 head products in a prompt chunk)', () => {
+test('bench:decode --mla-* flags choose the MLA kernels its profile then names (dot4 with the emulated warp softmax and a 32-token window, the three passes with one latent part; staged, sliced or W8A8 head products; the decode front by default and the back by flag; the one-pass kernel\'s dot4 form; W8A8 head products in a prompt chunk)', () => {
   for (const [flags, attentionLabel, headLabel] of [
     [['--mla-int8-products', 'dot4', '--mla-dot4-softmax', 'emulated', '--mla-window', '32', '--mla-head-kernel', 'staged'], /int8 dot4 .* w32 .*emulated softmax/, /head-matmul .* staged r8/],
     [['--mla-int8-products', 'dot4', '--mla-dot4-prefetch', 'off', '--mla-dot4-value-rounds', '1', '--mla-head-kernel', 'sliced', '--mla-head-slices', '8'], /int8 dot4 .* w64 q staged$/, /head-matmul .* mr2 s8/],
     [['--mla-int8-products', 'three-pass', '--mla-3pass-parts', '1', '--mla-head-kernel', 'w8a8'], /3-pass values .* parts 1$/, /head-matmul .* w8a8 dot4$/],
     // The default decode front (W_UK with RoPE, the latent write and the query quantizer), and the back asked for.
     [['--mla-int8-products', 'dot4', '--mla-back-rows', '8'], /mla decode front .* g1$/, /mla decode back .* g1$/],
+    // The one-pass tensor-core kernel's dot4 form through the runner: 32-token blocks, its chunks, the front beside it.
+    [['--mla-int8-products', 'flash-dot4', '--block-size', '32', '--contexts', '32'], /int8 flash .* dot4 scores dot4 values$/, /mla decode front .* bs32 g1$/],
   ] as const) {
     const r = runBench([...flags]);
     assert.equal(r.status, 0, `bench:decode ${flags.join(' ')} exited ${r.status}: ${r.stderr.slice(-2000)}`);
