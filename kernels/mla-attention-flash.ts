@@ -6,9 +6,12 @@
 // do too (int8FlashTensorCores 'scores'); its tensor-core value products come out wrong inside this kernel (relative
 // error ~0.9, both value forms), although the very same loads and product are exact in a kernel of their own
 // (bench/probe-device.ts --value-loads: strides 16 … 608, every column offset, storage or workgroup operands, and
-// beside the score form's load of the same buffer). Timed with its wrong values it took 293 µs at 32 × 4K against
-// 357 for the dot4 kernel and ~180 for GQA's; leaving the score products, the value products or the folds out took
-// 234 / 322 / 251 µs, so no one phase is the cost.
+// beside the score form's load of the same buffer). bench/flash-dump.ts stores the operands as the tensor cores
+// loaded them: the cache operand (from storage) is right, p′ (from the workgroup array pq) reads as zeros (499 of 512
+// bytes wrong) — with one or two extra barriers after the softmax's stores, and with pq declared first in workgroup
+// memory, alike. Next to try: p′ through storage (the three-pass value pass loads it from there, exactly).
+// Timed with its wrong values it took 293 µs at 32 × 4K against 357 for the dot4 kernel and ~180 for GQA's; leaving
+// the score products, the value products or the folds out took 234 / 322 / 251 µs, so no one phase is the cost.
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
 import { mla3ScoresTcProblem } from './mla-attention-3pass.ts';
@@ -115,6 +118,26 @@ export interface MlaFlashProducts {
   values: boolean;
   /** Timing diagnosis only (wrong outputs): leave out the score products, the value products, or the folds of the value tiles. */
   skip?: 'scores' | 'values' | 'fold';
+  /** Diagnosis: extra workgroup barriers between the softmax's p′ stores and the value products' loads of p′. */
+  extraBarriers?: number;
+  /** Diagnosis: declare p′'s workgroup array before the score scratch (first in workgroup memory). */
+  pqFirst?: boolean;
+  /** Diagnosis only: workgroup (chunk 0, row 0) dumps its first window's value tiles of round 0, p′ and K-step rows (mlaFlashDumpLayout) to binding 5. */
+  debug?: boolean;
+}
+
+/**
+ * Word offsets of the debug dump: round 0's value tiles (every subgroup's, as stored), p′ words, the window's K-step
+ * cache rows and n, then per subgroup the operands of its first value product as the tensor cores loaded them (p′ of
+ * head tile 0 and K step 0, 16 × 32 bytes row-major; its first latent tile's 32 cache rows × 16 bytes row-major; the
+ * 'rows' form on tensor cores only).
+ */
+export function mlaFlashDumpLayout(p: MlaFlashPlan): { tiles: number; pq: number; rows: number; operands: number; words: number } {
+  const tiles = 0;
+  const pq = tiles + p.subgroups * p.foldLatentTiles * p.headTiles * 256;
+  const rows = pq + (p.headsPadded * p.window) / 4;
+  const operands = rows + p.window / 32 + 1;
+  return { tiles, pq, rows, operands, words: operands + p.subgroups * 256 };
 }
 
 /** The split kernel, grid (chunks, 1, rows); partials as the other MLA kernels write them ([m, l, o] per head and chunk). */
@@ -183,6 +206,13 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
         lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, ${off}, false, ${rowBytes}u);`);
       }
     }
+    if (products.debug && !T && q === 0) {
+      const o = mlaFlashDumpLayout(p).operands;
+      lines.push(`if (c == 0u && r == 0u && w0 == bnd.x) {
+        subgroupMatrixStore(&dbg, (${o}u + sg * 256u) * 4u, pl0_0, false, 32u);
+        subgroupMatrixStore(&dbg, (${o}u + sg * 256u) * 4u + 512u, cr0_0, false, 16u);
+      }`);
+    }
     for (const ks of range(KS)) {
       for (const j of range(FL)) {
         for (const ht of range(HT)) {
@@ -227,10 +257,20 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
         }),
       )
       .join('\n      ');
+  const dump = products.debug ? mlaFlashDumpLayout(p) : undefined;
+  const dumpWgsl = dump
+    ? `if (c == 0u && r == 0u && w0 == bnd.x) {
+        for (var i = lid; i < ${dump.pq - dump.tiles}u; i += ${WG}u) { dbg[${dump.tiles}u + i] = scr[i]; }
+        for (var i = lid; i < ${dump.rows - dump.pq}u; i += ${WG}u) { dbg[${dump.pq}u + i] = pq[i]; }
+        if (lid < ${KS}u) { dbg[${dump.rows}u + lid] = i32(rowOfStep(bt, w0, wLast, lid)); }
+        if (lid == 0u) { dbg[${dump.rows + KS}u] = i32(n); }
+      }`
+    : '';
   const rounds = range(LPS / FL)
     .map((q) => `{
       ${products.values ? valuesTc(q) : valuesDot4(q)}
       workgroupBarrier();
+      ${q === 0 ? dumpWgsl : ''}
       ${products.skip === 'fold' ? '' : fold(q)}
       workgroupBarrier();
     }`)
@@ -255,10 +295,12 @@ ${metaWgsl(0)}
 @group(0) @binding(2) var<storage, read> qs: array<f32>;
 @group(0) @binding(3) var<storage, read> cache: array<i32>;
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
+${products.debug ? '@group(0) @binding(5) var<storage, read_write> dbg: array<i32>;' : ''}
 ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
-var<workgroup> scr: array<i32, ${p.scratchWords}>;
-var<workgroup> pq: array<i32, ${(HP * W) / 4}>;
+${products.pqFirst ? `var<workgroup> pq: array<i32, ${(HP * W) / 4}>;
+var<workgroup> scr: array<i32, ${p.scratchWords}>;` : `var<workgroup> scr: array<i32, ${p.scratchWords}>;
+var<workgroup> pq: array<i32, ${(HP * W) / 4}>;`}
 var<workgroup> red: array<vec2<f32>, ${WG}>;
 var<workgroup> red2: array<vec2<f32>, ${WG}>;
 var<workgroup> tokScale: array<vec2<f32>, ${W}>;
@@ -356,7 +398,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     ${range(TPT / 4).map((qd) => `pq[sh * ${W / 4}u + st0 / 4u + ${qd}u] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(vec4<f32>(pp${4 * qd}, pp${4 * qd + 1}, pp${4 * qd + 2}, pp${4 * qd + 3}) * inv), vec4<f32>(-127.0), vec4<f32>(127.0)))));`).join('\n    ')}
     workgroupBarrier();
 
-    // Phase 3: the value products, ${FL} latent tile(s) of ${LPS} a round, folded into o.
+    ${'workgroupBarrier();\n    '.repeat(products.extraBarriers ?? 0)}// Phase 3: the value products, ${FL} latent tile(s) of ${LPS} a round, folded into o.
     ${products.skip === 'values' ? '' : rounds}
   }
 

@@ -30,7 +30,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
-import { MLA_FLASH_MIN_CHUNK, mlaFlashPartialWgsl, planMlaFlash, type MlaFlashPlan, type MlaFlashProducts, type MlaFlashValueForm } from './mla-attention-flash.ts';
+import { MLA_FLASH_MIN_CHUNK, mlaFlashDumpLayout, mlaFlashPartialWgsl, planMlaFlash, type MlaFlashPlan, type MlaFlashProducts, type MlaFlashValueForm } from './mla-attention-flash.ts';
 import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, mla3ScoresTcProblem, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
@@ -161,6 +161,12 @@ export interface MlaAttentionTuning {
   int8FlashScoreBatch?: number;
   /** 'flash': the most latent tiles a subgroup folds at a time (default: as many as workgroup memory holds). */
   int8FlashMaxFold?: number;
+  /** 'flash', diagnosis: extra barriers before the value products (MlaFlashProducts.extraBarriers). */
+  int8FlashExtraBarriers?: number;
+  /** 'flash', diagnosis: p′ first in workgroup memory (MlaFlashProducts.pqFirst). */
+  int8FlashPqFirst?: boolean;
+  /** 'flash', diagnosis only: dump the first window's value tiles of (chunk 0, row 0) (MlaFlashProducts.debug; int8DebugDump). */
+  int8FlashDebug?: boolean;
   /** 'flash', timing diagnosis only (wrong outputs): leave a phase out (MlaFlashProducts.skip). */
   int8FlashSkip?: 'scores' | 'values' | 'fold';
 }
@@ -777,7 +783,7 @@ export class MlaAttention {
     if (mode === 'flash' || mode === 'flash-dot4') {
       const only = this.tuning.int8FlashTensorCores;
       if (only !== undefined && mode !== 'flash') throw new Error(`MLA attention: int8FlashTensorCores applies to int8Products 'flash'`);
-      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip });
+      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip, debug: this.tuning.int8FlashDebug === true, extraBarriers: this.tuning.int8FlashExtraBarriers, pqFirst: this.tuning.int8FlashPqFirst });
     }
     const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax];
     if (dot4Only.some((v) => v !== undefined)) {
@@ -817,7 +823,8 @@ export class MlaAttention {
       flash: plan,
       tensorCores,
       queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan.tc)),
-      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
+      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}${products.extraBarriers ? ` +${products.extraBarriers} barriers` : ''}${products.pqFirst ? ' pq first' : ''}${products.debug ? ' debug' : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
+      dump: products.debug ? storageBuffer(gpu, 'mla attention flash debug dump', mlaFlashDumpLayout(plan).words * 4) : undefined,
       rows: 0,
       partialGroups: [],
     };
