@@ -40,7 +40,8 @@
 #              requests of 128 prompt + 512 output tokens; default 512 + 128); a seventh field sets --mla-head-kernel
 #   sweep      the tensor-core GEMM grid at 32 and 64 rows for the four Qwen2.5-7B projections (~6 min)
 #   flash      the one-pass tensor-core MLA kernel (int8Products 'flash': both products on i8 subgroup matrices, the cache
-#              read from storage) on the device: its test against the float64 model, then attention at 8 / 32 rows ×
+#              read from storage) on the device: bench/flash-dump.ts (its value tiles and operands against the host), its
+#              test against the float64 model, then attention at 8 / 32 rows ×
 #              512 / 4K / 16K and a 512-token prompt, 32-token blocks, against the dot4 kernel and GQA, and against its
 #              own dot4 form (FLASH_FORMS, FLASH_CONTEXTS, FLASH_PREFILL trim it; ~4 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
@@ -336,6 +337,10 @@ for (const [k, ms] of Object.entries(by)) {
 }'
   ;;
 flash)
+  el flash-dump
+  timeout 90 node --import tsx bench/flash-dump.ts >"$OUT/flash-dump.txt" 2>&1
+  el "rc=$?"
+  grep "^[a-z]\|operands as loaded\|first wrong" "$OUT/flash-dump.txt" | grep -v "^warning" | cut -c1-300
   el flash-test
   timeout 240 node --import tsx --test --test-reporter=spec --test-name-pattern="one-pass tensor-core" test/mla-int8-cache.test.ts >"$OUT/flash-test.txt" 2>&1
   el "rc=$?"

@@ -56,12 +56,13 @@ const meta = uploadArray(gpu, 'meta', m.data);
 
 const forms: Array<[string, Partial<MlaAttentionTuning>]> = [
   ['dot4 form', { int8Products: 'flash-dot4' }],
+  ['dot4 form, p′ in workgroup memory', { int8Products: 'flash-dot4', int8FlashPqStorage: false }],
   ...(mlaTcOnTensorCores(gpu)
     ? ([
         ['values on tensor cores', { int8Products: 'flash', int8FlashTensorCores: 'values' }],
         ['both on tensor cores', { int8Products: 'flash' }],
         ['both, values Cᵀ·p′ᵀ', { int8Products: 'flash', int8FlashValueForm: 'transposed' }],
-        ['both, p′ first in workgroup memory', { int8Products: 'flash', int8FlashPqFirst: true }],
+        ['both, p′ in workgroup memory', { int8Products: 'flash', int8FlashPqStorage: false }],
       ] as Array<[string, Partial<MlaAttentionTuning>]>)
     : []),
 ];

@@ -9,7 +9,8 @@
 // beside the score form's load of the same buffer). bench/flash-dump.ts stores the operands as the tensor cores
 // loaded them: the cache operand (from storage) is right, p′ (from the workgroup array pq) reads as zeros (499 of 512
 // bytes wrong) — with one or two extra barriers after the softmax's stores, and with pq declared first in workgroup
-// memory, alike. Next to try: p′ through storage (the three-pass value pass loads it from there, exactly).
+// memory, alike. So p′ now goes through a storage scratch by default (pqStorage; the three-pass value pass loads it
+// from storage, exactly) — tested here in the dot4 form only: no device time was left to run it on tensor cores.
 // Timed with its wrong values it took 293 µs at 32 × 4K against 357 for the dot4 kernel and ~180 for GQA's; leaving
 // the score products, the value products or the folds out took 234 / 322 / 251 µs, so no one phase is the cost.
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
@@ -61,6 +62,8 @@ export type MlaFlashValueForm = 'rows' | 'transposed';
 /** Defaults of the tensor-core forms (untimed guesses until a device run). */
 export const MLA_FLASH_VALUE_FORM: MlaFlashValueForm = 'rows';
 export const MLA_FLASH_SCORE_BATCH = 6;
+/** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100. Untimed. */
+export const MLA_FLASH_PQ_STORAGE = true;
 
 /** The smallest chunk the kernel takes (its K steps start on 32-token bounds). */
 export const MLA_FLASH_MIN_CHUNK = 32;
@@ -122,6 +125,11 @@ export interface MlaFlashProducts {
   extraBarriers?: number;
   /** Diagnosis: declare p′'s workgroup array before the score scratch (first in workgroup memory). */
   pqFirst?: boolean;
+  /**
+   * p′ in a storage scratch (binding 5, flashPqScratchBytes: one slice per (row, chunk) workgroup) instead of workgroup
+   * memory: on the H100 the value products' subgroup-matrix loads of p′ from workgroup memory read zeros.
+   */
+  pqStorage?: boolean;
   /** Diagnosis only: workgroup (chunk 0, row 0) dumps its first window's value tiles of round 0, p′ and K-step rows (mlaFlashDumpLayout) to binding 5. */
   debug?: boolean;
 }
@@ -140,9 +148,18 @@ export function mlaFlashDumpLayout(p: MlaFlashPlan): { tiles: number; pq: number
   return { tiles, pq, rows, operands, words: operands + p.subgroups * 256 };
 }
 
+/** Bytes of the p′ storage scratch (MlaFlashProducts.pqStorage) for `rows` rows of up to `maxChunks` chunks. */
+export function flashPqScratchBytes(p: MlaFlashPlan, rows: number, maxChunks: number): number {
+  return Math.max(16, rows * maxChunks * p.headsPadded * p.window);
+}
+
 /** The split kernel, grid (chunks, 1, rows); partials as the other MLA kernels write them ([m, l, o] per head and chunk). */
 export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSize: number, p: MlaFlashPlan, products: MlaFlashProducts): string {
   const tensorCores = products.scores || products.values;
+  // Where p′ lives: the workgroup array pq, or this workgroup's slice of the storage scratch pqs (word pqBase on).
+  const PQ = products.pqStorage ? 'pqs' : 'pq';
+  const PQW = products.pqStorage ? 'pqBase + ' : '';
+  const PQB = products.pqStorage ? 'pqBase * 4u + ' : '';
   const H = nHeads;
   const R = f.kvLoraRank;
   const { headTiles: HT, headsPadded: HP, subgroups: SG, tokenGroups: TG, window: W, latentTilesPerSubgroup: LPS, foldLatentTiles: FL, threadsPerHead: TPH, tokensPerThread: TPT, tc } = p;
@@ -200,7 +217,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
     for (const j of range(FL)) for (const ht of range(HT)) lines.push(`var acc${tileIdx(j, ht)} = ${result}();`);
     for (const ks of range(KS)) lines.push(`let kRow${ks} = rowOfStep(bt, w0, wLast, ${ks}u) * ${rowBytes}u;`);
     for (const ks of range(KS)) {
-      for (const ht of range(HT)) lines.push(T ? `let pr${ks}_${ht} = subgroupMatrixLoad<${right}>(&pq, ${ht * 16 * W + ks * 32}u, true, ${W}u);` : `let pl${ks}_${ht} = subgroupMatrixLoad<${left}>(&pq, ${ht * 16 * W + ks * 32}u, false, ${W}u);`);
+      for (const ht of range(HT)) lines.push(T ? `let pr${ks}_${ht} = subgroupMatrixLoad<${right}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, true, ${W}u);` : `let pl${ks}_${ht} = subgroupMatrixLoad<${left}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, false, ${W}u);`);
       for (const j of range(FL)) {
         const off = `kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 16u`;
         lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, ${off}, false, ${rowBytes}u);`);
@@ -235,7 +252,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
             let kw = rowOfStep(bt, w0, wLast, ks) * ${f.rowWords}u;
             for (var k = 0u; k < 32u; k++) {
               let pb = h * ${W}u + ks * 32u + k;
-              sum += unpack4xI8(u32(pq[pb / 4u]))[pb % 4u] * unpack4xI8(u32(cache[kw + k * ${f.rowWords}u + b / 4u]))[b % 4u];
+              sum += unpack4xI8(u32(${PQ}[${PQW}pb / 4u]))[pb % 4u] * unpack4xI8(u32(cache[kw + k * ${f.rowWords}u + b / 4u]))[b % 4u];
             }
           }
           scr[(sg * ${FL * HT}u + tj) * 256u + e] = sum;
@@ -261,7 +278,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
   const dumpWgsl = dump
     ? `if (c == 0u && r == 0u && w0 == bnd.x) {
         for (var i = lid; i < ${dump.pq - dump.tiles}u; i += ${WG}u) { dbg[${dump.tiles}u + i] = scr[i]; }
-        for (var i = lid; i < ${dump.rows - dump.pq}u; i += ${WG}u) { dbg[${dump.pq}u + i] = pq[i]; }
+        for (var i = lid; i < ${dump.rows - dump.pq}u; i += ${WG}u) { dbg[${dump.pq}u + i] = ${PQ}[${PQW}i]; }
         if (lid < ${KS}u) { dbg[${dump.rows}u + lid] = i32(rowOfStep(bt, w0, wLast, lid)); }
         if (lid == 0u) { dbg[${dump.rows + KS}u] = i32(n); }
       }`
@@ -295,10 +312,11 @@ ${metaWgsl(0)}
 @group(0) @binding(2) var<storage, read> qs: array<f32>;
 @group(0) @binding(3) var<storage, read> cache: array<i32>;
 @group(0) @binding(4) var<storage, read_write> partials: array<f32>;
-${products.debug ? '@group(0) @binding(5) var<storage, read_write> dbg: array<i32>;' : ''}
+${products.pqStorage ? '@group(0) @binding(5) var<storage, read_write> pqs: array<i32>;' : ''}
+${products.debug ? `@group(0) @binding(${products.pqStorage ? 6 : 5}) var<storage, read_write> dbg: array<i32>;` : ''}
 ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
-${products.pqFirst ? `var<workgroup> pq: array<i32, ${(HP * W) / 4}>;
+${products.pqStorage ? `var<workgroup> scr: array<i32, ${p.scratchWords}>;` : products.pqFirst ? `var<workgroup> pq: array<i32, ${(HP * W) / 4}>;
 var<workgroup> scr: array<i32, ${p.scratchWords}>;` : `var<workgroup> scr: array<i32, ${p.scratchWords}>;
 var<workgroup> pq: array<i32, ${(HP * W) / 4}>;`}
 var<workgroup> red: array<vec2<f32>, ${WG}>;
@@ -326,6 +344,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
   if (bnd.y <= bnd.x) { return; }
   let bt = seqBlockTable(rowSeq(r));
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
+  let pqBase = (r * maxChunks + c) * ${(HP * W) / 4}u;
   let ht = sg / ${TG}u;
   let qBase = (r * ${HT}u + ht) * ${steps * 512}u;
   // Softmax thread: head sh, tokens st0 … st0 + ${TPT - 1} of the window.
@@ -395,7 +414,8 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
       pscale[sh] = tot.y / 127.0;
     }
     let inv = select(0.0, 127.0 / tot.y, tot.y > 0.0);
-    ${range(TPT / 4).map((qd) => `pq[sh * ${W / 4}u + st0 / 4u + ${qd}u] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(vec4<f32>(pp${4 * qd}, pp${4 * qd + 1}, pp${4 * qd + 2}, pp${4 * qd + 3}) * inv), vec4<f32>(-127.0), vec4<f32>(127.0)))));`).join('\n    ')}
+    ${range(TPT / 4).map((qd) => `${PQ}[${PQW}sh * ${W / 4}u + st0 / 4u + ${qd}u] = bitcast<i32>(pack4xI8(vec4<i32>(clamp(round(vec4<f32>(pp${4 * qd}, pp${4 * qd + 1}, pp${4 * qd + 2}, pp${4 * qd + 3}) * inv), vec4<f32>(-127.0), vec4<f32>(127.0)))));`).join('\n    ')}
+    ${products.pqStorage ? 'storageBarrier();' : ''}
     workgroupBarrier();
 
     ${'workgroupBarrier();\n    '.repeat(products.extraBarriers ?? 0)}// Phase 3: the value products, ${FL} latent tile(s) of ${LPS} a round, folded into o.

@@ -30,7 +30,7 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
-import { MLA_FLASH_MIN_CHUNK, mlaFlashDumpLayout, mlaFlashPartialWgsl, planMlaFlash, type MlaFlashPlan, type MlaFlashProducts, type MlaFlashValueForm } from './mla-attention-flash.ts';
+import { flashPqScratchBytes, MLA_FLASH_MIN_CHUNK, MLA_FLASH_PQ_STORAGE, mlaFlashDumpLayout, mlaFlashPartialWgsl, planMlaFlash, type MlaFlashPlan, type MlaFlashProducts, type MlaFlashValueForm } from './mla-attention-flash.ts';
 import { MLA3_MAX_CHUNK, mla3ScoresTcWgsl, mla3ScoresWgsl, mla3ScratchBytes, mla3SoftmaxWgsl, mla3ValuesTcWgsl, mla3ValuesWgsl, mla3ScoresTcProblem, planMla3Pass, type Mla3PassPlan } from './mla-attention-3pass.ts';
 
 /** The int8-product path of one MlaAttention: query quantizer, split kernel, their scratch and bind groups. */
@@ -52,6 +52,8 @@ interface TcPath {
   three?: ThreePass;
   /** int8Products 'flash' / 'flash-dot4': the one-pass kernel's plan (partialPipe is that kernel). */
   flash?: MlaFlashPlan;
+  /** Its p′ storage scratch (MlaFlashProducts.pqStorage), sized by prepare. */
+  flashPq?: { buffer?: GPUBuffer; bytes: number };
 }
 
 interface ThreePass {
@@ -165,6 +167,8 @@ export interface MlaAttentionTuning {
   int8FlashExtraBarriers?: number;
   /** 'flash', diagnosis: p′ first in workgroup memory (MlaFlashProducts.pqFirst). */
   int8FlashPqFirst?: boolean;
+  /** 'flash': p′ through a storage scratch rather than workgroup memory (MlaFlashProducts.pqStorage; default MLA_FLASH_PQ_STORAGE). */
+  int8FlashPqStorage?: boolean;
   /** 'flash', diagnosis only: dump the first window's value tiles of (chunk 0, row 0) (MlaFlashProducts.debug; int8DebugDump). */
   int8FlashDebug?: boolean;
   /** 'flash', timing diagnosis only (wrong outputs): leave a phase out (MlaFlashProducts.skip). */
@@ -783,7 +787,7 @@ export class MlaAttention {
     if (mode === 'flash' || mode === 'flash-dot4') {
       const only = this.tuning.int8FlashTensorCores;
       if (only !== undefined && mode !== 'flash') throw new Error(`MLA attention: int8FlashTensorCores applies to int8Products 'flash'`);
-      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip, debug: this.tuning.int8FlashDebug === true, extraBarriers: this.tuning.int8FlashExtraBarriers, pqFirst: this.tuning.int8FlashPqFirst });
+      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip, debug: this.tuning.int8FlashDebug === true, extraBarriers: this.tuning.int8FlashExtraBarriers, pqFirst: this.tuning.int8FlashPqFirst, pqStorage: this.tuning.int8FlashPqStorage ?? MLA_FLASH_PQ_STORAGE });
     }
     const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax];
     if (dot4Only.some((v) => v !== undefined)) {
@@ -823,8 +827,9 @@ export class MlaAttention {
       flash: plan,
       tensorCores,
       queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan.tc)),
-      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}${products.extraBarriers ? ` +${products.extraBarriers} barriers` : ''}${products.pqFirst ? ' pq first' : ''}${products.debug ? ' debug' : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
+      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}${products.extraBarriers ? ` +${products.extraBarriers} barriers` : ''}${products.pqFirst ? ' pq first' : ''}${products.pqStorage ? ' pq storage' : ''}${products.debug ? ' debug' : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
       dump: products.debug ? storageBuffer(gpu, 'mla attention flash debug dump', mlaFlashDumpLayout(plan).words * 4) : undefined,
+      flashPq: products.pqStorage ? { bytes: 0 } : undefined,
       rows: 0,
       partialGroups: [],
     };
@@ -1022,6 +1027,15 @@ export class MlaAttention {
       for (const e of this.front?.byRows.values() ?? []) e.groups = [];
     }
     this.prepareThree(rows, maxChunks, chunkSize ?? MLA3_MAX_CHUNK);
+    if (tc?.flash && tc.flashPq) {
+      const need = flashPqScratchBytes(tc.flash, rows, maxChunks);
+      if (need > tc.flashPq.bytes) {
+        tc.flashPq.buffer?.destroy();
+        tc.flashPq.bytes = Math.max(need, Math.ceil(tc.flashPq.bytes * 1.5));
+        tc.flashPq.buffer = storageBuffer(this.gpu, 'mla attention flash p′', tc.flashPq.bytes);
+        tc.partialGroups = [];
+      }
+    }
     const need = rows * this.shape.nHeads * maxChunks * (this.shape.kvLoraRank + 2);
     if (this.partials && need <= this.capacity) return;
     this.partials?.destroy();
@@ -1054,7 +1068,7 @@ export class MlaAttention {
       if (!tc.qq || rows > tc.rows) throw new Error(`MlaAttention.encode: call prepare(${rows}, ${maxChunks}) before encoding the step`);
       if (tc.partialGroups.length === 0) {
         tc.partialGroups = this.b.layerCaches.map((cache, l) =>
-          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!, ...(tc.dump ? [tc.dump] : [])]),
+          bindBuffers(this.gpu, tc.partialPipe, `mla attention int8 products layer ${l}`, [this.b.meta, tc.qq!, tc.qs!, cache, this.partials!, ...(tc.flashPq?.buffer ? [tc.flashPq.buffer] : []), ...(tc.dump ? [tc.dump] : [])]),
         );
       }
       if (this.fusesFront(rows)) {
@@ -1147,6 +1161,7 @@ export class MlaAttention {
     this.tc?.qq?.destroy();
     this.tc?.qs?.destroy();
     this.tc?.dump?.destroy();
+    this.tc?.flashPq?.buffer?.destroy();
     for (const b of Object.values(this.tc?.three?.buffers ?? {})) b.destroy();
   }
 }
