@@ -121,10 +121,6 @@ export interface MlaFlashProducts {
   values: boolean;
   /** Timing diagnosis only (wrong outputs): leave out the score products, the value products, or the folds of the value tiles. */
   skip?: 'scores' | 'values' | 'fold';
-  /** Diagnosis: extra workgroup barriers between the softmax's p′ stores and the value products' loads of p′. */
-  extraBarriers?: number;
-  /** Diagnosis: declare p′'s workgroup array before the score scratch (first in workgroup memory). */
-  pqFirst?: boolean;
   /**
    * p′ in a storage scratch (binding 5, flashPqScratchBytes: one slice per (row, chunk) workgroup) instead of workgroup
    * memory: on the H100 the value products' subgroup-matrix loads of p′ from workgroup memory read zeros.
@@ -316,9 +312,8 @@ ${products.pqStorage ? '@group(0) @binding(5) var<storage, read_write> pqs: arra
 ${products.debug ? `@group(0) @binding(${products.pqStorage ? 6 : 5}) var<storage, read_write> dbg: array<i32>;` : ''}
 ${cacheRowWgsl(blockSize)}
 ${qqWordWgsl(tc)}
-${products.pqStorage ? `var<workgroup> scr: array<i32, ${p.scratchWords}>;` : products.pqFirst ? `var<workgroup> pq: array<i32, ${(HP * W) / 4}>;
-var<workgroup> scr: array<i32, ${p.scratchWords}>;` : `var<workgroup> scr: array<i32, ${p.scratchWords}>;
-var<workgroup> pq: array<i32, ${(HP * W) / 4}>;`}
+var<workgroup> scr: array<i32, ${p.scratchWords}>;
+${products.pqStorage ? '' : `var<workgroup> pq: array<i32, ${(HP * W) / 4}>;`}
 var<workgroup> red: array<vec2<f32>, ${WG}>;
 var<workgroup> red2: array<vec2<f32>, ${WG}>;
 var<workgroup> tokScale: array<vec2<f32>, ${W}>;
@@ -418,7 +413,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     ${products.pqStorage ? 'storageBarrier();' : ''}
     workgroupBarrier();
 
-    ${'workgroupBarrier();\n    '.repeat(products.extraBarriers ?? 0)}// Phase 3: the value products, ${FL} latent tile(s) of ${LPS} a round, folded into o.
+    // Phase 3: the value products, ${FL} latent tile(s) of ${LPS} a round, folded into o.
     ${products.skip === 'values' ? '' : rounds}
   }
 

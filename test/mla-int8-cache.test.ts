@@ -664,8 +664,10 @@ async function checkFlash(products: 'flash' | 'flash-dot4', tuning: Partial<MlaA
   }
 }
 
-test('mla attention int8 one-pass tensor-core kernel, its dot4 form, vs the float64 model of the int8-product arithmetic: one and two head tiles (a partial one), 4 and 8 subgroups, windows of 64 and 128, partial windows and chunks, 32- and 64-token blocks, the Qwen2.5-7B row shape with the runner\'s split', async () => {
+test('mla attention int8 one-pass tensor-core kernel, its dot4 form, vs the float64 model of the int8-product arithmetic: one and two head tiles (a partial one), 4 and 8 subgroups, windows of 64 and 128, partial windows and chunks, 32- and 64-token blocks, the Qwen2.5-7B row shape with the runner\'s split; p′ through storage and through workgroup memory', async () => {
   await checkFlash('flash-dot4');
+  // p′ in workgroup memory rather than the storage scratch (the form whose tensor-core loads read zeros on the H100).
+  await checkFlash('flash-dot4', { int8FlashPqStorage: false });
 });
 
 test('mla attention int8 one-pass tensor-core kernel with its score products on tensor cores (i8 subgroup matrices) vs the float64 model of the int8-product arithmetic (where the adapter has subgroup matrices)', async (t) => {
