@@ -4,7 +4,7 @@ import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
 import { qqWordWgsl, stagedRowFnsWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
 import { TRANSPOSE4_WGSL } from './mla-attention-dot4.ts';
-import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS } from './step-meta.ts';
+import { cacheRowWgsl, metaWgsl, META_CHUNK, META_MAX_CHUNKS, CHUNK_START_WGSL } from './step-meta.ts';
 
 /**
  * Why three passes: the one-pass dot4 kernel keeps every head's 512 outputs of its chunk in registers (56 f32 a
@@ -109,10 +109,7 @@ function valueStartWgsl(W: number): string {
   return `let c = wid.x;
   let part = wid.y;
   let r = wid.z;
-  if (lid == 0u) { bounds = chunkSpan(r, c); }
-  let bnd = workgroupUniformLoad(&bounds);
-  if (bnd.y <= bnd.x) { return; }
-  let bt = seqBlockTable(rowSeq(r));
+  ${CHUNK_START_WGSL}
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
   ${chunkLayoutWgsl(W)}`;
 }

@@ -3,7 +3,7 @@
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
 import { qqWordWgsl, stagedRowFnsWgsl, stageRowsWgsl, windowSoftmaxWgsl, windowStateWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
-import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
+import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS, CHUNK_START_WGSL } from './step-meta.ts';
 
 /**
  * Why int8 dot products: the f32 kernel over the int8 cache is bound by f32 arithmetic (~13 TFLOP/s of the H200's 67
@@ -354,10 +354,7 @@ ${TRANSPOSE4_WGSL}
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let c = wid.x;
   let r = wid.z;
-  if (lid == 0u) { bounds = chunkSpan(r, c); }
-  let bnd = workgroupUniformLoad(&bounds);
-  if (bnd.y <= bnd.x) { return; }
-  let bt = seqBlockTable(rowSeq(r));
+  ${CHUNK_START_WGSL}
   // This workgroup's heads: hBase … hBase + hCount − 1 of the model.
   let hBase = wid.y * ${HW}u;
   let hCount = min(${HW}u, ${H}u - hBase);

@@ -17,7 +17,7 @@ import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
 import { mla3ScoresTcProblem } from './mla-attention-3pass.ts';
 import { planMlaTc, qqWordWgsl, type MlaTcPlan } from './mla-attention-tc.ts';
-import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
+import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS, CHUNK_START_WGSL } from './step-meta.ts';
 
 /**
  * One workgroup per (row, chunk), `subgroups` subgroups of 32 threads, windows of `window` tokens (16 · tokenGroups).
@@ -334,10 +334,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
   ${tensorCores ? '' : 'let sg = lid / 32u;\n  let lane = lid % 32u;'}
   let c = wid.x;
   let r = wid.z;
-  if (lid == 0u) { bounds = chunkSpan(r, c); }
-  let bnd = workgroupUniformLoad(&bounds);
-  if (bnd.y <= bnd.x) { return; }
-  let bt = seqBlockTable(rowSeq(r));
+  ${CHUNK_START_WGSL}
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
   let pqBase = (r * maxChunks + c) * ${(HP * W) / 4}u;
   let ht = sg / ${TG}u;

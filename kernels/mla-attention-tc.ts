@@ -3,7 +3,7 @@
 import type { GpuContext } from './device.ts';
 import { hasInt8SubgroupMatrix } from './matmul-int8.ts';
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
-import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
+import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS, CHUNK_START_WGSL } from './step-meta.ts';
 
 /**
  * The arithmetic, per split of a row's context, in windows of `window` tokens:
@@ -311,10 +311,7 @@ fn getRed(i: u32) -> vec2<f32> {
 fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(subgroup_id) sgId: u32, ' : ''}@builtin(workgroup_id) wid: vec3<u32>) {
   let c = wid.x;
   let r = wid.z;
-  if (lid == 0u) { bounds = chunkSpan(r, c); }
-  let bnd = workgroupUniformLoad(&bounds);
-  if (bnd.y <= bnd.x) { return; }
-  let bt = seqBlockTable(rowSeq(r));
+  ${CHUNK_START_WGSL}
   let g = ${tensorCores ? 'sgId' : 'lid / 32u'};
   let lane = lid % 32u;
   let qByte = r * ${HP * p.rowPad}u;

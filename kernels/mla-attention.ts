@@ -26,7 +26,7 @@ import { NEG_BIG, splitKMergeWgsl } from './split-merge.ts';
 import type { FusedHeadWeights } from './mla-head-fused.ts';
 import { frontGrid, frontRowsPerWorkgroup, mlaFrontWgsl, type FrontRowsPerWorkgroup, type MlaFrontSpec } from './mla-front.ts';
 import { backGrid, mlaBackWgsl, type MlaBackSpec } from './mla-back.ts';
-import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS } from './step-meta.ts';
+import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS, CHUNK_START_WGSL } from './step-meta.ts';
 import { bindBuffers, storageBuffer } from './tensors.ts';
 import { mlaTcDumpLayout, mlaTcOnTensorCores, mlaTcPartialWgsl, mlaTcQueryWgsl, planMlaTc, type MlaTcPlan } from './mla-attention-tc.ts';
 import { mlaDot4PartialWgsl, planMlaDot4, type Dot4Softmax, type MlaDot4Plan } from './mla-attention-dot4.ts';
@@ -381,10 +381,7 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
   let c = wid.x;
   let hBase = wid.y * ${HW}u;
   let r = wid.z;
-  if (lid == 0u) { bounds = chunkSpan(r, c); }
-  let bnd = workgroupUniformLoad(&bounds);
-  if (bnd.y <= bnd.x) { return; }
-  let bt = seqBlockTable(rowSeq(r));
+  ${CHUNK_START_WGSL}
   if (lid < ${HW}u) {
     mRun[lid] = ${NEG_BIG};
     lRun[lid] = 0.0;

@@ -172,6 +172,16 @@ fn chunkSpan(r: u32, c: u32) -> vec2<u32> {
 }
 
 /**
+ * WGSL opening a split-K attention workgroup of (row r, chunk c): the chunk's token span `bnd` (read through the
+ * workgroup variable `bounds: vec2<u32>`, so uniform), a return when the chunk lies past the row's context, and the
+ * sequence's block table offset `bt`. Needs `lid`, `r`, `c`, `bounds` and metaWgsl's functions in scope.
+ */
+export const CHUNK_START_WGSL = `if (lid == 0u) { bounds = chunkSpan(r, c); }
+  let bnd = workgroupUniformLoad(&bounds);
+  if (bnd.y <= bnd.x) { return; }
+  let bt = seqBlockTable(rowSeq(r));`;
+
+/**
  * WGSL `fn cacheRow(blockTableOffset: u32, t: u32) -> u32`: row index of token t of a sequence in a paged layer
  * buffer ([block][token in block][row]), reading block ids from stepMeta at blockTableOffset.
  */
