@@ -31,10 +31,11 @@ import { cacheRowWgsl, metaWgsl, META_MAX_CHUNKS, CHUNK_START_WGSL } from './ste
  *  3. values: subgroup sg owns latent tiles sg · latentTilesPerSubgroup …, for every head tile; per 32-token K step the
  *     right operand is 32 cache rows × 16 latent bytes straight from storage (row-major with the row's byte stride: 32
  *     consecutive rows, so the block size is a multiple of 32 and chunks start on 32-token bounds) and the left one p′
- *     of 16 heads × 32 tokens from workgroup memory; foldLatentTiles latent tiles at a time, each i32 tile goes through
- *     workgroup memory into the lane's f32 outputs, o = o · α + f32(O) · ps.
- * `tensorCores` false runs the same data flow with dot4I8Packed and byte products in place of the subgroup-matrix
- * calls (SwiftShader and CI: the tests hold that form to the float64 model; the tensor-core form only runs on a GPU).
+ *     of 16 heads × 32 tokens from this workgroup's slice of a storage scratch (or workgroup memory: pqStorage);
+ *     foldLatentTiles latent tiles at a time, each i32 tile goes through workgroup memory into the lane's f32
+ *     outputs, o = o · α + f32(O) · ps.
+ * Without tensor cores (MlaFlashProducts) the same data flow runs with dot4I8Packed and byte products in place of the
+ * subgroup-matrix calls (SwiftShader and CI: the tests hold that form to the float64 model).
  */
 export interface MlaFlashPlan {
   headTiles: number;
