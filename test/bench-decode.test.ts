@@ -41,7 +41,7 @@ test('bench:decode --mla-* flags choose the MLA kernels its profile then names (
     // The default decode front (W_UK with RoPE, the latent write and the query quantizer), and the back asked for.
     [['--mla-int8-products', 'dot4', '--mla-back-rows', '8'], /mla decode front .* g1$/, /mla decode back .* g1$/],
     // The one-pass tensor-core kernel's dot4 form through the runner: 32-token blocks, its chunks, the front beside it.
-    [['--mla-int8-products', 'flash-dot4', '--block-size', '32', '--contexts', '32'], /int8 flash .* dot4 scores dot4 values$/, /mla decode front .* bs32 g1$/],
+    [['--mla-int8-products', 'flash-dot4', '--block-size', '32', '--contexts', '32'], /int8 flash .* dot4 scores dot4 values pq storage$/, /mla decode front .* bs32 g1$/],
   ] as const) {
     const r = runBench([...flags]);
     assert.equal(r.status, 0, `bench:decode ${flags.join(' ')} exited ${r.status}: ${r.stderr.slice(-2000)}`);
