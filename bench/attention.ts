@@ -185,8 +185,6 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'flash tc-scores', mode: 'flash', window: 64, tuning: { int8FlashTensorCores: 'scores' }, variant: 'int8 one-pass, tensor-core scores only', fast: true },
   { key: 'flash tc-values', mode: 'flash', window: 64, tuning: { int8FlashTensorCores: 'values' }, variant: 'int8 one-pass, tensor-core values only', fast: true },
   { key: 'flash target×4', mode: 'flash', window: 64, targetScale: 4, variant: 'int8 one-pass tensor cores, 4× workgroups', fast: true },
-  { key: 'flash rows', mode: 'flash', window: 64, tuning: { int8FlashValueForm: 'rows' }, variant: 'int8 one-pass tensor cores, values p′·C', fast: true },
-  { key: 'flash rows tc-values', mode: 'flash', window: 64, tuning: { int8FlashValueForm: 'rows', int8FlashTensorCores: 'values' }, variant: 'int8 one-pass, tensor-core values p′·C only', fast: true },
   { key: 'flash transposed', mode: 'flash', window: 64, tuning: { int8FlashValueForm: 'transposed' }, variant: 'int8 one-pass tensor cores, values Cᵀ·p′ᵀ', fast: true },
   { key: 'flash fold 1', mode: 'flash', window: 64, tuning: { int8FlashMaxFold: 1 }, variant: 'int8 one-pass tensor cores, 1 latent tile a fold', fast: true },
   { key: 'flash fold 1 tc-values', mode: 'flash', window: 64, tuning: { int8FlashMaxFold: 1, int8FlashTensorCores: 'values' }, variant: 'int8 one-pass, tensor-core values only, 1 latent tile a fold', fast: true },
@@ -397,7 +395,8 @@ function mlaReferenceRow(qLatent: Float32Array, rows: Float64Array, context: num
   return want;
 }
 
-function relErr(got: Float32Array, want: Float64Array): number {
+/** max |got − want| / max |want|; Infinity where got holds a non-finite value. */
+function relErr(got: ArrayLike<number>, want: ArrayLike<number>): number {
   let d = 0;
   let m = 0;
   for (let i = 0; i < want.length; i++) {
@@ -668,39 +667,22 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
   const flash = outputs.get('flash');
   const flashDot4 = outputs.get('flash-dot4');
   if (flash && flashDot4) {
-    let d = 0;
-    let mx = 0;
-    for (let i = 0; i < flashDot4.length; i++) {
-      d = Math.max(d, Number.isFinite(flash[i]) ? Math.abs(flash[i] - flashDot4[i]) : Infinity);
-      mx = Math.max(mx, Math.abs(flashDot4[i]));
-    }
-    process.stdout.write(`mla int8 b${batch} ctx${context}: flash vs flash-dot4 max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
+    process.stdout.write(`mla int8 b${batch} ctx${context}: flash vs flash-dot4 max |Δ| / max |y| = ${relErr(flash, flashDot4).toExponential(2)}\n`);
   }
   // The three-pass forms against the plain one (the same integers: tensor-core scores must agree to f32 rounding).
   const three = outputs.get('three-pass');
   for (const key of ['three-pass tc', 'three-pass tc tile 64', 'three-pass tile 64', 'three-pass parts 4', 'three-pass tc values', 'three-pass tc both', 'three-pass tc both parts 4']) {
     const got = outputs.get(key);
     if (!three || !got) continue;
-    let d = 0;
-    let mx = 0;
-    for (let i = 0; i < three.length; i++) {
-      d = Math.max(d, Number.isFinite(got[i]) ? Math.abs(got[i] - three[i]) : Infinity);
-      mx = Math.max(mx, Math.abs(three[i]));
-    }
-    process.stdout.write(`mla int8 b${batch} ctx${context}: ${key} vs three-pass max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
+    process.stdout.write(`mla int8 b${batch} ctx${context}: ${key} vs three-pass max |Δ| / max |y| = ${relErr(got, three).toExponential(2)}\n`);
   }
   const d4 = outputs.get('emulate');
   for (const [mode, variant] of [['tensor-cores', 'int8 tensor cores'], ['tensor-cores w32', 'int8 tensor cores w32'], ['tc-scores', 'int8 tc-scores only'], ['tc-scores-bare', 'int8 tc-scores-bare only'], ['tc-values', 'int8 tc-values only']] as const) {
     const tc = outputs.get(mode);
     const row = results.find((r) => r.variant === variant);
     if (!tc || !d4 || !row) continue;
-    let d = 0;
-    let mx = 0;
-    for (let i = 0; i < d4.length; i++) {
-      d = Math.max(d, Number.isFinite(tc[i]) ? Math.abs(tc[i] - d4[i]) : Infinity);
-      mx = Math.max(mx, Math.abs(d4[i]));
-    }
-    process.stderr.write(`mla int8 b${batch} ctx${context}: ${mode} vs dot4 form max |Δ| / max |y| = ${(d / mx).toExponential(2)}\n`);
+    const vsDot4 = relErr(tc, d4);
+    process.stderr.write(`mla int8 b${batch} ctx${context}: ${mode} vs dot4 form max |Δ| / max |y| = ${vsDot4.toExponential(2)}\n`);
     const pt = partials.get(mode);
     const pd = partials.get('emulate');
     if (pt && pd && pt.chunks === pd.chunks) {
@@ -725,7 +707,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
         `partials ${mode} vs dot4, row 0, ${N_HEADS} heads × ${pt.ctxChunks} chunks: ${heads.size ? `heads [${list(heads)}], chunks [${list(chunks)}] differ; ${bad.join('; ')}` : 'm and l agree'}\n`,
       );
     }
-    row.variant += ` (vs dot4 ${(d / mx).toExponential(1)})`;
+    row.variant += ` (vs dot4 ${vsDot4.toExponential(1)})`;
   }
   // What the score phase of (chunk 0, row 0) saw and made in its first window, each form against host integer
   // arithmetic on the same inputs (bench/mla-tc-dump.ts): wrong staged rows, a wrong query, wrong tiles or wrong scaling.

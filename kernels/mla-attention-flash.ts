@@ -60,10 +60,14 @@ export interface MlaFlashPlan {
 }
 
 export type MlaFlashValueForm = 'rows' | 'transposed';
-/** Defaults of the tensor-core forms (untimed guesses until a device run). */
+/**
+ * Defaults of the tensor-core forms, timed with the (then wrong) value products on an H100 (bench:attention
+ * --block-size 32, 2026-12-06): 'rows' 293–300 µs at 32 × 4K against 'transposed' 302, 97.5 against 152.5 at 8 × 4K;
+ * score loads in batches of 1, 6 or 18: 300.6, 296, 300.4.
+ */
 export const MLA_FLASH_VALUE_FORM: MlaFlashValueForm = 'rows';
 export const MLA_FLASH_SCORE_BATCH = 6;
-/** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100. Untimed. */
+/** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100 (bench/flash-dump.ts). Not yet run on a device. */
 export const MLA_FLASH_PQ_STORAGE = true;
 
 /** The smallest chunk the kernel takes (its K steps start on 32-token bounds). */

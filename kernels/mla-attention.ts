@@ -590,7 +590,12 @@ export const MLA_DOT4_TARGET_WORKGROUPS = 128;
  * and the same at 32 × 4K (chunks of 512 either way).
  */
 export const MLA3_TARGET_WORKGROUPS = 128;
-/** Rows × chunks the one-pass tensor-core kernel aims for (int8Products 'flash'). Untimed guess: the dot4 kernel's. */
+/**
+ * Rows × chunks the one-pass tensor-core kernel aims for (int8Products 'flash'): the dot4 kernel's. On an H100
+ * (bench:attention --block-size 32, 2026-12-06, its values still wrong) twice the target took 128.6 against 149.8 µs
+ * at 8 × 4K but 93.7 against 67.2 at 32 × 512, half of it 44.8 against 56.0 at 8 × 512; 32 × 4K runs 512-token chunks
+ * at any of them.
+ */
 export const MLA_FLASH_TARGET_WORKGROUPS = 128;
 
 /**
