@@ -8,7 +8,7 @@
 //            --target-ms 150 (GPU time per measurement)  --spin-ms 300 (warm-up)  --variants all|default (MLA workgroup/tile variants)
 //            --prefill 512,2048|none (one prompt, every position a row: the absorbed form's prefill cost vs GQA)
 //            --mla-int8 all|fast|FORM,FORM (MLA over the int8 cache; fast = the dot4 kernel's forms and the f32 kernel;
-//            forms: MLA_INT8_FORMS below)
+//            forms: MLA_INT8_FORMS below)  --block-size 16  --mla-row-align 4 (int8 MLA rows padded to 16 / 32 … bytes)
 //
 // Synthetic data: cache values are a hash of their index (f16 in ±[1/16, 1)), generated on the GPU; block tables are
 // a fixed shuffle of the pool (pages scattered as a running server leaves them). Each measurement records many
@@ -20,6 +20,7 @@ import { writeFileSync } from 'node:fs';
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { GqaAttention, GQA_TARGET_WORKGROUPS, maxAttentionChunk, type GqaAttentionTuning } from '../kernels/attention.ts';
 import { timeGpuPass } from './gpu-timing.ts';
+import { StepProfiler, summarizeProfile } from '../engine/step-profile.ts';
 import { int8RowFormat, type Int8RowFormat } from '../kernels/kv-int8.ts';
 import { dequantizeLatentRowInt8, mlaInt8RowFormat, type MlaInt8RowFormat } from '../kernels/mla-kv-int8.ts';
 import { MlaAttention, DEFAULT_MLA_TUNING, MLA_MAX_CHUNK, MLA_TARGET_WORKGROUPS, mlaSplit, planMlaAttention, type MlaAttentionTuning } from '../kernels/mla-attention.ts';
@@ -51,6 +52,10 @@ interface Args {
   /** MLA over the int8 cache: the forms to run (MLA_INT8_FORMS keys). */
   mlaInt8: string[];
   blockSize: number;
+  /** The int8 MLA cache's rows padded to a multiple of this many bytes (mlaInt8RowFormat; 4: packed, 584 B). */
+  mlaRowAlign: number;
+  /** Also time each dispatch of a layer-step on its own (query, partial, merge …: engine/step-profile.ts). */
+  profile: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
@@ -66,6 +71,8 @@ function parseArgs(argv: string[]): Args {
     prefill: [512, 2048],
     mlaInt8: MLA_INT8_FORMS.map((f) => f.key),
     blockSize: 16,
+    mlaRowAlign: 4,
+    profile: false,
   };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
@@ -92,6 +99,8 @@ function parseArgs(argv: string[]): Args {
       a.blockSize = Number(val());
       if (!Number.isInteger(a.blockSize) || a.blockSize < 1) throw new Error(`--block-size takes a positive integer`);
     }
+    else if (k === '--mla-row-align') a.mlaRowAlign = Number(val());
+    else if (k === '--profile') a.profile = true;
     else if (k === '--mla-int8') {
       const v = val();
       const keys = MLA_INT8_FORMS.map((f) => f.key);
@@ -192,6 +201,9 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'flash skip values', mode: 'flash', window: 64, tuning: { int8FlashSkip: 'values' }, variant: 'int8 one-pass tc, no value products (timing)', fast: true },
   { key: 'flash skip fold', mode: 'flash', window: 64, tuning: { int8FlashSkip: 'fold' }, variant: 'int8 one-pass tc, no folds (timing)', fast: true },
   { key: 'flash batch 1', mode: 'flash', window: 64, tuning: { int8FlashScoreBatch: 1 }, variant: 'int8 one-pass tensor cores, score loads one at a time', fast: true },
+  { key: 'flash tiles 2', mode: 'flash', window: 64, tuning: { int8FlashScoreTiles: 2 }, variant: 'int8 one-pass tensor cores, 2 score tiles a subgroup', fast: true },
+  { key: 'flash tiles 2 target×2', mode: 'flash', window: 64, tuning: { int8FlashScoreTiles: 2 }, targetScale: 2, variant: 'int8 one-pass tensor cores, 2 score tiles a subgroup, 2× workgroups', fast: true },
+  { key: 'flash-dot4 tiles 2', mode: 'flash-dot4', window: 64, tuning: { int8FlashScoreTiles: 2 }, variant: 'int8 one-pass, dot4 form, 2 score tiles a subgroup', fast: true },
   { key: 'flash batch 18', mode: 'flash', window: 64, tuning: { int8FlashScoreBatch: 18 }, variant: 'int8 one-pass tensor cores, all 18 score loads at once', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];
@@ -286,14 +298,35 @@ async function timePass(gpu: GpuContext, iterations: number, encodeOne: (pass: G
  * sustained load: a variant timed right after a pipeline compile read up to 5× slow), then enough iterations for
  * ~targetMs of GPU time; µs per iteration.
  */
-async function measure(gpu: GpuContext, args: Args, encodeOne: (pass: GPUComputePassEncoder) => void): Promise<{ us: number; iterations: number; timestamps: boolean }> {
+async function measure(gpu: GpuContext, args: Args, encodeOne: (pass: GPUComputePassEncoder) => void): Promise<{ us: number; iterations: number; timestamps: boolean; profile?: DispatchUs[] }> {
   let warm = await timePass(gpu, 3, encodeOne);
   const t0 = performance.now();
   while (performance.now() - t0 < args.spinMs) warm = await timePass(gpu, 3, encodeOne);
   const per = warm.ns / 3;
   const iterations = Math.max(3, Math.min(5000, Math.ceil((args.targetMs * 1e6) / Math.max(per, 1))));
   const r = await timePass(gpu, iterations, encodeOne);
-  return { us: r.ns / iterations / 1e3, iterations, timestamps: r.timestamps };
+  return { us: r.ns / iterations / 1e3, iterations, timestamps: r.timestamps, profile: args.profile && r.timestamps ? await profileDispatches(gpu, encodeOne) : undefined };
+}
+
+interface DispatchUs {
+  label: string;
+  /** µs per layer-step (dispatches of this label summed). */
+  us: number;
+}
+
+/** Each dispatch of `reps` layer-steps in a timestamped pass of its own: µs per layer-step by pipeline label. */
+async function profileDispatches(gpu: GpuContext, encodeOne: (pass: GPUComputePassEncoder) => void, reps = 20): Promise<DispatchUs[]> {
+  const profiler = new StepProfiler(gpu.device);
+  try {
+    const enc = gpu.device.createCommandEncoder();
+    const pass = profiler.begin(enc);
+    for (let i = 0; i < reps; i++) encodeOne(pass as unknown as GPUComputePassEncoder);
+    profiler.finish(enc, pass);
+    gpu.device.queue.submit([enc.finish()]);
+    return summarizeProfile(await profiler.times(pass)).map((e) => ({ label: e.label, us: (e.ms * 1000) / reps }));
+  } finally {
+    profiler.destroy();
+  }
 }
 
 // ---- one shape ----
@@ -318,6 +351,8 @@ interface Measurement {
   /** Row 0 vs float64 (NaN when not checked). */
   maxRelError: number;
   aliasedBlocks: boolean;
+  /** --profile: the layer-step's dispatches timed one by one. */
+  profile?: DispatchUs[];
 }
 
 interface Pool {
@@ -497,7 +532,7 @@ async function benchGqa(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
       batch,
       context,
       chunk: m.chunkSize,
-      usPerLayerStep: r.us,
+      usPerLayerStep: r.us, profile: r.profile,
       iterations: r.iterations,
       timestamps: r.timestamps,
       cacheBytes,
@@ -562,7 +597,7 @@ async function benchMla(gpu: GpuContext, args: Args, pool: Pool, batch: number, 
       batch,
       context,
       chunk: m.chunkSize,
-      usPerLayerStep: r.us,
+      usPerLayerStep: r.us, profile: r.profile,
       iterations: r.iterations,
       timestamps: r.timestamps,
       cacheBytes,
@@ -616,7 +651,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     const meta = uploadArray(gpu, 'meta', m.data);
     let att: MlaAttention;
     try {
-      att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, tuning);
+      att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8', mlaInt8: pool.mlaInt8 }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, tuning);
     } catch (e) {
       process.stderr.write(`mla int8 ${formKey}: ${(e as Error).message}\n`);
       meta.destroy();
@@ -652,7 +687,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
           : att.dot4Plan
             ? `${mode === 'three-pass' ? ' (ran dot4)' : ''} w${att.dot4Plan.window}${att.dot4Plan.queryStaged ? '' : ', query from storage'}`
             : ''),
-      batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, iterations: r.iterations, timestamps: r.timestamps,
+      batch, context, chunk: m.chunkSize, usPerLayerStep: r.us, profile: r.profile, iterations: r.iterations, timestamps: r.timestamps,
       cacheBytes, flops, ...figures(args, r.us, cacheBytes, flops), maxRelError, aliasedBlocks: aliased,
     });
   }
@@ -716,7 +751,7 @@ async function benchMlaInt8(gpu: GpuContext, args: Args, pool: Pool, batch: numb
     const m = metaFor(tables, context, pool.blocks, split.parallelHeads, MLA_MAX_CHUNK, split.targetWorkgroups);
     const meta = uploadArray(gpu, 'meta', m.data);
     try {
-      const att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8' }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode, int8Debug: true });
+      const att = new MlaAttention(gpu, shape, { rowValues: RV, blockSize: BLOCK, dtype: 'int8', mlaInt8: pool.mlaInt8 }, { meta, qLatent, out, outStride, layerCaches: [pool.buffer] }, { int8Products: mode, int8Debug: true });
       att.prepare(m.nRows, m.maxChunks);
       const enc = gpu.device.createCommandEncoder();
       const pass = enc.beginComputePass();
@@ -769,7 +804,7 @@ async function main(): Promise<void> {
     const gqaPool = makePool(gpu, 'gqa', 2 * N_KV * HEAD_DIM, wantBlocks, 1234);
     const mlaPool = makePool(gpu, 'mla', R + ROPE, wantBlocks, 4321);
     const gqaInt8Pool = makePool(gpu, 'gqa int8', 2 * N_KV * HEAD_DIM, wantBlocks, 5678, int8RowFormat(2 * N_KV, HEAD_DIM));
-    const mlaInt8Pool = makePool(gpu, 'mla int8', R + ROPE, wantBlocks, 8765, undefined, mlaInt8RowFormat(R, ROPE));
+    const mlaInt8Pool = makePool(gpu, 'mla int8', R + ROPE, wantBlocks, 8765, undefined, mlaInt8RowFormat(R, ROPE, args.mlaRowAlign));
     process.stderr.write(
       `${gpu.adapterName}${gpu.isSoftware ? ' (software: timings meaningless)' : ''}; pools: GQA ${gqaPool.blocks} blocks (${((gqaPool.blocks * BLOCK * 2048) / 2 ** 30).toFixed(2)} GiB), ` +
         `MLA ${mlaPool.blocks} blocks (${((mlaPool.blocks * BLOCK * 1152) / 2 ** 30).toFixed(2)} GiB)\n`,
@@ -883,7 +918,7 @@ async function main(): Promise<void> {
   );
   console.log(table(rows));
   // MLA over the int8 cache, every form, against GQA over the int8 cache (the goal's comparison) and GQA f16.
-  const int8Rows = [['MLA over int8 cache (584 B/token)', 'variant', 'chunk', 'µs', 'vs GQA int8', 'vs GQA f16', 'GB/s', 'TFLOP/s', 'err vs f64 (dequantized)']];
+  const int8Rows = [[`MLA over int8 cache (${mlaInt8RowFormat(R, ROPE, args.mlaRowAlign).rowWords * 4} B/token)`, 'variant', 'chunk', 'µs', 'vs GQA int8', 'vs GQA f16', 'GB/s', 'TFLOP/s', 'err vs f64 (dequantized)']];
   for (const m of decode.filter((m) => m.kernel === 'mla-int8')) {
     const g = fastest('gqa', m.batch, m.context);
     const g8 = fastest('gqa-int8', m.batch, m.context);
@@ -891,6 +926,12 @@ async function main(): Promise<void> {
     int8Rows.push([`${m.batch}×${m.context}`, m.variant, String(m.chunk), fmt(m.usPerLayerStep), vs(g8), vs(g), fmt(m.gbPerS, 0), fmt(m.tflops, 1), errText(m.maxRelError)]);
   }
   if (int8Rows.length > 1) console.log('\n' + table(int8Rows));
+  // --profile: each measurement's dispatches timed one by one.
+  const profiled = all.filter((m) => m.profile?.length);
+  if (profiled.length) {
+    console.log('\ndispatches of a layer-step, timed one by one (µs; --profile)');
+    for (const m of profiled) console.log(`${m.kernel} ${m.mode} ${m.batch}×${m.context} ${m.variant}: ${m.profile!.map((d) => `${d.label} ${fmt(d.us)}`).join('; ')}`);
+  }
 }
 
 await main();

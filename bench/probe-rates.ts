@@ -3,6 +3,7 @@
 //
 //   node --import tsx bench/probe-rates.ts                  # needs a GPU with i8 subgroup matrices (the H200)
 //   node --import tsx bench/probe-rates.ts --gemm-shapes    # only the int8 GEMM's structure taken apart
+//   node --import tsx bench/probe-rates.ts --mla-rows       # only the MLA cache's row-strided tile loads
 import { openGpu, releaseGpu, type GpuContext } from '../kernels/device.ts';
 import { timeGpuPass, spinUpGpu } from './gpu-timing.ts';
 
@@ -277,6 +278,75 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
   return list;
 }
 
+/**
+ * The int8 MLA cache's loads (kernels/mla-attention-flash.ts): rows of `stride` bytes (584 = 512 latent + 64 rope + 8
+ * of scales; 592 / 608 / 640 padded to 16 / 32 / 128 bytes), each subgroup taking 16 rows ('scores': 18 right tiles of
+ * 16 rows × 32 bytes, column-major, `u` in flight) or 32 rows ('values': 32 right tiles of 32 rows × 16 bytes,
+ * row-major); against the same bytes laid out tile by tile ('tiled': [32 rows][32 bytes] pieces of 1 KB, the score
+ * tile one 512-byte half, the value tile 32 rows × 16 bytes of a piece at stride 32).
+ */
+function mlaRowShapes(): Probe[] {
+  const list: Probe[] = [];
+  const bytes = 256 * 1024 * 1024;
+  const u = 6;
+  const body = (groups: number, loads: string, count: number) => `${HEAD}var<workgroup> ws: array<i32, 4096>;
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  for (var i = lid; i < 4096u; i += 256u) { ws[i] = i32(i * 2654435761u); }
+  workgroupBarrier();
+  let l = subgroupMatrixLoad<${L}>(&ws, 0u, false, 32u);
+  var acc0 = ${Acc}();
+  var acc1 = ${Acc}();
+  let unit = min(wid.x * 8u + sg, ${groups - 1}u);
+  for (var i = 0u; i < ${count}u; i += ${u}u) {
+    ${range(u).map((k) => `let r${k} = ${loads.replaceAll('$K', `min(i + ${k}u, ${count - 1}u)`)};`).join('\n    ')}
+    ${range(u).map((k) => `acc${k % 2} = subgroupMatrixMultiplyAccumulate(l, r${k}, acc${k % 2});`).join('\n    ')}
+  }
+  subgroupMatrixStore(&sink, (wid.x * 8u + sg) * 512u, acc0, false, 16u);
+  subgroupMatrixStore(&sink, (wid.x * 8u + sg) * 512u + 256u, acc1, false, 16u);
+}`;
+  for (const stride of [584, 592, 608, 640]) {
+    const rows = Math.floor(bytes / stride);
+    const sGroups = Math.floor(rows / 16);
+    list.push({
+      name: `mla rows ${stride} B, score tiles`,
+      groups: Math.ceil(sGroups / 8),
+      work: sGroups * 16 * 576,
+      unit: 'GB/s',
+      big: true,
+      code: body(sGroups, `subgroupMatrixLoad<${R}>(&big, unit * ${16 * stride}u + $K * 32u, true, ${stride}u)`, 18),
+    });
+    const vGroups = Math.floor(rows / 32);
+    list.push({
+      name: `mla rows ${stride} B, value tiles`,
+      groups: Math.ceil(vGroups / 8),
+      work: vGroups * 32 * 512,
+      unit: 'GB/s',
+      big: true,
+      code: body(vGroups, `subgroupMatrixLoad<${R}>(&big, unit * ${32 * stride}u + $K * 16u, false, ${stride}u)`, 32),
+    });
+  }
+  // Tiled: a 32-row block of 576 bytes a row as 18 pieces of [32 rows][32 bytes].
+  const blocks = Math.floor(bytes / (32 * 576));
+  list.push({
+    name: 'mla tiled, score tiles',
+    groups: Math.ceil((blocks * 2) / 8),
+    work: blocks * 32 * 576,
+    unit: 'GB/s',
+    big: true,
+    code: body(blocks * 2, `subgroupMatrixLoad<${R}>(&big, (unit / 2u) * ${32 * 576}u + $K * 1024u + (unit % 2u) * 512u, true, 32u)`, 18),
+  });
+  list.push({
+    name: 'mla tiled, value tiles',
+    groups: Math.ceil(blocks / 8),
+    work: blocks * 32 * 512,
+    unit: 'GB/s',
+    big: true,
+    code: body(blocks, `subgroupMatrixLoad<${R}>(&big, unit * ${32 * 576}u + ($K / 2u) * 1024u + ($K % 2u) * 16u, false, 32u)`, 32),
+  });
+  return list;
+}
+
 const gpu = await openGpu();
 log(`adapter: ${gpu.adapterName}; subgroup size ${gpu.subgroupSize}; configs ${JSON.stringify(gpu.subgroupMatrixConfigs)}`);
 const sms = Number(process.env.PROBE_SMS ?? 132);
@@ -286,8 +356,8 @@ const chunk = new Int32Array(1 << 22);
 for (let i = 0; i < chunk.length; i++) chunk[i] = (i * 2654435761) | 0;
 for (let off = 0; off < bigBytes; off += chunk.byteLength) gpu.device.queue.writeBuffer(big, off, chunk);
 const sink = gpu.device.createBuffer({ size: sms * 8 * 4 * 8 * 4 * 256 * 4, usage: GPUBufferUsage.STORAGE });
-const only = process.argv.includes('--gemm-shapes');
-for (const p of only ? gemmShapes() : [...probes(sms, bigBytes), ...gemmShapes()]) {
+const only = process.argv.includes('--gemm-shapes') ? gemmShapes() : process.argv.includes('--mla-rows') ? mlaRowShapes() : undefined;
+for (const p of only ?? [...probes(sms, bigBytes), ...gemmShapes(), ...mlaRowShapes()]) {
   try {
     const pipeline = gpu.pipeline(`rate ${p.name}`, p.code);
     const layout = pipeline.getBindGroupLayout(0);

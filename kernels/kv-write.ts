@@ -1,6 +1,7 @@
 // Writes each step row's new KV values into its slot of the paged cache, through the sequence's block table.
 import type { GpuContext } from './device.ts';
 import type { Int8RowFormat } from './kv-int8.ts';
+import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { cacheRowWgsl, metaWgsl } from './step-meta.ts';
 import { bindBuffers, gridFor } from './tensors.ts';
 
@@ -11,6 +12,8 @@ export interface PagedRows {
   dtype: 'f16' | 'f32' | 'int8';
   /** Where an int8 row keeps its values and scales (required when dtype is 'int8'). */
   int8?: Int8RowFormat;
+  /** An int8 MLA latent row's format where it is not the packed default (mlaInt8RowFormat's rowAlignBytes). */
+  mlaInt8?: MlaInt8RowFormat;
 }
 
 const WG = 64;

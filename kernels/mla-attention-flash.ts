@@ -57,6 +57,8 @@ export interface MlaFlashPlan {
   valueForm: MlaFlashValueForm;
   /** Score K steps whose loads are issued together before their products. */
   scoreBatch: number;
+  /** Score tiles a subgroup computes per window (window = 16 · tokenGroups · scoreTiles): fewer folds and barriers a token. */
+  scoreTiles: number;
 }
 
 export type MlaFlashValueForm = 'rows' | 'transposed';
@@ -67,6 +69,8 @@ export type MlaFlashValueForm = 'rows' | 'transposed';
  */
 export const MLA_FLASH_VALUE_FORM: MlaFlashValueForm = 'rows';
 export const MLA_FLASH_SCORE_BATCH = 6;
+/** Score tiles a subgroup per window: 1 (64-token windows at 28 heads). */
+export const MLA_FLASH_SCORE_TILES = 1;
 /** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100 (bench/flash-dump.ts). Not yet run on a device. */
 export const MLA_FLASH_PQ_STORAGE = true;
 
@@ -74,8 +78,9 @@ export const MLA_FLASH_PQ_STORAGE = true;
 export const MLA_FLASH_MIN_CHUNK = 32;
 
 /** The plan for a shape, or why the one-pass tensor-core kernel does not take it. */
-export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8): MlaFlashPlan | string {
+export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, scoreTiles = MLA_FLASH_SCORE_TILES): MlaFlashPlan | string {
   if (!Number.isInteger(scoreBatch) || scoreBatch < 1) return `score batch ${scoreBatch}: a positive integer`;
+  if (scoreTiles !== 1 && scoreTiles !== 2) return `${scoreTiles} score tiles a subgroup: 1 or 2`;
   if (nHeads > 32) return `${nHeads} heads: at most 32 (two 16-head tiles)`;
   if (blockSize % 32 !== 0) return `block size ${blockSize}: the value products read 32 consecutive cache rows, so a multiple of 32 (--block-size 32)`;
   const tc = planMlaTc(nHeads, f, 64);
@@ -89,7 +94,7 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
   while (SG > 1 && (NT % SG !== 0 || SG % HT !== 0)) SG /= 2;
   if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles and ${HT} head tiles: no subgroup count of 1–8 divides both`;
   const TG = SG / HT;
-  const W = 16 * TG;
+  const W = 16 * TG * scoreTiles;
   if (W % 32 !== 0) return `${SG} subgroups over ${HT} head tiles give ${W}-token windows: not a whole 32-token K step`;
   const WG = 32 * SG;
   const TPH = WG / HP;
@@ -97,7 +102,7 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
   if (!Number.isInteger(TPH) || ![4, 8, 16].includes(TPT)) return `${WG} threads over ${HP} heads × ${W} tokens: not 4, 8 or 16 tokens a thread`;
   const LPS = NT / SG;
   const fixed = HP * W + 2 * 8 * WG + 8 * W + 8 * HP + 16;
-  const bytes = (fl: number) => fixed + 4 * SG * Math.max(512, fl * HT * 256);
+  const bytes = (fl: number) => fixed + 4 * SG * Math.max(512 * scoreTiles, fl * HT * 256);
   let FL = Math.min(LPS, maxFold);
   while (FL > 1 && (LPS % FL !== 0 || bytes(FL) > storageLimit)) FL--;
   if (bytes(FL) > storageLimit) return `${bytes(FL)} B of workgroup memory, the device allows ${storageLimit}`;
@@ -112,11 +117,12 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
     foldLatentTiles: FL,
     threadsPerHead: TPH,
     tokensPerThread: TPT,
-    scratchWords: SG * Math.max(512, FL * HT * 256),
+    scratchWords: SG * Math.max(512 * scoreTiles, FL * HT * 256),
     workgroupBytes: bytes(FL),
     tc,
     valueForm,
     scoreBatch,
+    scoreTiles,
   };
 }
 
@@ -175,9 +181,11 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
   const result = 'subgroup_matrix_result<i32, 16, 16>';
   const range = (n: number) => [...Array(n).keys()];
 
-  // Phase 1: this subgroup's score tile (head tile ht, 16 tokens from g0) into scr[sg·512 …] (latent) and scr[sg·512 + 256 …] (rope).
-  // K steps in batches of scoreBatch: every load of a batch issued before its products, so their latencies overlap.
-  const scoreTc = () => {
+  // Phase 1: this subgroup's score tile s (head tile ht, 16 tokens from g0) into scr[(sg·S + s)·512 …] (latent) and
+  // scr[(sg·S + s)·512 + 256 …] (rope). K steps in batches of scoreBatch: every load of a batch issued before its
+  // products, so their latencies overlap.
+  const S = p.scoreTiles;
+  const scoreTc = (s: number) => {
     const ks = [...range(tc.latentPad / 32).map((k) => ({ k, acc: 'accL', byte: 32 * k })), ...range(tc.ropePad / 32).map((k) => ({ k: tc.latentPad / 32 + k, acc: 'accP', byte: ropeByte + 32 * k }))];
     const lines = [`var accL = ${result}();`, `var accP = ${result}();`];
     for (let b0 = 0; b0 < ks.length; b0 += p.scoreBatch) {
@@ -190,11 +198,11 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
       for (const { k, acc } of batch) lines.push(`  ${acc} = subgroupMatrixMultiplyAccumulate(ql${k}, cr${k}, ${acc});`);
       lines.push('}');
     }
-    lines.push(`subgroupMatrixStore(&scr, sg * 512u, accL, false, 16u);`, `subgroupMatrixStore(&scr, sg * 512u + 256u, accP, false, 16u);`);
+    lines.push(`subgroupMatrixStore(&scr, (sg * ${S}u + ${s}u) * 512u, accL, false, 16u);`, `subgroupMatrixStore(&scr, (sg * ${S}u + ${s}u) * 512u + 256u, accP, false, 16u);`);
     return lines.join('\n      ');
   };
   // The same integers: lane element e = lane·8 + i of the 16 × 16 tile (head e / 16, token e % 16), stored row-major.
-  const scoreDot4 = () => `for (var i = 0u; i < 8u; i++) {
+  const scoreDot4 = (s: number) => `for (var i = 0u; i < 8u; i++) {
         let e = lane * 8u + i;
         let h = ht * 16u + e / 16u;
         let rw = rowByte / 4u + (e % 16u) * ${f.rowWords}u;
@@ -202,8 +210,8 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
         var sP = 0i;
         for (var w = 0u; w < ${LW}u; w++) { sL += dot4I8Packed(u32(qq[qqWord(r, h, w)]), u32(cache[rw + w])); }
         for (var w = 0u; w < ${tc.ropePad / 4}u; w++) { sP += dot4I8Packed(u32(qq[qqWord(r, h, ${LW}u + w)]), u32(cache[rw + ${f.ropeWord}u + w])); }
-        scr[sg * 512u + e] = sL;
-        scr[sg * 512u + 256u + e] = sP;
+        scr[(sg * ${S}u + ${s}u) * 512u + e] = sL;
+        scr[(sg * ${S}u + ${s}u) * 512u + 256u + e] = sP;
       }`;
 
   // Phase 3, round q: latent tiles lt_j = sg·LPS + q·FL + j; tile (ht, j) stored at scr[(sg·FL·HT + j·HT + ht)·256 …].
@@ -349,7 +357,8 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
   let sub = lid % ${TPH}u;
   let first = lid - sub;
   let st0 = sub * ${TPT}u;
-  let sa = (sh / 16u) * ${TG}u + st0 / 16u;
+  // The score tile of (head sh, tokens st0 …): token group st0 / 16 is subgroup (sh / 16)·TG + its remainder's tile s.
+  let sa = ((sh / 16u) * ${TG}u + (st0 / 16u) % ${TG}u) * ${S}u + st0 / ${16 * TG}u;
   let se = (sh % 16u) * 16u + st0 % 16u;
   let sq = vec2<f32>(qs[2u * (r * ${HP}u + sh)], qs[2u * (r * ${HP}u + sh) + 1u]);
   var mRun = ${NEG_BIG};
@@ -364,11 +373,11 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
       tokScale[j] = select(vec2<f32>(0.0), vec2<f32>(bitcast<f32>(cache[rb + ${f.scaleWord}u]), bitcast<f32>(cache[rb + ${f.scaleWord + 1}u])), j < n);
     }
     // Phase 1: a group wholly past the window reads the last token's group (its scores are masked below).
-    {
-      let g0 = min(w0 + (sg % ${TG}u) * 16u, wLast - wLast % 16u);
+    ${range(S).map((s) => `{
+      let g0 = min(w0 + (sg % ${TG}u + ${s * TG}u) * 16u, wLast - wLast % 16u);
       let rowByte = cacheRow(bt, g0) * ${rowBytes}u;
-      ${products.skip === 'scores' ? 'if (w0 == 0xffffffffu) { scr[0] = qq[0]; } // keeps the binding' : products.scores ? scoreTc() : scoreDot4()}
-    }
+      ${products.skip === 'scores' ? 'if (w0 == 0xffffffffu) { scr[0] = qq[0]; } // keeps the binding' : products.scores ? scoreTc(s) : scoreDot4(s)}
+    }`).join('\n    ')}
     workgroupBarrier();
 
     // Phase 2: the window's softmax for head sh.

@@ -163,6 +163,8 @@ export interface MlaAttentionTuning {
   int8FlashScoreBatch?: number;
   /** 'flash': the most latent tiles a subgroup folds at a time (default: as many as workgroup memory holds). */
   int8FlashMaxFold?: number;
+  /** 'flash': score tiles a subgroup computes per window, 1 or 2 (2: 128-token windows at 28 heads; default MLA_FLASH_SCORE_TILES). */
+  int8FlashScoreTiles?: number;
   /** 'flash': p′ through a storage scratch rather than workgroup memory (MlaFlashProducts.pqStorage; default MLA_FLASH_PQ_STORAGE). */
   int8FlashPqStorage?: boolean;
   /** 'flash', diagnosis only: dump the first window's value tiles of (chunk 0, row 0) (MlaFlashProducts.debug; int8DebugDump). */
@@ -306,7 +308,7 @@ function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTun
   const HP = p.pStride;
   const parts = Math.floor(WG / HW);
   const f16 = layout.dtype === 'f16';
-  const i8 = layout.dtype === 'int8' ? mlaInt8RowFormat(R, s.qkRopeHeadDim) : undefined;
+  const i8 = layout.dtype === 'int8' ? layout.mlaInt8 ?? mlaInt8RowFormat(R, s.qkRopeHeadDim) : undefined;
   const as = [...Array(A).keys()];
   const bs = [...Array(B).keys()];
   const avs = [...Array(Av).keys()];
@@ -779,7 +781,7 @@ export class MlaAttention {
     if (tensorCores && !mlaTcOnTensorCores(gpu)) {
       throw new Error(`MLA attention: int8Products ${mode} needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
     }
-    const f = mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
+    const f = this.layout.mlaInt8 ?? mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
     if (mode === 'dot4') return this.makeDot4Path(f);
     if (mode === 'three-pass') return this.makeThreePass(f);
     if (mode === 'flash' || mode === 'flash-dot4') {
@@ -817,7 +819,7 @@ export class MlaAttention {
     }
     const other = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax, this.tuning.int8Debug];
     if (other.some((v) => v !== undefined && v !== false)) throw new Error(`MLA attention: the dot4 kernel's and the debug dump's options do not apply to int8Products 'flash'`);
-    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8FlashValueForm, this.tuning.int8FlashScoreBatch, this.tuning.int8FlashMaxFold);
+    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8FlashValueForm, this.tuning.int8FlashScoreBatch, this.tuning.int8FlashMaxFold, this.tuning.int8FlashScoreTiles);
     if (typeof plan === 'string') throw new Error(`MLA int8 one-pass tensor-core attention: ${plan}`);
     const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}`;
     return {
@@ -1106,7 +1108,7 @@ export class MlaAttention {
       const spec: MlaFrontSpec = {
         ...fr.f.spec,
         nHeads: this.shape.nHeads,
-        format: mlaInt8RowFormat(this.shape.kvLoraRank, this.shape.qkRopeHeadDim),
+        format: this.layout.mlaInt8 ?? mlaInt8RowFormat(this.shape.kvLoraRank, this.shape.qkRopeHeadDim),
         plan: tc.plan,
         blockSize: this.layout.blockSize,
         rowsPerWorkgroup: G,

@@ -28,14 +28,17 @@ export interface MlaInt8RowFormat {
   rowWords: number;
 }
 
-export function mlaInt8RowFormat(kvLoraRank: number, qkRopeHeadDim: number): MlaInt8RowFormat {
+/** `rowAlignBytes` pads each row to a multiple of that many bytes (4: no padding; 16 / 32 align the tensor cores' row loads). */
+export function mlaInt8RowFormat(kvLoraRank: number, qkRopeHeadDim: number, rowAlignBytes = 4): MlaInt8RowFormat {
+  if (!Number.isInteger(rowAlignBytes) || rowAlignBytes < 4 || rowAlignBytes % 4 !== 0) throw new Error(`an int8 latent row aligns to a positive multiple of 4 bytes, got ${rowAlignBytes}`);
   for (const [name, v] of [['kv_lora_rank', kvLoraRank], ['qk_rope_head_dim', qkRopeHeadDim]] as const) {
     if (!Number.isInteger(v) || v < 1) throw new Error(`an int8 latent row needs a positive ${name}, got ${v}`);
   }
   const latentWords = Math.ceil(kvLoraRank / 4);
   const ropeWords = Math.ceil(qkRopeHeadDim / 4);
   const scaleWord = latentWords + ropeWords;
-  return { kvLoraRank, qkRopeHeadDim, latentWords, ropeWord: latentWords, ropeWords, scaleWord, rowWords: scaleWord + 2 };
+  const align = rowAlignBytes / 4;
+  return { kvLoraRank, qkRopeHeadDim, latentWords, ropeWord: latentWords, ropeWords, scaleWord, rowWords: Math.ceil((scaleWord + 2) / align) * align };
 }
 
 /** One part's words and scale as the GPU stores them (non-finite part: NaN scale, zero words). */
