@@ -199,6 +199,7 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'flash fold 1 tc-values', mode: 'flash', window: 64, tuning: { int8FlashMaxFold: 1, int8FlashTensorCores: 'values' }, variant: 'int8 one-pass, tensor-core values only, 1 latent tile a fold', fast: true },
   { key: 'flash skip scores', mode: 'flash', window: 64, tuning: { int8FlashSkip: 'scores' }, variant: 'int8 one-pass tc, no score products (timing)', fast: true },
   { key: 'flash skip values', mode: 'flash', window: 64, tuning: { int8FlashSkip: 'values' }, variant: 'int8 one-pass tc, no value products (timing)', fast: true },
+  { key: 'flash skip products', mode: 'flash', window: 64, tuning: { int8FlashSkip: 'products' }, variant: 'int8 one-pass tc, no products: the skeleton (timing)', fast: true },
   { key: 'flash skip fold', mode: 'flash', window: 64, tuning: { int8FlashSkip: 'fold' }, variant: 'int8 one-pass tc, no folds (timing)', fast: true },
   { key: 'flash batch 1', mode: 'flash', window: 64, tuning: { int8FlashScoreBatch: 1 }, variant: 'int8 one-pass tensor cores, score loads one at a time', fast: true },
   { key: 'flash tiles 2', mode: 'flash', window: 64, tuning: { int8FlashScoreTiles: 2 }, variant: 'int8 one-pass tensor cores, 2 score tiles a subgroup', fast: true },

@@ -285,11 +285,13 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
  * row-major); against the same bytes laid out tile by tile ('tiled': [32 rows][32 bytes] pieces of 1 KB, the score
  * tile one 512-byte half, the value tile 32 rows × 16 bytes of a piece at stride 32).
  */
-function mlaRowShapes(): Probe[] {
+function mlaRowShapes(sms: number): Probe[] {
   const list: Probe[] = [];
   const bytes = 256 * 1024 * 1024;
   const u = 6;
-  const body = (groups: number, loads: string, count: number) => `${HEAD}var<workgroup> ws: array<i32, 4096>;
+  // One unit a subgroup over as many workgroups as units; or, `persistent`, one workgroup an SM whose subgroups loop
+  // over the units (the flash kernel's occupancy: what one SM's load path gives a few subgroups).
+  const body = (groups: number, loads: string, count: number, persistent = false) => `${HEAD}var<workgroup> ws: array<i32, 4096>;
 @compute @workgroup_size(256)
 fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   for (var i = lid; i < 4096u; i += 256u) { ws[i] = i32(i * 2654435761u); }
@@ -297,10 +299,11 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
   let l = subgroupMatrixLoad<${L}>(&ws, 0u, false, 32u);
   var acc0 = ${Acc}();
   var acc1 = ${Acc}();
-  let unit = min(wid.x * 8u + sg, ${groups - 1}u);
+  ${persistent ? `for (var unit = wid.x * 8u + sg; unit < ${groups}u; unit += ${sms * 8}u) {` : `{\n  let unit = min(wid.x * 8u + sg, ${groups - 1}u);`}
   for (var i = 0u; i < ${count}u; i += ${u}u) {
     ${range(u).map((k) => `let r${k} = ${loads.replaceAll('$K', `min(i + ${k}u, ${count - 1}u)`)};`).join('\n    ')}
     ${range(u).map((k) => `acc${k % 2} = subgroupMatrixMultiplyAccumulate(l, r${k}, acc${k % 2});`).join('\n    ')}
+  }
   }
   subgroupMatrixStore(&sink, (wid.x * 8u + sg) * 512u, acc0, false, 16u);
   subgroupMatrixStore(&sink, (wid.x * 8u + sg) * 512u + 256u, acc1, false, 16u);
@@ -324,6 +327,27 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
       unit: 'GB/s',
       big: true,
       code: body(vGroups, `subgroupMatrixLoad<${R}>(&big, unit * ${32 * stride}u + $K * 16u, false, ${stride}u)`, 32),
+    });
+  }
+  {
+    const stride = 584;
+    const sGroups = Math.floor(Math.floor(bytes / stride) / 16);
+    list.push({
+      name: `mla rows ${stride} B, score tiles, ${sms} wgs`,
+      groups: sms,
+      work: sGroups * 16 * 576,
+      unit: 'GB/s',
+      big: true,
+      code: body(sGroups, `subgroupMatrixLoad<${R}>(&big, unit * ${16 * stride}u + $K * 32u, true, ${stride}u)`, 18, true),
+    });
+    const tiles = bytes / 512;
+    list.push({
+      name: `contiguous 512-byte tiles, ${sms} wgs`,
+      groups: sms,
+      work: Math.floor(tiles / 18) * 18 * 512,
+      unit: 'GB/s',
+      big: true,
+      code: body(Math.floor(tiles / 18), `subgroupMatrixLoad<${R}>(&big, (unit * 18u + $K) * 512u, true, 32u)`, 18, true),
     });
   }
   // Tiled: a 32-row block of 576 bytes a row as 18 pieces of [32 rows][32 bytes].
@@ -356,8 +380,8 @@ const chunk = new Int32Array(1 << 22);
 for (let i = 0; i < chunk.length; i++) chunk[i] = (i * 2654435761) | 0;
 for (let off = 0; off < bigBytes; off += chunk.byteLength) gpu.device.queue.writeBuffer(big, off, chunk);
 const sink = gpu.device.createBuffer({ size: sms * 8 * 4 * 8 * 4 * 256 * 4, usage: GPUBufferUsage.STORAGE });
-const only = process.argv.includes('--gemm-shapes') ? gemmShapes() : process.argv.includes('--mla-rows') ? mlaRowShapes() : undefined;
-for (const p of only ?? [...probes(sms, bigBytes), ...gemmShapes(), ...mlaRowShapes()]) {
+const only = process.argv.includes('--gemm-shapes') ? gemmShapes() : process.argv.includes('--mla-rows') ? mlaRowShapes(sms) : undefined;
+for (const p of only ?? [...probes(sms, bigBytes), ...gemmShapes(), ...mlaRowShapes(sms)]) {
   try {
     const pipeline = gpu.pipeline(`rate ${p.name}`, p.code);
     const layout = pipeline.getBindGroupLayout(0);

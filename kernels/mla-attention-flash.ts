@@ -130,8 +130,8 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
 export interface MlaFlashProducts {
   scores: boolean;
   values: boolean;
-  /** Timing diagnosis only (wrong outputs): leave out the score products, the value products, or the folds of the value tiles. */
-  skip?: 'scores' | 'values' | 'fold';
+  /** Timing diagnosis only (wrong outputs): leave out the score products, the value products (with their folds), the folds of the value tiles, or both products (the skeleton: loop, scales, softmax, p′). */
+  skip?: 'scores' | 'values' | 'fold' | 'products';
   /**
    * p′ in a storage scratch (binding 5, flashPqScratchBytes: one slice per (row, chunk) workgroup) instead of workgroup
    * memory: on the H100 the value products' subgroup-matrix loads of p′ from workgroup memory read zeros.
@@ -376,7 +376,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     ${range(S).map((s) => `{
       let g0 = min(w0 + (sg % ${TG}u + ${s * TG}u) * 16u, wLast - wLast % 16u);
       let rowByte = cacheRow(bt, g0) * ${rowBytes}u;
-      ${products.skip === 'scores' ? 'if (w0 == 0xffffffffu) { scr[0] = qq[0]; } // keeps the binding' : products.scores ? scoreTc(s) : scoreDot4(s)}
+      ${products.skip === 'scores' || products.skip === 'products' ? 'if (w0 == 0xffffffffu) { scr[0] = qq[0]; } // keeps the binding' : products.scores ? scoreTc(s) : scoreDot4(s)}
     }`).join('\n    ')}
     workgroupBarrier();
 
@@ -425,7 +425,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     workgroupBarrier();
 
     // Phase 3: the value products, ${FL} latent tile(s) of ${LPS} a round, folded into o.
-    ${products.skip === 'values' ? '' : rounds}
+    ${products.skip === 'values' || products.skip === 'products' ? '' : rounds}
   }
 
   ${writeOut.join('\n  ')}

@@ -170,7 +170,7 @@ export interface MlaAttentionTuning {
   /** 'flash', diagnosis only: dump the first window's value tiles of (chunk 0, row 0) (MlaFlashProducts.debug; int8DebugDump). */
   int8FlashDebug?: boolean;
   /** 'flash', timing diagnosis only (wrong outputs): leave a phase out (MlaFlashProducts.skip). */
-  int8FlashSkip?: 'scores' | 'values' | 'fold';
+  int8FlashSkip?: MlaFlashProducts['skip'];
 }
 
 export const DEFAULT_MLA_TUNING: MlaAttentionTuning = {
