@@ -205,6 +205,10 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'flash tiles 2', mode: 'flash', window: 64, tuning: { int8FlashScoreTiles: 2 }, variant: 'int8 one-pass tensor cores, 2 score tiles a subgroup', fast: true },
   { key: 'flash tiles 2 target×2', mode: 'flash', window: 64, tuning: { int8FlashScoreTiles: 2 }, targetScale: 2, variant: 'int8 one-pass tensor cores, 2 score tiles a subgroup, 2× workgroups', fast: true },
   { key: 'flash-dot4 tiles 2', mode: 'flash-dot4', window: 64, tuning: { int8FlashScoreTiles: 2 }, variant: 'int8 one-pass, dot4 form, 2 score tiles a subgroup', fast: true },
+  { key: 'flash sg16', mode: 'flash', window: 64, tuning: { int8FlashSubgroups: 16 }, variant: 'int8 one-pass tensor cores, 16 subgroups', fast: true },
+  { key: 'flash sg16 target×2', mode: 'flash', window: 64, tuning: { int8FlashSubgroups: 16 }, targetScale: 2, variant: 'int8 one-pass tensor cores, 16 subgroups, 2× workgroups', fast: true },
+  { key: 'flash sg16 batch 2', mode: 'flash', window: 64, tuning: { int8FlashSubgroups: 16, int8FlashScoreBatch: 2 }, variant: 'int8 one-pass tensor cores, 16 subgroups, score loads in twos', fast: true },
+  { key: 'flash sg4', mode: 'flash', window: 64, tuning: { int8FlashSubgroups: 4 }, variant: 'int8 one-pass tensor cores, 4 subgroups', fast: true },
   { key: 'flash batch 18', mode: 'flash', window: 64, tuning: { int8FlashScoreBatch: 18 }, variant: 'int8 one-pass tensor cores, all 18 score loads at once', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },
 ];

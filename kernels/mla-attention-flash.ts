@@ -69,6 +69,11 @@ export type MlaFlashValueForm = 'rows' | 'transposed';
  */
 export const MLA_FLASH_VALUE_FORM: MlaFlashValueForm = 'rows';
 export const MLA_FLASH_SCORE_BATCH = 6;
+/**
+ * The most subgroups a workgroup (8: 256 threads). 16 halves each lane's share of the f32 outputs (LPS · HT · 8 values:
+ * 64 → 32 at 28 heads) and takes 128-token windows; its score scratch alone is 32 KB (not SwiftShader's limit).
+ */
+export const MLA_FLASH_MAX_SUBGROUPS = 8;
 /** Score tiles a subgroup per window: 1 (64-token windows at 28 heads). */
 export const MLA_FLASH_SCORE_TILES = 1;
 /** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100 (bench/flash-dump.ts). Not yet run on a device. */
@@ -78,9 +83,10 @@ export const MLA_FLASH_PQ_STORAGE = true;
 export const MLA_FLASH_MIN_CHUNK = 32;
 
 /** The plan for a shape, or why the one-pass tensor-core kernel does not take it. */
-export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, scoreTiles = MLA_FLASH_SCORE_TILES): MlaFlashPlan | string {
+export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, scoreTiles = MLA_FLASH_SCORE_TILES, maxSubgroups = MLA_FLASH_MAX_SUBGROUPS): MlaFlashPlan | string {
   if (!Number.isInteger(scoreBatch) || scoreBatch < 1) return `score batch ${scoreBatch}: a positive integer`;
   if (scoreTiles !== 1 && scoreTiles !== 2) return `${scoreTiles} score tiles a subgroup: 1 or 2`;
+  if (![1, 2, 4, 8, 16].includes(maxSubgroups)) return `${maxSubgroups} subgroups: 1, 2, 4, 8 or 16`;
   if (nHeads > 32) return `${nHeads} heads: at most 32 (two 16-head tiles)`;
   if (blockSize % 32 !== 0) return `block size ${blockSize}: the value products read 32 consecutive cache rows, so a multiple of 32 (--block-size 32)`;
   const tc = planMlaTc(nHeads, f, 64);
@@ -90,9 +96,9 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
   const HT = tc.headTiles;
   const HP = tc.headsPadded;
   const NT = tc.latentPad / 16;
-  let SG = 8;
+  let SG = maxSubgroups;
   while (SG > 1 && (NT % SG !== 0 || SG % HT !== 0)) SG /= 2;
-  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles and ${HT} head tiles: no subgroup count of 1–8 divides both`;
+  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles and ${HT} head tiles: no subgroup count of 1–${maxSubgroups} divides both`;
   const TG = SG / HT;
   const W = 16 * TG * scoreTiles;
   if (W % 32 !== 0) return `${SG} subgroups over ${HT} head tiles give ${W}-token windows: not a whole 32-token K step`;

@@ -165,6 +165,8 @@ export interface MlaAttentionTuning {
   int8FlashMaxFold?: number;
   /** 'flash': score tiles a subgroup computes per window, 1 or 2 (2: 128-token windows at 28 heads; default MLA_FLASH_SCORE_TILES). */
   int8FlashScoreTiles?: number;
+  /** 'flash': the most subgroups a workgroup, up to 16 (default MLA_FLASH_MAX_SUBGROUPS). */
+  int8FlashSubgroups?: number;
   /** 'flash': p′ through a storage scratch rather than workgroup memory (MlaFlashProducts.pqStorage; default MLA_FLASH_PQ_STORAGE). */
   int8FlashPqStorage?: boolean;
   /** 'flash', diagnosis only: dump the first window's value tiles of (chunk 0, row 0) (MlaFlashProducts.debug; int8DebugDump). */
@@ -819,9 +821,9 @@ export class MlaAttention {
     }
     const other = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax, this.tuning.int8Debug];
     if (other.some((v) => v !== undefined && v !== false)) throw new Error(`MLA attention: the dot4 kernel's and the debug dump's options do not apply to int8Products 'flash'`);
-    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8FlashValueForm, this.tuning.int8FlashScoreBatch, this.tuning.int8FlashMaxFold, this.tuning.int8FlashScoreTiles);
+    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8FlashValueForm, this.tuning.int8FlashScoreBatch, this.tuning.int8FlashMaxFold, this.tuning.int8FlashScoreTiles, this.tuning.int8FlashSubgroups);
     if (typeof plan === 'string') throw new Error(`MLA int8 one-pass tensor-core attention: ${plan}`);
-    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}`;
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} sg${plan.subgroups} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}`;
     return {
       plan: plan.tc,
       flash: plan,

@@ -665,6 +665,12 @@ const FLASH_TWO_TILE_DEVICE_CASES: readonly FlashCase[] = [
   [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 32, 128, 4],
   [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, 160, 32, 128, 4],
 ];
+/** 16 subgroups a workgroup (int8FlashSubgroups 16: 512 threads, 32 KB of score scratch: the H100 / H200, not SwiftShader). */
+const FLASH_SG16_DEVICE_CASES: readonly FlashCase[] = [
+  [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 32, 128, 2], // two head tiles over 16 subgroups: 128-token windows, the runner's split
+  [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, 160, 32, 128, 2], // a window and a partial one a chunk
+  [{ nHeads: 16, kvLoraRank: 256, qkRopeHeadDim: 32 }, 288, 64, 256, 1], // one head tile over 16 subgroups: 256-token windows
+];
 
 async function checkFlash(products: 'flash' | 'flash-dot4', tuning: Partial<MlaAttentionTuning> = {}, cases: readonly FlashCase[] = FLASH_CASES): Promise<void> {
   for (const [shape, chunkSize, blockSize, window, lps] of cases) {
@@ -696,7 +702,7 @@ test('mla attention int8 one-pass tensor-core kernel with its score products on 
 });
 
 // p′ through the storage scratch (the default): its workgroup-memory form's loads read zeros on the H100.
-test('mla attention int8 one-pass tensor-core kernel with both products on tensor cores vs the float64 model, one and two score tiles a subgroup (where the adapter has subgroup matrices)', async (t) => {
+test('mla attention int8 one-pass tensor-core kernel with both products on tensor cores vs the float64 model, one and two score tiles a subgroup, 8 and 16 subgroups (where the adapter has subgroup matrices)', async (t) => {
   const g = await gpu();
   if (!mlaTcOnTensorCores(g)) {
     t.skip('this adapter has no i8 subgroup matrices with 32-wide subgroups (SwiftShader); bench/device-run.sh flash runs it on the H100 / H200');
@@ -704,6 +710,7 @@ test('mla attention int8 one-pass tensor-core kernel with both products on tenso
   }
   await checkFlash('flash');
   await checkFlash('flash', { int8FlashScoreTiles: 2 }, FLASH_TWO_TILE_DEVICE_CASES);
+  await checkFlash('flash', { int8FlashSubgroups: 16 }, FLASH_SG16_DEVICE_CASES);
 });
 
 test('the one-pass tensor-core kernel takes blocks of a multiple of 32 tokens, rows whose K runs end inside them, and at most 32 heads; it says why not', () => {
