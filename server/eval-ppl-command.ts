@@ -85,7 +85,8 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
 
   // Logits of every row come back: keep a step's readback near 256 MiB whatever the vocabulary.
   const rowBudget = Math.max(maxLen, Math.min(opts.batchTokens, Math.floor(2 ** 28 / (4 * model.config.vocabSize))));
-  const blockSize = 16;
+  // The one-pass tensor-core attention reads 32 cache rows at a time.
+  const blockSize = opts.mlaInt8Attention === 'flash' ? 32 : 16;
   const local = await openLocalRunner(model, {
     blockSize,
     numBlocks: Math.ceil(rowBudget / blockSize) + MAX_SEQS_PER_STEP,

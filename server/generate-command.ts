@@ -98,7 +98,8 @@ export async function runGenerate(argv: string[]): Promise<number> {
   const maxModelLen = model.config.maxSeqLen;
   const maxTokens = Math.min(opts.maxTokens, maxModelLen - promptTokens.length);
   if (maxTokens < 1) throw new Error(`the prompt has ${promptTokens.length} tokens; the model's context of ${maxModelLen} leaves no room to generate`);
-  const blockSize = 16;
+  // The one-pass tensor-core attention reads 32 cache rows at a time.
+  const blockSize = opts.mlaInt8Attention === 'flash' ? 32 : 16;
   const local = await openLocalRunner(model, {
     blockSize,
     numBlocks: Math.ceil((promptTokens.length + maxTokens) / blockSize) + 1,

@@ -92,10 +92,16 @@ export function localDtypes(values: {
   };
 }
 
-/** Why a --mla-int8-attention choice cannot run with this cache (dot4 and three-pass compute on the int8 latent cache), if it cannot. */
-export function mlaInt8AttentionProblem(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined): string | undefined {
-  if ((choice !== 'dot4' && choice !== 'three-pass') || cacheDtype === 'int8') return undefined;
-  return `--mla-int8-attention ${choice} computes on an int8 latent cache; add --kv-cache-dtype int8 (the cache is ${cacheDtype ?? 'f16'})`;
+/**
+ * Why a --mla-int8-attention choice cannot run with this cache (dot4, three-pass and flash compute on the int8 latent
+ * cache; flash reads 32 cache rows at a time), if it cannot. The adapter's part (flash needs i8 subgroup matrices) is
+ * the attention kernel's to say when the model loads.
+ */
+export function mlaInt8AttentionProblem(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined, blockSize?: number): string | undefined {
+  if (choice !== 'dot4' && choice !== 'three-pass' && choice !== 'flash') return undefined;
+  if (cacheDtype !== 'int8') return `--mla-int8-attention ${choice} computes on an int8 latent cache; add --kv-cache-dtype int8 (the cache is ${cacheDtype ?? 'f16'})`;
+  if (choice === 'flash' && blockSize !== undefined && blockSize % 32 !== 0) return `--mla-int8-attention flash reads 32 cache rows at a time; use --block-size 32 (or a multiple; it is ${blockSize})`;
+  return undefined;
 }
 
 /**
@@ -103,9 +109,9 @@ export function mlaInt8AttentionProblem(choice: MlaInt8Attention | undefined, ca
  * default, auto): dot4 where asked, and for auto wherever the cache is int8 — on an H100 the dot4 kernel served 8.6 %
  * more tokens than f32 products over the same cache (BENCHMARKS.md, 2026-12-05); f32 otherwise.
  */
-export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined): 'f32' | 'dot4' | 'three-pass' {
+export function mlaInt8Products(choice: MlaInt8Attention | undefined, cacheDtype: CacheDtype | undefined): 'f32' | 'dot4' | 'three-pass' | 'flash' {
   if (cacheDtype !== 'int8') return 'f32';
-  return choice === 'f32' ? 'f32' : choice === 'three-pass' ? 'three-pass' : 'dot4';
+  return choice === 'f32' ? 'f32' : choice === 'three-pass' || choice === 'flash' ? choice : 'dot4';
 }
 
 /**

@@ -157,7 +157,7 @@ export async function openServedEngines(opts: ServeOptions, log: (msg: string) =
     loaded.push(await loadModel(path, opts.maxModelLen === null ? {} : { maxSeqLen: opts.maxModelLen }));
   }
   const weightDtype = opts.weightDtype ?? 'f16';
-  const attentionProblem = mlaInt8AttentionProblem(opts.mlaInt8Attention, opts.kvCacheDtype);
+  const attentionProblem = mlaInt8AttentionProblem(opts.mlaInt8Attention, opts.kvCacheDtype, opts.blockSize);
   if (attentionProblem) throw new UsageError(attentionProblem);
   // Every model checked before the first upload: a refused one fails the start, not a request later.
   const cacheDtypes = loaded.map((m, i) => checkKvCacheDtype(specs[i].name, m.config, opts.kvCacheDtype ?? 'f16', opts.blockSize));

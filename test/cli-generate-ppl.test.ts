@@ -98,7 +98,7 @@ test('eval-ppl on the CPU reference path gives the reference figure; bad argumen
   assert.match(dot4NoInt8.stderr, /--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 \(the cache is f16\)/);
   const badProducts = cli(['generate', '--model', MODEL, '--kv-cache-dtype', 'int8', '--mla-int8-attention', 'tc']);
   assert.equal(badProducts.code, 2);
-  assert.match(badProducts.stderr, /--mla-int8-attention must be one of auto, f32, dot4, three-pass; got "tc"/);
+  assert.match(badProducts.stderr, /--mla-int8-attention must be one of auto, f32, dot4, three-pass, flash; got "tc"/);
   const badHeads = cli(['eval-ppl', '--model', MODEL, '--text', TEXT, '--mla-head-kernel', 'int4']);
   assert.equal(badHeads.code, 2);
   assert.match(badHeads.stderr, /--mla-head-kernel must be one of auto, staged, w8a8, fused; got "int4"/);

@@ -6,13 +6,14 @@ import { after, test } from 'node:test';
 import { modelLabels, modelValue, parsePromText, parsePromTypes } from '../bench/prom-text.ts';
 import { gqaLayoutFor } from '../cache/kv-layout.ts';
 import { MlaKvLayout } from '../cache/mla-layout.ts';
-import { releaseGpu } from '../kernels/device.ts';
+import { openGpu, releaseGpu } from '../kernels/device.ts';
 import { hasInt8SubgroupMatrix } from '../kernels/matmul-int8.ts';
+import { mlaTcOnTensorCores } from '../kernels/mla-attention-tc.ts';
 import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
 import { syntheticConfig } from '../model/synthetic.ts';
 import { buildApp } from '../server/app.ts';
 import { banner, checkKvCacheDtype, openServedEngines, SHARED_STORIES, type ServedEngines } from '../server/serve-command.ts';
-import { attentionBlockFor, mlaHeadOptions, mlaInt8Products, type CacheDtype } from '../server/local-runner.ts';
+import { attentionBlockFor, mlaHeadOptions, mlaInt8AttentionProblem, mlaInt8Products, type CacheDtype } from '../server/local-runner.ts';
 import { describeConfig, SERVE_USAGE, UsageError, type MlaInt8AttentionOption, type ServeOptions } from '../server/serve-options.ts';
 import { configResolver } from './serve-config-fixture.ts';
 
@@ -198,7 +199,7 @@ test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32),
   assert.equal(resolve(['--mla-int8-attention', 'f32']).options.mlaInt8Attention, 'f32');
   assert.equal(resolve([], { MLA_SERVE_MLA_INT8_ATTENTION: 'dot4' }).options.mlaInt8Attention, 'dot4');
   assert.equal(resolve(['--mla-int8-attention', 'three-pass']).options.mlaInt8Attention, 'three-pass');
-  assert.throws(() => resolve(['--mla-int8-attention', 'fp8']), (e: Error) => e instanceof UsageError && /--mla-int8-attention must be one of auto, f32, dot4, three-pass; got "fp8"/.test(e.message));
+  assert.throws(() => resolve(['--mla-int8-attention', 'fp8']), (e: Error) => e instanceof UsageError && /--mla-int8-attention must be one of auto, f32, dot4, three-pass, flash; got "fp8"/.test(e.message));
   // What each choice runs: [choice, cache dtype] → products.
   const cases: Array<[MlaInt8AttentionOption | undefined, CacheDtype, 'f32' | 'dot4' | 'three-pass']> = [
     ['three-pass', 'int8', 'three-pass'],
@@ -219,6 +220,41 @@ test('--mla-int8-attention: auto by default (dot4 over an int8 cache, else f32),
     openServedEngines(serveOptions({ mlaInt8Attention: 'dot4' }), () => {}),
     (e: Error) => e instanceof UsageError && /--mla-int8-attention dot4 computes on an int8 latent cache; add --kv-cache-dtype int8 \(the cache is f16\)/.test(e.message),
   );
+});
+
+test('--mla-int8-attention flash: the one-pass tensor-core kernel over an int8 cache of 32-token blocks; refused at start without the int8 cache, with 16-token blocks, and on an adapter without i8 subgroup matrices (SwiftShader), each saying why', async () => {
+  assert.equal(resolve(['--mla-int8-attention', 'flash']).options.mlaInt8Attention, 'flash');
+  assert.equal(mlaInt8Products('flash', 'int8'), 'flash');
+  assert.equal(mlaInt8Products('flash', 'f16'), 'f32');
+  assert.equal(mlaInt8AttentionProblem('flash', 'int8', 32), undefined);
+  assert.equal(mlaInt8AttentionProblem('flash', 'int8', 64), undefined);
+  assert.match(mlaInt8AttentionProblem('flash', 'int8', 16)!, /flash reads 32 cache rows at a time; use --block-size 32 \(or a multiple; it is 16\)/);
+  await assert.rejects(
+    openServedEngines(serveOptions({ mlaInt8Attention: 'flash', blockSize: 32 }), () => {}),
+    (e: Error) => e instanceof UsageError && /--mla-int8-attention flash computes on an int8 latent cache; add --kv-cache-dtype int8/.test(e.message),
+  );
+  await assert.rejects(
+    openServedEngines(serveOptions({ mlaInt8Attention: 'flash', kvCacheDtype: 'int8' }), () => {}),
+    (e: Error) => e instanceof UsageError && /use --block-size 32 \(or a multiple; it is 16\)/.test(e.message),
+  );
+  const g = await openGpu();
+  const onTc = mlaTcOnTensorCores(g);
+  if (!onTc) {
+    await assert.rejects(
+      openServedEngines(serveOptions({ mlaInt8Attention: 'flash', kvCacheDtype: 'int8', blockSize: 32 }), () => {}),
+      /int8Products 'flash' needs i8 subgroup matrices and 32-wide subgroups; this adapter has none/,
+    );
+    return;
+  }
+  // Where the adapter has them (the H100 / H200): the MLA model serves with it and says so.
+  const served = (open = await openServedEngines(serveOptions({ mlaInt8Attention: 'flash', kvCacheDtype: 'int8', blockSize: 32 }), () => {}));
+  const { samples } = await scrapeServed(served);
+  for (const m of served.models) {
+    const info = modelLabels(samples, 'mla_serve_model_info', m.name);
+    assert.equal(info?.attention_products, m.engine.info.config.attention === 'mla' ? 'int8-flash' : 'f32', m.name);
+  }
+  await served.close();
+  open = undefined;
 });
 
 test('--mla-head-kernel: auto by default, staged, w8a8 or fused by flag or MLA_SERVE_MLA_HEAD_KERNEL; served with each but staged over an int8 cache, the MLA model reports its head products on /metrics and in the banner and serves 8 greedy tokens', async () => {
