@@ -143,6 +143,11 @@ export interface MlaFlashProducts {
    * memory: on the H100 the value products' subgroup-matrix loads of p′ from workgroup memory read zeros.
    */
   pqStorage?: boolean;
+  /**
+   * Tensor-core value products one K step at a time: each step's loads just before its products (fewer matrices live
+   * at once), rather than every load of the round first.
+   */
+  valueSteps?: boolean;
   /** Diagnosis only: workgroup (chunk 0, row 0) dumps its first window's value tiles of round 0, p′ and K-step rows (mlaFlashDumpLayout) to binding 5. */
   debug?: boolean;
 }
@@ -231,12 +236,21 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
     const T = p.valueForm === 'transposed';
     for (const j of range(FL)) for (const ht of range(HT)) lines.push(`var acc${tileIdx(j, ht)} = ${result}();`);
     for (const ks of range(KS)) lines.push(`let kRow${ks} = rowOfStep(bt, w0, wLast, ${ks}u) * ${rowBytes}u;`);
+    const mmas = (ks: number) => {
+      for (const j of range(FL)) {
+        for (const ht of range(HT)) {
+          const a = `acc${tileIdx(j, ht)}`;
+          lines.push(T ? `${a} = subgroupMatrixMultiplyAccumulate(cl${ks}_${j}, pr${ks}_${ht}, ${a});` : `${a} = subgroupMatrixMultiplyAccumulate(pl${ks}_${ht}, cr${ks}_${j}, ${a});`);
+        }
+      }
+    };
     for (const ks of range(KS)) {
       for (const ht of range(HT)) lines.push(T ? `let pr${ks}_${ht} = subgroupMatrixLoad<${right}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, true, ${W}u);` : `let pl${ks}_${ht} = subgroupMatrixLoad<${left}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, false, ${W}u);`);
       for (const j of range(FL)) {
         const off = `kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 16u`;
         lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, ${off}, false, ${rowBytes}u);`);
       }
+      if (products.valueSteps && !(products.debug && !T && q === 0)) mmas(ks);
     }
     if (products.debug && !T && q === 0) {
       const o = mlaFlashDumpLayout(p).operands;
@@ -245,14 +259,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
         subgroupMatrixStore(&dbg, (${o}u + sg * 256u) * 4u + 512u, cr0_0, false, 16u);
       }`);
     }
-    for (const ks of range(KS)) {
-      for (const j of range(FL)) {
-        for (const ht of range(HT)) {
-          const a = `acc${tileIdx(j, ht)}`;
-          lines.push(T ? `${a} = subgroupMatrixMultiplyAccumulate(cl${ks}_${j}, pr${ks}_${ht}, ${a});` : `${a} = subgroupMatrixMultiplyAccumulate(pl${ks}_${ht}, cr${ks}_${j}, ${a});`);
-        }
-      }
-    }
+    if (!products.valueSteps || (products.debug && !T && q === 0)) for (const ks of range(KS)) mmas(ks);
     for (const j of range(FL)) for (const ht of range(HT)) lines.push(`subgroupMatrixStore(&scr, (sg * ${FL * HT}u + ${tileIdx(j, ht)}u) * 256u, acc${tileIdx(j, ht)}, ${T}, 16u);`);
     return lines.join('\n      ');
   };

@@ -167,6 +167,8 @@ export interface MlaAttentionTuning {
   int8FlashScoreTiles?: number;
   /** 'flash': the most subgroups a workgroup, up to 16 (default MLA_FLASH_MAX_SUBGROUPS). */
   int8FlashSubgroups?: number;
+  /** 'flash': tensor-core value products one K step at a time (MlaFlashProducts.valueSteps). */
+  int8FlashValueSteps?: boolean;
   /** 'flash': p′ through a storage scratch rather than workgroup memory (MlaFlashProducts.pqStorage; default MLA_FLASH_PQ_STORAGE). */
   int8FlashPqStorage?: boolean;
   /** 'flash', diagnosis only: dump the first window's value tiles of (chunk 0, row 0) (MlaFlashProducts.debug; int8DebugDump). */
@@ -789,7 +791,7 @@ export class MlaAttention {
     if (mode === 'flash' || mode === 'flash-dot4') {
       const only = this.tuning.int8FlashTensorCores;
       if (only !== undefined && mode !== 'flash') throw new Error(`MLA attention: int8FlashTensorCores applies to int8Products 'flash'`);
-      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip, debug: this.tuning.int8FlashDebug === true, pqStorage: this.tuning.int8FlashPqStorage ?? MLA_FLASH_PQ_STORAGE });
+      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip, valueSteps: this.tuning.int8FlashValueSteps === true, debug: this.tuning.int8FlashDebug === true, pqStorage: this.tuning.int8FlashPqStorage ?? MLA_FLASH_PQ_STORAGE });
     }
     const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax];
     if (dot4Only.some((v) => v !== undefined)) {
@@ -829,7 +831,7 @@ export class MlaAttention {
       flash: plan,
       tensorCores,
       queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan.tc)),
-      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}${products.pqStorage ? ' pq storage' : ''}${products.debug ? ' debug' : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
+      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}${products.pqStorage ? ' pq storage' : ''}${products.valueSteps ? ' value steps' : ''}${products.debug ? ' debug' : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
       dump: products.debug ? storageBuffer(gpu, 'mla attention flash debug dump', mlaFlashDumpLayout(plan).words * 4) : undefined,
       flashPq: products.pqStorage ? { bytes: 0 } : undefined,
       rows: 0,

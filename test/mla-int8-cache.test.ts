@@ -702,7 +702,7 @@ test('mla attention int8 one-pass tensor-core kernel with its score products on 
 });
 
 // p′ through the storage scratch (the default): its workgroup-memory form's loads read zeros on the H100.
-test('mla attention int8 one-pass tensor-core kernel with both products on tensor cores vs the float64 model, one and two score tiles a subgroup, 8 and 16 subgroups (where the adapter has subgroup matrices)', async (t) => {
+test('mla attention int8 one-pass tensor-core kernel with both products on tensor cores vs the float64 model, one and two score tiles a subgroup, 8 and 16 subgroups, value products a K step at a time (where the adapter has subgroup matrices)', async (t) => {
   const g = await gpu();
   if (!mlaTcOnTensorCores(g)) {
     t.skip('this adapter has no i8 subgroup matrices with 32-wide subgroups (SwiftShader); bench/device-run.sh flash runs it on the H100 / H200');
@@ -711,6 +711,7 @@ test('mla attention int8 one-pass tensor-core kernel with both products on tenso
   await checkFlash('flash');
   await checkFlash('flash', { int8FlashScoreTiles: 2 }, FLASH_TWO_TILE_DEVICE_CASES);
   await checkFlash('flash', { int8FlashSubgroups: 16 }, FLASH_SG16_DEVICE_CASES);
+  await checkFlash('flash', { int8FlashSubgroups: 16, int8FlashValueSteps: true }, FLASH_SG16_DEVICE_CASES);
 });
 
 test('the one-pass tensor-core kernel takes blocks of a multiple of 32 tokens, rows whose K runs end inside them, and at most 32 heads; it says why not', () => {
