@@ -308,66 +308,23 @@ fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32
   subgroupMatrixStore(&sink, (wid.x * 8u + sg) * 512u, acc0, false, 16u);
   subgroupMatrixStore(&sink, (wid.x * 8u + sg) * 512u + 256u, acc1, false, 16u);
 }`;
+  // `units` 16- or 32-row units of `count` tiles each, `work` bytes read; one workgroup an SM when `persistent`.
+  const rate = (name: string, units: number, work: number, loads: string, count: number, persistent = false) =>
+    list.push({ name, groups: persistent ? sms : Math.ceil(units / 8), work, unit: 'GB/s', big: true, code: body(units, loads, count, persistent) });
+  const scoreLoads = (stride: number) => `subgroupMatrixLoad<${R}>(&big, unit * ${16 * stride}u + $K * 32u, true, ${stride}u)`;
   for (const stride of [584, 592, 608, 640]) {
     const rows = Math.floor(bytes / stride);
-    const sGroups = Math.floor(rows / 16);
-    list.push({
-      name: `mla rows ${stride} B, score tiles`,
-      groups: Math.ceil(sGroups / 8),
-      work: sGroups * 16 * 576,
-      unit: 'GB/s',
-      big: true,
-      code: body(sGroups, `subgroupMatrixLoad<${R}>(&big, unit * ${16 * stride}u + $K * 32u, true, ${stride}u)`, 18),
-    });
-    const vGroups = Math.floor(rows / 32);
-    list.push({
-      name: `mla rows ${stride} B, value tiles`,
-      groups: Math.ceil(vGroups / 8),
-      work: vGroups * 32 * 512,
-      unit: 'GB/s',
-      big: true,
-      code: body(vGroups, `subgroupMatrixLoad<${R}>(&big, unit * ${32 * stride}u + $K * 16u, false, ${stride}u)`, 32),
-    });
+    rate(`mla rows ${stride} B, score tiles`, Math.floor(rows / 16), Math.floor(rows / 16) * 16 * 576, scoreLoads(stride), 18);
+    rate(`mla rows ${stride} B, value tiles`, Math.floor(rows / 32), Math.floor(rows / 32) * 32 * 512, `subgroupMatrixLoad<${R}>(&big, unit * ${32 * stride}u + $K * 16u, false, ${stride}u)`, 32);
   }
-  {
-    const stride = 584;
-    const sGroups = Math.floor(Math.floor(bytes / stride) / 16);
-    list.push({
-      name: `mla rows ${stride} B, score tiles, ${sms} wgs`,
-      groups: sms,
-      work: sGroups * 16 * 576,
-      unit: 'GB/s',
-      big: true,
-      code: body(sGroups, `subgroupMatrixLoad<${R}>(&big, unit * ${16 * stride}u + $K * 32u, true, ${stride}u)`, 18, true),
-    });
-    const tiles = bytes / 512;
-    list.push({
-      name: `contiguous 512-byte tiles, ${sms} wgs`,
-      groups: sms,
-      work: Math.floor(tiles / 18) * 18 * 512,
-      unit: 'GB/s',
-      big: true,
-      code: body(Math.floor(tiles / 18), `subgroupMatrixLoad<${R}>(&big, (unit * 18u + $K) * 512u, true, 32u)`, 18, true),
-    });
-  }
+  const sGroups = Math.floor(Math.floor(bytes / 584) / 16);
+  rate(`mla rows 584 B, score tiles, ${sms} wgs`, sGroups, sGroups * 16 * 576, scoreLoads(584), 18, true);
+  const runs = Math.floor(bytes / 512 / 18);
+  rate(`contiguous 512-byte tiles, ${sms} wgs`, runs, runs * 18 * 512, `subgroupMatrixLoad<${R}>(&big, (unit * 18u + $K) * 512u, true, 32u)`, 18, true);
   // Tiled: a 32-row block of 576 bytes a row as 18 pieces of [32 rows][32 bytes].
   const blocks = Math.floor(bytes / (32 * 576));
-  list.push({
-    name: 'mla tiled, score tiles',
-    groups: Math.ceil((blocks * 2) / 8),
-    work: blocks * 32 * 576,
-    unit: 'GB/s',
-    big: true,
-    code: body(blocks * 2, `subgroupMatrixLoad<${R}>(&big, (unit / 2u) * ${32 * 576}u + $K * 1024u + (unit % 2u) * 512u, true, 32u)`, 18),
-  });
-  list.push({
-    name: 'mla tiled, value tiles',
-    groups: Math.ceil(blocks / 8),
-    work: blocks * 32 * 512,
-    unit: 'GB/s',
-    big: true,
-    code: body(blocks, `subgroupMatrixLoad<${R}>(&big, unit * ${32 * 576}u + ($K / 2u) * 1024u + ($K % 2u) * 16u, false, 32u)`, 32),
-  });
+  rate('mla tiled, score tiles', blocks * 2, blocks * 32 * 576, `subgroupMatrixLoad<${R}>(&big, (unit / 2u) * ${32 * 576}u + $K * 1024u + (unit % 2u) * 512u, true, 32u)`, 18);
+  rate('mla tiled, value tiles', blocks, blocks * 32 * 512, `subgroupMatrixLoad<${R}>(&big, unit * ${32 * 576}u + ($K / 2u) * 1024u + ($K % 2u) * 16u, false, 32u)`, 32);
   return list;
 }
 
