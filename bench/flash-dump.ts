@@ -1,4 +1,5 @@
-// Where the one-pass tensor-core MLA kernel's value products go wrong (kernels/mla-attention-flash.ts): one decode row
+// Where the one-pass tensor-core MLA kernel's value products went wrong (kernels/mla-attention-flash.ts: p′ loaded from
+// workgroup memory, which its workgroup-memory form still shows; through storage, the default, they are exact): one decode row
 // of the Qwen2.5-7B MLA shape over 64 cached tokens in two shuffled 32-token blocks, run with both products on tensor
 // cores, with the value products alone on them, and in the dot4 form; each run dumps (int8FlashDebug) its first
 // window's value tiles of round 0, p′ and K-step rows, and the host recomputes every tile from that run's own p′ and

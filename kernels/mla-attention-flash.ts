@@ -1,18 +1,14 @@
 // Absorbed MLA decode attention over the int8 latent cache in one pass with both products on tensor cores, every
 // operand of the cache read straight from storage (no staged rows): the FlashMLA shape on Dawn's i8 subgroup matrices.
 //
-// Status (H100, 2026-12-06; BENCHMARKS.md "eleventh pass"): EXPERIMENTAL, selected only by int8Products 'flash'.
-// Its dot4 form ('flash-dot4') matches the float64 model everywhere, and on the H100 its tensor-core score products
-// do too (int8FlashTensorCores 'scores'); its tensor-core value products come out wrong inside this kernel (relative
-// error ~0.9, both value forms), although the very same loads and product are exact in a kernel of their own
-// (bench/probe-device.ts --value-loads: strides 16 … 608, every column offset, storage or workgroup operands, and
-// beside the score form's load of the same buffer). bench/flash-dump.ts stores the operands as the tensor cores
-// loaded them: the cache operand (from storage) is right, p′ (from the workgroup array pq) reads as zeros (499 of 512
-// bytes wrong) — with one or two extra barriers after the softmax's stores, and with pq declared first in workgroup
-// memory, alike. So p′ now goes through a storage scratch by default (pqStorage; the three-pass value pass loads it
-// from storage, exactly) — tested here in the dot4 form only: no device time was left to run it on tensor cores.
-// Timed with its wrong values it took 293 µs at 32 × 4K against 357 for the dot4 kernel and ~180 for GQA's; leaving
-// the score products, the value products or the folds out took 234 / 322 / 251 µs, so no one phase is the cost.
+// Status (H100, 2026-12-06; BENCHMARKS.md "eleventh" and "twelfth pass"): exact — its outputs equal its dot4 form's
+// ('flash-dot4', which runs anywhere) bit for bit, and its device test holds both products to the float64 model —
+// since p′ reaches the value products through a storage scratch (pqStorage): loaded as a subgroup matrix from the
+// workgroup array it read as zeros on the H100 (bench/flash-dump.ts), though the same load is exact in a kernel of its
+// own (bench/probe-device.ts --value-loads). Selected by int8Products 'flash' (--mla-int8-attention flash). 32 × 4K:
+// 314–321 µs against 355–400 for the dot4 kernel and ~178 for GQA's; slower than dot4 at 8 × 4K and below. Without
+// its products the kernel takes 89.5 µs, and the same tiles stream in ~100: one 256-thread workgroup an SM, its loads
+// waited on in series (the int8FlashSubgroups / int8FlashValueSteps variants aim at that; untimed so far).
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
 import { mla3ScoresTcProblem } from './mla-attention-3pass.ts';
@@ -63,7 +59,7 @@ export interface MlaFlashPlan {
 
 export type MlaFlashValueForm = 'rows' | 'transposed';
 /**
- * Defaults of the tensor-core forms, timed with the (then wrong) value products on an H100 (bench:attention
+ * Defaults of the tensor-core forms, timed while the value products were still wrong on an H100 (bench:attention
  * --block-size 32, 2026-12-06): 'rows' 293–300 µs at 32 × 4K against 'transposed' 302, 97.5 against 152.5 at 8 × 4K;
  * score loads in batches of 1, 6 or 18: 300.6, 296, 300.4.
  */
@@ -74,9 +70,9 @@ export const MLA_FLASH_SCORE_BATCH = 6;
  * 64 → 32 at 28 heads) and takes 128-token windows; its score scratch alone is 32 KB (not SwiftShader's limit).
  */
 export const MLA_FLASH_MAX_SUBGROUPS = 8;
-/** Score tiles a subgroup per window: 1 (64-token windows at 28 heads). */
+/** Score tiles a subgroup per window: 1 (64-token windows at 28 heads; 2 timed 337.7 against 319.9 µs at 32 × 4K on an H100). */
 export const MLA_FLASH_SCORE_TILES = 1;
-/** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100 (bench/flash-dump.ts). Not yet run on a device. */
+/** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100 (bench/flash-dump.ts); through storage exact. */
 export const MLA_FLASH_PQ_STORAGE = true;
 
 /** The smallest chunk the kernel takes (its K steps start on 32-token bounds). */

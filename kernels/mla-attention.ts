@@ -110,9 +110,9 @@ export interface MlaAttentionTuning {
    * kernels/mla-attention-3pass.ts) for steps whose scratch fits MLA3_MAX_SCRATCH with chunks of at most 512 tokens,
    * and the dot4 kernel for the others; 'flash' one pass with both products on tensor cores, every cache operand read
    * straight from storage (kernels/mla-attention-flash.ts: needs i8 subgroup matrices, 32-wide subgroups, a block size
-   * that is a multiple of 32 and chunks of a multiple of 32 tokens) — experimental: on the H100 its value products
-   * come out wrong (its scores are right), see that file; 'flash-dot4' that kernel's data flow with dot4I8Packed (any
-   * adapter: what the tests hold to the float64 model).
+   * that is a multiple of 32 and chunks of a multiple of 32 tokens; exact on the H100 with p′ through storage, the
+   * default; faster than dot4 from ~128K cached tokens a step); 'flash-dot4' that kernel's data flow with dot4I8Packed
+   * (any adapter: what the CI tests hold to the float64 model).
    */
   int8Products: 'off' | 'tensor-cores' | 'emulate' | 'tc-scores' | 'tc-values' | 'tc-scores-bare' | 'dot4' | 'three-pass' | 'flash' | 'flash-dot4';
   /** Tokens per softmax window of the int8-product kernel (a multiple of 32; workgroup memory grows with it). */
