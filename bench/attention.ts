@@ -210,6 +210,8 @@ const MLA_INT8_FORMS: Array<{ key: string; mode: MlaAttentionTuning['int8Product
   { key: 'flash sg16 batch 2', mode: 'flash', window: 64, tuning: { int8FlashSubgroups: 16, int8FlashScoreBatch: 2 }, variant: 'int8 one-pass tensor cores, 16 subgroups, score loads in twos', fast: true },
   { key: 'flash sg16 steps', mode: 'flash', window: 64, tuning: { int8FlashSubgroups: 16, int8FlashValueSteps: true }, variant: 'int8 one-pass tensor cores, 16 subgroups, value products a K step at a time', fast: true },
   { key: 'flash steps', mode: 'flash', window: 64, tuning: { int8FlashValueSteps: true }, variant: 'int8 one-pass tensor cores, value products a K step at a time', fast: true },
+  { key: 'flash parts 2', mode: 'flash', window: 64, tuning: { int8FlashLatentParts: 2 }, variant: 'int8 one-pass tensor cores, the latent over 2 workgroups', fast: true },
+  { key: 'flash parts 2 sg16', mode: 'flash', window: 64, tuning: { int8FlashLatentParts: 2, int8FlashSubgroups: 16 }, variant: 'int8 one-pass tensor cores, the latent over 2 workgroups of 16 subgroups', fast: true },
   { key: 'flash sg4', mode: 'flash', window: 64, tuning: { int8FlashSubgroups: 4 }, variant: 'int8 one-pass tensor cores, 4 subgroups', fast: true },
   { key: 'flash batch 18', mode: 'flash', window: 64, tuning: { int8FlashScoreBatch: 18 }, variant: 'int8 one-pass tensor cores, all 18 score loads at once', fast: true },
   { key: 'off', mode: 'off', window: 64, variant: 'f32 over int8', fast: true },

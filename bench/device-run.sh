@@ -45,7 +45,7 @@
 #              512 / 4K / 16K and a 512-token prompt, 32-token blocks, against the dot4 kernel and GQA, and against its
 #              own dot4 form (FLASH_FORMS, FLASH_CONTEXTS, FLASH_PREFILL trim it; ~4 min)
 #   flash2     the flash kernel's occupancy variants (16 subgroups, value products a K step at a time, score loads in
-#              twos) first through its device tests and the served --mla-int8-attention flash test, then timed at 8 / 32
+#              twos, the latent over two workgroups) first through its device tests and the served --mla-int8-attention flash test, then timed at 8 / 32
 #              × 4K with each dispatch profiled, then 32 × 4K decode end to end with 16 subgroups (~4 min)
 #   tests      the int8 and MLA kernel tests on the H200, where the W8A8 products run on tensor cores (~3 min)
 set -u
@@ -377,7 +377,7 @@ flash2)
   el "rc=$?"
   el attention-flash2
   timeout 150 node --import tsx bench/attention.ts --block-size 32 --batches 8,32 --contexts 4096 --variants default --prefill none --profile \
-    --mla-int8 "${FLASH_FORMS:-dot4,flash,flash steps,flash sg16,flash sg16 steps,flash sg16 batch 2}" --json "$OUT/attention-flash2.json" \
+    --mla-int8 "${FLASH_FORMS:-dot4,flash,flash steps,flash sg16,flash sg16 steps,flash sg16 batch 2,flash parts 2,flash parts 2 sg16}" --json "$OUT/attention-flash2.json" \
     >"$OUT/attention-flash2.txt" 2>"$OUT/attention-flash2.err"
   el "rc=$?"
   el decode-mla-flash-sg16

@@ -8,7 +8,8 @@
 // own (bench/probe-device.ts --value-loads). Selected by int8Products 'flash' (--mla-int8-attention flash). 32 × 4K:
 // 314–321 µs against 355–400 for the dot4 kernel and ~178 for GQA's; slower than dot4 at 8 × 4K and below. Without
 // its products the kernel takes 89.5 µs, and the same tiles stream in ~100: one 256-thread workgroup an SM, its loads
-// waited on in series (the int8FlashSubgroups / int8FlashValueSteps variants aim at that; untimed so far).
+// waited on in series (the int8FlashSubgroups / int8FlashValueSteps / int8FlashLatentParts variants aim at that;
+// untimed so far: bench/device-run.sh flash2).
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
 import { mla3ScoresTcProblem } from './mla-attention-3pass.ts';
@@ -39,6 +40,7 @@ export interface MlaFlashPlan {
   subgroups: number;
   tokenGroups: number;
   window: number;
+  /** Latent tiles of this workgroup's part. */
   latentTiles: number;
   latentTilesPerSubgroup: number;
   foldLatentTiles: number;
@@ -55,6 +57,11 @@ export interface MlaFlashPlan {
   scoreBatch: number;
   /** Score tiles a subgroup computes per window (window = 16 · tokenGroups · scoreTiles): fewer folds and barriers a token. */
   scoreTiles: number;
+  /**
+   * Workgroups per (row, chunk), each with latentTiles of the latent (part p from tile p · latentTiles) and every score:
+   * 2 halves each lane's f32 outputs at the price of computing the scores twice.
+   */
+  latentParts: number;
 }
 
 export type MlaFlashValueForm = 'rows' | 'transposed';
@@ -70,6 +77,8 @@ export const MLA_FLASH_SCORE_BATCH = 6;
  * 64 → 32 at 28 heads) and takes 128-token windows; its score scratch alone is 32 KB (not SwiftShader's limit).
  */
 export const MLA_FLASH_MAX_SUBGROUPS = 8;
+/** Workgroups per (row, chunk), splitting the latent (MlaFlashPlan.latentParts): 1. */
+export const MLA_FLASH_LATENT_PARTS = 1;
 /** Score tiles a subgroup per window: 1 (64-token windows at 28 heads; 2 timed 337.7 against 319.9 µs at 32 × 4K on an H100). */
 export const MLA_FLASH_SCORE_TILES = 1;
 /** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100 (bench/flash-dump.ts); through storage exact. */
@@ -78,11 +87,24 @@ export const MLA_FLASH_PQ_STORAGE = true;
 /** The smallest chunk the kernel takes (its K steps start on 32-token bounds). */
 export const MLA_FLASH_MIN_CHUNK = 32;
 
+/** The plan's choices (MlaAttentionTuning's int8Flash* fields); each unset one takes its default. */
+export interface MlaFlashOptions {
+  valueForm?: MlaFlashValueForm;
+  scoreBatch?: number;
+  /** The most latent tiles a subgroup folds at a time (default: as many as workgroup memory holds). */
+  maxFold?: number;
+  scoreTiles?: number;
+  maxSubgroups?: number;
+  latentParts?: number;
+}
+
 /** The plan for a shape, or why the one-pass tensor-core kernel does not take it. */
-export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, scoreTiles = MLA_FLASH_SCORE_TILES, maxSubgroups = MLA_FLASH_MAX_SUBGROUPS): MlaFlashPlan | string {
+export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, o: MlaFlashOptions = {}): MlaFlashPlan | string {
+  const { valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, scoreTiles = MLA_FLASH_SCORE_TILES, maxSubgroups = MLA_FLASH_MAX_SUBGROUPS, latentParts = MLA_FLASH_LATENT_PARTS } = o;
   if (!Number.isInteger(scoreBatch) || scoreBatch < 1) return `score batch ${scoreBatch}: a positive integer`;
   if (scoreTiles !== 1 && scoreTiles !== 2) return `${scoreTiles} score tiles a subgroup: 1 or 2`;
   if (![1, 2, 4, 8, 16].includes(maxSubgroups)) return `${maxSubgroups} subgroups: 1, 2, 4, 8 or 16`;
+  if (latentParts !== 1 && latentParts !== 2) return `${latentParts} latent parts: 1 or 2`;
   if (nHeads > 32) return `${nHeads} heads: at most 32 (two 16-head tiles)`;
   if (blockSize % 32 !== 0) return `block size ${blockSize}: the value products read 32 consecutive cache rows, so a multiple of 32 (--block-size 32)`;
   const tc = planMlaTc(nHeads, f, 64);
@@ -91,10 +113,12 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
   if (problem) return problem;
   const HT = tc.headTiles;
   const HP = tc.headsPadded;
-  const NT = tc.latentPad / 16;
+  // Latent tiles a workgroup: each of latentParts workgroups per (row, chunk) takes its share of them (and all the scores).
+  const NT = tc.latentPad / 16 / latentParts;
+  if (!Number.isInteger(NT)) return `${tc.latentPad / 16} latent tiles do not split into ${latentParts} parts`;
   let SG = maxSubgroups;
   while (SG > 1 && (NT % SG !== 0 || SG % HT !== 0)) SG /= 2;
-  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles and ${HT} head tiles: no subgroup count of 1–${maxSubgroups} divides both`;
+  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles a workgroup and ${HT} head tiles: no subgroup count of 1–${maxSubgroups} divides both`;
   const TG = SG / HT;
   const W = 16 * TG * scoreTiles;
   if (W % 32 !== 0) return `${SG} subgroups over ${HT} head tiles give ${W}-token windows: not a whole 32-token K step`;
@@ -125,6 +149,7 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
     valueForm,
     scoreBatch,
     scoreTiles,
+    latentParts,
   };
 }
 
@@ -164,7 +189,7 @@ export function mlaFlashDumpLayout(p: MlaFlashPlan): { tiles: number; pq: number
 
 /** Bytes of the p′ storage scratch (MlaFlashProducts.pqStorage) for `rows` rows of up to `maxChunks` chunks. */
 export function flashPqScratchBytes(p: MlaFlashPlan, rows: number, maxChunks: number): number {
-  return Math.max(16, rows * maxChunks * p.headsPadded * p.window);
+  return Math.max(16, rows * maxChunks * p.latentParts * p.headsPadded * p.window);
 }
 
 /** The split kernel, grid (chunks, 1, rows); partials as the other MLA kernels write them ([m, l, o] per head and chunk). */
@@ -243,14 +268,14 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
     for (const ks of range(KS)) {
       for (const ht of range(HT)) lines.push(T ? `let pr${ks}_${ht} = subgroupMatrixLoad<${right}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, true, ${W}u);` : `let pl${ks}_${ht} = subgroupMatrixLoad<${left}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, false, ${W}u);`);
       for (const j of range(FL)) {
-        const off = `kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 16u`;
+        const off = `kRow${ks} + (lt0 + sg * ${LPS}u + ${q * FL + j}u) * 16u`;
         lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, ${off}, false, ${rowBytes}u);`);
       }
       if (products.valueSteps && !(products.debug && !T && q === 0)) mmas(ks);
     }
     if (products.debug && !T && q === 0) {
       const o = mlaFlashDumpLayout(p).operands;
-      lines.push(`if (c == 0u && r == 0u && w0 == bnd.x) {
+      lines.push(`if (c == 0u && r == 0u && part == 0u && w0 == bnd.x) {
         subgroupMatrixStore(&dbg, (${o}u + sg * 256u) * 4u, pl0_0, false, 32u);
         subgroupMatrixStore(&dbg, (${o}u + sg * 256u) * 4u + 512u, cr0_0, false, 16u);
       }`);
@@ -260,7 +285,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
     return lines.join('\n      ');
   };
   const valuesDot4 = (q: number) => `for (var tj = 0u; tj < ${FL * HT}u; tj++) {
-        let lb = (sg * ${LPS}u + ${q * FL}u + tj / ${HT}u) * 16u;
+        let lb = (lt0 + sg * ${LPS}u + ${q * FL}u + tj / ${HT}u) * 16u;
         for (var i = 0u; i < 8u; i++) {
           let e = lane * 8u + i;
           let h = (tj % ${HT}u) * 16u + e / 16u;
@@ -294,7 +319,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
       .join('\n      ');
   const dump = products.debug ? mlaFlashDumpLayout(p) : undefined;
   const dumpWgsl = dump
-    ? `if (c == 0u && r == 0u && w0 == bnd.x) {
+    ? `if (c == 0u && r == 0u && part == 0u && w0 == bnd.x) {
         for (var i = lid; i < ${dump.pq - dump.tiles}u; i += ${WG}u) { dbg[${dump.tiles}u + i] = scr[i]; }
         for (var i = lid; i < ${dump.rows - dump.pq}u; i += ${WG}u) { dbg[${dump.pq}u + i] = ${PQ}[${PQW}i]; }
         if (lid < ${KS}u) { dbg[${dump.rows}u + lid] = i32(rowOfStep(bt, w0, wLast, lid)); }
@@ -315,7 +340,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
       const o = (lt * HT + ht) * 8;
       return `{
     let h = ${ht * 16}u + lane / 2u;
-    let d = (sg * ${LPS}u + ${lt}u) * 16u + (lane % 2u) * 8u;
+    let d = (lt0 + sg * ${LPS}u + ${lt}u) * 16u + (lane % 2u) * 8u;
     if (h < ${H}u) {
       let base = ((r * ${H}u + h) * maxChunks + c) * ${R + 2}u + 2u + d;
       ${range(8).map((i) => `if (d + ${i}u < ${R}u) { partials[base + ${i}u] = o[${o + i}]; }`).join('\n      ')}
@@ -355,10 +380,13 @@ fn rowOfStep(bt: u32, w0: u32, wLast: u32, ks: u32) -> u32 {
 fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32, ' : ''}@builtin(workgroup_id) wid: vec3<u32>) {
   ${tensorCores ? '' : 'let sg = lid / 32u;\n  let lane = lid % 32u;'}
   let c = wid.x;
+  // This workgroup's part of the latent: tiles lt0 … lt0 + ${p.latentTiles - 1} (every part computes every score).
+  let part = wid.y;
+  let lt0 = part * ${p.latentTiles}u;
   let r = wid.z;
   ${CHUNK_START_WGSL}
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
-  let pqBase = (r * maxChunks + c) * ${(HP * W) / 4}u;
+  let pqBase = ((r * maxChunks + c) * ${p.latentParts}u + part) * ${(HP * W) / 4}u;
   let ht = sg / ${TG}u;
   let qBase = (r * ${HT}u + ht) * ${steps * 512}u;
   // Softmax thread: head sh, tokens st0 … st0 + ${TPT - 1} of the window.
@@ -438,7 +466,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
   }
 
   ${writeOut.join('\n  ')}
-  if (sub == 0u && sh < ${H}u) {
+  if (sub == 0u && sh < ${H}u && part == 0u) {
     let base = ((r * ${H}u + sh) * maxChunks + c) * ${R + 2}u;
     partials[base] = mRun;
     partials[base + 1u] = lRun;

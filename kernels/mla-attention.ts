@@ -169,6 +169,8 @@ export interface MlaAttentionTuning {
   int8FlashSubgroups?: number;
   /** 'flash': tensor-core value products one K step at a time (MlaFlashProducts.valueSteps). */
   int8FlashValueSteps?: boolean;
+  /** 'flash': workgroups per (row, chunk), each with its share of the latent and every score (MlaFlashPlan.latentParts; 1 or 2). */
+  int8FlashLatentParts?: number;
   /** 'flash': p′ through a storage scratch rather than workgroup memory (MlaFlashProducts.pqStorage; default MLA_FLASH_PQ_STORAGE). */
   int8FlashPqStorage?: boolean;
   /** 'flash', diagnosis only: dump the first window's value tiles of (chunk 0, row 0) (MlaFlashProducts.debug; int8DebugDump). */
@@ -823,9 +825,17 @@ export class MlaAttention {
     }
     const other = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax, this.tuning.int8Debug];
     if (other.some((v) => v !== undefined && v !== false)) throw new Error(`MLA attention: the dot4 kernel's and the debug dump's options do not apply to int8Products 'flash'`);
-    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, this.tuning.int8FlashValueForm, this.tuning.int8FlashScoreBatch, this.tuning.int8FlashMaxFold, this.tuning.int8FlashScoreTiles, this.tuning.int8FlashSubgroups);
+    const t = this.tuning;
+    const plan = planMlaFlash(shape.nHeads, f, layout.blockSize, gpu.limits.maxComputeWorkgroupStorageSize, {
+      valueForm: t.int8FlashValueForm,
+      scoreBatch: t.int8FlashScoreBatch,
+      maxFold: t.int8FlashMaxFold,
+      scoreTiles: t.int8FlashScoreTiles,
+      maxSubgroups: t.int8FlashSubgroups,
+      latentParts: t.int8FlashLatentParts,
+    });
     if (typeof plan === 'string') throw new Error(`MLA int8 one-pass tensor-core attention: ${plan}`);
-    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} sg${plan.subgroups} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}`;
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} sg${plan.subgroups}${plan.latentParts > 1 ? ` parts ${plan.latentParts}` : ''} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}`;
     return {
       plan: plan.tc,
       flash: plan,
@@ -1086,7 +1096,7 @@ export class MlaAttention {
       if (!this.ranThree) {
         pass.setPipeline(tc.partialPipe);
         pass.setBindGroup(0, tc.partialGroups[layer]);
-        pass.dispatchWorkgroups(maxChunks, tc.dot4?.headSplits ?? 1, rows);
+        pass.dispatchWorkgroups(maxChunks, tc.dot4?.headSplits ?? tc.flash?.latentParts ?? 1, rows);
       }
     } else {
       const v = this.ready(this.pick(chunkSize));
