@@ -81,6 +81,11 @@ export interface MlaAttentionShape {
   qkRopeHeadDim: number;
 }
 
+/** The int8 latent row the cache holds: the layout's own (padded) format, or the packed default for the shape. */
+function latentRowFormat(layout: PagedRows, s: MlaAttentionShape): MlaInt8RowFormat {
+  return layout.mlaInt8 ?? mlaInt8RowFormat(s.kvLoraRank, s.qkRopeHeadDim);
+}
+
 export interface MlaAttentionTuning {
   /** Threads per workgroup. */
   workgroupSize: number;
@@ -314,7 +319,7 @@ function partialWgsl(s: MlaAttentionShape, layout: PagedRows, t: MlaAttentionTun
   const HP = p.pStride;
   const parts = Math.floor(WG / HW);
   const f16 = layout.dtype === 'f16';
-  const i8 = layout.dtype === 'int8' ? layout.mlaInt8 ?? mlaInt8RowFormat(R, s.qkRopeHeadDim) : undefined;
+  const i8 = layout.dtype === 'int8' ? latentRowFormat(layout, s) : undefined;
   const as = [...Array(A).keys()];
   const bs = [...Array(B).keys()];
   const avs = [...Array(Av).keys()];
@@ -787,7 +792,7 @@ export class MlaAttention {
     if (tensorCores && !mlaTcOnTensorCores(gpu)) {
       throw new Error(`MLA attention: int8Products ${mode} needs i8 subgroup matrices and 32-wide subgroups; this adapter has none`);
     }
-    const f = this.layout.mlaInt8 ?? mlaInt8RowFormat(shape.kvLoraRank, shape.qkRopeHeadDim);
+    const f = latentRowFormat(this.layout, shape);
     if (mode === 'dot4') return this.makeDot4Path(f);
     if (mode === 'three-pass') return this.makeThreePass(f);
     if (mode === 'flash' || mode === 'flash-dot4') {
@@ -1122,7 +1127,7 @@ export class MlaAttention {
       const spec: MlaFrontSpec = {
         ...fr.f.spec,
         nHeads: this.shape.nHeads,
-        format: this.layout.mlaInt8 ?? mlaInt8RowFormat(this.shape.kvLoraRank, this.shape.qkRopeHeadDim),
+        format: latentRowFormat(this.layout, this.shape),
         plan: tc.plan,
         blockSize: this.layout.blockSize,
         rowsPerWorkgroup: G,

@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import cliProgress from 'cli-progress';
 import { MAX_SEQS_PER_STEP, scoreWithRunner, textChunks } from '../engine/perplexity.ts';
-import { localDtypes, intOption, loadLocalModel, openLocalRunner, parseLocalCommand, UsageError } from './local-runner.ts';
+import { localBlockSize, localDtypes, intOption, loadLocalModel, openLocalRunner, parseLocalCommand, UsageError } from './local-runner.ts';
 
 export const EVAL_PPL_USAGE = `usage: mla-serve eval-ppl --model PATH --text FILE [options]
 
@@ -85,8 +85,7 @@ export async function runEvalPpl(argv: string[]): Promise<number> {
 
   // Logits of every row come back: keep a step's readback near 256 MiB whatever the vocabulary.
   const rowBudget = Math.max(maxLen, Math.min(opts.batchTokens, Math.floor(2 ** 28 / (4 * model.config.vocabSize))));
-  // The one-pass tensor-core attention reads 32 cache rows at a time.
-  const blockSize = opts.mlaInt8Attention === 'flash' ? 32 : 16;
+  const blockSize = localBlockSize(opts.mlaInt8Attention);
   const local = await openLocalRunner(model, {
     blockSize,
     numBlocks: Math.ceil(rowBudget / blockSize) + MAX_SEQS_PER_STEP,

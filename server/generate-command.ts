@@ -1,7 +1,7 @@
 // `mla-serve generate`: one prompt through the serving engine, the story streamed to stdout, then a line of figures (or --json).
 import { createEngine } from '../engine/engine.ts';
 import { samplingParams } from '../engine/sampler.ts';
-import { localDtypes, intOption, loadLocalModel, numberOption, openLocalRunner, parseLocalCommand, UsageError } from './local-runner.ts';
+import { localBlockSize, localDtypes, intOption, loadLocalModel, numberOption, openLocalRunner, parseLocalCommand, UsageError } from './local-runner.ts';
 
 export const GENERATE_USAGE = `usage: mla-serve generate --model PATH [options]
 
@@ -98,8 +98,7 @@ export async function runGenerate(argv: string[]): Promise<number> {
   const maxModelLen = model.config.maxSeqLen;
   const maxTokens = Math.min(opts.maxTokens, maxModelLen - promptTokens.length);
   if (maxTokens < 1) throw new Error(`the prompt has ${promptTokens.length} tokens; the model's context of ${maxModelLen} leaves no room to generate`);
-  // The one-pass tensor-core attention reads 32 cache rows at a time.
-  const blockSize = opts.mlaInt8Attention === 'flash' ? 32 : 16;
+  const blockSize = localBlockSize(opts.mlaInt8Attention);
   const local = await openLocalRunner(model, {
     blockSize,
     numBlocks: Math.ceil((promptTokens.length + maxTokens) / blockSize) + 1,

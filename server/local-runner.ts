@@ -104,6 +104,11 @@ export function mlaInt8AttentionProblem(choice: MlaInt8Attention | undefined, ca
   return undefined;
 }
 
+/** Tokens per KV block of the local commands (generate, eval-ppl): 16, or 32 for flash, which reads 32 cache rows at a time. */
+export function localBlockSize(choice: MlaInt8Attention | undefined): number {
+  return choice === 'flash' ? 32 : 16;
+}
+
 /**
  * The products an MLA model's attention takes over a cache of this dtype given --mla-int8-attention (undefined: its
  * default, auto): dot4 where asked, and for auto wherever the cache is int8 — on an H100 the dot4 kernel served 8.6 %

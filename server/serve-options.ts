@@ -115,7 +115,7 @@ is printed at start (the API key redacted).
                           within ~1 % of f32 on the tests' text; served 8.6 % more tokens on an H100); three-pass
                           the same arithmetic as scores, softmax and values passes (decode steps; long prompts
                           run dot4); flash the same arithmetic in one pass with both products on tensor cores (i8
-                          subgroup matrices: the H100 / H200; --block-size 32; on an H100 10-15 % faster than dot4
+                          subgroup matrices: the H100 / H200; --block-size 32; on an H100 10-20 % faster than dot4
                           where a step reads ~128K cached tokens, as 32 × 4K, slower at 8 × 4K and below).
                           auto (default): dot4 with --kv-cache-dtype int8, else f32. dot4, three-pass and flash
                           need the int8 cache

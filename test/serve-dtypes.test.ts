@@ -13,7 +13,7 @@ import { kvValuesPerToken, type ModelConfig } from '../model/config.ts';
 import { syntheticConfig } from '../model/synthetic.ts';
 import { buildApp } from '../server/app.ts';
 import { banner, checkKvCacheDtype, openServedEngines, SHARED_STORIES, type ServedEngines } from '../server/serve-command.ts';
-import { attentionBlockFor, mlaHeadOptions, mlaInt8AttentionProblem, mlaInt8Products, type CacheDtype } from '../server/local-runner.ts';
+import { attentionBlockFor, localBlockSize, mlaHeadOptions, mlaInt8AttentionProblem, mlaInt8Products, type CacheDtype } from '../server/local-runner.ts';
 import { describeConfig, SERVE_USAGE, UsageError, type MlaInt8AttentionOption, type ServeOptions } from '../server/serve-options.ts';
 import { configResolver } from './serve-config-fixture.ts';
 
@@ -229,6 +229,8 @@ test('--mla-int8-attention flash: the one-pass tensor-core kernel over an int8 c
   assert.equal(mlaInt8AttentionProblem('flash', 'int8', 32), undefined);
   assert.equal(mlaInt8AttentionProblem('flash', 'int8', 64), undefined);
   assert.match(mlaInt8AttentionProblem('flash', 'int8', 16)!, /flash reads 32 cache rows at a time; use --block-size 32 \(or a multiple; it is 16\)/);
+  // generate and eval-ppl pick their block size: 32 for flash.
+  assert.deepEqual([localBlockSize('flash'), localBlockSize('dot4'), localBlockSize(undefined)], [32, 16, 16]);
   await assert.rejects(
     openServedEngines(serveOptions({ mlaInt8Attention: 'flash', blockSize: 32 }), () => {}),
     (e: Error) => e instanceof UsageError && /--mla-int8-attention flash computes on an int8 latent cache; add --kv-cache-dtype int8/.test(e.message),
