@@ -17,7 +17,7 @@
 //            are the previous step's picks, taken on the GPU, and step N + 1 is submitted before step N is read back,
 //            so the host records one step while the GPU runs the other; off = one step at a time)
 //            --mla-int8-products off|dot4|three-pass|flash|flash-dot4|tensor-cores|emulate (MLA over the int8 cache: the f32 kernel, or an int8-product one;
-//            flash needs --block-size 32; --mla-flash-score-tiles 1|2: its score tiles a subgroup per window; --mla-flash-subgroups 4|8|16; --mla-flash-latent-parts 1|2)
+//            flash needs --block-size 32; --mla-flash-score-tiles 1|2: its score tiles a subgroup per window)
 //            --mla-head-tiled-from N (MLA: steps of ≥ N rows take the tiled W_UK / W_UV kernel; default 128)
 //            --mla-head-slices 8|16|32 (MLA: k slices of the W_UK / W_UV decode kernel; default 16)
 //            --mla-head-kernel sliced|staged|w8a8 (MLA: the W_UK / W_UV kernel of decode-sized steps; default staged; w8a8: int8
@@ -177,8 +177,6 @@ function parseArgs(argv: string[]): Args {
       if (v !== 1 && v !== 2) throw new Error(`--mla-flash-score-tiles is 1 or 2, got ${v}`);
       a.mlaBlock.attentionTuning.int8FlashScoreTiles = v;
     }
-    else if (k === '--mla-flash-subgroups') a.mlaBlock.attentionTuning.int8FlashSubgroups = Number(val());
-    else if (k === '--mla-flash-latent-parts') a.mlaBlock.attentionTuning.int8FlashLatentParts = Number(val());
     else if (k === '--mla-head-tiled-from') a.mlaBlock.headTiledMinRows = intList(val(), k)[0];
     else if (k === '--mla-min-chunk') a.mlaBlock.minChunk = intList(val(), k)[0];
     else if (k === '--mla-head-slices') {

@@ -6,10 +6,10 @@
 // since p′ reaches the value products through a storage scratch (pqStorage): loaded as a subgroup matrix from the
 // workgroup array it read as zeros on the H100 (bench/flash-dump.ts), though the same load is exact in a kernel of its
 // own (bench/probe-device.ts --value-loads). Selected by int8Products 'flash' (--mla-int8-attention flash). 32 × 4K:
-// 314–321 µs against 355–400 for the dot4 kernel and ~178 for GQA's; slower than dot4 at 8 × 4K and below. Without
-// its products the kernel takes 89.5 µs, and the same tiles stream in ~100: one 256-thread workgroup an SM, its loads
-// waited on in series (the int8FlashSubgroups / int8FlashValueSteps / int8FlashLatentParts variants aim at that;
-// untimed so far: bench/device-run.sh flash2).
+// 314–323 µs against 355–430 for the dot4 kernel and ~178 for GQA's; slower than dot4 at 8 × 4K and below. Without
+// its products the kernel takes 89.5 µs, and the same tiles stream in ~100. 16 subgroups, the latent over two
+// workgroups, value products a K step at a time and two score tiles a subgroup were all timed and lost or tied
+// (BENCHMARKS.md "twelfth" and "thirteenth pass").
 import type { MlaInt8RowFormat } from './mla-kv-int8.ts';
 import { NEG_BIG } from './split-merge.ts';
 import { mla3ScoresTcProblem } from './mla-attention-3pass.ts';
@@ -40,7 +40,6 @@ export interface MlaFlashPlan {
   subgroups: number;
   tokenGroups: number;
   window: number;
-  /** Latent tiles of this workgroup's part. */
   latentTiles: number;
   latentTilesPerSubgroup: number;
   foldLatentTiles: number;
@@ -57,11 +56,6 @@ export interface MlaFlashPlan {
   scoreBatch: number;
   /** Score tiles a subgroup computes per window (window = 16 · tokenGroups · scoreTiles): fewer folds and barriers a token. */
   scoreTiles: number;
-  /**
-   * Workgroups per (row, chunk), each with latentTiles of the latent (part p from tile p · latentTiles) and every score:
-   * 2 halves each lane's f32 outputs at the price of computing the scores twice.
-   */
-  latentParts: number;
 }
 
 export type MlaFlashValueForm = 'rows' | 'transposed';
@@ -73,12 +67,11 @@ export type MlaFlashValueForm = 'rows' | 'transposed';
 export const MLA_FLASH_VALUE_FORM: MlaFlashValueForm = 'rows';
 export const MLA_FLASH_SCORE_BATCH = 6;
 /**
- * The most subgroups a workgroup (8: 256 threads). 16 halves each lane's share of the f32 outputs (LPS · HT · 8 values:
- * 64 → 32 at 28 heads) and takes 128-token windows; its score scratch alone is 32 KB (not SwiftShader's limit).
+ * The most subgroups a workgroup: 8 (256 threads). 16 (half the f32 outputs a lane, 128-token windows) timed 403.5
+ * against 318.1 µs at 32 × 4K on an H100, and the latent split over two workgroups per (row, chunk) 448.7 (BENCHMARKS.md
+ * "thirteenth pass"); both were taken out.
  */
-export const MLA_FLASH_MAX_SUBGROUPS = 8;
-/** Workgroups per (row, chunk), splitting the latent (MlaFlashPlan.latentParts): 1. */
-export const MLA_FLASH_LATENT_PARTS = 1;
+const MLA_FLASH_MAX_SUBGROUPS = 8;
 /** Score tiles a subgroup per window: 1 (64-token windows at 28 heads; 2 timed 337.7 against 319.9 µs at 32 × 4K on an H100). */
 export const MLA_FLASH_SCORE_TILES = 1;
 /** p′ through storage by default (MlaFlashProducts.pqStorage): its workgroup-memory loads read zeros on the H100 (bench/flash-dump.ts); through storage exact. */
@@ -94,17 +87,13 @@ export interface MlaFlashOptions {
   /** The most latent tiles a subgroup folds at a time (default: as many as workgroup memory holds). */
   maxFold?: number;
   scoreTiles?: number;
-  maxSubgroups?: number;
-  latentParts?: number;
 }
 
 /** The plan for a shape, or why the one-pass tensor-core kernel does not take it. */
 export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: number, storageLimit: number, o: MlaFlashOptions = {}): MlaFlashPlan | string {
-  const { valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, scoreTiles = MLA_FLASH_SCORE_TILES, maxSubgroups = MLA_FLASH_MAX_SUBGROUPS, latentParts = MLA_FLASH_LATENT_PARTS } = o;
+  const { valueForm = MLA_FLASH_VALUE_FORM, scoreBatch = MLA_FLASH_SCORE_BATCH, maxFold = 8, scoreTiles = MLA_FLASH_SCORE_TILES } = o;
   if (!Number.isInteger(scoreBatch) || scoreBatch < 1) return `score batch ${scoreBatch}: a positive integer`;
   if (scoreTiles !== 1 && scoreTiles !== 2) return `${scoreTiles} score tiles a subgroup: 1 or 2`;
-  if (![1, 2, 4, 8, 16].includes(maxSubgroups)) return `${maxSubgroups} subgroups: 1, 2, 4, 8 or 16`;
-  if (latentParts !== 1 && latentParts !== 2) return `${latentParts} latent parts: 1 or 2`;
   if (nHeads > 32) return `${nHeads} heads: at most 32 (two 16-head tiles)`;
   if (blockSize % 32 !== 0) return `block size ${blockSize}: the value products read 32 consecutive cache rows, so a multiple of 32 (--block-size 32)`;
   const tc = planMlaTc(nHeads, f, 64);
@@ -113,12 +102,10 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
   if (problem) return problem;
   const HT = tc.headTiles;
   const HP = tc.headsPadded;
-  // Latent tiles a workgroup: each of latentParts workgroups per (row, chunk) takes its share of them (and all the scores).
-  const NT = tc.latentPad / 16 / latentParts;
-  if (!Number.isInteger(NT)) return `${tc.latentPad / 16} latent tiles do not split into ${latentParts} parts`;
-  let SG = maxSubgroups;
+  const NT = tc.latentPad / 16;
+  let SG = MLA_FLASH_MAX_SUBGROUPS;
   while (SG > 1 && (NT % SG !== 0 || SG % HT !== 0)) SG /= 2;
-  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles a workgroup and ${HT} head tiles: no subgroup count of 1–${maxSubgroups} divides both`;
+  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles a workgroup and ${HT} head tiles: no subgroup count of 1–${MLA_FLASH_MAX_SUBGROUPS} divides both`;
   const TG = SG / HT;
   const W = 16 * TG * scoreTiles;
   if (W % 32 !== 0) return `${SG} subgroups over ${HT} head tiles give ${W}-token windows: not a whole 32-token K step`;
@@ -149,7 +136,6 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
     valueForm,
     scoreBatch,
     scoreTiles,
-    latentParts,
   };
 }
 
@@ -165,10 +151,13 @@ export interface MlaFlashProducts {
    */
   pqStorage?: boolean;
   /**
-   * Tensor-core value products one K step at a time: each step's loads just before its products (fewer matrices live
-   * at once), rather than every load of the round first.
+   * Timing diagnosis only (wrong outputs): the tensor-core loads of the score tiles, the value tiles or both at the
+   * addresses a tile-by-tile block layout would give them — each 32-token block as 18 pieces of 32 tokens × 32 bytes, so
+   * a score tile is 512 contiguous bytes (column-major, stride 32) and so is a value tile read as 16 tokens × 2 latent
+   * halves (row-major, stride 16; two products each, against a p′ of 8 heads × 2 halves, to keep the products' count of
+   * that form) — to tell whether contiguous loads would pay for a new cache layout before building it.
    */
-  valueSteps?: boolean;
+  tiledProbe?: 'scores' | 'values' | 'both';
   /** Diagnosis only: workgroup (chunk 0, row 0) dumps its first window's value tiles of round 0, p′ and K-step rows (mlaFlashDumpLayout) to binding 5. */
   debug?: boolean;
 }
@@ -189,7 +178,7 @@ export function mlaFlashDumpLayout(p: MlaFlashPlan): { tiles: number; pq: number
 
 /** Bytes of the p′ storage scratch (MlaFlashProducts.pqStorage) for `rows` rows of up to `maxChunks` chunks. */
 export function flashPqScratchBytes(p: MlaFlashPlan, rows: number, maxChunks: number): number {
-  return Math.max(16, rows * maxChunks * p.latentParts * p.headsPadded * p.window);
+  return Math.max(16, rows * maxChunks * p.headsPadded * p.window);
 }
 
 /** The split kernel, grid (chunks, 1, rows); partials as the other MLA kernels write them ([m, l, o] per head and chunk). */
@@ -199,6 +188,8 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
   const PQ = products.pqStorage ? 'pqs' : 'pq';
   const PQW = products.pqStorage ? 'pqBase + ' : '';
   const PQB = products.pqStorage ? 'pqBase * 4u + ' : '';
+  const tiledScores = products.tiledProbe === 'scores' || products.tiledProbe === 'both';
+  const tiledValues = (products.tiledProbe === 'values' || products.tiledProbe === 'both') && p.valueForm === 'rows';
   const H = nHeads;
   const R = f.kvLoraRank;
   const { headTiles: HT, headsPadded: HP, subgroups: SG, tokenGroups: TG, window: W, latentTilesPerSubgroup: LPS, foldLatentTiles: FL, threadsPerHead: TPH, tokensPerThread: TPT, tc } = p;
@@ -225,7 +216,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
       lines.push('{');
       for (const { k, byte } of batch) {
         lines.push(`  let ql${k} = subgroupMatrixLoad<${left}>(&qq, qBase + ${k * 512}u, false, 32u);`);
-        lines.push(`  let cr${k} = subgroupMatrixLoad<${right}>(&cache, rowByte + ${byte}u, true, ${rowBytes}u);`);
+        lines.push(tiledScores ? `  let cr${k} = subgroupMatrixLoad<${right}>(&cache, tileByte + ${k * 1024}u, true, 32u);` : `  let cr${k} = subgroupMatrixLoad<${right}>(&cache, rowByte + ${byte}u, true, ${rowBytes}u);`);
       }
       for (const { k, acc } of batch) lines.push(`  ${acc} = subgroupMatrixMultiplyAccumulate(ql${k}, cr${k}, ${acc});`);
       lines.push('}');
@@ -262,30 +253,33 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
         for (const ht of range(HT)) {
           const a = `acc${tileIdx(j, ht)}`;
           lines.push(T ? `${a} = subgroupMatrixMultiplyAccumulate(cl${ks}_${j}, pr${ks}_${ht}, ${a});` : `${a} = subgroupMatrixMultiplyAccumulate(pl${ks}_${ht}, cr${ks}_${j}, ${a});`);
+          if (tiledValues) lines.push(`${a} = subgroupMatrixMultiplyAccumulate(pm${ks}_${ht}, cr${ks}_${j}, ${a});`);
         }
       }
     };
     for (const ks of range(KS)) {
       for (const ht of range(HT)) lines.push(T ? `let pr${ks}_${ht} = subgroupMatrixLoad<${right}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, true, ${W}u);` : `let pl${ks}_${ht} = subgroupMatrixLoad<${left}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, false, ${W}u);`);
+      // The tiled form's p′ is twice the bytes (8 heads × 2 halves a tile): a second load of each, 16 bytes on.
+      if (tiledValues) for (const ht of range(HT)) lines.push(`let pm${ks}_${ht} = subgroupMatrixLoad<${left}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32 + 16}u, false, ${W}u);`);
       for (const j of range(FL)) {
-        const off = `kRow${ks} + (lt0 + sg * ${LPS}u + ${q * FL + j}u) * 16u`;
-        lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, ${off}, false, ${rowBytes}u);`);
+        const off = `kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 16u`;
+        if (tiledValues) lines.push(`let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 512u, false, 16u);`);
+        else lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, ${off}, false, ${rowBytes}u);`);
       }
-      if (products.valueSteps && !(products.debug && !T && q === 0)) mmas(ks);
     }
     if (products.debug && !T && q === 0) {
       const o = mlaFlashDumpLayout(p).operands;
-      lines.push(`if (c == 0u && r == 0u && part == 0u && w0 == bnd.x) {
+      lines.push(`if (c == 0u && r == 0u && w0 == bnd.x) {
         subgroupMatrixStore(&dbg, (${o}u + sg * 256u) * 4u, pl0_0, false, 32u);
         subgroupMatrixStore(&dbg, (${o}u + sg * 256u) * 4u + 512u, cr0_0, false, 16u);
       }`);
     }
-    if (!products.valueSteps || (products.debug && !T && q === 0)) for (const ks of range(KS)) mmas(ks);
+    for (const ks of range(KS)) mmas(ks);
     for (const j of range(FL)) for (const ht of range(HT)) lines.push(`subgroupMatrixStore(&scr, (sg * ${FL * HT}u + ${tileIdx(j, ht)}u) * 256u, acc${tileIdx(j, ht)}, ${T}, 16u);`);
     return lines.join('\n      ');
   };
   const valuesDot4 = (q: number) => `for (var tj = 0u; tj < ${FL * HT}u; tj++) {
-        let lb = (lt0 + sg * ${LPS}u + ${q * FL}u + tj / ${HT}u) * 16u;
+        let lb = (sg * ${LPS}u + ${q * FL}u + tj / ${HT}u) * 16u;
         for (var i = 0u; i < 8u; i++) {
           let e = lane * 8u + i;
           let h = (tj % ${HT}u) * 16u + e / 16u;
@@ -319,7 +313,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
       .join('\n      ');
   const dump = products.debug ? mlaFlashDumpLayout(p) : undefined;
   const dumpWgsl = dump
-    ? `if (c == 0u && r == 0u && part == 0u && w0 == bnd.x) {
+    ? `if (c == 0u && r == 0u && w0 == bnd.x) {
         for (var i = lid; i < ${dump.pq - dump.tiles}u; i += ${WG}u) { dbg[${dump.tiles}u + i] = scr[i]; }
         for (var i = lid; i < ${dump.rows - dump.pq}u; i += ${WG}u) { dbg[${dump.pq}u + i] = ${PQ}[${PQW}i]; }
         if (lid < ${KS}u) { dbg[${dump.rows}u + lid] = i32(rowOfStep(bt, w0, wLast, lid)); }
@@ -340,7 +334,7 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
       const o = (lt * HT + ht) * 8;
       return `{
     let h = ${ht * 16}u + lane / 2u;
-    let d = (lt0 + sg * ${LPS}u + ${lt}u) * 16u + (lane % 2u) * 8u;
+    let d = (sg * ${LPS}u + ${lt}u) * 16u + (lane % 2u) * 8u;
     if (h < ${H}u) {
       let base = ((r * ${H}u + h) * maxChunks + c) * ${R + 2}u + 2u + d;
       ${range(8).map((i) => `if (d + ${i}u < ${R}u) { partials[base + ${i}u] = o[${o + i}]; }`).join('\n      ')}
@@ -380,13 +374,10 @@ fn rowOfStep(bt: u32, w0: u32, wLast: u32, ks: u32) -> u32 {
 fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) lane: u32, ' : ''}@builtin(workgroup_id) wid: vec3<u32>) {
   ${tensorCores ? '' : 'let sg = lid / 32u;\n  let lane = lid % 32u;'}
   let c = wid.x;
-  // This workgroup's part of the latent: tiles lt0 … lt0 + ${p.latentTiles - 1} (every part computes every score).
-  let part = wid.y;
-  let lt0 = part * ${p.latentTiles}u;
   let r = wid.z;
   ${CHUNK_START_WGSL}
   let maxChunks = stepMeta[${META_MAX_CHUNKS}];
-  let pqBase = ((r * maxChunks + c) * ${p.latentParts}u + part) * ${(HP * W) / 4}u;
+  let pqBase = (r * maxChunks + c) * ${(HP * W) / 4}u;
   let ht = sg / ${TG}u;
   let qBase = (r * ${HT}u + ht) * ${steps * 512}u;
   // Softmax thread: head sh, tokens st0 … st0 + ${TPT - 1} of the window.
@@ -413,6 +404,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
     ${range(S).map((s) => `{
       let g0 = min(w0 + (sg % ${TG}u + ${s * TG}u) * 16u, wLast - wLast % 16u);
       let rowByte = cacheRow(bt, g0) * ${rowBytes}u;
+      ${tiledScores ? `let tileByte = cacheRow(bt, g0 - g0 % 32u) * ${rowBytes}u + ((g0 % 32u) / 16u) * 512u;` : ''}
       ${products.skip === 'scores' || products.skip === 'products' ? 'if (w0 == 0xffffffffu) { scr[0] = qq[0]; } // keeps the binding' : products.scores ? scoreTc(s) : scoreDot4(s)}
     }`).join('\n    ')}
     workgroupBarrier();
@@ -466,7 +458,7 @@ fn main(@builtin(local_invocation_index) lid: u32, ${tensorCores ? '@builtin(sub
   }
 
   ${writeOut.join('\n  ')}
-  if (sub == 0u && sh < ${H}u && part == 0u) {
+  if (sub == 0u && sh < ${H}u) {
     let base = ((r * ${H}u + sh) * maxChunks + c) * ${R + 2}u;
     partials[base] = mRun;
     partials[base + 1u] = lRun;

@@ -170,12 +170,8 @@ export interface MlaAttentionTuning {
   int8FlashMaxFold?: number;
   /** 'flash': score tiles a subgroup computes per window, 1 or 2 (2: 128-token windows at 28 heads; default MLA_FLASH_SCORE_TILES). */
   int8FlashScoreTiles?: number;
-  /** 'flash': the most subgroups a workgroup, up to 16 (default MLA_FLASH_MAX_SUBGROUPS). */
-  int8FlashSubgroups?: number;
-  /** 'flash': tensor-core value products one K step at a time (MlaFlashProducts.valueSteps). */
-  int8FlashValueSteps?: boolean;
-  /** 'flash': workgroups per (row, chunk), each with its share of the latent and every score (MlaFlashPlan.latentParts; 1 or 2). */
-  int8FlashLatentParts?: number;
+  /** 'flash', timing diagnosis only (wrong outputs): loads at a tile-by-tile layout's addresses (MlaFlashProducts.tiledProbe). */
+  int8FlashTiledProbe?: MlaFlashProducts['tiledProbe'];
   /** 'flash': p′ through a storage scratch rather than workgroup memory (MlaFlashProducts.pqStorage; default MLA_FLASH_PQ_STORAGE). */
   int8FlashPqStorage?: boolean;
   /** 'flash', diagnosis only: dump the first window's value tiles of (chunk 0, row 0) (MlaFlashProducts.debug; int8DebugDump). */
@@ -798,7 +794,7 @@ export class MlaAttention {
     if (mode === 'flash' || mode === 'flash-dot4') {
       const only = this.tuning.int8FlashTensorCores;
       if (only !== undefined && mode !== 'flash') throw new Error(`MLA attention: int8FlashTensorCores applies to int8Products 'flash'`);
-      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip, valueSteps: this.tuning.int8FlashValueSteps === true, debug: this.tuning.int8FlashDebug === true, pqStorage: this.tuning.int8FlashPqStorage ?? MLA_FLASH_PQ_STORAGE });
+      return this.makeFlashPath(f, { scores: mode === 'flash' && only !== 'values', values: mode === 'flash' && only !== 'scores', skip: this.tuning.int8FlashSkip, tiledProbe: this.tuning.int8FlashTiledProbe, debug: this.tuning.int8FlashDebug === true, pqStorage: this.tuning.int8FlashPqStorage ?? MLA_FLASH_PQ_STORAGE });
     }
     const dot4Only = [this.tuning.int8QueryStaged, this.tuning.int8HeadSplits, this.tuning.int8Prefetch, this.tuning.int8ValueRounds, this.tuning.int8Softmax];
     if (dot4Only.some((v) => v !== undefined)) {
@@ -836,17 +832,15 @@ export class MlaAttention {
       scoreBatch: t.int8FlashScoreBatch,
       maxFold: t.int8FlashMaxFold,
       scoreTiles: t.int8FlashScoreTiles,
-      maxSubgroups: t.int8FlashSubgroups,
-      latentParts: t.int8FlashLatentParts,
     });
     if (typeof plan === 'string') throw new Error(`MLA int8 one-pass tensor-core attention: ${plan}`);
-    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} sg${plan.subgroups}${plan.latentParts > 1 ? ` parts ${plan.latentParts}` : ''} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}`;
+    const key = `${shape.nHeads}h ${shape.kvLoraRank}+${shape.qkRopeHeadDim} bs${layout.blockSize} w${plan.window} sg${plan.subgroups} fold ${plan.foldLatentTiles} ${plan.valueForm} batch ${plan.scoreBatch}`;
     return {
       plan: plan.tc,
       flash: plan,
       tensorCores,
       queryPipe: gpu.pipeline(`mla-attention int8 query ${key}`, mlaTcQueryWgsl(shape.nHeads, f, plan.tc)),
-      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}${products.pqStorage ? ' pq storage' : ''}${products.valueSteps ? ' value steps' : ''}${products.debug ? ' debug' : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
+      partialPipe: gpu.pipeline(`mla-attention int8 flash ${key} ${products.scores ? 'tc' : 'dot4'} scores ${products.values ? 'tc' : 'dot4'} values${products.skip ? ` skip ${products.skip}` : ''}${products.pqStorage ? ' pq storage' : ''}${products.tiledProbe ? ` tiled probe ${products.tiledProbe}` : ''}${products.debug ? ' debug' : ''}`, mlaFlashPartialWgsl(shape.nHeads, f, layout.blockSize, plan, products)),
       dump: products.debug ? storageBuffer(gpu, 'mla attention flash debug dump', mlaFlashDumpLayout(plan).words * 4) : undefined,
       flashPq: products.pqStorage ? { bytes: 0 } : undefined,
       rows: 0,
@@ -1101,7 +1095,7 @@ export class MlaAttention {
       if (!this.ranThree) {
         pass.setPipeline(tc.partialPipe);
         pass.setBindGroup(0, tc.partialGroups[layer]);
-        pass.dispatchWorkgroups(maxChunks, tc.dot4?.headSplits ?? tc.flash?.latentParts ?? 1, rows);
+        pass.dispatchWorkgroups(maxChunks, tc.dot4?.headSplits ?? 1, rows);
       }
     } else {
       const v = this.ready(this.pick(chunkSize));

@@ -665,21 +665,6 @@ const FLASH_TWO_TILE_DEVICE_CASES: readonly FlashCase[] = [
   [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 32, 128, 4],
   [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, 160, 32, 128, 4],
 ];
-/** Two workgroups per (row, chunk), each with half the latent and every score (int8FlashLatentParts 2). */
-const FLASH_TWO_PART_CASES: readonly FlashCase[] = [
-  [{ nHeads: 4, kvLoraRank: 64, qkRopeHeadDim: 32 }, 32, 32, 32, 1], // one head tile, 2 subgroups a part: 32-token windows
-  [{ nHeads: 18, kvLoraRank: 128, qkRopeHeadDim: 32 }, 160, 32, 32, 1], // two head tiles (the second partial), 4 subgroups a part
-  [{ nHeads: 12, kvLoraRank: 256, qkRopeHeadDim: 32 }, 96, 64, 128, 1], // one head tile over 8 subgroups: 128-token windows
-  [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 32, 64, 2], // Qwen2.5-7B's MLA row, the runner's split: 2 latent tiles a subgroup
-];
-
-/** 16 subgroups a workgroup (int8FlashSubgroups 16: 512 threads, 32 KB of score scratch: the H100 / H200, not SwiftShader). */
-const FLASH_SG16_DEVICE_CASES: readonly FlashCase[] = [
-  [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, undefined, 32, 128, 2], // two head tiles over 16 subgroups: 128-token windows, the runner's split
-  [{ nHeads: 28, kvLoraRank: 512, qkRopeHeadDim: 64 }, 160, 32, 128, 2], // a window and a partial one a chunk
-  [{ nHeads: 16, kvLoraRank: 256, qkRopeHeadDim: 32 }, 288, 64, 256, 1], // one head tile over 16 subgroups: 256-token windows
-];
-
 async function checkFlash(products: 'flash' | 'flash-dot4', tuning: Partial<MlaAttentionTuning> = {}, cases: readonly FlashCase[] = FLASH_CASES): Promise<void> {
   for (const [shape, chunkSize, blockSize, window, lps] of cases) {
     const seed = freshSeed();
@@ -689,17 +674,15 @@ async function checkFlash(products: 'flash' | 'flash-dot4', tuning: Partial<MlaA
     assert.equal(res.flash.window, window);
     assert.equal(res.chunkSize % 32, 0, `chunk ${res.chunkSize}`);
     assert.equal(res.flash.latentTilesPerSubgroup, lps);
-    assert.equal(res.flash.latentParts, tuning.int8FlashLatentParts ?? 1);
     checkInt8Products(res, c, `${products} ${JSON.stringify(shape)} chunk ${res.chunkSize} block ${blockSize} window ${res.flash.window} (${res.flash.scoreTiles} score tile(s) a subgroup) subgroups ${res.flash.subgroups} fold ${res.flash.foldLatentTiles}/${res.flash.latentTilesPerSubgroup} seed ${seed}`);
   }
 }
 
-test('mla attention int8 one-pass tensor-core kernel, its dot4 form, vs the float64 model of the int8-product arithmetic: one and two head tiles (a partial one), 4 and 8 subgroups, windows of 64 and 128, partial windows and chunks, 32- and 64-token blocks, the Qwen2.5-7B row shape with the runner\'s split; p′ through storage and through workgroup memory; two score tiles a subgroup; the latent split over two workgroups', async () => {
+test('mla attention int8 one-pass tensor-core kernel, its dot4 form, vs the float64 model of the int8-product arithmetic: one and two head tiles (a partial one), 4 and 8 subgroups, windows of 64 and 128, partial windows and chunks, 32- and 64-token blocks, the Qwen2.5-7B row shape with the runner\'s split; p′ through storage and through workgroup memory; two score tiles a subgroup', async () => {
   await checkFlash('flash-dot4');
   // p′ in workgroup memory rather than the storage scratch (the form whose tensor-core loads read zeros on the H100).
   await checkFlash('flash-dot4', { int8FlashPqStorage: false });
   await checkFlash('flash-dot4', { int8FlashScoreTiles: 2 }, FLASH_TWO_TILE_CASES);
-  await checkFlash('flash-dot4', { int8FlashLatentParts: 2 }, FLASH_TWO_PART_CASES);
 });
 
 test('mla attention int8 one-pass tensor-core kernel with its score products on tensor cores (i8 subgroup matrices) vs the float64 model of the int8-product arithmetic (where the adapter has subgroup matrices)', async (t) => {
@@ -712,7 +695,7 @@ test('mla attention int8 one-pass tensor-core kernel with its score products on 
 });
 
 // p′ through the storage scratch (the default): its workgroup-memory form's loads read zeros on the H100.
-test('mla attention int8 one-pass tensor-core kernel with both products on tensor cores vs the float64 model, one and two score tiles a subgroup, 8 and 16 subgroups, value products a K step at a time, the latent split over two workgroups (where the adapter has subgroup matrices)', async (t) => {
+test('mla attention int8 one-pass tensor-core kernel with both products on tensor cores vs the float64 model, one and two score tiles a subgroup (where the adapter has subgroup matrices)', async (t) => {
   const g = await gpu();
   if (!mlaTcOnTensorCores(g)) {
     t.skip('this adapter has no i8 subgroup matrices with 32-wide subgroups (SwiftShader); bench/device-run.sh flash runs it on the H100 / H200');
@@ -720,9 +703,6 @@ test('mla attention int8 one-pass tensor-core kernel with both products on tenso
   }
   await checkFlash('flash');
   await checkFlash('flash', { int8FlashScoreTiles: 2 }, FLASH_TWO_TILE_DEVICE_CASES);
-  await checkFlash('flash', { int8FlashSubgroups: 16 }, FLASH_SG16_DEVICE_CASES);
-  await checkFlash('flash', { int8FlashSubgroups: 16, int8FlashValueSteps: true }, FLASH_SG16_DEVICE_CASES);
-  await checkFlash('flash', { int8FlashLatentParts: 2 }, FLASH_TWO_PART_CASES);
 });
 
 test('the one-pass tensor-core kernel takes blocks of a multiple of 32 tokens, rows whose K runs end inside them, and at most 32 heads; it says why not', () => {
