@@ -105,7 +105,7 @@ export function planMlaFlash(nHeads: number, f: MlaInt8RowFormat, blockSize: num
   const NT = tc.latentPad / 16;
   let SG = MLA_FLASH_MAX_SUBGROUPS;
   while (SG > 1 && (NT % SG !== 0 || SG % HT !== 0)) SG /= 2;
-  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles a workgroup and ${HT} head tiles: no subgroup count of 1–${MLA_FLASH_MAX_SUBGROUPS} divides both`;
+  if (NT % SG !== 0 || SG % HT !== 0) return `${NT} latent tiles and ${HT} head tiles: no subgroup count of 1–${MLA_FLASH_MAX_SUBGROUPS} divides both`;
   const TG = SG / HT;
   const W = 16 * TG * scoreTiles;
   if (W % 32 !== 0) return `${SG} subgroups over ${HT} head tiles give ${W}-token windows: not a whole 32-token K step`;
@@ -189,7 +189,8 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
   const PQW = products.pqStorage ? 'pqBase + ' : '';
   const PQB = products.pqStorage ? 'pqBase * 4u + ' : '';
   const tiledScores = products.tiledProbe === 'scores' || products.tiledProbe === 'both';
-  const tiledValues = (products.tiledProbe === 'values' || products.tiledProbe === 'both') && p.valueForm === 'rows';
+  const tiledValues = products.tiledProbe === 'values' || products.tiledProbe === 'both';
+  if (tiledValues && p.valueForm !== 'rows') throw new Error(`MLA flash attention: the tiled-layout probe of the value loads times the 'rows' value form, not '${p.valueForm}'`);
   const H = nHeads;
   const R = f.kvLoraRank;
   const { headTiles: HT, headsPadded: HP, subgroups: SG, tokenGroups: TG, window: W, latentTilesPerSubgroup: LPS, foldLatentTiles: FL, threadsPerHead: TPH, tokensPerThread: TPT, tc } = p;
@@ -248,23 +249,14 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
     const T = p.valueForm === 'transposed';
     for (const j of range(FL)) for (const ht of range(HT)) lines.push(`var acc${tileIdx(j, ht)} = ${result}();`);
     for (const ks of range(KS)) lines.push(`let kRow${ks} = rowOfStep(bt, w0, wLast, ${ks}u) * ${rowBytes}u;`);
-    const mmas = (ks: number) => {
-      for (const j of range(FL)) {
-        for (const ht of range(HT)) {
-          const a = `acc${tileIdx(j, ht)}`;
-          lines.push(T ? `${a} = subgroupMatrixMultiplyAccumulate(cl${ks}_${j}, pr${ks}_${ht}, ${a});` : `${a} = subgroupMatrixMultiplyAccumulate(pl${ks}_${ht}, cr${ks}_${j}, ${a});`);
-          if (tiledValues) lines.push(`${a} = subgroupMatrixMultiplyAccumulate(pm${ks}_${ht}, cr${ks}_${j}, ${a});`);
-        }
-      }
-    };
     for (const ks of range(KS)) {
       for (const ht of range(HT)) lines.push(T ? `let pr${ks}_${ht} = subgroupMatrixLoad<${right}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, true, ${W}u);` : `let pl${ks}_${ht} = subgroupMatrixLoad<${left}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32}u, false, ${W}u);`);
       // The tiled form's p′ is twice the bytes (8 heads × 2 halves a tile): a second load of each, 16 bytes on.
       if (tiledValues) for (const ht of range(HT)) lines.push(`let pm${ks}_${ht} = subgroupMatrixLoad<${left}>(&${PQ}, ${PQB}${ht * 16 * W + ks * 32 + 16}u, false, ${W}u);`);
       for (const j of range(FL)) {
-        const off = `kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 16u`;
-        if (tiledValues) lines.push(`let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, kRow${ks} + (sg * ${LPS}u + ${q * FL + j}u) * 512u, false, 16u);`);
-        else lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, ${off}, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, ${off}, false, ${rowBytes}u);`);
+        const tile = `(sg * ${LPS}u + ${q * FL + j}u)`;
+        if (tiledValues) lines.push(`let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, kRow${ks} + ${tile} * 512u, false, 16u);`);
+        else lines.push(T ? `let cl${ks}_${j} = subgroupMatrixLoad<${left}>(&cache, kRow${ks} + ${tile} * 16u, true, ${rowBytes}u);` : `let cr${ks}_${j} = subgroupMatrixLoad<${right}>(&cache, kRow${ks} + ${tile} * 16u, false, ${rowBytes}u);`);
       }
     }
     if (products.debug && !T && q === 0) {
@@ -274,7 +266,15 @@ export function mlaFlashPartialWgsl(nHeads: number, f: MlaInt8RowFormat, blockSi
         subgroupMatrixStore(&dbg, (${o}u + sg * 256u) * 4u + 512u, cr0_0, false, 16u);
       }`);
     }
-    for (const ks of range(KS)) mmas(ks);
+    for (const ks of range(KS)) {
+      for (const j of range(FL)) {
+        for (const ht of range(HT)) {
+          const a = `acc${tileIdx(j, ht)}`;
+          lines.push(T ? `${a} = subgroupMatrixMultiplyAccumulate(cl${ks}_${j}, pr${ks}_${ht}, ${a});` : `${a} = subgroupMatrixMultiplyAccumulate(pl${ks}_${ht}, cr${ks}_${j}, ${a});`);
+          if (tiledValues) lines.push(`${a} = subgroupMatrixMultiplyAccumulate(pm${ks}_${ht}, cr${ks}_${j}, ${a});`);
+        }
+      }
+    }
     for (const j of range(FL)) for (const ht of range(HT)) lines.push(`subgroupMatrixStore(&scr, (sg * ${FL * HT}u + ${tileIdx(j, ht)}u) * 256u, acc${tileIdx(j, ht)}, ${T}, 16u);`);
     return lines.join('\n      ');
   };
